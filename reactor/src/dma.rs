@@ -1,0 +1,202 @@
+//! DMA-able buffer memory: hugepage-backed when hugepages can be had, ordinary pages otherwise.
+//!
+//! Buffers are carved from 2 MiB chunks in power-of-two size classes and recycled through per-class free lists.
+//! Allocation is a control-path operation (a task, a pool or a queue takes its buffers once); the I/O path reuses
+//! them. Every chunk is recorded in [`regions`] so a VFIO driver can map all of it once (IOVA = VA).
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// Size of one chunk, and of one hugepage.
+pub const CHUNK: usize = 2 << 20;
+const MIN_CLASS: usize = 4096;
+const CLASSES: usize = 10; // 4 KiB .. 2 MiB
+
+static NO_HUGE: AtomicBool = AtomicBool::new(false);
+static HUGE_FAILED: AtomicBool = AtomicBool::new(false);
+
+struct Pool {
+    free: [Vec<usize>; CLASSES],
+    regions: Vec<(usize, usize, bool)>,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    free: [const { Vec::new() }; CLASSES],
+    regions: Vec::new(),
+});
+
+/// Disables hugepages (`--no-huge`).
+pub fn set_no_huge(v: bool) {
+    NO_HUGE.store(v, Ordering::Relaxed);
+}
+
+/// The memory regions handed out so far: (address, length, hugepage-backed).
+pub fn regions() -> Vec<(usize, usize, bool)> {
+    POOL.lock().unwrap_or_else(|e| e.into_inner()).regions.clone()
+}
+
+/// Maps `len` bytes of zeroed anonymous memory, on hugepages when allowed and available.
+/// Returns the address and whether hugepages back it.
+pub fn map_anonymous(len: usize) -> std::io::Result<(NonNull<u8>, bool)> {
+    let len = len.div_ceil(CHUNK) * CHUNK;
+    if !NO_HUGE.load(Ordering::Relaxed) && !HUGE_FAILED.load(Ordering::Relaxed) {
+        if let Some(p) = mmap(len, libc::MAP_HUGETLB) {
+            return Ok((p, true));
+        }
+        HUGE_FAILED.store(true, Ordering::Relaxed);
+        log::info!("hugepages unavailable; DMA memory uses ordinary pages");
+    }
+    mmap(len, 0)
+        .map(|p| (p, false))
+        .ok_or_else(std::io::Error::last_os_error)
+}
+
+fn mmap(len: usize, extra: libc::c_int) -> Option<NonNull<u8>> {
+    // SAFETY: an anonymous private mapping at an address the kernel picks touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | extra,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        None
+    } else {
+        NonNull::new(p as *mut u8)
+    }
+}
+
+/// Unmaps memory from [`map_anonymous`].
+///
+/// # Safety
+/// `p`/`len` must come from one `map_anonymous` call, and nothing may use the memory afterwards.
+pub unsafe fn unmap(p: NonNull<u8>, len: usize) {
+    let len = len.div_ceil(CHUNK) * CHUNK;
+    // SAFETY: the caller guarantees the range is one mapping of ours that nothing uses any more.
+    unsafe { libc::munmap(p.as_ptr() as *mut libc::c_void, len) };
+}
+
+/// A DMA-able buffer, aligned to at least 4 KiB, owned and `Send`.
+pub struct DmaBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    cap: usize,
+}
+
+// SAFETY: DmaBuf owns its memory exclusively, like a Box<[u8]>.
+unsafe impl Send for DmaBuf {}
+// SAFETY: shared access only reads through &self.
+unsafe impl Sync for DmaBuf {}
+
+fn class_of(len: usize) -> Option<usize> {
+    let size = len.max(MIN_CLASS).next_power_of_two();
+    (size <= CHUNK).then(|| size.trailing_zeros() as usize - MIN_CLASS.trailing_zeros() as usize)
+}
+
+impl DmaBuf {
+    /// A zero-filled buffer of `len` bytes.
+    pub fn alloc(len: usize) -> std::io::Result<DmaBuf> {
+        let Some(class) = class_of(len) else {
+            let (ptr, huge) = map_anonymous(len)?;
+            let cap = len.div_ceil(CHUNK) * CHUNK;
+            POOL.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .regions
+                .push((ptr.as_ptr() as usize, cap, huge));
+            return Ok(DmaBuf { ptr, len, cap });
+        };
+        let size = MIN_CLASS << class;
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.free[class].is_empty() {
+            let (chunk, huge) = map_anonymous(CHUNK)?;
+            let base = chunk.as_ptr() as usize;
+            pool.regions.push((base, CHUNK, huge));
+            for off in (0..CHUNK).step_by(size).rev() {
+                pool.free[class].push(base + off);
+            }
+        }
+        let addr = pool.free[class].pop().unwrap_or_default();
+        drop(pool);
+        let ptr = NonNull::new(addr as *mut u8).ok_or_else(|| std::io::Error::other("dma pool"))?;
+        // SAFETY: the block is `size` bytes of our mapping, no longer handed out to anyone else.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, size) };
+        Ok(DmaBuf {
+            ptr,
+            len,
+            cap: size,
+        })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Start address.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: we own `len` initialised bytes at `ptr` (zeroed at allocation).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: we own `len` initialised bytes at `ptr`, exclusively through &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for DmaBuf {
+    fn drop(&mut self) {
+        match class_of(self.cap) {
+            Some(class) if self.cap <= CHUNK => POOL
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .free[class]
+                .push(self.ptr.as_ptr() as usize),
+            _ => {
+                let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+                let a = self.ptr.as_ptr() as usize;
+                pool.regions.retain(|r| r.0 != a);
+                drop(pool);
+                // SAFETY: a large buffer is exactly one mapping of `cap` bytes, owned by us and dropped now.
+                unsafe { unmap(self.ptr, self.cap) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_zeroed_and_recycled() {
+        let mut a = DmaBuf::alloc(512).unwrap();
+        assert_eq!(a.as_ptr() as usize % 4096, 0);
+        assert!(a.as_slice().iter().all(|b| *b == 0));
+        a.as_mut_slice().fill(7);
+        let addr = a.as_ptr() as usize;
+        drop(a);
+        let b = DmaBuf::alloc(4096).unwrap();
+        assert_eq!(b.as_ptr() as usize, addr, "freed block is reused");
+        assert!(b.as_slice().iter().all(|x| *x == 0), "reused block is zeroed");
+        let big = DmaBuf::alloc(5 << 20).unwrap();
+        assert_eq!(big.len(), 5 << 20);
+        assert!(regions().iter().any(|r| r.0 == big.as_ptr() as usize));
+    }
+}

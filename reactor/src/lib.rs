@@ -1,0 +1,23 @@
+//! Polled per-core reactors in SPDK's model.
+//!
+//! [`run`] starts one pinned reactor per core of a [`CpuMask`]; each runs lightweight threads
+//! ([`ThreadHandle`]) that own pollers ([`Poller`]), timers ([`timer`]) and per-thread I/O channels
+//! ([`IoDevice`]). Other threads reach a thread only by message ([`ThreadHandle::send`]).
+//! [`dma`] hands out hugepage-backed buffer memory.
+
+pub mod cpumask;
+pub mod dma;
+mod reactor;
+mod sys;
+pub mod thread;
+pub mod ticks;
+
+pub use cpumask::CpuMask;
+pub use reactor::{
+    add_wake_fd, all_threads, app_thread, cores, main_core, options, reactors_info,
+    remove_wake_fd, run, spawn_thread, stop, stopping, Error, Options, ReactorInfo,
+};
+pub use thread::{
+    current, current_info, for_each_thread, timer, IoDevice, Poller, PollerInfo, PollerState,
+    ThreadHandle, ThreadInfo,
+};

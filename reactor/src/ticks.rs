@@ -1,0 +1,52 @@
+//! A cheap monotonic tick counter (the TSC on x86_64) and its rate, as SPDK's `spdk_get_ticks`.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Current tick count.
+#[inline]
+pub fn now() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: RDTSC has no memory effects and is available on every x86_64 CPU.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        start().elapsed().as_nanos() as u64
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+/// Ticks per second, measured once against the monotonic clock.
+pub fn rate() -> u64 {
+    static RATE: OnceLock<u64> = OnceLock::new();
+    *RATE.get_or_init(|| {
+        if !cfg!(target_arch = "x86_64") {
+            return 1_000_000_000;
+        }
+        let t0 = Instant::now();
+        let c0 = now();
+        std::thread::sleep(Duration::from_millis(20));
+        let c1 = now();
+        let dt = t0.elapsed();
+        let r = (c1.wrapping_sub(c0) as u128 * 1_000_000_000 / dt.as_nanos().max(1)) as u64;
+        // Round to 1 MHz so repeated runs report the same rate, as SPDK's users expect a stable tick_rate.
+        (r / 1_000_000).max(1) * 1_000_000
+    })
+}
+
+/// Converts ticks to microseconds as a float.
+pub fn to_us(ticks: u64) -> f64 {
+    ticks as f64 * 1_000_000.0 / rate() as f64
+}
+
+/// Converts a duration in microseconds to ticks.
+pub fn from_us(us: u64) -> u64 {
+    (us as u128 * rate() as u128 / 1_000_000) as u64
+}
