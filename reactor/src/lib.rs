@@ -9,6 +9,7 @@ pub mod cpumask;
 pub mod dma;
 mod reactor;
 mod sys;
+pub mod testing;
 pub mod thread;
 pub mod ticks;
 

@@ -8,30 +8,8 @@ use std::time::{Duration, Instant};
 
 use reactor::{CpuMask, IoDevice, Options, Poller};
 
-static LOCK: Mutex<()> = Mutex::new(());
-
 fn run(mask: &str, init: impl FnOnce() + Send + 'static) {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let opts = Options {
-        cpumask: CpuMask::parse(mask).unwrap(),
-        main_core: None,
-        idle_backoff: true,
-        pin: false,
-    };
-    let t0 = Instant::now();
-    // A watchdog so a broken stop fails the test instead of hanging CI.
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let d2 = done.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(30));
-        if !d2.load(Ordering::SeqCst) {
-            eprintln!("reactor test hung");
-            std::process::exit(101);
-        }
-    });
-    reactor::run(opts, init).unwrap();
-    done.store(true, Ordering::SeqCst);
-    assert!(t0.elapsed() < Duration::from_secs(30));
+    reactor::testing::run(mask, Duration::from_secs(30), init);
 }
 
 #[test]
@@ -238,7 +216,7 @@ fn thread_exit_and_stats() {
 
 #[test]
 fn bad_masks_are_rejected() {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = reactor::testing::lock();
     let opts = Options {
         cpumask: CpuMask::parse("0x1").unwrap(),
         main_core: Some(3),

@@ -1,0 +1,586 @@
+//! Bdevs, the registry, descriptors, claims, examine and hot-remove.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use reactor::{IoDevice, ThreadHandle};
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use crate::channel::ChannelCore;
+use crate::error::{BdevError, ErrorKind, Result};
+use crate::io::{IoHandle, IoType};
+use crate::stat::IoStat;
+
+/// What a bdev module implements for each of its bdevs.
+pub trait BdevOps: Send + Sync + 'static {
+    /// The module name (`malloc`, `null`, ...), as claims and `driver_specific` use it.
+    fn module_name(&self) -> &'static str;
+    /// Whether an I/O type is supported.
+    fn io_type_supported(&self, t: IoType) -> bool;
+    /// Builds this thread's channel; called on the thread that first uses the bdev.
+    fn create_channel(&self, bdev: &Bdev) -> Box<dyn ModuleChannel>;
+    /// Releases module resources once the bdev is unregistered and every descriptor closed.
+    fn destruct(&self, _bdev: &Bdev) {}
+    /// The `driver_specific` section of `bdev_get_bdevs`.
+    fn dump_info(&self, _bdev: &Bdev, _out: &mut Map<String, Value>) {}
+    /// The `{"method", "params"}` entry that recreates the bdev, for `save_config`.
+    fn write_config(&self, _bdev: &Bdev) -> Option<Value> {
+        None
+    }
+}
+
+/// A module's per-thread channel for one bdev.
+pub trait ModuleChannel {
+    /// Starts an I/O. The module completes it (now or later, on this thread) with [`IoHandle::complete`].
+    fn submit(&mut self, io: IoHandle);
+    /// Reaps completions; returns whether it did work. Called every reactor iteration.
+    fn poll(&mut self) -> bool {
+        false
+    }
+}
+
+/// Events delivered to a descriptor's owner, on the thread that opened it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BdevEvent {
+    /// The bdev is going away: close the descriptor.
+    Remove,
+    /// The bdev changed size.
+    Resize,
+}
+
+/// Everything fixed at registration.
+#[derive(Clone, Debug)]
+pub struct BdevParams {
+    /// Unique name.
+    pub name: String,
+    /// UUID (random when `None`).
+    pub uuid: Option<Uuid>,
+    /// Product name shown by `bdev_get_bdevs` ("Malloc disk", ...).
+    pub product_name: String,
+    /// Logical block size in bytes.
+    pub block_size: u32,
+    /// Number of blocks.
+    pub num_blocks: u64,
+    /// Volatile write cache present (flush matters).
+    pub write_cache: bool,
+    /// Optimal I/O boundary in blocks (0 = none).
+    pub optimal_io_boundary: u32,
+    /// Required buffer alignment in bytes (power of two; 0 or 1 = none).
+    pub required_alignment: u32,
+    /// Physical block size in bytes (0 = same as block_size).
+    pub physical_block_size: u32,
+}
+
+impl BdevParams {
+    /// Parameters with defaults for everything but name, block size and count.
+    pub fn new(name: &str, block_size: u32, num_blocks: u64) -> Self {
+        BdevParams {
+            name: name.to_string(),
+            uuid: None,
+            product_name: String::new(),
+            block_size,
+            num_blocks,
+            write_cache: false,
+            optimal_io_boundary: 0,
+            required_alignment: 0,
+            physical_block_size: 0,
+        }
+    }
+}
+
+struct DescEntry {
+    id: u64,
+    write: bool,
+    thread: Option<ThreadHandle>,
+    event_cb: Option<EventCb>,
+}
+
+type EventCb = Arc<dyn Fn(BdevEvent, &Bdev) + Send + Sync>;
+type UnregisterCb = Box<dyn FnOnce(Result<()>) + Send>;
+
+#[derive(Default)]
+struct State {
+    aliases: Vec<String>,
+    claim: Option<(String, u64)>,
+    descs: Vec<DescEntry>,
+    removing: bool,
+    unregister_cbs: Vec<(Option<ThreadHandle>, UnregisterCb)>,
+    destroyed: bool,
+}
+
+pub(crate) struct BdevInner {
+    pub(crate) params: BdevParams,
+    uuid: Uuid,
+    num_blocks: AtomicU64,
+    pub(crate) ops: Box<dyn BdevOps>,
+    pub(crate) io_device: Arc<IoDevice<ChannelCore>>,
+    state: Mutex<State>,
+    id: u64,
+}
+
+/// A registered block device; cheap to clone and `Send`.
+#[derive(Clone)]
+pub struct Bdev(pub(crate) Arc<BdevInner>);
+
+impl std::fmt::Debug for Bdev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bdev({})", self.name())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Registry {
+    order: Vec<Bdev>,
+    names: HashMap<String, Bdev>,
+    examiners: Vec<(String, Examiner)>,
+}
+
+/// A virtual bdev module's examine callback, run for every new bdev.
+pub type Examiner = Arc<dyn Fn(&Bdev) + Send + Sync>;
+
+static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
+static NEXT_DESC: AtomicU64 = AtomicU64::new(1);
+static NEXT_BDEV_ID: AtomicU64 = AtomicU64::new(1);
+
+fn registry<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
+    let mut g = lock(&REGISTRY);
+    let r = g.get_or_insert_with(|| Registry {
+        order: vec![],
+        names: HashMap::new(),
+        examiners: vec![],
+    });
+    f(r)
+}
+
+/// Registers a new bdev and runs the examiners on it.
+pub fn register(params: BdevParams, ops: Box<dyn BdevOps>) -> Result<Bdev> {
+    if params.name.is_empty() {
+        return Err(BdevError::new(ErrorKind::Invalid, "bdev name must not be empty"));
+    }
+    if params.block_size < 512 || params.block_size % 512 != 0 {
+        return Err(BdevError::new(
+            ErrorKind::Invalid,
+            format!("{}: block size {} is not a multiple of 512", params.name, params.block_size),
+        ));
+    }
+    if params.num_blocks == 0 {
+        return Err(BdevError::new(
+            ErrorKind::Invalid,
+            format!("{}: bdev must have at least one block", params.name),
+        ));
+    }
+    if params.required_alignment > 1 && !params.required_alignment.is_power_of_two() {
+        return Err(BdevError::new(ErrorKind::Invalid, "required_alignment must be a power of two"));
+    }
+    let uuid = params.uuid.unwrap_or_else(Uuid::new_v4);
+    let bdev = Bdev(Arc::new_cyclic(|weak: &Weak<BdevInner>| {
+        let w = weak.clone();
+        BdevInner {
+            num_blocks: AtomicU64::new(params.num_blocks),
+            params,
+            uuid,
+            ops,
+            io_device: Arc::new(IoDevice::new(move || {
+                let inner = w.upgrade().expect("channel of a live bdev");
+                ChannelCore::new(Bdev(inner))
+            })),
+            state: Mutex::new(State::default()),
+            id: NEXT_BDEV_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }));
+    let examiners = registry(|r| {
+        let keys = [bdev.name().to_string(), uuid.to_string()];
+        if let Some(k) = keys.iter().find(|k| r.names.contains_key(*k)) {
+            return Err(BdevError::new(
+                ErrorKind::Exists,
+                format!("Bdev name {k} already exists"),
+            ));
+        }
+        for k in keys {
+            r.names.insert(k, bdev.clone());
+        }
+        r.order.push(bdev.clone());
+        Ok(r.examiners.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>())
+    })?;
+    log::debug!("bdev {} registered ({} x {})", bdev.name(), bdev.block_size(), bdev.num_blocks());
+    for e in examiners {
+        e(&bdev);
+    }
+    Ok(bdev)
+}
+
+/// Adds a module's examine callback; it also runs now for every bdev already registered.
+pub fn register_examiner(module: &str, f: Examiner) {
+    let existing = registry(|r| {
+        r.examiners.push((module.to_string(), f.clone()));
+        r.order.clone()
+    });
+    for b in existing {
+        f(&b);
+    }
+}
+
+/// Looks a bdev up by name, alias or UUID.
+pub fn get(name: &str) -> Option<Bdev> {
+    registry(|r| r.names.get(name).cloned())
+}
+
+/// Every registered bdev, in registration order.
+pub fn list() -> Vec<Bdev> {
+    registry(|r| r.order.clone())
+}
+
+/// Opens a bdev by name (SPDK's `spdk_bdev_open_ext`).
+pub fn open(name: &str, write: bool, event_cb: Option<EventCb>) -> Result<Desc> {
+    get(name)
+        .ok_or_else(|| BdevError::new(ErrorKind::NotFound, format!("bdev {name} not found")))?
+        .open(write, event_cb)
+}
+
+impl Bdev {
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.0.params.name
+    }
+    /// UUID.
+    pub fn uuid(&self) -> Uuid {
+        self.0.uuid
+    }
+    /// Block size.
+    pub fn block_size(&self) -> u32 {
+        self.0.params.block_size
+    }
+    /// Number of blocks.
+    pub fn num_blocks(&self) -> u64 {
+        self.0.num_blocks.load(Ordering::Relaxed)
+    }
+    /// Registration parameters.
+    pub fn params(&self) -> &BdevParams {
+        &self.0.params
+    }
+    /// The module's ops (modules downcast nothing: they keep their own handle).
+    pub fn module_name(&self) -> &'static str {
+        self.0.ops.module_name()
+    }
+    /// Whether an I/O type is supported.
+    pub fn io_type_supported(&self, t: IoType) -> bool {
+        self.0.ops.io_type_supported(t)
+    }
+    /// Aliases.
+    pub fn aliases(&self) -> Vec<String> {
+        lock(&self.0.state).aliases.clone()
+    }
+    /// The claiming module, if any.
+    pub fn claimed_by(&self) -> Option<String> {
+        lock(&self.0.state).claim.as_ref().map(|c| c.0.clone())
+    }
+    /// Whether unregistration has started.
+    pub fn is_removing(&self) -> bool {
+        lock(&self.0.state).removing
+    }
+    /// Same bdev?
+    pub fn ptr_eq(&self, o: &Bdev) -> bool {
+        Arc::ptr_eq(&self.0, &o.0)
+    }
+
+    /// Adds an alias (unique across names and aliases).
+    pub fn add_alias(&self, alias: &str) -> Result<()> {
+        registry(|r| {
+            if r.names.contains_key(alias) {
+                return Err(BdevError::new(ErrorKind::Exists, format!("alias {alias} already exists")));
+            }
+            r.names.insert(alias.to_string(), self.clone());
+            lock(&self.0.state).aliases.push(alias.to_string());
+            Ok(())
+        })
+    }
+
+    /// Opens a descriptor. Writers are refused (EPERM) while another module holds a claim.
+    pub fn open(&self, write: bool, event_cb: Option<EventCb>) -> Result<Desc> {
+        let mut st = lock(&self.0.state);
+        if st.removing {
+            return Err(BdevError::new(
+                ErrorKind::NotFound,
+                format!("bdev {} is being removed", self.name()),
+            ));
+        }
+        if write && st.claim.is_some() {
+            return Err(BdevError::new(
+                ErrorKind::Claimed,
+                format!("bdev {} is claimed by {}", self.name(), st.claim.as_ref().map(|c| c.0.as_str()).unwrap_or("")),
+            ));
+        }
+        let id = NEXT_DESC.fetch_add(1, Ordering::Relaxed);
+        st.descs.push(DescEntry {
+            id,
+            write,
+            thread: reactor::current(),
+            event_cb,
+        });
+        Ok(Desc {
+            bdev: self.clone(),
+            id,
+            write,
+        })
+    }
+
+    /// Changes the size and tells every descriptor (modules call this on resize).
+    pub fn notify_resize(&self, num_blocks: u64) {
+        self.0.num_blocks.store(num_blocks, Ordering::Relaxed);
+        self.notify(BdevEvent::Resize);
+    }
+
+    fn notify(&self, ev: BdevEvent) {
+        let targets: Vec<(Option<ThreadHandle>, EventCb)> = lock(&self.0.state)
+            .descs
+            .iter()
+            .filter_map(|d| d.event_cb.clone().map(|cb| (d.thread.clone(), cb)))
+            .collect();
+        for (t, cb) in targets {
+            let b = self.clone();
+            match t {
+                Some(t) => t.send(move || cb(ev, &b)),
+                None => cb(ev, &b),
+            }
+        }
+    }
+
+    /// Starts unregistering (hot-remove): every descriptor gets [`BdevEvent::Remove`]; once all are closed the
+    /// module's `destruct` runs and `done` is called on the caller's thread.
+    pub fn unregister(&self, done: impl FnOnce(Result<()>) + Send + 'static) {
+        let first = {
+            let mut st = lock(&self.0.state);
+            if st.destroyed {
+                drop(st);
+                done(Err(BdevError::new(ErrorKind::NotFound, format!("bdev {} not found", self.name()))));
+                return;
+            }
+            st.unregister_cbs.push((reactor::current(), Box::new(done)));
+            !std::mem::replace(&mut st.removing, true)
+        };
+        if first {
+            log::debug!("bdev {} unregistering", self.name());
+            self.notify(BdevEvent::Remove);
+        }
+        self.maybe_destroy();
+    }
+
+    fn maybe_destroy(&self) {
+        let cbs = {
+            let mut st = lock(&self.0.state);
+            if !st.removing || !st.descs.is_empty() || st.destroyed {
+                return;
+            }
+            st.destroyed = true;
+            std::mem::take(&mut st.unregister_cbs)
+        };
+        registry(|r| {
+            r.order.retain(|b| !b.ptr_eq(self));
+            r.names.retain(|_, b| !b.ptr_eq(self));
+        });
+        self.0.ops.destruct(self);
+        let id = self.id();
+        reactor::for_each_thread(move || crate::channel::clear_thread_stat(id, None), |_| {});
+        log::debug!("bdev {} destroyed", self.name());
+        for (t, cb) in cbs {
+            match t {
+                Some(t) if !t.is_current() => t.send(move || cb(Ok(()))),
+                _ => cb(Ok(())),
+            }
+        }
+    }
+
+    /// A process-unique id (never reused, unlike names).
+    pub(crate) fn id(&self) -> u64 {
+        self.0.id
+    }
+
+    /// Aggregated statistics over every thread, delivered to `done` on the caller's thread.
+    pub fn get_iostat(&self, done: impl FnOnce(IoStat) + Send + 'static) {
+        let dev = self.0.io_device.clone();
+        let id = self.id();
+        reactor::for_each_thread(
+            move || crate::channel::thread_stat(id, dev.existing_channel().as_deref()),
+            move |v| {
+                let mut s = IoStat::default();
+                for x in v {
+                    s.merge(&x);
+                }
+                done(s)
+            },
+        );
+    }
+
+    /// Clears statistics on every thread (`bdev_reset_iostat`).
+    pub fn reset_iostat(&self, done: impl FnOnce() + Send + 'static) {
+        let dev = self.0.io_device.clone();
+        let id = self.id();
+        reactor::for_each_thread(
+            move || crate::channel::clear_thread_stat(id, dev.existing_channel().as_deref()),
+            move |_| done(),
+        );
+    }
+
+    /// The object `bdev_get_bdevs` prints for this bdev.
+    pub fn info_json(&self) -> Value {
+        let p = &self.0.params;
+        let claim = self.claimed_by();
+        let mut m = Map::new();
+        m.insert("name".into(), json!(self.name()));
+        m.insert("aliases".into(), json!(self.aliases()));
+        m.insert("product_name".into(), json!(p.product_name));
+        m.insert("block_size".into(), json!(p.block_size));
+        m.insert("num_blocks".into(), json!(self.num_blocks()));
+        m.insert("uuid".into(), json!(self.uuid().to_string()));
+        m.insert(
+            "assigned_rate_limits".into(),
+            json!({"rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0}),
+        );
+        m.insert("claimed".into(), json!(claim.is_some()));
+        if claim.is_some() {
+            m.insert("claim_type".into(), json!("exclusive_write"));
+        }
+        m.insert("zoned".into(), json!(false));
+        let mut io = Map::new();
+        for (name, t) in SPDK_IO_TYPE_NAMES {
+            io.insert(name.into(), json!(t.is_some_and(|t| self.io_type_supported(t))));
+        }
+        m.insert("supported_io_types".into(), Value::Object(io));
+        let mut ds = Map::new();
+        self.0.ops.dump_info(self, &mut ds);
+        m.insert("driver_specific".into(), Value::Object(ds));
+        Value::Object(m)
+    }
+
+    /// The `save_config` entry recreating this bdev, if the module has one.
+    pub fn write_config(&self) -> Option<Value> {
+        self.0.ops.write_config(self)
+    }
+
+    /// This thread's channel (internal: users go through a descriptor).
+    pub(crate) fn channel_core(&self) -> std::rc::Rc<ChannelCore> {
+        self.0.io_device.get_channel()
+    }
+}
+
+/// SPDK's I/O type names in its enum order, with the types this layer knows.
+const SPDK_IO_TYPE_NAMES: [(&str, Option<IoType>); 20] = [
+    ("read", Some(IoType::Read)),
+    ("write", Some(IoType::Write)),
+    ("unmap", Some(IoType::Unmap)),
+    ("flush", Some(IoType::Flush)),
+    ("reset", Some(IoType::Reset)),
+    ("nvme_admin", None),
+    ("nvme_io", None),
+    ("nvme_io_md", None),
+    ("write_zeroes", Some(IoType::WriteZeroes)),
+    ("zcopy", None),
+    ("get_zone_info", None),
+    ("zone_management", None),
+    ("zone_append", None),
+    ("compare", Some(IoType::Compare)),
+    ("compare_and_write", None),
+    ("abort", Some(IoType::Abort)),
+    ("seek_hole", None),
+    ("seek_data", None),
+    ("copy", None),
+    ("nvme_iov_md", None),
+];
+
+/// An open handle on a bdev. Closing (dropping) it releases its claim and may complete an unregister.
+pub struct Desc {
+    bdev: Bdev,
+    id: u64,
+    write: bool,
+}
+
+impl Desc {
+    /// The bdev.
+    pub fn bdev(&self) -> &Bdev {
+        &self.bdev
+    }
+
+    /// Whether writes are allowed.
+    pub fn writable(&self) -> bool {
+        self.write
+    }
+
+    /// Claims the bdev exclusively for `module` (SPDK's exclusive_write claim). Makes this descriptor writable.
+    pub fn claim(&mut self, module: &str) -> Result<()> {
+        let mut st = lock(&self.bdev.0.state);
+        if let Some((m, _)) = &st.claim {
+            return Err(BdevError::new(
+                ErrorKind::Claimed,
+                format!("bdev {} already claimed by {m}", self.bdev.name()),
+            ));
+        }
+        if st.descs.iter().any(|d| d.write && d.id != self.id) {
+            return Err(BdevError::new(
+                ErrorKind::Claimed,
+                format!("bdev {} is open for writing elsewhere", self.bdev.name()),
+            ));
+        }
+        st.claim = Some((module.to_string(), self.id));
+        self.write = true;
+        if let Some(d) = st.descs.iter_mut().find(|d| d.id == self.id) {
+            d.write = true;
+        }
+        Ok(())
+    }
+
+    /// Releases this descriptor's claim.
+    pub fn release_claim(&mut self) {
+        let mut st = lock(&self.bdev.0.state);
+        if st.claim.as_ref().is_some_and(|c| c.1 == self.id) {
+            st.claim = None;
+        }
+    }
+
+    /// This thread's I/O channel through this descriptor.
+    pub fn channel(&self) -> crate::channel::IoChannel {
+        crate::channel::IoChannel::new(self.bdev.channel_core(), self.write)
+    }
+}
+
+impl std::fmt::Debug for Desc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Desc({}, write={})", self.bdev.name(), self.write)
+    }
+}
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        {
+            let mut st = lock(&self.bdev.0.state);
+            st.descs.retain(|d| d.id != self.id);
+            if st.claim.as_ref().is_some_and(|c| c.1 == self.id) {
+                st.claim = None;
+            }
+        }
+        self.bdev.maybe_destroy();
+    }
+}
+
+/// Unregisters the bdev `name` if it belongs to `module` (the `bdev_*_delete` RPCs).
+pub fn unregister_by_name(
+    name: &str,
+    module: &str,
+    done: impl FnOnce(Result<()>) + Send + 'static,
+) {
+    match get(name) {
+        Some(b) if b.module_name() == module && !b.is_removing() => b.unregister(done),
+        Some(b) if b.module_name() != module => done(Err(BdevError::new(
+            ErrorKind::NotFound,
+            format!("bdev {name} is not a {module} bdev"),
+        ))),
+        _ => done(Err(BdevError::new(
+            ErrorKind::NotFound,
+            format!("bdev {name} not found"),
+        ))),
+    }
+}

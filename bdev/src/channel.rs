@@ -1,0 +1,366 @@
+//! Per-thread bdev channels: validation, submission to the module, deferred completion, NOMEM retry, stats.
+//!
+//! A completion that happens while the module is inside `submit` or `poll` is queued and delivered by the
+//! channel's poller right after, so callbacks never re-enter a module (and the stack never grows with queue depth).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::{Rc, Weak};
+
+use reactor::dma::DmaBuf;
+use reactor::{ticks, Poller};
+
+use crate::bdev::{Bdev, ModuleChannel};
+use crate::error::{BdevError, ErrorKind, Result};
+use crate::io::{self, Completion, IoHandle, IoStatus, IoType, IoVec};
+use crate::stat::IoStat;
+
+pub(crate) struct ChannelCore {
+    bdev: Bdev,
+    block_size: u32,
+    align_mask: usize,
+    supported: [bool; 8],
+    module: RefCell<Box<dyn ModuleChannel>>,
+    in_module: Cell<bool>,
+    deferred: RefCell<VecDeque<IoHandle>>,
+    nomem: RefCell<VecDeque<IoHandle>>,
+    outstanding: Cell<u64>,
+    stat: RefCell<IoStat>,
+    poller: RefCell<Option<Poller>>,
+}
+
+impl ChannelCore {
+    pub(crate) fn new(bdev: Bdev) -> Self {
+        let module = bdev.0.ops.create_channel(&bdev);
+        let mut supported = [false; 8];
+        for t in IoType::ALL {
+            supported[t as usize] = bdev.io_type_supported(t);
+        }
+        let align = bdev.params().required_alignment.max(1) as usize;
+        ChannelCore {
+            block_size: bdev.block_size(),
+            align_mask: align - 1,
+            supported,
+            bdev,
+            module: RefCell::new(module),
+            in_module: Cell::new(false),
+            deferred: RefCell::new(VecDeque::with_capacity(256)),
+            nomem: RefCell::new(VecDeque::new()),
+            outstanding: Cell::new(0),
+            stat: RefCell::new(IoStat::default()),
+            poller: RefCell::new(None),
+        }
+    }
+
+    pub(crate) fn stat(&self) -> IoStat {
+        *self.stat.borrow()
+    }
+
+    pub(crate) fn reset_stat(&self) {
+        *self.stat.borrow_mut() = IoStat::default();
+    }
+
+    fn ensure_poller(self: &Rc<Self>) {
+        if self.poller.borrow().is_some() {
+            return;
+        }
+        let weak: Weak<ChannelCore> = Rc::downgrade(self);
+        let p = Poller::register(&format!("bdev_ch_{}", self.bdev.name()), 0, move || {
+            weak.upgrade().is_some_and(|c| c.poll())
+        });
+        *self.poller.borrow_mut() = Some(p);
+    }
+
+    fn poll(self: &Rc<Self>) -> bool {
+        self.in_module.set(true);
+        let did = self.module.borrow_mut().poll();
+        self.in_module.set(false);
+        // Only what was queued before this run: callbacks that submit again are served next iteration.
+        let n = self.deferred.borrow().len();
+        for _ in 0..n {
+            let io = self.deferred.borrow_mut().pop_front();
+            match io {
+                Some(io) => self.finish(io),
+                None => break,
+            }
+        }
+        if self.outstanding.get() == 0 && !self.nomem.borrow().is_empty() {
+            self.retry_nomem(usize::MAX);
+        }
+        did || n > 0
+    }
+
+    fn submit_to_module(self: &Rc<Self>, io: IoHandle) {
+        self.outstanding.set(self.outstanding.get() + 1);
+        self.in_module.set(true);
+        self.module.borrow_mut().submit(io);
+        self.in_module.set(false);
+    }
+
+    fn retry_nomem(self: &Rc<Self>, max: usize) {
+        for _ in 0..max {
+            let io = self.nomem.borrow_mut().pop_front();
+            match io {
+                Some(mut io) => {
+                    io.status = IoStatus::Pending;
+                    self.submit_to_module(io);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn finish(self: &Rc<Self>, mut io: IoHandle) {
+        if io.status == IoStatus::NoMem {
+            // The module is out of resources: keep the I/O and resubmit when something completes.
+            self.outstanding.set(self.outstanding.get().saturating_sub(1));
+            self.nomem.borrow_mut().push_back(io);
+            return;
+        }
+        if io.submit_tick != 0 {
+            self.outstanding.set(self.outstanding.get().saturating_sub(1));
+        }
+        let ticks = ticks::now().saturating_sub(io.submit_tick);
+        self.stat.borrow_mut().record(
+            io.io_type,
+            io.len_bytes(),
+            ticks,
+            io.status == IoStatus::Success,
+        );
+        io.ch = None;
+        run_callback(io);
+        if !self.nomem.borrow().is_empty() {
+            self.retry_nomem(1);
+        }
+    }
+}
+
+thread_local! {
+    /// Statistics of this thread's channels that are gone, per bdev id. Kept per thread so a statistics walk,
+    /// which visits each thread in turn, sees every I/O exactly once even while channels come and go.
+    static RETIRED: RefCell<HashMap<u64, IoStat>> = RefCell::new(HashMap::new());
+}
+
+/// This thread's statistics for bdev `id`: the live channel's plus those of channels already released.
+pub(crate) fn thread_stat(id: u64, live: Option<&ChannelCore>) -> IoStat {
+    let mut s = RETIRED.with(|r| r.borrow().get(&id).copied().unwrap_or_default());
+    if let Some(ch) = live {
+        s.merge(&ch.stat());
+    }
+    s
+}
+
+/// Clears this thread's statistics for bdev `id` (`live` is its channel here, if any).
+pub(crate) fn clear_thread_stat(id: u64, live: Option<&ChannelCore>) {
+    RETIRED.with(|r| r.borrow_mut().remove(&id));
+    if let Some(ch) = live {
+        ch.reset_stat();
+    }
+}
+
+impl Drop for ChannelCore {
+    fn drop(&mut self) {
+        let s = *self.stat.borrow();
+        RETIRED.with(|r| r.borrow_mut().entry(self.bdev.id()).or_default().merge(&s));
+    }
+}
+
+fn run_callback(mut io: IoHandle) {
+    match io.take_cb() {
+        Completion::None => {}
+        Completion::Fn(f) => f(io),
+        Completion::Sink(s) => s.io_done(io),
+        Completion::Closure(c) => c(io),
+    }
+}
+
+/// Delivers a completion (see [`IoHandle::complete`]).
+pub(crate) fn complete(io: IoHandle) {
+    let Some(ch) = io.ch.clone() else {
+        run_callback(io);
+        return;
+    };
+    if ch.in_module.get() {
+        ch.deferred.borrow_mut().push_back(io);
+    } else {
+        ch.finish(io);
+    }
+}
+
+/// A thread's handle for submitting I/O to one bdev through one descriptor. Not `Send`: channels belong to
+/// the thread that got them, and completions run there.
+#[derive(Clone)]
+pub struct IoChannel {
+    core: Rc<ChannelCore>,
+    writable: bool,
+}
+
+impl IoChannel {
+    pub(crate) fn new(core: Rc<ChannelCore>, writable: bool) -> Self {
+        IoChannel { core, writable }
+    }
+
+    /// The bdev.
+    pub fn bdev(&self) -> &Bdev {
+        &self.core.bdev
+    }
+
+    /// I/Os submitted to the module and not yet completed.
+    pub fn outstanding(&self) -> u64 {
+        self.core.outstanding.get()
+    }
+
+    fn check(&self, io: &crate::io::BdevIo) -> std::result::Result<(), (i32, String)> {
+        let t = io.io_type;
+        let name = self.core.bdev.name();
+        if !self.core.supported[t as usize] {
+            return Err((libc::ENOTSUP, format!("{name}: {} not supported", t.name())));
+        }
+        if t.is_write() && !self.writable {
+            return Err((libc::EBADF, format!("{name}: descriptor is read-only")));
+        }
+        let nb = self.core.bdev.num_blocks();
+        let needs_range = !matches!(t, IoType::Reset | IoType::Abort);
+        if needs_range {
+            let end = io.offset_blocks.checked_add(io.num_blocks);
+            if (io.num_blocks == 0 && t != IoType::Flush) || end.is_none_or(|e| e > nb) {
+                return Err((
+                    libc::EINVAL,
+                    format!(
+                        "{name}: {} of {} blocks at {} is outside 0..{nb}",
+                        t.name(),
+                        io.num_blocks,
+                        io.offset_blocks
+                    ),
+                ));
+            }
+        }
+        if t.has_data() {
+            if io.total_iov_len() != io.num_blocks * self.core.block_size as u64 {
+                return Err((
+                    libc::EINVAL,
+                    format!("{name}: buffers hold {} bytes for {} blocks", io.total_iov_len(), io.num_blocks),
+                ));
+            }
+            if io.iovs.iter().any(|v| (v.base as usize) & self.core.align_mask != 0) {
+                return Err((libc::EINVAL, format!("{name}: buffer is not aligned to {}", self.core.align_mask + 1)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits a prepared I/O. Invalid I/O (range, length, alignment, type, read-only) completes with
+    /// `IoStatus::Failed(errno)`; the callback always runs, on this thread, after this call returns.
+    pub fn submit(&self, mut io: IoHandle) {
+        let core = &self.core;
+        core.ensure_poller();
+        io.block_size = core.block_size;
+        io.ch = Some(core.clone());
+        if let Err((errno, msg)) = self.check(&io) {
+            log::warn!("{msg}");
+            io.status = IoStatus::Failed(errno);
+            io.submit_tick = 0;
+            core.deferred.borrow_mut().push_back(io);
+            return;
+        }
+        io.submit_tick = ticks::now();
+        core.submit_to_module(io);
+    }
+
+    fn prepare(
+        &self,
+        t: IoType,
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<IoHandle> {
+        io::build(t, offset_blocks, num_blocks, cb, ctx)
+            .ok_or_else(|| BdevError::new(ErrorKind::NoMemory, "no bdev_io available"))
+    }
+
+    /// Reads into an owned buffer (taken back with [`crate::BdevIo::take_buf`] in the callback).
+    pub fn read(&self, buf: DmaBuf, offset_blocks: u64, num_blocks: u64, cb: Completion, ctx: u64) -> Result<()> {
+        self.with_buf(IoType::Read, buf, offset_blocks, num_blocks, cb, ctx)
+    }
+
+    /// Writes from an owned buffer.
+    pub fn write(&self, buf: DmaBuf, offset_blocks: u64, num_blocks: u64, cb: Completion, ctx: u64) -> Result<()> {
+        self.with_buf(IoType::Write, buf, offset_blocks, num_blocks, cb, ctx)
+    }
+
+    /// Compares blocks with an owned buffer.
+    pub fn compare(&self, buf: DmaBuf, offset_blocks: u64, num_blocks: u64, cb: Completion, ctx: u64) -> Result<()> {
+        self.with_buf(IoType::Compare, buf, offset_blocks, num_blocks, cb, ctx)
+    }
+
+    fn with_buf(
+        &self,
+        t: IoType,
+        buf: DmaBuf,
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
+        let mut io = self.prepare(t, offset_blocks, num_blocks, cb, ctx)?;
+        let len = (num_blocks * self.core.block_size as u64).min(buf.len() as u64) as usize;
+        io.iovs.push(IoVec {
+            base: buf.as_ptr(),
+            len,
+        });
+        io.buf = Some(buf);
+        self.submit(io);
+        Ok(())
+    }
+
+    /// Reads into caller memory, zero copy.
+    ///
+    /// # Safety
+    /// Every iovec must stay valid for writes, and not be accessed otherwise, until the callback runs.
+    pub unsafe fn readv(&self, iovs: &[IoVec], offset_blocks: u64, num_blocks: u64, cb: Completion, ctx: u64) -> Result<()> {
+        let mut io = self.prepare(IoType::Read, offset_blocks, num_blocks, cb, ctx)?;
+        io.iovs.extend_from_slice(iovs);
+        self.submit(io);
+        Ok(())
+    }
+
+    /// Writes from caller memory, zero copy.
+    ///
+    /// # Safety
+    /// Every iovec must stay valid for reads, and not be written otherwise, until the callback runs.
+    pub unsafe fn writev(&self, iovs: &[IoVec], offset_blocks: u64, num_blocks: u64, cb: Completion, ctx: u64) -> Result<()> {
+        let mut io = self.prepare(IoType::Write, offset_blocks, num_blocks, cb, ctx)?;
+        io.iovs.extend_from_slice(iovs);
+        self.submit(io);
+        Ok(())
+    }
+
+    /// Submits an I/O with no data (flush, unmap, write_zeroes, reset).
+    pub fn submit_nodata(&self, t: IoType, offset_blocks: u64, num_blocks: u64, cb: Completion, ctx: u64) -> Result<()> {
+        if t.has_data() {
+            return Err(BdevError::new(ErrorKind::Invalid, format!("{} needs buffers", t.name())));
+        }
+        let io = self.prepare(t, offset_blocks, num_blocks, cb, ctx)?;
+        self.submit(io);
+        Ok(())
+    }
+
+    /// Forwards `parent`'s request (type and buffers) to this channel's bdev at `offset_blocks`, as a child I/O
+    /// that completes through `cb`/`ctx`. Used by virtual bdevs.
+    ///
+    /// # Safety
+    /// `parent` must not complete before the child does, so its buffers stay valid for the child.
+    pub unsafe fn submit_child(
+        &self,
+        parent: &crate::io::BdevIo,
+        offset_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
+        let mut io = self.prepare(parent.io_type, offset_blocks, parent.num_blocks, cb, ctx)?;
+        io.iovs.extend_from_slice(&parent.iovs);
+        self.submit(io);
+        Ok(())
+    }
+}

@@ -1,0 +1,387 @@
+//! I/O descriptors (`BdevIo`), their per-thread pool, and completion.
+//!
+//! A [`IoHandle`] owns a pooled `BdevIo`; dropping it returns the descriptor to the pool of the thread that drops
+//! it, so steady-state I/O allocates nothing. Data is described by iovecs that point at the caller's memory (zero
+//! copy) or at a [`DmaBuf`] moved into the descriptor for the I/O's lifetime.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::ops::{Deref, DerefMut};
+use std::rc::Rc;
+
+use reactor::dma::DmaBuf;
+
+use crate::channel::ChannelCore;
+
+/// I/O types, named as SPDK's `supported_io_types` keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IoType {
+    /// Read blocks.
+    Read,
+    /// Write blocks.
+    Write,
+    /// Deallocate blocks.
+    Unmap,
+    /// Make written data durable.
+    Flush,
+    /// Reset the device.
+    Reset,
+    /// Write zeroes to blocks.
+    WriteZeroes,
+    /// Compare blocks with a buffer.
+    Compare,
+    /// Abort another I/O.
+    Abort,
+}
+
+impl IoType {
+    /// Every type, in the order `bdev_get_bdevs` lists them.
+    pub const ALL: [IoType; 8] = [
+        IoType::Read,
+        IoType::Write,
+        IoType::Unmap,
+        IoType::Flush,
+        IoType::Reset,
+        IoType::Compare,
+        IoType::Abort,
+        IoType::WriteZeroes,
+    ];
+
+    /// SPDK's key for the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoType::Read => "read",
+            IoType::Write => "write",
+            IoType::Unmap => "unmap",
+            IoType::Flush => "flush",
+            IoType::Reset => "reset",
+            IoType::WriteZeroes => "write_zeroes",
+            IoType::Compare => "compare",
+            IoType::Abort => "abort",
+        }
+    }
+
+    /// Whether the type modifies data (refused on read-only descriptors).
+    pub fn is_write(self) -> bool {
+        matches!(self, IoType::Write | IoType::Unmap | IoType::WriteZeroes)
+    }
+
+    /// Whether the type carries data buffers.
+    pub fn has_data(self) -> bool {
+        matches!(self, IoType::Read | IoType::Write | IoType::Compare)
+    }
+}
+
+/// Outcome of an I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoStatus {
+    /// Not completed yet.
+    Pending,
+    /// Done.
+    Success,
+    /// Failed with a positive errno.
+    Failed(i32),
+    /// The module ran out of resources; the bdev layer queues and retries it.
+    NoMem,
+    /// Aborted (by reset or abort).
+    Aborted,
+    /// Data did not match (compare).
+    Miscompare,
+}
+
+/// One scatter-gather element, laid out as `struct iovec` so it can be handed to the kernel as is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IoVec {
+    /// Start of the element.
+    pub base: *mut u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// Callback run on the submitting thread when an I/O completes.
+pub enum Completion {
+    /// Nothing to call; the descriptor goes back to the pool.
+    None,
+    /// A plain function; context travels in [`BdevIo::ctx`].
+    Fn(fn(IoHandle)),
+    /// An object of the caller's (e.g. a virtual bdev's channel).
+    Sink(Rc<dyn IoSink>),
+    /// A closure (control path: it allocates).
+    Closure(Box<dyn FnOnce(IoHandle)>),
+}
+
+/// An object told of completions.
+pub trait IoSink {
+    /// Called with the completed I/O.
+    fn io_done(&self, io: IoHandle);
+}
+
+/// Inline iovec capacity reserved per descriptor; more grows the descriptor once and is kept.
+const IOVS_RESERVED: usize = 16;
+
+/// A block I/O. Fields the module reads are public through accessors; scratch space is `driver_ctx`.
+pub struct BdevIo {
+    pub(crate) io_type: IoType,
+    pub(crate) offset_blocks: u64,
+    pub(crate) num_blocks: u64,
+    pub(crate) block_size: u32,
+    pub(crate) iovs: Vec<IoVec>,
+    pub(crate) buf: Option<DmaBuf>,
+    pub(crate) status: IoStatus,
+    pub(crate) cb: Completion,
+    /// The caller's context word (e.g. an index into its task table).
+    pub ctx: u64,
+    /// Scratch words for the module handling the I/O.
+    pub driver_ctx: [u64; 4],
+    pub(crate) submit_tick: u64,
+    pub(crate) ch: Option<Rc<ChannelCore>>,
+}
+
+impl BdevIo {
+    fn new() -> Self {
+        BdevIo {
+            io_type: IoType::Read,
+            offset_blocks: 0,
+            num_blocks: 0,
+            block_size: 512,
+            iovs: Vec::with_capacity(IOVS_RESERVED),
+            buf: None,
+            status: IoStatus::Pending,
+            cb: Completion::None,
+            ctx: 0,
+            driver_ctx: [0; 4],
+            submit_tick: 0,
+            ch: None,
+        }
+    }
+
+    /// The type.
+    pub fn io_type(&self) -> IoType {
+        self.io_type
+    }
+    /// First block.
+    pub fn offset_blocks(&self) -> u64 {
+        self.offset_blocks
+    }
+    /// Number of blocks.
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+    /// Block size of the bdev it was submitted to.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    /// Byte offset.
+    pub fn offset_bytes(&self) -> u64 {
+        self.offset_blocks * self.block_size as u64
+    }
+    /// Byte length.
+    pub fn len_bytes(&self) -> u64 {
+        self.num_blocks * self.block_size as u64
+    }
+    /// The status (valid in a completion callback).
+    pub fn status(&self) -> IoStatus {
+        self.status
+    }
+    /// Whether it completed successfully.
+    pub fn success(&self) -> bool {
+        self.status == IoStatus::Success
+    }
+    /// The data iovecs.
+    pub fn iovs(&self) -> &[IoVec] {
+        &self.iovs
+    }
+    /// Takes back the buffer moved in with the I/O.
+    pub fn take_buf(&mut self) -> Option<DmaBuf> {
+        self.buf.take()
+    }
+
+    /// Rewrites the range (for virtual bdevs that forward an I/O to a base at another offset).
+    pub fn remap(&mut self, offset_blocks: u64) {
+        self.offset_blocks = offset_blocks;
+    }
+
+    /// Copies the I/O's data into `dst` (which must be `len_bytes` long); used for writes.
+    pub fn copy_out(&self, dst: &mut [u8]) {
+        let mut off = 0;
+        for v in &self.iovs {
+            let n = v.len.min(dst.len() - off);
+            // SAFETY: the iovecs were valid for `len` bytes when submitted and stay valid until completion
+            // (contract of the unsafe submit functions, or an owned DmaBuf); `dst` is a distinct slice.
+            unsafe { std::ptr::copy_nonoverlapping(v.base, dst[off..].as_mut_ptr(), n) };
+            off += n;
+        }
+    }
+
+    /// Copies `src` into the I/O's buffers; used for reads.
+    pub fn copy_in(&mut self, src: &[u8]) {
+        let mut off = 0;
+        for v in &self.iovs {
+            let n = v.len.min(src.len() - off);
+            // SAFETY: as in copy_out; the caller's buffers are writable for reads by the submit contract.
+            unsafe { std::ptr::copy_nonoverlapping(src[off..].as_ptr(), v.base, n) };
+            off += n;
+        }
+    }
+
+    /// Copies between the I/O's buffers and raw memory at `mem` (`len_bytes` long): into the buffers when
+    /// `to_iovs`, else out of them.
+    ///
+    /// # Safety
+    /// `mem` must be valid for `len_bytes()` bytes of reads (or writes, when `!to_iovs`).
+    pub unsafe fn copy_raw(&self, mem: *mut u8, to_iovs: bool) {
+        let mut off = 0usize;
+        for v in &self.iovs {
+            // SAFETY: iovecs are valid per the submit contract; `mem` per this function's contract; the total
+            // iovec length equals len_bytes (checked at submit).
+            unsafe {
+                if to_iovs {
+                    std::ptr::copy_nonoverlapping(mem.add(off), v.base, v.len);
+                } else {
+                    std::ptr::copy_nonoverlapping(v.base, mem.add(off), v.len);
+                }
+            }
+            off += v.len;
+        }
+    }
+
+    /// Fills the I/O's buffers with zeroes.
+    pub fn zero_iovs(&mut self) {
+        for v in &self.iovs {
+            // SAFETY: writable iovecs per the submit contract.
+            unsafe { std::ptr::write_bytes(v.base, 0, v.len) };
+        }
+    }
+
+    pub(crate) fn total_iov_len(&self) -> u64 {
+        self.iovs.iter().map(|v| v.len as u64).sum()
+    }
+}
+
+/// An owned, pooled I/O descriptor.
+pub struct IoHandle(Option<Box<BdevIo>>);
+
+impl Deref for IoHandle {
+    type Target = BdevIo;
+    fn deref(&self) -> &BdevIo {
+        self.0.as_deref().expect("live IoHandle")
+    }
+}
+
+impl DerefMut for IoHandle {
+    fn deref_mut(&mut self) -> &mut BdevIo {
+        self.0.as_deref_mut().expect("live IoHandle")
+    }
+}
+
+impl IoHandle {
+    /// Completes the I/O with `status`. The callback runs on this (the submitting) thread; when called from
+    /// inside the module's `submit` or `poll`, right after that call returns.
+    pub fn complete(mut self, status: IoStatus) {
+        self.status = status;
+        crate::channel::complete(self);
+    }
+
+    pub(crate) fn take_cb(&mut self) -> Completion {
+        std::mem::replace(&mut self.cb, Completion::None)
+    }
+}
+
+struct Pool {
+    free: Vec<Box<BdevIo>>,
+    allocated: usize,
+    limit: usize,
+    waiters: VecDeque<Box<dyn FnOnce()>>,
+}
+
+thread_local! {
+    static POOL: RefCell<Pool> = const { RefCell::new(Pool { free: Vec::new(), allocated: 0, limit: 0, waiters: VecDeque::new() }) };
+    static WAKING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Descriptors a thread may own at most (SPDK's `bdev_io_pool_size`).
+static POOL_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(65535);
+
+/// Sets the per-thread descriptor limit (`bdev_set_options bdev_io_pool_size`).
+pub fn set_pool_limit(n: usize) {
+    POOL_LIMIT.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The per-thread descriptor limit.
+pub fn pool_limit() -> usize {
+    POOL_LIMIT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Takes a descriptor from this thread's pool, or `None` when the thread already owns its limit (queue a retry
+/// with [`queue_io_wait`]).
+pub fn alloc_io() -> Option<IoHandle> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if let Some(b) = p.free.pop() {
+            return Some(IoHandle(Some(b)));
+        }
+        if p.limit == 0 {
+            p.limit = pool_limit();
+        }
+        if p.allocated >= p.limit {
+            return None;
+        }
+        p.allocated += 1;
+        Some(IoHandle(Some(Box::new(BdevIo::new()))))
+    })
+}
+
+/// Runs `f` on this thread once a descriptor is returned to its pool (SPDK's `spdk_bdev_queue_io_wait`).
+pub fn queue_io_wait(f: impl FnOnce() + 'static) {
+    POOL.with(|p| p.borrow_mut().waiters.push_back(Box::new(f)));
+}
+
+/// Pre-fills this thread's pool so the first I/Os do not allocate.
+pub fn prefill_pool(n: usize) {
+    let have: Vec<IoHandle> = (0..n).filter_map(|_| alloc_io()).collect();
+    drop(have);
+}
+
+impl Drop for IoHandle {
+    fn drop(&mut self) {
+        let Some(mut b) = self.0.take() else { return };
+        b.cb = Completion::None;
+        b.ch = None;
+        b.buf = None;
+        b.iovs.clear();
+        b.status = IoStatus::Pending;
+        let waiter = POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            p.free.push(b);
+            p.waiters.pop_front()
+        });
+        if let Some(w) = waiter {
+            // A waiter that allocates and drops again must not recurse without bound.
+            if WAKING.with(|x| x.replace(true)) {
+                POOL.with(|p| p.borrow_mut().waiters.push_front(w));
+            } else {
+                w();
+                WAKING.with(|x| x.set(false));
+            }
+        }
+    }
+}
+
+/// Builds an I/O ready to submit.
+pub(crate) fn build(
+    io_type: IoType,
+    offset_blocks: u64,
+    num_blocks: u64,
+    cb: Completion,
+    ctx: u64,
+) -> Option<IoHandle> {
+    let mut io = alloc_io()?;
+    io.io_type = io_type;
+    io.offset_blocks = offset_blocks;
+    io.num_blocks = num_blocks;
+    io.cb = cb;
+    io.ctx = ctx;
+    io.status = IoStatus::Pending;
+    Some(io)
+}

@@ -1,0 +1,21 @@
+//! The block device layer: registry, descriptors, claims, examine, per-thread channels, pooled I/O descriptors
+//! and statistics, plus the base modules (malloc, null, uring/aio, error).
+
+mod bdev;
+mod channel;
+mod error;
+mod io;
+pub mod modules;
+mod stat;
+
+pub use crate::bdev::{
+    get, list, open, register, register_examiner, unregister_by_name, Bdev, BdevEvent, BdevOps,
+    BdevParams, Desc, Examiner, ModuleChannel,
+};
+pub use channel::IoChannel;
+pub use error::{BdevError, ErrorKind, Result};
+pub use io::{
+    alloc_io, pool_limit, prefill_pool, queue_io_wait, set_pool_limit, BdevIo, Completion,
+    IoHandle, IoSink, IoStatus, IoType, IoVec,
+};
+pub use stat::{IoStat, OpStat};

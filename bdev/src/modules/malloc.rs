@@ -1,0 +1,202 @@
+//! `malloc`: a RAM disk (SPDK's `bdev_malloc_create`). Memory is DMA-able (hugepages when available).
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use crate::{
+    register, Bdev, BdevError, BdevOps, BdevParams, ErrorKind, IoHandle, IoStatus, IoType,
+    ModuleChannel, Result,
+};
+
+/// Module name.
+pub const MODULE: &str = "malloc";
+
+static AUTO_NAME: AtomicU32 = AtomicU32::new(0);
+
+/// `bdev_malloc_create` options.
+#[derive(Clone, Debug, Default)]
+pub struct MallocOpts {
+    /// Name (auto-generated `MallocN` when `None`).
+    pub name: Option<String>,
+    /// UUID.
+    pub uuid: Option<Uuid>,
+    /// Number of blocks.
+    pub num_blocks: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Physical block size (0 = block size).
+    pub physical_block_size: u32,
+    /// Optimal I/O boundary in blocks.
+    pub optimal_io_boundary: u32,
+}
+
+struct Memory {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this struct and freed once, in Drop; all access goes through raw-pointer copies
+// bounded by `len`, never through Rust references, so concurrent I/O from several threads behaves like a disk
+// (overlapping writes leave unspecified data) without creating aliasing references.
+unsafe impl Send for Memory {}
+// SAFETY: see above.
+unsafe impl Sync for Memory {}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are the mapping made in `create`, used by nobody once the last Arc is gone.
+        unsafe { reactor::dma::unmap(self.ptr, self.len) };
+    }
+}
+
+struct Malloc {
+    mem: Arc<Memory>,
+    opts: MallocOpts,
+}
+
+/// Creates a malloc bdev.
+pub fn create(mut opts: MallocOpts) -> Result<Bdev> {
+    if opts.block_size == 0 || opts.block_size % 512 != 0 {
+        return Err(BdevError::new(
+            ErrorKind::Invalid,
+            format!("Data block size {} is not a multiple of 512", opts.block_size),
+        ));
+    }
+    if opts.num_blocks == 0 {
+        return Err(BdevError::new(ErrorKind::Invalid, "Disk num_blocks must be greater than 0"));
+    }
+    if opts.physical_block_size != 0
+        && (opts.physical_block_size % opts.block_size != 0 || !opts.physical_block_size.is_power_of_two())
+    {
+        return Err(BdevError::new(
+            ErrorKind::Invalid,
+            format!("Physical block size {} is not a power-of-two multiple of the block size", opts.physical_block_size),
+        ));
+    }
+    let len = opts
+        .num_blocks
+        .checked_mul(opts.block_size as u64)
+        .filter(|l| *l <= isize::MAX as u64)
+        .ok_or_else(|| BdevError::new(ErrorKind::Invalid, "malloc bdev size overflows"))? as usize;
+    let name = opts
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("Malloc{}", AUTO_NAME.fetch_add(1, Ordering::Relaxed)));
+    if crate::get(&name).is_some() {
+        return Err(BdevError::new(ErrorKind::Exists, format!("Bdev name {name} already exists")));
+    }
+    let (ptr, _huge) = reactor::dma::map_anonymous(len)
+        .map_err(|e| BdevError::new(ErrorKind::NoMemory, format!("{name}: cannot allocate {len} bytes: {e}")))?;
+    opts.name = Some(name.clone());
+    let mut p = BdevParams::new(&name, opts.block_size, opts.num_blocks);
+    p.uuid = opts.uuid;
+    p.product_name = "Malloc disk".into();
+    p.write_cache = false;
+    p.optimal_io_boundary = opts.optimal_io_boundary;
+    p.physical_block_size = opts.physical_block_size;
+    register(
+        p,
+        Box::new(Malloc {
+            mem: Arc::new(Memory { ptr, len }),
+            opts,
+        }),
+    )
+}
+
+impl BdevOps for Malloc {
+    fn module_name(&self) -> &'static str {
+        MODULE
+    }
+
+    fn io_type_supported(&self, t: IoType) -> bool {
+        matches!(
+            t,
+            IoType::Read
+                | IoType::Write
+                | IoType::Unmap
+                | IoType::Flush
+                | IoType::Reset
+                | IoType::WriteZeroes
+                | IoType::Compare
+        )
+    }
+
+    fn create_channel(&self, _bdev: &Bdev) -> Box<dyn ModuleChannel> {
+        Box::new(MallocChannel {
+            mem: self.mem.clone(),
+            scratch: Vec::new(),
+        })
+    }
+
+    fn write_config(&self, bdev: &Bdev) -> Option<Value> {
+        Some(json!({
+            "method": "bdev_malloc_create",
+            "params": {
+                "name": bdev.name(),
+                "num_blocks": bdev.num_blocks(),
+                "block_size": bdev.block_size(),
+                "physical_block_size": if self.opts.physical_block_size == 0 { bdev.block_size() } else { self.opts.physical_block_size },
+                "uuid": bdev.uuid().to_string(),
+                "optimal_io_boundary": self.opts.optimal_io_boundary,
+                "md_size": 0,
+                "md_interleave": false,
+                "dif_type": 0,
+                "dif_is_head_of_md": false
+            }
+        }))
+    }
+
+    fn dump_info(&self, _bdev: &Bdev, _out: &mut Map<String, Value>) {}
+}
+
+struct MallocChannel {
+    mem: Arc<Memory>,
+    scratch: Vec<u8>,
+}
+
+impl ModuleChannel for MallocChannel {
+    fn submit(&mut self, mut io: IoHandle) {
+        let off = io.offset_bytes() as usize;
+        let len = io.len_bytes() as usize;
+        // The bdev layer checked the range against num_blocks, and num_blocks * block_size == mem.len.
+        debug_assert!(off + len <= self.mem.len);
+        // SAFETY: off + len <= mem.len (range validated at submit), so the pointer stays inside the mapping.
+        let at = unsafe { self.mem.ptr.as_ptr().add(off) };
+        let status = match io.io_type() {
+            IoType::Read => {
+                // SAFETY: `at` is valid for `len` bytes of our mapping, which equals the iovec total.
+                unsafe { io.copy_raw(at, true) };
+                IoStatus::Success
+            }
+            IoType::Write => {
+                // SAFETY: as above; the mapping is writable.
+                unsafe { io.copy_raw(at, false) };
+                IoStatus::Success
+            }
+            IoType::Unmap | IoType::WriteZeroes => {
+                // SAFETY: `at..at+len` is inside the writable mapping.
+                unsafe { std::ptr::write_bytes(at, 0, len) };
+                IoStatus::Success
+            }
+            IoType::Compare => {
+                self.scratch.resize(len, 0);
+                io.copy_out(&mut self.scratch);
+                // SAFETY: `at` is valid for `len` bytes of reads.
+                let disk = unsafe { std::slice::from_raw_parts(at, len) };
+                if disk == &self.scratch[..] {
+                    IoStatus::Success
+                } else {
+                    IoStatus::Miscompare
+                }
+            }
+            IoType::Flush | IoType::Reset => IoStatus::Success,
+            IoType::Abort => IoStatus::Failed(libc::ENOTSUP),
+        };
+        let _ = &mut io;
+        io.complete(status);
+    }
+}
