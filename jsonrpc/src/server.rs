@@ -1,0 +1,604 @@
+//! The polled Unix-socket server (SPDK's `jsonrpc_server_tcp.c` and
+//! `spdk_rpc_server_listen()`).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::mpsc::{self, Receiver, Sender};
+
+use crate::request::{self, Item, Parsed};
+use crate::responder::{Completion, Responder};
+use crate::scanner::{Scan, Scanner};
+use crate::{Registry, RpcError};
+
+/// Maximum simultaneous connections (`SPDK_JSONRPC_MAX_CONNS`); further
+/// clients wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Largest accepted request (one top-level JSON value, batches included).
+/// A connection whose pending request grows past this gets a parse error
+/// and is closed. (SPDK's receive buffer is 256 KiB; its largest response
+/// is 32 MiB. This is deliberately as generous as the latter.)
+pub const MAX_REQUEST_SIZE: usize = 32 << 20;
+/// While more than this much output is queued for a connection, its
+/// requests are not read (backpressure against clients that never read).
+pub const MAX_PENDING_OUTPUT: usize = 64 << 20;
+/// Bytes read per `read()` call.
+const READ_CHUNK: usize = 64 << 10;
+/// Bytes read from one connection per poll, for fairness.
+const READ_BUDGET: usize = 1 << 20;
+/// Small responses are merged into one buffer up to this size.
+const COALESCE_LIMIT: usize = 64 << 10;
+/// `sizeof(sockaddr_un.sun_path)`.
+const SUN_PATH_LEN: usize = 108;
+
+/// Pending batch: one slot per element, filled as elements complete.
+struct Batch {
+    slots: Vec<Option<Vec<u8>>>,
+    remaining: usize,
+}
+
+struct Conn {
+    id: u64,
+    stream: UnixStream,
+    recv: Vec<u8>,
+    /// Start of the unparsed data in `recv`.
+    recv_start: usize,
+    scanner: Scanner,
+    out: VecDeque<Vec<u8>>,
+    /// Bytes of `out.front()` already sent.
+    out_off: usize,
+    out_bytes: usize,
+    /// Requests dispatched whose responder has not completed yet.
+    outstanding: usize,
+    batches: HashMap<u64, Batch>,
+    /// No more reading: the peer shut down its side, or a parse error.
+    read_closed: bool,
+    /// Close once `out` is flushed (after a parse error).
+    close_after_flush: bool,
+    /// Socket failed: drop now.
+    dead: bool,
+}
+
+impl Conn {
+    fn queue(&mut self, bytes: Vec<u8>) {
+        self.out_bytes += bytes.len();
+        // Merge into the last buffer unless it is partially sent.
+        let back_in_flight = self.out.len() == 1 && self.out_off > 0;
+        if let Some(back) = self.out.back_mut() {
+            if !back_in_flight && back.len() + bytes.len() <= COALESCE_LIMIT {
+                back.extend_from_slice(&bytes);
+                return;
+            }
+        }
+        self.out.push_back(bytes);
+    }
+
+    fn finished(&self) -> bool {
+        self.dead
+            || (self.close_after_flush && self.out.is_empty())
+            || (self.read_closed && self.outstanding == 0 && self.out.is_empty())
+    }
+
+    /// Write queued output; returns bytes written.
+    fn flush(&mut self) -> usize {
+        let mut written = 0;
+        while let Some(front) = self.out.front() {
+            match send_nosignal(&self.stream, &front[self.out_off..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    written += n;
+                    self.out_off += n;
+                    self.out_bytes -= n;
+                    if self.out_off == front.len() {
+                        self.out.pop_front();
+                        self.out_off = 0;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("RPC connection {}: send failed: {e}", self.id);
+                    self.dead = true;
+                    break;
+                }
+            }
+        }
+        written
+    }
+}
+
+/// `send(2)` with `MSG_NOSIGNAL`: a vanished peer yields `EPIPE`, never
+/// `SIGPIPE`.
+fn send_nosignal(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a live slice readable for `buf.len()` bytes during the
+    // call, and the descriptor is an open socket owned by `stream`.
+    let rc = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
+/// Try to take an exclusive, non-blocking `flock` on `file`.
+fn flock_exclusive(file: &File) -> io::Result<()> {
+    loop {
+        // SAFETY: plain syscall on a descriptor owned by `file`, which
+        // outlives the call; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// State the request path needs besides the connection.
+struct Ctx<'a> {
+    registry: &'a Rc<RefCell<Registry>>,
+    tx: &'a Sender<Completion>,
+    next_batch_id: &'a mut u64,
+    work: usize,
+}
+
+/// JSON-RPC 2.0 server on a Unix stream socket, driven by [`poll`](Self::poll).
+///
+/// It owns no thread and never blocks: the application calls `poll()`
+/// repeatedly (e.g. from a reactor poller). Handlers run inside `poll()`;
+/// responses answered elsewhere are written on a later `poll()`.
+///
+/// The socket path is guarded by an `flock` on `<path>.lock`, as in SPDK.
+/// Dropping the server (or [`close`](Self::close)) closes all connections
+/// and removes the socket and the lock file.
+pub struct Server {
+    path: PathBuf,
+    lock_path: PathBuf,
+    /// Held (and locked) for the server's lifetime.
+    _lock: File,
+    listener: UnixListener,
+    registry: Rc<RefCell<Registry>>,
+    conns: Vec<Conn>,
+    next_conn_id: u64,
+    next_batch_id: u64,
+    tx: Sender<Completion>,
+    rx: Receiver<Completion>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("path", &self.path)
+            .field("connections", &self.conns.len())
+            .finish()
+    }
+}
+
+impl Server {
+    /// Listen on the Unix socket `path`.
+    ///
+    /// Like SPDK, takes an exclusive `flock` on `<path>.lock` first: if
+    /// another live server holds it, fails with `AddrInUse` ("RPC Unix
+    /// domain socket path ... in use. Specify another."); otherwise a stale
+    /// socket file left at `path` is removed and the socket is bound.
+    pub fn listen(path: &Path, registry: Rc<RefCell<Registry>>) -> io::Result<Server> {
+        if path.as_os_str().as_bytes().len() >= SUN_PATH_LEN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "RPC Listen address Unix socket path too long",
+            ));
+        }
+        let mut lock_path = OsString::from(path.as_os_str());
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("Cannot open lock file {}: {e}", lock_path.display()),
+                )
+            })?;
+        if let Err(e) = flock_exclusive(&lock) {
+            let kind = if e.kind() == io::ErrorKind::WouldBlock {
+                io::ErrorKind::AddrInUse
+            } else {
+                e.kind()
+            };
+            return Err(io::Error::new(
+                kind,
+                format!(
+                    "RPC Unix domain socket path {} in use. Specify another.",
+                    path.display()
+                ),
+            ));
+        }
+        // We hold the lock, so any socket file there is stale.
+        let _ = fs::remove_file(path);
+        let listener = match UnixListener::bind(path).and_then(|l| {
+            l.set_nonblocking(true)?;
+            Ok(l)
+        }) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = fs::remove_file(&lock_path);
+                return Err(e);
+            }
+        };
+        let (tx, rx) = mpsc::channel();
+        Ok(Server {
+            path: path.to_path_buf(),
+            lock_path,
+            _lock: lock,
+            listener,
+            registry,
+            conns: Vec::new(),
+            next_conn_id: 1,
+            next_batch_id: 1,
+            tx,
+            rx,
+            scratch: vec![0; READ_CHUNK],
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The method table this server dispatches to.
+    pub fn registry(&self) -> &Rc<RefCell<Registry>> {
+        &self.registry
+    }
+
+    /// Number of open connections (including ones finishing their output).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Do all work that is ready, without blocking: accept connections,
+    /// read and parse requests, run handlers, route responses completed
+    /// elsewhere, write pending output, and drop finished connections.
+    ///
+    /// Returns a count of work items done (0 when idle), for busy/idle
+    /// poller accounting.
+    pub fn poll(&mut self) -> usize {
+        let mut work = self.route_completions();
+        work += self.accept();
+        for i in 0..self.conns.len() {
+            work += usize::from(self.conns[i].flush() > 0);
+            work += self.read_conn(i);
+        }
+        if self.route_completions() > 0 {
+            work += 1;
+            for conn in &mut self.conns {
+                conn.flush();
+            }
+        }
+        self.conns.retain(|c| {
+            let done = c.finished();
+            if done {
+                log::debug!("RPC connection {} closed", c.id);
+            }
+            !done
+        });
+        work
+    }
+
+    /// Close all connections and remove the socket and lock files
+    /// (same as dropping the server).
+    pub fn close(self) {}
+
+    fn accept(&mut self) -> usize {
+        let mut n = 0;
+        while self.conns.len() < MAX_CONNECTIONS {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        log::error!("RPC: cannot make connection non-blocking: {e}");
+                        continue;
+                    }
+                    let id = self.next_conn_id;
+                    self.next_conn_id += 1;
+                    log::debug!("RPC connection {id} accepted");
+                    self.conns.push(Conn {
+                        id,
+                        stream,
+                        recv: Vec::new(),
+                        recv_start: 0,
+                        scanner: Scanner::new(),
+                        out: VecDeque::new(),
+                        out_off: 0,
+                        out_bytes: 0,
+                        outstanding: 0,
+                        batches: HashMap::new(),
+                        read_closed: false,
+                        close_after_flush: false,
+                        dead: false,
+                    });
+                    n += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        // e.g. EMFILE: retried on the next poll, so keep it quiet.
+                        log::debug!("RPC: accept failed: {e}");
+                    }
+                    break;
+                }
+            }
+        }
+        n
+    }
+
+    /// Move completed responses into their connections' output.
+    fn route_completions(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok(c) = self.rx.try_recv() {
+            n += 1;
+            let Some(conn) = self.conns.iter_mut().find(|x| x.id == c.conn) else {
+                // Connection gone: discard, as SPDK does.
+                continue;
+            };
+            conn.outstanding -= 1;
+            match c.batch {
+                None => {
+                    if let Some(mut bytes) = c.bytes {
+                        log_response(&bytes);
+                        bytes.push(b'\n');
+                        conn.queue(bytes);
+                    }
+                }
+                Some((bid, idx)) => {
+                    let Some(batch) = conn.batches.get_mut(&bid) else {
+                        continue;
+                    };
+                    batch.slots[idx] = c.bytes;
+                    batch.remaining -= 1;
+                    if batch.remaining == 0 {
+                        let batch = conn.batches.remove(&bid).expect("present");
+                        if let Some(bytes) = assemble_batch(batch) {
+                            log_response(&bytes);
+                            conn.queue(bytes);
+                        }
+                    }
+                }
+            }
+            if c.close_after {
+                conn.close_after_flush = true;
+            }
+        }
+        n
+    }
+
+    /// Read and dispatch what connection `i` has sent.
+    fn read_conn(&mut self, i: usize) -> usize {
+        let Server {
+            conns,
+            registry,
+            tx,
+            next_batch_id,
+            scratch,
+            ..
+        } = self;
+        let conn = &mut conns[i];
+        let mut ctx = Ctx {
+            registry,
+            tx,
+            next_batch_id,
+            work: 0,
+        };
+        let mut total = 0;
+        while !conn.read_closed
+            && !conn.dead
+            && conn.out_bytes <= MAX_PENDING_OUTPUT
+            && total < READ_BUDGET
+        {
+            match (&conn.stream).read(&mut scratch[..]) {
+                Ok(0) => {
+                    log::debug!("RPC connection {}: remote closed connection", conn.id);
+                    conn.read_closed = true;
+                }
+                Ok(n) => {
+                    total += n;
+                    ctx.work += 1;
+                    conn.recv.extend_from_slice(&scratch[..n]);
+                    process_input(conn, &mut ctx);
+                    if n < scratch.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("RPC connection {}: recv failed: {e}", conn.id);
+                    conn.dead = true;
+                }
+            }
+        }
+        ctx.work
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.conns.clear();
+        let _ = fs::remove_file(&self.path);
+        let _ = fs::remove_file(&self.lock_path);
+    }
+}
+
+fn log_response(bytes: &[u8]) {
+    log::trace!("response: {}", String::from_utf8_lossy(bytes));
+}
+
+/// `[r1,r2,...]\n` in request order, skipping elements with no response;
+/// `None` if there is none (all notifications).
+fn assemble_batch(batch: Batch) -> Option<Vec<u8>> {
+    let parts: Vec<Vec<u8>> = batch.slots.into_iter().flatten().collect();
+    if parts.is_empty() {
+        return None;
+    }
+    let len = parts.iter().map(|p| p.len() + 1).sum::<usize>() + 2;
+    let mut out = Vec::with_capacity(len);
+    out.push(b'[');
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(p);
+    }
+    out.extend_from_slice(b"]\n");
+    Some(out)
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// Split the connection's received bytes into requests and dispatch them.
+fn process_input(conn: &mut Conn, ctx: &mut Ctx<'_>) {
+    loop {
+        if !conn.scanner.started() {
+            while conn.recv_start < conn.recv.len() && is_ws(conn.recv[conn.recv_start]) {
+                conn.recv_start += 1;
+            }
+        }
+        let buf = &conn.recv[conn.recv_start..];
+        if buf.is_empty() {
+            break;
+        }
+        match conn.scanner.scan(buf) {
+            Scan::Complete(end) => {
+                let req = &buf[..end];
+                log::trace!("request: {}", String::from_utf8_lossy(req));
+                handle_value(req, conn.id, &mut conn.outstanding, &mut conn.batches, ctx);
+                conn.recv_start += end;
+                conn.scanner.reset();
+            }
+            Scan::Incomplete => {
+                if buf.len() > MAX_REQUEST_SIZE {
+                    log::error!(
+                        "RPC connection {}: request larger than {MAX_REQUEST_SIZE} bytes",
+                        conn.id
+                    );
+                    parse_error(conn, ctx);
+                }
+                break;
+            }
+            Scan::Invalid => {
+                log::debug!("RPC connection {}: JSON parse error", conn.id);
+                parse_error(conn, ctx);
+                break;
+            }
+        }
+    }
+    // Compact the buffer.
+    if conn.recv_start == conn.recv.len() {
+        conn.recv.clear();
+        if conn.recv.capacity() > 4 * READ_CHUNK {
+            conn.recv.shrink_to(READ_CHUNK);
+        }
+    } else if conn.recv_start > 0 {
+        conn.recv.drain(..conn.recv_start);
+    }
+    conn.recv_start = 0;
+}
+
+/// Answer `-32700 "Parse error"` (id null) and close the connection once it
+/// is sent: there is no resynchronization point in a JSON stream.
+fn parse_error(conn: &mut Conn, ctx: &mut Ctx<'_>) {
+    conn.read_closed = true;
+    conn.recv.clear();
+    conn.recv_start = 0;
+    conn.outstanding += 1;
+    Responder::for_conn(ctx.tx.clone(), conn.id, None, None, String::new(), true)
+        .err(RpcError::parse_error());
+}
+
+/// Dispatch one complete top-level JSON value.
+fn handle_value(
+    req: &[u8],
+    conn_id: u64,
+    outstanding: &mut usize,
+    batches: &mut HashMap<u64, Batch>,
+    ctx: &mut Ctx<'_>,
+) {
+    match request::parse(req) {
+        Parsed::Single(item) => dispatch_item(item, conn_id, None, outstanding, ctx),
+        Parsed::Invalid => {
+            dispatch_item(Item::Invalid { id: None }, conn_id, None, outstanding, ctx)
+        }
+        Parsed::Batch(elems) if elems.is_empty() => {
+            dispatch_item(Item::Invalid { id: None }, conn_id, None, outstanding, ctx)
+        }
+        Parsed::Batch(elems) => {
+            let bid = *ctx.next_batch_id;
+            *ctx.next_batch_id += 1;
+            batches.insert(
+                bid,
+                Batch {
+                    slots: vec![None; elems.len()],
+                    remaining: elems.len(),
+                },
+            );
+            for (i, raw) in elems.into_iter().enumerate() {
+                let item = request::parse_element(raw);
+                dispatch_item(item, conn_id, Some((bid, i)), outstanding, ctx);
+            }
+        }
+    }
+}
+
+fn dispatch_item(
+    item: Item,
+    conn_id: u64,
+    batch: Option<(u64, usize)>,
+    outstanding: &mut usize,
+    ctx: &mut Ctx<'_>,
+) {
+    *outstanding += 1;
+    ctx.work += 1;
+    let tx = ctx.tx.clone();
+    match item {
+        Item::Invalid { id } => Responder::for_conn(tx, conn_id, batch, id, String::new(), false)
+            .err(RpcError::invalid_request()),
+        Item::BadParams { method, id } => {
+            Responder::for_conn(tx, conn_id, batch, id, method, false)
+                .err(RpcError::invalid_params("Invalid parameters"))
+        }
+        Item::Call { method, params, id } => {
+            // Resolve, then release the registry borrow before running the
+            // handler: it may change the registry (e.g. the RPC state).
+            let found = ctx.registry.borrow().lookup(&method);
+            let responder = Responder::for_conn(tx, conn_id, batch, id, method, false);
+            match found {
+                Ok(handler) => handler(params, responder),
+                Err(e) => responder.err(e),
+            }
+        }
+    }
+}
