@@ -160,12 +160,18 @@ fn registry<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
 /// Registers a new bdev and runs the examiners on it.
 pub fn register(params: BdevParams, ops: Box<dyn BdevOps>) -> Result<Bdev> {
     if params.name.is_empty() {
-        return Err(BdevError::new(ErrorKind::Invalid, "bdev name must not be empty"));
-    }
-    if params.block_size < 512 || params.block_size % 512 != 0 {
         return Err(BdevError::new(
             ErrorKind::Invalid,
-            format!("{}: block size {} is not a multiple of 512", params.name, params.block_size),
+            "bdev name must not be empty",
+        ));
+    }
+    if params.block_size < 512 || !params.block_size.is_multiple_of(512) {
+        return Err(BdevError::new(
+            ErrorKind::Invalid,
+            format!(
+                "{}: block size {} is not a multiple of 512",
+                params.name, params.block_size
+            ),
         ));
     }
     if params.num_blocks == 0 {
@@ -175,7 +181,10 @@ pub fn register(params: BdevParams, ops: Box<dyn BdevOps>) -> Result<Bdev> {
         ));
     }
     if params.required_alignment > 1 && !params.required_alignment.is_power_of_two() {
-        return Err(BdevError::new(ErrorKind::Invalid, "required_alignment must be a power of two"));
+        return Err(BdevError::new(
+            ErrorKind::Invalid,
+            "required_alignment must be a power of two",
+        ));
     }
     let uuid = params.uuid.unwrap_or_else(Uuid::new_v4);
     let bdev = Bdev(Arc::new_cyclic(|weak: &Weak<BdevInner>| {
@@ -205,13 +214,36 @@ pub fn register(params: BdevParams, ops: Box<dyn BdevOps>) -> Result<Bdev> {
             r.names.insert(k, bdev.clone());
         }
         r.order.push(bdev.clone());
-        Ok(r.examiners.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>())
+        Ok(r.examiners
+            .iter()
+            .map(|(_, e)| e.clone())
+            .collect::<Vec<_>>())
     })?;
-    log::debug!("bdev {} registered ({} x {})", bdev.name(), bdev.block_size(), bdev.num_blocks());
-    for e in examiners {
-        e(&bdev);
+    log::debug!(
+        "bdev {} registered ({} x {})",
+        bdev.name(),
+        bdev.block_size(),
+        bdev.num_blocks()
+    );
+    if crate::rpc::options().bdev_auto_examine {
+        for e in examiners {
+            e(&bdev);
+        }
     }
     Ok(bdev)
+}
+
+/// Runs every examiner on `bdev` (`bdev_examine`, when auto-examine is off).
+pub(crate) fn run_examiners(bdev: &Bdev) {
+    let examiners = registry(|r| {
+        r.examiners
+            .iter()
+            .map(|(_, e)| e.clone())
+            .collect::<Vec<_>>()
+    });
+    for e in examiners {
+        e(bdev);
+    }
 }
 
 /// Adds a module's examine callback; it also runs now for every bdev already registered.
@@ -292,7 +324,10 @@ impl Bdev {
     pub fn add_alias(&self, alias: &str) -> Result<()> {
         registry(|r| {
             if r.names.contains_key(alias) {
-                return Err(BdevError::new(ErrorKind::Exists, format!("alias {alias} already exists")));
+                return Err(BdevError::new(
+                    ErrorKind::Exists,
+                    format!("alias {alias} already exists"),
+                ));
             }
             r.names.insert(alias.to_string(), self.clone());
             lock(&self.0.state).aliases.push(alias.to_string());
@@ -312,7 +347,11 @@ impl Bdev {
         if write && st.claim.is_some() {
             return Err(BdevError::new(
                 ErrorKind::Claimed,
-                format!("bdev {} is claimed by {}", self.name(), st.claim.as_ref().map(|c| c.0.as_str()).unwrap_or("")),
+                format!(
+                    "bdev {} is claimed by {}",
+                    self.name(),
+                    st.claim.as_ref().map(|c| c.0.as_str()).unwrap_or("")
+                ),
             ));
         }
         let id = NEXT_DESC.fetch_add(1, Ordering::Relaxed);
@@ -357,7 +396,10 @@ impl Bdev {
             let mut st = lock(&self.0.state);
             if st.destroyed {
                 drop(st);
-                done(Err(BdevError::new(ErrorKind::NotFound, format!("bdev {} not found", self.name()))));
+                done(Err(BdevError::new(
+                    ErrorKind::NotFound,
+                    format!("bdev {} not found", self.name()),
+                )));
                 return;
             }
             st.unregister_cbs.push((reactor::current(), Box::new(done)));
@@ -448,7 +490,10 @@ impl Bdev {
         m.insert("zoned".into(), json!(false));
         let mut io = Map::new();
         for (name, t) in SPDK_IO_TYPE_NAMES {
-            io.insert(name.into(), json!(t.is_some_and(|t| self.io_type_supported(t))));
+            io.insert(
+                name.into(),
+                json!(t.is_some_and(|t| self.io_type_supported(t))),
+            );
         }
         m.insert("supported_io_types".into(), Value::Object(io));
         let mut ds = Map::new();

@@ -113,12 +113,14 @@ impl ChannelCore {
     fn finish(self: &Rc<Self>, mut io: IoHandle) {
         if io.status == IoStatus::NoMem {
             // The module is out of resources: keep the I/O and resubmit when something completes.
-            self.outstanding.set(self.outstanding.get().saturating_sub(1));
+            self.outstanding
+                .set(self.outstanding.get().saturating_sub(1));
             self.nomem.borrow_mut().push_back(io);
             return;
         }
         if io.submit_tick != 0 {
-            self.outstanding.set(self.outstanding.get().saturating_sub(1));
+            self.outstanding
+                .set(self.outstanding.get().saturating_sub(1));
         }
         let ticks = ticks::now().saturating_sub(io.submit_tick);
         self.stat.borrow_mut().record(
@@ -239,11 +241,25 @@ impl IoChannel {
             if io.total_iov_len() != io.num_blocks * self.core.block_size as u64 {
                 return Err((
                     libc::EINVAL,
-                    format!("{name}: buffers hold {} bytes for {} blocks", io.total_iov_len(), io.num_blocks),
+                    format!(
+                        "{name}: buffers hold {} bytes for {} blocks",
+                        io.total_iov_len(),
+                        io.num_blocks
+                    ),
                 ));
             }
-            if io.iovs.iter().any(|v| (v.base as usize) & self.core.align_mask != 0) {
-                return Err((libc::EINVAL, format!("{name}: buffer is not aligned to {}", self.core.align_mask + 1)));
+            if io
+                .iovs
+                .iter()
+                .any(|v| (v.base as usize) & self.core.align_mask != 0)
+            {
+                return Err((
+                    libc::EINVAL,
+                    format!(
+                        "{name}: buffer is not aligned to {}",
+                        self.core.align_mask + 1
+                    ),
+                ));
             }
         }
         Ok(())
@@ -280,17 +296,38 @@ impl IoChannel {
     }
 
     /// Reads into an owned buffer (taken back with [`crate::BdevIo::take_buf`] in the callback).
-    pub fn read(&self, buf: DmaBuf, offset_blocks: u64, num_blocks: u64, cb: Completion, ctx: u64) -> Result<()> {
+    pub fn read(
+        &self,
+        buf: DmaBuf,
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
         self.with_buf(IoType::Read, buf, offset_blocks, num_blocks, cb, ctx)
     }
 
     /// Writes from an owned buffer.
-    pub fn write(&self, buf: DmaBuf, offset_blocks: u64, num_blocks: u64, cb: Completion, ctx: u64) -> Result<()> {
+    pub fn write(
+        &self,
+        buf: DmaBuf,
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
         self.with_buf(IoType::Write, buf, offset_blocks, num_blocks, cb, ctx)
     }
 
     /// Compares blocks with an owned buffer.
-    pub fn compare(&self, buf: DmaBuf, offset_blocks: u64, num_blocks: u64, cb: Completion, ctx: u64) -> Result<()> {
+    pub fn compare(
+        &self,
+        buf: DmaBuf,
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
         self.with_buf(IoType::Compare, buf, offset_blocks, num_blocks, cb, ctx)
     }
 
@@ -318,7 +355,14 @@ impl IoChannel {
     ///
     /// # Safety
     /// Every iovec must stay valid for writes, and not be accessed otherwise, until the callback runs.
-    pub unsafe fn readv(&self, iovs: &[IoVec], offset_blocks: u64, num_blocks: u64, cb: Completion, ctx: u64) -> Result<()> {
+    pub unsafe fn readv(
+        &self,
+        iovs: &[IoVec],
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
         let mut io = self.prepare(IoType::Read, offset_blocks, num_blocks, cb, ctx)?;
         io.iovs.extend_from_slice(iovs);
         self.submit(io);
@@ -329,7 +373,14 @@ impl IoChannel {
     ///
     /// # Safety
     /// Every iovec must stay valid for reads, and not be written otherwise, until the callback runs.
-    pub unsafe fn writev(&self, iovs: &[IoVec], offset_blocks: u64, num_blocks: u64, cb: Completion, ctx: u64) -> Result<()> {
+    pub unsafe fn writev(
+        &self,
+        iovs: &[IoVec],
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
         let mut io = self.prepare(IoType::Write, offset_blocks, num_blocks, cb, ctx)?;
         io.iovs.extend_from_slice(iovs);
         self.submit(io);
@@ -337,9 +388,19 @@ impl IoChannel {
     }
 
     /// Submits an I/O with no data (flush, unmap, write_zeroes, reset).
-    pub fn submit_nodata(&self, t: IoType, offset_blocks: u64, num_blocks: u64, cb: Completion, ctx: u64) -> Result<()> {
+    pub fn submit_nodata(
+        &self,
+        t: IoType,
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
         if t.has_data() {
-            return Err(BdevError::new(ErrorKind::Invalid, format!("{} needs buffers", t.name())));
+            return Err(BdevError::new(
+                ErrorKind::Invalid,
+                format!("{} needs buffers", t.name()),
+            ));
         }
         let io = self.prepare(t, offset_blocks, num_blocks, cb, ctx)?;
         self.submit(io);

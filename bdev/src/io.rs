@@ -289,6 +289,8 @@ impl IoHandle {
 }
 
 struct Pool {
+    // Boxed on purpose: a descriptor keeps its address while in flight (io_uring holds pointers into it).
+    #[allow(clippy::vec_box)]
     free: Vec<Box<BdevIo>>,
     allocated: usize,
     limit: usize,

@@ -6,6 +6,7 @@ mod channel;
 mod error;
 mod io;
 pub mod modules;
+pub mod rpc;
 mod stat;
 
 pub use crate::bdev::{

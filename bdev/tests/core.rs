@@ -63,7 +63,11 @@ fn malloc_write_read_roundtrip_and_iostat() {
                     Completion::Closure(Box::new(move |mut io: IoHandle| {
                         assert!(io.success());
                         let rb = io.take_buf().unwrap();
-                        let ok = rb.as_slice().iter().enumerate().all(|(i, x)| *x == (i % 251) as u8);
+                        let ok = rb
+                            .as_slice()
+                            .iter()
+                            .enumerate()
+                            .all(|(i, x)| *x == (i % 251) as u8);
                         let b2 = b.clone();
                         b.get_iostat(move |s| {
                             *o.lock().unwrap() = Some((ok, s));
@@ -90,7 +94,9 @@ type Log = Arc<Mutex<Vec<(&'static str, IoStatus)>>>;
 
 fn rec(tag: &'static str, o: &Log) -> Completion {
     let o = o.clone();
-    Completion::Closure(Box::new(move |io: IoHandle| o.lock().unwrap().push((tag, io.status()))))
+    Completion::Closure(Box::new(move |io: IoHandle| {
+        o.lock().unwrap().push((tag, io.status()))
+    }))
 }
 
 #[test]
@@ -104,13 +110,19 @@ fn invalid_io_fails_with_clear_errno_never_panics() {
         let (ch, rch) = (rw.channel(), ro.channel());
         let buf = || DmaBuf::alloc(4096).unwrap();
         ch.read(buf(), 60, 8, rec("past_end", &o), 0).unwrap();
-        ch.read(buf(), u64::MAX - 2, 8, rec("overflow", &o), 0).unwrap();
-        ch.read(DmaBuf::alloc(512).unwrap(), 0, 8, rec("short_buf", &o), 0).unwrap();
+        ch.read(buf(), u64::MAX - 2, 8, rec("overflow", &o), 0)
+            .unwrap();
+        ch.read(DmaBuf::alloc(512).unwrap(), 0, 8, rec("short_buf", &o), 0)
+            .unwrap();
         ch.read(buf(), 0, 0, rec("zero_len", &o), 0).unwrap();
         rch.write(buf(), 0, 8, rec("readonly", &o), 0).unwrap();
-        ch.submit_nodata(IoType::Abort, 0, 1, rec("unsupported", &o), 0).unwrap();
-        ch.submit_nodata(IoType::Unmap, 0, 64, rec("unmap_ok", &o), 0).unwrap();
-        assert!(ch.submit_nodata(IoType::Read, 0, 1, rec("x", &o), 0).is_err());
+        ch.submit_nodata(IoType::Abort, 0, 1, rec("unsupported", &o), 0)
+            .unwrap();
+        ch.submit_nodata(IoType::Unmap, 0, 64, rec("unmap_ok", &o), 0)
+            .unwrap();
+        assert!(ch
+            .submit_nodata(IoType::Read, 0, 1, rec("x", &o), 0)
+            .is_err());
         reactor::timer(20_000, move || {
             drop((ch, rch, rw, ro));
             unregister_and(b, reactor::stop);
@@ -166,9 +178,17 @@ fn registry_names_claims_and_examine() {
         assert_eq!(info["claim_type"], "exclusive_write");
         assert_eq!(info["aliases"][0], "alias_of_claim");
         drop(owner);
-        assert_eq!(b.claimed_by(), None, "closing the claimer releases the claim");
+        assert_eq!(
+            b.claimed_by(),
+            None,
+            "closing the claimer releases the claim"
+        );
         let w = b.open(true, None).unwrap();
-        assert_eq!(other.claim("lvol").unwrap_err().kind, ErrorKind::Claimed, "another writer is open");
+        assert_eq!(
+            other.claim("lvol").unwrap_err().kind,
+            ErrorKind::Claimed,
+            "another writer is open"
+        );
         drop((w, other, reader));
         let n = null::create(null::NullOpts {
             name: "N_exam".into(),
@@ -178,12 +198,18 @@ fn registry_names_claims_and_examine() {
         })
         .unwrap();
         unregister_and(b, move || {
-            assert!(bdev::get("alias_of_claim").is_none(), "aliases go with the bdev");
+            assert!(
+                bdev::get("alias_of_claim").is_none(),
+                "aliases go with the bdev"
+            );
             unregister_and(n, reactor::stop)
         });
     });
     let seen = seen.lock().unwrap();
-    assert!(seen.contains(&"M_claim".to_string()) && seen.contains(&"N_exam".to_string()), "{seen:?}");
+    assert!(
+        seen.contains(&"M_claim".to_string()) && seen.contains(&"N_exam".to_string()),
+        "{seen:?}"
+    );
 }
 
 /// A module whose I/Os complete only when its poller has run `delay` times, and which answers NOMEM when more
@@ -292,7 +318,8 @@ fn nomem_is_queued_and_retried_without_loss() {
         let desc = b.open(true, None).unwrap();
         let ch = desc.channel();
         for i in 0..64u64 {
-            ch.write(DmaBuf::alloc(512).unwrap(), i, 1, Completion::Fn(record), i).unwrap();
+            ch.write(DmaBuf::alloc(512).unwrap(), i, 1, Completion::Fn(record), i)
+                .unwrap();
         }
         fn wait(o: Arc<Mutex<(usize, usize, usize)>>, nomem: Arc<AtomicUsize>, keep: Keep) {
             let n = DONE.with(|d| d.borrow().len());
@@ -300,7 +327,12 @@ fn nomem_is_queued_and_retried_without_loss() {
                 reactor::timer(1000, move || wait(o, nomem, keep)).detach();
                 return;
             }
-            let ok = DONE.with(|d| d.borrow().iter().filter(|s| **s == IoStatus::Success).count());
+            let ok = DONE.with(|d| {
+                d.borrow()
+                    .iter()
+                    .filter(|s| **s == IoStatus::Success)
+                    .count()
+            });
             *o.lock().unwrap() = (n, ok, nomem.load(Ordering::SeqCst));
             let b = keep.borrow().as_ref().unwrap().0.bdev().clone();
             keep.borrow_mut().take();
@@ -325,11 +357,17 @@ fn hot_remove_with_io_in_flight_completes_io_then_destroys() {
         let events = Arc::new(Mutex::new(Vec::new()));
         let ev = events.clone();
         let desc = b
-            .open(true, Some(Arc::new(move |e: BdevEvent, _b: &Bdev| ev.lock().unwrap().push(e))))
+            .open(
+                true,
+                Some(Arc::new(move |e: BdevEvent, _b: &Bdev| {
+                    ev.lock().unwrap().push(e)
+                })),
+            )
             .unwrap();
         let ch = desc.channel();
         for i in 0..32u64 {
-            ch.read(DmaBuf::alloc(512).unwrap(), i, 1, Completion::Fn(record), i).unwrap();
+            ch.read(DmaBuf::alloc(512).unwrap(), i, 1, Completion::Fn(record), i)
+                .unwrap();
         }
         let holder: Keep = Rc::new(RefCell::new(Some((desc, ch))));
         let unregistered = Arc::new(AtomicBool::new(false));
@@ -338,7 +376,10 @@ fn hot_remove_with_io_in_flight_completes_io_then_destroys() {
             r.unwrap();
             u.store(true, Ordering::SeqCst);
         });
-        assert!(bdev::open("S_hot", false, None).is_err(), "no new opens while removing");
+        assert!(
+            bdev::open("S_hot", false, None).is_err(),
+            "no new opens while removing"
+        );
         let destroyed_early = destructed.load(Ordering::SeqCst);
         // The owner reacts to Remove by closing once its I/O drained (as vhost and raid do).
         when_drained(
@@ -382,7 +423,9 @@ fn descriptor_pool_exhaustion_waits_instead_of_failing() {
             held.push(io);
         }
         assert_eq!(held.len(), bdev::pool_limit());
-        let failed = ch.read(DmaBuf::alloc(512).unwrap(), 0, 1, Completion::None, 0).is_err();
+        let failed = ch
+            .read(DmaBuf::alloc(512).unwrap(), 0, 1, Completion::None, 0)
+            .is_err();
         let o2 = o.clone();
         let ch2 = ch.clone();
         let keep = Rc::new(RefCell::new(Some((desc, ch))));
@@ -424,10 +467,24 @@ fn bdev_info_json_has_spdk_fields() {
         unregister_and(b, reactor::stop);
     });
     let (info, cfg) = out.lock().unwrap().take().unwrap();
-    let keys: Vec<&str> = info.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    let keys: Vec<&str> = info
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
     for k in [
-        "name", "aliases", "product_name", "block_size", "num_blocks", "uuid",
-        "assigned_rate_limits", "claimed", "zoned", "supported_io_types", "driver_specific",
+        "name",
+        "aliases",
+        "product_name",
+        "block_size",
+        "num_blocks",
+        "uuid",
+        "assigned_rate_limits",
+        "claimed",
+        "zoned",
+        "supported_io_types",
+        "driver_specific",
     ] {
         assert!(keys.contains(&k), "missing {k}");
     }

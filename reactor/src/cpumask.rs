@@ -152,14 +152,29 @@ mod tests {
 
     #[test]
     fn parses_hex_and_lists() {
-        assert_eq!(CpuMask::parse("0x3").unwrap().cores().collect::<Vec<_>>(), [0, 1]);
-        assert_eq!(CpuMask::parse("5").unwrap().cores().collect::<Vec<_>>(), [0, 2]);
-        assert_eq!(CpuMask::parse("[0,1]").unwrap().cores().collect::<Vec<_>>(), [0, 1]);
         assert_eq!(
-            CpuMask::parse("[0-2, 70]").unwrap().cores().collect::<Vec<_>>(),
+            CpuMask::parse("0x3").unwrap().cores().collect::<Vec<_>>(),
+            [0, 1]
+        );
+        assert_eq!(
+            CpuMask::parse("5").unwrap().cores().collect::<Vec<_>>(),
+            [0, 2]
+        );
+        assert_eq!(
+            CpuMask::parse("[0,1]").unwrap().cores().collect::<Vec<_>>(),
+            [0, 1]
+        );
+        assert_eq!(
+            CpuMask::parse("[0-2, 70]")
+                .unwrap()
+                .cores()
+                .collect::<Vec<_>>(),
             [0, 1, 2, 70]
         );
-        assert_eq!(CpuMask::parse("[0-2,70]").unwrap().to_string(), "0x400000000000000007");
+        assert_eq!(
+            CpuMask::parse("[0-2,70]").unwrap().to_string(),
+            "0x400000000000000007"
+        );
         assert_eq!(CpuMask::parse("0x1").unwrap().to_string(), "0x1");
     }
 

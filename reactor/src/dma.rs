@@ -33,7 +33,10 @@ pub fn set_no_huge(v: bool) {
 
 /// The memory regions handed out so far: (address, length, hugepage-backed).
 pub fn regions() -> Vec<(usize, usize, bool)> {
-    POOL.lock().unwrap_or_else(|e| e.into_inner()).regions.clone()
+    POOL.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .regions
+        .clone()
 }
 
 /// Maps `len` bytes of zeroed anonymous memory, on hugepages when allowed and available.
@@ -163,10 +166,8 @@ impl DmaBuf {
 impl Drop for DmaBuf {
     fn drop(&mut self) {
         match class_of(self.cap) {
-            Some(class) if self.cap <= CHUNK => POOL
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .free[class]
+            Some(class) if self.cap <= CHUNK => POOL.lock().unwrap_or_else(|e| e.into_inner()).free
+                [class]
                 .push(self.ptr.as_ptr() as usize),
             _ => {
                 let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
@@ -194,7 +195,10 @@ mod tests {
         drop(a);
         let b = DmaBuf::alloc(4096).unwrap();
         assert_eq!(b.as_ptr() as usize, addr, "freed block is reused");
-        assert!(b.as_slice().iter().all(|x| *x == 0), "reused block is zeroed");
+        assert!(
+            b.as_slice().iter().all(|x| *x == 0),
+            "reused block is zeroed"
+        );
         let big = DmaBuf::alloc(5 << 20).unwrap();
         assert_eq!(big.len(), 5 << 20);
         assert!(regions().iter().any(|r| r.0 == big.as_ptr() as usize));

@@ -15,8 +15,8 @@ pub mod ticks;
 
 pub use cpumask::CpuMask;
 pub use reactor::{
-    add_wake_fd, all_threads, app_thread, cores, main_core, options, reactors_info,
-    remove_wake_fd, run, spawn_thread, stop, stopping, Error, Options, ReactorInfo,
+    add_wake_fd, all_threads, app_thread, cores, main_core, options, reactors_info, remove_wake_fd,
+    run, spawn_thread, stop, stopping, Error, Options, ReactorInfo,
 };
 pub use thread::{
     current, current_info, for_each_thread, timer, IoDevice, Poller, PollerInfo, PollerState,

@@ -261,14 +261,19 @@ pub fn remove_wake_fd(fd: RawFd) {
 /// Starts one reactor per core of the mask and runs `init` on the app thread. The main reactor runs on the
 /// calling OS thread; returns once [`stop`] was called and every reactor has exited.
 pub fn run(opts: Options, init: impl FnOnce() + Send + 'static) -> Result<(), Error> {
-    let main_core = opts.main_core.unwrap_or_else(|| opts.cpumask.first().unwrap_or(0));
+    let main_core = opts
+        .main_core
+        .unwrap_or_else(|| opts.cpumask.first().unwrap_or(0));
     if !opts.cpumask.contains(main_core) {
         return Err(Error::MainCoreNotInMask(main_core));
     }
     let online = sys::online_cpus();
     for c in opts.cpumask.cores() {
         if opts.pin && !online.contains(&c) {
-            return Err(Error::InvalidCore(c, "not an online CPU of this process".into()));
+            return Err(Error::InvalidCore(
+                c,
+                "not an online CPU of this process".into(),
+            ));
         }
     }
     let mut reactors = vec![];
@@ -320,6 +325,8 @@ pub fn run(opts: Options, init: impl FnOnce() + Send + 'static) -> Result<(), Er
 const IDLE_SPINS: u32 = 200;
 /// Longest idle sleep, so timed pollers with no fd still run about on time.
 const MAX_SLEEP_US: u64 = 10_000;
+/// Longest idle sleep while every-iteration pollers exist.
+const EVERY_ITERATION_SLEEP_US: u64 = 1_000;
 
 fn reactor_loop(rt: &Runtime, me: &Arc<ReactorShared>) {
     if rt.opts.pin {
@@ -387,13 +394,23 @@ fn reactor_loop(rt: &Runtime, me: &Arc<ReactorShared>) {
 }
 
 fn sleep(me: &ReactorShared, threads: &[Rc<ThreadLocal>], now: u64) {
-    let next = threads
-        .iter()
-        .filter_map(|t| t.next_timer_in(now))
-        .min()
+    let mut cap = MAX_SLEEP_US;
+    let mut next_ticks: Option<u64> = None;
+    for t in threads {
+        let (next, every) = t.next_timer_in(now);
+        if every {
+            // Every-iteration pollers (bdev channels) found nothing to do for IDLE_SPINS iterations. Sleep, but
+            // briefly: work that is not fd-driven (and so cannot wake us) waits at most this long.
+            cap = cap.min(EVERY_ITERATION_SLEEP_US);
+        }
+        if let Some(n) = next {
+            next_ticks = Some(next_ticks.map_or(n, |x| x.min(n)));
+        }
+    }
+    let next = next_ticks
         .map(|t| (t as f64 * 1_000_000.0 / ticks::rate() as f64) as u64)
-        .unwrap_or(MAX_SLEEP_US)
-        .min(MAX_SLEEP_US);
+        .unwrap_or(cap)
+        .min(cap);
     if next == 0 {
         return;
     }

@@ -378,20 +378,24 @@ impl ThreadLocal {
         c.set(c.get() + ticks);
     }
 
-    /// Ticks until the earliest timed poller is due (`None` when there is none).
-    pub(crate) fn next_timer_in(&self, now: u64) -> Option<u64> {
-        self.pollers
-            .borrow()
+    /// Ticks until the earliest timed poller is due (`None` when there is none), and whether any poller runs
+    /// every iteration.
+    pub(crate) fn next_timer_in(&self, now: u64) -> (Option<u64>, bool) {
+        let pollers = self.pollers.borrow();
+        let running = pollers
             .iter()
-            .filter(|p| p.state.get() == PollerState::Running)
-            .map(|p| {
-                if p.period_ticks.get() == 0 {
-                    0
-                } else {
-                    p.next_run.get().saturating_sub(now)
-                }
-            })
-            .min()
+            .filter(|p| p.state.get() == PollerState::Running);
+        let mut every = false;
+        let mut next: Option<u64> = None;
+        for p in running {
+            if p.period_ticks.get() == 0 {
+                every = true;
+            } else {
+                let due = p.next_run.get().saturating_sub(now);
+                next = Some(next.map_or(due, |n: u64| n.min(due)));
+            }
+        }
+        (next, every)
     }
 
     pub(crate) fn exit_requested(&self) -> bool {

@@ -35,7 +35,11 @@ fn messages_run_in_order_on_target_thread() {
 
 #[test]
 fn messages_cross_reactors_and_threads_land_on_their_cores() {
-    if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) < 2 {
+    if std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        < 2
+    {
         return;
     }
     let cores = Arc::new(Mutex::new(Vec::new()));
@@ -62,10 +66,14 @@ fn pollers_run_pause_resume_and_unregister() {
     run("0x1", move || {
         let n = Rc::new(Cell::new(0u64));
         let n2 = n.clone();
-        let p = Rc::new(RefCell::new(Some(Poller::register("count", 0, move || {
-            n2.set(n2.get() + 1);
-            true
-        }))));
+        let p = Rc::new(RefCell::new(Some(Poller::register(
+            "count",
+            0,
+            move || {
+                n2.set(n2.get() + 1);
+                true
+            },
+        ))));
         let p2 = p.clone();
         let n3 = n.clone();
         // Pause after 100 ms, check it stays put, resume, then unregister.
@@ -194,11 +202,15 @@ fn thread_exit_and_stats() {
         });
         reactor::timer(50_000, move || {
             assert!(t.is_exited());
-            let names: Vec<String> = reactor::all_threads().iter().map(|t| t.name().to_string()).collect();
+            let names: Vec<String> = reactor::all_threads()
+                .iter()
+                .map(|t| t.name().to_string())
+                .collect();
             assert_eq!(names, vec!["app_thread".to_string()]);
             Poller::register("busy_one", 0, || true).detach();
             reactor::timer(20_000, move || {
-                *i2.lock().unwrap() = Some((reactor::current_info().unwrap(), reactor::reactors_info()));
+                *i2.lock().unwrap() =
+                    Some((reactor::current_info().unwrap(), reactor::reactors_info()));
                 reactor::stop();
             })
             .detach();
@@ -208,7 +220,10 @@ fn thread_exit_and_stats() {
     let (ti, ri) = info.lock().unwrap().take().unwrap();
     assert_eq!(ti.name, "app_thread");
     assert!(ti.busy > 0);
-    assert!(ti.active_pollers.iter().any(|p| p.name == "busy_one" && p.busy_count > 0));
+    assert!(ti
+        .active_pollers
+        .iter()
+        .any(|p| p.name == "busy_one" && p.busy_count > 0));
     assert_eq!(ri.len(), 1);
     assert_eq!(ri[0].lcore, 0);
     assert!(ri[0].busy > 0);
@@ -222,10 +237,16 @@ fn bad_masks_are_rejected() {
         main_core: Some(3),
         ..Default::default()
     };
-    assert!(matches!(reactor::run(opts, || {}), Err(reactor::Error::MainCoreNotInMask(3))));
+    assert!(matches!(
+        reactor::run(opts, || {}),
+        Err(reactor::Error::MainCoreNotInMask(3))
+    ));
     let opts = Options {
         cpumask: CpuMask::parse("[1000]").unwrap(),
         ..Default::default()
     };
-    assert!(matches!(reactor::run(opts, || {}), Err(reactor::Error::InvalidCore(1000, _))));
+    assert!(matches!(
+        reactor::run(opts, || {}),
+        Err(reactor::Error::InvalidCore(1000, _))
+    ));
 }

@@ -60,37 +60,55 @@ struct Malloc {
 
 /// Creates a malloc bdev.
 pub fn create(mut opts: MallocOpts) -> Result<Bdev> {
-    if opts.block_size == 0 || opts.block_size % 512 != 0 {
+    if opts.block_size == 0 || !opts.block_size.is_multiple_of(512) {
         return Err(BdevError::new(
             ErrorKind::Invalid,
-            format!("Data block size {} is not a multiple of 512", opts.block_size),
+            format!(
+                "Data block size {} is not a multiple of 512",
+                opts.block_size
+            ),
         ));
     }
     if opts.num_blocks == 0 {
-        return Err(BdevError::new(ErrorKind::Invalid, "Disk num_blocks must be greater than 0"));
+        return Err(BdevError::new(
+            ErrorKind::Invalid,
+            "Disk num_blocks must be greater than 0",
+        ));
     }
     if opts.physical_block_size != 0
-        && (opts.physical_block_size % opts.block_size != 0 || !opts.physical_block_size.is_power_of_two())
+        && (!opts.physical_block_size.is_multiple_of(opts.block_size)
+            || !opts.physical_block_size.is_power_of_two())
     {
         return Err(BdevError::new(
             ErrorKind::Invalid,
-            format!("Physical block size {} is not a power-of-two multiple of the block size", opts.physical_block_size),
+            format!(
+                "Physical block size {} is not a power-of-two multiple of the block size",
+                opts.physical_block_size
+            ),
         ));
     }
     let len = opts
         .num_blocks
         .checked_mul(opts.block_size as u64)
         .filter(|l| *l <= isize::MAX as u64)
-        .ok_or_else(|| BdevError::new(ErrorKind::Invalid, "malloc bdev size overflows"))? as usize;
+        .ok_or_else(|| BdevError::new(ErrorKind::Invalid, "malloc bdev size overflows"))?
+        as usize;
     let name = opts
         .name
         .clone()
         .unwrap_or_else(|| format!("Malloc{}", AUTO_NAME.fetch_add(1, Ordering::Relaxed)));
     if crate::get(&name).is_some() {
-        return Err(BdevError::new(ErrorKind::Exists, format!("Bdev name {name} already exists")));
+        return Err(BdevError::new(
+            ErrorKind::Exists,
+            format!("Bdev name {name} already exists"),
+        ));
     }
-    let (ptr, _huge) = reactor::dma::map_anonymous(len)
-        .map_err(|e| BdevError::new(ErrorKind::NoMemory, format!("{name}: cannot allocate {len} bytes: {e}")))?;
+    let (ptr, _huge) = reactor::dma::map_anonymous(len).map_err(|e| {
+        BdevError::new(
+            ErrorKind::NoMemory,
+            format!("{name}: cannot allocate {len} bytes: {e}"),
+        )
+    })?;
     opts.name = Some(name.clone());
     let mut p = BdevParams::new(&name, opts.block_size, opts.num_blocks);
     p.uuid = opts.uuid;

@@ -3,7 +3,10 @@
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::{register, Bdev, BdevError, BdevOps, BdevParams, ErrorKind, IoHandle, IoStatus, IoType, ModuleChannel, Result};
+use crate::{
+    register, Bdev, BdevError, BdevOps, BdevParams, ErrorKind, IoHandle, IoStatus, IoType,
+    ModuleChannel, Result,
+};
 
 /// Module name.
 pub const MODULE: &str = "null";
@@ -30,16 +33,25 @@ struct Null {
 /// Creates a null bdev.
 pub fn create(mut opts: NullOpts) -> Result<Bdev> {
     if opts.name.is_empty() {
-        return Err(BdevError::new(ErrorKind::Invalid, "null bdev name is required"));
-    }
-    if opts.block_size == 0 || opts.block_size % 512 != 0 {
         return Err(BdevError::new(
             ErrorKind::Invalid,
-            format!("Data block size {} is not a multiple of 512", opts.block_size),
+            "null bdev name is required",
+        ));
+    }
+    if opts.block_size == 0 || !opts.block_size.is_multiple_of(512) {
+        return Err(BdevError::new(
+            ErrorKind::Invalid,
+            format!(
+                "Data block size {} is not a multiple of 512",
+                opts.block_size
+            ),
         ));
     }
     if opts.num_blocks == 0 {
-        return Err(BdevError::new(ErrorKind::Invalid, "Disk must be more than 0 blocks"));
+        return Err(BdevError::new(
+            ErrorKind::Invalid,
+            "Disk must be more than 0 blocks",
+        ));
     }
     if opts.physical_block_size == 0 {
         opts.physical_block_size = opts.block_size;
@@ -55,14 +67,24 @@ pub fn create(mut opts: NullOpts) -> Result<Bdev> {
 pub fn resize(name: &str, new_size_mib: u64) -> Result<()> {
     let bdev = crate::get(name)
         .filter(|b| b.module_name() == MODULE)
-        .ok_or_else(|| BdevError::new(ErrorKind::NotFound, format!("null bdev {name} not found")))?;
+        .ok_or_else(|| {
+            BdevError::new(ErrorKind::NotFound, format!("null bdev {name} not found"))
+        })?;
     let blocks = new_size_mib
         .checked_mul(1024 * 1024)
         .map(|b| b / bdev.block_size() as u64)
         .filter(|b| *b > 0)
-        .ok_or_else(|| BdevError::new(ErrorKind::Invalid, format!("invalid new size {new_size_mib} MiB")))?;
+        .ok_or_else(|| {
+            BdevError::new(
+                ErrorKind::Invalid,
+                format!("invalid new size {new_size_mib} MiB"),
+            )
+        })?;
     if blocks < bdev.num_blocks() {
-        return Err(BdevError::new(ErrorKind::Invalid, "Cannot shrink a null bdev"));
+        return Err(BdevError::new(
+            ErrorKind::Invalid,
+            "Cannot shrink a null bdev",
+        ));
     }
     bdev.notify_resize(blocks);
     Ok(())
@@ -74,7 +96,10 @@ impl BdevOps for Null {
     }
 
     fn io_type_supported(&self, t: IoType) -> bool {
-        matches!(t, IoType::Read | IoType::Write | IoType::WriteZeroes | IoType::Reset | IoType::Abort)
+        matches!(
+            t,
+            IoType::Read | IoType::Write | IoType::WriteZeroes | IoType::Reset | IoType::Abort
+        )
     }
 
     fn create_channel(&self, _bdev: &Bdev) -> Box<dyn ModuleChannel> {

@@ -1,0 +1,6 @@
+//! Base bdev modules.
+
+pub mod error;
+pub mod malloc;
+pub mod null;
+pub mod uring;

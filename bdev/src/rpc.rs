@@ -1,0 +1,576 @@
+//! The bdev layer's JSON-RPC methods (SPDK's names, params, results and error codes) and its `save_config`
+//! section.
+
+use std::rc::Rc;
+use std::sync::Mutex;
+
+use jsonrpc::{
+    decode_params, no_params, Registry, Responder, RpcError, STATE_RUNTIME, STATE_STARTUP,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::modules::{error, malloc, null, uring};
+use crate::{BdevError, ErrorKind};
+
+impl From<BdevError> for RpcError {
+    /// SPDK answers with `-errno` and `strerror(errno)`; the detailed message goes to the log.
+    fn from(e: BdevError) -> Self {
+        log::error!("{}", e.msg);
+        RpcError::errno(e.errno())
+    }
+}
+
+/// `bdev_set_options`, as SPDK keeps and saves them.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BdevOptions {
+    /// Descriptors per thread at most.
+    #[serde(default = "d_pool")]
+    pub bdev_io_pool_size: u32,
+    /// Descriptors cached per thread (accepted for compatibility; the pool is per thread here).
+    #[serde(default = "d_cache")]
+    pub bdev_io_cache_size: u32,
+    /// Run examine on every new bdev.
+    #[serde(default = "d_true")]
+    pub bdev_auto_examine: bool,
+    /// iobuf small buffer cache per thread (kept and saved).
+    #[serde(default = "d_small")]
+    pub iobuf_small_cache_size: u32,
+    /// iobuf large buffer cache per thread (kept and saved).
+    #[serde(default = "d_large")]
+    pub iobuf_large_cache_size: u32,
+    /// Deprecated in SPDK, still accepted.
+    #[serde(default, skip_serializing)]
+    pub small_buf_pool_size: Option<u32>,
+    /// Deprecated in SPDK, still accepted.
+    #[serde(default, skip_serializing)]
+    pub large_buf_pool_size: Option<u32>,
+}
+
+fn d_pool() -> u32 {
+    65535
+}
+fn d_cache() -> u32 {
+    256
+}
+fn d_true() -> bool {
+    true
+}
+fn d_small() -> u32 {
+    128
+}
+fn d_large() -> u32 {
+    16
+}
+
+impl Default for BdevOptions {
+    fn default() -> Self {
+        serde_json::from_value(json!({})).expect("defaults")
+    }
+}
+
+static OPTIONS: Mutex<Option<BdevOptions>> = Mutex::new(None);
+
+/// Current `bdev_set_options` values.
+pub fn options() -> BdevOptions {
+    OPTIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default()
+}
+
+fn reply<T: Into<RpcError>>(r: Responder, res: Result<Value, T>) {
+    match res {
+        Ok(v) => r.ok(v),
+        Err(e) => r.err(e.into()),
+    }
+}
+
+fn handler(f: impl Fn(Option<Value>, Responder) + 'static) -> jsonrpc::Handler {
+    Rc::new(f)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetBdevs {
+    name: Option<String>,
+    #[serde(default)]
+    timeout: u64,
+}
+
+fn get_bdevs(p: GetBdevs, r: Responder) {
+    let Some(name) = p.name else {
+        let all: Vec<Value> = crate::list()
+            .iter()
+            .filter(|b| !b.is_removing())
+            .map(|b| b.info_json())
+            .collect();
+        return r.ok(Value::Array(all));
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(p.timeout);
+    fn attempt(name: String, deadline: std::time::Instant, r: Responder) {
+        match crate::get(&name).filter(|b| !b.is_removing()) {
+            Some(b) => r.ok(json!([b.info_json()])),
+            None if std::time::Instant::now() < deadline => {
+                reactor::timer(1000, move || attempt(name, deadline, r)).detach();
+            }
+            None => r.err(RpcError::errno(libc::ENODEV)),
+        }
+    }
+    attempt(name, deadline, r);
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetIostat {
+    name: Option<String>,
+    #[serde(default)]
+    per_channel: bool,
+}
+
+fn get_iostat(p: GetIostat, r: Responder) {
+    if p.per_channel {
+        return r.err(RpcError::errno(libc::ENOTSUP));
+    }
+    let bdevs = match &p.name {
+        Some(n) => match crate::get(n) {
+            Some(b) => vec![b],
+            None => return r.err(RpcError::errno(libc::ENODEV)),
+        },
+        None => crate::list(),
+    };
+    let tick_rate = reactor::ticks::rate();
+    let mut out = Vec::with_capacity(bdevs.len());
+    fn next(
+        mut bdevs: std::vec::IntoIter<crate::Bdev>,
+        mut out: Vec<Value>,
+        tick_rate: u64,
+        r: Responder,
+    ) {
+        let Some(b) = bdevs.next() else {
+            return r.ok(json!({
+                "tick_rate": tick_rate,
+                "ticks": reactor::ticks::now(),
+                "bdevs": out,
+            }));
+        };
+        let name = b.name().to_string();
+        b.get_iostat(move |s| {
+            let mut m = serde_json::Map::new();
+            m.insert("name".into(), json!(name));
+            m.extend(s.to_json());
+            for k in [
+                "queue_depth_polling_period",
+                "queue_depth",
+                "io_time",
+                "weighted_io_time",
+            ] {
+                m.insert(k.into(), json!(0));
+            }
+            out.push(Value::Object(m));
+            next(bdevs, out, tick_rate, r)
+        });
+    }
+    out.clear();
+    next(bdevs.into_iter(), out, tick_rate, r);
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetIostat {
+    name: Option<String>,
+    mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameOnly {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MallocCreate {
+    name: Option<String>,
+    uuid: Option<Uuid>,
+    num_blocks: u64,
+    block_size: u32,
+    #[serde(default)]
+    physical_block_size: u32,
+    #[serde(default)]
+    optimal_io_boundary: u32,
+    #[serde(default)]
+    md_size: u32,
+    #[serde(default)]
+    md_interleave: bool,
+    #[serde(default)]
+    dif_type: u32,
+    #[serde(default)]
+    dif_is_head_of_md: bool,
+    #[serde(default)]
+    dif_pi_format: u32,
+    #[serde(default)]
+    numa_id: Option<i32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NullCreate {
+    name: String,
+    uuid: Option<Uuid>,
+    num_blocks: u64,
+    block_size: u32,
+    #[serde(default)]
+    physical_block_size: u32,
+    #[serde(default)]
+    md_size: u32,
+    #[serde(default)]
+    dif_type: u32,
+    #[serde(default)]
+    dif_is_head_of_md: bool,
+    #[serde(default)]
+    dif_pi_format: u32,
+    preferred_write_alignment: Option<u32>,
+    preferred_write_granularity: Option<u32>,
+    optimal_write_size: Option<u32>,
+    preferred_unmap_alignment: Option<u32>,
+    preferred_unmap_granularity: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NullResize {
+    name: String,
+    new_size: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AioCreate {
+    name: String,
+    filename: String,
+    #[serde(default)]
+    block_size: u32,
+    #[serde(default)]
+    readonly: bool,
+    #[serde(default)]
+    fallocate: bool,
+    uuid: Option<Uuid>,
+    #[serde(default)]
+    nowait: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UringCreate {
+    name: String,
+    filename: String,
+    #[serde(default)]
+    block_size: u32,
+    uuid: Option<Uuid>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ErrorCreate {
+    base_name: String,
+    uuid: Option<Uuid>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ErrorInject {
+    name: String,
+    io_type: String,
+    error_type: String,
+    #[serde(default = "one")]
+    num: u32,
+    #[serde(default)]
+    queue_depth: u64,
+    #[serde(default)]
+    corrupt_offset: u64,
+    #[serde(default)]
+    corrupt_value: u8,
+    #[serde(default)]
+    nvme_sct: u8,
+    #[serde(default)]
+    nvme_sc: u8,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn no_metadata(md_size: u32, dif_type: u32) -> Result<(), BdevError> {
+    if md_size != 0 || dif_type != 0 {
+        return Err(BdevError::new(
+            ErrorKind::NotSupported,
+            "metadata and DIF are not supported",
+        ));
+    }
+    Ok(())
+}
+
+/// Deletes a bdev of `module` by name and answers `true`, or SPDK's error.
+pub fn delete_reply(name: &str, module: &'static str, r: Responder) {
+    crate::unregister_by_name(name, module, move |res| reply(r, res.map(|_| json!(true))));
+}
+
+/// Registers a method whose params decode to `T`.
+pub fn method<T: serde::de::DeserializeOwned + 'static>(
+    reg: &mut Registry,
+    name: &str,
+    states: u32,
+    f: impl Fn(T, Responder) + 'static,
+) {
+    reg.register(
+        name,
+        states,
+        handler(move |params, r| match decode_params::<T>(params) {
+            Ok(p) => f(p, r),
+            Err(e) => r.err(e),
+        }),
+    );
+}
+
+/// Registers the bdev layer's methods.
+pub fn register_rpcs(reg: &mut Registry) {
+    method(reg, "bdev_get_bdevs", STATE_RUNTIME, get_bdevs);
+    method(reg, "bdev_get_iostat", STATE_RUNTIME, get_iostat);
+    method(
+        reg,
+        "bdev_reset_iostat",
+        STATE_RUNTIME,
+        |p: ResetIostat, r| {
+            if p.mode
+                .as_deref()
+                .is_some_and(|m| !matches!(m, "all" | "maxmin"))
+            {
+                return r.err(RpcError::invalid_params("mode must be all or maxmin"));
+            }
+            let bdevs = match &p.name {
+                Some(n) => match crate::get(n) {
+                    Some(b) => vec![b],
+                    None => return r.err(RpcError::errno(libc::ENODEV)),
+                },
+                None => crate::list(),
+            };
+            fn next(mut it: std::vec::IntoIter<crate::Bdev>, r: Responder) {
+                match it.next() {
+                    Some(b) => b.reset_iostat(move || next(it, r)),
+                    None => r.ok(json!(true)),
+                }
+            }
+            next(bdevs.into_iter(), r);
+        },
+    );
+    method(
+        reg,
+        "bdev_set_options",
+        STATE_STARTUP,
+        |p: BdevOptions, r| {
+            if p.bdev_io_pool_size < p.bdev_io_cache_size {
+                return r.err(RpcError::errno(libc::EINVAL));
+            }
+            crate::set_pool_limit(p.bdev_io_pool_size as usize);
+            *OPTIONS.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+            r.ok(json!(true));
+        },
+    );
+    reg.register(
+        "bdev_wait_for_examine",
+        STATE_RUNTIME,
+        handler(
+            |params, r| match no_params(&params, "bdev_wait_for_examine") {
+                // Examine callbacks run synchronously at registration, so nothing is ever pending.
+                Ok(()) => r.ok(json!(true)),
+                Err(e) => r.err(e),
+            },
+        ),
+    );
+    method(reg, "bdev_examine", STATE_RUNTIME, |p: NameOnly, r| {
+        if options().bdev_auto_examine {
+            log::error!("bdev_examine: only allowed when bdev_auto_examine is false");
+            return r.err(RpcError::errno(libc::EINVAL));
+        }
+        match crate::get(&p.name) {
+            Some(b) => {
+                crate::bdev::run_examiners(&b);
+                r.ok(json!(true))
+            }
+            None => r.err(RpcError::errno(libc::ENODEV)),
+        }
+    });
+    method(
+        reg,
+        "bdev_malloc_create",
+        STATE_RUNTIME,
+        |p: MallocCreate, r| {
+            let _ = (
+                p.md_interleave,
+                p.dif_is_head_of_md,
+                p.dif_pi_format,
+                p.numa_id,
+            );
+            let res = no_metadata(p.md_size, p.dif_type).and_then(|_| {
+                malloc::create(malloc::MallocOpts {
+                    name: p.name,
+                    uuid: p.uuid,
+                    num_blocks: p.num_blocks,
+                    block_size: p.block_size,
+                    physical_block_size: p.physical_block_size,
+                    optimal_io_boundary: p.optimal_io_boundary,
+                })
+            });
+            reply(r, res.map(|b| json!(b.name())));
+        },
+    );
+    method(
+        reg,
+        "bdev_malloc_delete",
+        STATE_RUNTIME,
+        |p: NameOnly, r| delete_reply(&p.name, malloc::MODULE, r),
+    );
+    method(
+        reg,
+        "bdev_null_create",
+        STATE_RUNTIME,
+        |p: NullCreate, r| {
+            let _ = (
+                p.dif_is_head_of_md,
+                p.dif_pi_format,
+                p.preferred_write_alignment,
+                p.preferred_write_granularity,
+                p.optimal_write_size,
+                p.preferred_unmap_alignment,
+                p.preferred_unmap_granularity,
+            );
+            let res = no_metadata(p.md_size, p.dif_type).and_then(|_| {
+                null::create(null::NullOpts {
+                    name: p.name,
+                    uuid: p.uuid,
+                    num_blocks: p.num_blocks,
+                    block_size: p.block_size,
+                    physical_block_size: p.physical_block_size,
+                })
+            });
+            reply(r, res.map(|b| json!(b.name())));
+        },
+    );
+    method(reg, "bdev_null_delete", STATE_RUNTIME, |p: NameOnly, r| {
+        delete_reply(&p.name, null::MODULE, r)
+    });
+    method(reg, "bdev_aio_create", STATE_RUNTIME, |p: AioCreate, r| {
+        // io_uring never blocks the submitter, so `nowait` is what it does anyway.
+        let _ = p.nowait;
+        let res = uring::create(uring::UringOpts {
+            name: p.name,
+            filename: p.filename,
+            block_size: p.block_size,
+            uuid: p.uuid,
+            readonly: p.readonly,
+            fallocate: p.fallocate,
+            aio: true,
+        });
+        reply(r, res.map(|b| json!(b.name())));
+    });
+    method(reg, "bdev_aio_delete", STATE_RUNTIME, |p: NameOnly, r| {
+        delete_reply(&p.name, uring::MODULE_AIO, r)
+    });
+    method(reg, "bdev_aio_rescan", STATE_RUNTIME, |p: NameOnly, r| {
+        reply(r, uring::rescan(&p.name).map(|_| json!(true)));
+    });
+    method(
+        reg,
+        "bdev_uring_create",
+        STATE_RUNTIME,
+        |p: UringCreate, r| {
+            let res = uring::create(uring::UringOpts {
+                name: p.name,
+                filename: p.filename,
+                block_size: p.block_size,
+                uuid: p.uuid,
+                readonly: false,
+                fallocate: false,
+                aio: false,
+            });
+            reply(r, res.map(|b| json!(b.name())));
+        },
+    );
+    method(reg, "bdev_uring_delete", STATE_RUNTIME, |p: NameOnly, r| {
+        delete_reply(&p.name, uring::MODULE_URING, r)
+    });
+    method(reg, "bdev_uring_rescan", STATE_RUNTIME, |p: NameOnly, r| {
+        reply(r, uring::rescan(&p.name).map(|_| json!(true)));
+    });
+    method(
+        reg,
+        "bdev_error_create",
+        STATE_RUNTIME,
+        |p: ErrorCreate, r| {
+            reply(
+                r,
+                error::create(&p.base_name, p.uuid).map(|b| json!(b.name())),
+            );
+        },
+    );
+    method(reg, "bdev_error_delete", STATE_RUNTIME, |p: NameOnly, r| {
+        error::delete(&p.name, move |res| reply(r, res.map(|_| json!(true))));
+    });
+    method(
+        reg,
+        "bdev_error_inject_error",
+        STATE_RUNTIME,
+        |p: ErrorInject, r| {
+            // NVMe status codes have no carrier in this bdev layer yet: nvme_failure fails the I/O like failure.
+            let _ = (p.nvme_sct, p.nvme_sc);
+            let et = if p.error_type == "nvme_failure" {
+                Some(error::ErrorType::Failure)
+            } else {
+                error::ErrorType::parse(&p.error_type)
+            };
+            let Some(error_type) = et else {
+                return r.err(RpcError::invalid_params(format!(
+                    "unknown error_type {}",
+                    p.error_type
+                )));
+            };
+            let res = error::inject_error(
+                &p.name,
+                error::InjectOpts {
+                    io_type: p.io_type,
+                    error_type,
+                    num: p.num,
+                    queue_depth: p.queue_depth,
+                    corrupt_offset: p.corrupt_offset,
+                    corrupt_value: p.corrupt_value,
+                },
+            );
+            reply(r, res.map(|_| json!(true)));
+        },
+    );
+    method(
+        reg,
+        "bdev_null_resize",
+        STATE_RUNTIME,
+        |p: NullResize, r| {
+            reply(r, null::resize(&p.name, p.new_size).map(|_| json!(true)));
+        },
+    );
+}
+
+/// The `bdev` subsystem's `save_config` array, in SPDK's order: options, then every bdev's creation, then
+/// `bdev_wait_for_examine`.
+pub fn config_json() -> Value {
+    let mut v = vec![json!({"method": "bdev_set_options", "params": options()})];
+    for b in crate::list() {
+        if let Some(c) = b.write_config() {
+            v.push(c);
+        }
+    }
+    v.push(json!({"method": "bdev_wait_for_examine"}));
+    Value::Array(v)
+}
