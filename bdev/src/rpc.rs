@@ -127,27 +127,51 @@ fn get_bdevs(p: GetBdevs, r: Responder) {
 #[serde(deny_unknown_fields)]
 struct GetIostat {
     name: Option<String>,
+    /// The 26.x client's comma-separated `--names`.
+    names: Option<Vec<String>>,
     #[serde(default)]
     per_channel: bool,
+    /// Reset after reading: all, maxmin, error or none.
+    reset_mode: Option<String>,
 }
 
 fn get_iostat(p: GetIostat, r: Responder) {
     if p.per_channel {
         return r.err(RpcError::errno(libc::ENOTSUP));
     }
-    let bdevs = match &p.name {
-        Some(n) => match crate::get(n) {
-            Some(b) => vec![b],
-            None => return r.err(RpcError::errno(libc::ENODEV)),
-        },
+    if p.reset_mode
+        .as_deref()
+        .is_some_and(|m| !matches!(m, "all" | "maxmin" | "error" | "none"))
+    {
+        return r.err(RpcError::invalid_params(
+            "reset_mode must be all, maxmin, error or none",
+        ));
+    }
+    let wanted: Option<Vec<String>> = match (p.name, p.names) {
+        (None, None) => None,
+        (a, b) => Some(a.into_iter().chain(b.unwrap_or_default()).collect()),
+    };
+    let bdevs = match wanted {
+        Some(names) => {
+            let mut v = vec![];
+            for n in names {
+                match crate::get(&n) {
+                    Some(b) => v.push(b),
+                    None => return r.err(RpcError::errno(libc::ENODEV)),
+                }
+            }
+            v
+        }
         None => crate::list(),
     };
+    let reset = matches!(p.reset_mode.as_deref(), Some("all" | "maxmin"));
     let tick_rate = reactor::ticks::rate();
     let mut out = Vec::with_capacity(bdevs.len());
     fn next(
         mut bdevs: std::vec::IntoIter<crate::Bdev>,
         mut out: Vec<Value>,
         tick_rate: u64,
+        reset: bool,
         r: Responder,
     ) {
         let Some(b) = bdevs.next() else {
@@ -158,6 +182,7 @@ fn get_iostat(p: GetIostat, r: Responder) {
             }));
         };
         let name = b.name().to_string();
+        let b2 = b.clone();
         b.get_iostat(move |s| {
             let mut m = serde_json::Map::new();
             m.insert("name".into(), json!(name));
@@ -171,11 +196,15 @@ fn get_iostat(p: GetIostat, r: Responder) {
                 m.insert(k.into(), json!(0));
             }
             out.push(Value::Object(m));
-            next(bdevs, out, tick_rate, r)
+            if reset {
+                b2.reset_iostat(move || next(bdevs, out, tick_rate, reset, r));
+            } else {
+                next(bdevs, out, tick_rate, reset, r)
+            }
         });
     }
     out.clear();
-    next(bdevs.into_iter(), out, tick_rate, r);
+    next(bdevs.into_iter(), out, tick_rate, reset, r);
 }
 
 #[derive(Deserialize)]

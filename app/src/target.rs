@@ -1,0 +1,323 @@
+//! The running target: owns the RPC registry and server on the app thread, drives init and shutdown.
+
+use std::cell::{Cell, RefCell};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use jsonrpc::{Registry, Responder, Server, STATE_RUNTIME};
+use reactor::Poller;
+use serde_json::Value;
+
+use crate::cli::Opts;
+use crate::compat::{self, KeptOptions};
+use crate::config::{self, Entry};
+
+/// The SPDK version this target is compatible with, as `spdk_get_version` reports it.
+pub const VERSION: (u32, u32, u32) = (24, 5, 0);
+
+type ConfigWriter = Box<dyn Fn() -> Value>;
+
+/// App-thread state of a running target.
+pub struct Target {
+    /// Command line options.
+    pub opts: Opts,
+    /// The method table.
+    pub reg: Rc<RefCell<Registry>>,
+    /// Options of SPDK subsystems kept for save_config.
+    pub kept: Rc<RefCell<KeptOptions>>,
+    server: RefCell<Option<Server>>,
+    writers: RefCell<Vec<(String, ConfigWriter)>>,
+    runtime_entries: RefCell<Vec<Entry>>,
+    init_done: Cell<bool>,
+    wait_init: RefCell<Vec<Responder>>,
+    shutting_down: Cell<bool>,
+    failure: Arc<Mutex<Option<String>>>,
+    poller: RefCell<Option<Poller>>,
+    on_ready: RefCell<Option<ReadyHook>>,
+}
+
+type ReadyHook = Box<dyn FnOnce(Rc<Target>)>;
+/// Registers extra methods (see [`Hooks::register`]).
+pub type RegisterHook = Box<dyn FnOnce(&mut Registry) + Send>;
+/// Runs once init is done (see [`Hooks::on_ready`]).
+pub type OnReadyHook = Box<dyn FnOnce(Rc<Target>) + Send>;
+
+/// Extension points for applications built on the target runtime (e.g. bdevperf).
+#[derive(Default)]
+pub struct Hooks {
+    /// Registers extra methods.
+    pub register: Option<RegisterHook>,
+    /// Runs on the app thread once init is done.
+    pub on_ready: Option<OnReadyHook>,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Target>>> = const { RefCell::new(None) };
+}
+
+impl Target {
+    /// The target running on this (app) thread.
+    pub fn current() -> Option<Rc<Target>> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
+    /// Adds a subsystem's `save_config` writer (replaces the kept-options default for that name).
+    pub fn add_config_writer(&self, subsystem: &str, f: impl Fn() -> Value + 'static) {
+        self.writers
+            .borrow_mut()
+            .push((subsystem.to_string(), Box::new(f)));
+    }
+
+    /// A subsystem's config array as `framework_get_config` returns it (`None` for unknown subsystems).
+    pub fn subsystem_config(&self, name: &str) -> Option<Value> {
+        if !compat::SUBSYSTEMS.iter().any(|s| s.name == name) {
+            return None;
+        }
+        if let Some((_, w)) = self.writers.borrow().iter().find(|(n, _)| n == name) {
+            return Some(w());
+        }
+        self.kept.borrow().subsystem_config(name)
+    }
+
+    /// The whole configuration document.
+    pub fn config_document(&self) -> Value {
+        config::document(
+            compat::SUBSYSTEMS
+                .iter()
+                .filter_map(|s| {
+                    self.subsystem_config(s.name)
+                        .map(|c| (s.name.to_string(), c))
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether subsystem init has finished.
+    pub fn init_done(&self) -> bool {
+        self.init_done.get()
+    }
+
+    /// Answers `r` once init is done (`framework_wait_init`).
+    pub fn wait_init(&self, r: Responder) {
+        if self.init_done.get() {
+            r.ok(Value::Bool(true));
+        } else {
+            self.wait_init.borrow_mut().push(r);
+        }
+    }
+
+    /// Initializes subsystems and replays the config's runtime entries (`framework_start_init`, or at start
+    /// without `--wait-for-rpc`). `done` gets the outcome.
+    pub fn start_init(self: &Rc<Self>, done: impl FnOnce(Result<(), String>) + 'static) {
+        self.reg.borrow_mut().set_state(STATE_RUNTIME);
+        self.kept.borrow_mut().on_subsystems_init();
+        let entries = std::mem::take(&mut *self.runtime_entries.borrow_mut());
+        let me = self.clone();
+        config::apply(
+            self.reg.clone(),
+            entries,
+            self.opts.json_ignore_init_errors,
+            move |res| {
+                if res.is_ok() {
+                    me.init_done.set(true);
+                    for r in me.wait_init.borrow_mut().drain(..) {
+                        r.ok(Value::Bool(true));
+                    }
+                    log::info!("spdk_tgt is ready");
+                    let hook = me.on_ready.borrow_mut().take();
+                    if let Some(h) = hook {
+                        h(me.clone());
+                    }
+                }
+                done(res)
+            },
+        );
+    }
+
+    /// Records a fatal error (the process exits non-zero) and shuts down.
+    pub fn fail(self: &Rc<Self>, msg: String) {
+        log::error!("{msg}");
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+        self.shutdown();
+    }
+
+    /// Orderly shutdown: stop serving RPCs, unregister every bdev (virtual ones first, waiting for in-flight
+    /// I/O to complete as their owners close), then stop the reactors.
+    pub fn shutdown(self: &Rc<Self>) {
+        if self.shutting_down.replace(true) {
+            return;
+        }
+        log::info!("shutting down");
+        if let Some(s) = self.server.borrow_mut().take() {
+            s.close();
+        }
+        // Give up waiting after a while rather than hang on a stuck device.
+        reactor::timer(10_000_000, || {
+            log::error!("shutdown timed out; stopping reactors");
+            reactor::stop();
+        })
+        .detach();
+        unregister_all_bdevs();
+    }
+}
+
+/// Unregisters bdevs one at a time, unclaimed (top-most) ones first, then stops the reactors.
+fn unregister_all_bdevs() {
+    let bdevs = bdev::list();
+    let next = bdevs
+        .iter()
+        .rev()
+        .find(|b| !b.is_removing() && b.claimed_by().is_none())
+        .or_else(|| bdevs.iter().rev().find(|b| !b.is_removing()))
+        .cloned();
+    match next {
+        Some(b) => b.unregister(|_| unregister_all_bdevs()),
+        None if bdevs.is_empty() => reactor::stop(),
+        // Some are still being removed: look again shortly.
+        None => reactor::timer(1000, unregister_all_bdevs).detach(),
+    }
+}
+
+fn start(opts: Opts, entries: Vec<Entry>, failure: Arc<Mutex<Option<String>>>, hooks: Hooks) {
+    let reg = Rc::new(RefCell::new(Registry::new()));
+    let kept = Rc::new(RefCell::new(KeptOptions::new()));
+    if let Err(e) = kept.borrow_mut().set_app_cpumask(&opts.cpumask.to_string()) {
+        log::warn!("{e}");
+    }
+    {
+        let mut r = reg.borrow_mut();
+        crate::rpc::register(&mut r);
+        bdev::rpc::register_rpcs(&mut r);
+        compat::register(&mut r, kept.clone());
+        if let Some(f) = hooks.register {
+            f(&mut r);
+        }
+        r.set_allowed(opts.rpcs_allowed.clone());
+    }
+    let t = Rc::new(Target {
+        opts,
+        reg,
+        kept,
+        server: RefCell::new(None),
+        writers: RefCell::new(Vec::new()),
+        runtime_entries: RefCell::new(Vec::new()),
+        init_done: Cell::new(false),
+        wait_init: RefCell::new(Vec::new()),
+        shutting_down: Cell::new(false),
+        failure,
+        poller: RefCell::new(None),
+        on_ready: RefCell::new(hooks.on_ready.map(|f| -> ReadyHook { f })),
+    });
+    CURRENT.with(|c| *c.borrow_mut() = Some(t.clone()));
+    let kept = t.kept.clone();
+    t.add_config_writer("bdev", move || {
+        let mut v = match bdev::rpc::config_json() {
+            Value::Array(v) => v,
+            _ => vec![],
+        };
+        // SPDK's order: bdev_set_options, module options, bdevs, trailing module entries, bdev_wait_for_examine.
+        let k = kept.borrow();
+        let tail = v.pop();
+        let mods = k.bdev_module_entries();
+        v.splice(1..1, mods);
+        v.extend(k.bdev_trailing_entries());
+        v.extend(tail);
+        Value::Array(v)
+    });
+    if !t.opts.no_rpc_server {
+        match Server::listen(Path::new(&t.opts.rpc_socket), t.reg.clone()) {
+            Ok(s) => {
+                log::info!("RPC server listening on {}", t.opts.rpc_socket.display());
+                *t.server.borrow_mut() = Some(s);
+            }
+            Err(e) => {
+                return t.fail(format!(
+                    "RPC server failed to listen on {}: {e}",
+                    t.opts.rpc_socket.display()
+                ))
+            }
+        }
+    }
+    let weak = Rc::downgrade(&t);
+    *t.poller.borrow_mut() = Some(Poller::register("app_rpc", 0, move || {
+        let Some(t) = weak.upgrade() else {
+            return false;
+        };
+        if let Some(sig) = crate::signals::take() {
+            log::info!("received signal {sig}");
+            t.shutdown();
+            return true;
+        }
+        let n = t.server.borrow_mut().as_mut().map_or(0, |s| s.poll());
+        n > 0
+    }));
+    let (startup, runtime) = config::split_by_state(&t.reg.borrow(), entries);
+    *t.runtime_entries.borrow_mut() = runtime;
+    let t2 = t.clone();
+    config::apply(
+        t.reg.clone(),
+        startup,
+        t.opts.json_ignore_init_errors,
+        move |res| {
+            if let Err(e) = res {
+                return t2.fail(format!("failed to load config: {e}"));
+            }
+            if t2.opts.wait_for_rpc {
+                log::info!("waiting for framework_start_init RPC");
+                return;
+            }
+            let t3 = t2.clone();
+            t2.start_init(move |res| {
+                if let Err(e) = res {
+                    t3.fail(format!("failed to load config: {e}"));
+                }
+            });
+        },
+    );
+}
+
+/// Runs `spdk_tgt` with `opts` until shutdown. Errors describe why it could not start or configure.
+pub fn run(opts: Opts) -> Result<(), String> {
+    run_with(opts, Hooks::default())
+}
+
+/// Runs the target with extra `hooks` until shutdown.
+pub fn run_with(opts: Opts, hooks: Hooks) -> Result<(), String> {
+    crate::logging::init(&opts.log_flags, opts.silence_noticelog)?;
+    reactor::dma::set_no_huge(opts.no_huge);
+    let entries = match &opts.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+            config::parse(&text).map_err(|e| format!("config file {}: {e}", path.display()))?
+        }
+        None => vec![],
+    };
+    crate::signals::install();
+    if let Some(p) = &opts.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot write pidfile {}: {e}", p.display()))?;
+    }
+    let failure = Arc::new(Mutex::new(None));
+    let f2 = failure.clone();
+    let ropts = reactor::Options {
+        cpumask: opts.cpumask.clone(),
+        main_core: opts.main_core,
+        idle_backoff: opts.interrupt_mode,
+        pin: true,
+    };
+    log::info!("Total cores available: {}", opts.cpumask.count());
+    let pidfile = opts.pidfile.clone();
+    let res =
+        reactor::run(ropts, move || start(opts, entries, f2, hooks)).map_err(|e| e.to_string());
+    if let Some(p) = pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    res?;
+    let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,212 @@
+//! Starts the real `spdk_tgt` and drives it with the official client, `spdk-rpc` (pip package `spdk`).
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A running target on its own socket and temp dir; killed on drop.
+pub struct Tgt {
+    pub child: Option<Child>,
+    pub sock: PathBuf,
+    pub dir: PathBuf,
+}
+
+fn unique_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "spdk-rs-{tag}-{}-{:?}",
+        std::process::id(),
+        Instant::now()
+    ));
+    let d = PathBuf::from(d.to_string_lossy().replace([' ', '{', '}', ':', ','], ""));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_spdk_tgt")
+}
+
+impl Tgt {
+    /// Starts `spdk_tgt` with `args` plus a private socket; waits for the socket.
+    pub fn start(tag: &str, args: &[&str]) -> Tgt {
+        Self::try_start(tag, args).expect("spdk_tgt started")
+    }
+
+    /// Like `start`, but returns the child's output if it exits before its socket appears.
+    pub fn try_start(tag: &str, args: &[&str]) -> Result<Tgt, Output> {
+        let dir = unique_dir(tag);
+        let sock = dir.join("spdk.sock");
+        let child = Command::new(bin())
+            .args(args)
+            .arg("-r")
+            .arg(&sock)
+            .arg("--interrupt-mode")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn spdk_tgt");
+        let mut t = Tgt {
+            child: Some(child),
+            sock,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if UnixStream::connect(&t.sock).is_ok() {
+                return Ok(t);
+            }
+            if let Some(c) = t.child.as_mut() {
+                if c.try_wait().unwrap().is_some() {
+                    let c = t.child.take().unwrap();
+                    return Err(c.wait_with_output().unwrap());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("spdk_tgt did not create {}", t.sock.display());
+    }
+
+    /// Runs `spdk-rpc -s SOCK args...`.
+    pub fn rpc(&self, args: &[&str]) -> Output {
+        spdk_rpc(&self.sock, args)
+    }
+
+    /// Runs an RPC that must succeed; returns its JSON output (or Null when it prints nothing).
+    pub fn ok(&self, args: &[&str]) -> Value {
+        let o = self.rpc(args);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "spdk-rpc {args:?} failed: {}{}",
+            out,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        if out.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&out).unwrap_or(Value::String(out.trim().to_string()))
+        }
+    }
+
+    /// Runs an RPC that must fail; returns the JSON-RPC error object the client printed.
+    pub fn err(&self, args: &[&str]) -> Value {
+        let o = self.rpc(args);
+        assert!(
+            !o.status.success(),
+            "spdk-rpc {args:?} unexpectedly succeeded"
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        rpc_error_of(&text).unwrap_or_else(|| panic!("no JSON-RPC error in: {text}"))
+    }
+
+    /// Sends one raw JSON-RPC call over the socket and returns the response object.
+    pub fn call(&self, method: &str, params: Value) -> Value {
+        raw_call(
+            &self.sock,
+            &serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+                .to_string(),
+        )
+    }
+
+    /// Stops with SIGTERM and returns the exit status and stderr.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let mut c = self.child.take().unwrap();
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let st = wait_timeout(&mut c, Duration::from_secs(20));
+        let mut err = String::new();
+        if let Some(mut e) = c.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (st, err)
+    }
+}
+
+pub fn wait_timeout(c: &mut Child, d: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + d;
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            panic!("process did not exit in {d:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Tgt {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `spdk-rpc` executable (installed by scripts/deps.sh).
+pub fn spdk_rpc(sock: &Path, args: &[&str]) -> Output {
+    Command::new("spdk-rpc")
+        .arg("-s")
+        .arg(sock)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spdk-rpc is installed (pip install spdk)")
+}
+
+/// Pulls `{"code": .., "message": ..}` out of spdk-rpc's error output.
+pub fn rpc_error_of(text: &str) -> Option<Value> {
+    let start = text.rfind("response:")?;
+    let rest = &text[start + "response:".len()..];
+    let open = rest.find('{')?;
+    let mut de = serde_json::Deserializer::from_str(&rest[open..]).into_iter::<Value>();
+    de.next()?.ok()
+}
+
+/// One request over a fresh connection; reads until a whole JSON value arrived.
+pub fn raw_call(sock: &Path, req: &str) -> Value {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    read_value(&mut s)
+}
+
+pub fn read_value(s: &mut UnixStream) -> Value {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        // The first complete value; more may follow (e.g. a parse error after a good response).
+        if let Some(Ok(v)) = serde_json::Deserializer::from_slice(&buf)
+            .into_iter::<Value>()
+            .next()
+        {
+            return v;
+        }
+        let n = s.read(&mut chunk).expect("response");
+        assert!(
+            n > 0,
+            "connection closed before a full response: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
