@@ -489,7 +489,7 @@ fn start_job(bdev_name: String, opts: PerfOpts, finish: Box<dyn FnOnce(JobResult
         Err(e) => return fail(format!("Could not open bdev {bdev_name}: {e}"), finish),
     };
     let bs = desc.bdev().block_size() as u64;
-    if opts.io_size % bs != 0 {
+    if !opts.io_size.is_multiple_of(bs) {
         return fail(
             format!(
                 "IO size ({}) is not a multiple of the block size {bs} of {bdev_name}",
