@@ -458,3 +458,33 @@ fn spdk_saved_config_with_foreign_subsystems_loads_and_round_trips() {
     );
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn rpcs_allowed_pidfile_and_deleting_a_claimed_base() {
+    let pid = std::env::temp_dir().join(format!("spdk-rs-pid-{}", std::process::id()));
+    let t = Tgt::start(
+        "allowed",
+        &["--rpcs-allowed", "bdev_malloc_create,bdev_malloc_delete,bdev_get_bdevs,bdev_error_create,spdk_get_version", "-f", pid.to_str().unwrap()],
+    );
+    let written: u32 = std::fs::read_to_string(&pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        written,
+        t.child.as_ref().unwrap().id(),
+        "pidfile holds our pid"
+    );
+    let e = t.err(&["bdev_null_create", "N", "8", "512"]);
+    assert_eq!(e["code"], -32601, "not in --rpcs-allowed");
+    t.ok(&["bdev_malloc_create", "-b", "Base", "8", "512"]);
+    t.ok(&["bdev_error_create", "Base"]);
+    assert_eq!(t.ok(&["bdev_get_bdevs", "-b", "Base"])[0]["claimed"], true);
+    // Deleting a claimed base hot-removes it from its owner, as SPDK does: both go away.
+    t.ok(&["bdev_malloc_delete", "Base"]);
+    assert_eq!(t.ok(&["bdev_get_bdevs"]), json!([]));
+    let (st, _) = t.stop();
+    assert!(st.success());
+    assert!(!pid.exists(), "pidfile removed on exit");
+}

@@ -97,7 +97,8 @@ struct DescEntry {
     event_cb: Option<EventCb>,
 }
 
-type EventCb = Arc<dyn Fn(BdevEvent, &Bdev) + Send + Sync>;
+/// A descriptor's event callback, run on the thread that opened it.
+pub type EventCb = Arc<dyn Fn(BdevEvent, &Bdev) + Send + Sync>;
 type UnregisterCb = Box<dyn FnOnce(Result<()>) + Send>;
 
 #[derive(Default)]

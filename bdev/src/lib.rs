@@ -11,7 +11,7 @@ mod stat;
 
 pub use crate::bdev::{
     get, list, open, register, register_examiner, unregister_by_name, Bdev, BdevEvent, BdevOps,
-    BdevParams, Desc, Examiner, ModuleChannel,
+    BdevParams, Desc, EventCb, Examiner, ModuleChannel,
 };
 pub use channel::IoChannel;
 pub use error::{BdevError, ErrorKind, Result};

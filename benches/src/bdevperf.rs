@@ -235,6 +235,7 @@ struct JobResult {
     steady_allocs: u64,
     steady_ios: u64,
     error: Option<String>,
+    terminated: bool,
 }
 
 struct Task {
@@ -484,7 +485,24 @@ fn start_job(bdev_name: String, opts: PerfOpts, finish: Box<dyn FnOnce(JobResult
         })
     };
     let write = !matches!(opts.workload, Workload::Read | Workload::RandRead);
-    let desc = match bdev::open(&bdev_name, write, None) {
+    let on_event: bdev::EventCb = std::sync::Arc::new(|ev: bdev::BdevEvent, b: &bdev::Bdev| {
+        if ev == bdev::BdevEvent::Remove {
+            // Delivered on the job's thread (shutdown or hot-remove): stop issuing; the job reports and closes
+            // its descriptor once its in-flight I/O completed.
+            JOBS.with(|j| {
+                for job in j
+                    .borrow_mut()
+                    .iter_mut()
+                    .flatten()
+                    .filter(|job| job.res.name == b.name())
+                {
+                    job.end = 0;
+                    job.res.terminated = true;
+                }
+            });
+        }
+    });
+    let desc = match bdev::open(&bdev_name, write, Some(on_event)) {
         Ok(d) => d,
         Err(e) => return fail(format!("Could not open bdev {bdev_name}: {e}"), finish),
     };
@@ -792,6 +810,12 @@ fn report(opts: &PerfOpts, results: &[JobResult]) -> Value {
         "\r {:<28}: {:>10} {:>10.2} {:>10.2} {:>10.2} {:>8.2} {:>10.2} {:>10.2} {:>10.2}",
         "Total", "", t_iops, t_mbps, t_fail, 0.0, avg, t_min, t_max
     );
+    if let Some(r) = results.iter().find(|r| r.terminated) {
+        println!(
+            "Received shutdown signal, test time was about {:.6} seconds",
+            r.runtime_us as f64 / 1e6
+        );
+    }
     let (allocs, ios): (u64, u64) = results
         .iter()
         .fold((0, 0), |a, r| (a.0 + r.steady_allocs, a.1 + r.steady_ios));
