@@ -60,6 +60,20 @@ struct Kill {
     sig_name: String,
 }
 
+/// Per-core (user, system, irq) times from /proc/stat, in clock ticks, as SPDK reports them.
+fn cpu_times() -> std::collections::HashMap<u32, (u64, u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let core: u32 = f.next()?.strip_prefix("cpu")?.parse().ok()?;
+            let v: Vec<u64> = f.take(6).filter_map(|x| x.parse().ok()).collect();
+            // user nice system idle iowait irq
+            (v.len() == 6).then(|| (core, (v[0], v[2], v[5])))
+        })
+        .collect()
+}
+
 fn mask_hex(m: &reactor::CpuMask) -> String {
     m.to_string().trim_start_matches("0x").to_string()
 }
@@ -121,25 +135,33 @@ pub fn register(reg: &mut Registry) {
         },
     );
     plain(reg, "framework_get_reactors", STATE_RUNTIME, |r| {
-        let reactors: Vec<Value> = reactor::reactors_info()
-            .into_iter()
-            .map(|ri| {
-                json!({
-                    "lcore": ri.lcore,
-                    "tid": std::process::id(),
-                    "busy": ri.busy,
-                    "idle": ri.idle,
-                    "in_interrupt": ri.in_interrupt,
-                    "irq": 0,
-                    "sys": 0,
-                    "usr": 0,
-                    "lw_threads": ri.threads.iter().map(|(name, id, mask)| json!({
-                        "name": name, "id": id, "cpumask": mask_hex(mask), "elapsed": 0
-                    })).collect::<Vec<_>>(),
+        // Thread counters live on their threads: collect them there, then lay them out per reactor.
+        reactor::for_each_thread(reactor::current_info, move |infos| {
+            let infos: Vec<_> = infos.into_iter().flatten().collect();
+            let cpu = cpu_times();
+            let reactors: Vec<Value> = reactor::reactors_info()
+                .into_iter()
+                .map(|ri| {
+                    let lw: Vec<Value> = infos
+                        .iter()
+                        .filter(|t| t.lcore == ri.lcore)
+                        .map(|t| json!({"name": t.name, "id": t.id, "cpumask": mask_hex(&t.cpumask), "elapsed": t.elapsed}))
+                        .collect();
+                    json!({
+                        "lcore": ri.lcore,
+                        "tid": ri.tid,
+                        "busy": ri.busy,
+                        "idle": ri.idle,
+                        "in_interrupt": ri.in_interrupt,
+                        "irq": cpu.get(&ri.lcore).map_or(0, |c| c.2),
+                        "sys": cpu.get(&ri.lcore).map_or(0, |c| c.1),
+                        "usr": cpu.get(&ri.lcore).map_or(0, |c| c.0),
+                        "lw_threads": lw,
+                    })
                 })
-            })
-            .collect();
-        r.ok(json!({"tick_rate": reactor::ticks::rate(), "pid": std::process::id(), "reactors": reactors}))
+                .collect();
+            r.ok(json!({"tick_rate": reactor::ticks::rate(), "pid": std::process::id(), "reactors": reactors}))
+        });
     });
     plain(reg, "thread_get_stats", STATE_RUNTIME, |r| {
         reactor::for_each_thread(reactor::current_info, move |infos| {

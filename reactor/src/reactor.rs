@@ -69,6 +69,7 @@ pub(crate) struct ReactorShared {
     incoming: SegQueue<ThreadHandle>,
     busy: AtomicU64,
     idle: AtomicU64,
+    tid: AtomicU64,
     threads: Mutex<Vec<ThreadHandle>>,
 }
 
@@ -85,6 +86,7 @@ impl ReactorShared {
             incoming: SegQueue::new(),
             busy: AtomicU64::new(0),
             idle: AtomicU64::new(0),
+            tid: AtomicU64::new(0),
             threads: Mutex::new(Vec::new()),
         }))
     }
@@ -167,6 +169,8 @@ pub struct ReactorInfo {
     pub idle: u64,
     /// Whether it sleeps when idle.
     pub in_interrupt: bool,
+    /// OS thread id of the reactor.
+    pub tid: u64,
     /// Threads it runs: (name, id, cpumask).
     pub threads: Vec<(String, u64, CpuMask)>,
 }
@@ -181,6 +185,7 @@ pub fn reactors_info() -> Vec<ReactorInfo> {
             busy: r.busy.load(Ordering::Relaxed),
             idle: r.idle.load(Ordering::Relaxed),
             in_interrupt: rt.opts.idle_backoff,
+            tid: r.tid.load(Ordering::Relaxed),
             threads: r
                 .threads
                 .lock()
@@ -334,6 +339,7 @@ fn reactor_loop(rt: &Runtime, me: &Arc<ReactorShared>) {
             log::warn!("reactor {}: could not pin: {e}", me.core);
         }
     }
+    me.tid.store(sys::gettid(), Ordering::Relaxed);
     log::info!("Reactor started on core {}", me.core);
     let mut threads: Vec<Rc<ThreadLocal>> = vec![];
     let mut last = ticks::now();

@@ -90,3 +90,8 @@ pub(crate) fn pin_to_core(core: u32) -> io::Result<()> {
     check(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })
         .map(|_| ())
 }
+
+pub(crate) fn gettid() -> u64 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::gettid() as u64 }
+}

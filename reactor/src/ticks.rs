@@ -30,11 +30,24 @@ pub fn rate() -> u64 {
         if !cfg!(target_arch = "x86_64") {
             return 1_000_000_000;
         }
-        let t0 = Instant::now();
-        let c0 = now();
-        std::thread::sleep(Duration::from_millis(20));
-        let c1 = now();
-        let dt = t0.elapsed();
+        // Each endpoint pairs a TSC read with the clock reads around it; the tightest of a few tries wins, so a
+        // preemption between the two reads (common on a loaded machine) cannot skew the rate.
+        let sample = || {
+            (0..16)
+                .map(|_| {
+                    let a = Instant::now();
+                    let c = now();
+                    let b = Instant::now();
+                    (b - a, a + (b - a) / 2, c)
+                })
+                .min_by_key(|x| x.0)
+                .map(|x| (x.1, x.2))
+                .unwrap_or_else(|| (Instant::now(), now()))
+        };
+        let (t0, c0) = sample();
+        std::thread::sleep(Duration::from_millis(50));
+        let (t1, c1) = sample();
+        let dt = t1 - t0;
         let r = (c1.wrapping_sub(c0) as u128 * 1_000_000_000 / dt.as_nanos().max(1)) as u64;
         // Round to 1 MHz so repeated runs report the same rate, as SPDK's users expect a stable tick_rate.
         (r / 1_000_000).max(1) * 1_000_000

@@ -131,7 +131,8 @@ fn timed_pollers_and_timers_fire_on_time() {
         .detach();
     });
     let el = fired.lock().unwrap().unwrap();
-    assert!(el >= Duration::from_millis(200), "{el:?}");
+    // The TSC rate is calibrated against the clock, so allow it a 1% error.
+    assert!(el >= Duration::from_millis(198), "{el:?}");
     let n = runs.load(Ordering::Relaxed);
     // 200 ms at a 10 ms period: about 20 runs; allow a slow shared machine.
     assert!((5..=21).contains(&n), "timed poller ran {n} times");
