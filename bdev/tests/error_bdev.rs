@@ -3,90 +3,20 @@
 //! Each test body runs on a plain OS thread and hands work to the app thread with `on_app`, waiting for the
 //! reply, so the test reads top to bottom while I/O runs (and completes) on the reactor.
 
-use std::any::Any;
+mod common;
+use common::*;
+
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bdev::modules::error::{self, ErrorType, InjectOpts};
 use bdev::modules::malloc::{self, MallocOpts};
-use bdev::{BdevEvent, Completion, Desc, ErrorKind, IoChannel, IoHandle, IoStatus, IoType};
+use bdev::{Completion, ErrorKind, IoChannel, IoHandle, IoStatus, IoType};
 use reactor::dma::DmaBuf;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Harness
-
-type Reply<R> = Box<dyn FnOnce(R) + Send>;
-type EventCb = Arc<dyn Fn(BdevEvent, &bdev::Bdev) + Send + Sync>;
-
-thread_local! {
-    /// Descriptors and channels opened by the tests on the app thread, by (bdev, writable).
-    static CHANNELS: RefCell<HashMap<(String, bool), (Desc, IoChannel)>> = RefCell::new(HashMap::new());
-}
-
-/// Starts reactors on `mask`, runs `body` on a helper OS thread, then closes the test's channels and stops.
-fn with_reactors(mask: &str, body: impl FnOnce() + Send + 'static) {
-    let failure: Arc<Mutex<Option<Box<dyn Any + Send>>>> = Arc::new(Mutex::new(None));
-    let f2 = failure.clone();
-    reactor::testing::run(mask, Duration::from_secs(120), move || {
-        std::thread::spawn(move || {
-            let res = std::panic::catch_unwind(AssertUnwindSafe(body));
-            let (tx, rx) = mpsc::channel();
-            reactor::app_thread().unwrap().send(move || {
-                CHANNELS.with(|c| c.borrow_mut().clear());
-                let _ = tx.send(());
-            });
-            let _ = rx.recv_timeout(Duration::from_secs(10));
-            if let Err(p) = res {
-                *f2.lock().unwrap() = Some(p);
-            }
-            reactor::stop();
-        });
-    });
-    let failed = failure.lock().unwrap().take();
-    if let Some(p) = failed {
-        std::panic::resume_unwind(p);
-    }
-}
-
-/// Runs `f` on the app thread; `f` answers through the reply it gets (possibly later, from a callback).
-fn on_app<R: Send + 'static>(f: impl FnOnce(Reply<R>) + Send + 'static) -> R {
-    let (tx, rx) = mpsc::channel();
-    reactor::app_thread().unwrap().send(move || {
-        f(Box::new(move |r| {
-            let _ = tx.send(r);
-        }))
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("no reply from the app thread")
-}
-
-/// Runs `f` on the app thread and returns its result.
-fn app<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    on_app(move |reply| reply(f()))
-}
-
-/// The app thread's channel on `name` (opened on first use, closed when the bdev goes away). App thread only.
-fn chan(name: &str, write: bool) -> IoChannel {
-    let key = (name.to_string(), write);
-    if let Some(ch) = CHANNELS.with(|c| c.borrow().get(&key).map(|e| e.1.clone())) {
-        return ch;
-    }
-    let k2 = key.clone();
-    let on_event: EventCb = Arc::new(move |ev, _b| {
-        if ev == BdevEvent::Remove {
-            let k = k2.clone();
-            CHANNELS.with(|c| c.borrow_mut().remove(&k));
-        }
-    });
-    let desc =
-        bdev::open(name, write, Some(on_event)).unwrap_or_else(|e| panic!("open {name}: {e}"));
-    let ch = desc.channel();
-    CHANNELS.with(|c| c.borrow_mut().insert(key, (desc, ch.clone())));
-    ch
-}
 
 /// Submits one I/O through `ch` with a callback that calls `done(status, data read)`.
 fn submit(
@@ -197,18 +127,6 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(2));
     }
-}
-
-fn pattern(seed: u32, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2654435761).wrapping_add(12345);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 8) as u8
-        })
-        .collect()
 }
 
 fn malloc(name: &str) {
