@@ -258,11 +258,13 @@ struct Job {
     outstanding: u32,
     start: u64,
     end: u64,
-    half: u64,
+    quarter: u64,
+    three_quarters: u64,
     last_done: u64,
     write_count: u64,
     res: JobResult,
     alloc_mark: Option<(u64, u64)>,
+    alloc_end: Option<(u64, u64)>,
     finish: Option<Box<dyn FnOnce(JobResult) + Send>>,
 }
 
@@ -377,9 +379,9 @@ impl Job {
         if self.opts.workload == Workload::Verify {
             r.verify_range = Some((0, self.slots));
         }
-        if let Some((a, ios)) = self.alloc_mark {
-            r.steady_allocs = ALLOCS.load(Ordering::Relaxed).saturating_sub(a);
-            r.steady_ios = (r.completed + r.failed).saturating_sub(ios);
+        if let (Some((a0, i0)), Some((a1, i1))) = (self.alloc_mark, self.alloc_end) {
+            r.steady_allocs = a1.saturating_sub(a0);
+            r.steady_ios = i1.saturating_sub(i0);
         }
         if let Some(f) = self.finish.take() {
             f(r);
@@ -462,11 +464,13 @@ fn task_done(mut io: IoHandle) {
                 job.res.error = Some(format!("{} I/O failed: {status:?}", io_type.name()));
             }
         }
-        if job.alloc_mark.is_none() && now >= job.half {
-            job.alloc_mark = Some((
-                ALLOCS.load(Ordering::Relaxed),
-                job.res.completed + job.res.failed,
-            ));
+        // Count allocations only between 25% and 75% of the run: every job is in steady state then, and
+        // start-up or another job's wrap-up does not leak into the figure.
+        let ios = job.res.completed + job.res.failed;
+        if job.alloc_mark.is_none() && now >= job.quarter {
+            job.alloc_mark = Some((ALLOCS.load(Ordering::Relaxed), ios));
+        } else if job.alloc_end.is_none() && now >= job.three_quarters && job.alloc_mark.is_some() {
+            job.alloc_end = Some((ALLOCS.load(Ordering::Relaxed), ios));
         }
         job.issue(ji, ti);
         job.maybe_finish(ji);
@@ -558,7 +562,8 @@ fn start_job(bdev_name: String, opts: PerfOpts, finish: Box<dyn FnOnce(JobResult
         outstanding: 0,
         start: now,
         end: now + dur,
-        half: now + dur / 2,
+        quarter: now + dur / 4,
+        three_quarters: now + dur * 3 / 4,
         last_done: now,
         write_count: 0,
         res: JobResult {
@@ -567,6 +572,7 @@ fn start_job(bdev_name: String, opts: PerfOpts, finish: Box<dyn FnOnce(JobResult
             ..Default::default()
         },
         alloc_mark: None,
+        alloc_end: None,
         finish: Some(finish),
         opts,
     };

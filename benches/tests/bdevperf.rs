@@ -286,3 +286,68 @@ fn sigterm_mid_run_completes_in_flight_io_and_reports() {
     );
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[test]
+fn steady_state_io_path_allocates_nothing() {
+    let d = tmpdir("alloc");
+    let c = config(
+        &d,
+        r#"{"method":"bdev_null_create","params":{"name":"null0","num_blocks":65536,"block_size":4096}},{"method":"bdev_malloc_create","params":{"name":"Malloc0","num_blocks":16384,"block_size":512}}"#,
+    );
+    // verify needs a bdev that keeps data: malloc only; the others run on both bdevs at once.
+    for (w, only) in [
+        ("randread", None),
+        ("randwrite", None),
+        ("verify", Some("Malloc0")),
+    ] {
+        let mut args = vec![
+            "-q",
+            "64",
+            "-o",
+            "4096",
+            "-w",
+            w,
+            "-t",
+            "2",
+            "-m",
+            "0x1",
+            "--interrupt-mode",
+            "-c",
+            c.to_str().unwrap(),
+        ];
+        if let Some(b) = only {
+            args.extend(["-T", b]);
+        }
+        let out = bdevperf(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("Steady-state heap allocations"))
+            .expect("allocation line");
+        let n: u64 = line
+            .split(':')
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ios: u64 = line
+            .split("over ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(ios > 1000, "{line}");
+        assert_eq!(
+            n, 0,
+            "{w}: heap allocations in the steady-state I/O path: {line}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(d);
+}
