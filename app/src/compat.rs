@@ -122,7 +122,6 @@ pub const KEPT_METHODS: &[(&str, u32)] = &[
     ("ioat_scan_accel_module", STATE_STARTUP),
     ("dsa_scan_accel_module", STATE_STARTUP),
     ("iaa_scan_accel_module", STATE_STARTUP),
-    ("bdev_raid_set_options", STATE_STARTUP | STATE_RUNTIME),
     ("bdev_nvme_set_options", STATE_STARTUP | STATE_RUNTIME),
     ("bdev_nvme_set_hotplug", STATE_RUNTIME),
     ("bdev_iscsi_set_options", STATE_STARTUP | STATE_RUNTIME),
@@ -1101,7 +1100,8 @@ impl KeptOptions {
     /// the raid and nvme entries; loading either order gives the same options.)
     pub fn bdev_module_entries(&self) -> Vec<Value> {
         let mut v = vec![
-            self.written("bdev_raid_set_options", &RAID),
+            // Owned by the raid module (it gives the options meaning); written from its current values.
+            raid::rpc::options_config_entry(),
             self.written("bdev_nvme_set_options", &NVME),
             self.written("bdev_nvme_set_hotplug", &HOTPLUG),
         ];
@@ -2305,17 +2305,8 @@ mod tests {
         )
         .unwrap();
         call(&mut k, "bdev_nvme_set_hotplug", json!({"enable": true})).unwrap();
-        call(
-            &mut k,
-            "bdev_raid_set_options",
-            json!({"process_max_bandwidth_mb_sec": 10}),
-        )
-        .unwrap();
         let b = k.bdev_module_entries();
-        assert_eq!(
-            b[0]["params"],
-            json!({"process_window_size_kb": 1024, "process_max_bandwidth_mb_sec": 10})
-        );
+        assert_eq!(b[0]["method"], "bdev_raid_set_options");
         assert_eq!(b[1]["params"]["transport_retry_count"], 7);
         assert!(b[1]["params"].get("retry_count").is_none());
         assert_eq!(

@@ -189,6 +189,8 @@ fn start(opts: Opts, entries: Vec<Entry>, failure: Arc<Mutex<Option<String>>>, h
         let mut r = reg.borrow_mut();
         crate::rpc::register(&mut r);
         bdev::rpc::register_rpcs(&mut r);
+        raid::rpc::register_rpcs(&mut r);
+        vhost_blk::rpc::register_rpcs(&mut r);
         compat::register(&mut r, kept.clone());
         if let Some(f) = hooks.register {
             f(&mut r);
@@ -210,6 +212,8 @@ fn start(opts: Opts, entries: Vec<Entry>, failure: Arc<Mutex<Option<String>>>, h
         on_ready: RefCell::new(hooks.on_ready.map(|f| -> ReadyHook { f })),
     });
     CURRENT.with(|c| *c.borrow_mut() = Some(t.clone()));
+    vhost_blk::set_socket_dir(t.opts.vhost_sock_dir.clone());
+    t.add_config_writer("vhost_blk", vhost_blk::rpc::config_json);
     let kept = t.kept.clone();
     t.add_config_writer("bdev", move || {
         let mut v = match bdev::rpc::config_json() {

@@ -247,6 +247,33 @@ pub(crate) fn run_examiners(bdev: &Bdev) {
     }
 }
 
+static EXAMINES_PENDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Held by an examine callback while it continues asynchronously (e.g. reading a superblock); dropping it is
+/// SPDK's `spdk_bdev_module_examine_done`. `bdev_wait_for_examine` answers once none is held.
+#[derive(Debug)]
+pub struct ExamineGuard(());
+
+impl ExamineGuard {
+    /// Marks one examine as in progress.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        EXAMINES_PENDING.fetch_add(1, Ordering::SeqCst);
+        ExamineGuard(())
+    }
+}
+
+impl Drop for ExamineGuard {
+    fn drop(&mut self) {
+        EXAMINES_PENDING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Examines still in progress (see [`ExamineGuard`]).
+pub fn examines_pending() -> usize {
+    EXAMINES_PENDING.load(Ordering::SeqCst)
+}
+
 /// Adds a module's examine callback; it also runs now for every bdev already registered.
 pub fn register_examiner(module: &str, f: Examiner) {
     let existing = registry(|r| {

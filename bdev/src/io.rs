@@ -157,38 +157,47 @@ impl BdevIo {
     }
 
     /// The type.
+    #[inline]
     pub fn io_type(&self) -> IoType {
         self.io_type
     }
     /// First block.
+    #[inline]
     pub fn offset_blocks(&self) -> u64 {
         self.offset_blocks
     }
     /// Number of blocks.
+    #[inline]
     pub fn num_blocks(&self) -> u64 {
         self.num_blocks
     }
     /// Block size of the bdev it was submitted to.
+    #[inline]
     pub fn block_size(&self) -> u32 {
         self.block_size
     }
     /// Byte offset.
+    #[inline]
     pub fn offset_bytes(&self) -> u64 {
         self.offset_blocks * self.block_size as u64
     }
     /// Byte length.
+    #[inline]
     pub fn len_bytes(&self) -> u64 {
         self.num_blocks * self.block_size as u64
     }
     /// The status (valid in a completion callback).
+    #[inline]
     pub fn status(&self) -> IoStatus {
         self.status
     }
     /// Whether it completed successfully.
+    #[inline]
     pub fn success(&self) -> bool {
         self.status == IoStatus::Success
     }
     /// The data iovecs.
+    #[inline]
     pub fn iovs(&self) -> &[IoVec] {
         &self.iovs
     }
@@ -264,12 +273,14 @@ pub struct IoHandle(Option<Box<BdevIo>>);
 
 impl Deref for IoHandle {
     type Target = BdevIo;
+    #[inline]
     fn deref(&self) -> &BdevIo {
         self.0.as_deref().expect("live IoHandle")
     }
 }
 
 impl DerefMut for IoHandle {
+    #[inline]
     fn deref_mut(&mut self) -> &mut BdevIo {
         self.0.as_deref_mut().expect("live IoHandle")
     }

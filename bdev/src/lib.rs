@@ -10,8 +10,8 @@ pub mod rpc;
 mod stat;
 
 pub use crate::bdev::{
-    get, list, open, register, register_examiner, unregister_by_name, Bdev, BdevEvent, BdevOps,
-    BdevParams, Desc, EventCb, Examiner, ModuleChannel,
+    examines_pending, get, list, open, register, register_examiner, unregister_by_name, Bdev,
+    BdevEvent, BdevOps, BdevParams, Desc, EventCb, ExamineGuard, Examiner, ModuleChannel,
 };
 pub use channel::IoChannel;
 pub use error::{BdevError, ErrorKind, Result};

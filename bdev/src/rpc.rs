@@ -343,6 +343,14 @@ fn no_metadata(md_size: u32, dif_type: u32) -> Result<(), BdevError> {
     Ok(())
 }
 
+/// Answers `true` once no examine is in progress (checked every 100 µs).
+fn wait_for_examine(r: Responder) {
+    if crate::examines_pending() == 0 {
+        return r.ok(json!(true));
+    }
+    reactor::timer(100, move || wait_for_examine(r)).detach();
+}
+
 /// Deletes a bdev of `module` by name and answers `true`, or SPDK's error.
 pub fn delete_reply(name: &str, module: &'static str, r: Responder) {
     crate::unregister_by_name(name, module, move |res| reply(r, res.map(|_| json!(true))));
@@ -414,8 +422,8 @@ pub fn register_rpcs(reg: &mut Registry) {
         STATE_RUNTIME,
         handler(
             |params, r| match no_params(&params, "bdev_wait_for_examine") {
-                // Examine callbacks run synchronously at registration, so nothing is ever pending.
-                Ok(()) => r.ok(json!(true)),
+                // Examine callbacks start at registration; those that read from the bdev hold an ExamineGuard.
+                Ok(()) => wait_for_examine(r),
                 Err(e) => r.err(e),
             },
         ),

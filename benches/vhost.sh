@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# vhost-user-blk without a VM: our spdk_tgt and qemu-storage-daemon side by side, each pinned to one core, on null
+# and RAM backing, 4 KiB randread/randwrite at qd 32 and 128, driven by target/release/vhost_bench (a vhost-user
+# front end + guest driver on another core). Prints IOPS, back-end CPU, IOPS per back-end core and the ratios.
+# Usage: bash benches/vhost.sh [vhost_bench args, e.g. -t 10 --qd 32]
+# Numbers are only meaningful on an otherwise idle machine (two cores: back end and driver).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v qemu-storage-daemon >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq qemu-system-common >/dev/null
+fi
+cargo build --release -q -p spdk-tgt -p benches --bin spdk_tgt --bin vhost_bench
+exec target/release/vhost_bench "$@"

@@ -1,0 +1,13 @@
+# Helpers for lab scripts: `. /lab/lib.sh`.
+up() { cut -d' ' -f1 /proc/uptime; }
+step() { echo "LAB-STEP [$(up)s] $*"; }
+fail() { echo "LAB-FAIL: $*"; exit 1; }
+ok() { echo "LAB-OK: $*"; }
+# busybox's shell runs its own applet for a name before looking at PATH: the host binaries the image carries
+# (coreutils dd with O_DIRECT, util-linux blkdiscard, ...) are called through functions of the same name.
+for _b in $(cat /lab/binaries 2>/dev/null); do
+  _n=${_b##*/}
+  case $_n in *[!A-Za-z0-9_]*) continue;; esac
+  [ -x "$_b" ] && eval "$_n() { $_b \"\$@\"; }"
+done
+unset _b _n

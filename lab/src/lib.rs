@@ -1,0 +1,251 @@
+//! The project's VM test lab: boots a Linux guest under QEMU (TCG, no KVM needed) with whatever devices a test
+//! asks for, runs a shell script inside it and hands back the console output and the script's exit code.
+//!
+//! ```no_run
+//! let Some(lab) = lab::Lab::get_or_skip("my_test") else { return };
+//! let mut cfg = lab::GuestConfig::new("smoke", "uname -r; cat /proc/partitions");
+//! cfg.qemu_args = vec!["-device".into(), "virtio-rng-pci".into()];
+//! let out = lab.run(&cfg).unwrap();
+//! out.assert_success();
+//! ```
+//!
+//! The kernel is the host's Debian kernel (extracted to an uncompressed ELF so QEMU boots it through PVH, which is
+//! much faster under TCG); the initramfs is busybox plus the modules and host binaries (with their shared
+//! libraries) an [`ImageSpec`] names. Images are cached under [`Lab::root`] keyed by a hash of their inputs, so
+//! only the first run of a given image pays for building it. The per-run script travels in a small second cpio
+//! archive appended to the cached one (the kernel unpacks concatenated archives in order).
+//!
+//! Packages the lab needs (`qemu-system-x86`, `linux-image-amd64`, `busybox-static`, `kmod`, `xz-utils`) are
+//! installed with apt when missing. [`Lab::get`] fails with [`LabError::Unavailable`] only when QEMU truly cannot
+//! run here; tests then skip with a message saying why ([`Lab::get_or_skip`]).
+
+pub mod cpio;
+mod image;
+mod qemu;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+pub use image::ImageSpec;
+pub use qemu::{GuestOutput, RunningGuest};
+
+/// Why the lab could not do something.
+#[derive(Debug)]
+pub enum LabError {
+    /// QEMU cannot run on this machine (tools missing and not installable, no kernel): tests skip.
+    Unavailable(String),
+    /// Building the kernel or image failed.
+    Build(String),
+    /// Starting or talking to QEMU failed.
+    Qemu(String),
+    /// The guest did not reach a point in time.
+    Timeout(String),
+}
+
+impl fmt::Display for LabError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LabError::Unavailable(s) => write!(f, "QEMU guest lab unavailable: {s}"),
+            LabError::Build(s) => write!(f, "lab image build failed: {s}"),
+            LabError::Qemu(s) => write!(f, "qemu: {s}"),
+            LabError::Timeout(s) => write!(f, "timed out: {s}"),
+        }
+    }
+}
+
+impl std::error::Error for LabError {}
+
+/// What to boot and run.
+#[derive(Clone, Debug)]
+pub struct GuestConfig {
+    /// Name (log file name, messages).
+    pub name: String,
+    /// The image: modules and binaries baked into the cached initramfs.
+    pub image: ImageSpec,
+    /// Shell script run by the guest's `/bin/sh` as `/lab/run.sh` (`. /lab/lib.sh` gives `step`/`ok`/`fail`).
+    pub script: String,
+    /// Variables exported to the script.
+    pub env: Vec<(String, String)>,
+    /// Host files copied into this run only: (host path, guest path).
+    pub files: Vec<(PathBuf, String)>,
+    /// Guest RAM in MiB.
+    pub mem_mb: u32,
+    /// vCPUs.
+    pub smp: u32,
+    /// Back guest RAM by a shared memfd (vhost-user back ends need to map it).
+    pub shared_memory: bool,
+    /// Give the guest a user-mode NIC (10.0.2.15; the host is 10.0.2.2).
+    pub net: bool,
+    /// Extra QEMU arguments (devices, chardevs, ...).
+    pub qemu_args: Vec<String>,
+    /// Extra kernel command line.
+    pub append: String,
+    /// Let a guest reboot restart it (QEMU without `-no-reboot`); the script runs again on every boot.
+    pub allow_reboot: bool,
+    /// Whole-run limit; QEMU is killed after it.
+    pub timeout: Duration,
+}
+
+impl GuestConfig {
+    /// A config with defaults: 512 MiB, 2 vCPUs, no NIC, default image, 300 s limit.
+    pub fn new(name: &str, script: &str) -> Self {
+        GuestConfig {
+            name: name.to_string(),
+            image: ImageSpec::default(),
+            script: script.to_string(),
+            env: vec![],
+            files: vec![],
+            mem_mb: 512,
+            smp: 2,
+            shared_memory: false,
+            net: false,
+            qemu_args: vec![],
+            append: String::new(),
+            allow_reboot: false,
+            timeout: Duration::from_secs(300),
+        }
+    }
+
+    /// Adds a vhost-user-blk disk on `socket` (needs [`shared_memory`](Self::shared_memory), which this sets).
+    pub fn vhost_user_blk(&mut self, id: &str, socket: &Path, extra: &str) -> &mut Self {
+        self.shared_memory = true;
+        self.qemu_args.push("-chardev".into());
+        self.qemu_args
+            .push(format!("socket,id={id},path={}", socket.display()));
+        self.qemu_args.push("-device".into());
+        let mut dev = format!("vhost-user-blk-pci,chardev={id}");
+        if !extra.is_empty() {
+            dev.push(',');
+            dev.push_str(extra);
+        }
+        self.qemu_args.push(dev);
+        self
+    }
+}
+
+/// The prepared lab: a kernel and a cache directory.
+pub struct Lab {
+    root: PathBuf,
+    kernel: PathBuf,
+    kver: String,
+}
+
+/// Packages the lab installs when missing.
+const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "linux-image-amd64",
+    "busybox-static",
+    "kmod",
+    "xz-utils",
+];
+
+impl Lab {
+    /// The cache directory: `$SPDK_RS_LAB_DIR`, or `/var/tmp/spdk-rs-lab`.
+    pub fn default_root() -> PathBuf {
+        std::env::var_os("SPDK_RS_LAB_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/tmp/spdk-rs-lab"))
+    }
+
+    /// Installs what is missing, extracts the kernel, and checks QEMU starts.
+    pub fn get() -> Result<Lab, LabError> {
+        let root = Self::default_root();
+        std::fs::create_dir_all(root.join("logs"))
+            .map_err(|e| LabError::Unavailable(format!("cannot create {}: {e}", root.display())))?;
+        let _lock = image::lock(&root)?;
+        ensure_packages()?;
+        let qemu_ok = Command::new(qemu::QEMU)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !qemu_ok {
+            return Err(LabError::Unavailable(format!(
+                "{} does not run",
+                qemu::QEMU
+            )));
+        }
+        let (kver, kernel) = image::kernel(&root)?;
+        Ok(Lab { root, kernel, kver })
+    }
+
+    /// Like [`get`](Self::get), but prints why and returns `None` when QEMU cannot run here, so a test can skip
+    /// with a visible message. Other failures panic (they are bugs, not a missing QEMU).
+    pub fn get_or_skip(test: &str) -> Option<Lab> {
+        match Self::get() {
+            Ok(l) => Some(l),
+            Err(LabError::Unavailable(why)) => {
+                eprintln!("SKIPPED {test}: QEMU guest lab unavailable on this machine: {why}");
+                None
+            }
+            Err(e) => panic!("{test}: {e}"),
+        }
+    }
+
+    /// The cache directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The guest kernel's version (the host's newest installed kernel).
+    pub fn kernel_version(&self) -> &str {
+        &self.kver
+    }
+
+    /// Builds (or finds in the cache) the initramfs for `spec`.
+    pub fn image(&self, spec: &ImageSpec) -> Result<PathBuf, LabError> {
+        let _lock = image::lock(&self.root)?;
+        image::build(&self.root, &self.kver, spec)
+    }
+
+    /// Boots a guest and returns once it powered off (or the time limit killed it).
+    pub fn run(&self, cfg: &GuestConfig) -> Result<GuestOutput, LabError> {
+        self.spawn(cfg)?.wait()
+    }
+
+    /// Boots a guest and returns while it runs, so the caller can act on the host meanwhile.
+    pub fn spawn(&self, cfg: &GuestConfig) -> Result<RunningGuest, LabError> {
+        let base = self.image(&cfg.image)?;
+        qemu::spawn(&self.root, &self.kernel, &base, cfg)
+    }
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn ensure_packages() -> Result<(), LabError> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("lab: installing {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+    };
+    let _ = apt(&["update", "-qq"]);
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    match apt(&args) {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(LabError::Unavailable(format!(
+            "apt-get install {} failed: {}",
+            missing.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))),
+        Err(e) => Err(LabError::Unavailable(format!("apt-get: {e}"))),
+    }
+}

@@ -1,0 +1,216 @@
+//! Guest memory for the hot path: the memory table as a short list of (guest address, length, host pointer)
+//! built once per table, so a guest address is checked and translated with a compare or two instead of
+//! `vm-memory`'s generic accessors.
+//!
+//! Every access checks that the whole range lies inside one mapped region before touching it. Guest memory is
+//! shared with a guest that may change it at any time, so values are copied out (never referenced) and read
+//! once; that is what any device model does with guest RAM.
+
+use std::sync::Arc;
+
+use bdev::IoVec;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+
+#[derive(Clone, Copy, Debug)]
+struct Region {
+    gpa: u64,
+    len: u64,
+    host: *mut u8,
+}
+
+/// A memory table ready for fast access. Holds the mapping alive.
+pub struct FastMem {
+    regions: Vec<Region>,
+    mem: Arc<GuestMemoryMmap>,
+}
+
+impl FastMem {
+    /// Indexes `mem`'s regions.
+    pub fn new(mem: Arc<GuestMemoryMmap>) -> FastMem {
+        let mut regions: Vec<Region> = mem
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                Some(Region {
+                    gpa: r.start_addr().0,
+                    len: r.len(),
+                    host,
+                })
+            })
+            .collect();
+        regions.sort_by_key(|r| r.gpa);
+        FastMem { regions, mem }
+    }
+
+    /// The underlying `vm-memory` object.
+    pub fn guest_memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.mem
+    }
+
+    #[inline]
+    fn region(&self, gpa: u64) -> Option<&Region> {
+        // Guests have one to a few regions: a linear scan beats a binary search.
+        self.regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
+    }
+
+    /// Host pointer to `[gpa, gpa+len)` when that range lies inside one region.
+    #[inline]
+    fn host(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        let r = self.region(gpa)?;
+        let off = gpa - r.gpa;
+        if len > r.len - off {
+            return None;
+        }
+        // `off < r.len`, so the pointer stays inside the mapping.
+        Some(r.host.wrapping_add(off as usize))
+    }
+
+    /// Copies `N` bytes at `gpa` out of guest memory (the range may span regions).
+    #[inline]
+    pub fn read<const N: usize>(&self, gpa: u64) -> Option<[u8; N]> {
+        let mut out = [0u8; N];
+        if let Some(p) = self.host(gpa, N as u64) {
+            // SAFETY: `host` checked that `[p, p+N)` lies inside a live mapping (kept by `self.mem`); `out` is a
+            // distinct local buffer.
+            unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), N) };
+            return Some(out);
+        }
+        // Rare: the range crosses a region boundary.
+        let mut done = 0usize;
+        while done < N {
+            let cur = gpa.checked_add(done as u64)?;
+            let r = self.region(cur)?;
+            let off = cur - r.gpa;
+            let n = ((r.len - off) as usize).min(N - done);
+            // SAFETY: `[off, off+n)` is inside region `r`'s live mapping; `out[done..done+n]` is in bounds.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    r.host.wrapping_add(off as usize),
+                    out.as_mut_ptr().add(done),
+                    n,
+                )
+            };
+            done += n;
+        }
+        Some(out)
+    }
+
+    /// Copies `data` into guest memory at `gpa` (the range may span regions). False if any byte is outside.
+    #[inline]
+    pub fn write(&self, gpa: u64, data: &[u8]) -> bool {
+        if !self.contains(gpa, data.len() as u64) {
+            return false;
+        }
+        let mut done = 0usize;
+        while done < data.len() {
+            let cur = gpa + done as u64;
+            let Some(r) = self.region(cur) else {
+                return false;
+            };
+            let off = cur - r.gpa;
+            let n = ((r.len - off) as usize).min(data.len() - done);
+            // SAFETY: `[off, off+n)` is inside region `r`'s live mapping; the source is a distinct slice.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    data.as_ptr().add(done),
+                    r.host.wrapping_add(off as usize),
+                    n,
+                )
+            };
+            done += n;
+        }
+        true
+    }
+
+    /// Writes one byte (a status).
+    #[inline]
+    pub fn write_u8(&self, gpa: u64, v: u8) -> bool {
+        match self.host(gpa, 1) {
+            Some(p) => {
+                // SAFETY: `p` points at one byte inside a live mapping.
+                unsafe { std::ptr::write_volatile(p, v) };
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Atomically loads the (2-aligned) little-endian `u16` at `gpa` with acquire ordering: ring indexes the
+    /// driver publishes.
+    #[inline]
+    pub fn load_u16(&self, gpa: u64) -> Option<u16> {
+        let p = self.host(gpa, 2)?;
+        if !(p as usize).is_multiple_of(2) {
+            return None;
+        }
+        // SAFETY: `p` is 2-aligned and inside a live mapping (kept by `self.mem`); the memory is only ever
+        // accessed through raw copies and atomics, never through references.
+        let a = unsafe { std::sync::atomic::AtomicU16::from_ptr(p.cast::<u16>()) };
+        Some(u16::from_le(a.load(std::sync::atomic::Ordering::Acquire)))
+    }
+
+    /// Atomically stores a little-endian `u16` at (2-aligned) `gpa` with release ordering: ring indexes the
+    /// device publishes. False when out of range or misaligned.
+    #[inline]
+    pub fn store_u16(&self, gpa: u64, v: u16) -> bool {
+        let Some(p) = self.host(gpa, 2) else {
+            return false;
+        };
+        if !(p as usize).is_multiple_of(2) {
+            return false;
+        }
+        // SAFETY: as in `load_u16`.
+        let a = unsafe { std::sync::atomic::AtomicU16::from_ptr(p.cast::<u16>()) };
+        a.store(v.to_le(), std::sync::atomic::Ordering::Release);
+        true
+    }
+
+    /// Whether `[gpa, gpa+len)` is entirely guest memory.
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        let mut cur = gpa;
+        let mut left = len;
+        while left > 0 {
+            let Some(r) = self.region(cur) else {
+                return false;
+            };
+            let n = (r.len - (cur - r.gpa)).min(left);
+            left -= n;
+            match cur.checked_add(n) {
+                Some(c) => cur = c,
+                None => return left == 0,
+            }
+        }
+        true
+    }
+
+    /// Appends iovecs covering `[gpa, gpa+len)` (one per region crossed). Fails when any byte is outside guest
+    /// memory or `iovs` would exceed `cap` entries.
+    #[inline]
+    pub fn translate(
+        &self,
+        gpa: u64,
+        len: u32,
+        iovs: &mut Vec<IoVec>,
+        cap: usize,
+    ) -> Result<(), &'static str> {
+        let mut cur = gpa;
+        let mut left = len as u64;
+        while left > 0 {
+            let r = self.region(cur).ok_or("buffer outside guest memory")?;
+            let off = cur - r.gpa;
+            let n = (r.len - off).min(left);
+            if iovs.len() >= cap {
+                return Err("too many segments");
+            }
+            iovs.push(IoVec {
+                base: r.host.wrapping_add(off as usize),
+                len: n as usize,
+            });
+            left -= n;
+            cur = cur.checked_add(n).ok_or("buffer address overflows")?;
+        }
+        Ok(())
+    }
+}
