@@ -315,13 +315,17 @@ fn framework_thread_and_log_methods() {
     assert!(r["reactors"][0]["busy"].as_u64().unwrap() + r["reactors"][0]["idle"].as_u64().unwrap() > 0);
     let s = t.ok(&["thread_get_stats"]);
     assert_eq!(s["threads"][0]["name"], "app_thread");
-    assert!(s["threads"][0]["active_pollers_count"].as_u64().unwrap() >= 1);
+    assert!(s["threads"][0]["timed_pollers_count"].as_u64().unwrap() >= 1);
     let p = t.ok(&["thread_get_pollers"]);
-    assert!(p["threads"][0]["active_pollers"]
+    let rpc_poller = p["threads"][0]["timed_pollers"]
         .as_array()
         .unwrap()
         .iter()
-        .any(|x| x["name"] == "app_rpc"));
+        .find(|x| x["name"] == "app_rpc")
+        .cloned()
+        .expect("the RPC poller is a timed poller, as SPDK's");
+    assert!(rpc_poller["period_ticks"].as_u64().unwrap() > 0);
+    assert!(rpc_poller["run_count"].as_u64().unwrap() > 0);
     let subs = t.ok(&["framework_get_subsystems"]);
     assert!(subs
         .as_array()
