@@ -310,9 +310,16 @@ fn framework_thread_and_log_methods() {
     assert!(r["tick_rate"].as_u64().unwrap() > 0);
     assert_eq!(r["reactors"][0]["lcore"], 0);
     assert_eq!(r["reactors"][0]["lw_threads"][0]["name"], "app_thread");
-    assert!(r["reactors"][0]["lw_threads"][0]["elapsed"].as_u64().unwrap() > 0);
+    assert!(
+        r["reactors"][0]["lw_threads"][0]["elapsed"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     assert!(r["reactors"][0]["tid"].as_u64().unwrap() > 0);
-    assert!(r["reactors"][0]["busy"].as_u64().unwrap() + r["reactors"][0]["idle"].as_u64().unwrap() > 0);
+    assert!(
+        r["reactors"][0]["busy"].as_u64().unwrap() + r["reactors"][0]["idle"].as_u64().unwrap() > 0
+    );
     let s = t.ok(&["thread_get_stats"]);
     assert_eq!(s["threads"][0]["name"], "app_thread");
     assert!(s["threads"][0]["timed_pollers_count"].as_u64().unwrap() >= 1);
