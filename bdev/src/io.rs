@@ -289,6 +289,7 @@ impl DerefMut for IoHandle {
 impl IoHandle {
     /// Completes the I/O with `status`. The callback runs on this (the submitting) thread; when called from
     /// inside the module's `submit` or `poll`, right after that call returns.
+    #[inline]
     pub fn complete(mut self, status: IoStatus) {
         self.status = status;
         crate::channel::complete(self);
@@ -328,6 +329,7 @@ pub fn pool_limit() -> usize {
 
 /// Takes a descriptor from this thread's pool, or `None` when the thread already owns its limit (queue a retry
 /// with [`queue_io_wait`]).
+#[inline]
 pub fn alloc_io() -> Option<IoHandle> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
@@ -382,6 +384,7 @@ impl Drop for IoHandle {
 }
 
 /// Builds an I/O ready to submit.
+#[inline]
 pub(crate) fn build(
     io_type: IoType,
     offset_blocks: u64,

@@ -1,10 +1,12 @@
 //! Per-thread raid channels: the I/O path of raid1, raid0 and concat.
 //!
 //! A channel holds this thread's channels on the members, a slab of in-flight parent I/Os (a parent waits in
-//! its slot until its children complete), per-member outstanding counters for read balancing, and queues for
-//! I/O held back by a quiesce or by the rebuild window. Everything is per thread in a `RefCell`: no lock, no
-//! shared atomic, and after warm-up no allocation per I/O (children come from the bdev pool, completions are
-//! routed through one `Rc<dyn IoSink>`, slots and queues keep their capacity).
+//! its slot until its children complete; a slot is just the handle, 8 per cache line), per-member outstanding
+//! counters for read balancing, and queues for I/O held back by a quiesce or by the rebuild window. The state of
+//! an I/O in flight (kind, children outstanding, member masks) lives in the parent's `driver_ctx`, which the bdev
+//! layer reserves for the module handling the I/O and which completion touches anyway. Everything is per thread
+//! in a `RefCell`: no lock, no shared atomic, and after warm-up no allocation per I/O (children come from the
+//! bdev pool, completions are routed through one `Rc<dyn IoSink>`, slots and queues keep their capacity).
 //!
 //! Control-plane changes (a member removed, a rebuild target attached, a quiesce) reach channels as messages
 //! ([`crate::raid`] walks every thread holding one), never as shared state read on the I/O path.
@@ -50,55 +52,82 @@ pub(crate) struct BaseCh {
     pub outstanding: u32,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    Free,
-    /// raid1 write, unmap, write_zeroes, flush: one child per member.
-    Mirror,
-    /// raid1 read: one child, retried on another member on failure.
-    Read,
-    /// raid0/concat: one child per strip or member piece.
-    Striped,
-    /// Reset: one child per member.
-    Reset,
-}
+/// Kinds of parent I/O (the low byte of `driver_ctx[0]`).
+const K_FREE: u64 = 0;
+/// raid1 write, unmap, write_zeroes, flush: one child per member.
+const K_MIRROR: u64 = 1;
+/// raid1 read: one child, retried on another member on failure.
+const K_READ: u64 = 2;
+/// raid0/concat: one child per strip or member piece.
+const K_STRIPED: u64 = 3;
+/// Reset: one child per member.
+const K_RESET: u64 = 4;
 
-struct Slot {
-    parent: Option<IoHandle>,
-    kind: Kind,
-    /// Children in flight.
-    remaining: u32,
-    /// Next member (Mirror, Reset) or piece (Striped) to submit.
-    next: u32,
-    /// Pieces in all (Striped).
-    total: u32,
-    ok: u64,
-    failed: u64,
-    /// Members that were in sync when the I/O was submitted (Mirror).
-    insync: u64,
-    /// Members tried (Read).
-    tried: u64,
-    /// First member a read went to (failed when every mirror fails).
-    first: u8,
-    /// Waiting in the resume queue.
-    queued: bool,
-}
+/// Bit of a child's context: the member was in sync when the (mirror) child was sent.
+const CTX_INSYNC: u64 = 1 << 7;
 
-impl Slot {
-    fn empty() -> Slot {
-        Slot {
-            parent: None,
-            kind: Kind::Free,
-            remaining: 0,
-            next: 0,
-            total: 0,
-            ok: 0,
-            failed: 0,
-            insync: 0,
-            tried: 0,
-            first: 0,
-            queued: false,
+/// The state of a parent I/O in flight, kept in its `driver_ctx`:
+/// `[0]` kind (bits 0..8), first member read (8..16), queued for resume (bit 16), children outstanding (32..64);
+/// `[1]` next member or piece to send (0..32), pieces in all (32..64);
+/// `[2]` members that succeeded (mirror: in-sync ones only) or were tried (read); `[3]` members that failed.
+struct Track<'a>(&'a mut [u64; 4]);
+
+impl Track<'_> {
+    #[inline]
+    fn kind(&self) -> u64 {
+        self.0[0] & 0xff
+    }
+    #[inline]
+    fn first(&self) -> usize {
+        ((self.0[0] >> 8) & 0xff) as usize
+    }
+    #[inline]
+    fn set_first(&mut self, m: usize) {
+        self.0[0] = (self.0[0] & !0xff00) | ((m as u64) << 8);
+    }
+    #[inline]
+    fn queued(&self) -> bool {
+        self.0[0] & (1 << 16) != 0
+    }
+    #[inline]
+    fn set_queued(&mut self, q: bool) {
+        if q {
+            self.0[0] |= 1 << 16;
+        } else {
+            self.0[0] &= !(1 << 16);
         }
+    }
+    #[inline]
+    fn remaining(&self) -> u32 {
+        (self.0[0] >> 32) as u32
+    }
+    #[inline]
+    fn set_remaining(&mut self, n: u32) {
+        self.0[0] = (self.0[0] & 0xffff_ffff) | ((n as u64) << 32);
+    }
+    #[inline]
+    fn next(&self) -> u32 {
+        self.0[1] as u32
+    }
+    #[inline]
+    fn set_next(&mut self, n: u32) {
+        self.0[1] = (self.0[1] & !0xffff_ffff) | n as u64;
+    }
+    #[inline]
+    fn total(&self) -> u32 {
+        (self.0[1] >> 32) as u32
+    }
+    #[inline]
+    fn set_total(&mut self, n: u32) {
+        self.0[1] = (self.0[1] & 0xffff_ffff) | ((n as u64) << 32);
+    }
+    #[inline]
+    fn ok(&self) -> u64 {
+        self.0[2]
+    }
+    #[inline]
+    fn failed(&self) -> u64 {
+        self.0[3]
     }
 }
 
@@ -115,7 +144,7 @@ pub(crate) struct ChanState {
     present: u64,
     /// Members reads may go to.
     readers: u64,
-    slots: Vec<Slot>,
+    slots: Vec<Option<IoHandle>>,
     free: Vec<u32>,
     /// Parents in slots (submitted to members, not parked).
     pub active: usize,
@@ -124,7 +153,6 @@ pub(crate) struct ChanState {
     /// Hold new writes into this range (the rebuild window being copied).
     pub lock: Option<(u64, u64)>,
     waiting: VecDeque<IoHandle>,
-    resume: VecDeque<u32>,
     parked: Vec<Parked>,
     /// Last generation reported failed, per member.
     reported: Vec<Option<u32>>,
@@ -166,7 +194,7 @@ impl RaidChan {
     ) -> ChanHandle {
         let n = bases.len();
         let mut slots = Vec::with_capacity(INITIAL_SLOTS);
-        slots.resize_with(INITIAL_SLOTS, Slot::empty);
+        slots.resize_with(INITIAL_SLOTS, || None);
         let free = (0..INITIAL_SLOTS as u32).rev().collect();
         let mut st = ChanState {
             bases,
@@ -178,7 +206,6 @@ impl RaidChan {
             quiesced,
             lock,
             waiting: VecDeque::with_capacity(64),
-            resume: VecDeque::with_capacity(64),
             parked: Vec::new(),
             reported: vec![None; n],
             scratch: Vec::with_capacity(32),
@@ -198,30 +225,28 @@ impl RaidChan {
 
     /// Starts (or holds) a parent I/O. Returns a completion to deliver once no borrow is held.
     fn start(&self, st: &mut ChanState, sink: &Rc<dyn IoSink>, io: IoHandle) -> Done {
-        if st.quiesced || (is_write(io.io_type()) && st.lock.is_some_and(|r| overlaps(&io, r))) {
+        let t = io.io_type();
+        if st.quiesced || (is_write(t) && st.lock.is_some_and(|r| overlaps(&io, r))) {
             st.waiting.push_back(io);
             return None;
         }
-        let t = io.io_type();
         if t == IoType::Reset {
-            let idx = st.alloc(io, Kind::Reset);
+            let idx = st.alloc(io, K_RESET, 0);
             return self.fanout(st, sink, idx);
         }
         match self.layout.level {
             Level::Raid1 => {
                 if t == IoType::Read {
-                    let idx = st.alloc(io, Kind::Read);
+                    let idx = st.alloc(io, K_READ, 0);
                     self.read_next(st, sink, idx)
                 } else {
-                    let idx = st.alloc(io, Kind::Mirror);
-                    st.slots[idx as usize].insync = st.readers;
+                    let idx = st.alloc(io, K_MIRROR, 0);
                     self.mirror_fanout(st, sink, idx)
                 }
             }
             Level::Raid0 | Level::Concat => {
                 let total = self.pieces(&io, t);
-                let idx = st.alloc(io, Kind::Striped);
-                st.slots[idx as usize].total = total;
+                let idx = st.alloc(io, K_STRIPED, total);
                 self.fanout(st, sink, idx)
             }
         }
@@ -311,106 +336,85 @@ impl RaidChan {
         }
     }
 
-    /// Submits the children of slot `idx` from where it stopped (a NOMEM stops it half way).
+    /// Submits the children of striped and reset I/O from where it stopped (a NOMEM stops it half way).
     fn fanout(&self, st: &mut ChanState, sink: &Rc<dyn IoSink>, idx: u32) -> Done {
         let i = idx as usize;
-        let kind = st.slots[i].kind;
-        let count = match kind {
-            Kind::Striped => st.slots[i].total,
-            _ => st.bases.len() as u32,
-        };
-        while st.slots[i].next < count {
-            let k = st.slots[i].next;
+        loop {
             let ChanState {
                 slots,
                 bases,
                 scratch,
                 ..
-            } = st;
-            let slot = &mut slots[i];
-            let parent = slot.parent.as_ref().expect("parent in slot");
-            let (member, res) = match kind {
-                Kind::Striped => {
-                    let t = parent.io_type();
-                    let (m, lba, blocks, byte_off) = self.piece(parent, t, k);
-                    let Some(ch) = &bases[m].ch else {
-                        slot.failed |= 1 << m;
-                        slot.next += 1;
-                        continue;
-                    };
-                    let lba = bases[m].offset + lba;
-                    let ctx = ctx_of(idx, m);
-                    let cb = Completion::Sink(sink.clone());
-                    let r = if t.has_data() {
-                        sub_iovs(
-                            parent.iovs(),
-                            byte_off,
-                            blocks * parent.block_size() as u64,
-                            scratch,
-                        );
-                        // SAFETY: the parent (and so its buffers) stays in its slot until every child completed;
-                        // the sub-iovecs lie inside the parent's iovecs.
-                        unsafe {
-                            if t == IoType::Read {
-                                ch.readv(scratch, lba, blocks, cb, ctx)
-                            } else {
-                                ch.writev(scratch, lba, blocks, cb, ctx)
-                            }
-                        }
-                    } else {
-                        ch.submit_nodata(t, lba, blocks, cb, ctx)
-                    };
-                    (m, r)
-                }
-                Kind::Reset => {
-                    let m = k as usize;
-                    let Some(ch) = &bases[m].ch else {
-                        slot.next += 1;
-                        continue;
-                    };
-                    let cb = Completion::Sink(sink.clone());
-                    (m, ch.submit_nodata(IoType::Reset, 0, 0, cb, ctx_of(idx, m)))
-                }
-                _ => {
-                    let m = k as usize;
-                    let Some(ch) = &bases[m].ch else {
-                        slot.next += 1;
-                        continue;
-                    };
-                    let lba = bases[m].offset + parent.offset_blocks();
-                    let cb = Completion::Sink(sink.clone());
-                    // SAFETY: the parent stays in its slot until every child completed, so the buffers the
-                    // child shares with it stay valid.
-                    (m, unsafe {
-                        ch.submit_child(parent, lba, cb, ctx_of(idx, m))
-                    })
-                }
+            } = &mut *st;
+            let parent = slots[i].as_mut().expect("parent in slot");
+            let (kind, k, count) = {
+                let tr = Track(&mut parent.driver_ctx);
+                let count = if tr.kind() == K_STRIPED {
+                    tr.total()
+                } else {
+                    bases.len() as u32
+                };
+                (tr.kind(), tr.next(), count)
             };
+            if k >= count {
+                break;
+            }
+            let (member, res) = if kind == K_STRIPED {
+                let t = parent.io_type();
+                let (m, lba, blocks, byte_off) = self.piece(parent, t, k);
+                let Some(ch) = &bases[m].ch else {
+                    parent.driver_ctx[3] |= 1 << m;
+                    Track(&mut parent.driver_ctx).set_next(k + 1);
+                    continue;
+                };
+                let lba = bases[m].offset + lba;
+                let cb = Completion::Sink(sink.clone());
+                let ctx = ctx_of(idx, m);
+                let r = if t.has_data() {
+                    sub_iovs(
+                        parent.iovs(),
+                        byte_off,
+                        blocks * parent.block_size() as u64,
+                        scratch,
+                    );
+                    // SAFETY: the parent (and so its buffers) stays in its slot until every child completed;
+                    // the sub-iovecs lie inside the parent's iovecs.
+                    unsafe {
+                        if t == IoType::Read {
+                            ch.readv(scratch, lba, blocks, cb, ctx)
+                        } else {
+                            ch.writev(scratch, lba, blocks, cb, ctx)
+                        }
+                    }
+                } else {
+                    ch.submit_nodata(t, lba, blocks, cb, ctx)
+                };
+                (m, r)
+            } else {
+                let m = k as usize;
+                let Some(ch) = &bases[m].ch else {
+                    Track(&mut parent.driver_ctx).set_next(k + 1);
+                    continue;
+                };
+                let cb = Completion::Sink(sink.clone());
+                (m, ch.submit_nodata(IoType::Reset, 0, 0, cb, ctx_of(idx, m)))
+            };
+            let mut tr = Track(&mut parent.driver_ctx);
             match res {
                 Ok(()) => {
-                    slot.remaining += 1;
-                    slot.next += 1;
+                    let r = tr.remaining();
+                    tr.set_remaining(r + 1);
+                    tr.set_next(k + 1);
                     bases[member].outstanding += 1;
                 }
                 Err(_) => {
-                    // Out of descriptors: nothing sent yet means the bdev layer may retry the whole I/O;
-                    // otherwise continue from here once descriptors come back.
-                    if slot.remaining == 0 && slot.next == 0 {
-                        return st.release(idx, IoStatus::NoMem);
-                    }
-                    if !slot.queued {
-                        slot.queued = true;
-                        st.resume.push_back(idx);
-                    }
+                    // Out of descriptors: continue from here when one is returned.
+                    self.wait_for_descriptor(&mut tr, idx);
                     return None;
                 }
             }
         }
-        if st.slots[i].remaining == 0 {
-            let s = self.final_status(&st.slots[i]);
-            return self.finish(st, idx, s);
-        }
-        None
+        self.maybe_done(st, idx)
     }
 
     /// raid1 writes, unmaps, write_zeroes, flushes: one child per member with a channel, from `next` on.
@@ -418,86 +422,70 @@ impl RaidChan {
         let i = idx as usize;
         let n = st.bases.len() as u32;
         loop {
-            let next = st.slots[i].next;
+            let ChanState {
+                slots,
+                bases,
+                present,
+                readers,
+                ..
+            } = &mut *st;
+            let parent = slots[i].as_mut().expect("parent in slot");
+            let next = parent.driver_ctx[1] as u32;
             let pending = if next >= 64 {
                 0
             } else {
-                st.present & !((1u64 << next) - 1)
+                *present & !((1u64 << next) - 1)
             };
             if pending == 0 {
                 break;
             }
             let m = pending.trailing_zeros() as usize;
-            let ChanState { slots, bases, .. } = &mut *st;
-            let slot = &mut slots[i];
-            let parent = slot.parent.as_ref().expect("parent in slot");
             let b = &mut bases[m];
             let Some(ch) = &b.ch else { break };
             let lba = b.offset + parent.offset_blocks();
+            let insync = if *readers & (1 << m) != 0 {
+                CTX_INSYNC
+            } else {
+                0
+            };
+            let ctx = ctx_of(idx, m) | insync;
             // SAFETY: the parent stays in its slot until every child completed, so the buffers the child
             // shares with it stay valid.
-            let res = unsafe {
-                ch.submit_child(parent, lba, Completion::Sink(sink.clone()), ctx_of(idx, m))
-            };
+            let res = unsafe { ch.submit_child(parent, lba, Completion::Sink(sink.clone()), ctx) };
+            let mut tr = Track(&mut parent.driver_ctx);
             match res {
                 Ok(()) => {
-                    slot.remaining += 1;
-                    slot.total += 1;
-                    slot.next = m as u32 + 1;
+                    let r = tr.remaining();
+                    tr.set_remaining(r + 1);
+                    tr.set_total(tr.total() + 1);
+                    tr.set_next(m as u32 + 1);
                     b.outstanding += 1;
                 }
                 Err(_) => {
-                    slot.next = m as u32;
-                    if slot.total == 0 {
-                        return st.release(idx, IoStatus::NoMem);
-                    }
-                    if !slot.queued {
-                        slot.queued = true;
-                        st.resume.push_back(idx);
-                    }
+                    tr.set_next(m as u32);
+                    self.wait_for_descriptor(&mut tr, idx);
                     return None;
                 }
             }
         }
-        st.slots[i].next = n;
-        if st.slots[i].remaining == 0 {
-            let s = self.final_status(&st.slots[i]);
-            return self.finish(st, idx, s);
+        if let Some(p) = st.slots[i].as_mut() {
+            Track(&mut p.driver_ctx).set_next(n);
         }
-        None
-    }
-
-    fn final_status(&self, slot: &Slot) -> IoStatus {
-        match slot.kind {
-            Kind::Mirror => {
-                if slot.ok & slot.insync != 0 {
-                    IoStatus::Success
-                } else {
-                    IoStatus::Failed(libc::EIO)
-                }
-            }
-            Kind::Reset => {
-                if slot.failed == 0 {
-                    IoStatus::Success
-                } else {
-                    IoStatus::Failed(libc::EIO)
-                }
-            }
-            _ => {
-                if slot.failed == 0 && slot.next > 0 {
-                    IoStatus::Success
-                } else {
-                    IoStatus::Failed(libc::EIO)
-                }
-            }
-        }
+        self.maybe_done(st, idx)
     }
 
     /// Sends a raid1 read to the least busy in-sync member not tried yet.
     fn read_next(&self, st: &mut ChanState, sink: &Rc<dyn IoSink>, idx: u32) -> Done {
         let i = idx as usize;
-        let tried = st.slots[i].tried;
-        let mut cand = st.readers & !tried;
+        let ChanState {
+            slots,
+            bases,
+            readers,
+            ..
+        } = &mut *st;
+        let parent = slots[i].as_mut().expect("parent in slot");
+        let tried = parent.driver_ctx[2];
+        let mut cand = *readers & !tried;
         let best = if cand == 0 {
             None
         } else {
@@ -505,7 +493,7 @@ impl RaidChan {
             cand &= cand - 1;
             while cand != 0 {
                 let m = cand.trailing_zeros() as usize;
-                if st.bases[m].outstanding < st.bases[best].outstanding {
+                if bases[m].outstanding < bases[best].outstanding {
                     best = m;
                 }
                 cand &= cand - 1;
@@ -515,14 +503,11 @@ impl RaidChan {
         let Some(m) = best else {
             if tried != 0 {
                 // Every mirror failed: the member read first is failed (as SPDK does).
-                let first = st.slots[i].first as usize;
+                let first = Track(&mut parent.driver_ctx).first();
                 self.report_failure(st, first);
             }
             return self.finish(st, idx, IoStatus::Failed(libc::EIO));
         };
-        let ChanState { slots, bases, .. } = st;
-        let slot = &mut slots[i];
-        let parent = slot.parent.as_ref().expect("parent in slot");
         let b = &mut bases[m];
         let lba = b.offset + parent.offset_blocks();
         let cb = Completion::Sink(sink.clone());
@@ -532,38 +517,53 @@ impl RaidChan {
                 .expect("checked")
                 .submit_child(parent, lba, cb, ctx_of(idx, m))
         };
+        let mut tr = Track(&mut parent.driver_ctx);
         match res {
             Ok(()) => {
                 if tried == 0 {
-                    slot.first = m as u8;
+                    tr.set_first(m);
                 }
-                slot.tried |= 1 << m;
-                slot.remaining = 1;
+                tr.0[2] |= 1 << m;
+                tr.set_remaining(1);
                 b.outstanding += 1;
                 None
             }
-            Err(_) if tried == 0 => st.release(idx, IoStatus::NoMem),
             Err(_) => {
-                if !slot.queued {
-                    slot.queued = true;
-                    st.resume.push_back(idx);
-                }
+                self.wait_for_descriptor(&mut tr, idx);
                 None
             }
         }
     }
 
+    /// The status of a parent whose children all completed.
+    fn final_status(kind: u64, tr: &Track<'_>) -> IoStatus {
+        let ok = match kind {
+            K_MIRROR => tr.ok() != 0,
+            K_RESET => tr.failed() == 0,
+            _ => tr.failed() == 0 && tr.next() > 0,
+        };
+        if ok {
+            IoStatus::Success
+        } else {
+            IoStatus::Failed(libc::EIO)
+        }
+    }
+
     /// Completes slot `idx`; a raid1 write that failed on some member is parked until that failure is recorded.
     fn finish(&self, st: &mut ChanState, idx: u32, status: IoStatus) -> Done {
-        let slot = &st.slots[idx as usize];
-        if slot.kind == Kind::Mirror && slot.failed != 0 {
+        let i = idx as usize;
+        let (kind, failed) = {
+            let p = st.slots[i].as_ref().expect("parent in slot");
+            (p.driver_ctx[0] & 0xff, p.driver_ctx[3])
+        };
+        if kind == K_MIRROR && failed != 0 {
             let mut waits = Vec::new();
             for (m, b) in st.bases.iter().enumerate() {
-                if slot.failed & (1 << m) != 0 {
+                if failed & (1 << m) != 0 {
                     waits.push((m, b.gen));
                 }
             }
-            let parent = st.slots[idx as usize].parent.take();
+            let parent = st.slots[i].take();
             st.free_slot(idx);
             st.parked.push(Parked {
                 parent,
@@ -594,13 +594,19 @@ impl RaidChan {
         }
     }
 
-    fn child_done(&self, st: &mut ChanState, idx: u32, m: usize, ok: bool) -> Done {
+    fn child_done(&self, st: &mut ChanState, idx: u32, ctx: u64, ok: bool) -> Done {
         let i = idx as usize;
+        let m = (ctx & 0x3f) as usize;
         st.bases[m].outstanding = st.bases[m].outstanding.saturating_sub(1);
-        let kind = st.slots[i].kind;
-        st.slots[i].remaining -= 1;
-        match kind {
-            Kind::Read => {
+        let Some(parent) = st.slots[i].as_mut() else {
+            log::error!("raid: completion for a free slot {idx}");
+            return None;
+        };
+        let mut tr = Track(&mut parent.driver_ctx);
+        let r = tr.remaining();
+        tr.set_remaining(r.saturating_sub(1));
+        match tr.kind() {
+            K_READ => {
                 if ok {
                     return self.finish(st, idx, IoStatus::Success);
                 }
@@ -608,71 +614,98 @@ impl RaidChan {
                 let sink = self.sink();
                 self.read_next(st, &sink, idx)
             }
-            Kind::Mirror => {
+            K_MIRROR => {
                 if ok {
-                    st.slots[i].ok |= 1 << m;
+                    if ctx & CTX_INSYNC != 0 {
+                        tr.0[2] |= 1 << m;
+                    }
                 } else {
-                    st.slots[i].failed |= 1 << m;
+                    tr.0[3] |= 1 << m;
                     self.report_failure(st, m);
                 }
                 self.maybe_done(st, idx)
             }
-            Kind::Striped | Kind::Reset => {
+            _ => {
                 if !ok {
-                    st.slots[i].failed |= 1 << m;
+                    tr.0[3] |= 1 << m;
                 }
                 self.maybe_done(st, idx)
-            }
-            Kind::Free => {
-                log::error!("raid: completion for a free slot {idx}");
-                None
             }
         }
     }
 
+    /// Completes slot `idx` if every child was sent and completed.
     fn maybe_done(&self, st: &mut ChanState, idx: u32) -> Done {
-        let slot = &st.slots[idx as usize];
-        let count = match slot.kind {
-            Kind::Striped => slot.total,
-            _ => st.bases.len() as u32,
-        };
-        if slot.remaining == 0 && slot.next >= count && !slot.queued {
-            let s = self.final_status(slot);
+        let n = st.bases.len() as u32;
+        let p = st.slots[idx as usize].as_mut().expect("parent in slot");
+        let tr = Track(&mut p.driver_ctx);
+        let kind = tr.kind();
+        let count = if kind == K_STRIPED { tr.total() } else { n };
+        if tr.remaining() == 0 && tr.next() >= count && !tr.queued() {
+            let s = Self::final_status(kind, &tr);
             return self.finish(st, idx, s);
         }
         None
     }
 
-    /// Runs queued work: I/O waiting for descriptors, and held I/O that may go now.
+    /// Out of descriptors: wait in the pool's queue (first come, first served as descriptors are returned), then
+    /// continue slot `idx` from where it stopped.
+    fn wait_for_descriptor(&self, tr: &mut Track<'_>, idx: u32) {
+        if tr.queued() {
+            return;
+        }
+        tr.set_queued(true);
+        let me = self.me.clone();
+        // Exhaustion path only: the waiter allocates.
+        bdev::queue_io_wait(move || {
+            if let Some(c) = me.upgrade() {
+                c.resume(idx);
+            }
+        });
+    }
+
+    /// Continues slot `idx` now that a descriptor was returned.
+    fn resume(&self, idx: u32) {
+        let done = {
+            let Ok(mut st) = self.st.try_borrow_mut() else {
+                // Returned while this channel is busy: wait for the next one.
+                let me = self.me.clone();
+                bdev::queue_io_wait(move || {
+                    if let Some(c) = me.upgrade() {
+                        c.resume(idx);
+                    }
+                });
+                return;
+            };
+            let Some(p) = st.slots[idx as usize].as_mut() else {
+                return;
+            };
+            let mut tr = Track(&mut p.driver_ctx);
+            tr.set_queued(false);
+            let kind = tr.kind();
+            let sink = self.sink();
+            match kind {
+                K_READ => self.read_next(&mut st, &sink, idx),
+                K_MIRROR => self.mirror_fanout(&mut st, &sink, idx),
+                K_FREE => None,
+                _ => self.fanout(&mut st, &sink, idx),
+            }
+        };
+        if let Some((io, s)) = done {
+            io.complete(s);
+        }
+    }
+
+    /// Runs held I/O that may go now.
     fn run_queues(&self) -> bool {
         {
             let st = self.st.borrow();
-            if st.resume.is_empty() && st.waiting.is_empty() {
+            if st.waiting.is_empty() {
                 return false;
             }
         }
         let sink = self.sink();
         let mut did = false;
-        let n = self.st.borrow().resume.len();
-        for _ in 0..n {
-            let done = {
-                let mut st = self.st.borrow_mut();
-                let Some(idx) = st.resume.pop_front() else {
-                    break;
-                };
-                st.slots[idx as usize].queued = false;
-                did = true;
-                match st.slots[idx as usize].kind {
-                    Kind::Read => self.read_next(&mut st, &sink, idx),
-                    Kind::Mirror => self.mirror_fanout(&mut st, &sink, idx),
-                    Kind::Free => None,
-                    _ => self.fanout(&mut st, &sink, idx),
-                }
-            };
-            if let Some((io, s)) = done {
-                io.complete(s);
-            }
-        }
         let n = self.st.borrow().waiting.len();
         for _ in 0..n {
             let done = {
@@ -683,8 +716,12 @@ impl RaidChan {
                 let Some(io) = st.waiting.pop_front() else {
                     break;
                 };
-                did = true;
-                self.start(&mut st, &sink, io)
+                let before = st.waiting.len();
+                let d = self.start(&mut st, &sink, io);
+                if st.waiting.len() == before {
+                    did = true;
+                }
+                d
             };
             if let Some((io, s)) = done {
                 io.complete(s);
@@ -718,12 +755,10 @@ impl RaidChan {
     /// Whether a write overlapping `r` is in flight here.
     pub(crate) fn writes_in_range(&self, r: (u64, u64)) -> bool {
         let st = self.st.borrow();
-        st.slots.iter().any(|s| {
-            s.kind != Kind::Free
-                && s.parent
-                    .as_ref()
-                    .is_some_and(|p| is_write(p.io_type()) && overlaps(p, r))
-        })
+        st.slots
+            .iter()
+            .flatten()
+            .any(|p| is_write(p.io_type()) && overlaps(p, r))
     }
 }
 
@@ -805,43 +840,30 @@ impl ChanState {
         }
     }
 
-    fn alloc(&mut self, io: IoHandle, kind: Kind) -> u32 {
+    fn alloc(&mut self, mut io: IoHandle, kind: u64, total: u32) -> u32 {
+        io.driver_ctx = [kind, (total as u64) << 32, 0, 0];
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
                 // Grow once by doubling; steady state never gets here.
                 let old = self.slots.len();
-                self.slots.resize_with(old * 2, Slot::empty);
+                self.slots.resize_with(old * 2, || None);
                 self.free.extend((old as u32 + 1..(old * 2) as u32).rev());
                 old as u32
             }
         };
-        let s = &mut self.slots[idx as usize];
-        s.parent = Some(io);
-        s.kind = kind;
-        s.remaining = 0;
-        s.next = 0;
-        s.total = 0;
-        s.ok = 0;
-        s.failed = 0;
-        s.insync = 0;
-        s.tried = 0;
-        s.first = 0;
-        s.queued = false;
+        self.slots[idx as usize] = Some(io);
         self.active += 1;
         idx
     }
 
     fn free_slot(&mut self, idx: u32) {
-        let s = &mut self.slots[idx as usize];
-        s.kind = Kind::Free;
-        s.parent = None;
         self.free.push(idx);
         self.active -= 1;
     }
 
     fn release(&mut self, idx: u32, status: IoStatus) -> Done {
-        let parent = self.slots[idx as usize].parent.take();
+        let parent = self.slots[idx as usize].take();
         self.free_slot(idx);
         parent.map(|p| (p, status))
     }
@@ -854,7 +876,7 @@ impl IoSink for RaidChan {
         drop(child);
         let done = {
             let mut st = self.st.borrow_mut();
-            self.child_done(&mut st, (ctx >> 8) as u32, (ctx & 0xff) as usize, ok)
+            self.child_done(&mut st, (ctx >> 8) as u32, ctx, ok)
         };
         if let Some((io, s)) = done {
             io.complete(s);

@@ -350,3 +350,40 @@ fn raid1_remove_base_rpc_and_flush_unmap() {
         unregister("rb_m1");
     });
 }
+
+#[test]
+fn raid1_and_raid0_survive_running_out_of_io_descriptors() {
+    with_reactors("0x3", || {
+        malloc("nm_m0", 4096, 512);
+        malloc("nm_m1", 4096, 512);
+        malloc("nm_m2", 4096, 512);
+        malloc("nm_m3", 4096, 512);
+        raid_create("nm_r1", Level::Raid1, &["nm_m0", "nm_m1"], 0, false).unwrap();
+        raid_create("nm_r0", Level::Raid0, &["nm_m2", "nm_m3"], 4, false).unwrap();
+        // A thread whose pool holds every parent (2 x 16) but not their children (one per member, or per
+        // strip): fan-outs run out of descriptors half way and must resume. (A pool smaller than the queue
+        // depth can be filled with parents alone; like SPDK's, it must be sized above the queue depth.)
+        let old = bdev::pool_limit();
+        bdev::set_pool_limit(40);
+        let t = io_thread("nm_io");
+        let l1 = Load::start(&t, "nm_r1", 8, 16, 5);
+        let l0 = Load::start(&t, "nm_r0", 16, 16, 6);
+        l1.wait_writes(300);
+        l0.wait_writes(300);
+        let (s1, s0) = (l1.stop(), l0.stop());
+        bdev::set_pool_limit(old);
+        for s in [&s1, &s0] {
+            assert_eq!(s.writes_failed + s.reads_failed, 0, "{s:?}");
+            assert!(s.mismatches.is_empty(), "{:?}", s.mismatches);
+        }
+        assert!(verify_against(&l1.shared, "nm_m0", 0, BS).is_empty());
+        assert!(verify_against(&l1.shared, "nm_m1", 0, BS).is_empty());
+        assert!(verify_against(&l0.shared, "nm_r0", 0, BS).is_empty());
+        drop((l1, l0));
+        raid_delete("nm_r1", false).unwrap();
+        raid_delete("nm_r0", false).unwrap();
+        for m in ["nm_m0", "nm_m1", "nm_m2", "nm_m3"] {
+            unregister(m);
+        }
+    });
+}

@@ -506,7 +506,10 @@ fn submit_one(st: &Rc<RefCell<LoadState>>) {
             })),
             0,
         );
-        assert!(res.is_ok());
+        if res.is_err() {
+            drop(s);
+            out_of_descriptors(st, region, bs, n);
+        }
     } else {
         let expect: Vec<u64> = {
             let shadow = s.shared.shadow.lock().unwrap();
@@ -553,8 +556,24 @@ fn submit_one(st: &Rc<RefCell<LoadState>>) {
             })),
             0,
         );
-        assert!(res.is_ok());
+        if res.is_err() {
+            drop(s);
+            out_of_descriptors(st, region, bs, n);
+        }
     }
+}
+
+/// Submission found this thread's descriptor pool empty: undo and try again once one is returned.
+fn out_of_descriptors(st: &Rc<RefCell<LoadState>>, region: u64, bs: usize, n: u64) {
+    {
+        let mut s = st.borrow_mut();
+        s.busy[region as usize] = false;
+        s.inflight -= 1;
+        // The buffer went with the refused request.
+        s.bufs.push(DmaBuf::alloc(bs * n as usize).unwrap());
+    }
+    let st2 = st.clone();
+    bdev::queue_io_wait(move || submit_one(&st2));
 }
 
 fn done_one(st: &Rc<RefCell<LoadState>>, region: u64, buf: DmaBuf, f: impl FnOnce(&LoadShared)) {
