@@ -77,10 +77,12 @@ impl ChannelCore {
         self.in_module.set(false);
         // Only what was queued before this run: callbacks that submit again are served next iteration.
         let n = self.deferred.borrow().len();
+        // One clock read for the whole batch: these completions happened during the module call just made.
+        let now = if n > 0 { ticks::now() } else { 0 };
         for _ in 0..n {
             let io = self.deferred.borrow_mut().pop_front();
             match io {
-                Some(io) => self.finish(io),
+                Some(io) => self.finish(io, now),
                 None => break,
             }
         }
@@ -110,7 +112,7 @@ impl ChannelCore {
         }
     }
 
-    fn finish(self: &Rc<Self>, mut io: IoHandle) {
+    fn finish(self: &Rc<Self>, mut io: IoHandle, now: u64) {
         if io.status == IoStatus::NoMem {
             // The module is out of resources: keep the I/O and resubmit when something completes.
             self.outstanding
@@ -122,7 +124,7 @@ impl ChannelCore {
             self.outstanding
                 .set(self.outstanding.get().saturating_sub(1));
         }
-        let ticks = ticks::now().saturating_sub(io.submit_tick);
+        let ticks = now.saturating_sub(io.submit_tick);
         self.stat.borrow_mut().record(
             io.io_type,
             io.len_bytes(),
@@ -185,7 +187,7 @@ pub(crate) fn complete(io: IoHandle) {
     if ch.in_module.get() {
         ch.deferred.borrow_mut().push_back(io);
     } else {
-        ch.finish(io);
+        ch.finish(io, ticks::now());
     }
 }
 

@@ -251,6 +251,9 @@ struct Job {
     _desc: Desc,
     ch: IoChannel,
     blocks_per_io: u64,
+    /// First slot (in I/O-size units) of this job's range, and the range's length: with -C, the jobs of one
+    /// bdev split it between them, as SPDK does, so they never write over each other.
+    slot_base: u64,
     slots: u64,
     next_slot: u64,
     rng: u64,
@@ -283,11 +286,11 @@ impl Job {
 
     fn next_slot(&mut self) -> u64 {
         if self.opts.workload.random() {
-            self.rand() % self.slots
+            self.slot_base + self.rand() % self.slots
         } else {
             let s = self.next_slot;
             self.next_slot = (self.next_slot + 1) % self.slots;
-            s
+            self.slot_base + s
         }
     }
 
@@ -377,7 +380,7 @@ impl Job {
         r.runtime_us = ((self.last_done.max(self.start) - self.start) as u128 * 1_000_000
             / ticks::rate() as u128) as u64;
         if self.opts.workload == Workload::Verify {
-            r.verify_range = Some((0, self.slots));
+            r.verify_range = Some((self.slot_base, self.slots));
         }
         if let (Some((a0, i0)), Some((a1, i1))) = (self.alloc_mark, self.alloc_end) {
             r.steady_allocs = a1.saturating_sub(a0);
@@ -478,7 +481,12 @@ fn task_done(mut io: IoHandle) {
 }
 
 /// Starts one job on the current (job) thread.
-fn start_job(bdev_name: String, opts: PerfOpts, finish: Box<dyn FnOnce(JobResult) + Send>) {
+fn start_job(
+    bdev_name: String,
+    (part, parts): (u64, u64),
+    opts: PerfOpts,
+    finish: Box<dyn FnOnce(JobResult) + Send>,
+) {
     let core = reactor::current().map(|t| t.core()).unwrap_or(0);
     let fail = |msg: String, finish: Box<dyn FnOnce(JobResult) + Send>| {
         finish(JobResult {
@@ -521,7 +529,9 @@ fn start_job(bdev_name: String, opts: PerfOpts, finish: Box<dyn FnOnce(JobResult
         );
     }
     let blocks_per_io = opts.io_size / bs;
-    let slots = desc.bdev().num_blocks() / blocks_per_io;
+    let all_slots = desc.bdev().num_blocks() / blocks_per_io;
+    let slots = all_slots / parts.max(1);
+    let slot_base = slots * part;
     if slots == 0 || (opts.workload == Workload::Verify && slots < opts.qd as u64) {
         return fail(
             format!("{bdev_name} is too small for the requested I/O size and depth"),
@@ -555,6 +565,7 @@ fn start_job(bdev_name: String, opts: PerfOpts, finish: Box<dyn FnOnce(JobResult
         _desc: desc,
         ch,
         blocks_per_io,
+        slot_base,
         slots,
         next_slot: 0,
         rng: 0x9E37_79B9_7F4A_7C15 ^ (core as u64 + 1).wrapping_mul(0x1234_5678_9abc_def1),
@@ -590,7 +601,10 @@ fn start_job(bdev_name: String, opts: PerfOpts, finish: Box<dyn FnOnce(JobResult
 }
 
 /// Which bdevs and cores to test: every unclaimed bdev (or `-T`), one core each round-robin, or every core with -C.
-fn plan(opts: &PerfOpts, mask: &CpuMask) -> Result<Vec<(String, u32)>, String> {
+/// Jobs as (bdev, core, (part, parts)): with -C a bdev's range is split into `parts` equal parts.
+type Plan = Vec<(String, u32, (u64, u64))>;
+
+fn plan(opts: &PerfOpts, mask: &CpuMask) -> Result<Plan, String> {
     let names: Vec<String> = match &opts.only {
         Some(n) => match bdev::get(n) {
             Some(b) => vec![b.name().to_string()],
@@ -609,9 +623,15 @@ fn plan(opts: &PerfOpts, mask: &CpuMask) -> Result<Vec<(String, u32)>, String> {
     let mut out = vec![];
     for (i, n) in names.into_iter().enumerate() {
         if opts.every_core {
-            out.extend(cores.iter().map(|c| (n.clone(), *c)));
+            let parts = cores.len() as u64;
+            out.extend(
+                cores
+                    .iter()
+                    .enumerate()
+                    .map(|(k, c)| (n.clone(), *c, (k as u64, parts))),
+            );
         } else {
-            out.push((n, cores[i % cores.len()]));
+            out.push((n, cores[i % cores.len()], (0, 1)));
         }
     }
     Ok(out)
@@ -632,7 +652,7 @@ fn run_tests(
     let app = reactor::app_thread().expect("app thread");
     // Job threads report through a Send token; `done` itself stays on the app thread.
     let done_slot = DoneSlot::new(done);
-    for (i, (name, core)) in jobs.into_iter().enumerate() {
+    for (i, (name, core, part)) in jobs.into_iter().enumerate() {
         let t = reactor::spawn_thread(&format!("bdevperf_{i}"), Some(&CpuMask::single(core)))
             .expect("job thread");
         let results = results.clone();
@@ -643,6 +663,7 @@ fn run_tests(
         t.send(move || {
             start_job(
                 name,
+                part,
                 o,
                 Box::new(move |r| {
                     let mut v = results.lock().unwrap_or_else(|e| e.into_inner());

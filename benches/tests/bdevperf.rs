@@ -351,3 +351,51 @@ fn steady_state_io_path_allocates_nothing() {
     }
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[test]
+fn every_core_jobs_split_the_verify_range() {
+    if std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        < 2
+    {
+        return;
+    }
+    let d = tmpdir("everycore");
+    let c = config(
+        &d,
+        r#"{"method":"bdev_malloc_create","params":{"name":"Malloc0","num_blocks":16384,"block_size":512}}"#,
+    );
+    let out = bdevperf(&[
+        "-q",
+        "16",
+        "-o",
+        "4096",
+        "-w",
+        "verify",
+        "-t",
+        "1",
+        "-m",
+        "0x3",
+        "-C",
+        "--interrupt-mode",
+        "-c",
+        c.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 16384 blocks / 8 per I/O = 2048 slots, halved between the two cores' jobs.
+    assert!(
+        stdout.contains("Verification LBA range: start 0x0 length 0x400"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Verification LBA range: start 0x400 length 0x400"),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(d);
+}
