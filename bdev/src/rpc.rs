@@ -187,6 +187,8 @@ fn get_iostat(p: GetIostat, r: Responder) {
             let mut m = serde_json::Map::new();
             m.insert("name".into(), json!(name));
             m.extend(s.to_json());
+            // Queue-depth sampling (bdev_set_qd_sampling_period) is not implemented; SPDK reports these as 0
+            // while sampling is off, which is the truth here.
             for k in [
                 "queue_depth_polling_period",
                 "queue_depth",

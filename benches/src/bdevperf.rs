@@ -815,6 +815,7 @@ fn report(opts: &PerfOpts, results: &[JobResult]) -> Value {
             ("iops", json!(iops)),
             ("mibps", json!(mbps)),
             ("io_failed", json!(r.failed)),
+            // No I/O timeout is armed (SPDK's -k), so none can expire.
             ("io_timeout", json!(0)),
             ("avg_latency_us", json!(avg)),
             ("min_latency_us", json!(min)),
