@@ -12,45 +12,10 @@ use std::time::{Duration, Instant};
 
 use bdev::modules::error::{self, ErrorType, InjectOpts};
 use bdev::modules::malloc::{self, MallocOpts};
-use bdev::{Completion, ErrorKind, IoChannel, IoHandle, IoStatus, IoType};
-use reactor::dma::DmaBuf;
+use bdev::{ErrorKind, IoStatus, IoType};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Harness
-
-/// Submits one I/O through `ch` with a callback that calls `done(status, data read)`.
-fn submit(
-    ch: &IoChannel,
-    t: IoType,
-    offset: u64,
-    blocks: u64,
-    data: Option<Vec<u8>>,
-    done: Box<dyn FnOnce((IoStatus, Vec<u8>))>,
-) {
-    let bs = ch.bdev().block_size() as u64;
-    let cb = Completion::Closure(Box::new(move |mut io: IoHandle| {
-        let st = io.status();
-        let d = io
-            .take_buf()
-            .map(|b| b.as_slice().to_vec())
-            .unwrap_or_default();
-        done((st, d));
-    }));
-    let r = if t.has_data() {
-        let mut buf = DmaBuf::alloc((blocks * bs) as usize).unwrap();
-        if let Some(d) = data {
-            buf.as_mut_slice()[..d.len()].copy_from_slice(&d);
-        }
-        match t {
-            IoType::Read => ch.read(buf, offset, blocks, cb, 0),
-            IoType::Write => ch.write(buf, offset, blocks, cb, 0),
-            _ => ch.compare(buf, offset, blocks, cb, 0),
-        }
-    } else {
-        ch.submit_nodata(t, offset, blocks, cb, 0)
-    };
-    r.expect("submit");
-}
 
 /// Submits one I/O on the app thread and waits for it: (status, data read back).
 fn io_on(

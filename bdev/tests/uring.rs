@@ -31,32 +31,7 @@ fn io(
     data: Option<Vec<u8>>,
 ) -> (IoStatus, Vec<u8>) {
     let name = name.to_string();
-    on_app(move |reply| {
-        let ch = chan(&name, true);
-        let bs = ch.bdev().block_size() as u64;
-        let cb = Completion::Closure(Box::new(move |mut io: IoHandle| {
-            let st = io.status();
-            let d = io
-                .take_buf()
-                .map(|b| b.as_slice().to_vec())
-                .unwrap_or_default();
-            reply((st, d));
-        }));
-        let r = if t.has_data() {
-            let mut buf = DmaBuf::alloc((blocks * bs) as usize).unwrap();
-            if let Some(d) = data {
-                buf.as_mut_slice()[..d.len()].copy_from_slice(&d);
-            }
-            match t {
-                IoType::Read => ch.read(buf, offset, blocks, cb, 0),
-                IoType::Write => ch.write(buf, offset, blocks, cb, 0),
-                _ => ch.compare(buf, offset, blocks, cb, 0),
-            }
-        } else {
-            ch.submit_nodata(t, offset, blocks, cb, 0)
-        };
-        r.expect("submit");
-    })
+    on_app(move |reply| submit(&chan(&name, true), t, offset, blocks, data, reply))
 }
 
 fn write(name: &str, offset: u64, data: &[u8]) -> IoStatus {
