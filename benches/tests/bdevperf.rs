@@ -33,6 +33,23 @@ fn bdevperf(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The job row of `bdev` in bdevperf's table, and its eight numbers (runtime, IOPS, MiB/s, Fail/s, TO/s, avg,
+/// min, max latency).
+fn job_row<'a>(stdout: &'a str, bdev: &str) -> (&'a str, Vec<f64>) {
+    let row = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(bdev) && l.contains(':'))
+        .expect("job row");
+    let cols = row
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    (row, cols)
+}
+
 fn assert_verify_passes(out: &Output, bdev: &str) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -51,17 +68,7 @@ fn assert_verify_passes(out: &Output, bdev: &str) {
         stdout.contains("Verification LBA range: start 0x0"),
         "{stdout}"
     );
-    let row = stdout
-        .lines()
-        .find(|l| l.trim_start().starts_with(bdev) && l.contains(':'))
-        .expect("job row");
-    let cols: Vec<f64> = row
-        .split(':')
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .map(|c| c.parse().unwrap())
-        .collect();
+    let (row, cols) = job_row(&stdout, bdev);
     assert_eq!(cols.len(), 8, "{row}");
     assert!(cols[1] > 0.0, "IOPS > 0: {row}");
     assert_eq!(cols[3], 0.0, "no failures: {row}");
@@ -269,17 +276,7 @@ fn sigterm_mid_run_completes_in_flight_io_and_reports() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("Received shutdown signal"), "{stdout}");
-    let row = stdout
-        .lines()
-        .find(|l| l.trim_start().starts_with("Malloc0"))
-        .expect("job row");
-    let cols: Vec<f64> = row
-        .split(':')
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .map(|c| c.parse().unwrap())
-        .collect();
+    let (row, cols) = job_row(&stdout, "Malloc0");
     assert!(
         cols[1] > 0.0 && cols[3] == 0.0,
         "I/O ran and none failed: {row}"
