@@ -22,6 +22,7 @@
 pub mod cpio;
 mod image;
 mod qemu;
+pub mod spdk_rpc;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -81,13 +81,7 @@ impl Tgt {
     }
 
     fn rpc(&self, args: &[&str]) -> Output {
-        Command::new("spdk-rpc")
-            .arg("-s")
-            .arg(&self.sock)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("spdk-rpc (pip install spdk)")
+        lab::spdk_rpc::run(&self.sock, args)
     }
 
     fn ok(&self, args: &[&str]) -> Value {

@@ -74,39 +74,17 @@ impl Tgt {
 
     /// Runs `spdk-rpc -s SOCK args...`.
     pub fn rpc(&self, args: &[&str]) -> Output {
-        spdk_rpc(&self.sock, args)
+        lab::spdk_rpc::run(&self.sock, args)
     }
 
     /// Runs an RPC that must succeed; returns its JSON output (or Null when it prints nothing).
     pub fn ok(&self, args: &[&str]) -> Value {
-        let o = self.rpc(args);
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "spdk-rpc {args:?} failed: {}{}",
-            out,
-            String::from_utf8_lossy(&o.stderr)
-        );
-        if out.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&out).unwrap_or(Value::String(out.trim().to_string()))
-        }
+        lab::spdk_rpc::ok(&self.sock, args)
     }
 
     /// Runs an RPC that must fail; returns the JSON-RPC error object the client printed.
     pub fn err(&self, args: &[&str]) -> Value {
-        let o = self.rpc(args);
-        assert!(
-            !o.status.success(),
-            "spdk-rpc {args:?} unexpectedly succeeded"
-        );
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        rpc_error_of(&text).unwrap_or_else(|| panic!("no JSON-RPC error in: {text}"))
+        lab::spdk_rpc::err(&self.sock, args)
     }
 
     /// Sends one raw JSON-RPC call over the socket and returns the response object.
@@ -154,26 +132,6 @@ impl Drop for Tgt {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// The `spdk-rpc` executable (installed by scripts/deps.sh).
-pub fn spdk_rpc(sock: &Path, args: &[&str]) -> Output {
-    Command::new("spdk-rpc")
-        .arg("-s")
-        .arg(sock)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spdk-rpc is installed (pip install spdk)")
-}
-
-/// Pulls `{"code": .., "message": ..}` out of spdk-rpc's error output.
-pub fn rpc_error_of(text: &str) -> Option<Value> {
-    let start = text.rfind("response:")?;
-    let rest = &text[start + "response:".len()..];
-    let open = rest.find('{')?;
-    let mut de = serde_json::Deserializer::from_str(&rest[open..]).into_iter::<Value>();
-    de.next()?.ok()
 }
 
 /// One request over a fresh connection; reads until a whole JSON value arrived.

@@ -150,52 +150,17 @@ impl Tgt {
 
     /// Runs `spdk-rpc -s SOCK args...`.
     pub fn rpc(&self, args: &[&str]) -> Output {
-        Command::new("spdk-rpc")
-            .arg("-s")
-            .arg(&self.sock)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("spdk-rpc is installed (pip install spdk)")
+        lab::spdk_rpc::run(&self.sock, args)
     }
 
-    /// An RPC that must succeed; its JSON output (Null when it prints nothing).
+    /// Runs an RPC that must succeed; returns its JSON output (or Null when it prints nothing).
     pub fn ok(&self, args: &[&str]) -> Value {
-        let o = self.rpc(args);
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "spdk-rpc {args:?} failed: {}{}",
-            out,
-            String::from_utf8_lossy(&o.stderr)
-        );
-        if out.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&out).unwrap_or(Value::String(out.trim().to_string()))
-        }
+        lab::spdk_rpc::ok(&self.sock, args)
     }
 
-    /// An RPC that must fail; the JSON-RPC error object the client printed.
+    /// Runs an RPC that must fail; returns the JSON-RPC error object the client printed.
     pub fn err(&self, args: &[&str]) -> Value {
-        let o = self.rpc(args);
-        assert!(
-            !o.status.success(),
-            "spdk-rpc {args:?} unexpectedly succeeded"
-        );
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let start = text.rfind("response:").expect("error response");
-        let rest = &text[start + "response:".len()..];
-        let open = rest.find('{').expect("error object");
-        serde_json::Deserializer::from_str(&rest[open..])
-            .into_iter::<Value>()
-            .next()
-            .unwrap()
-            .unwrap()
+        lab::spdk_rpc::err(&self.sock, args)
     }
 
     /// One raw JSON-RPC request; the response object.
