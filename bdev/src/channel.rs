@@ -80,7 +80,15 @@ impl ChannelCore {
         // One clock read for the whole batch: these completions happened during the module call just made.
         let now = if n > 0 { ticks::now() } else { 0 };
         for _ in 0..n {
-            let io = self.deferred.borrow_mut().pop_front();
+            let io = {
+                let mut q = self.deferred.borrow_mut();
+                let io = q.pop_front();
+                // The next descriptor is likely out of cache: start loading it while this one completes.
+                if let Some(next) = q.front() {
+                    next.prefetch();
+                }
+                io
+            };
             match io {
                 Some(io) => self.finish(io, now),
                 None => break,
@@ -132,7 +140,10 @@ impl ChannelCore {
             io.status == IoStatus::Success,
         );
         io.ch = None;
+        // A parent completed from this callback (a virtual bdev's) completed at this same moment.
+        let outer = DONE_NOW.replace(now);
         run_callback(io);
+        DONE_NOW.set(outer);
         if !self.nomem.borrow().is_empty() {
             self.retry_nomem(1);
         }
@@ -140,6 +151,12 @@ impl ChannelCore {
 }
 
 thread_local! {
+    /// Clock of the outermost submission running on this thread (0: none). A child I/O that a virtual bdev
+    /// submits from inside its parent's submission takes this tick rather than reading the clock again: the
+    /// two happen within the same call, and a clock read costs as much as the rest of the child's submission.
+    static SUBMIT_NOW: Cell<u64> = const { Cell::new(0) };
+    /// Clock of the completion whose callback is running (0: none); see [`ChannelCore::finish`].
+    static DONE_NOW: Cell<u64> = const { Cell::new(0) };
     /// Statistics of this thread's channels that are gone, per bdev id. Kept per thread so a statistics walk,
     /// which visits each thread in turn, sees every I/O exactly once even while channels come and go.
     static RETIRED: RefCell<HashMap<u64, IoStat>> = RefCell::new(HashMap::new());
@@ -187,7 +204,11 @@ pub(crate) fn complete(io: IoHandle) {
     if ch.in_module.get() {
         ch.deferred.borrow_mut().push_back(io);
     } else {
-        ch.finish(io, ticks::now());
+        let now = match DONE_NOW.get() {
+            0 => ticks::now(),
+            t => t,
+        };
+        ch.finish(io, now);
     }
 }
 
@@ -214,7 +235,14 @@ impl IoChannel {
         self.core.outstanding.get()
     }
 
-    fn check(&self, io: &crate::io::BdevIo) -> std::result::Result<(), (i32, String)> {
+    /// Validates `io` against this bdev; `data_checked` skips the buffer checks (length, alignment) when they
+    /// were already made for a parent with the same block size and at least this alignment.
+    #[inline]
+    fn check(
+        &self,
+        io: &crate::io::BdevIo,
+        data_checked: bool,
+    ) -> std::result::Result<(), (i32, String)> {
         let t = io.io_type;
         let name = self.core.bdev.name();
         if !self.core.supported[t as usize] {
@@ -239,7 +267,7 @@ impl IoChannel {
                 ));
             }
         }
-        if t.has_data() {
+        if t.has_data() && !data_checked {
             if io.total_iov_len() != io.num_blocks * self.core.block_size as u64 {
                 return Err((
                     libc::EINVAL,
@@ -269,20 +297,34 @@ impl IoChannel {
 
     /// Submits a prepared I/O. Invalid I/O (range, length, alignment, type, read-only) completes with
     /// `IoStatus::Failed(errno)`; the callback always runs, on this thread, after this call returns.
-    pub fn submit(&self, mut io: IoHandle) {
+    pub fn submit(&self, io: IoHandle) {
+        self.submit_checked(io, false);
+    }
+
+    #[inline]
+    fn submit_checked(&self, mut io: IoHandle, data_checked: bool) {
         let core = &self.core;
         core.ensure_poller();
         io.block_size = core.block_size;
         io.ch = Some(core.clone());
-        if let Err((errno, msg)) = self.check(&io) {
+        if let Err((errno, msg)) = self.check(&io, data_checked) {
             log::warn!("{msg}");
             io.status = IoStatus::Failed(errno);
             io.submit_tick = 0;
             core.deferred.borrow_mut().push_back(io);
             return;
         }
-        io.submit_tick = ticks::now();
+        let outer = SUBMIT_NOW.get();
+        if outer != 0 {
+            io.submit_tick = outer;
+            core.submit_to_module(io);
+            return;
+        }
+        let now = ticks::now();
+        io.submit_tick = now;
+        SUBMIT_NOW.set(now);
         core.submit_to_module(io);
+        SUBMIT_NOW.set(0);
     }
 
     #[inline]
@@ -426,7 +468,31 @@ impl IoChannel {
     ) -> Result<()> {
         let mut io = self.prepare(parent.io_type, offset_blocks, parent.num_blocks, cb, ctx)?;
         io.iovs.extend_from_slice(&parent.iovs);
-        self.submit(io);
+        let data_checked = self.data_checked(parent);
+        self.submit_checked(io, data_checked);
         Ok(())
+    }
+
+    /// Sends `io` itself on to this channel's bdev at `offset_blocks`: for a virtual bdev that maps an I/O onto
+    /// exactly one base I/O, no second descriptor, and the buffers travel with it. It comes back through
+    /// `cb`/`ctx` (on this thread, after this call returns); call [`IoHandle::restore`] on it then, before
+    /// completing it to its submitter or forwarding it again. The submitter's route is kept in the descriptor.
+    pub fn forward(&self, mut io: IoHandle, offset_blocks: u64, cb: Completion, ctx: u64) {
+        let data_checked = self.data_checked(&io);
+        io.save_route(offset_blocks, cb, ctx);
+        self.submit_checked(io, data_checked);
+    }
+
+    /// Whether `parent`'s buffers need no second look here: they passed its bdev's checks (they hold its
+    /// blocks, aligned to that bdev's alignment), this bdev has the same block size and needs no stricter
+    /// alignment.
+    #[inline]
+    fn data_checked(&self, parent: &crate::io::BdevIo) -> bool {
+        let core = &self.core;
+        parent.block_size == core.block_size
+            && parent
+                .ch
+                .as_ref()
+                .is_some_and(|p| p.align_mask & core.align_mask == core.align_mask)
     }
 }

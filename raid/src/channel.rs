@@ -8,6 +8,13 @@
 //! in a `RefCell`: no lock, no shared atomic, and after warm-up no allocation per I/O (children come from the
 //! bdev pool, completions are routed through one `Rc<dyn IoSink>`, slots and queues keep their capacity).
 //!
+//! An I/O that maps onto exactly one member I/O (a raid1 read; a raid0/concat I/O inside one strip or member)
+//! is not copied into a child: the descriptor itself is forwarded to the member and comes back to the raid,
+//! which restores the submitter's route and completes it. That spares a descriptor, its initialisation and
+//! two cache misses per I/O, which is most of what a raid1 read costs over a plain read. The parent's
+//! `driver_ctx` then belongs to the member, and the little state such an I/O has (the mirror read first, for a
+//! retry) rides in the context word it comes back with: no slot.
+//!
 //! Control-plane changes (a member removed, a rebuild target attached, a quiesce) reach channels as messages
 //! ([`crate::raid`] walks every thread holding one), never as shared state read on the I/O path.
 
@@ -56,8 +63,6 @@ pub(crate) struct BaseCh {
 const K_FREE: u64 = 0;
 /// raid1 write, unmap, write_zeroes, flush: one child per member.
 const K_MIRROR: u64 = 1;
-/// raid1 read: one child, retried on another member on failure.
-const K_READ: u64 = 2;
 /// raid0/concat: one child per strip or member piece.
 const K_STRIPED: u64 = 3;
 /// Reset: one child per member.
@@ -65,25 +70,22 @@ const K_RESET: u64 = 4;
 
 /// Bit of a child's context: the member was in sync when the (mirror) child was sent.
 const CTX_INSYNC: u64 = 1 << 7;
+/// Bit of a child's context: it is the parent itself, forwarded. Such a context carries no slot: bits 8..14 hold
+/// the mirror read first and bit 15 whether a failure is retried on another mirror (raid1 reads).
+const CTX_FWD: u64 = 1 << 6;
+/// See [`CTX_FWD`].
+const CTX_RETRY: u64 = 1 << 15;
 
 /// The state of a parent I/O in flight, kept in its `driver_ctx`:
-/// `[0]` kind (bits 0..8), first member read (8..16), queued for resume (bit 16), children outstanding (32..64);
+/// `[0]` kind (bits 0..8), queued for resume (bit 16), children outstanding (32..64);
 /// `[1]` next member or piece to send (0..32), pieces in all (32..64);
-/// `[2]` members that succeeded (mirror: in-sync ones only) or were tried (read); `[3]` members that failed.
+/// `[2]` members that succeeded (mirror: in-sync ones only); `[3]` members that failed.
 struct Track<'a>(&'a mut [u64; 4]);
 
 impl Track<'_> {
     #[inline]
     fn kind(&self) -> u64 {
         self.0[0] & 0xff
-    }
-    #[inline]
-    fn first(&self) -> usize {
-        ((self.0[0] >> 8) & 0xff) as usize
-    }
-    #[inline]
-    fn set_first(&mut self, m: usize) {
-        self.0[0] = (self.0[0] & !0xff00) | ((m as u64) << 8);
     }
     #[inline]
     fn queued(&self) -> bool {
@@ -146,7 +148,7 @@ pub(crate) struct ChanState {
     readers: u64,
     slots: Vec<Option<IoHandle>>,
     free: Vec<u32>,
-    /// Parents in slots (submitted to members, not parked).
+    /// Parents in slots or forwarded (submitted to members, not parked).
     pub active: usize,
     /// Hold every new I/O (quiesce).
     pub quiesced: bool,
@@ -237,8 +239,7 @@ impl RaidChan {
         match self.layout.level {
             Level::Raid1 => {
                 if t == IoType::Read {
-                    let idx = st.alloc(io, K_READ, 0);
-                    self.read_next(st, sink, idx)
+                    self.read_first(st, sink, io)
                 } else {
                     let idx = st.alloc(io, K_MIRROR, 0);
                     self.mirror_fanout(st, sink, idx)
@@ -246,6 +247,9 @@ impl RaidChan {
             }
             Level::Raid0 | Level::Concat => {
                 let total = self.pieces(&io, t);
+                if total == 1 && io.num_blocks() > 0 {
+                    return self.forward_piece(st, sink, io);
+                }
                 let idx = st.alloc(io, K_STRIPED, total);
                 self.fanout(st, sink, idx)
             }
@@ -474,65 +478,87 @@ impl RaidChan {
         self.maybe_done(st, idx)
     }
 
-    /// Sends a raid1 read to the least busy in-sync member not tried yet.
-    fn read_next(&self, st: &mut ChanState, sink: &Rc<dyn IoSink>, idx: u32) -> Done {
-        let i = idx as usize;
-        let ChanState {
-            slots,
-            bases,
-            readers,
-            ..
-        } = &mut *st;
-        let parent = slots[i].as_mut().expect("parent in slot");
-        let tried = parent.driver_ctx[2];
-        let mut cand = *readers & !tried;
-        let best = if cand == 0 {
-            None
-        } else {
-            let mut best = cand.trailing_zeros() as usize;
-            cand &= cand - 1;
-            while cand != 0 {
-                let m = cand.trailing_zeros() as usize;
-                if bases[m].outstanding < bases[best].outstanding {
-                    best = m;
-                }
-                cand &= cand - 1;
-            }
-            Some(best)
-        };
-        let Some(m) = best else {
-            if tried != 0 {
-                // Every mirror failed: the member read first is failed (as SPDK does).
-                let first = Track(&mut parent.driver_ctx).first();
-                self.report_failure(st, first);
-            }
-            return self.finish(st, idx, IoStatus::Failed(libc::EIO));
-        };
-        let b = &mut bases[m];
-        let lba = b.offset + parent.offset_blocks();
-        let cb = Completion::Sink(sink.clone());
-        // SAFETY: the parent stays in its slot until the child completed.
-        let res = unsafe {
-            b.ch.as_ref()
-                .expect("checked")
-                .submit_child(parent, lba, cb, ctx_of(idx, m))
-        };
-        let mut tr = Track(&mut parent.driver_ctx);
-        match res {
-            Ok(()) => {
-                if tried == 0 {
-                    tr.set_first(m);
-                }
-                tr.0[2] |= 1 << m;
-                tr.set_remaining(1);
-                b.outstanding += 1;
-                None
-            }
-            Err(_) => {
-                self.wait_for_descriptor(&mut tr, idx);
-                None
-            }
+    /// Forwards a raid1 read to the least busy in-sync member.
+    fn read_first(&self, st: &mut ChanState, sink: &Rc<dyn IoSink>, io: IoHandle) -> Done {
+        let bases = &st.bases;
+        let mut cand = st.readers;
+        if cand == 0 {
+            return Some((io, IoStatus::Failed(libc::EIO)));
         }
+        let mut best = cand.trailing_zeros() as usize;
+        cand &= cand - 1;
+        while cand != 0 {
+            let m = cand.trailing_zeros() as usize;
+            if bases[m].outstanding < bases[best].outstanding {
+                best = m;
+            }
+            cand &= cand - 1;
+        }
+        st.active += 1;
+        let off = io.offset_blocks();
+        self.forward(st, sink, io, best, off, CTX_RETRY | ((best as u64) << 8));
+        None
+    }
+
+    /// Sends a forwarded parent to member `m` at `lba` (in the raid's block space); `state` is kept in the
+    /// context it comes back with.
+    fn forward(
+        &self,
+        st: &mut ChanState,
+        sink: &Rc<dyn IoSink>,
+        io: IoHandle,
+        m: usize,
+        lba: u64,
+        state: u64,
+    ) {
+        let b = &mut st.bases[m];
+        let ch = b.ch.as_ref().expect("forwarded to a member with a channel");
+        let ctx = state | CTX_FWD | m as u64;
+        ch.forward(io, b.offset + lba, Completion::Sink(sink.clone()), ctx);
+        b.outstanding += 1;
+    }
+
+    /// Forwards a raid0/concat I/O that falls in one piece to its member.
+    fn forward_piece(&self, st: &mut ChanState, sink: &Rc<dyn IoSink>, io: IoHandle) -> Done {
+        let (m, lba, _, _) = self.piece(&io, io.io_type(), 0);
+        if st.bases[m].ch.is_none() {
+            return Some((io, IoStatus::Failed(libc::EIO)));
+        }
+        st.active += 1;
+        self.forward(st, sink, io, m, lba, 0);
+        None
+    }
+
+    /// A forwarded parent came back from member `m`: complete it, or retry a raid1 read on the next mirror.
+    fn forwarded_done(&self, st: &mut ChanState, mut io: IoHandle, ctx: u64) -> Done {
+        let m = (ctx & 0x3f) as usize;
+        st.bases[m].outstanding = st.bases[m].outstanding.saturating_sub(1);
+        let ok = io.success();
+        io.restore();
+        if ok {
+            st.active -= 1;
+            return Some((io, IoStatus::Success));
+        }
+        if ctx & CTX_RETRY != 0 {
+            // The next in-sync mirror after `m`, in slot order, short of the one read first.
+            let first = ((ctx >> 8) & 0x3f) as usize;
+            let n = st.bases.len();
+            let mut k = (m + 1) % n;
+            while k != first {
+                if st.readers & (1 << k) != 0 {
+                    log::warn!("raid read failed on member {m}, trying member {k}");
+                    let sink = self.sink();
+                    let off = io.offset_blocks();
+                    self.forward(st, &sink, io, k, off, ctx & !0x3f & !CTX_FWD);
+                    return None;
+                }
+                k = (k + 1) % n;
+            }
+            // Every mirror failed: the member read first is failed (as SPDK does).
+            self.report_failure(st, first);
+        }
+        st.active -= 1;
+        Some((io, IoStatus::Failed(libc::EIO)))
     }
 
     /// The status of a parent whose children all completed.
@@ -606,14 +632,6 @@ impl RaidChan {
         let r = tr.remaining();
         tr.set_remaining(r.saturating_sub(1));
         match tr.kind() {
-            K_READ => {
-                if ok {
-                    return self.finish(st, idx, IoStatus::Success);
-                }
-                log::warn!("raid read failed on member {m}, trying another mirror");
-                let sink = self.sink();
-                self.read_next(st, &sink, idx)
-            }
             K_MIRROR => {
                 if ok {
                     if ctx & CTX_INSYNC != 0 {
@@ -685,7 +703,6 @@ impl RaidChan {
             let kind = tr.kind();
             let sink = self.sink();
             match kind {
-                K_READ => self.read_next(&mut st, &sink, idx),
                 K_MIRROR => self.mirror_fanout(&mut st, &sink, idx),
                 K_FREE => None,
                 _ => self.fanout(&mut st, &sink, idx),
@@ -752,7 +769,8 @@ impl RaidChan {
         }
     }
 
-    /// Whether a write overlapping `r` is in flight here.
+    /// Whether a write overlapping `r` is in flight here. (Forwarded I/O are raid1 reads or raid0/concat
+    /// pieces, neither of which a rebuild waits for.)
     pub(crate) fn writes_in_range(&self, r: (u64, u64)) -> bool {
         let st = self.st.borrow();
         st.slots
@@ -842,6 +860,12 @@ impl ChanState {
 
     fn alloc(&mut self, mut io: IoHandle, kind: u64, total: u32) -> u32 {
         io.driver_ctx = [kind, (total as u64) << 32, 0, 0];
+        let idx = self.take_slot();
+        self.slots[idx as usize] = Some(io);
+        idx
+    }
+
+    fn take_slot(&mut self) -> u32 {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -852,7 +876,6 @@ impl ChanState {
                 old as u32
             }
         };
-        self.slots[idx as usize] = Some(io);
         self.active += 1;
         idx
     }
@@ -871,8 +894,18 @@ impl ChanState {
 
 impl IoSink for RaidChan {
     fn io_done(&self, child: IoHandle) {
-        let ok = child.success();
         let ctx = child.ctx;
+        if ctx & CTX_FWD != 0 {
+            let done = {
+                let mut st = self.st.borrow_mut();
+                self.forwarded_done(&mut st, child, ctx)
+            };
+            if let Some((io, s)) = done {
+                io.complete(s);
+            }
+            return;
+        }
+        let ok = child.success();
         drop(child);
         let done = {
             let mut st = self.st.borrow_mut();
