@@ -549,7 +549,7 @@ impl RaidChan {
                     log::warn!("raid read failed on member {m}, trying member {k}");
                     let sink = self.sink();
                     let off = io.offset_blocks();
-                    self.forward(st, &sink, io, k, off, ctx & !0x3f & !CTX_FWD);
+                    self.forward(st, &sink, io, k, off, ctx & !0x3f);
                     return None;
                 }
                 k = (k + 1) % n;
@@ -860,12 +860,6 @@ impl ChanState {
 
     fn alloc(&mut self, mut io: IoHandle, kind: u64, total: u32) -> u32 {
         io.driver_ctx = [kind, (total as u64) << 32, 0, 0];
-        let idx = self.take_slot();
-        self.slots[idx as usize] = Some(io);
-        idx
-    }
-
-    fn take_slot(&mut self) -> u32 {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -876,6 +870,7 @@ impl ChanState {
                 old as u32
             }
         };
+        self.slots[idx as usize] = Some(io);
         self.active += 1;
         idx
     }
