@@ -396,10 +396,29 @@ impl Bdev {
         })
     }
 
-    /// Changes the size and tells every descriptor (modules call this on resize).
-    pub fn notify_resize(&self, num_blocks: u64) {
-        self.0.num_blocks.store(num_blocks, Ordering::Relaxed);
+    /// Changes the size and tells every descriptor (modules call this on resize). Shrinking while descriptors
+    /// are open fails with `Busy` and changes nothing, as SPDK's `spdk_bdev_notify_blockcnt_change` does: an
+    /// opener may be using the blocks that would go.
+    pub fn notify_resize(&self, num_blocks: u64) -> Result<()> {
+        {
+            let st = lock(&self.0.state);
+            let old = self.num_blocks();
+            if num_blocks == old {
+                return Ok(());
+            }
+            if num_blocks < old && !st.descs.is_empty() {
+                return Err(BdevError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{}: cannot shrink from {old} to {num_blocks} blocks while it is open",
+                        self.name()
+                    ),
+                ));
+            }
+            self.0.num_blocks.store(num_blocks, Ordering::Relaxed);
+        }
         self.notify(BdevEvent::Resize);
+        Ok(())
     }
 
     fn notify(&self, ev: BdevEvent) {

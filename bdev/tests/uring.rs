@@ -689,6 +689,20 @@ fn rescan_picks_up_a_grown_file() {
             .unwrap();
         app(|| uring::rescan("uring_grow")).unwrap();
         assert_eq!(bdev::get("uring_grow").unwrap().num_blocks(), 4096);
+        // Shrinking is refused while the bdev is open (SPDK: EBUSY), and goes through once it is closed.
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(MIB).unwrap();
+        let desc = app(|| bdev::open("uring_grow", false, None)).unwrap();
+        assert_eq!(
+            app(|| uring::rescan("uring_grow")).unwrap_err().kind,
+            ErrorKind::Busy
+        );
+        assert_eq!(bdev::get("uring_grow").unwrap().num_blocks(), 4096);
+        app(move || drop(desc));
+        app(|| uring::rescan("uring_grow")).unwrap();
+        assert_eq!(bdev::get("uring_grow").unwrap().num_blocks(), 2048);
+        file.set_len(2 * MIB).unwrap();
+        app(|| uring::rescan("uring_grow")).unwrap();
         let data = pattern(31, 512);
         assert_eq!(write("uring_grow", 4095, &data), IoStatus::Success);
         assert_eq!(read("uring_grow", 4095, 1), data);

@@ -86,8 +86,7 @@ pub fn resize(name: &str, new_size_mib: u64) -> Result<()> {
             "Cannot shrink a null bdev",
         ));
     }
-    bdev.notify_resize(blocks);
-    Ok(())
+    bdev.notify_resize(blocks)
 }
 
 impl BdevOps for Null {

@@ -365,7 +365,7 @@ pub fn rescan(name: &str) -> Result<()> {
             "{name}: resized from {} to {blocks} blocks",
             bdev.num_blocks()
         );
-        bdev.notify_resize(blocks);
+        bdev.notify_resize(blocks)?;
     }
     Ok(())
 }
