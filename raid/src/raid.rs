@@ -488,12 +488,103 @@ fn base_event(ev: BdevEvent, bdev: &Bdev) {
             }
         }
         BdevEvent::Resize => {
+            let Some((raid, _)) = find_base_by_bdev(bdev) else {
+                log::error!(
+                    "raid bdev whose base bdev '{}' was resized not found",
+                    bdev.name()
+                );
+                return;
+            };
             log::info!(
-                "base bdev '{}' was resized to {} blocks; raid size unchanged",
+                "base bdev '{}' was resized: new size {}",
                 bdev.name(),
                 bdev.num_blocks()
             );
+            let r = raid.clone();
+            enqueue_op(&raid, move |op| resize(r, op));
         }
+    }
+}
+
+/// Follows a member's new size (SPDK's `raid_bdev_resize_base_bdev` and the levels' `resize`): raid1 takes its
+/// smallest member in use, raid0 its smallest member rounded down to a strip, times the members; concat keeps its
+/// size (SPDK's concat does not resize). The array grows freely and shrinks only while nothing has it open (the
+/// bdev layer refuses otherwise, and then nothing changes). With a superblock the new sizes are written to the
+/// members. An array not online yet takes its members' sizes when it configures.
+fn resize(raid: Arc<Raid>, op: OpDone) {
+    let (bdev, size, data_size) = {
+        let st = raid.lock();
+        let (Some(bdev), Some(layout)) = (st.bdev.clone(), st.layout.clone()) else {
+            return;
+        };
+        if st.state != RaidState::Online {
+            return;
+        }
+        let Some(min) = st
+            .bases
+            .iter()
+            .filter_map(|b| {
+                let d = b.desc.as_ref()?;
+                Some(d.bdev().num_blocks().saturating_sub(b.data_offset))
+            })
+            .min()
+        else {
+            return;
+        };
+        let (size, data_size) = match raid.level {
+            Level::Raid1 => (min, min),
+            Level::Raid0 => {
+                let per = (min >> layout.strip_shift) << layout.strip_shift;
+                (per * raid.num_base as u64, per)
+            }
+            Level::Concat => return,
+        };
+        if size == st.num_blocks || size == 0 {
+            return;
+        }
+        (bdev, size, data_size)
+    };
+    let old = bdev.num_blocks();
+    if let Err(e) = bdev.notify_resize(size) {
+        log::error!(
+            "Failed to notify blockcount change of raid bdev '{}': {e}",
+            raid.name
+        );
+        return;
+    }
+    log::info!(
+        "raid bdev '{}': block count was changed from {old} to {size}",
+        raid.name
+    );
+    let write = {
+        let mut st = raid.lock();
+        st.num_blocks = size;
+        for b in &mut st.bases {
+            b.data_size = data_size;
+        }
+        let n = raid.num_base;
+        match st.sb.as_mut() {
+            Some(sb) => {
+                sb.raid_size = size;
+                for e in sb.base_bdevs.iter_mut().filter(|e| (e.slot as usize) < n) {
+                    e.data_size = data_size;
+                }
+                true
+            }
+            None => false,
+        }
+    };
+    if write {
+        let r = raid.clone();
+        write_superblock(&raid, move |res| {
+            if let Err(e) = res {
+                log::error!(
+                    "Failed to write raid bdev '{}' superblock after resizing the bdev: {e}",
+                    r.name
+                );
+            }
+            drop(op);
+        });
     }
 }
 

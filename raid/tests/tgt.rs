@@ -618,3 +618,37 @@ fn spdk_raid_state_function_test_flow() {
     let (st, _, _) = t.stop();
     assert!(st.success());
 }
+
+/// Volume expansion as a control plane drives it: the replicas grow (here `bdev_null_resize`), and the raid1 on
+/// top follows once all of them have, as `bdev_get_bdevs` and `bdev_raid_get_bdevs` show.
+#[test]
+fn raid1_follows_its_members_through_bdev_null_resize() {
+    let t = Tgt::spdk_tgt("resize", &["-m", "0x1"]);
+    for n in ["N0", "N1"] {
+        t.ok(&["bdev_null_create", n, "16", "512"]);
+    }
+    t.ok(&[
+        "bdev_raid_create",
+        "-n",
+        "vol",
+        "-r",
+        "raid1",
+        "-b",
+        "N0 N1",
+    ]);
+    let size = |t: &Tgt| t.ok(&["bdev_get_bdevs", "-b", "vol"])[0]["num_blocks"].clone();
+    assert_eq!(size(&t), 32768);
+    t.ok(&["bdev_null_resize", "N0", "32"]);
+    assert_eq!(size(&t), 32768);
+    t.ok(&["bdev_null_resize", "N1", "32"]);
+    t.wait("vol grown", 10, |t| size(t) == 65536);
+    let r = t.raid("vol").unwrap();
+    assert_eq!(r["base_bdevs_list"][0]["data_size"], 65536);
+    assert_eq!(r["base_bdevs_list"][1]["data_size"], 65536);
+    // A null bdev does not shrink; the error is SPDK's and the array is untouched.
+    let e = t.err(&["bdev_null_resize", "N0", "8"]);
+    assert_eq!(e["code"], -22, "{e}");
+    assert_eq!(size(&t), 65536);
+    let (st, _, _) = t.stop();
+    assert!(st.success());
+}
