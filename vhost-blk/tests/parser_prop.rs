@@ -1,5 +1,7 @@
 //! Property tests (bounded: a fixed number of cases) over the request parser and the ring walkers with arbitrary
 //! guest input: no panic, every iovec inside a guest memory region, every accepted request inside the disk.
+//!
+//! `PROPTEST_CASES=100000` runs more cases by hand.
 
 use bdev::IoVec;
 use proptest::prelude::*;
@@ -10,6 +12,14 @@ use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     MemoryRegionAddress,
 };
+
+/// Cases per property: `ci` unless `PROPTEST_CASES` says otherwise.
+fn cases(ci: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ci)
+}
 
 fn mem() -> GuestMemoryMmap {
     // Two regions with a hole between them, like RAM below and above a PCI hole.
@@ -91,7 +101,7 @@ fn geo_strategy() -> impl Strategy<Value = Geometry> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(cases(3000)))]
 
     #[test]
     fn parser_stays_in_guest_memory(
@@ -223,7 +233,7 @@ fn put_desc(m: &GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next:
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(cases(1000)))]
 
     /// Our split-ring walker against `virtio-queue`'s on well-formed chains (direct, in any slot order, or one
     /// indirect table): both must yield the same descriptors.
