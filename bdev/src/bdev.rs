@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::channel::ChannelCore;
 use crate::error::{BdevError, ErrorKind, Result};
+use crate::histogram::Histogram;
 use crate::io::{IoHandle, IoType};
 use crate::stat::IoStat;
 
@@ -35,9 +36,34 @@ pub trait BdevOps: Send + Sync + 'static {
 pub trait ModuleChannel {
     /// Starts an I/O. The module completes it (now or later, on this thread) with [`IoHandle::complete`].
     fn submit(&mut self, io: IoHandle);
-    /// Reaps completions; returns whether it did work. Called every reactor iteration.
+    /// Reaps completions; returns whether it did work. Called every reactor iteration while the channel has
+    /// I/O outstanding in the module (or NOMEM retries queued), and while [`ModuleChannel::wants_poll`] says so;
+    /// never for an idle channel.
     fn poll(&mut self) -> bool {
         false
+    }
+    /// Whether the channel needs polling although none of its I/O is outstanding (e.g. housekeeping after the
+    /// last completion). Asked after each poll once the channel is idle.
+    fn wants_poll(&self) -> bool {
+        false
+    }
+}
+
+/// How a bdev's channels keep latency histograms (`bdev_enable_histogram`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistogramCfg {
+    /// Buckets per power-of-two range, as a shift (SPDK's `granularity`; 7 by default).
+    pub bucket_shift: u32,
+    /// Count only this I/O type (SPDK's `opc`); all types when `None`.
+    pub opc: Option<IoType>,
+}
+
+impl Default for HistogramCfg {
+    fn default() -> Self {
+        HistogramCfg {
+            bucket_shift: crate::histogram::BUCKET_SHIFT_DEFAULT,
+            opc: None,
+        }
     }
 }
 
@@ -117,6 +143,8 @@ pub(crate) struct BdevInner {
     num_blocks: AtomicU64,
     pub(crate) ops: Box<dyn BdevOps>,
     pub(crate) io_device: Arc<IoDevice<ChannelCore>>,
+    /// Latency histogram settings while enabled (`bdev_enable_histogram`); every channel follows them.
+    pub(crate) histogram: Mutex<Option<HistogramCfg>>,
     state: Mutex<State>,
     id: u64,
 }
@@ -200,6 +228,7 @@ pub fn register(params: BdevParams, ops: Box<dyn BdevOps>) -> Result<Bdev> {
                 ChannelCore::new(Bdev(inner))
             })),
             state: Mutex::new(State::default()),
+            histogram: Mutex::new(None),
             id: NEXT_BDEV_ID.fetch_add(1, Ordering::Relaxed),
         }
     }));
@@ -501,6 +530,43 @@ impl Bdev {
                     s.merge(&x);
                 }
                 done(s)
+            },
+        );
+    }
+
+    /// Starts (or stops) latency histograms on every channel of the bdev (`bdev_enable_histogram`); channels
+    /// created later follow. `done` runs on the caller's thread once every channel has switched.
+    pub fn enable_histogram(
+        &self,
+        cfg: Option<HistogramCfg>,
+        done: impl FnOnce() + Send + 'static,
+    ) {
+        *lock(&self.0.histogram) = cfg;
+        self.0
+            .io_device
+            .for_each_channel(move |c| c.set_histogram(cfg), move |_| done());
+    }
+
+    /// The histogram settings, while enabled.
+    pub fn histogram_cfg(&self) -> Option<HistogramCfg> {
+        *lock(&self.0.histogram)
+    }
+
+    /// The latency histogram merged over every thread (`bdev_get_histogram`), or `None` when disabled.
+    pub fn get_histogram(&self, done: impl FnOnce(Option<Histogram>) + Send + 'static) {
+        let Some(cfg) = self.histogram_cfg() else {
+            return done(None);
+        };
+        let dev = self.0.io_device.clone();
+        let id = self.id();
+        reactor::for_each_thread(
+            move || crate::channel::thread_histogram(id, dev.existing_channel().as_deref()),
+            move |v| {
+                let mut out = Histogram::new(cfg.bucket_shift);
+                for h in v.into_iter().flatten() {
+                    out.merge(&h);
+                }
+                done(Some(out))
             },
         );
     }

@@ -1,18 +1,21 @@
 //! Per-thread bdev channels: validation, submission to the module, deferred completion, NOMEM retry, stats.
 //!
 //! A completion that happens while the module is inside `submit` or `poll` is queued and delivered by the
-//! channel's poller right after, so callbacks never re-enter a module (and the stack never grows with queue depth).
+//! thread's bdev poller right after, so callbacks never re-enter a module (and the stack never grows with queue
+//! depth). That one poller per thread visits only channels with work, so idle bdevs cost nothing per iteration.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
+use std::sync::OnceLock;
 
 use reactor::dma::DmaBuf;
-use reactor::{ticks, Poller};
+use reactor::{ticks, IoDevice, Poller};
 
-use crate::bdev::{Bdev, ModuleChannel};
+use crate::bdev::{Bdev, HistogramCfg, ModuleChannel};
 use crate::error::{BdevError, ErrorKind, Result};
-use crate::io::{self, Completion, IoHandle, IoStatus, IoType, IoVec};
+use crate::histogram::Histogram;
+use crate::io::{self, BdevIo, Completion, IoHandle, IoStatus, IoType, IoVec};
 use crate::stat::IoStat;
 
 pub(crate) struct ChannelCore {
@@ -21,12 +24,83 @@ pub(crate) struct ChannelCore {
     align_mask: usize,
     supported: [bool; 8],
     module: RefCell<Box<dyn ModuleChannel>>,
+    /// The bdev state of the thread this channel belongs to (it polls the channel while the channel is active).
+    thread: Rc<BdevThread>,
     in_module: Cell<bool>,
+    /// On the thread's active list: something is outstanding, queued or wants polling.
+    active: Cell<bool>,
     deferred: RefCell<VecDeque<IoHandle>>,
     nomem: RefCell<VecDeque<IoHandle>>,
     outstanding: Cell<u64>,
-    stat: RefCell<IoStat>,
-    poller: RefCell<Option<Poller>>,
+    stats: RefCell<ChanStats>,
+}
+
+/// What a channel counts per completed I/O.
+#[derive(Default)]
+struct ChanStats {
+    stat: IoStat,
+    /// Latency histogram, while enabled for the bdev (`bdev_enable_histogram`).
+    histogram: Option<Box<Histogram>>,
+    /// The only I/O type the histogram counts (all when `None`).
+    histogram_opc: Option<IoType>,
+}
+
+/// Per lightweight thread bdev state: one poller serves every channel of the thread, and visits only the
+/// channels that have work (I/O outstanding in their module, completions to deliver, NOMEM retries, or a
+/// module that asked to be polled). An idle bdev therefore costs nothing per reactor iteration, however many
+/// channels a thread holds.
+pub(crate) struct BdevThread {
+    active: RefCell<Vec<Rc<ChannelCore>>>,
+    /// Statistics of this thread's channels that are gone, per bdev id, so a statistics walk (which visits each
+    /// thread in turn) sees every I/O exactly once while channels come and go.
+    retired: RefCell<HashMap<u64, ChanStats>>,
+}
+
+/// The per-thread bdev state is itself a per-thread channel of one I/O device.
+fn thread_device() -> &'static IoDevice<BdevThread> {
+    static DEV: OnceLock<IoDevice<BdevThread>> = OnceLock::new();
+    DEV.get_or_init(|| {
+        IoDevice::new(|| BdevThread {
+            active: RefCell::new(Vec::new()),
+            retired: RefCell::new(HashMap::new()),
+        })
+    })
+}
+
+impl BdevThread {
+    /// This thread's state, created (with its poller) on first use. The poller keeps it alive for as long as
+    /// the thread lives, so retired statistics are not lost when the last channel goes.
+    fn current() -> Rc<BdevThread> {
+        let dev = thread_device();
+        if let Some(t) = dev.existing_channel() {
+            return t;
+        }
+        let t = dev.get_channel();
+        let held = t.clone();
+        Poller::register("bdev_channels", 0, move || held.poll()).detach();
+        t
+    }
+
+    fn poll(&self) -> bool {
+        let n = self.active.borrow().len();
+        if n == 0 {
+            return false;
+        }
+        let mut did = false;
+        // By index: a completion callback may activate another channel (appended; served next iteration).
+        for i in 0..n {
+            let ch = self.active.borrow()[i].clone();
+            did |= ch.poll();
+        }
+        self.active.borrow_mut().retain(|c| {
+            let keep = c.has_work();
+            if !keep {
+                c.active.set(false);
+            }
+            keep
+        });
+        did
+    }
 }
 
 impl ChannelCore {
@@ -37,38 +111,71 @@ impl ChannelCore {
             supported[t as usize] = bdev.io_type_supported(t);
         }
         let align = bdev.params().required_alignment.max(1) as usize;
+        let hist = bdev.histogram_cfg();
         ChannelCore {
             block_size: bdev.block_size(),
             align_mask: align - 1,
             supported,
             bdev,
             module: RefCell::new(module),
+            thread: BdevThread::current(),
             in_module: Cell::new(false),
+            active: Cell::new(false),
             deferred: RefCell::new(VecDeque::with_capacity(256)),
             nomem: RefCell::new(VecDeque::new()),
             outstanding: Cell::new(0),
-            stat: RefCell::new(IoStat::default()),
-            poller: RefCell::new(None),
+            stats: RefCell::new(ChanStats {
+                stat: IoStat::default(),
+                histogram: hist.map(|c| Box::new(Histogram::new(c.bucket_shift))),
+                histogram_opc: hist.and_then(|c| c.opc),
+            }),
         }
     }
 
     pub(crate) fn stat(&self) -> IoStat {
-        *self.stat.borrow()
+        self.stats.borrow().stat
     }
 
     pub(crate) fn reset_stat(&self) {
-        *self.stat.borrow_mut() = IoStat::default();
+        let mut s = self.stats.borrow_mut();
+        s.stat = IoStat::default();
+        if let Some(h) = s.histogram.as_mut() {
+            h.reset();
+        }
     }
 
-    fn ensure_poller(self: &Rc<Self>) {
-        if self.poller.borrow().is_some() {
-            return;
+    /// Starts or stops this channel's latency histogram.
+    pub(crate) fn set_histogram(&self, cfg: Option<HistogramCfg>) {
+        let mut s = self.stats.borrow_mut();
+        s.histogram_opc = cfg.and_then(|c| c.opc);
+        match cfg {
+            Some(c)
+                if s.histogram
+                    .as_ref()
+                    .is_some_and(|h| h.bucket_shift() == c.bucket_shift) => {}
+            Some(c) => s.histogram = Some(Box::new(Histogram::new(c.bucket_shift))),
+            None => s.histogram = None,
         }
-        let weak: Weak<ChannelCore> = Rc::downgrade(self);
-        let p = Poller::register(&format!("bdev_ch_{}", self.bdev.name()), 0, move || {
-            weak.upgrade().is_some_and(|c| c.poll())
-        });
-        *self.poller.borrow_mut() = Some(p);
+    }
+
+    /// A copy of this channel's histogram, if enabled.
+    pub(crate) fn histogram(&self) -> Option<Histogram> {
+        self.stats.borrow().histogram.as_deref().cloned()
+    }
+
+    /// Puts the channel on its thread's active list (it is polled until it has no work left).
+    #[inline]
+    fn activate(self: &Rc<Self>) {
+        if !self.active.replace(true) {
+            self.thread.active.borrow_mut().push(self.clone());
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        self.outstanding.get() > 0
+            || !self.deferred.borrow().is_empty()
+            || !self.nomem.borrow().is_empty()
+            || self.module.borrow().wants_poll()
     }
 
     fn poll(self: &Rc<Self>) -> bool {
@@ -90,7 +197,7 @@ impl ChannelCore {
                 io
             };
             match io {
-                Some(io) => self.finish(io, now),
+                Some(io) => finish(self, io, now),
                 None => break,
             }
         }
@@ -102,6 +209,7 @@ impl ChannelCore {
 
     fn submit_to_module(self: &Rc<Self>, io: IoHandle) {
         self.outstanding.set(self.outstanding.get() + 1);
+        self.activate();
         self.in_module.set(true);
         self.module.borrow_mut().submit(io);
         self.in_module.set(false);
@@ -113,6 +221,7 @@ impl ChannelCore {
             match io {
                 Some(mut io) => {
                     io.status = IoStatus::Pending;
+                    io.ch = Some(self.clone());
                     self.submit_to_module(io);
                 }
                 None => break,
@@ -120,33 +229,46 @@ impl ChannelCore {
         }
     }
 
-    fn finish(self: &Rc<Self>, mut io: IoHandle, now: u64) {
-        if io.status == IoStatus::NoMem {
-            // The module is out of resources: keep the I/O and resubmit when something completes.
-            self.outstanding
-                .set(self.outstanding.get().saturating_sub(1));
-            self.nomem.borrow_mut().push_back(io);
+    /// Accounts a completed I/O that was submitted at `submit_tick` (0: it never reached the module).
+    #[inline]
+    fn account(&self, io: &BdevIo, now: u64) {
+        if io.submit_tick == 0 {
             return;
         }
-        if io.submit_tick != 0 {
-            self.outstanding
-                .set(self.outstanding.get().saturating_sub(1));
-        }
+        self.outstanding
+            .set(self.outstanding.get().saturating_sub(1));
         let ticks = now.saturating_sub(io.submit_tick);
-        self.stat.borrow_mut().record(
+        let mut s = self.stats.borrow_mut();
+        s.stat.record(
             io.io_type,
             io.len_bytes(),
             ticks,
             io.status == IoStatus::Success,
         );
-        io.ch = None;
-        // A parent completed from this callback (a virtual bdev's) completed at this same moment.
-        let outer = DONE_NOW.replace(now);
-        run_callback(io);
-        DONE_NOW.set(outer);
-        if !self.nomem.borrow().is_empty() {
-            self.retry_nomem(1);
+        let opc = s.histogram_opc;
+        if let Some(h) = s.histogram.as_mut() {
+            if opc.is_none_or(|t| t == io.io_type) {
+                h.tally(ticks);
+            }
         }
+    }
+}
+
+/// Delivers an I/O completed on channel `ch` to its submitter: statistics, then the callback (at clock `now`).
+fn finish(ch: &Rc<ChannelCore>, io: IoHandle, now: u64) {
+    if io.status == IoStatus::NoMem {
+        // The module is out of resources: keep the I/O and resubmit when something completes.
+        ch.outstanding.set(ch.outstanding.get().saturating_sub(1));
+        ch.nomem.borrow_mut().push_back(io);
+        return;
+    }
+    ch.account(&io, now);
+    // A parent completed from this callback (a virtual bdev's) completed at this same moment.
+    let outer = DONE_NOW.replace(now);
+    run_callback(io);
+    DONE_NOW.set(outer);
+    if !ch.nomem.borrow().is_empty() {
+        ch.retry_nomem(1);
     }
 }
 
@@ -155,25 +277,44 @@ thread_local! {
     /// submits from inside its parent's submission takes this tick rather than reading the clock again: the
     /// two happen within the same call, and a clock read costs as much as the rest of the child's submission.
     static SUBMIT_NOW: Cell<u64> = const { Cell::new(0) };
-    /// Clock of the completion whose callback is running (0: none); see [`ChannelCore::finish`].
+    /// Clock of the completion whose callback is running (0: none); see [`finish`].
     static DONE_NOW: Cell<u64> = const { Cell::new(0) };
-    /// Statistics of this thread's channels that are gone, per bdev id. Kept per thread so a statistics walk,
-    /// which visits each thread in turn, sees every I/O exactly once even while channels come and go.
-    static RETIRED: RefCell<HashMap<u64, IoStat>> = RefCell::new(HashMap::new());
 }
 
 /// This thread's statistics for bdev `id`: the live channel's plus those of channels already released.
 pub(crate) fn thread_stat(id: u64, live: Option<&ChannelCore>) -> IoStat {
-    let mut s = RETIRED.with(|r| r.borrow().get(&id).copied().unwrap_or_default());
+    let mut s = thread_device()
+        .existing_channel()
+        .and_then(|t| t.retired.borrow().get(&id).map(|r| r.stat))
+        .unwrap_or_default();
     if let Some(ch) = live {
         s.merge(&ch.stat());
     }
     s
 }
 
+/// This thread's histogram for bdev `id` (live channel plus retired ones), if any was kept.
+pub(crate) fn thread_histogram(id: u64, live: Option<&ChannelCore>) -> Option<Histogram> {
+    let mut h = thread_device().existing_channel().and_then(|t| {
+        t.retired
+            .borrow()
+            .get(&id)
+            .and_then(|r| r.histogram.as_deref().cloned())
+    });
+    if let Some(l) = live.and_then(|c| c.histogram()) {
+        match h.as_mut() {
+            Some(h) => h.merge(&l),
+            None => h = Some(l),
+        }
+    }
+    h
+}
+
 /// Clears this thread's statistics for bdev `id` (`live` is its channel here, if any).
 pub(crate) fn clear_thread_stat(id: u64, live: Option<&ChannelCore>) {
-    RETIRED.with(|r| r.borrow_mut().remove(&id));
+    if let Some(t) = thread_device().existing_channel() {
+        t.retired.borrow_mut().remove(&id);
+    }
     if let Some(ch) = live {
         ch.reset_stat();
     }
@@ -181,8 +322,16 @@ pub(crate) fn clear_thread_stat(id: u64, live: Option<&ChannelCore>) {
 
 impl Drop for ChannelCore {
     fn drop(&mut self) {
-        let s = *self.stat.borrow();
-        RETIRED.with(|r| r.borrow_mut().entry(self.bdev.id()).or_default().merge(&s));
+        let s = std::mem::take(&mut *self.stats.borrow_mut());
+        let mut retired = self.thread.retired.borrow_mut();
+        let r = retired.entry(self.bdev.id()).or_default();
+        r.stat.merge(&s.stat);
+        if let Some(h) = s.histogram {
+            match r.histogram.as_mut() {
+                Some(rh) => rh.merge(&h),
+                None => r.histogram = Some(h),
+            }
+        }
     }
 }
 
@@ -196,20 +345,22 @@ fn run_callback(mut io: IoHandle) {
 }
 
 /// Delivers a completion (see [`IoHandle::complete`]).
-pub(crate) fn complete(io: IoHandle) {
-    let Some(ch) = io.ch.clone() else {
+pub(crate) fn complete(mut io: IoHandle) {
+    let Some(ch) = io.ch.take() else {
         run_callback(io);
         return;
     };
     if ch.in_module.get() {
+        // Queued without its channel reference: the thread's active list holds the channel while its queue
+        // is not empty.
         ch.deferred.borrow_mut().push_back(io);
-    } else {
-        let now = match DONE_NOW.get() {
-            0 => ticks::now(),
-            t => t,
-        };
-        ch.finish(io, now);
+        return;
     }
+    let now = match DONE_NOW.get() {
+        0 => ticks::now(),
+        t => t,
+    };
+    finish(&ch, io, now);
 }
 
 /// A thread's handle for submitting I/O to one bdev through one descriptor. Not `Send`: channels belong to
@@ -228,6 +379,11 @@ impl IoChannel {
     /// The bdev.
     pub fn bdev(&self) -> &Bdev {
         &self.core.bdev
+    }
+
+    /// This channel's latency histogram, while histograms are enabled for the bdev.
+    pub fn histogram(&self) -> Option<Histogram> {
+        self.core.histogram()
     }
 
     /// I/Os submitted to the module and not yet completed.
@@ -304,16 +460,17 @@ impl IoChannel {
     #[inline]
     fn submit_checked(&self, mut io: IoHandle, data_checked: bool) {
         let core = &self.core;
-        core.ensure_poller();
         io.block_size = core.block_size;
-        io.ch = Some(core.clone());
         if let Err((errno, msg)) = self.check(&io, data_checked) {
             log::warn!("{msg}");
             io.status = IoStatus::Failed(errno);
             io.submit_tick = 0;
+            io.ch = None;
             core.deferred.borrow_mut().push_back(io);
+            core.activate();
             return;
         }
+        io.ch = Some(core.clone());
         let outer = SUBMIT_NOW.get();
         if outer != 0 {
             io.submit_tick = outer;
@@ -392,6 +549,7 @@ impl IoChannel {
             len,
         });
         io.buf = Some(buf);
+        io.has_buf = true;
         self.submit(io);
         Ok(())
     }

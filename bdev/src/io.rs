@@ -6,6 +6,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::rc::Rc;
 
@@ -125,9 +126,10 @@ const IOVS_RESERVED: usize = 16;
 /// Laid out by hand, one descriptor per cache-line-aligned block: at queue depth the descriptors fall out of
 /// cache between submission and completion (the data copies push them out), so what completion reads
 /// (status, callback, channel, tick, type, size, the caller's and the module's context words) sits in the first
-/// two lines and a completion costs two misses, not four. The route saved by a forward (see
-/// [`crate::IoChannel::forward`]) fills the third line, so a forwarded I/O needs no memory outside its
-/// descriptor either.
+/// two lines and a completion costs two misses, not four; flags in the first line say whether the owned buffer
+/// (third line) or the route (fourth) need releasing, so returning a descriptor reads no other line. The route
+/// saved by a forward (see [`crate::IoChannel::forward`]) fills the fourth line, so a forwarded I/O needs no
+/// memory outside its descriptor either.
 #[repr(C, align(64))]
 pub struct BdevIo {
     pub(crate) status: IoStatus,
@@ -136,19 +138,27 @@ pub struct BdevIo {
     pub(crate) submit_tick: u64,
     pub(crate) num_blocks: u64,
     pub(crate) io_type: IoType,
+    /// An owned buffer sits in `buf` (so returning the descriptor need not look at that cache line).
+    pub(crate) has_buf: bool,
+    /// Forwards in progress (so returning the descriptor need not look at the route's cache line).
+    pub(crate) depth: u8,
     pub(crate) block_size: u32,
     /// The caller's context word (e.g. an index into its task table).
     pub ctx: u64,
     /// Scratch words for the module handling the I/O.
     pub driver_ctx: [u64; 4],
     pub(crate) iovs: Vec<IoVec>,
-    /// The submitter's route while the I/O is forwarded (the innermost forward's).
-    pub(crate) route: Option<Route>,
     pub(crate) offset_blocks: u64,
     pub(crate) buf: Option<DmaBuf>,
     /// Routes of outer forwards, when a forwarded I/O is forwarded again (kept, like `iovs`, once grown).
     pub(crate) outer_routes: Vec<Route>,
+    /// The submitter's route while the I/O is forwarded (the innermost forward's).
+    pub(crate) route: RouteSlot,
 }
+
+/// The route, on a cache line of its own.
+#[repr(C, align(64))]
+pub(crate) struct RouteSlot(pub(crate) Option<Route>);
 
 impl BdevIo {
     fn new() -> Self {
@@ -159,14 +169,16 @@ impl BdevIo {
             submit_tick: 0,
             num_blocks: 0,
             io_type: IoType::Read,
+            has_buf: false,
+            depth: 0,
             block_size: 512,
             ctx: 0,
             driver_ctx: [0; 4],
             iovs: Vec::with_capacity(IOVS_RESERVED),
-            route: None,
             offset_blocks: 0,
             buf: None,
             outer_routes: Vec::new(),
+            route: RouteSlot(None),
         }
     }
 
@@ -217,6 +229,10 @@ impl BdevIo {
     }
     /// Takes back the buffer moved in with the I/O.
     pub fn take_buf(&mut self) -> Option<DmaBuf> {
+        if !self.has_buf {
+            return None;
+        }
+        self.has_buf = false;
         self.buf.take()
     }
 
@@ -283,20 +299,23 @@ impl BdevIo {
 }
 
 /// An owned, pooled I/O descriptor.
-pub struct IoHandle(Option<Box<BdevIo>>);
+///
+/// The box sits in a `ManuallyDrop` rather than an `Option` so that every field access on the I/O path is a
+/// plain pointer dereference, with no "is it still there" branch; `Drop` is the one place that takes it out.
+pub struct IoHandle(ManuallyDrop<Box<BdevIo>>);
 
 impl Deref for IoHandle {
     type Target = BdevIo;
     #[inline]
     fn deref(&self) -> &BdevIo {
-        self.0.as_deref().expect("live IoHandle")
+        &self.0
     }
 }
 
 impl DerefMut for IoHandle {
     #[inline]
     fn deref_mut(&mut self) -> &mut BdevIo {
-        self.0.as_deref_mut().expect("live IoHandle")
+        &mut self.0
     }
 }
 
@@ -309,12 +328,11 @@ impl IoHandle {
         crate::channel::complete(self);
     }
 
-    /// Starts loading what completion reads of the descriptor (its first three lines) into cache.
+    /// Starts loading what completion reads of the descriptor (its first two lines, and the route's line that a
+    /// forwarded I/O needs) into cache.
     #[inline]
     pub(crate) fn prefetch(&self) {
-        if let Some(b) = self.0.as_deref() {
-            prefetch_lines(b as *const BdevIo as *const i8);
-        }
+        prefetch_lines(&**self.0 as *const BdevIo as *const i8);
     }
 
     /// Gives a forwarded I/O back to the bdev it was submitted to: its submitter's callback, context, channel,
@@ -322,7 +340,7 @@ impl IoHandle {
     /// before completing it or forwarding it again. Returns false (and changes nothing) when the I/O is not
     /// forwarded.
     pub fn restore(&mut self) -> bool {
-        let Some(r) = self.route.take() else {
+        let Some(r) = self.route.0.take() else {
             return false;
         };
         self.cb = r.cb;
@@ -331,7 +349,8 @@ impl IoHandle {
         self.submit_tick = r.submit_tick;
         self.offset_blocks = r.offset_blocks;
         self.block_size = r.block_size;
-        self.route = self.outer_routes.pop();
+        self.route.0 = self.outer_routes.pop();
+        self.depth -= 1;
         true
     }
 
@@ -346,10 +365,11 @@ impl IoHandle {
             offset_blocks: std::mem::replace(&mut self.offset_blocks, offset_blocks),
             block_size: self.block_size,
         };
-        if let Some(outer) = self.route.replace(r) {
+        if let Some(outer) = self.route.0.replace(r) {
             // Forwarded again by the bdev it was forwarded to (allocates once per descriptor and depth).
             self.outer_routes.push(outer);
         }
+        self.depth += 1;
         self.status = IoStatus::Pending;
     }
 
@@ -369,7 +389,7 @@ pub(crate) struct Route {
     pub(crate) block_size: u32,
 }
 
-/// Hints the CPU to load the three cache lines at `p` (a prefetch never faults, whatever the address).
+/// Hints the CPU to load lines 0, 1 and 3 of the descriptor at `p` (a prefetch never faults, whatever the address).
 #[inline]
 fn prefetch_lines(p: *const i8) {
     #[cfg(target_arch = "x86_64")]
@@ -380,7 +400,7 @@ fn prefetch_lines(p: *const i8) {
         unsafe {
             _mm_prefetch::<_MM_HINT_T0>(p);
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(192));
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -421,7 +441,7 @@ pub fn alloc_io() -> Option<IoHandle> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         if let Some(b) = p.free.pop() {
-            return Some(IoHandle(Some(b)));
+            return Some(IoHandle(ManuallyDrop::new(b)));
         }
         if p.limit == 0 {
             p.limit = pool_limit();
@@ -430,7 +450,7 @@ pub fn alloc_io() -> Option<IoHandle> {
             return None;
         }
         p.allocated += 1;
-        Some(IoHandle(Some(Box::new(BdevIo::new()))))
+        Some(IoHandle(ManuallyDrop::new(Box::new(BdevIo::new()))))
     })
 }
 
@@ -447,15 +467,21 @@ pub fn prefill_pool(n: usize) {
 
 impl Drop for IoHandle {
     fn drop(&mut self) {
-        let Some(mut b) = self.0.take() else { return };
+        // SAFETY: `drop` runs once and nothing touches `self.0` after it, so taking the box out leaves no
+        // second owner behind.
+        let mut b = unsafe { ManuallyDrop::take(&mut self.0) };
         b.cb = Completion::None;
         b.ch = None;
-        b.buf = None;
+        if b.has_buf {
+            b.buf = None;
+            b.has_buf = false;
+        }
         b.iovs.clear();
-        if b.route.is_some() {
+        if b.depth > 0 {
             // Dropped while forwarded: whoever forwarded it is gone; release what the routes hold.
-            b.route = None;
+            b.route.0 = None;
             b.outer_routes.clear();
+            b.depth = 0;
         }
         b.status = IoStatus::Pending;
         let waiter = POOL.with(|p| {
@@ -507,7 +533,10 @@ mod layout_tests {
         assert!(end(&io.driver_ctx as *const _ as usize, 32) <= 128);
         assert!(end(&io.ctx as *const _ as usize, 8) <= 128);
         assert!(end(&io.block_size as *const _ as usize, 4) <= 64);
+        assert!(end(&io.depth as *const _ as usize, 1) <= 64);
+        assert!(end(&io.has_buf as *const _ as usize, 1) <= 64);
         let route = &io.route as *const _ as usize;
-        assert!(route - base >= 128 && end(route, std::mem::size_of::<Option<Route>>()) <= 192);
+        assert!(route - base >= 192 && end(route, std::mem::size_of::<Option<Route>>()) <= 256);
+        assert_eq!(std::mem::size_of::<BdevIo>(), 256);
     }
 }

@@ -4,6 +4,7 @@
 mod bdev;
 mod channel;
 mod error;
+pub mod histogram;
 mod io;
 pub mod modules;
 pub mod rpc;
@@ -11,7 +12,8 @@ mod stat;
 
 pub use crate::bdev::{
     examines_pending, get, list, open, register, register_examiner, unregister_by_name, Bdev,
-    BdevEvent, BdevOps, BdevParams, Desc, EventCb, ExamineGuard, Examiner, ModuleChannel,
+    BdevEvent, BdevOps, BdevParams, Desc, EventCb, ExamineGuard, Examiner, HistogramCfg,
+    ModuleChannel,
 };
 pub use channel::IoChannel;
 pub use error::{BdevError, ErrorKind, Result};

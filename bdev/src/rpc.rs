@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::modules::{error, malloc, null, uring};
-use crate::{BdevError, ErrorKind};
+use crate::{BdevError, ErrorKind, IoType};
 
 impl From<BdevError> for RpcError {
     /// SPDK answers with `-errno` and `strerror(errno)`; the detailed message goes to the log.
@@ -218,6 +218,20 @@ struct ResetIostat {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct EnableHistogram {
+    name: String,
+    enable: bool,
+    /// Newer clients: count one I/O type only.
+    opc: Option<String>,
+    /// Newer clients: buckets per range, as a shift.
+    granularity: Option<u32>,
+    /// Newer clients: the tracked value range (not supported: every range is tracked).
+    min_nsec: Option<u64>,
+    max_nsec: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NameOnly {
     name: String,
 }
@@ -404,6 +418,62 @@ pub fn register_rpcs(reg: &mut Registry) {
                 }
             }
             next(bdevs.into_iter(), r);
+        },
+    );
+    method(
+        reg,
+        "bdev_enable_histogram",
+        STATE_RUNTIME,
+        |p: EnableHistogram, r| {
+            let Some(b) = crate::get(&p.name) else {
+                return r.err(RpcError::errno(libc::ENODEV));
+            };
+            if p.min_nsec.is_some() || p.max_nsec.is_some() {
+                return r.err(RpcError::invalid_params(
+                    "min_nsec/max_nsec are not supported: the histogram tracks every latency range",
+                ));
+            }
+            let opc = match p.opc.as_deref() {
+                None => None,
+                Some(name) => match IoType::ALL.into_iter().find(|t| t.name() == name) {
+                    Some(t) => Some(t),
+                    None => {
+                        return r.err(RpcError::invalid_params(format!(
+                            "opc: unknown I/O type '{name}'"
+                        )))
+                    }
+                },
+            };
+            let shift = p
+                .granularity
+                .unwrap_or(crate::histogram::BUCKET_SHIFT_DEFAULT);
+            if !(1..=63).contains(&shift) {
+                return r.err(RpcError::invalid_params("granularity must be 1..63"));
+            }
+            let cfg = p.enable.then_some(crate::HistogramCfg {
+                bucket_shift: shift,
+                opc,
+            });
+            b.enable_histogram(cfg, move || r.ok(json!(true)));
+        },
+    );
+    method(
+        reg,
+        "bdev_get_histogram",
+        STATE_RUNTIME,
+        |p: NameOnly, r| {
+            let Some(b) = crate::get(&p.name) else {
+                return r.err(RpcError::errno(libc::ENODEV));
+            };
+            b.get_histogram(move |h| match h {
+                // SPDK answers -EFAULT when a channel has no histogram (not enabled).
+                None => r.err(RpcError::errno(libc::EFAULT)),
+                Some(h) => r.ok(json!({
+                    "histogram": h.to_base64(),
+                    "bucket_shift": h.bucket_shift(),
+                    "tsc_rate": reactor::ticks::rate(),
+                })),
+            });
         },
     );
     method(
@@ -608,6 +678,17 @@ pub fn config_json() -> Value {
     for b in crate::list() {
         if let Some(c) = b.write_config() {
             v.push(c);
+        }
+        if let Some(h) = b.histogram_cfg() {
+            // v24.05 writes name and enable; what newer clients set beyond that is written only when set.
+            let mut p = json!({"name": b.name(), "enable": true});
+            if let Some(t) = h.opc {
+                p["opc"] = json!(t.name());
+            }
+            if h.bucket_shift != crate::histogram::BUCKET_SHIFT_DEFAULT {
+                p["granularity"] = json!(h.bucket_shift);
+            }
+            v.push(json!({"method": "bdev_enable_histogram", "params": p}));
         }
     }
     v.push(json!({"method": "bdev_wait_for_examine"}));

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bdev::{Completion, Desc, IoChannel, IoHandle, IoStatus, IoType};
+use bdev::{Completion, Desc, IoChannel, IoHandle, IoStatus, IoType, IoVec};
 use jsonrpc::{Registry, Responder, RpcError, STATE_RUNTIME};
 use reactor::dma::DmaBuf;
 use reactor::{ticks, CpuMask};
@@ -238,11 +238,13 @@ struct JobResult {
     terminated: bool,
 }
 
+/// One outstanding I/O's state. Its buffers stay in the task: the I/O carries iovecs that point at them, as
+/// SPDK's bdevperf hands its task buffer to `spdk_bdev_readv_blocks`.
 struct Task {
-    buf: Option<DmaBuf>,
+    buf: DmaBuf,
+    /// Verify reads land here, to be compared with `buf`.
     rbuf: Option<DmaBuf>,
     slot: u64,
-    submit_tick: u64,
     verifying: bool,
 }
 
@@ -260,14 +262,16 @@ struct Job {
     tasks: Vec<Task>,
     outstanding: u32,
     start: u64,
-    end: u64,
-    quarter: u64,
-    three_quarters: u64,
-    last_done: u64,
+    /// Time is up (or the bdev went away): no new I/O, finish once the outstanding ones complete. Set by a
+    /// timer, as SPDK's bdevperf does, so the I/O path reads no clock of its own: latency comes from the bdev
+    /// layer's histogram of the job's channel, which is what SPDK's bdevperf reports too.
+    draining: bool,
     write_count: u64,
     res: JobResult,
     alloc_mark: Option<(u64, u64)>,
     alloc_end: Option<(u64, u64)>,
+    /// The end-of-run and allocation-count timers.
+    timers: Vec<reactor::Poller>,
     finish: Option<Box<dyn FnOnce(JobResult) + Send>>,
 }
 
@@ -296,8 +300,7 @@ impl Job {
 
     /// Starts the next I/O of task `ti`. Returns false when the job is out of time.
     fn issue(&mut self, ji: usize, ti: usize) {
-        let now = ticks::now();
-        if now >= self.end || (self.res.error.is_some() && !self.opts.continue_on_failure) {
+        if self.draining || (self.res.error.is_some() && !self.opts.continue_on_failure) {
             return;
         }
         let ctx = ((ji as u64) << 32) | ti as u64;
@@ -318,16 +321,18 @@ impl Job {
         if w == Workload::Verify && !verifying {
             self.write_count += 1;
             let stamp = self.write_count << 32;
-            if let Some(b) = self.tasks[ti].buf.as_mut() {
-                let base = slot * bpi * 1_000_003;
-                for (i, c) in b.as_mut_slice().chunks_exact_mut(8).enumerate() {
-                    c.copy_from_slice(&(stamp | (base + i as u64)).to_le_bytes());
-                }
+            let base = slot * bpi * 1_000_003;
+            for (i, c) in self.tasks[ti]
+                .buf
+                .as_mut_slice()
+                .chunks_exact_mut(8)
+                .enumerate()
+            {
+                c.copy_from_slice(&(stamp | (base + i as u64)).to_le_bytes());
             }
         }
         let t = &mut self.tasks[ti];
         t.slot = slot;
-        t.submit_tick = now;
         let cb = Completion::Fn(task_done);
         let r = match w {
             Workload::Unmap => self
@@ -341,17 +346,26 @@ impl Job {
                     .submit_nodata(IoType::WriteZeroes, slot * bpi, bpi, cb, ctx)
             }
             _ if read => {
-                let buf = if verifying {
-                    t.rbuf.take()
-                } else {
-                    t.buf.take()
+                let buf = match (&t.rbuf, verifying) {
+                    (Some(r), true) => r,
+                    _ => &t.buf,
                 };
-                self.ch
-                    .read(buf.expect("task buffer"), slot * bpi, bpi, cb, ctx)
+                let iov = [IoVec {
+                    base: buf.as_ptr(),
+                    len: buf.len(),
+                }];
+                // SAFETY: the buffer belongs to this task, which has one I/O at a time and is touched again only
+                // in that I/O's callback; the job owning it is released only once no I/O is outstanding.
+                unsafe { self.ch.readv(&iov, slot * bpi, bpi, cb, ctx) }
             }
-            _ => self
-                .ch
-                .write(t.buf.take().expect("task buffer"), slot * bpi, bpi, cb, ctx),
+            _ => {
+                let iov = [IoVec {
+                    base: t.buf.as_ptr(),
+                    len: t.buf.len(),
+                }];
+                // SAFETY: as for reads; nothing writes the buffer while the write is in flight.
+                unsafe { self.ch.writev(&iov, slot * bpi, bpi, cb, ctx) }
+            }
         };
         match r {
             Ok(()) => self.outstanding += 1,
@@ -377,8 +391,12 @@ impl Job {
             return;
         }
         let mut r = std::mem::take(&mut self.res);
-        r.runtime_us = ((self.last_done.max(self.start) - self.start) as u128 * 1_000_000
-            / ticks::rate() as u128) as u64;
+        r.runtime_us =
+            ((ticks::now() - self.start) as u128 * 1_000_000 / ticks::rate() as u128) as u64;
+        if let Some(h) = self.ch.histogram() {
+            (r.lat_total, r.lat_min, r.lat_max) = h.summary();
+        }
+        self.timers.clear();
         if self.opts.workload == Workload::Verify {
             r.verify_range = Some((self.slot_base, self.slots));
         }
@@ -404,34 +422,22 @@ fn with_job(ji: usize, f: impl FnOnce(&mut Job)) {
     })
 }
 
-fn task_done(mut io: IoHandle) {
+fn task_done(io: IoHandle) {
     let ji = (io.ctx >> 32) as usize;
     let ti = (io.ctx & 0xffff_ffff) as usize;
     let status = io.status();
     let io_type = io.io_type();
-    let buf = io.take_buf();
     drop(io);
     with_job(ji, |job| {
-        let now = ticks::now();
         job.outstanding -= 1;
-        job.last_done = now;
         let t = &mut job.tasks[ti];
-        let lat = now.saturating_sub(t.submit_tick);
-        let verifying = t.verifying;
-        if let Some(b) = buf {
-            if job.opts.workload == Workload::Verify && verifying {
-                t.rbuf = Some(b);
-            } else {
-                t.buf = Some(b);
-            }
-        }
         let mut ok = status == IoStatus::Success;
         if ok && job.opts.workload == Workload::Verify {
             if io_type == IoType::Read {
-                let same = match (&t.buf, &t.rbuf) {
-                    (Some(w), Some(r)) => w.as_slice() == r.as_slice(),
-                    _ => false,
-                };
+                let same = t
+                    .rbuf
+                    .as_ref()
+                    .is_some_and(|r| t.buf.as_slice() == r.as_slice());
                 if !same {
                     ok = false;
                     let msg = format!(
@@ -452,13 +458,6 @@ fn task_done(mut io: IoHandle) {
             // A verify pair counts as one I/O, as SPDK counts it, when its read completes.
             if !(job.opts.workload == Workload::Verify && io_type == IoType::Write) {
                 job.res.completed += 1;
-                job.res.lat_total += lat;
-                job.res.lat_min = if job.res.lat_min == 0 {
-                    lat
-                } else {
-                    job.res.lat_min.min(lat)
-                };
-                job.res.lat_max = job.res.lat_max.max(lat);
             }
         } else {
             job.res.failed += 1;
@@ -466,14 +465,6 @@ fn task_done(mut io: IoHandle) {
             if job.res.error.is_none() {
                 job.res.error = Some(format!("{} I/O failed: {status:?}", io_type.name()));
             }
-        }
-        // Count allocations only between 25% and 75% of the run: every job is in steady state then, and
-        // start-up or another job's wrap-up does not leak into the figure.
-        let ios = job.res.completed + job.res.failed;
-        if job.alloc_mark.is_none() && now >= job.quarter {
-            job.alloc_mark = Some((ALLOCS.load(Ordering::Relaxed), ios));
-        } else if job.alloc_end.is_none() && now >= job.three_quarters && job.alloc_mark.is_some() {
-            job.alloc_end = Some((ALLOCS.load(Ordering::Relaxed), ios));
         }
         job.issue(ji, ti);
         job.maybe_finish(ji);
@@ -508,7 +499,7 @@ fn start_job(
                     .flatten()
                     .filter(|job| job.res.name == b.name())
                 {
-                    job.end = 0;
+                    job.draining = true;
                     job.res.terminated = true;
                 }
             });
@@ -550,17 +541,21 @@ fn start_job(
             None
         };
         tasks.push(Task {
-            buf: Some(buf),
+            buf,
             rbuf,
             slot: 0,
-            submit_tick: 0,
             verifying: false,
         });
     }
     bdev::prefill_pool(opts.qd as usize * 2);
+    // Latency as SPDK's bdevperf measures it: the bdev layer's histogram of the job's channel.
+    if desc.bdev().histogram_cfg().is_none() {
+        desc.bdev()
+            .enable_histogram(Some(bdev::HistogramCfg::default()), || {});
+    }
     let ch = desc.channel();
     let now = ticks::now();
-    let dur = opts.time_s * ticks::rate();
+    let dur_us = opts.time_s * 1_000_000;
     let job = Job {
         _desc: desc,
         ch,
@@ -572,10 +567,7 @@ fn start_job(
         tasks,
         outstanding: 0,
         start: now,
-        end: now + dur,
-        quarter: now + dur / 4,
-        three_quarters: now + dur * 3 / 4,
-        last_done: now,
+        draining: false,
         write_count: 0,
         res: JobResult {
             name: bdev_name,
@@ -584,6 +576,7 @@ fn start_job(
         },
         alloc_mark: None,
         alloc_end: None,
+        timers: Vec::new(),
         finish: Some(finish),
         opts,
     };
@@ -592,6 +585,22 @@ fn start_job(
         j.push(Some(job));
         j.len() - 1
     });
+    // Allocations are counted only between 25% and 75% of the run: every job is in steady state then, and
+    // start-up or another job's wrap-up does not leak into the figure.
+    let mark = |f: fn(&mut Job, (u64, u64))| {
+        move || {
+            with_job(ji, |job| {
+                let ios = job.res.completed + job.res.failed;
+                f(job, (ALLOCS.load(Ordering::Relaxed), ios))
+            })
+        }
+    };
+    let timers = vec![
+        reactor::timer(dur_us / 4, mark(|job, m| job.alloc_mark = Some(m))),
+        reactor::timer(dur_us * 3 / 4, mark(|job, m| job.alloc_end = Some(m))),
+        reactor::timer(dur_us, move || with_job(ji, |job| job.draining = true)),
+    ];
+    with_job(ji, |job| job.timers = timers);
     with_job(ji, |job| {
         for ti in 0..job.tasks.len() {
             job.issue(ji, ti);

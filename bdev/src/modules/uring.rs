@@ -977,6 +977,15 @@ impl ModuleChannel for UringChannel {
         }
         did
     }
+
+    fn wants_poll(&self) -> bool {
+        // The eventfd still has to be drained after the last completion, or an idle reactor would keep waking.
+        !self.resets.is_empty()
+            || match &*self.group {
+                Ok(cell) => cell.try_borrow().is_ok_and(|g| g.wake_stale),
+                Err(_) => false,
+            }
+    }
 }
 
 impl Drop for UringChannel {
