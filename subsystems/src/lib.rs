@@ -12,7 +12,19 @@
 
 pub mod params;
 
+pub mod accel;
+pub mod bdev_iscsi;
+pub mod bdev_nvme;
 pub mod cpuset;
 pub mod dhchap;
+pub mod fsdev;
+pub mod iobuf;
+pub mod iscsi;
+pub mod keyring;
+pub mod nvmf;
+pub mod scheduler;
+pub mod sock;
+pub mod ublk;
+pub mod vmd;
 
 pub use params::{decode, decode_over, Params};
