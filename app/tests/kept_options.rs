@@ -876,6 +876,38 @@ fn cases() -> Vec<Vec<(&'static str, Value)>> {
         ],
         one("ublk_destroy_target", json!({})),
         one("ublk_destroy_target", json!({"x": 1})),
+        // Several faults, nested.
+        one(
+            "nvmf_set_config",
+            json!({"admin_cmd_passthru": {"identify_ctrlr": "x", "bogus": 1}}),
+        ),
+        one(
+            "nvmf_set_config",
+            json!({"admin_cmd_passthru": {"identify_ctrlr": "x"}, "bogus": 1}),
+        ),
+        one(
+            "bdev_nvme_set_options",
+            json!({"multipath_opts": {"min_io": -1, "x": 1}}),
+        ),
+        one(
+            "bdev_nvme_set_options",
+            json!({"multipath_opts": {"policy": null}}),
+        ),
+        one(
+            "nvmf_set_config",
+            json!({"admin_cmd_passthru": {"get_log_page": null}}),
+        ),
+        one("nvmf_set_config", json!({"dhchap_digests": ["md5", 1]})),
+        one("bdev_nvme_set_options", json!({"dhchap_digests": {"a": 1}})),
+        one("iscsi_set_options", json!({"no_discovery_auth": 1, "x": 2})),
+        one(
+            "iscsi_set_options",
+            json!({"chap_group": "a", "discovery_auth_group": "b"}),
+        ),
+        one(
+            "iscsi_set_options",
+            json!({"max_sessions": "a", "discovery_auth_group": "b", "node_base": 1}),
+        ),
         one("no_such_method", json!({})),
     ];
     // Every method given a member of every JSON type it does not take, and a non-object.

@@ -143,6 +143,17 @@ fn ordered<T: Params>(obj: Map<String, Value>) -> Map<String, Value> {
     let is_alias = |k: &str| T::ALIASES.iter().any(|(a, _)| *a == k);
     let (unknown, rest): (Vec<_>, Vec<_>) = obj
         .into_iter()
+        .map(|(k, v)| match v {
+            // A nested object's own unknown members come first in it too.
+            Value::Object(m) => {
+                let inner = nested_fields_of::<T>(&k);
+                let (u, r): (Vec<_>, Vec<_>) = m
+                    .into_iter()
+                    .partition(|(k, _)| !inner.contains(&k.as_str()));
+                (k, Value::Object(u.into_iter().chain(r).collect()))
+            }
+            v => (k, v),
+        })
         .partition(|(k, _)| !known.contains(&k.as_str()));
     let (aliases, direct): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| is_alias(k));
     unknown.into_iter().chain(aliases).chain(direct).collect()
@@ -185,6 +196,15 @@ fn one_of(msg: &str, hidden: &[&str]) -> String {
 /// `deserialize_struct`.
 fn fields_of<T: DeserializeOwned>() -> &'static [&'static str] {
     match T::deserialize(FieldsProbe) {
+        Err(Probed(Some(fields))) => fields,
+        _ => &[],
+    }
+}
+
+/// The member names of the struct in `T`'s member `member` (empty when it is not a struct): `T` is given a map
+/// with that one key, whose value is the probe.
+fn nested_fields_of<T: DeserializeOwned>(member: &str) -> &'static [&'static str] {
+    match T::deserialize(MemberProbe(Some(member.to_string()))) {
         Err(Probed(Some(fields))) => fields,
         _ => &[],
     }
@@ -233,6 +253,46 @@ impl<'de> Deserializer<'de> for FieldsProbe {
     }
 }
 
+/// A struct deserializer whose only member is the key it holds, valued with a [`FieldsProbe`].
+struct MemberProbe(Option<String>);
+
+impl<'de> Deserializer<'de> for MemberProbe {
+    type Error = Probed;
+
+    fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Probed> {
+        v.visit_map(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf option unit unit_struct newtype_struct seq tuple
+        tuple_struct map struct enum identifier ignored_any
+    }
+}
+
+impl<'de> de::MapAccess<'de> for MemberProbe {
+    type Error = Probed;
+
+    fn next_key_seed<K: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Probed> {
+        match self.0.take() {
+            Some(k) => seed
+                .deserialize(de::value::StringDeserializer::<Probed>::new(k))
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn next_value_seed<V: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, Probed> {
+        seed.deserialize(FieldsProbe)
+    }
+}
+
 /// For `Option` members: present means `Some` (a `null` is refused like any value of the wrong type, as SPDK's
 /// decoders do); absent is `None` with `#[serde(default)]`.
 pub fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
@@ -251,7 +311,7 @@ pub fn object_some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     object(d).map(Some)
 }
 
-/// Hands a struct's visitor to `deserialize_map`, which takes objects only.
+/// Passes a struct's visitor on with [`NoSeq`].
 struct MapOnly<D>(D);
 
 impl<'de, D: Deserializer<'de>> Deserializer<'de> for MapOnly<D> {
@@ -263,17 +323,32 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for MapOnly<D> {
 
     fn deserialize_struct<V: Visitor<'de>>(
         self,
-        _name: &'static str,
-        _fields: &'static [&'static str],
+        name: &'static str,
+        fields: &'static [&'static str],
         v: V,
     ) -> Result<V::Value, D::Error> {
-        self.0.deserialize_map(v)
+        self.0.deserialize_struct(name, fields, NoSeq(v))
     }
 
     serde::forward_to_deserialize_any! {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
         bytes byte_buf option unit unit_struct newtype_struct seq tuple
         tuple_struct map enum identifier ignored_any
+    }
+}
+
+/// A struct visitor that takes maps only.
+struct NoSeq<V>(V);
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for NoSeq<V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.expecting(f)
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+        self.0.visit_map(map)
     }
 }
 
@@ -456,6 +531,12 @@ mod tests {
             msg::<Opts>(json!({"inner": {"z": 1}})),
             "unknown field `z`, expected one of `a`, `b` in `inner`"
         );
+        assert_eq!(
+            msg::<Opts>(json!({"inner": {"a": 1, "z": 1}})),
+            "unknown field `z`, expected one of `a`, `b` in `inner`"
+        );
+        assert_eq!(nested_fields_of::<Opts>("inner"), ["a", "b"]);
+        assert!(nested_fields_of::<Opts>("count").is_empty());
         assert_eq!(
             msg::<Opts>(json!({"inner": [true]})),
             "invalid type: sequence, expected an object for field `inner`"
