@@ -195,7 +195,7 @@ fn entry(method: &str, params: Value) -> Value {
 /// defaults. Build-optional and one-shot methods (`vmd_enable`, `*_scan_accel_module`,
 /// `keyring_linux_set_options`, `bdev_iscsi_set_options`, `ublk_create_target`, `accel_set_driver`,
 /// `fsdev_set_opts`) are kept only once called.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct KeptOptions {
     scheduler: Scheduler,
     vmd: Vmd,
@@ -230,13 +230,42 @@ pub struct KeptOptions {
     app_cpumask: Option<CpuSet>,
 }
 
+impl Default for KeptOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl KeptOptions {
     /// SPDK v24.05's defaults.
     pub fn new() -> Self {
         KeptOptions {
+            scheduler: Scheduler::default(),
+            vmd: Vmd::default(),
+            sock_default: SockSetDefaultImpl::default(),
             sock_impls: vec![SockImplOptions::new("ssl"), SockImplOptions::new("posix")],
+            iobuf: IobufOptions::default(),
+            keyring_keys: Vec::new(),
+            keyring_linux: None,
+            accel: AccelOptions::default(),
+            accel_driver: None,
+            ioat: false,
+            dsa: None,
+            iaa: false,
+            opc_overrides: BTreeMap::new(),
+            crypto_keys: Vec::new(),
+            fsdev: None,
+            nvme: NvmeOptions::default(),
+            hotplug: NvmeHotplug::default(),
+            bdev_iscsi: None,
+            nvmf: NvmfConfig::default(),
             nvmf_max_subsystems: NvmfMaxSubsystems::default().effective(),
-            ..Default::default()
+            nvmf_max_subsystems_set: false,
+            nvmf_crdt: NvmfCrdt::default(),
+            iscsi: IscsiOptions::default(),
+            iscsi_set: false,
+            ublk: None,
+            app_cpumask: None,
         }
     }
 
@@ -873,6 +902,14 @@ mod tests {
         assert_eq!(k.bdev_trailing_entries(), Vec::<Value>::new());
         assert!(k.subsystem_config("nope").is_none());
         assert!(k.entries("nope").is_empty());
+    }
+
+    #[test]
+    fn default_is_new() {
+        let d = KeptOptions::default();
+        for s in SUBSYSTEMS {
+            assert_eq!(d.entries(s.name), KeptOptions::new().entries(s.name));
+        }
     }
 
     #[test]
