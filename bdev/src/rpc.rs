@@ -391,6 +391,7 @@ pub fn method<T: serde::de::DeserializeOwned + 'static>(
 
 /// Registers the bdev layer's methods.
 pub fn register_rpcs(reg: &mut Registry) {
+    crate::modules::passthru::register_rpcs(reg);
     method(reg, "bdev_get_bdevs", STATE_RUNTIME, get_bdevs);
     method(reg, "bdev_get_iostat", STATE_RUNTIME, get_iostat);
     method(

@@ -3,4 +3,5 @@
 pub mod error;
 pub mod malloc;
 pub mod null;
+pub mod passthru;
 pub mod uring;
