@@ -104,6 +104,9 @@ struct PerfOpts {
     every_core: bool,
     only: Option<String>,
     continue_on_failure: bool,
+    /// Ours only (`--idle-channels`): each job thread also holds a channel on every other bdev, with no I/O, to
+    /// measure what idle bdevs cost a busy thread.
+    idle_channels: bool,
 }
 
 fn parse_size(s: &str) -> Option<u64> {
@@ -126,6 +129,7 @@ const USAGE: &str = "bdevperf [options]\n\
  -C                  enable every core to send I/Os to each bdev\n\
  -T <bdev>           bdev to run against. Default: all available bdevs.\n\
  -f                  continue processing I/O even after failures\n\
+ --idle-channels     (not in SPDK's) each job thread also opens a channel on every other bdev and leaves it idle\n\
  -S <period>         show performance result in real time every <period> seconds (accepted)\n\
  -l / -P <num>       latency summary / histogram (accepted)\n\
 plus the common SPDK app options (-c/--json, -m, -r, -L, --no-huge, ...); see spdk_tgt --help\n";
@@ -141,6 +145,7 @@ fn parse_args(args: Vec<String>) -> Result<(PerfOpts, app::cli::Opts), String> {
         every_core: false,
         only: None,
         continue_on_failure: false,
+        idle_channels: false,
     };
     let mut rest = vec![];
     let (mut have_q, mut have_o, mut have_w, mut have_t, mut have_m) =
@@ -149,6 +154,10 @@ fn parse_args(args: Vec<String>) -> Result<(PerfOpts, app::cli::Opts), String> {
     while let Some(a) = it.next() {
         let flag = a.get(..2).unwrap_or("");
         let takes = matches!(flag, "-q" | "-o" | "-w" | "-M" | "-t" | "-T" | "-S" | "-P");
+        if a == "--idle-channels" {
+            o.idle_channels = true;
+            continue;
+        }
         let plain = matches!(a.as_str(), "-z" | "-C" | "-f" | "-l");
         if !takes && !plain {
             rest.push(a);
@@ -251,6 +260,8 @@ struct Task {
 struct Job {
     opts: PerfOpts,
     _desc: Desc,
+    /// Channels held idle on this thread (`--idle-channels`), released with the job.
+    _idle: Vec<(Desc, IoChannel)>,
     ch: IoChannel,
     blocks_per_io: u64,
     /// First slot (in I/O-size units) of this job's range, and the range's length: with -C, the jobs of one
@@ -554,10 +565,24 @@ fn start_job(
             .enable_histogram(Some(bdev::HistogramCfg::default()), || {});
     }
     let ch = desc.channel();
+    let idle = if opts.idle_channels {
+        bdev::list()
+            .iter()
+            .filter(|b| b.name() != bdev_name)
+            .filter_map(|b| b.open(false, None).ok())
+            .map(|d| {
+                let c = d.channel();
+                (d, c)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let now = ticks::now();
     let dur_us = opts.time_s * 1_000_000;
     let job = Job {
         _desc: desc,
+        _idle: idle,
         ch,
         blocks_per_io,
         slot_base,
