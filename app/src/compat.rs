@@ -31,6 +31,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 use jsonrpc::{Registry, Responder, RpcError, STATE_RUNTIME, STATE_STARTUP};
 use serde_json::{json, Value};
@@ -162,16 +163,55 @@ pub const KEPT_ALIASES: &[(&str, &str)] = &[
     ("iaa_scan_accel_engine", "iaa_scan_accel_module"),
 ];
 
+/// A bdev module with no engine yet whose options are kept: it only writes them in `save_config`.
+struct KeptBdevModule {
+    name: &'static str,
+    entries: Mutex<Vec<Value>>,
+}
+
+impl bdev::BdevModule for KeptBdevModule {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn config_json(&self) -> Vec<Value> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 /// Registers every method of [`KEPT_METHODS`] (and the aliases of [`KEPT_ALIASES`]) on `reg`; each one runs
 /// [`KeptOptions::call`] on `store` and answers its result (`true` on success, as SPDK does).
 pub fn register(reg: &mut Registry, store: Rc<RefCell<KeptOptions>>) {
+    // The bdev modules without an engine yet: registered so the bdev layer's `save_config` walk writes their
+    // kept options in their place in SPDK's module list.
+    let modules: Vec<Arc<KeptBdevModule>> = ["nvme", "iscsi"]
+        .into_iter()
+        .map(|name| {
+            Arc::new(KeptBdevModule {
+                name,
+                entries: Mutex::new(store.borrow().kept_module_entries(name)),
+            })
+        })
+        .collect();
+    for m in &modules {
+        bdev::register_module(m.clone());
+    }
     for &(name, state) in KEPT_METHODS {
         let store = store.clone();
+        let modules = modules.clone();
         reg.register(
             name,
             state,
             Rc::new(move |params: Option<Value>, r: Responder| {
                 let res = store.borrow_mut().call(name, params);
+                if res.is_ok() {
+                    for m in &modules {
+                        *m.entries.lock().unwrap_or_else(|e| e.into_inner()) =
+                            store.borrow().kept_module_entries(m.name);
+                    }
+                }
                 match res {
                     Ok(v) => r.ok(v),
                     Err(e) => r.err(e),
@@ -402,25 +442,35 @@ impl KeptOptions {
     /// SPDK v24.05's `bdev` array is: `bdev_set_options`; `bdev_examine` per allow-listed name; then every bdev
     /// module's `config_json` in module-list order (modules with examine callbacks first, in reverse registration
     /// order, then the others in registration order); then per bdev its creation entry (+ `bdev_set_qos_limit`,
-    /// `bdev_enable_histogram`); last `bdev_wait_for_examine`. Among the modules, `raid` (an examine module) writes
-    /// `bdev_raid_set_options`; `nvme` writes `bdev_nvme_set_options`, its controllers and discovery services, and
-    /// `bdev_nvme_set_hotplug` (deliberately after its own controllers, but still before every bdev entry); `iscsi`
-    /// (only in builds `--with-iscsi-initiator`) writes `bdev_iscsi_set_options`. So this returns
-    /// `[bdev_raid_set_options, bdev_nvme_set_options, bdev_nvme_set_hotplug]` (+ `bdev_iscsi_set_options` once
-    /// set), to be placed after `bdev_set_options` and any `bdev_examine` entries, before the bdevs. (A
+    /// `bdev_enable_histogram`); last `bdev_wait_for_examine`. Among the modules, `raid` (an examine module, with
+    /// an engine here: it writes its own) writes `bdev_raid_set_options`; `nvme` writes `bdev_nvme_set_options`,
+    /// its controllers and discovery services, and `bdev_nvme_set_hotplug` (deliberately after its own
+    /// controllers, but still before every bdev entry); `iscsi` (only in builds `--with-iscsi-initiator`) writes
+    /// `bdev_iscsi_set_options`. So this returns `[bdev_nvme_set_options, bdev_nvme_set_hotplug]` (+
+    /// `bdev_iscsi_set_options` once set); the kept `nvme` and `iscsi` modules registered by [`register`] write
+    /// them where the bdev layer's module walk puts those modules. (A
     /// `--with-shared` build registers modules in reverse link order and writes `bdev_iscsi_set_options` between
     /// the raid and nvme entries; loading either order gives the same options.)
     pub fn bdev_module_entries(&self) -> Vec<Value> {
-        let mut v = vec![
-            // Owned by the raid module (it gives the options meaning); written from its current values.
-            raid::rpc::options_config_entry(),
-            entry("bdev_nvme_set_options", to_object(&self.nvme)),
-            entry("bdev_nvme_set_hotplug", to_object(&self.hotplug)),
-        ];
-        if let Some(o) = &self.bdev_iscsi {
-            v.push(entry("bdev_iscsi_set_options", to_object(o)));
-        }
+        let mut v = self.kept_module_entries("nvme");
+        v.extend(self.kept_module_entries("iscsi"));
         v
+    }
+
+    /// The kept entries of one engine-less bdev module (`nvme`, `iscsi`), as that module writes them.
+    pub fn kept_module_entries(&self, module: &str) -> Vec<Value> {
+        match module {
+            "nvme" => vec![
+                entry("bdev_nvme_set_options", to_object(&self.nvme)),
+                entry("bdev_nvme_set_hotplug", to_object(&self.hotplug)),
+            ],
+            "iscsi" => self
+                .bdev_iscsi
+                .iter()
+                .map(|o| entry("bdev_iscsi_set_options", to_object(o)))
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// Kept entries that go after the bdevs and before `bdev_wait_for_examine`: none. In SPDK v24.05 every
@@ -887,8 +937,15 @@ mod tests {
         let text = |v: &Value| serde_json::to_string_pretty(v).unwrap();
         for (name, config) in &spdk {
             let expected = if name == "bdev" {
+                // Less the bdev layer's own entries and raid's (a module with an engine writes its own).
                 let a = config.as_array().unwrap();
-                Value::Array(a[1..a.len() - 1].to_vec())
+                Value::Array(
+                    a[1..a.len() - 1]
+                        .iter()
+                        .filter(|e| e["method"] != "bdev_raid_set_options")
+                        .cloned()
+                        .collect(),
+                )
             } else {
                 config.clone()
             };
@@ -1127,18 +1184,18 @@ mod tests {
         .unwrap();
         call(&mut k, "bdev_nvme_set_hotplug", json!({"enable": true})).unwrap();
         let b = k.bdev_module_entries();
-        assert_eq!(b[0]["method"], "bdev_raid_set_options");
-        assert_eq!(b[1]["params"]["transport_retry_count"], 7);
-        assert!(b[1]["params"].get("retry_count").is_none());
+        assert_eq!(b[0]["method"], "bdev_nvme_set_options");
+        assert_eq!(b[0]["params"]["transport_retry_count"], 7);
+        assert!(b[0]["params"].get("retry_count").is_none());
         assert_eq!(
-            b[1]["params"]["dhchap_digests"],
+            b[0]["params"]["dhchap_digests"],
             json!(["sha256", "sha512"])
         );
-        assert_eq!(b[1]["params"]["tcp_connect_timeout_ms"], 100);
-        assert_eq!(b[2]["params"], json!({"period_us": 100000, "enable": true}));
+        assert_eq!(b[0]["params"]["tcp_connect_timeout_ms"], 100);
+        assert_eq!(b[1]["params"], json!({"period_us": 100000, "enable": true}));
         call(&mut k, "bdev_iscsi_set_options", json!({"timeout_sec": 5})).unwrap();
         assert_eq!(
-            k.bdev_module_entries()[3],
+            k.bdev_module_entries()[2],
             json!({"method": "bdev_iscsi_set_options", "params": {"timeout_sec": 5}})
         );
 
@@ -1511,7 +1568,7 @@ mod tests {
             r#"{"method":"sock_impl_set_options","params":{"impl_name":"posix","recv_buf_size":2097152,"send_buf_size":2097152,"enable_recv_pipe":true,"enable_quickack":false,"enable_placement_id":0,"enable_zerocopy_send_server":true,"enable_zerocopy_send_client":false,"zerocopy_threshold":0,"tls_version":0,"enable_ktls":false}}"#
         );
         assert_eq!(
-            text(&k.bdev_module_entries()[1]),
+            text(&k.bdev_module_entries()[0]),
             concat!(
                 r#"{"method":"bdev_nvme_set_options","params":{"action_on_timeout":"none","timeout_us":0,"#,
                 r#""timeout_admin_us":0,"keep_alive_timeout_ms":10000,"arbitration_burst":0,"low_priority_weight":0,"#,
@@ -1525,7 +1582,7 @@ mod tests {
             )
         );
         assert_eq!(
-            text(&k.bdev_module_entries()[2]),
+            text(&k.bdev_module_entries()[1]),
             r#"{"method":"bdev_nvme_set_hotplug","params":{"period_us":100000,"enable":false}}"#
         );
         assert_eq!(

@@ -10,3 +10,18 @@ pub mod signals;
 mod target;
 
 pub use target::{run, run_with, Hooks, Target, VERSION};
+
+/// What `spdk_tgt` links, in SPDK's subsystem init order (SPDK's app Makefile library list): the bdev subsystem
+/// with its modules, then the vhost-blk target.
+pub fn spdk_tgt_subsystems() -> Vec<std::sync::Arc<dyn subsystems::framework::Subsystem>> {
+    let mut v = bdev_subsystems();
+    v.push(vhost_blk::subsystem());
+    v
+}
+
+/// What a bdev application (bdevperf) links: the bdev subsystem with every bdev module.
+pub fn bdev_subsystems() -> Vec<std::sync::Arc<dyn subsystems::framework::Subsystem>> {
+    let b = bdev::module::subsystem();
+    bdev::register_module(raid::module());
+    vec![b]
+}

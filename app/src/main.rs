@@ -17,7 +17,7 @@ fn main() {
             );
         }
         Ok(app::cli::Action::Run(opts)) => {
-            if let Err(e) = app::run(*opts) {
+            if let Err(e) = app::run(*opts, app::spdk_tgt_subsystems()) {
                 eprintln!("spdk_tgt: {e}");
                 std::process::exit(1);
             }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use jsonrpc::{Registry, Responder, Server, STATE_RUNTIME};
 use reactor::Poller;
 use serde_json::Value;
+use subsystems::framework::{chain, AppEnv, Subsystem};
 
 use crate::cli::Opts;
 use crate::compat::{self, KeptOptions};
@@ -39,6 +40,8 @@ pub struct Target {
     failure: Arc<Mutex<Option<String>>>,
     poller: RefCell<Option<Poller>>,
     on_ready: RefCell<Option<ReadyHook>>,
+    /// The subsystems linked in, in init order.
+    subsystems: Vec<Arc<dyn Subsystem>>,
 }
 
 type ReadyHook = Box<dyn FnOnce(Rc<Target>)>;
@@ -116,6 +119,24 @@ impl Target {
     pub fn start_init(self: &Rc<Self>, done: impl FnOnce(Result<(), String>) + 'static) {
         self.reg.borrow_mut().set_state(STATE_RUNTIME);
         self.kept.borrow_mut().on_subsystems_init();
+        let me = self.clone();
+        chain(
+            self.subsystems.clone(),
+            |s, d| {
+                let name = s.name();
+                s.init(Box::new(move |r| {
+                    d(r.map_err(|e| format!("subsystem {name} failed to initialize: {e}")))
+                }))
+            },
+            Box::new(move |res| match res {
+                Ok(()) => me.apply_runtime_entries(done),
+                Err(e) => done(Err(e)),
+            }),
+        );
+    }
+
+    /// Replays the config's runtime entries once the subsystems are up.
+    fn apply_runtime_entries(self: &Rc<Self>, done: impl FnOnce(Result<(), String>) + 'static) {
         let entries = std::mem::take(&mut *self.runtime_entries.borrow_mut());
         let me = self.clone();
         config::apply(
@@ -146,8 +167,9 @@ impl Target {
         self.shutdown();
     }
 
-    /// Orderly shutdown: stop serving RPCs, unregister every bdev (virtual ones first, waiting for in-flight
-    /// I/O to complete as their owners close), then stop the reactors.
+    /// Orderly shutdown: stop serving RPCs, finish the subsystems in reverse init order (the bdev subsystem
+    /// unregisters every bdev, virtual ones first, waiting for in-flight I/O, then finishes its modules), then
+    /// stop the reactors.
     pub fn shutdown(self: &Rc<Self>) {
         if self.shutting_down.replace(true) {
             return;
@@ -162,28 +184,26 @@ impl Target {
             reactor::stop();
         })
         .detach();
-        unregister_all_bdevs();
+        let mut subs = self.subsystems.clone();
+        subs.reverse();
+        chain::<_, ()>(
+            subs,
+            |s, d| {
+                log::debug!("finishing subsystem {}", s.name());
+                s.fini(Box::new(move || d(Ok(()))))
+            },
+            Box::new(|_| reactor::stop()),
+        );
     }
 }
 
-/// Unregisters bdevs one at a time, unclaimed (top-most) ones first, then stops the reactors.
-fn unregister_all_bdevs() {
-    let bdevs = bdev::list();
-    let next = bdevs
-        .iter()
-        .rev()
-        .find(|b| !b.is_removing() && b.claimed_by().is_none())
-        .or_else(|| bdevs.iter().rev().find(|b| !b.is_removing()))
-        .cloned();
-    match next {
-        Some(b) => b.unregister(|_| unregister_all_bdevs()),
-        None if bdevs.is_empty() => reactor::stop(),
-        // Some are still being removed: look again shortly.
-        None => reactor::timer(1000, unregister_all_bdevs).detach(),
-    }
-}
-
-fn start(opts: Opts, entries: Vec<Entry>, failure: Arc<Mutex<Option<String>>>, hooks: Hooks) {
+fn start(
+    opts: Opts,
+    subsystems: Vec<Arc<dyn Subsystem>>,
+    entries: Vec<Entry>,
+    failure: Arc<Mutex<Option<String>>>,
+    hooks: Hooks,
+) {
     let reg = Rc::new(RefCell::new(Registry::new()));
     let kept = Rc::new(RefCell::new(KeptOptions::new()));
     if let Err(e) = kept.borrow_mut().set_app_cpumask(&opts.cpumask.to_string()) {
@@ -192,9 +212,9 @@ fn start(opts: Opts, entries: Vec<Entry>, failure: Arc<Mutex<Option<String>>>, h
     {
         let mut r = reg.borrow_mut();
         crate::rpc::register(&mut r);
-        bdev::rpc::register_rpcs(&mut r);
-        raid::rpc::register_rpcs(&mut r);
-        vhost_blk::rpc::register_rpcs(&mut r);
+        for s in &subsystems {
+            s.register_rpcs(&mut r);
+        }
         compat::register(&mut r, kept.clone());
         if let Some(f) = hooks.register {
             f(&mut r);
@@ -214,25 +234,21 @@ fn start(opts: Opts, entries: Vec<Entry>, failure: Arc<Mutex<Option<String>>>, h
         failure,
         poller: RefCell::new(None),
         on_ready: RefCell::new(hooks.on_ready.map(|f| -> ReadyHook { f })),
+        subsystems,
     });
     CURRENT.with(|c| *c.borrow_mut() = Some(t.clone()));
-    vhost_blk::set_socket_dir(t.opts.vhost_sock_dir.clone());
-    t.add_config_writer("vhost_blk", vhost_blk::rpc::config_json);
-    let kept = t.kept.clone();
-    t.add_config_writer("bdev", move || {
-        let mut v = match bdev::rpc::config_json() {
-            Value::Array(v) => v,
-            _ => vec![],
-        };
-        // SPDK's order: bdev_set_options, module options, bdevs, trailing module entries, bdev_wait_for_examine.
-        let k = kept.borrow();
-        let tail = v.pop();
-        let mods = k.bdev_module_entries();
-        v.splice(1..1, mods);
-        v.extend(k.bdev_trailing_entries());
-        v.extend(tail);
-        Value::Array(v)
-    });
+    let env = AppEnv {
+        vhost_sock_dir: t.opts.vhost_sock_dir.clone(),
+    };
+    for s in t.subsystems.clone() {
+        s.configure(&env);
+        if s.config_json().is_some() {
+            let s2 = s.clone();
+            t.add_config_writer(s.name(), move || {
+                s2.config_json().unwrap_or(Value::Array(Vec::new()))
+            });
+        }
+    }
     if !t.opts.no_rpc_server {
         match Server::listen(Path::new(&t.opts.rpc_socket), t.reg.clone()) {
             Ok(s) => {
@@ -285,13 +301,18 @@ fn start(opts: Opts, entries: Vec<Entry>, failure: Arc<Mutex<Option<String>>>, h
     );
 }
 
-/// Runs `spdk_tgt` with `opts` until shutdown. Errors describe why it could not start or configure.
-pub fn run(opts: Opts) -> Result<(), String> {
-    run_with(opts, Hooks::default())
+/// Runs `spdk_tgt` with `opts` and the linked `subsystems` (in init order) until shutdown. Errors describe why
+/// it could not start or configure.
+pub fn run(opts: Opts, subsystems: Vec<Arc<dyn Subsystem>>) -> Result<(), String> {
+    run_with(opts, subsystems, Hooks::default())
 }
 
 /// Runs the target with extra `hooks` until shutdown.
-pub fn run_with(opts: Opts, hooks: Hooks) -> Result<(), String> {
+pub fn run_with(
+    opts: Opts,
+    subsystems: Vec<Arc<dyn Subsystem>>,
+    hooks: Hooks,
+) -> Result<(), String> {
     crate::logging::init(&opts.log_flags, opts.silence_noticelog)?;
     reactor::dma::set_no_huge(opts.no_huge);
     let entries = match &opts.config {
@@ -317,8 +338,8 @@ pub fn run_with(opts: Opts, hooks: Hooks) -> Result<(), String> {
     };
     log::info!("Total cores available: {}", opts.cpumask.count());
     let pidfile = opts.pidfile.clone();
-    let res =
-        reactor::run(ropts, move || start(opts, entries, f2, hooks)).map_err(|e| e.to_string());
+    let res = reactor::run(ropts, move || start(opts, subsystems, entries, f2, hooks))
+        .map_err(|e| e.to_string());
     if let Some(p) = pidfile {
         let _ = std::fs::remove_file(p);
     }

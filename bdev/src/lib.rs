@@ -6,6 +6,7 @@ mod channel;
 mod error;
 pub mod histogram;
 mod io;
+pub mod module;
 pub mod modules;
 pub mod rpc;
 mod stat;
@@ -21,4 +22,5 @@ pub use io::{
     alloc_io, pool_limit, prefill_pool, queue_io_wait, set_pool_limit, BdevIo, Completion,
     IoHandle, IoSink, IoStatus, IoType, IoVec,
 };
+pub use module::{register_module, BdevModule};
 pub use stat::{IoStat, OpStat};

@@ -391,7 +391,6 @@ pub fn method<T: serde::de::DeserializeOwned + 'static>(
 
 /// Registers the bdev layer's methods.
 pub fn register_rpcs(reg: &mut Registry) {
-    crate::modules::passthru::register_rpcs(reg);
     method(reg, "bdev_get_bdevs", STATE_RUNTIME, get_bdevs);
     method(reg, "bdev_get_iostat", STATE_RUNTIME, get_iostat);
     method(
@@ -672,26 +671,7 @@ pub fn register_rpcs(reg: &mut Registry) {
     );
 }
 
-/// The `bdev` subsystem's `save_config` array, in SPDK's order: options, then every bdev's creation, then
-/// `bdev_wait_for_examine`.
+/// The `bdev` subsystem's `save_config` array (see [`crate::module::config_json`]).
 pub fn config_json() -> Value {
-    let mut v = vec![json!({"method": "bdev_set_options", "params": options()})];
-    for b in crate::list() {
-        if let Some(c) = b.write_config() {
-            v.push(c);
-        }
-        if let Some(h) = b.histogram_cfg() {
-            // v24.05 writes name and enable; what newer clients set beyond that is written only when set.
-            let mut p = json!({"name": b.name(), "enable": true});
-            if let Some(t) = h.opc {
-                p["opc"] = json!(t.name());
-            }
-            if h.bucket_shift != crate::histogram::BUCKET_SHIFT_DEFAULT {
-                p["granularity"] = json!(h.bucket_shift);
-            }
-            v.push(json!({"method": "bdev_enable_histogram", "params": p}));
-        }
-    }
-    v.push(json!({"method": "bdev_wait_for_examine"}));
-    Value::Array(v)
+    crate::module::config_json()
 }

@@ -187,7 +187,7 @@ fn three_deep_stack_under_verify_load_with_resets() {
         // Every layer counted the reads: the bdev layer ran for each.
         for n in ["pt3", "pt2", "pt1", "m0"] {
             let n2 = n.to_string();
-            let st = on_app(move |reply| bdev::get(&n2).unwrap().get_iostat(move |s| reply(s)));
+            let st = on_app(move |reply| bdev::get(&n2).unwrap().get_iostat(reply));
             assert!(st.read.ops >= 32 * 20, "{n}: {} reads", st.read.ops);
         }
     });

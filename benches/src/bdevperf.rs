@@ -959,7 +959,7 @@ fn main() {
             });
         })),
     };
-    if let Err(e) = app::run_with(app_opts, hooks) {
+    if let Err(e) = app::run_with(app_opts, app::bdev_subsystems(), hooks) {
         eprintln!("bdevperf: {e}");
         std::process::exit(1);
     }

@@ -108,3 +108,25 @@ pub fn init() {
     }
     bdev::register_examiner(MODULE, Arc::new(raid::examine_new_bdev));
 }
+
+/// The raid bdev module, for the application to register ([`bdev::register_module`]).
+pub fn module() -> Arc<dyn bdev::BdevModule> {
+    Arc::new(RaidModule)
+}
+
+struct RaidModule;
+
+impl bdev::BdevModule for RaidModule {
+    fn name(&self) -> &'static str {
+        MODULE
+    }
+    fn register_rpcs(&self, reg: &mut jsonrpc::Registry) {
+        rpc::register_rpcs(reg);
+    }
+    fn examines(&self) -> bool {
+        true
+    }
+    fn config_json(&self) -> Vec<serde_json::Value> {
+        vec![rpc::options_config_entry()]
+    }
+}

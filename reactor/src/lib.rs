@@ -5,6 +5,7 @@
 //! ([`IoDevice`]). Other threads reach a thread only by message ([`ThreadHandle::send`]).
 //! [`dma`] hands out hugepage-backed buffer memory.
 
+pub mod bound;
 pub mod cpumask;
 pub mod dma;
 mod reactor;
@@ -13,6 +14,7 @@ pub mod testing;
 pub mod thread;
 pub mod ticks;
 
+pub use bound::OnThread;
 pub use cpumask::CpuMask;
 pub use reactor::{
     add_wake_fd, all_threads, app_thread, cores, main_core, options, reactors_info, remove_wake_fd,

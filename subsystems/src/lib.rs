@@ -10,6 +10,7 @@
 //! a crate that gives a subsystem meaning (an NVMe-oF target, the NVMe bdev module, the sock layer) takes its
 //! struct over. See `DESIGN.md`.
 
+pub mod framework;
 pub mod params;
 
 pub mod accel;

@@ -29,3 +29,25 @@ pub use error::{Error, ErrorKind, Result};
 
 /// The module name used for bdev claims.
 pub const MODULE: &str = "vhost_blk";
+
+/// The `vhost_blk` subsystem, for the application to register.
+pub fn subsystem() -> std::sync::Arc<dyn subsystems::framework::Subsystem> {
+    std::sync::Arc::new(VhostBlk)
+}
+
+struct VhostBlk;
+
+impl subsystems::framework::Subsystem for VhostBlk {
+    fn name(&self) -> &'static str {
+        "vhost_blk"
+    }
+    fn register_rpcs(&self, reg: &mut jsonrpc::Registry) {
+        rpc::register_rpcs(reg);
+    }
+    fn configure(&self, env: &subsystems::framework::AppEnv) {
+        set_socket_dir(env.vhost_sock_dir.clone());
+    }
+    fn config_json(&self) -> Option<serde_json::Value> {
+        Some(rpc::config_json())
+    }
+}

@@ -17,7 +17,7 @@ const TGT_ENV: &str = "VHOST_BLK_TEST_TGT";
 fn tgt_main() {
     match app::cli::parse(std::env::args().skip(1)) {
         Ok(app::cli::Action::Run(opts)) => {
-            if let Err(e) = app::run(*opts) {
+            if let Err(e) = app::run(*opts, app::spdk_tgt_subsystems()) {
                 eprintln!("spdk_tgt: {e}");
                 std::process::exit(1);
             }
