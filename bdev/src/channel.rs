@@ -255,7 +255,7 @@ impl ChannelCore {
 }
 
 /// Delivers an I/O completed on channel `ch` to its submitter: statistics, then the callback (at clock `now`).
-fn finish(ch: &Rc<ChannelCore>, io: IoHandle, now: u64) {
+fn finish(ch: &Rc<ChannelCore>, mut io: IoHandle, now: u64) {
     if io.status == IoStatus::NoMem {
         // The module is out of resources: keep the I/O and resubmit when something completes.
         ch.outstanding.set(ch.outstanding.get().saturating_sub(1));
@@ -263,6 +263,9 @@ fn finish(ch: &Rc<ChannelCore>, io: IoHandle, now: u64) {
         return;
     }
     ch.account(&io, now);
+    if io.bounced {
+        io.unbounce();
+    }
     // A parent completed from this callback (a virtual bdev's) completed at this same moment.
     let outer = DONE_NOW.replace(now);
     run_callback(io);
@@ -392,13 +395,14 @@ impl IoChannel {
     }
 
     /// Validates `io` against this bdev; `data_checked` skips the buffer checks (length, alignment) when they
-    /// were already made for a parent with the same block size and at least this alignment.
+    /// were already made for a parent with the same block size and at least this alignment. `Ok(true)`: valid,
+    /// but a buffer is not aligned as the bdev requires, so the I/O goes through a bounce buffer.
     #[inline]
     fn check(
         &self,
         io: &crate::io::BdevIo,
         data_checked: bool,
-    ) -> std::result::Result<(), (i32, String)> {
+    ) -> std::result::Result<bool, (i32, String)> {
         let t = io.io_type;
         let name = self.core.bdev.name();
         if !self.core.supported[t as usize] {
@@ -439,16 +443,10 @@ impl IoChannel {
                 .iter()
                 .any(|v| (v.base as usize) & self.core.align_mask != 0)
             {
-                return Err((
-                    libc::EINVAL,
-                    format!(
-                        "{name}: buffer is not aligned to {}",
-                        self.core.align_mask + 1
-                    ),
-                ));
+                return Ok(true);
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Submits a prepared I/O. Invalid I/O (range, length, alignment, type, read-only) completes with
@@ -461,7 +459,14 @@ impl IoChannel {
     fn submit_checked(&self, mut io: IoHandle, data_checked: bool) {
         let core = &self.core;
         io.block_size = core.block_size;
-        if let Err((errno, msg)) = self.check(&io, data_checked) {
+        let checked = match self.check(&io, data_checked) {
+            Ok(true) => io
+                .bounce(core.align_mask + 1)
+                .map_err(|e| (libc::ENOMEM, format!("{}: {e}", core.bdev.name()))),
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err((errno, msg)) = checked {
             log::warn!("{msg}");
             io.status = IoStatus::Failed(errno);
             io.submit_tick = 0;

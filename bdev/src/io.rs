@@ -142,6 +142,8 @@ pub struct BdevIo {
     pub(crate) has_buf: bool,
     /// Forwards in progress (so returning the descriptor need not look at the route's cache line).
     pub(crate) depth: u8,
+    /// The data goes through `bounce` (the caller's buffers were not aligned as the bdev requires).
+    pub(crate) bounced: bool,
     pub(crate) block_size: u32,
     /// The caller's context word (e.g. an index into its task table).
     pub ctx: u64,
@@ -150,6 +152,8 @@ pub struct BdevIo {
     pub(crate) iovs: Vec<IoVec>,
     pub(crate) offset_blocks: u64,
     pub(crate) buf: Option<DmaBuf>,
+    /// The aligned copy and the caller's iovecs, while bounced.
+    pub(crate) bounce: Option<Box<Bounce>>,
     /// Routes of outer forwards, when a forwarded I/O is forwarded again (kept, like `iovs`, once grown).
     pub(crate) outer_routes: Vec<Route>,
     /// The submitter's route while the I/O is forwarded (the innermost forward's).
@@ -171,12 +175,14 @@ impl BdevIo {
             io_type: IoType::Read,
             has_buf: false,
             depth: 0,
+            bounced: false,
             block_size: 512,
             ctx: 0,
             driver_ctx: [0; 4],
             iovs: Vec::with_capacity(IOVS_RESERVED),
             offset_blocks: 0,
             buf: None,
+            bounce: None,
             outer_routes: Vec::new(),
             route: RouteSlot(None),
         }
@@ -293,6 +299,43 @@ impl BdevIo {
         }
     }
 
+    /// Moves the I/O's data into an aligned buffer (a write's data is copied in): the caller's iovecs are kept
+    /// and put back by [`BdevIo::unbounce`]. The slow path for callers whose buffers are not aligned as the bdev
+    /// requires (SPDK bounces them too); it allocates.
+    pub(crate) fn bounce(&mut self, align: usize) -> std::io::Result<()> {
+        if self.bounced {
+            return Err(std::io::Error::other("buffer already bounced"));
+        }
+        let len = self.len_bytes() as usize;
+        let mut buf = DmaBuf::alloc(len)?;
+        if !(buf.as_ptr() as usize).is_multiple_of(align) {
+            return Err(std::io::Error::other(format!(
+                "no {align}-byte aligned buffer"
+            )));
+        }
+        if matches!(self.io_type, IoType::Write | IoType::Compare) {
+            self.copy_out(buf.as_mut_slice());
+        }
+        let one = vec![IoVec {
+            base: buf.as_ptr(),
+            len,
+        }];
+        let orig = std::mem::replace(&mut self.iovs, one);
+        self.bounce = Some(Box::new(Bounce { buf, orig }));
+        self.bounced = true;
+        Ok(())
+    }
+
+    /// Gives the caller's iovecs back (a successful read's data copied into them).
+    pub(crate) fn unbounce(&mut self) {
+        let Some(b) = self.bounce.take() else { return };
+        self.bounced = false;
+        self.iovs = b.orig;
+        if self.io_type == IoType::Read && self.status == IoStatus::Success {
+            self.copy_in(b.buf.as_slice());
+        }
+    }
+
     pub(crate) fn total_iov_len(&self) -> u64 {
         self.iovs.iter().map(|v| v.len as u64).sum()
     }
@@ -376,6 +419,12 @@ impl IoHandle {
     pub(crate) fn take_cb(&mut self) -> Completion {
         std::mem::replace(&mut self.cb, Completion::None)
     }
+}
+
+/// A bounced I/O's aligned buffer and the caller's iovecs.
+pub(crate) struct Bounce {
+    buf: DmaBuf,
+    orig: Vec<IoVec>,
 }
 
 /// What an I/O forwarded to another bdev needs back before it completes to its submitter: the submitter's
@@ -476,6 +525,10 @@ impl Drop for IoHandle {
             b.buf = None;
             b.has_buf = false;
         }
+        if b.bounced {
+            b.bounce = None;
+            b.bounced = false;
+        }
         b.iovs.clear();
         if b.depth > 0 {
             // Dropped while forwarded: whoever forwarded it is gone; release what the routes hold.
@@ -535,6 +588,7 @@ mod layout_tests {
         assert!(end(&io.block_size as *const _ as usize, 4) <= 64);
         assert!(end(&io.depth as *const _ as usize, 1) <= 64);
         assert!(end(&io.has_buf as *const _ as usize, 1) <= 64);
+        assert!(end(&io.bounced as *const _ as usize, 1) <= 64);
         let route = &io.route as *const _ as usize;
         assert!(route - base >= 192 && end(route, std::mem::size_of::<Option<Route>>()) <= 256);
         assert_eq!(std::mem::size_of::<BdevIo>(), 256);
