@@ -85,8 +85,9 @@ fn rw(name: &str, t: IoType, offset: u64, mem: &mut Mem, cuts: &[usize]) -> IoSt
     let mut at = 0;
     for &c in cuts {
         // SAFETY: `at + c <= total`, inside the slice just taken.
+        let piece = unsafe { base.add(at) };
         iovs.push(IoVec {
-            base: unsafe { base.add(at) },
+            base: piece,
             len: c,
         });
         at += c;
