@@ -93,6 +93,14 @@ pub struct BdevParams {
     pub write_cache: bool,
     /// Optimal I/O boundary in blocks (0 = none).
     pub optimal_io_boundary: u32,
+    /// Split reads and writes that cross `optimal_io_boundary` (SPDK's `split_on_optimal_io_boundary`).
+    pub split_on_optimal_io_boundary: bool,
+    /// Largest read or write the module takes, in blocks (SPDK's `max_rw_size`; 0 = no limit).
+    pub max_rw_size: u32,
+    /// Largest buffer segment the module takes, in bytes (SPDK's `max_segment_size`; 0 = no limit).
+    pub max_segment_size: u32,
+    /// Most buffer segments per I/O the module takes (SPDK's `max_num_segments`; 0 = no limit).
+    pub max_num_segments: u32,
     /// Required buffer alignment in bytes (power of two; 0 or 1 = none).
     pub required_alignment: u32,
     /// Physical block size in bytes (0 = same as block_size).
@@ -110,6 +118,10 @@ impl BdevParams {
             num_blocks,
             write_cache: false,
             optimal_io_boundary: 0,
+            split_on_optimal_io_boundary: false,
+            max_rw_size: 0,
+            max_segment_size: 0,
+            max_num_segments: 0,
             required_alignment: 0,
             physical_block_size: 0,
         }

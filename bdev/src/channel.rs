@@ -33,7 +33,29 @@ pub(crate) struct ChannelCore {
     nomem: RefCell<VecDeque<IoHandle>>,
     outstanding: Cell<u64>,
     stats: RefCell<ChanStats>,
+    /// How the module wants reads and writes cut (from the bdev's parameters).
+    split: SplitRules,
+    /// I/Os being served in pieces, by slot (the pieces carry the slot in `ctx`), and the free slots.
+    splits: RefCell<(Vec<Option<IoHandle>>, Vec<u64>)>,
 }
+
+/// Limits a module sets on the reads and writes it takes; the layer cuts bigger ones into pieces.
+#[derive(Clone, Copy, Default)]
+struct SplitRules {
+    /// Any limit set (the only thing the I/O path reads when none is).
+    any: bool,
+    /// Pieces never cross a multiple of this many blocks (0: no boundary).
+    boundary: u64,
+    /// Most blocks per piece (0: no limit).
+    max_blocks: u64,
+    /// Largest segment, bytes (0: no limit).
+    max_seg: usize,
+    /// Most segments per piece (0: no limit).
+    max_segs: usize,
+}
+
+/// Pieces of one split I/O in flight at once, so one large I/O cannot take the whole descriptor pool.
+const SPLIT_WINDOW: u64 = 32;
 
 /// What a channel counts per completed I/O.
 #[derive(Default)]
@@ -112,6 +134,22 @@ impl ChannelCore {
         }
         let align = bdev.params().required_alignment.max(1) as usize;
         let hist = bdev.histogram_cfg();
+        let p = bdev.params();
+        let boundary = if p.split_on_optimal_io_boundary {
+            p.optimal_io_boundary as u64
+        } else {
+            0
+        };
+        let split = SplitRules {
+            any: boundary > 0
+                || p.max_rw_size > 0
+                || p.max_segment_size > 0
+                || p.max_num_segments > 0,
+            boundary,
+            max_blocks: p.max_rw_size as u64,
+            max_seg: p.max_segment_size as usize,
+            max_segs: p.max_num_segments as usize,
+        };
         ChannelCore {
             block_size: bdev.block_size(),
             align_mask: align - 1,
@@ -129,6 +167,8 @@ impl ChannelCore {
                 histogram: hist.map(|c| Box::new(Histogram::new(c.bucket_shift))),
                 histogram_opc: hist.and_then(|c| c.opc),
             }),
+            split,
+            splits: RefCell::new((Vec::new(), Vec::new())),
         }
     }
 
@@ -229,6 +269,181 @@ impl ChannelCore {
         }
     }
 
+    /// Whether a read or write breaks one of the module's limits.
+    fn needs_split(&self, io: &BdevIo) -> bool {
+        let r = &self.split;
+        (r.boundary > 0 && io.offset_blocks % r.boundary + io.num_blocks > r.boundary)
+            || (r.max_blocks > 0 && io.num_blocks > r.max_blocks)
+            || (r.max_segs > 0 && io.iovs.len() > r.max_segs)
+            || (r.max_seg > 0 && io.iovs.iter().any(|v| v.len > r.max_seg))
+    }
+
+    /// Serves `parent` in pieces that keep to the module's limits, as SPDK splits: in order, a window at a
+    /// time, each piece a child descriptor over part of the parent's buffers; the parent completes when the
+    /// last piece does, with the first failure if any. Its `driver_ctx` (the module never sees it) holds the
+    /// next block, the pieces in flight and the first failure.
+    fn start_split(self: &Rc<Self>, mut parent: IoHandle) {
+        self.outstanding.set(self.outstanding.get() + 1);
+        self.activate();
+        parent.driver_ctx = [0; 4];
+        let slot = {
+            let mut s = self.splits.borrow_mut();
+            match s.1.pop() {
+                Some(i) => {
+                    s.0[i as usize] = Some(parent);
+                    i
+                }
+                None => {
+                    s.0.push(Some(parent));
+                    s.0.len() as u64 - 1
+                }
+            }
+        };
+        // A parent that cannot even start completes after this submission returns, like any completion.
+        self.in_module.set(true);
+        self.split_more(slot);
+        self.in_module.set(false);
+    }
+
+    /// Sends the next pieces of split I/O `slot`, or completes it once nothing is left in flight.
+    fn split_more(self: &Rc<Self>, slot: u64) {
+        loop {
+            let piece = {
+                let mut s = self.splits.borrow_mut();
+                let Some(p) = s.0.get_mut(slot as usize).and_then(|p| p.as_mut()) else {
+                    return;
+                };
+                let [next, in_flight, failed, _] = p.driver_ctx;
+                if next >= p.num_blocks || failed != 0 || in_flight >= SPLIT_WINDOW {
+                    break;
+                }
+                let Some(mut c) = io::alloc_io() else {
+                    if in_flight == 0 {
+                        // Nothing in flight will return a descriptor to us: wait for one.
+                        let me = self.clone();
+                        io::queue_io_wait(move || me.split_more(slot));
+                    }
+                    return;
+                };
+                let blocks = self.cut(p, next, &mut c.iovs);
+                if blocks == 0 {
+                    // A segment limit leaves less than a block: the buffers cannot be cut as the module needs.
+                    p.driver_ctx[2] = status_code(IoStatus::Failed(libc::EINVAL));
+                    break;
+                }
+                c.io_type = p.io_type;
+                c.offset_blocks = p.offset_blocks + next;
+                c.num_blocks = blocks;
+                c.block_size = p.block_size;
+                c.submit_tick = p.submit_tick;
+                c.ctx = slot;
+                c.flags |= io::SPLIT_CHILD;
+                c.status = IoStatus::Pending;
+                c.ch = Some(self.clone());
+                p.driver_ctx[0] = next + blocks;
+                p.driver_ctx[1] = in_flight + 1;
+                c
+            };
+            self.submit_to_module(piece);
+        }
+        let done = {
+            let mut s = self.splits.borrow_mut();
+            let finished = s.0[slot as usize]
+                .as_ref()
+                .is_some_and(|p| p.driver_ctx[1] == 0);
+            if finished {
+                s.1.push(slot);
+                s.0[slot as usize].take()
+            } else {
+                None
+            }
+        };
+        if let Some(mut parent) = done {
+            let failed = parent.driver_ctx[2];
+            parent.driver_ctx = [0; 4];
+            parent.status = status_of(failed);
+            // The parent was counted outstanding when it was split; `finish` counts it done.
+            complete(parent);
+        }
+    }
+
+    /// A piece of a split I/O came back.
+    fn piece_done(self: &Rc<Self>, piece: IoHandle) {
+        let slot = piece.ctx;
+        let st = piece.status;
+        drop(piece);
+        {
+            let mut s = self.splits.borrow_mut();
+            let Some(p) = s.0.get_mut(slot as usize).and_then(|p| p.as_mut()) else {
+                log::error!("{}: piece of an unknown split I/O", self.bdev.name());
+                return;
+            };
+            p.driver_ctx[1] -= 1;
+            if st != IoStatus::Success && p.driver_ctx[2] == 0 {
+                p.driver_ctx[2] = status_code(st);
+            }
+        }
+        self.split_more(slot);
+    }
+
+    /// Cuts the next piece of `p`, from block `next`, into `out`: as many blocks as the boundary and size limits
+    /// allow, with no segment over the size limit and no more segments than allowed, ending on a block.
+    /// Returns its blocks (0 when the segment limits leave less than one).
+    fn cut(&self, p: &BdevIo, next: u64, out: &mut Vec<IoVec>) -> u64 {
+        let r = &self.split;
+        let bs = p.block_size as u64;
+        let mut limit = p.num_blocks - next;
+        if r.boundary > 0 {
+            limit = limit.min(r.boundary - (p.offset_blocks + next) % r.boundary);
+        }
+        if r.max_blocks > 0 {
+            limit = limit.min(r.max_blocks);
+        }
+        let want = (limit * bs) as usize;
+        let mut skip = (next * bs) as usize;
+        let mut got = 0usize;
+        out.clear();
+        'iovs: for v in &p.iovs {
+            if skip >= v.len {
+                skip -= v.len;
+                continue;
+            }
+            let mut at = skip;
+            skip = 0;
+            while at < v.len && got < want {
+                if r.max_segs > 0 && out.len() == r.max_segs {
+                    break 'iovs;
+                }
+                let mut take = (v.len - at).min(want - got);
+                if r.max_seg > 0 {
+                    take = take.min(r.max_seg);
+                }
+                out.push(IoVec {
+                    base: v.base.wrapping_add(at),
+                    len: take,
+                });
+                at += take;
+                got += take;
+            }
+            if got == want {
+                break;
+            }
+        }
+        // Whole blocks only: give back the tail of a partial block.
+        let mut extra = got % bs as usize;
+        while extra > 0 {
+            let Some(last) = out.last_mut() else { break };
+            if last.len > extra {
+                last.len -= extra;
+                extra = 0;
+            } else {
+                extra -= last.len;
+                out.pop();
+            }
+        }
+        got as u64 / bs
+    }
+
     /// Accounts a completed I/O that was submitted at `submit_tick` (0: it never reached the module).
     #[inline]
     fn account(&self, io: &BdevIo, now: u64) {
@@ -237,6 +452,10 @@ impl ChannelCore {
         }
         self.outstanding
             .set(self.outstanding.get().saturating_sub(1));
+        if io.flags & io::SPLIT_CHILD != 0 {
+            // Counted once, with the I/O it is a piece of.
+            return;
+        }
         let ticks = now.saturating_sub(io.submit_tick);
         let mut s = self.stats.borrow_mut();
         s.stat.record(
@@ -263,7 +482,11 @@ fn finish(ch: &Rc<ChannelCore>, mut io: IoHandle, now: u64) {
         return;
     }
     ch.account(&io, now);
-    if io.bounced {
+    if io.flags & io::SPLIT_CHILD != 0 {
+        ch.piece_done(io);
+        return;
+    }
+    if io.flags & io::BOUNCED != 0 {
         io.unbounce();
     }
     // A parent completed from this callback (a virtual bdev's) completed at this same moment.
@@ -272,6 +495,26 @@ fn finish(ch: &Rc<ChannelCore>, mut io: IoHandle, now: u64) {
     DONE_NOW.set(outer);
     if !ch.nomem.borrow().is_empty() {
         ch.retry_nomem(1);
+    }
+}
+
+/// A failed status in one word (0: none), for a split parent's `driver_ctx`.
+fn status_code(st: IoStatus) -> u64 {
+    match st {
+        IoStatus::Failed(e) => (1 << 32) | e as u32 as u64,
+        IoStatus::Aborted => 2 << 32,
+        IoStatus::Miscompare => 3 << 32,
+        _ => (1 << 32) | libc::EIO as u64,
+    }
+}
+
+/// The status a split parent completes with.
+fn status_of(code: u64) -> IoStatus {
+    match code >> 32 {
+        0 => IoStatus::Success,
+        2 => IoStatus::Aborted,
+        3 => IoStatus::Miscompare,
+        _ => IoStatus::Failed(code as u32 as i32),
     }
 }
 
@@ -477,16 +720,15 @@ impl IoChannel {
         }
         io.ch = Some(core.clone());
         let outer = SUBMIT_NOW.get();
-        if outer != 0 {
-            io.submit_tick = outer;
-            core.submit_to_module(io);
-            return;
-        }
-        let now = ticks::now();
+        let now = if outer != 0 { outer } else { ticks::now() };
         io.submit_tick = now;
         SUBMIT_NOW.set(now);
-        core.submit_to_module(io);
-        SUBMIT_NOW.set(0);
+        if core.split.any && io.io_type.has_data() && core.needs_split(&io) {
+            core.start_split(io);
+        } else {
+            core.submit_to_module(io);
+        }
+        SUBMIT_NOW.set(outer);
     }
 
     #[inline]
@@ -554,7 +796,7 @@ impl IoChannel {
             len,
         });
         io.buf = Some(buf);
-        io.has_buf = true;
+        io.flags |= io::HAS_BUF;
         self.submit(io);
         Ok(())
     }

@@ -118,6 +118,13 @@ pub trait IoSink {
     fn io_done(&self, io: IoHandle);
 }
 
+/// [`BdevIo::flags`]: an owned buffer sits in `buf`.
+pub(crate) const HAS_BUF: u8 = 1;
+/// [`BdevIo::flags`]: the data goes through `bounce` (the caller's buffers were not aligned as required).
+pub(crate) const BOUNCED: u8 = 2;
+/// [`BdevIo::flags`]: a piece of a split I/O; statistics count the I/O it belongs to, not the pieces.
+pub(crate) const SPLIT_CHILD: u8 = 4;
+
 /// Inline iovec capacity reserved per descriptor; more grows the descriptor once and is kept.
 const IOVS_RESERVED: usize = 16;
 
@@ -138,12 +145,11 @@ pub struct BdevIo {
     pub(crate) submit_tick: u64,
     pub(crate) num_blocks: u64,
     pub(crate) io_type: IoType,
-    /// An owned buffer sits in `buf` (so returning the descriptor need not look at that cache line).
-    pub(crate) has_buf: bool,
+    /// [`HAS_BUF`], [`BOUNCED`], [`SPLIT_CHILD`]: what returning or completing the descriptor must look at, kept
+    /// on the first line so that it need not read the others.
+    pub(crate) flags: u8,
     /// Forwards in progress (so returning the descriptor need not look at the route's cache line).
     pub(crate) depth: u8,
-    /// The data goes through `bounce` (the caller's buffers were not aligned as the bdev requires).
-    pub(crate) bounced: bool,
     pub(crate) block_size: u32,
     /// The caller's context word (e.g. an index into its task table).
     pub ctx: u64,
@@ -173,9 +179,8 @@ impl BdevIo {
             submit_tick: 0,
             num_blocks: 0,
             io_type: IoType::Read,
-            has_buf: false,
+            flags: 0,
             depth: 0,
-            bounced: false,
             block_size: 512,
             ctx: 0,
             driver_ctx: [0; 4],
@@ -235,10 +240,10 @@ impl BdevIo {
     }
     /// Takes back the buffer moved in with the I/O.
     pub fn take_buf(&mut self) -> Option<DmaBuf> {
-        if !self.has_buf {
+        if self.flags & HAS_BUF == 0 {
             return None;
         }
-        self.has_buf = false;
+        self.flags &= !HAS_BUF;
         self.buf.take()
     }
 
@@ -303,7 +308,7 @@ impl BdevIo {
     /// and put back by [`BdevIo::unbounce`]. The slow path for callers whose buffers are not aligned as the bdev
     /// requires (SPDK bounces them too); it allocates.
     pub(crate) fn bounce(&mut self, align: usize) -> std::io::Result<()> {
-        if self.bounced {
+        if self.flags & BOUNCED != 0 {
             return Err(std::io::Error::other("buffer already bounced"));
         }
         let len = self.len_bytes() as usize;
@@ -322,14 +327,14 @@ impl BdevIo {
         }];
         let orig = std::mem::replace(&mut self.iovs, one);
         self.bounce = Some(Box::new(Bounce { buf, orig }));
-        self.bounced = true;
+        self.flags |= BOUNCED;
         Ok(())
     }
 
     /// Gives the caller's iovecs back (a successful read's data copied into them).
     pub(crate) fn unbounce(&mut self) {
         let Some(b) = self.bounce.take() else { return };
-        self.bounced = false;
+        self.flags &= !BOUNCED;
         self.iovs = b.orig;
         if self.io_type == IoType::Read && self.status == IoStatus::Success {
             self.copy_in(b.buf.as_slice());
@@ -521,14 +526,13 @@ impl Drop for IoHandle {
         let mut b = unsafe { ManuallyDrop::take(&mut self.0) };
         b.cb = Completion::None;
         b.ch = None;
-        if b.has_buf {
+        if b.flags & HAS_BUF != 0 {
             b.buf = None;
-            b.has_buf = false;
         }
-        if b.bounced {
+        if b.flags & BOUNCED != 0 {
             b.bounce = None;
-            b.bounced = false;
         }
+        b.flags = 0;
         b.iovs.clear();
         if b.depth > 0 {
             // Dropped while forwarded: whoever forwarded it is gone; release what the routes hold.
@@ -587,8 +591,7 @@ mod layout_tests {
         assert!(end(&io.ctx as *const _ as usize, 8) <= 128);
         assert!(end(&io.block_size as *const _ as usize, 4) <= 64);
         assert!(end(&io.depth as *const _ as usize, 1) <= 64);
-        assert!(end(&io.has_buf as *const _ as usize, 1) <= 64);
-        assert!(end(&io.bounced as *const _ as usize, 1) <= 64);
+        assert!(end(&io.flags as *const _ as usize, 1) <= 64);
         let route = &io.route as *const _ as usize;
         assert!(route - base >= 192 && end(route, std::mem::size_of::<Option<Route>>()) <= 256);
         assert_eq!(std::mem::size_of::<BdevIo>(), 256);
