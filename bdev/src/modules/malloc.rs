@@ -115,6 +115,8 @@ pub fn create(mut opts: MallocOpts) -> Result<Bdev> {
     p.product_name = "Malloc disk".into();
     p.write_cache = false;
     p.optimal_io_boundary = opts.optimal_io_boundary;
+    // As SPDK's malloc: a boundary given is a boundary kept.
+    p.split_on_optimal_io_boundary = opts.optimal_io_boundary > 0;
     p.physical_block_size = opts.physical_block_size;
     register(
         p,
