@@ -167,14 +167,56 @@ impl Entry {
     }
 }
 
+/// The translation of `addr` in sorted, non-overlapping `v`, and how far it continues (at most `len`).
+#[inline]
+fn lookup(v: &[Entry], addr: usize, len: usize) -> Option<(u64, usize)> {
+    let i = v.partition_point(|e| e.end <= addr);
+    let first = v.get(i).filter(|e| e.start <= addr)?;
+    let mut run = first.end - addr;
+    let mut prev = first;
+    for next in &v[i + 1..] {
+        if run >= len || !prev.continued_by(next) {
+            break;
+        }
+        run += next.end - next.start;
+        prev = next;
+    }
+    Some((first.at(addr), run.min(len)))
+}
+
+type Snapshot = Arc<Vec<Entry>>;
+
 /// A subscriber's translations: an immutable sorted list published through an atomic pointer.
 ///
 /// Writers (notify callbacks, control path) serialize on a mutex, copy the list, change the copy and publish it;
 /// readers load the current list without a lock. `arc-swap` frees a replaced list once the last reader that
-/// loaded it is done.
+/// loaded it (or the last [`TranslationCache`] holding it) is done.
 pub struct Translations {
-    entries: ArcSwap<Vec<Entry>>,
+    entries: Arc<ArcSwap<Vec<Entry>>>,
     write: Mutex<()>,
+}
+
+/// A private view of a map's translations for one user on the I/O path (a channel, a queue pair): a lookup
+/// checks with one plain atomic load whether the map changed since the last one, then searches the snapshot
+/// it holds, with no atomic read-modify-write at all (unlike [`Translations::translate`], which pays two on
+/// thread-local slots). Needs `&mut`, so it belongs to one user; it keeps the snapshot it last saw alive until
+/// its next lookup or its drop. Outlives its map harmlessly (it then translates nothing).
+pub struct TranslationCache {
+    cache: arc_swap::Cache<Arc<ArcSwap<Vec<Entry>>>, Snapshot>,
+}
+
+impl fmt::Debug for TranslationCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TranslationCache")
+    }
+}
+
+impl TranslationCache {
+    /// As [`Translations::translate`], against the map's current translations.
+    #[inline]
+    pub fn translate(&mut self, addr: usize, len: usize) -> Option<(u64, usize)> {
+        lookup(self.cache.load(), addr, len)
+    }
 }
 
 impl Default for Translations {
@@ -193,8 +235,15 @@ impl Translations {
     /// An empty table.
     pub fn new() -> Translations {
         Translations {
-            entries: ArcSwap::from_pointee(Vec::new()),
+            entries: Arc::new(ArcSwap::from_pointee(Vec::new())),
             write: Mutex::new(()),
+        }
+    }
+
+    /// A cache for one user on the I/O path; see [`TranslationCache`].
+    pub fn cache(&self) -> TranslationCache {
+        TranslationCache {
+            cache: arc_swap::Cache::new(self.entries.clone()),
         }
     }
 
@@ -264,20 +313,7 @@ impl Translations {
     /// calling thread's first lookup of any map, when `arc-swap` sets up its per-thread slot once).
     #[inline]
     pub fn translate(&self, addr: usize, len: usize) -> Option<(u64, usize)> {
-        let guard = self.entries.load();
-        let v: &[Entry] = &guard;
-        let i = v.partition_point(|e| e.end <= addr);
-        let first = v.get(i).filter(|e| e.start <= addr)?;
-        let mut run = first.end - addr;
-        let mut prev = first;
-        for next in &v[i + 1..] {
-            if run >= len || !prev.continued_by(next) {
-                break;
-            }
-            run += next.end - next.start;
-            prev = next;
-        }
-        Some((first.at(addr), run.min(len)))
+        lookup(&self.entries.load(), addr, len)
     }
 
     /// Number of translation ranges (for tests and diagnostics).
@@ -764,6 +800,25 @@ mod tests {
     }
 
     #[test]
+    fn a_cache_follows_its_map() {
+        static REG: MemRegistry = MemRegistry::new();
+        let l = log();
+        let map = recorder(&REG, "a", &l, 0x10);
+        let mut cache = map.cache();
+        assert_eq!(cache.translate(M, 1), None);
+        let r = REG.register(M, M).unwrap();
+        assert_eq!(cache.translate(M + 1, 2), Some((M as u64 + 0x11, 2)));
+        map.set_translation(M, M, 3).unwrap();
+        assert_eq!(cache.translate(M + 1, 2), Some((3, 2)));
+        drop(r);
+        assert_eq!(cache.translate(M + 1, 2), None);
+        let _r = REG.register(M, M).unwrap();
+        // The map goes; its caches translate nothing.
+        drop(map);
+        assert_eq!(cache.translate(M + 1, 2), None);
+    }
+
+    #[test]
     fn unregister_clears_translations() {
         static REG: MemRegistry = MemRegistry::new();
         // A subscriber that forgets to clear: the map does it after the Unregister callback.
@@ -827,10 +882,16 @@ mod tests {
                 let (map, stop, hits) = (map.clone(), stop.clone(), hits.clone());
                 std::thread::spawn(move || {
                     let mut i = t;
+                    let mut cache = map.cache();
                     while !stop.load(Ordering::Relaxed) {
                         i = (i + 1) % 32;
                         let a = (100 + i) * M + 64 * i;
-                        match map.translate(a, 8192) {
+                        let r = if i % 4 < 2 {
+                            map.translate(a, 8192)
+                        } else {
+                            cache.translate(a, 8192)
+                        };
+                        match r {
                             Some((v, n)) => {
                                 assert_eq!(v, a as u64 ^ 0xdead_0000_0000, "wrong translation");
                                 assert!(n > 0 && n <= 8192);

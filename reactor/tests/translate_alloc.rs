@@ -88,6 +88,26 @@ fn translate_does_not_allocate() {
     });
     assert_eq!(n, 0, "translate allocated {n} times");
     assert!(sum > 0);
+    // A per-user cache: nothing either, also when it picks up a changed map.
+    let mut cache = map.cache();
+    let _ = cache.translate(1 << 40, 1);
+    let n = allocations(|| {
+        for i in 0..100_000usize {
+            let a = (1 << 40) + (i % 64) * (4 << 20) + (i % 4096);
+            sum = sum.wrapping_add(
+                cache
+                    .translate(std::hint::black_box(a), 8192)
+                    .map_or(0, |t| t.0),
+            );
+        }
+    });
+    assert_eq!(n, 0, "cached translate allocated {n} times");
+    let extra = reactor::memmap::register(1 << 41, 4096).unwrap();
+    let n = allocations(|| {
+        assert_eq!(cache.translate(1 << 41, 4096), Some((1 << 41, 4096)));
+    });
+    assert_eq!(n, 0, "refreshing a cache allocated {n} times");
+    drop(extra);
     // And on a second thread after its first lookup.
     let map = std::sync::Arc::new(map);
     let m2 = map.clone();
