@@ -8,7 +8,8 @@
 //! and [`MemEvent::Unregister`] for every region going away. A callback records what it needs per region with
 //! [`Translations::set_translation`] (a key, the same for every byte) or
 //! [`Translations::set_linear_translation`] (an address, offset per byte); the I/O path asks
-//! [`Translations::translate`], which takes no lock and allocates nothing.
+//! [`Translations::translate`] (any thread) or, cheaper, a [`TranslationCache`] it owns: neither takes a lock or
+//! allocates.
 //!
 //! Unlike SPDK, regions are exact byte ranges, not 2 MiB pages: our DMA chunks are 2 MiB long but only
 //! 4 KiB-aligned when hugepages are missing, and vhost guest regions have whatever size and alignment the front end
@@ -130,7 +131,8 @@ struct NotifyScope;
 
 impl NotifyScope {
     fn enter() -> Result<NotifyScope> {
-        if IN_NOTIFY.with(|f| f.replace(true)) {
+        // `try_with`: registrations may be dropped by other thread-locals' destructors at thread exit.
+        if IN_NOTIFY.try_with(|f| f.replace(true)).unwrap_or(false) {
             return Err(MemError::Reentrant);
         }
         Ok(NotifyScope)
@@ -139,7 +141,7 @@ impl NotifyScope {
 
 impl Drop for NotifyScope {
     fn drop(&mut self) {
-        IN_NOTIFY.with(|f| f.set(false));
+        let _ = IN_NOTIFY.try_with(|f| f.set(false));
     }
 }
 
