@@ -2,11 +2,15 @@
 //!
 //! Buffers are carved from 2 MiB chunks in power-of-two size classes and recycled through per-class free lists.
 //! Allocation is a control-path operation (a task, a pool or a queue takes its buffers once); the I/O path reuses
-//! them. Every chunk is recorded in [`regions`] so a VFIO driver can map all of it once (IOVA = VA).
+//! them. Every chunk, and every buffer too large for a chunk, is registered in the memory map
+//! ([`crate::memmap`]) for as long as it is mapped, so a VFIO or RDMA driver subscribed to it can prepare it for
+//! devices; [`regions`] lists them.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
+
+use crate::memmap::{self, Registration};
 
 /// Size of one chunk, and of one hugepage.
 pub const CHUNK: usize = 2 << 20;
@@ -16,9 +20,14 @@ const CLASSES: usize = 10; // 4 KiB .. 2 MiB
 static NO_HUGE: AtomicBool = AtomicBool::new(false);
 static HUGE_FAILED: AtomicBool = AtomicBool::new(false);
 
+struct Region {
+    reg: Registration,
+    huge: bool,
+}
+
 struct Pool {
     free: [Vec<usize>; CLASSES],
-    regions: Vec<(usize, usize, bool)>,
+    regions: Vec<Region>,
 }
 
 static POOL: Mutex<Pool> = Mutex::new(Pool {
@@ -31,18 +40,28 @@ pub fn set_no_huge(v: bool) {
     NO_HUGE.store(v, Ordering::Relaxed);
 }
 
-/// The memory regions handed out so far: (address, length, hugepage-backed).
+fn pool() -> MutexGuard<'static, Pool> {
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The memory regions mapped for buffers: (address, length, hugepage-backed).
 pub fn regions() -> Vec<(usize, usize, bool)> {
-    POOL.lock()
-        .unwrap_or_else(|e| e.into_inner())
+    pool()
         .regions
-        .clone()
+        .iter()
+        .map(|r| (r.reg.addr(), r.reg.size(), r.huge))
+        .collect()
+}
+
+/// How many bytes [`map_anonymous`] maps for a request of `len` (whole chunks).
+pub fn mapped_len(len: usize) -> usize {
+    len.div_ceil(CHUNK) * CHUNK
 }
 
 /// Maps `len` bytes of zeroed anonymous memory, on hugepages when allowed and available.
 /// Returns the address and whether hugepages back it.
 pub fn map_anonymous(len: usize) -> std::io::Result<(NonNull<u8>, bool)> {
-    let len = len.div_ceil(CHUNK) * CHUNK;
+    let len = mapped_len(len);
     if !NO_HUGE.load(Ordering::Relaxed) && !HUGE_FAILED.load(Ordering::Relaxed) {
         if let Some(p) = mmap(len, libc::MAP_HUGETLB) {
             return Ok((p, true));
@@ -79,7 +98,7 @@ fn mmap(len: usize, extra: libc::c_int) -> Option<NonNull<u8>> {
 /// # Safety
 /// `p`/`len` must come from one `map_anonymous` call, and nothing may use the memory afterwards.
 pub unsafe fn unmap(p: NonNull<u8>, len: usize) {
-    let len = len.div_ceil(CHUNK) * CHUNK;
+    let len = mapped_len(len);
     // SAFETY: the caller guarantees the range is one mapping of ours that nothing uses any more.
     unsafe { libc::munmap(p.as_ptr() as *mut libc::c_void, len) };
 }
@@ -101,30 +120,42 @@ fn class_of(len: usize) -> Option<usize> {
     (size <= CHUNK).then(|| size.trailing_zeros() as usize - MIN_CLASS.trailing_zeros() as usize)
 }
 
+/// Maps `len` bytes (rounded up to chunks) and registers them in the memory map; unmaps again if a memory map
+/// subscriber refuses them. Called without the pool lock: subscribers may allocate buffers themselves.
+fn map_registered(len: usize) -> std::io::Result<(NonNull<u8>, Region)> {
+    let (ptr, huge) = map_anonymous(len)?;
+    match memmap::register(ptr.as_ptr() as usize, mapped_len(len)) {
+        Ok(reg) => Ok((ptr, Region { reg, huge })),
+        Err(e) => {
+            // SAFETY: `ptr`/`len` is the mapping made just above, not handed out to anyone.
+            unsafe { unmap(ptr, len) };
+            Err(e.into())
+        }
+    }
+}
+
 impl DmaBuf {
     /// A zero-filled buffer of `len` bytes.
     pub fn alloc(len: usize) -> std::io::Result<DmaBuf> {
         let Some(class) = class_of(len) else {
-            let (ptr, huge) = map_anonymous(len)?;
-            let cap = len.div_ceil(CHUNK) * CHUNK;
-            POOL.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .regions
-                .push((ptr.as_ptr() as usize, cap, huge));
+            let (ptr, region) = map_registered(len)?;
+            let cap = region.reg.size();
+            pool().regions.push(region);
             return Ok(DmaBuf { ptr, len, cap });
         };
         let size = MIN_CLASS << class;
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.free[class].is_empty() {
-            let (chunk, huge) = map_anonymous(CHUNK)?;
+        let addr = loop {
+            if let Some(a) = pool().free[class].pop() {
+                break a;
+            }
+            let (chunk, region) = map_registered(CHUNK)?;
             let base = chunk.as_ptr() as usize;
-            pool.regions.push((base, CHUNK, huge));
+            let mut pool = pool();
+            pool.regions.push(region);
             for off in (0..CHUNK).step_by(size).rev() {
                 pool.free[class].push(base + off);
             }
-        }
-        let addr = pool.free[class].pop().unwrap_or_default();
-        drop(pool);
+        };
         let ptr = NonNull::new(addr as *mut u8).ok_or_else(|| std::io::Error::other("dma pool"))?;
         // SAFETY: the block is `size` bytes of our mapping, no longer handed out to anyone else.
         unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, size) };
@@ -165,15 +196,17 @@ impl DmaBuf {
 
 impl Drop for DmaBuf {
     fn drop(&mut self) {
+        let addr = self.ptr.as_ptr() as usize;
         match class_of(self.cap) {
-            Some(class) if self.cap <= CHUNK => POOL.lock().unwrap_or_else(|e| e.into_inner()).free
-                [class]
-                .push(self.ptr.as_ptr() as usize),
+            Some(class) if self.cap <= CHUNK => pool().free[class].push(addr),
             _ => {
-                let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-                let a = self.ptr.as_ptr() as usize;
-                pool.regions.retain(|r| r.0 != a);
-                drop(pool);
+                let region = {
+                    let mut pool = pool();
+                    let i = pool.regions.iter().position(|r| r.reg.addr() == addr);
+                    i.map(|i| pool.regions.swap_remove(i))
+                };
+                // Unregister (outside the pool lock) before the memory goes away.
+                drop(region);
                 // SAFETY: a large buffer is exactly one mapping of `cap` bytes, owned by us and dropped now.
                 unsafe { unmap(self.ptr, self.cap) };
             }

@@ -3,11 +3,13 @@
 //! [`run`] starts one pinned reactor per core of a [`CpuMask`]; each runs lightweight threads
 //! ([`ThreadHandle`]) that own pollers ([`Poller`]), timers ([`timer`]) and per-thread I/O channels
 //! ([`IoDevice`]). Other threads reach a thread only by message ([`ThreadHandle::send`]).
-//! [`dma`] hands out hugepage-backed buffer memory.
+//! [`dma`] hands out hugepage-backed buffer memory; [`memmap`] tracks every region that can carry I/O data and
+//! tells subscribers (device drivers) about it.
 
 pub mod bound;
 pub mod cpumask;
 pub mod dma;
+pub mod memmap;
 mod reactor;
 mod sys;
 pub mod testing;

@@ -25,6 +25,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, Mmap
 use crate::config::{bits, MAX_QUEUES};
 use crate::controller::{lock, Ctrlr, Session};
 use crate::device::{with_dev, QueueStart};
+use crate::mem::MemTable;
 use crate::vring::{RingConfig, MAX_QUEUE_SIZE};
 
 /// How long a stop may wait for in-flight I/O before the front end gets an answer anyway.
@@ -58,7 +59,7 @@ pub struct Backend {
     ctrlr: Arc<Ctrlr>,
     acked: u64,
     proto: u64,
-    mem: Option<Arc<GuestMemoryMmap>>,
+    mem: Option<Arc<MemTable>>,
     regions: Vec<VaRegion>,
     vrings: Vec<Vring>,
 }
@@ -273,10 +274,14 @@ impl VhostUserBackendReqHandlerMut for Backend {
             });
         }
         regions.sort_by_key(vm_memory::GuestMemoryRegion::start_addr);
-        let mem = Arc::new(
-            GuestMemoryMmap::from_regions(regions)
-                .map_err(|_| bad("overlapping memory regions"))?,
-        );
+        let mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|_| bad("overlapping memory regions"))?;
+        // The new table is registered before the old one is let go (make before break); the old one leaves the
+        // memory map when its last user (this back end, the device, I/O in flight) drops it.
+        let mem = Arc::new(MemTable::register(mem).map_err(|e| {
+            log::error!("vhost {}: {e}", self.ctrlr.name);
+            bad("cannot register guest memory in the memory map")
+        })?);
         log::info!(
             "vhost {}: memory table with {} region(s)",
             self.ctrlr.name,

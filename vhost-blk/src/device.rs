@@ -16,10 +16,10 @@ use std::sync::Arc;
 
 use bdev::{Bdev, BdevEvent, Desc, ErrorKind, IoChannel, IoHandle, IoSink, IoType, IoVec};
 use reactor::{ticks, Poller};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use crate::controller::Ctrlr;
-use crate::mem::FastMem;
+use crate::mem::{FastMem, MemTable};
 use crate::request::{self, Geometry, Op, Parsed, S_IOERR, S_OK};
 use crate::vring::{Ring, RingConfig};
 
@@ -214,17 +214,15 @@ impl Dev {
         }
     }
 
-    /// Installs a new memory table (the old one is kept until no I/O uses it).
-    pub fn set_mem(&self, mem: Arc<GuestMemoryMmap>) {
+    /// Installs a new memory table (the old one, with its memory map registrations, is kept until no I/O uses
+    /// it).
+    pub fn set_mem(&self, mem: Arc<MemTable>) {
         let mut i = self.inner.borrow_mut();
-        if i.mem
-            .as_ref()
-            .is_some_and(|m| Arc::ptr_eq(m.guest_memory(), &mem))
-        {
+        if i.mem.as_ref().is_some_and(|m| Arc::ptr_eq(m.table(), &mem)) {
             return;
         }
         let busy = i.inflight() > 0;
-        if let Some(old) = i.mem.replace(FastMem::new(mem)) {
+        if let Some(old) = i.mem.replace(FastMem::from_table(mem)) {
             if busy {
                 i.retired.push(old);
             }

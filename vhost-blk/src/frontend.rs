@@ -119,7 +119,7 @@ pub struct Frontend {
     pub queues: Vec<DriverQueue>,
     /// Features acked.
     pub features: u64,
-    _file: std::fs::File,
+    file: std::fs::File,
 }
 
 /// Errors are strings: this is test and benchmark support.
@@ -193,7 +193,7 @@ impl Frontend {
             mem,
             queues: vec![],
             features,
-            _file: file,
+            file,
         };
         for q in 0..opts.queues {
             let area = GPA_BASE + q as u64 * (1 << 20);
@@ -282,6 +282,11 @@ impl Frontend {
     /// The raw vhost-user front end (for protocol-level tests).
     pub fn raw(&mut self) -> &mut VuFrontend {
         &mut self.fe
+    }
+
+    /// The file behind guest memory (to send it again in another memory table).
+    pub fn memory_file(&self) -> &std::fs::File {
+        &self.file
     }
 
     /// Guest address `off` bytes into the data area.

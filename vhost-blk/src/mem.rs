@@ -5,11 +5,56 @@
 //! Every access checks that the whole range lies inside one mapped region before touching it. Guest memory is
 //! shared with a guest that may change it at any time, so values are copied out (never referenced) and read
 //! once; that is what any device model does with guest RAM.
+//!
+//! A memory table the back end mapped is a [`MemTable`]: its regions are registered in the memory map
+//! (`reactor::memmap`) for as long as anything (the back end, the device, I/O still in flight on a replaced
+//! table) holds it, and unregistered before the mappings go away.
 
 use std::sync::Arc;
 
 use bdev::IoVec;
+use reactor::memmap::{self, MemError, Registration};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+
+/// A guest memory table with its memory map registrations.
+pub struct MemTable {
+    // Declared first so it drops first: regions leave the memory map before `mem` may unmap them.
+    regs: Vec<Registration>,
+    mem: Arc<GuestMemoryMmap>,
+}
+
+impl MemTable {
+    /// Registers every region of `mem` (host address and length) in the memory map. Fails, registering
+    /// nothing, when a region overlaps registered memory or a memory map subscriber refuses it.
+    pub fn register(mem: GuestMemoryMmap) -> Result<MemTable, MemError> {
+        let mut regs = Vec::with_capacity(mem.num_regions());
+        for r in mem.iter() {
+            let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) else {
+                continue;
+            };
+            regs.push(memmap::register(host as usize, r.len() as usize)?);
+        }
+        Ok(MemTable {
+            regs,
+            mem: Arc::new(mem),
+        })
+    }
+
+    /// A table outside the memory map (tests and benchmarks that map guest memory themselves).
+    pub fn unregistered(mem: Arc<GuestMemoryMmap>) -> MemTable {
+        MemTable { regs: vec![], mem }
+    }
+
+    /// The underlying `vm-memory` object.
+    pub fn guest_memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.mem
+    }
+
+    /// The registered regions: (host address, length).
+    pub fn registered(&self) -> Vec<(usize, usize)> {
+        self.regs.iter().map(|r| (r.addr(), r.size())).collect()
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Region {
@@ -18,16 +63,22 @@ struct Region {
     host: *mut u8,
 }
 
-/// A memory table ready for fast access. Holds the mapping alive.
+/// A memory table ready for fast access. Holds the mapping (and its memory map registrations) alive.
 pub struct FastMem {
     regions: Vec<Region>,
-    mem: Arc<GuestMemoryMmap>,
+    table: Arc<MemTable>,
 }
 
 impl FastMem {
-    /// Indexes `mem`'s regions.
+    /// Indexes `mem`'s regions (a table outside the memory map).
     pub fn new(mem: Arc<GuestMemoryMmap>) -> FastMem {
-        let mut regions: Vec<Region> = mem
+        FastMem::from_table(Arc::new(MemTable::unregistered(mem)))
+    }
+
+    /// Indexes `table`'s regions.
+    pub fn from_table(table: Arc<MemTable>) -> FastMem {
+        let mut regions: Vec<Region> = table
+            .mem
             .iter()
             .filter_map(|r| {
                 let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
@@ -39,12 +90,17 @@ impl FastMem {
             })
             .collect();
         regions.sort_by_key(|r| r.gpa);
-        FastMem { regions, mem }
+        FastMem { regions, table }
     }
 
     /// The underlying `vm-memory` object.
     pub fn guest_memory(&self) -> &Arc<GuestMemoryMmap> {
-        &self.mem
+        &self.table.mem
+    }
+
+    /// The table this was built from.
+    pub fn table(&self) -> &Arc<MemTable> {
+        &self.table
     }
 
     #[inline]
@@ -72,7 +128,7 @@ impl FastMem {
     pub fn read<const N: usize>(&self, gpa: u64) -> Option<[u8; N]> {
         let mut out = [0u8; N];
         if let Some(p) = self.host(gpa, N as u64) {
-            // SAFETY: `host` checked that `[p, p+N)` lies inside a live mapping (kept by `self.mem`); `out` is a
+            // SAFETY: `host` checked that `[p, p+N)` lies inside a live mapping (kept by `self.table`); `out` is a
             // distinct local buffer.
             unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), N) };
             return Some(out);
@@ -145,7 +201,7 @@ impl FastMem {
         if !(p as usize).is_multiple_of(2) {
             return None;
         }
-        // SAFETY: `p` is 2-aligned and inside a live mapping (kept by `self.mem`); the memory is only ever
+        // SAFETY: `p` is 2-aligned and inside a live mapping (kept by `self.table`); the memory is only ever
         // accessed through raw copies and atomics, never through references.
         let a = unsafe { std::sync::atomic::AtomicU16::from_ptr(p.cast::<u16>()) };
         Some(u16::from_le(a.load(std::sync::atomic::Ordering::Acquire)))

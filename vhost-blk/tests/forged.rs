@@ -629,3 +629,124 @@ fn coalescing_delays_interrupts_not_completions() {
         assert_eq!(j["iops_threshold"], 100);
     });
 }
+
+#[test]
+fn memory_map_follows_mem_tables() {
+    use reactor::memmap::{MemEvent, MemMap};
+    use std::os::unix::io::AsRawFd;
+    use std::sync::{Arc, Mutex};
+    use vhost::VhostBackend;
+    use vm_memory::GuestMemoryBackend;
+
+    // Region sizes nothing else in this binary registers, so the subscriber can ignore everything else.
+    const SIZE: u64 = 72 << 20;
+    const EXTRA: u64 = (22 << 20) + 3 * 4096;
+    type Events = Arc<Mutex<Vec<(MemEvent, usize, usize)>>>;
+    let events: Events = Arc::new(Mutex::new(Vec::new()));
+    let e2 = events.clone();
+    let map = Arc::new(
+        MemMap::new(move |t, ev, addr, len| {
+            if len as u64 == SIZE || len as u64 == EXTRA {
+                e2.lock().unwrap().push((ev, addr, len));
+                if ev == MemEvent::Register {
+                    t.set_linear_translation(addr, len, addr as u64)?;
+                }
+            }
+            Ok(())
+        })
+        .unwrap(),
+    );
+    let m = map.clone();
+    run_case("memmap", SPLIT, move |sock| {
+        let wait = |n: usize| {
+            let until = std::time::Instant::now() + T;
+            loop {
+                let got = events.lock().unwrap().clone();
+                if got.len() >= n || std::time::Instant::now() > until {
+                    return got;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let mut f = connect(
+            sock,
+            Options {
+                mem_size: SIZE,
+                ..Default::default()
+            },
+        );
+        basic_io(&mut f, 0);
+        // SET_MEM_TABLE: the back end's mapping of the guest memory is registered.
+        let got = wait(1);
+        assert_eq!(got.len(), 1, "{got:x?}");
+        let (ev, first, len) = got[0];
+        assert_eq!((ev, len as u64), (MemEvent::Register, SIZE));
+        assert_eq!(
+            m.translate(first + 4096, 8192),
+            Some((first as u64 + 4096, 8192))
+        );
+
+        // A new table while the queue runs: the same memory (so the queue keeps working) and one more region.
+        let extra_path = std::env::temp_dir().join(format!("vhost-memmap-{}", std::process::id()));
+        let extra = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&extra_path)
+            .unwrap();
+        let _ = std::fs::remove_file(&extra_path);
+        extra.set_len(EXTRA).unwrap();
+        let va = f.mem.iter().next().unwrap().as_ptr() as u64;
+        let fd = f.memory_file().as_raw_fd();
+        f.raw()
+            .set_mem_table(&[
+                vhost::VhostUserMemoryRegionInfo {
+                    guest_phys_addr: GPA_BASE,
+                    memory_size: SIZE,
+                    userspace_addr: va,
+                    mmap_offset: 0,
+                    mmap_handle: fd,
+                },
+                vhost::VhostUserMemoryRegionInfo {
+                    guest_phys_addr: GPA_BASE + (1 << 30),
+                    memory_size: EXTRA,
+                    userspace_addr: va + (1 << 30),
+                    mmap_offset: 0,
+                    mmap_handle: extra.as_raw_fd(),
+                },
+            ])
+            .unwrap();
+        // New regions first (make before break), then the old table goes.
+        let got = wait(4);
+        assert_eq!(got.len(), 4, "{got:x?}");
+        let (ev, second, len) = got[1];
+        assert_eq!((ev, len as u64), (MemEvent::Register, SIZE));
+        assert_ne!(second, first, "the new table is a new mapping");
+        let (ev, third, len) = got[2];
+        assert_eq!((ev, len as u64), (MemEvent::Register, EXTRA));
+        assert_eq!(got[3], (MemEvent::Unregister, first, SIZE as usize));
+        assert_eq!(m.translate(first, 1), None);
+        assert_eq!(m.translate(second, 64), Some((second as u64, 64)));
+        assert_eq!(m.translate(third, 64), Some((third as u64, 64)));
+        basic_io(&mut f, 0);
+
+        // The front end goes away: its memory leaves the map.
+        drop(f);
+        let got = wait(6);
+        assert_eq!(got.len(), 6, "{got:x?}");
+        let mut gone = got[4..].to_vec();
+        gone.sort_by_key(|e| e.1);
+        let mut want = vec![
+            (MemEvent::Unregister, second, SIZE as usize),
+            (MemEvent::Unregister, third, EXTRA as usize),
+        ];
+        want.sort_by_key(|e| e.1);
+        assert_eq!(gone, want);
+        assert_eq!(m.translate(second, 1), None);
+        assert_eq!(m.translate(third, 1), None);
+        let left = reactor::memmap::regions();
+        assert!(!left.iter().any(|r| r.0 == second || r.0 == third));
+    });
+    drop(map);
+}

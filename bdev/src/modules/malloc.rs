@@ -1,8 +1,9 @@
-//! `malloc`: a RAM disk (SPDK's `bdev_malloc_create`). Memory is DMA-able (hugepages when available).
+//! `malloc`: a RAM disk (SPDK's `bdev_malloc_create`). Memory is DMA-able (hugepages when available) and
+//! registered in the memory map (`reactor::memmap`) from create to destruct.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
@@ -37,6 +38,8 @@ pub struct MallocOpts {
 struct Memory {
     ptr: NonNull<u8>,
     len: usize,
+    /// The memory map registration, dropped at destruct (or with the memory, whichever comes first).
+    reg: Mutex<Option<reactor::memmap::Registration>>,
 }
 
 // SAFETY: the mapping is owned by this struct and freed once, in Drop; all access goes through raw-pointer copies
@@ -48,6 +51,8 @@ unsafe impl Sync for Memory {}
 
 impl Drop for Memory {
     fn drop(&mut self) {
+        // Unregistered before it is unmapped.
+        drop(self.reg.get_mut().unwrap_or_else(|e| e.into_inner()).take());
         // SAFETY: `ptr`/`len` are the mapping made in `create`, used by nobody once the last Arc is gone.
         unsafe { reactor::dma::unmap(self.ptr, self.len) };
     }
@@ -109,6 +114,19 @@ pub fn create(mut opts: MallocOpts) -> Result<Bdev> {
             format!("{name}: cannot allocate {len} bytes: {e}"),
         )
     })?;
+    let mut mem = Memory {
+        ptr,
+        len,
+        reg: Mutex::new(None),
+    };
+    let mapped = reactor::dma::mapped_len(len);
+    let reg = reactor::memmap::register(ptr.as_ptr() as usize, mapped).map_err(|e| {
+        BdevError::new(
+            ErrorKind::NoMemory,
+            format!("{name}: cannot register its memory: {e}"),
+        )
+    })?;
+    *mem.reg.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(reg);
     opts.name = Some(name.clone());
     let mut p = BdevParams::new(&name, opts.block_size, opts.num_blocks);
     p.uuid = opts.uuid;
@@ -121,7 +139,7 @@ pub fn create(mut opts: MallocOpts) -> Result<Bdev> {
     register(
         p,
         Box::new(Malloc {
-            mem: Arc::new(Memory { ptr, len }),
+            mem: Arc::new(mem),
             opts,
         }),
     )
@@ -171,6 +189,18 @@ impl BdevOps for Malloc {
     }
 
     fn dump_info(&self, _bdev: &Bdev, _out: &mut Map<String, Value>) {}
+
+    fn destruct(&self, _bdev: &Bdev) {
+        // Every descriptor is closed and malloc I/O completes inside submit, so nothing uses the memory for I/O
+        // any more: it leaves the memory map now even if a stray handle keeps the mapping a while longer.
+        let reg = self
+            .mem
+            .reg
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(reg);
+    }
 }
 
 struct MallocChannel {
