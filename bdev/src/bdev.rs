@@ -2,9 +2,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
-use reactor::{IoDevice, ThreadHandle};
+use reactor::{lock, IoDevice, ThreadHandle};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
@@ -157,10 +157,6 @@ impl std::fmt::Debug for Bdev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Bdev({})", self.name())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Registry {

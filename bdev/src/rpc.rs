@@ -75,11 +75,7 @@ static OPTIONS: Mutex<Option<BdevOptions>> = Mutex::new(None);
 
 /// Current `bdev_set_options` values.
 pub fn options() -> BdevOptions {
-    OPTIONS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .unwrap_or_default()
+    reactor::lock(&OPTIONS).clone().unwrap_or_default()
 }
 
 fn reply<T: Into<RpcError>>(r: Responder, res: Result<Value, T>) {
@@ -485,7 +481,7 @@ pub fn register_rpcs(reg: &mut Registry) {
                 return r.err(RpcError::errno(libc::EINVAL));
             }
             crate::set_pool_limit(p.bdev_io_pool_size as usize);
-            *OPTIONS.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+            *reactor::lock(&OPTIONS) = Some(p);
             r.ok(json!(true));
         },
     );

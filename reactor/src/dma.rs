@@ -33,10 +33,7 @@ pub fn set_no_huge(v: bool) {
 
 /// The memory regions handed out so far: (address, length, hugepage-backed).
 pub fn regions() -> Vec<(usize, usize, bool)> {
-    POOL.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .regions
-        .clone()
+    crate::lock(&POOL).regions.clone()
 }
 
 /// Maps `len` bytes of zeroed anonymous memory, on hugepages when allowed and available.
@@ -107,14 +104,13 @@ impl DmaBuf {
         let Some(class) = class_of(len) else {
             let (ptr, huge) = map_anonymous(len)?;
             let cap = len.div_ceil(CHUNK) * CHUNK;
-            POOL.lock()
-                .unwrap_or_else(|e| e.into_inner())
+            crate::lock(&POOL)
                 .regions
                 .push((ptr.as_ptr() as usize, cap, huge));
             return Ok(DmaBuf { ptr, len, cap });
         };
         let size = MIN_CLASS << class;
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pool = crate::lock(&POOL);
         if pool.free[class].is_empty() {
             let (chunk, huge) = map_anonymous(CHUNK)?;
             let base = chunk.as_ptr() as usize;
@@ -166,11 +162,11 @@ impl DmaBuf {
 impl Drop for DmaBuf {
     fn drop(&mut self) {
         match class_of(self.cap) {
-            Some(class) if self.cap <= CHUNK => POOL.lock().unwrap_or_else(|e| e.into_inner()).free
-                [class]
-                .push(self.ptr.as_ptr() as usize),
+            Some(class) if self.cap <= CHUNK => {
+                crate::lock(&POOL).free[class].push(self.ptr.as_ptr() as usize)
+            }
             _ => {
-                let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pool = crate::lock(&POOL);
                 let a = self.ptr.as_ptr() as usize;
                 pool.regions.retain(|r| r.0 != a);
                 drop(pool);

@@ -3,11 +3,13 @@
 //! [`run`] starts one pinned reactor per core of a [`CpuMask`]; each runs lightweight threads
 //! ([`ThreadHandle`]) that own pollers ([`Poller`]), timers ([`timer`]) and per-thread I/O channels
 //! ([`IoDevice`]). Other threads reach a thread only by message ([`ThreadHandle::send`]).
-//! [`dma`] hands out hugepage-backed buffer memory.
+//! [`dma`] hands out hugepage-backed buffer memory; [`lock`] and [`pin_current_thread`] are the mutex and CPU
+//! affinity helpers every crate of the target shares.
 
 pub mod cpumask;
 pub mod dma;
 mod reactor;
+mod sync;
 mod sys;
 pub mod testing;
 pub mod thread;
@@ -18,6 +20,8 @@ pub use reactor::{
     add_wake_fd, all_threads, app_thread, cores, main_core, options, reactors_info, remove_wake_fd,
     run, spawn_thread, stop, stopping, Error, Options, ReactorInfo,
 };
+pub use sync::lock;
+pub use sys::pin_current_thread;
 pub use thread::{
     current, current_info, for_each_thread, timer, IoDevice, Poller, PollerInfo, PollerState,
     ThreadHandle, ThreadInfo,
