@@ -1,5 +1,7 @@
 //! The bdev layer's JSON-RPC methods (SPDK's names, params, results and error codes) and its `save_config`
-//! section.
+//! section. Each base module keeps its own methods beside it (`modules/<module>/rpc.rs`); [`register_rpcs`]
+//! registers them after the layer's, and the helpers here ([`method`], [`delete_reply`]) serve them and the
+//! other crates' modules alike.
 
 use std::rc::Rc;
 use std::sync::Mutex;
@@ -9,10 +11,8 @@ use jsonrpc::{
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
-use uuid::Uuid;
 
-use crate::modules::{error, malloc, null, uring};
-use crate::{BdevError, ErrorKind, IoType};
+use crate::{BdevError, IoType};
 
 impl From<BdevError> for RpcError {
     /// SPDK answers with `-errno` and `strerror(errno)`; the detailed message goes to the log.
@@ -78,7 +78,8 @@ pub fn options() -> BdevOptions {
     reactor::lock(&OPTIONS).clone().unwrap_or_default()
 }
 
-fn reply<T: Into<RpcError>>(r: Responder, res: Result<Value, T>) {
+/// Answers with `res`: the value, or the error as SPDK reports it.
+pub(crate) fn reply<T: Into<RpcError>>(r: Responder, res: Result<Value, T>) {
     match res {
         Ok(v) => r.ok(v),
         Err(e) => r.err(e.into()),
@@ -226,133 +227,11 @@ struct EnableHistogram {
     max_nsec: Option<u64>,
 }
 
+/// Params of the methods that take a bdev name only.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NameOnly {
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MallocCreate {
-    name: Option<String>,
-    uuid: Option<Uuid>,
-    num_blocks: u64,
-    block_size: u32,
-    #[serde(default)]
-    physical_block_size: u32,
-    #[serde(default)]
-    optimal_io_boundary: u32,
-    #[serde(default)]
-    md_size: u32,
-    #[serde(default)]
-    md_interleave: bool,
-    #[serde(default)]
-    dif_type: u32,
-    #[serde(default)]
-    dif_is_head_of_md: bool,
-    #[serde(default)]
-    dif_pi_format: u32,
-    #[serde(default)]
-    numa_id: Option<i32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NullCreate {
-    name: String,
-    uuid: Option<Uuid>,
-    num_blocks: u64,
-    block_size: u32,
-    #[serde(default)]
-    physical_block_size: u32,
-    #[serde(default)]
-    md_size: u32,
-    #[serde(default)]
-    dif_type: u32,
-    #[serde(default)]
-    dif_is_head_of_md: bool,
-    #[serde(default)]
-    dif_pi_format: u32,
-    preferred_write_alignment: Option<u32>,
-    preferred_write_granularity: Option<u32>,
-    optimal_write_size: Option<u32>,
-    preferred_unmap_alignment: Option<u32>,
-    preferred_unmap_granularity: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NullResize {
-    name: String,
-    new_size: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AioCreate {
-    name: String,
-    filename: String,
-    #[serde(default)]
-    block_size: u32,
-    #[serde(default)]
-    readonly: bool,
-    #[serde(default)]
-    fallocate: bool,
-    uuid: Option<Uuid>,
-    #[serde(default)]
-    nowait: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UringCreate {
-    name: String,
-    filename: String,
-    #[serde(default)]
-    block_size: u32,
-    uuid: Option<Uuid>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ErrorCreate {
-    base_name: String,
-    uuid: Option<Uuid>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ErrorInject {
-    name: String,
-    io_type: String,
-    error_type: String,
-    #[serde(default = "one")]
-    num: u32,
-    #[serde(default)]
-    queue_depth: u64,
-    #[serde(default)]
-    corrupt_offset: u64,
-    #[serde(default)]
-    corrupt_value: u8,
-    #[serde(default)]
-    nvme_sct: u8,
-    #[serde(default)]
-    nvme_sc: u8,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn no_metadata(md_size: u32, dif_type: u32) -> Result<(), BdevError> {
-    if md_size != 0 || dif_type != 0 {
-        return Err(BdevError::new(
-            ErrorKind::NotSupported,
-            "metadata and DIF are not supported",
-        ));
-    }
-    Ok(())
+pub(crate) struct NameOnly {
+    pub(crate) name: String,
 }
 
 /// Answers `true` once no examine is in progress (checked every 100 µs).
@@ -385,7 +264,7 @@ pub fn method<T: serde::de::DeserializeOwned + 'static>(
     );
 }
 
-/// Registers the bdev layer's methods.
+/// Registers the bdev layer's methods, then the base modules'.
 pub fn register_rpcs(reg: &mut Registry) {
     method(reg, "bdev_get_bdevs", STATE_RUNTIME, get_bdevs);
     method(reg, "bdev_get_iostat", STATE_RUNTIME, get_iostat);
@@ -509,162 +388,7 @@ pub fn register_rpcs(reg: &mut Registry) {
             None => r.err(RpcError::errno(libc::ENODEV)),
         }
     });
-    method(
-        reg,
-        "bdev_malloc_create",
-        STATE_RUNTIME,
-        |p: MallocCreate, r| {
-            let _ = (
-                p.md_interleave,
-                p.dif_is_head_of_md,
-                p.dif_pi_format,
-                p.numa_id,
-            );
-            let res = no_metadata(p.md_size, p.dif_type).and_then(|_| {
-                malloc::create(malloc::MallocOpts {
-                    name: p.name,
-                    uuid: p.uuid,
-                    num_blocks: p.num_blocks,
-                    block_size: p.block_size,
-                    physical_block_size: p.physical_block_size,
-                    optimal_io_boundary: p.optimal_io_boundary,
-                })
-            });
-            reply(r, res.map(|b| json!(b.name())));
-        },
-    );
-    method(
-        reg,
-        "bdev_malloc_delete",
-        STATE_RUNTIME,
-        |p: NameOnly, r| delete_reply(&p.name, malloc::MODULE, r),
-    );
-    method(
-        reg,
-        "bdev_null_create",
-        STATE_RUNTIME,
-        |p: NullCreate, r| {
-            let _ = (
-                p.dif_is_head_of_md,
-                p.dif_pi_format,
-                p.preferred_write_alignment,
-                p.preferred_write_granularity,
-                p.optimal_write_size,
-                p.preferred_unmap_alignment,
-                p.preferred_unmap_granularity,
-            );
-            let res = no_metadata(p.md_size, p.dif_type).and_then(|_| {
-                null::create(null::NullOpts {
-                    name: p.name,
-                    uuid: p.uuid,
-                    num_blocks: p.num_blocks,
-                    block_size: p.block_size,
-                    physical_block_size: p.physical_block_size,
-                })
-            });
-            reply(r, res.map(|b| json!(b.name())));
-        },
-    );
-    method(reg, "bdev_null_delete", STATE_RUNTIME, |p: NameOnly, r| {
-        delete_reply(&p.name, null::MODULE, r)
-    });
-    method(reg, "bdev_aio_create", STATE_RUNTIME, |p: AioCreate, r| {
-        // io_uring never blocks the submitter, so `nowait` is what it does anyway.
-        let _ = p.nowait;
-        let res = uring::create(uring::UringOpts {
-            name: p.name,
-            filename: p.filename,
-            block_size: p.block_size,
-            uuid: p.uuid,
-            readonly: p.readonly,
-            fallocate: p.fallocate,
-            aio: true,
-        });
-        reply(r, res.map(|b| json!(b.name())));
-    });
-    method(reg, "bdev_aio_delete", STATE_RUNTIME, |p: NameOnly, r| {
-        delete_reply(&p.name, uring::MODULE_AIO, r)
-    });
-    method(reg, "bdev_aio_rescan", STATE_RUNTIME, |p: NameOnly, r| {
-        reply(r, uring::rescan(&p.name).map(|_| json!(true)));
-    });
-    method(
-        reg,
-        "bdev_uring_create",
-        STATE_RUNTIME,
-        |p: UringCreate, r| {
-            let res = uring::create(uring::UringOpts {
-                name: p.name,
-                filename: p.filename,
-                block_size: p.block_size,
-                uuid: p.uuid,
-                readonly: false,
-                fallocate: false,
-                aio: false,
-            });
-            reply(r, res.map(|b| json!(b.name())));
-        },
-    );
-    method(reg, "bdev_uring_delete", STATE_RUNTIME, |p: NameOnly, r| {
-        delete_reply(&p.name, uring::MODULE_URING, r)
-    });
-    method(reg, "bdev_uring_rescan", STATE_RUNTIME, |p: NameOnly, r| {
-        reply(r, uring::rescan(&p.name).map(|_| json!(true)));
-    });
-    method(
-        reg,
-        "bdev_error_create",
-        STATE_RUNTIME,
-        |p: ErrorCreate, r| {
-            reply(
-                r,
-                error::create(&p.base_name, p.uuid).map(|b| json!(b.name())),
-            );
-        },
-    );
-    method(reg, "bdev_error_delete", STATE_RUNTIME, |p: NameOnly, r| {
-        error::delete(&p.name, move |res| reply(r, res.map(|_| json!(true))));
-    });
-    method(
-        reg,
-        "bdev_error_inject_error",
-        STATE_RUNTIME,
-        |p: ErrorInject, r| {
-            // NVMe status codes have no carrier in this bdev layer yet: nvme_failure fails the I/O like failure.
-            let _ = (p.nvme_sct, p.nvme_sc);
-            let et = if p.error_type == "nvme_failure" {
-                Some(error::ErrorType::Failure)
-            } else {
-                error::ErrorType::parse(&p.error_type)
-            };
-            let Some(error_type) = et else {
-                return r.err(RpcError::invalid_params(format!(
-                    "unknown error_type {}",
-                    p.error_type
-                )));
-            };
-            let res = error::inject_error(
-                &p.name,
-                error::InjectOpts {
-                    io_type: p.io_type,
-                    error_type,
-                    num: p.num,
-                    queue_depth: p.queue_depth,
-                    corrupt_offset: p.corrupt_offset,
-                    corrupt_value: p.corrupt_value,
-                },
-            );
-            reply(r, res.map(|_| json!(true)));
-        },
-    );
-    method(
-        reg,
-        "bdev_null_resize",
-        STATE_RUNTIME,
-        |p: NullResize, r| {
-            reply(r, null::resize(&p.name, p.new_size).map(|_| json!(true)));
-        },
-    );
+    crate::modules::register_rpcs(reg);
 }
 
 /// The `bdev` subsystem's `save_config` array, in SPDK's order: options, then every bdev's creation, then

@@ -22,6 +22,9 @@ use crate::{
     IoChannel, IoHandle, IoSink, IoStatus, IoType, ModuleChannel, Result,
 };
 
+mod rpc;
+pub(crate) use rpc::register_rpcs;
+
 /// Module name.
 pub const MODULE: &str = "error";
 

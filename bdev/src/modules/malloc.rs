@@ -12,6 +12,9 @@ use crate::{
     ModuleChannel, Result,
 };
 
+mod rpc;
+pub(crate) use rpc::register_rpcs;
+
 /// Module name.
 pub const MODULE: &str = "malloc";
 

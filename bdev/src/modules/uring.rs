@@ -27,6 +27,9 @@ use crate::{
     ModuleChannel, Result,
 };
 
+mod rpc;
+pub(crate) use rpc::register_rpcs;
+
 /// Module name of bdevs made by `bdev_uring_create`.
 pub const MODULE_URING: &str = "uring";
 /// Module name of bdevs made by `bdev_aio_create`.
