@@ -605,6 +605,10 @@ impl Bdev {
             );
         }
         m.insert("supported_io_types".into(), Value::Object(io));
+        // SPDK writes `memory_domains` only when the module reports some (spdk_bdev_get_memory_domains() > 0).
+        if let Some(d) = crate::modules::memory_domains(self) {
+            m.insert("memory_domains".into(), d);
+        }
         let mut ds = Map::new();
         self.0.ops.dump_info(self, &mut ds);
         m.insert("driver_specific".into(), Value::Object(ds));
