@@ -133,9 +133,6 @@ struct GetIostat {
 }
 
 fn get_iostat(p: GetIostat, r: Responder) {
-    if p.per_channel {
-        return r.err(RpcError::errno(libc::ENOTSUP));
-    }
     if p.reset_mode
         .as_deref()
         .is_some_and(|m| !matches!(m, "all" | "maxmin" | "error" | "none"))
@@ -148,6 +145,18 @@ fn get_iostat(p: GetIostat, r: Responder) {
         (None, None) => None,
         (a, b) => Some(a.into_iter().chain(b.unwrap_or_default()).collect()),
     };
+    let reset = matches!(p.reset_mode.as_deref(), Some("all" | "maxmin"));
+    if p.per_channel {
+        // One bdev's channels only: SPDK v24.05 requires `name`, 26.x exactly one of `name`/`names`.
+        let Some([name]) = wanted.as_deref() else {
+            log::error!("bdev_get_iostat: per_channel needs exactly one bdev name");
+            return r.err(RpcError::errno(libc::EINVAL));
+        };
+        return match crate::get(name) {
+            Some(b) => per_channel_iostat(&b, reset, r),
+            None => r.err(RpcError::errno(libc::ENODEV)),
+        };
+    }
     let bdevs = match wanted {
         Some(names) => {
             let mut v = vec![];
@@ -161,7 +170,6 @@ fn get_iostat(p: GetIostat, r: Responder) {
         }
         None => crate::list(),
     };
-    let reset = matches!(p.reset_mode.as_deref(), Some("all" | "maxmin"));
     let tick_rate = reactor::ticks::rate();
     let mut out = Vec::with_capacity(bdevs.len());
     fn next(
@@ -204,6 +212,42 @@ fn get_iostat(p: GetIostat, r: Responder) {
     }
     out.clear();
     next(bdevs.into_iter(), out, tick_rate, reset, r);
+}
+
+/// `bdev_get_iostat` with `per_channel`: SPDK's `{"tick_rate", "ticks", "name", "channels": [{"thread_id",
+/// counters...}]}`, one entry per thread holding a channel on `b` now (SPDK's `spdk_bdev_for_each_channel`), read
+/// (and, with `reset`, cleared) on that thread. Channels already released are not listed: their counters live on
+/// only in the bdev's totals, as in SPDK.
+fn per_channel_iostat(b: &crate::Bdev, reset: bool, r: Responder) {
+    let name = b.name().to_string();
+    // SPDK takes the clock when it starts the answer, before visiting the channels.
+    let ticks = reactor::ticks::now();
+    b.0.io_device.for_each_channel(
+        move |c| {
+            let s = c.stat();
+            if reset {
+                c.reset_stat();
+            }
+            (reactor::current().map_or(0, |t| t.id()), s)
+        },
+        move |v| {
+            let channels: Vec<Value> = v
+                .into_iter()
+                .map(|(thread_id, s)| {
+                    let mut m = serde_json::Map::new();
+                    m.insert("thread_id".into(), json!(thread_id));
+                    m.extend(s.to_json());
+                    Value::Object(m)
+                })
+                .collect();
+            r.ok(json!({
+                "tick_rate": reactor::ticks::rate(),
+                "ticks": ticks,
+                "name": name,
+                "channels": channels,
+            }));
+        },
+    );
 }
 
 #[derive(Deserialize)]
