@@ -102,7 +102,7 @@ static LOG_LEVEL: AtomicU8 = AtomicU8::new(Level::Notice as u8);
 static ENABLED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
 
 fn enabled_flags() -> std::sync::MutexGuard<'static, Vec<&'static str>> {
-    ENABLED.lock().unwrap_or_else(|e| e.into_inner())
+    reactor::lock(&ENABLED)
 }
 
 /// Enables a flag (`all` enables every flag). Unknown names are refused.

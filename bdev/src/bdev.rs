@@ -2,9 +2,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
-use reactor::{IoDevice, ThreadHandle};
+use reactor::{lock, IoDevice, ThreadHandle};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
@@ -169,10 +169,6 @@ impl std::fmt::Debug for Bdev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Bdev({})", self.name())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Registry {
@@ -621,6 +617,10 @@ impl Bdev {
             );
         }
         m.insert("supported_io_types".into(), Value::Object(io));
+        // SPDK writes `memory_domains` only when the module reports some (spdk_bdev_get_memory_domains() > 0).
+        if let Some(d) = crate::modules::memory_domains(self) {
+            m.insert("memory_domains".into(), d);
+        }
         let mut ds = Map::new();
         self.0.ops.dump_info(self, &mut ds);
         m.insert("driver_specific".into(), Value::Object(ds));

@@ -64,11 +64,10 @@ fn listed() -> Vec<Arc<dyn BdevModule>> {
     v
 }
 
-/// A module of this crate whose RPCs the core registers.
+/// A module of this crate (its RPCs are registered with the layer's, see [`crate::rpc::register_rpcs`]).
 struct Builtin {
     name: &'static str,
     examines: bool,
-    rpcs: Option<fn(&mut Registry)>,
 }
 
 impl BdevModule for Builtin {
@@ -78,33 +77,20 @@ impl BdevModule for Builtin {
     fn examines(&self) -> bool {
         self.examines
     }
-    fn register_rpcs(&self, reg: &mut Registry) {
-        if let Some(f) = self.rpcs {
-            f(reg)
-        }
-    }
 }
 
 /// The `bdev` subsystem, with this crate's modules registered.
 pub fn subsystem() -> Arc<dyn Subsystem> {
     use crate::modules::{error, malloc, null, passthru, uring};
-    for (name, examines, rpcs) in [
-        (malloc::MODULE, false, None),
-        (null::MODULE, false, None),
-        (uring::MODULE_AIO, false, None),
-        (uring::MODULE_URING, false, None),
-        (error::MODULE, true, None),
-        (
-            passthru::MODULE,
-            true,
-            Some(passthru::register_rpcs as fn(&mut Registry)),
-        ),
+    for (name, examines) in [
+        (malloc::MODULE, false),
+        (null::MODULE, false),
+        (uring::MODULE_AIO, false),
+        (uring::MODULE_URING, false),
+        (error::MODULE, true),
+        (passthru::MODULE, true),
     ] {
-        register_module(Arc::new(Builtin {
-            name,
-            examines,
-            rpcs,
-        }));
+        register_module(Arc::new(Builtin { name, examines }));
     }
     Arc::new(BdevSubsystem)
 }

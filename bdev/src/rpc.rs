@@ -1,5 +1,7 @@
 //! The bdev layer's JSON-RPC methods (SPDK's names, params, results and error codes) and its `save_config`
-//! section.
+//! section. Each base module keeps its own methods beside it (`modules/<module>/rpc.rs`); [`register_rpcs`]
+//! registers them after the layer's, and the helpers here ([`method`], [`delete_reply`]) serve them and the
+//! other crates' modules alike.
 
 use std::rc::Rc;
 use std::sync::Mutex;
@@ -9,10 +11,8 @@ use jsonrpc::{
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
-use uuid::Uuid;
 
-use crate::modules::{error, malloc, null, uring};
-use crate::{BdevError, ErrorKind, IoType};
+use crate::{BdevError, IoType};
 
 impl From<BdevError> for RpcError {
     /// SPDK answers with `-errno` and `strerror(errno)`; the detailed message goes to the log.
@@ -75,14 +75,11 @@ static OPTIONS: Mutex<Option<BdevOptions>> = Mutex::new(None);
 
 /// Current `bdev_set_options` values.
 pub fn options() -> BdevOptions {
-    OPTIONS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .unwrap_or_default()
+    reactor::lock(&OPTIONS).clone().unwrap_or_default()
 }
 
-fn reply<T: Into<RpcError>>(r: Responder, res: Result<Value, T>) {
+/// Answers with `res`: the value, or the error as SPDK reports it.
+pub(crate) fn reply<T: Into<RpcError>>(r: Responder, res: Result<Value, T>) {
     match res {
         Ok(v) => r.ok(v),
         Err(e) => r.err(e.into()),
@@ -136,9 +133,6 @@ struct GetIostat {
 }
 
 fn get_iostat(p: GetIostat, r: Responder) {
-    if p.per_channel {
-        return r.err(RpcError::errno(libc::ENOTSUP));
-    }
     if p.reset_mode
         .as_deref()
         .is_some_and(|m| !matches!(m, "all" | "maxmin" | "error" | "none"))
@@ -151,6 +145,18 @@ fn get_iostat(p: GetIostat, r: Responder) {
         (None, None) => None,
         (a, b) => Some(a.into_iter().chain(b.unwrap_or_default()).collect()),
     };
+    let reset = matches!(p.reset_mode.as_deref(), Some("all" | "maxmin"));
+    if p.per_channel {
+        // One bdev's channels only: SPDK v24.05 requires `name`, 26.x exactly one of `name`/`names`.
+        let Some([name]) = wanted.as_deref() else {
+            log::error!("bdev_get_iostat: per_channel needs exactly one bdev name");
+            return r.err(RpcError::errno(libc::EINVAL));
+        };
+        return match crate::get(name) {
+            Some(b) => per_channel_iostat(&b, reset, r),
+            None => r.err(RpcError::errno(libc::ENODEV)),
+        };
+    }
     let bdevs = match wanted {
         Some(names) => {
             let mut v = vec![];
@@ -164,7 +170,6 @@ fn get_iostat(p: GetIostat, r: Responder) {
         }
         None => crate::list(),
     };
-    let reset = matches!(p.reset_mode.as_deref(), Some("all" | "maxmin"));
     let tick_rate = reactor::ticks::rate();
     let mut out = Vec::with_capacity(bdevs.len());
     fn next(
@@ -209,6 +214,42 @@ fn get_iostat(p: GetIostat, r: Responder) {
     next(bdevs.into_iter(), out, tick_rate, reset, r);
 }
 
+/// `bdev_get_iostat` with `per_channel`: SPDK's `{"tick_rate", "ticks", "name", "channels": [{"thread_id",
+/// counters...}]}`, one entry per thread holding a channel on `b` now (SPDK's `spdk_bdev_for_each_channel`), read
+/// (and, with `reset`, cleared) on that thread. Channels already released are not listed: their counters live on
+/// only in the bdev's totals, as in SPDK.
+fn per_channel_iostat(b: &crate::Bdev, reset: bool, r: Responder) {
+    let name = b.name().to_string();
+    // SPDK takes the clock when it starts the answer, before visiting the channels.
+    let ticks = reactor::ticks::now();
+    b.0.io_device.for_each_channel(
+        move |c| {
+            let s = c.stat();
+            if reset {
+                c.reset_stat();
+            }
+            (reactor::current().map_or(0, |t| t.id()), s)
+        },
+        move |v| {
+            let channels: Vec<Value> = v
+                .into_iter()
+                .map(|(thread_id, s)| {
+                    let mut m = serde_json::Map::new();
+                    m.insert("thread_id".into(), json!(thread_id));
+                    m.extend(s.to_json());
+                    Value::Object(m)
+                })
+                .collect();
+            r.ok(json!({
+                "tick_rate": reactor::ticks::rate(),
+                "ticks": ticks,
+                "name": name,
+                "channels": channels,
+            }));
+        },
+    );
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResetIostat {
@@ -230,133 +271,11 @@ struct EnableHistogram {
     max_nsec: Option<u64>,
 }
 
+/// Params of the methods that take a bdev name only.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NameOnly {
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MallocCreate {
-    name: Option<String>,
-    uuid: Option<Uuid>,
-    num_blocks: u64,
-    block_size: u32,
-    #[serde(default)]
-    physical_block_size: u32,
-    #[serde(default)]
-    optimal_io_boundary: u32,
-    #[serde(default)]
-    md_size: u32,
-    #[serde(default)]
-    md_interleave: bool,
-    #[serde(default)]
-    dif_type: u32,
-    #[serde(default)]
-    dif_is_head_of_md: bool,
-    #[serde(default)]
-    dif_pi_format: u32,
-    #[serde(default)]
-    numa_id: Option<i32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NullCreate {
-    name: String,
-    uuid: Option<Uuid>,
-    num_blocks: u64,
-    block_size: u32,
-    #[serde(default)]
-    physical_block_size: u32,
-    #[serde(default)]
-    md_size: u32,
-    #[serde(default)]
-    dif_type: u32,
-    #[serde(default)]
-    dif_is_head_of_md: bool,
-    #[serde(default)]
-    dif_pi_format: u32,
-    preferred_write_alignment: Option<u32>,
-    preferred_write_granularity: Option<u32>,
-    optimal_write_size: Option<u32>,
-    preferred_unmap_alignment: Option<u32>,
-    preferred_unmap_granularity: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NullResize {
-    name: String,
-    new_size: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AioCreate {
-    name: String,
-    filename: String,
-    #[serde(default)]
-    block_size: u32,
-    #[serde(default)]
-    readonly: bool,
-    #[serde(default)]
-    fallocate: bool,
-    uuid: Option<Uuid>,
-    #[serde(default)]
-    nowait: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UringCreate {
-    name: String,
-    filename: String,
-    #[serde(default)]
-    block_size: u32,
-    uuid: Option<Uuid>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ErrorCreate {
-    base_name: String,
-    uuid: Option<Uuid>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ErrorInject {
-    name: String,
-    io_type: String,
-    error_type: String,
-    #[serde(default = "one")]
-    num: u32,
-    #[serde(default)]
-    queue_depth: u64,
-    #[serde(default)]
-    corrupt_offset: u64,
-    #[serde(default)]
-    corrupt_value: u8,
-    #[serde(default)]
-    nvme_sct: u8,
-    #[serde(default)]
-    nvme_sc: u8,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn no_metadata(md_size: u32, dif_type: u32) -> Result<(), BdevError> {
-    if md_size != 0 || dif_type != 0 {
-        return Err(BdevError::new(
-            ErrorKind::NotSupported,
-            "metadata and DIF are not supported",
-        ));
-    }
-    Ok(())
+pub(crate) struct NameOnly {
+    pub(crate) name: String,
 }
 
 /// Answers `true` once no examine is in progress (checked every 100 µs).
@@ -389,7 +308,7 @@ pub fn method<T: serde::de::DeserializeOwned + 'static>(
     );
 }
 
-/// Registers the bdev layer's methods.
+/// Registers the bdev layer's methods, then the base modules'.
 pub fn register_rpcs(reg: &mut Registry) {
     method(reg, "bdev_get_bdevs", STATE_RUNTIME, get_bdevs);
     method(reg, "bdev_get_iostat", STATE_RUNTIME, get_iostat);
@@ -485,7 +404,7 @@ pub fn register_rpcs(reg: &mut Registry) {
                 return r.err(RpcError::errno(libc::EINVAL));
             }
             crate::set_pool_limit(p.bdev_io_pool_size as usize);
-            *OPTIONS.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+            *reactor::lock(&OPTIONS) = Some(p);
             r.ok(json!(true));
         },
     );
@@ -513,162 +432,7 @@ pub fn register_rpcs(reg: &mut Registry) {
             None => r.err(RpcError::errno(libc::ENODEV)),
         }
     });
-    method(
-        reg,
-        "bdev_malloc_create",
-        STATE_RUNTIME,
-        |p: MallocCreate, r| {
-            let _ = (
-                p.md_interleave,
-                p.dif_is_head_of_md,
-                p.dif_pi_format,
-                p.numa_id,
-            );
-            let res = no_metadata(p.md_size, p.dif_type).and_then(|_| {
-                malloc::create(malloc::MallocOpts {
-                    name: p.name,
-                    uuid: p.uuid,
-                    num_blocks: p.num_blocks,
-                    block_size: p.block_size,
-                    physical_block_size: p.physical_block_size,
-                    optimal_io_boundary: p.optimal_io_boundary,
-                })
-            });
-            reply(r, res.map(|b| json!(b.name())));
-        },
-    );
-    method(
-        reg,
-        "bdev_malloc_delete",
-        STATE_RUNTIME,
-        |p: NameOnly, r| delete_reply(&p.name, malloc::MODULE, r),
-    );
-    method(
-        reg,
-        "bdev_null_create",
-        STATE_RUNTIME,
-        |p: NullCreate, r| {
-            let _ = (
-                p.dif_is_head_of_md,
-                p.dif_pi_format,
-                p.preferred_write_alignment,
-                p.preferred_write_granularity,
-                p.optimal_write_size,
-                p.preferred_unmap_alignment,
-                p.preferred_unmap_granularity,
-            );
-            let res = no_metadata(p.md_size, p.dif_type).and_then(|_| {
-                null::create(null::NullOpts {
-                    name: p.name,
-                    uuid: p.uuid,
-                    num_blocks: p.num_blocks,
-                    block_size: p.block_size,
-                    physical_block_size: p.physical_block_size,
-                })
-            });
-            reply(r, res.map(|b| json!(b.name())));
-        },
-    );
-    method(reg, "bdev_null_delete", STATE_RUNTIME, |p: NameOnly, r| {
-        delete_reply(&p.name, null::MODULE, r)
-    });
-    method(reg, "bdev_aio_create", STATE_RUNTIME, |p: AioCreate, r| {
-        // io_uring never blocks the submitter, so `nowait` is what it does anyway.
-        let _ = p.nowait;
-        let res = uring::create(uring::UringOpts {
-            name: p.name,
-            filename: p.filename,
-            block_size: p.block_size,
-            uuid: p.uuid,
-            readonly: p.readonly,
-            fallocate: p.fallocate,
-            aio: true,
-        });
-        reply(r, res.map(|b| json!(b.name())));
-    });
-    method(reg, "bdev_aio_delete", STATE_RUNTIME, |p: NameOnly, r| {
-        delete_reply(&p.name, uring::MODULE_AIO, r)
-    });
-    method(reg, "bdev_aio_rescan", STATE_RUNTIME, |p: NameOnly, r| {
-        reply(r, uring::rescan(&p.name).map(|_| json!(true)));
-    });
-    method(
-        reg,
-        "bdev_uring_create",
-        STATE_RUNTIME,
-        |p: UringCreate, r| {
-            let res = uring::create(uring::UringOpts {
-                name: p.name,
-                filename: p.filename,
-                block_size: p.block_size,
-                uuid: p.uuid,
-                readonly: false,
-                fallocate: false,
-                aio: false,
-            });
-            reply(r, res.map(|b| json!(b.name())));
-        },
-    );
-    method(reg, "bdev_uring_delete", STATE_RUNTIME, |p: NameOnly, r| {
-        delete_reply(&p.name, uring::MODULE_URING, r)
-    });
-    method(reg, "bdev_uring_rescan", STATE_RUNTIME, |p: NameOnly, r| {
-        reply(r, uring::rescan(&p.name).map(|_| json!(true)));
-    });
-    method(
-        reg,
-        "bdev_error_create",
-        STATE_RUNTIME,
-        |p: ErrorCreate, r| {
-            reply(
-                r,
-                error::create(&p.base_name, p.uuid).map(|b| json!(b.name())),
-            );
-        },
-    );
-    method(reg, "bdev_error_delete", STATE_RUNTIME, |p: NameOnly, r| {
-        error::delete(&p.name, move |res| reply(r, res.map(|_| json!(true))));
-    });
-    method(
-        reg,
-        "bdev_error_inject_error",
-        STATE_RUNTIME,
-        |p: ErrorInject, r| {
-            // NVMe status codes have no carrier in this bdev layer yet: nvme_failure fails the I/O like failure.
-            let _ = (p.nvme_sct, p.nvme_sc);
-            let et = if p.error_type == "nvme_failure" {
-                Some(error::ErrorType::Failure)
-            } else {
-                error::ErrorType::parse(&p.error_type)
-            };
-            let Some(error_type) = et else {
-                return r.err(RpcError::invalid_params(format!(
-                    "unknown error_type {}",
-                    p.error_type
-                )));
-            };
-            let res = error::inject_error(
-                &p.name,
-                error::InjectOpts {
-                    io_type: p.io_type,
-                    error_type,
-                    num: p.num,
-                    queue_depth: p.queue_depth,
-                    corrupt_offset: p.corrupt_offset,
-                    corrupt_value: p.corrupt_value,
-                },
-            );
-            reply(r, res.map(|_| json!(true)));
-        },
-    );
-    method(
-        reg,
-        "bdev_null_resize",
-        STATE_RUNTIME,
-        |p: NullResize, r| {
-            reply(r, null::resize(&p.name, p.new_size).map(|_| json!(true)));
-        },
-    );
+    crate::modules::register_rpcs(reg);
 }
 
 /// The `bdev` subsystem's `save_config` array (see [`crate::module::config_json`]).

@@ -76,18 +76,8 @@ fn parse_args() -> Args {
 
 /// Pins the calling thread to `core` (`None`: every CPU again, so children start unrestricted).
 fn pin(core: Option<usize>) {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it for the calling thread only.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        match core {
-            Some(c) => libc::CPU_SET(c, &mut set),
-            None => {
-                for c in 0..libc::CPU_SETSIZE as usize {
-                    libc::CPU_SET(c, &mut set);
-                }
-            }
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    if let Err(e) = reactor::pin_current_thread(core.map(|c| c as u32)) {
+        eprintln!("vhost_bench: cannot pin to {core:?}: {e}");
     }
 }
 

@@ -141,7 +141,7 @@ impl std::fmt::Debug for Raid {
 static RAIDS: Mutex<Vec<Arc<Raid>>> = Mutex::new(Vec::new());
 
 fn raids() -> Vec<Arc<Raid>> {
-    RAIDS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    reactor::lock(&RAIDS).clone()
 }
 
 pub(crate) fn find_by_name(name: &str) -> Option<Arc<Raid>> {
@@ -169,7 +169,7 @@ fn find_base_by_bdev(bdev: &Bdev) -> Option<(Arc<Raid>, usize)> {
 }
 
 fn unlist(raid: &Arc<Raid>) {
-    let mut v = RAIDS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut v = reactor::lock(&RAIDS);
     v.retain(|r| !Arc::ptr_eq(r, raid));
 }
 
@@ -191,7 +191,7 @@ pub(crate) fn later(f: impl FnOnce() + Send + 'static) {
 
 impl Raid {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.st.lock().unwrap_or_else(|e| e.into_inner())
+        reactor::lock(&self.st)
     }
 }
 
@@ -374,10 +374,7 @@ fn new_raid(
             }),
         }
     });
-    RAIDS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(raid.clone());
+    reactor::lock(&RAIDS).push(raid.clone());
     Ok(raid)
 }
 
@@ -423,7 +420,7 @@ pub fn create(opts: CreateOpts, done: impl FnOnce(Result<()>) + Send + 'static) 
         let raid = raid.clone();
         move |res: Result<()>, parts: usize| {
             let fin = {
-                let mut c = ctx.lock().unwrap_or_else(|e| e.into_inner());
+                let mut c = reactor::lock(&ctx);
                 if let Err(e) = res {
                     c.status = Err(e);
                 }
@@ -1803,7 +1800,7 @@ fn write_block0(raid: &Arc<Raid>, data: Vec<u8>, done: impl FnOnce(Result<()>) +
     }));
     let finish = move |ctx: &Arc<Mutex<Ctx>>, res: Result<()>| {
         let fin = {
-            let mut c = ctx.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = reactor::lock(ctx);
             if res.is_err() {
                 c.status = res;
             }
@@ -2167,7 +2164,7 @@ fn examine_sb(s: Superblock, bdev: &Bdev, cb: Option<Cb>) {
     let cb_slot: Arc<Mutex<Option<Cb>>> = Arc::new(Mutex::new(cb));
     let c2 = cb_slot.clone();
     let wrapped: Cb = Box::new(move |res| {
-        let cb = c2.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let cb = reactor::lock(&c2).take();
         if let Some(cb) = cb {
             cb(res);
         }
@@ -2178,7 +2175,7 @@ fn examine_sb(s: Superblock, bdev: &Bdev, cb: Option<Cb>) {
             bdev.name(),
             raid.name
         );
-        let cb = cb_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let cb = reactor::lock(&cb_slot).take();
         if let Some(cb) = cb {
             cb(Err(e));
         }
@@ -2318,10 +2315,7 @@ static OPTIONS: Mutex<Option<(RaidOptions, bool)>> = Mutex::new(None);
 /// Current options, and whether the bandwidth limit was ever set (SPDK v24.05 did not have it, so its
 /// `save_config` only shows it when set).
 pub fn options() -> (RaidOptions, bool) {
-    OPTIONS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .unwrap_or_default()
+    reactor::lock(&OPTIONS).unwrap_or_default()
 }
 
 /// Sets options for rebuilds started from now on.
@@ -2329,7 +2323,7 @@ pub fn set_options(o: RaidOptions, bandwidth_set: bool) -> Result<()> {
     if o.process_window_size_kb == 0 {
         return err(ErrorKind::Invalid, "process_window_size_kb must not be 0");
     }
-    let mut g = OPTIONS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = reactor::lock(&OPTIONS);
     let was_set = g.map(|x| x.1).unwrap_or(false);
     *g = Some((o, was_set || bandwidth_set));
     Ok(())

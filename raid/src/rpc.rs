@@ -173,7 +173,7 @@ fn shared_responder(r: Responder) -> (SharedResponder, SharedResponder) {
 }
 
 fn take(s: &SharedResponder) -> Option<Responder> {
-    s.lock().unwrap_or_else(|e| e.into_inner()).take()
+    reactor::lock(s).take()
 }
 
 fn add_base(p: AddBase, r: Responder) {

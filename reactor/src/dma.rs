@@ -41,7 +41,7 @@ pub fn set_no_huge(v: bool) {
 }
 
 fn pool() -> MutexGuard<'static, Pool> {
-    POOL.lock().unwrap_or_else(|e| e.into_inner())
+    crate::lock(&POOL)
 }
 
 /// The memory regions mapped for buffers: (address, length, hugepage-backed).

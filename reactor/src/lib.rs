@@ -4,13 +4,15 @@
 //! ([`ThreadHandle`]) that own pollers ([`Poller`]), timers ([`timer`]) and per-thread I/O channels
 //! ([`IoDevice`]). Other threads reach a thread only by message ([`ThreadHandle::send`]).
 //! [`dma`] hands out hugepage-backed buffer memory; [`memmap`] tracks every region that can carry I/O data and
-//! tells subscribers (device drivers) about it.
+//! tells subscribers (device drivers) about it; [`lock`] and [`pin_current_thread`] are the mutex and CPU
+//! affinity helpers every crate of the target shares.
 
 pub mod bound;
 pub mod cpumask;
 pub mod dma;
 pub mod memmap;
 mod reactor;
+mod sync;
 mod sys;
 pub mod testing;
 pub mod thread;
@@ -22,6 +24,8 @@ pub use reactor::{
     add_wake_fd, all_threads, app_thread, cores, main_core, options, reactors_info, remove_wake_fd,
     run, spawn_thread, stop, stopping, Error, Options, ReactorInfo,
 };
+pub use sync::lock;
+pub use sys::pin_current_thread;
 pub use thread::{
     current, current_info, for_each_thread, timer, IoDevice, Poller, PollerInfo, PollerState,
     ThreadHandle, ThreadInfo,

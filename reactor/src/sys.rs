@@ -81,14 +81,36 @@ pub(crate) fn online_cpus() -> Vec<u32> {
         .collect()
 }
 
-pub(crate) fn pin_to_core(core: u32) -> io::Result<()> {
+/// Restricts the calling OS thread to CPU `core`, or, with `None`, lets it run on every CPU again.
+///
+/// Reactors pin themselves to their core; a thread started from a pinned thread inherits its affinity, so
+/// control threads and benchmark drivers unpin (`None`) before they start work that must not compete with a
+/// reactor. Fails with `EINVAL` for a core beyond `CPU_SETSIZE` (or one the kernel refuses, e.g. offline).
+pub fn pin_current_thread(core: Option<u32>) -> io::Result<()> {
+    let setsize = libc::CPU_SETSIZE as usize;
+    if core.is_some_and(|c| c as usize >= setsize) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes inside the set for core < CPU_SETSIZE, which the mask parser guarantees (max 1024).
-    unsafe { libc::CPU_SET(core as usize, &mut set) };
+    match core {
+        // SAFETY: CPU_SET writes inside the set: core < CPU_SETSIZE was checked above.
+        Some(c) => unsafe { libc::CPU_SET(c as usize, &mut set) },
+        None => {
+            for c in 0..setsize {
+                // SAFETY: as above, c < CPU_SETSIZE.
+                unsafe { libc::CPU_SET(c, &mut set) };
+            }
+        }
+    }
     // SAFETY: passes the size of the live set we own; 0 = the calling thread.
     check(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })
         .map(|_| ())
+}
+
+/// Pins the calling reactor thread to its core.
+pub(crate) fn pin_to_core(core: u32) -> io::Result<()> {
+    pin_current_thread(Some(core))
 }
 
 pub(crate) fn gettid() -> u64 {

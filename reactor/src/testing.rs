@@ -12,7 +12,7 @@ static LOCK: Mutex<()> = Mutex::new(());
 /// [`crate::stop`]. Reactors are process-global, so callers are serialized; a watchdog fails the process if the
 /// run takes longer than `limit` instead of hanging CI.
 pub fn run(mask: &str, limit: Duration, init: impl FnOnce() + Send + 'static) {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = crate::lock(&LOCK);
     let opts = Options {
         cpumask: CpuMask::parse(mask).expect("valid test mask"),
         main_core: None,
@@ -34,5 +34,5 @@ pub fn run(mask: &str, limit: Duration, init: impl FnOnce() + Send + 'static) {
 
 /// Holds the lock that [`run`] takes, for tests that start reactors themselves.
 pub fn lock() -> std::sync::MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    crate::lock(&LOCK)
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use reactor::lock;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -23,7 +24,7 @@ use vhost::VhostUserMemoryRegionBase;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::config::{bits, MAX_QUEUES};
-use crate::controller::{lock, Ctrlr, Session};
+use crate::controller::{Ctrlr, Session};
 use crate::device::{with_dev, QueueStart};
 use crate::mem::MemTable;
 use crate::vring::{RingConfig, MAX_QUEUE_SIZE};
@@ -494,7 +495,9 @@ impl VhostUserBackendReqHandlerMut for Backend {
 
 /// The control thread: accepts one front end at a time until the controller is deleted.
 pub fn serve(ctrlr: Arc<Ctrlr>, listener: UnixListener) {
-    crate::sys::unpin_current_thread();
+    // Threads inherit the affinity of their creator: a control thread started from a pinned reactor must not
+    // compete with it. Failing to unpin only costs performance.
+    let _ = reactor::pin_current_thread(None);
     // Non-blocking accept polled every few milliseconds, so a deleted controller's thread notices and exits.
     if let Err(e) = listener.set_nonblocking(true) {
         log::error!("vhost {}: {e}", ctrlr.name);

@@ -4,10 +4,10 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use bdev::Bdev;
-use reactor::{CpuMask, ThreadHandle};
+use reactor::{lock, CpuMask, ThreadHandle};
 
 use crate::config::BlkInfo;
 use crate::device::Dev;
@@ -91,10 +91,6 @@ impl Ctrlr {
     pub fn connected(&self) -> bool {
         lock(&self.session).is_some()
     }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 static REGISTRY: Mutex<Vec<Arc<Ctrlr>>> = Mutex::new(Vec::new());

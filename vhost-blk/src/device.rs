@@ -195,7 +195,7 @@ impl Dev {
                     self.ctrlr.name,
                     b.name()
                 );
-                *self.ctrlr.bdev.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *reactor::lock(&self.ctrlr.bdev) = None;
                 let drop_now = {
                     let mut i = self.inner.borrow_mut();
                     i.removing = true;

@@ -7,10 +7,11 @@
 use std::rc::Rc;
 
 use jsonrpc::{decode_params, Registry, Responder, RpcError, INTERNAL_ERROR, STATE_RUNTIME};
+use reactor::lock;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::controller::{self, lock, CreateOpts, TRANSPORT};
+use crate::controller::{self, CreateOpts, TRANSPORT};
 use crate::Error;
 
 fn invalid_params(e: Error) -> RpcError {

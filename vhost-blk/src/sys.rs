@@ -31,16 +31,3 @@ pub fn memfd(name: &str, size: u64) -> std::io::Result<std::fs::File> {
     f.set_len(size)?;
     Ok(f)
 }
-
-/// Lets the calling thread run on any CPU (threads inherit the affinity of their creator, and a control thread
-/// started from a pinned reactor must not compete with it).
-pub fn unpin_current_thread() {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity only reads it and affects the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for c in 0..libc::CPU_SETSIZE as usize {
-            libc::CPU_SET(c, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}

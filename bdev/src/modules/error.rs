@@ -10,9 +10,10 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use reactor::dma::DmaBuf;
+use reactor::lock;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
@@ -20,6 +21,9 @@ use crate::{
     register, Bdev, BdevError, BdevEvent, BdevIo, BdevOps, BdevParams, Completion, Desc, ErrorKind,
     IoChannel, IoHandle, IoSink, IoStatus, IoType, ModuleChannel, Result,
 };
+
+mod rpc;
+pub(crate) use rpc::register_rpcs;
 
 /// Module name.
 pub const MODULE: &str = "error";
@@ -118,10 +122,6 @@ struct Shared {
     inject: [Injection; 4],
     /// Bumped by resets and removal: pending I/Os held before the bump are failed.
     abort_gen: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Error bdevs by name, for `inject_error`.

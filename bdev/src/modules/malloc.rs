@@ -13,6 +13,9 @@ use crate::{
     ModuleChannel, Result,
 };
 
+mod rpc;
+pub(crate) use rpc::register_rpcs;
+
 /// Module name.
 pub const MODULE: &str = "malloc";
 
@@ -42,9 +45,10 @@ struct Memory {
     reg: Mutex<Option<reactor::memmap::Registration>>,
 }
 
-// SAFETY: the mapping is owned by this struct and freed once, in Drop; all access goes through raw-pointer copies
-// bounded by `len`, never through Rust references, so concurrent I/O from several threads behaves like a disk
-// (overlapping writes leave unspecified data) without creating aliasing references.
+// SAFETY: the mapping is owned by this struct and unmapped once, in Drop, when the last channel (each holds an
+// Arc) is gone. Nothing ever makes a Rust reference (`&[u8]`, `&mut [u8]`) to it: every access is a raw-pointer
+// copy or fill bounded by `len` (see MallocChannel::submit), so sharing the pointer between threads creates no
+// aliasing references.
 unsafe impl Send for Memory {}
 // SAFETY: see above.
 unsafe impl Sync for Memory {}
@@ -205,11 +209,20 @@ impl BdevOps for Malloc {
 
 struct MallocChannel {
     mem: Arc<Memory>,
+    /// Compare's copies: the caller's data, then the disk's (both owned here, so they can be compared as slices).
     scratch: Vec<u8>,
 }
 
+// Every access to the backing memory below is a raw-pointer copy (`ptr::copy_nonoverlapping` between an iovec
+// and the mapping, in `BdevIo::copy_raw` or here) or fill (`ptr::write_bytes`): no `&[u8]` or `&mut [u8]` over
+// the mapping is ever made, because other threads' channels copy to and from it at the same time. I/Os in flight
+// together on overlapping blocks, one of them writing, race: what they read or leave is unspecified, as on a disk
+// and with SPDK's memcpy. Strictly, the Rust memory model makes such a race undefined behaviour even through raw
+// pointers; keeping overlapping I/Os apart is the submitters' duty, as with any block device (this bdev layer,
+// like SPDK's, does not serialize I/Os). What this module guarantees is that it adds no reference whose aliasing
+// rules a race could break, and that no access leaves the mapping.
 impl ModuleChannel for MallocChannel {
-    fn submit(&mut self, mut io: IoHandle) {
+    fn submit(&mut self, io: IoHandle) {
         let off = io.offset_bytes() as usize;
         let len = io.len_bytes() as usize;
         // The bdev layer checked the range against num_blocks, and num_blocks * block_size == mem.len.
@@ -218,26 +231,31 @@ impl ModuleChannel for MallocChannel {
         let at = unsafe { self.mem.ptr.as_ptr().add(off) };
         let status = match io.io_type() {
             IoType::Read => {
-                // SAFETY: `at` is valid for `len` bytes of our mapping, which equals the iovec total.
+                // SAFETY: `at` is valid for `len` bytes of the mapping (above), which this channel's Arc keeps
+                // mapped; the iovecs hold exactly `len` bytes (checked at submit) and are writable until the
+                // I/O completes (submit contract); they cannot overlap the mapping, which is private to this
+                // module. Concurrent I/O on the same blocks: see above.
                 unsafe { io.copy_raw(at, true) };
                 IoStatus::Success
             }
             IoType::Write => {
-                // SAFETY: as above; the mapping is writable.
+                // SAFETY: as for reads, copying the other way; the mapping is writable and the iovecs readable.
                 unsafe { io.copy_raw(at, false) };
                 IoStatus::Success
             }
             IoType::Unmap | IoType::WriteZeroes => {
-                // SAFETY: `at..at+len` is inside the writable mapping.
+                // SAFETY: `at..at + len` is inside the writable mapping (above).
                 unsafe { std::ptr::write_bytes(at, 0, len) };
                 IoStatus::Success
             }
             IoType::Compare => {
-                self.scratch.resize(len, 0);
-                io.copy_out(&mut self.scratch);
-                // SAFETY: `at` is valid for `len` bytes of reads.
-                let disk = unsafe { std::slice::from_raw_parts(at, len) };
-                if disk == &self.scratch[..] {
+                self.scratch.resize(2 * len, 0);
+                let (data, disk) = self.scratch.split_at_mut(len);
+                io.copy_out(data);
+                // SAFETY: `at` is valid for `len` bytes of reads (above); `disk` is `len` bytes of this channel's
+                // own buffer, which cannot overlap the mapping.
+                unsafe { std::ptr::copy_nonoverlapping(at, disk.as_mut_ptr(), len) };
+                if data == disk {
                     IoStatus::Success
                 } else {
                     IoStatus::Miscompare
@@ -246,7 +264,6 @@ impl ModuleChannel for MallocChannel {
             IoType::Flush | IoType::Reset => IoStatus::Success,
             IoType::Abort => IoStatus::Failed(libc::ENOTSUP),
         };
-        let _ = &mut io;
         io.complete(status);
     }
 }

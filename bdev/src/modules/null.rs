@@ -8,6 +8,9 @@ use crate::{
     ModuleChannel, Result,
 };
 
+mod rpc;
+pub(crate) use rpc::register_rpcs;
+
 /// Module name.
 pub const MODULE: &str = "null";
 

@@ -27,6 +27,9 @@ use crate::{
     ModuleChannel, Result,
 };
 
+mod rpc;
+pub(crate) use rpc::register_rpcs;
+
 /// Module name of bdevs made by `bdev_uring_create`.
 pub const MODULE_URING: &str = "uring";
 /// Module name of bdevs made by `bdev_aio_create`.
@@ -81,7 +84,7 @@ struct UringBdev {
 static FILES: Mutex<Option<HashMap<String, Arc<FileCtx>>>> = Mutex::new(None);
 
 fn files<R>(f: impl FnOnce(&mut HashMap<String, Arc<FileCtx>>) -> R) -> R {
-    let mut g = FILES.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = reactor::lock(&FILES);
     f(g.get_or_insert_with(HashMap::new))
 }
 
