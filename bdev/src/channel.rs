@@ -504,6 +504,13 @@ fn status_code(st: IoStatus) -> u64 {
         IoStatus::Failed(e) => (1 << 32) | e as u32 as u64,
         IoStatus::Aborted => 2 << 32,
         IoStatus::Miscompare => 3 << 32,
+        IoStatus::Nvme(n) => {
+            (4 << 32)
+                | (n.sct as u64) << 24
+                | (n.sc as u64) << 16
+                | (n.dnr as u64) << 8
+                | n.crd as u64
+        }
         _ => (1 << 32) | libc::EIO as u64,
     }
 }
@@ -514,6 +521,12 @@ fn status_of(code: u64) -> IoStatus {
         0 => IoStatus::Success,
         2 => IoStatus::Aborted,
         3 => IoStatus::Miscompare,
+        4 => IoStatus::Nvme(io::NvmeStatus {
+            sct: (code >> 24) as u8,
+            sc: (code >> 16) as u8,
+            dnr: (code >> 8) & 1 != 0,
+            crd: code as u8,
+        }),
         _ => IoStatus::Failed(code as u32 as i32),
     }
 }

@@ -88,6 +88,71 @@ pub enum IoStatus {
     Aborted,
     /// Data did not match (compare).
     Miscompare,
+    /// Failed with an NVMe status (SPDK's `SPDK_BDEV_IO_STATUS_NVME_ERROR`), passed through unchanged by every
+    /// layer that forwards the I/O, so an NVMe-oF host sees the status the drive gave.
+    Nvme(NvmeStatus),
+}
+
+/// An NVMe completion status: status code type and code, plus the host's retry hints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NvmeStatus {
+    /// Status code type (0 generic, 1 command specific, 2 media and data integrity, 3 path related).
+    pub sct: u8,
+    /// Status code.
+    pub sc: u8,
+    /// Do not retry.
+    pub dnr: bool,
+    /// Command retry delay selector (0..=3).
+    pub crd: u8,
+}
+
+impl NvmeStatus {
+    /// Generic status codes the bdev layer translates to and from.
+    const GENERIC: u8 = 0;
+    const SUCCESS: u8 = 0x00;
+    const INTERNAL_DEVICE_ERROR: u8 = 0x06;
+    const ABORTED_BY_REQUEST: u8 = 0x07;
+    const MEDIA_ERROR: u8 = 2;
+    const COMPARE_FAILURE: u8 = 0x85;
+
+    /// A status with no retry hints.
+    pub const fn new(sct: u8, sc: u8) -> Self {
+        NvmeStatus {
+            sct,
+            sc,
+            dnr: false,
+            crd: 0,
+        }
+    }
+}
+
+impl IoStatus {
+    /// The outcome for an NVMe completion status, as SPDK's `spdk_bdev_io_complete_nvme_status` maps it:
+    /// generic success is success, generic "aborted by request" is an abort, anything else is kept as is.
+    pub fn from_nvme(s: NvmeStatus) -> IoStatus {
+        match (s.sct, s.sc) {
+            (NvmeStatus::GENERIC, NvmeStatus::SUCCESS) => IoStatus::Success,
+            (NvmeStatus::GENERIC, NvmeStatus::ABORTED_BY_REQUEST) => IoStatus::Aborted,
+            _ => IoStatus::Nvme(s),
+        }
+    }
+
+    /// The NVMe status to report for this outcome, as SPDK's `spdk_bdev_io_get_nvme_status` derives it: an NVMe
+    /// status as given, a miscompare as "compare failure", an abort as "aborted by request", any other failure as
+    /// "internal device error".
+    pub fn nvme(self) -> NvmeStatus {
+        match self {
+            IoStatus::Success => NvmeStatus::new(NvmeStatus::GENERIC, NvmeStatus::SUCCESS),
+            IoStatus::Nvme(s) => s,
+            IoStatus::Miscompare => {
+                NvmeStatus::new(NvmeStatus::MEDIA_ERROR, NvmeStatus::COMPARE_FAILURE)
+            }
+            IoStatus::Aborted => {
+                NvmeStatus::new(NvmeStatus::GENERIC, NvmeStatus::ABORTED_BY_REQUEST)
+            }
+            _ => NvmeStatus::new(NvmeStatus::GENERIC, NvmeStatus::INTERNAL_DEVICE_ERROR),
+        }
+    }
 }
 
 /// One scatter-gather element, laid out as `struct iovec` so it can be handed to the kernel as is.

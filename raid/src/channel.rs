@@ -533,9 +533,9 @@ impl RaidChan {
     fn forwarded_done(&self, st: &mut ChanState, mut io: IoHandle, ctx: u64) -> Done {
         let m = (ctx & 0x3f) as usize;
         st.bases[m].outstanding = st.bases[m].outstanding.saturating_sub(1);
-        let ok = io.success();
+        let status = io.status();
         io.restore();
-        if ok {
+        if status == IoStatus::Success {
             st.active -= 1;
             return Some((io, IoStatus::Success));
         }
@@ -558,7 +558,8 @@ impl RaidChan {
             self.report_failure(st, first);
         }
         st.active -= 1;
-        Some((io, IoStatus::Failed(libc::EIO)))
+        // The member's own status (an NVMe status reaches the host as the drive gave it).
+        Some((io, status))
     }
 
     /// The status of a parent whose children all completed.

@@ -3,6 +3,7 @@
 
 mod common;
 
+use bdev::IoStatus;
 use common::*;
 use raid::Level;
 
@@ -169,5 +170,88 @@ fn raid0_losing_a_member_goes_offline() {
         assert!(info("ro_r").is_none());
         assert!(!claimed("ro_m1"));
         unregister("ro_m1");
+    });
+}
+
+/// A disk whose reads past its first 64 blocks fail with one NVMe status (an unrecovered read error, with
+/// retry hints), as an NVMe namespace's would; the first blocks read as zeroes (where a raid looks for a
+/// superblock).
+struct NvmeFail;
+
+const READ_ERROR: bdev::NvmeStatus = bdev::NvmeStatus {
+    sct: 2,
+    sc: 0x81,
+    dnr: true,
+    crd: 1,
+};
+
+impl bdev::BdevOps for NvmeFail {
+    fn module_name(&self) -> &'static str {
+        "nvme_fail"
+    }
+    fn io_type_supported(&self, t: bdev::IoType) -> bool {
+        matches!(t, bdev::IoType::Read | bdev::IoType::Write)
+    }
+    fn create_channel(&self, _b: &bdev::Bdev) -> Box<dyn bdev::ModuleChannel> {
+        Box::new(NvmeFailCh)
+    }
+}
+
+struct NvmeFailCh;
+
+impl bdev::ModuleChannel for NvmeFailCh {
+    fn submit(&mut self, mut io: bdev::IoHandle) {
+        let st = match io.io_type() {
+            bdev::IoType::Read if io.offset_blocks() >= 64 => bdev::IoStatus::from_nvme(READ_ERROR),
+            bdev::IoType::Read => {
+                io.zero_iovs();
+                bdev::IoStatus::Success
+            }
+            _ => bdev::IoStatus::Success,
+        };
+        io.complete(st);
+    }
+}
+
+#[test]
+fn nvme_status_passes_through_passthru_and_raid_unchanged() {
+    with_reactors("0x1", || {
+        for n in ["nv0", "nv1"] {
+            let n = n.to_string();
+            app_sync(move || {
+                bdev::register(bdev::BdevParams::new(&n, 512, 2048), Box::new(NvmeFail)).map(|_| ())
+            })
+            .unwrap();
+        }
+        app_sync(|| bdev::modules::passthru::create("nv0", "nvpt0", None)).unwrap();
+        let want = Err(IoStatus::Nvme(READ_ERROR));
+        assert_eq!(read("nv0", 103, 2), want, "the disk itself");
+        assert_eq!(read("nvpt0", 103, 2), want, "through passthru");
+        // concat over the passthru and the other disk: a read inside one member is forwarded to it.
+        raid_create("nvcat", Level::Concat, &["nvpt0", "nv1"], 64, false).unwrap();
+        assert_eq!(read("nvcat", 103, 2), want, "through concat and passthru");
+        assert_eq!(
+            read("nvcat", 2048 + 105, 1),
+            want,
+            "through concat, second member"
+        );
+        raid_delete("nvcat", false).unwrap();
+        // raid1: every mirror fails the read; the host sees the drive's status, not a made-up one.
+        raid_create("nvr1", Level::Raid1, &["nvpt0", "nv1"], 0, false).unwrap();
+        assert_eq!(read("nvr1", 107, 1), want, "through raid1");
+        // The layer's translation for hosts of other statuses, as SPDK's spdk_bdev_io_get_nvme_status.
+        assert_eq!(IoStatus::Miscompare.nvme(), bdev::NvmeStatus::new(2, 0x85));
+        assert_eq!(
+            IoStatus::Failed(libc::EIO).nvme(),
+            bdev::NvmeStatus::new(0, 0x06)
+        );
+        assert_eq!(
+            IoStatus::from_nvme(bdev::NvmeStatus::new(0, 0)),
+            IoStatus::Success
+        );
+        assert_eq!(
+            IoStatus::from_nvme(bdev::NvmeStatus::new(0, 7)),
+            IoStatus::Aborted
+        );
     });
 }
