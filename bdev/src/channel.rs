@@ -109,10 +109,16 @@ impl BdevThread {
             return false;
         }
         let mut did = false;
+        let mut settled = false;
         // By index: a completion callback may activate another channel (appended; served next iteration).
         for i in 0..n {
             let ch = self.active.borrow()[i].clone();
             did |= ch.poll();
+            settled |= ch.outstanding.get() == 0;
+        }
+        // Only a channel with nothing outstanding can have run out of work: skip the sweep otherwise.
+        if !settled {
+            return did;
         }
         self.active.borrow_mut().retain(|c| {
             let keep = c.has_work();
