@@ -44,7 +44,7 @@ fn malloc_lifecycle_and_bdev_get_bdevs_fields() {
     assert_eq!(b["num_blocks"], 131072);
     assert_eq!(b["claimed"], false);
     assert_eq!(b["zoned"], false);
-    assert_eq!(b["aliases"], json!([]));
+    assert_eq!(b["aliases"], json!([b["uuid"]]));
     assert_eq!(b["supported_io_types"]["read"], true);
     assert_eq!(b["supported_io_types"]["write_zeroes"], true);
     assert_eq!(b["supported_io_types"]["nvme_admin"], false);

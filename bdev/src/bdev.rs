@@ -370,7 +370,14 @@ impl Bdev {
     }
     /// Aliases.
     pub fn aliases(&self) -> Vec<String> {
-        lock(&self.0.state).aliases.clone()
+        // As SPDK: the UUID is the first alias (unless it is the name), then the ones added.
+        let uuid = self.uuid().to_string();
+        let mut v = Vec::new();
+        if uuid != self.name() {
+            v.push(uuid);
+        }
+        v.extend(lock(&self.0.state).aliases.iter().cloned());
+        v
     }
     /// The claiming module, if any.
     pub fn claimed_by(&self) -> Option<String> {

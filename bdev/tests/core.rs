@@ -176,7 +176,9 @@ fn registry_names_claims_and_examine() {
         let info = b.info_json();
         assert_eq!(info["claimed"], true);
         assert_eq!(info["claim_type"], "exclusive_write");
-        assert_eq!(info["aliases"][0], "alias_of_claim");
+        // The UUID first, as SPDK lists it, then the alias added.
+        assert_eq!(info["aliases"][0], b.uuid().to_string());
+        assert_eq!(info["aliases"][1], "alias_of_claim");
         drop(owner);
         assert_eq!(
             b.claimed_by(),
