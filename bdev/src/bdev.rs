@@ -49,6 +49,17 @@ pub trait ModuleChannel {
     }
 }
 
+/// Which protection information fields a bdev checks (SPDK's `enabled_dif_check_types`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DifCheck {
+    /// Reference tag.
+    pub reftag: bool,
+    /// Application tag.
+    pub apptag: bool,
+    /// Guard.
+    pub guard: bool,
+}
+
 /// How a bdev's channels keep latency histograms (`bdev_enable_histogram`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HistogramCfg {
@@ -101,6 +112,18 @@ pub struct BdevParams {
     pub max_segment_size: u32,
     /// Most buffer segments per I/O the module takes (SPDK's `max_num_segments`; 0 = no limit).
     pub max_num_segments: u32,
+    /// Metadata bytes per block (0 = none).
+    pub md_size: u32,
+    /// Metadata interleaved with the data of each block (an extended LBA) rather than in a separate buffer.
+    pub md_interleave: bool,
+    /// Protection information type (0 = none, 1..=3 = T10 DIF types 1 to 3).
+    pub dif_type: u32,
+    /// Protection information in the first bytes of the metadata rather than the last.
+    pub dif_is_head_of_md: bool,
+    /// Protection checks enabled: reference tag, application tag, guard.
+    pub dif_check: DifCheck,
+    /// Atomic compare-and-write unit, in blocks (0 = compare-and-write not supported).
+    pub acwu: u16,
     /// Required buffer alignment in bytes (power of two; 0 or 1 = none).
     pub required_alignment: u32,
     /// Physical block size in bytes (0 = same as block_size).
@@ -122,6 +145,12 @@ impl BdevParams {
             max_rw_size: 0,
             max_segment_size: 0,
             max_num_segments: 0,
+            md_size: 0,
+            md_interleave: false,
+            dif_type: 0,
+            dif_is_head_of_md: false,
+            dif_check: DifCheck::default(),
+            acwu: 0,
             required_alignment: 0,
             physical_block_size: 0,
         }
@@ -215,6 +244,15 @@ pub fn register(params: BdevParams, ops: Box<dyn BdevOps>) -> Result<Bdev> {
         return Err(BdevError::new(
             ErrorKind::Invalid,
             format!("{}: bdev must have at least one block", params.name),
+        ));
+    }
+    if params.dif_type > 3 || (params.dif_type != 0 && params.md_size < 8) {
+        return Err(BdevError::new(
+            ErrorKind::Invalid,
+            format!(
+                "{}: protection information type {} needs 8 metadata bytes per block (has {})",
+                params.name, params.dif_type, params.md_size
+            ),
         ));
     }
     if params.required_alignment > 1 && !params.required_alignment.is_power_of_two() {
@@ -607,6 +645,19 @@ impl Bdev {
         m.insert("block_size".into(), json!(p.block_size));
         m.insert("num_blocks".into(), json!(self.num_blocks()));
         m.insert("uuid".into(), json!(self.uuid().to_string()));
+        if p.md_size != 0 {
+            // As SPDK: metadata fields only for bdevs with metadata, protection details only with DIF on.
+            m.insert("md_size".into(), json!(p.md_size));
+            m.insert("md_interleave".into(), json!(p.md_interleave));
+            m.insert("dif_type".into(), json!(p.dif_type));
+            if p.dif_type != 0 {
+                m.insert("dif_is_head_of_md".into(), json!(p.dif_is_head_of_md));
+                m.insert(
+                    "enabled_dif_check_types".into(),
+                    json!({"reftag": p.dif_check.reftag, "apptag": p.dif_check.apptag, "guard": p.dif_check.guard}),
+                );
+            }
+        }
         m.insert(
             "assigned_rate_limits".into(),
             json!({"rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0}),

@@ -13,7 +13,7 @@ mod stat;
 
 pub use crate::bdev::{
     examines_pending, get, list, open, register, register_examiner, unregister_by_name, Bdev,
-    BdevEvent, BdevOps, BdevParams, Desc, EventCb, ExamineGuard, Examiner, HistogramCfg,
+    BdevEvent, BdevOps, BdevParams, Desc, DifCheck, EventCb, ExamineGuard, Examiner, HistogramCfg,
     ModuleChannel,
 };
 pub use channel::IoChannel;

@@ -496,3 +496,84 @@ fn bdev_info_json_has_spdk_fields() {
     assert_eq!(info["supported_io_types"].as_object().unwrap().len(), 20);
     assert_eq!(cfg.unwrap()["method"], "bdev_null_create");
 }
+
+#[test]
+fn metadata_fields_show_as_spdk_prints_them() {
+    let out = Arc::new(Mutex::new(None));
+    let o = out.clone();
+    run(move || {
+        let mk = |name: &str, md: u32, dif: u32| {
+            let mut p = BdevParams::new(name, 512, 64);
+            p.md_size = md;
+            p.dif_type = dif;
+            p.dif_check.guard = dif != 0;
+            p.acwu = 1;
+            bdev::register(p, Box::new(Ops)).map(|b| b.info_json())
+        };
+        let r = (
+            mk("md_none", 0, 0),
+            mk("md_plain", 8, 0),
+            mk("md_dif", 16, 1),
+            mk("md_bad", 4, 1).map_err(|e| e.errno()),
+            mk("md_bad2", 8, 4).map_err(|e| e.errno()),
+        );
+        *o.lock().unwrap() = Some(r);
+        for n in ["md_none", "md_plain", "md_dif"] {
+            bdev::get(n).unwrap().unregister(|_| {});
+        }
+        reactor::timer(1000, reactor::stop).detach();
+    });
+    let (none, plain, dif, bad, bad2) = out.lock().unwrap().take().unwrap();
+    let none = none.unwrap();
+    assert!(none.get("md_size").is_none() && none.get("dif_type").is_none());
+    let plain = plain.unwrap();
+    assert_eq!(
+        (
+            &plain["md_size"],
+            &plain["md_interleave"],
+            &plain["dif_type"]
+        ),
+        (
+            &serde_json::json!(8),
+            &serde_json::json!(false),
+            &serde_json::json!(0)
+        )
+    );
+    assert!(plain.get("enabled_dif_check_types").is_none());
+    let dif = dif.unwrap();
+    assert_eq!(dif["dif_type"], 1);
+    assert_eq!(dif["dif_is_head_of_md"], false);
+    assert_eq!(
+        dif["enabled_dif_check_types"],
+        serde_json::json!({"reftag": false, "apptag": false, "guard": true})
+    );
+    // Right after uuid, as SPDK writes them.
+    let keys: Vec<&String> = dif.as_object().unwrap().keys().collect();
+    let at = keys.iter().position(|k| *k == "uuid").unwrap();
+    assert_eq!(keys[at + 1], "md_size");
+    assert_eq!(bad.unwrap_err(), libc::EINVAL);
+    assert_eq!(bad2.unwrap_err(), libc::EINVAL);
+}
+
+/// A bdev that completes everything at once (for tests of what the layer reports).
+struct Ops;
+
+impl BdevOps for Ops {
+    fn module_name(&self) -> &'static str {
+        "test"
+    }
+    fn io_type_supported(&self, t: IoType) -> bool {
+        t == IoType::Read
+    }
+    fn create_channel(&self, _b: &Bdev) -> Box<dyn ModuleChannel> {
+        Box::new(OpsCh)
+    }
+}
+
+struct OpsCh;
+
+impl ModuleChannel for OpsCh {
+    fn submit(&mut self, io: IoHandle) {
+        io.complete(IoStatus::Success)
+    }
+}
