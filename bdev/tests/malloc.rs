@@ -9,7 +9,6 @@ use std::cell::RefCell;
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
-use bdev::modules::malloc::{self, MallocOpts};
 use bdev::{Desc, IoChannel, IoStatus, IoType};
 use jsonrpc::{Registry, Responder, RpcError};
 use serde_json::{json, Value};
@@ -20,17 +19,7 @@ thread_local! {
 }
 
 fn create(name: &str, blocks: u64) {
-    let name = name.to_string();
-    app(move || {
-        malloc::create(MallocOpts {
-            name: Some(name),
-            num_blocks: blocks,
-            block_size: 512,
-            ..Default::default()
-        })
-        .map(|_| ())
-        .expect("malloc")
-    });
+    create_malloc(name, blocks)
 }
 
 /// One I/O on the app thread's channel, waited for: (status, data read back).

@@ -7,24 +7,8 @@ use common::*;
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use bdev::modules::malloc::{self, MallocOpts};
 use bdev::modules::passthru;
 use bdev::{IoStatus, IoType};
-
-fn make_malloc(name: &str, blocks: u64) {
-    let name = name.to_string();
-    app(move || {
-        malloc::create(MallocOpts {
-            name: Some(name),
-            num_blocks: blocks,
-            block_size: 512,
-            ..Default::default()
-        })
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-    })
-    .expect("malloc");
-}
 
 fn make_pt(base: &str, name: &str) {
     let (b, n) = (base.to_string(), name.to_string());
@@ -139,7 +123,7 @@ fn maybe_finish(l: &mut Load) {
 #[test]
 fn three_deep_stack_under_verify_load_with_resets() {
     with_reactors("0x1", || {
-        make_malloc("m0", 4096);
+        create_malloc("m0", 4096);
         // Created top-down: each waits for its base, then appears when the one below registers.
         make_pt("pt2", "pt3");
         make_pt("pt1", "pt2");
@@ -196,7 +180,7 @@ fn three_deep_stack_under_verify_load_with_resets() {
 #[test]
 fn delete_and_hot_remove_follow_spdk() {
     with_reactors("0x1", || {
-        make_malloc("pb0", 1024);
+        create_malloc("pb0", 1024);
         make_pt("pb0", "pp0");
         // Same name again: EEXIST, whatever the base.
         let e = app(|| passthru::create("pb0", "pp0", None).map_err(|e| e.errno()));
@@ -208,7 +192,7 @@ fn delete_and_hot_remove_follow_spdk() {
                 .unregister(move |r| reply(r.is_ok()))
         });
         assert!(app(|| bdev::get("pp0").is_none()));
-        make_malloc("pb0", 1024);
+        create_malloc("pb0", 1024);
         assert!(app(|| bdev::get("pp0").is_some()));
         // Delete forgets it: the base no longer brings it back.
         let ok = on_app(|reply| passthru::delete("pp0", move |r| reply(r.is_ok())));
@@ -219,7 +203,7 @@ fn delete_and_hot_remove_follow_spdk() {
                 .unwrap()
                 .unregister(move |r| reply(r.is_ok()))
         });
-        make_malloc("pb0", 1024);
+        create_malloc("pb0", 1024);
         assert!(app(|| bdev::get("pp0").is_none()));
         let gone =
             on_app(|reply| passthru::delete("pp0", move |r| reply(r.map_err(|e| e.errno()))));

@@ -128,3 +128,19 @@ pub fn submit(
     };
     r.expect("submit");
 }
+
+/// Creates malloc bdev `name` (512-byte blocks) from the test thread.
+pub fn create_malloc(name: &str, blocks: u64) {
+    let name = name.to_string();
+    app(move || {
+        bdev::modules::malloc::create(bdev::modules::malloc::MallocOpts {
+            name: Some(name),
+            num_blocks: blocks,
+            block_size: 512,
+            ..Default::default()
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    })
+    .expect("malloc");
+}
