@@ -897,6 +897,36 @@ impl IoChannel {
         Ok(())
     }
 
+    /// Sends part of `parent`'s request to this channel's bdev, as a child I/O that completes through `cb`/`ctx`:
+    /// `num_blocks` starting `parent_block` blocks into the parent, at `offset_blocks` here. Data types carry the
+    /// matching part of the parent's buffers (for a striping or splitting virtual bdev).
+    ///
+    /// # Safety
+    /// `parent` must not complete before the child does, so its buffers stay valid for the child.
+    pub unsafe fn submit_child_range(
+        &self,
+        parent: &crate::io::BdevIo,
+        parent_block: u64,
+        num_blocks: u64,
+        offset_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
+        let t = parent.io_type;
+        let mut io = self.prepare(t, offset_blocks, num_blocks, cb, ctx)?;
+        if t.has_data() {
+            let bs = parent.block_size as u64;
+            io::sub_iovs(
+                &parent.iovs,
+                parent_block * bs,
+                num_blocks * bs,
+                &mut io.iovs,
+            );
+        }
+        self.submit(io);
+        Ok(())
+    }
+
     /// Sends `io` itself on to this channel's bdev at `offset_blocks`: for a virtual bdev that maps an I/O onto
     /// exactly one base I/O, no second descriptor, and the buffers travel with it. It comes back through
     /// `cb`/`ctx` (on this thread, after this call returns); call [`IoHandle::restore`] on it then, before

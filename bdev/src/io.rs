@@ -411,6 +411,30 @@ impl BdevIo {
     }
 }
 
+/// Cuts `len` bytes starting `off` bytes into `iovs` into `out` (cleared first): the elements that cover that
+/// range, the first and last shortened to it. Stops early if `iovs` hold less.
+pub fn sub_iovs(iovs: &[IoVec], mut off: u64, mut len: u64, out: &mut Vec<IoVec>) {
+    out.clear();
+    for v in iovs {
+        if len == 0 {
+            break;
+        }
+        let vl = v.len as u64;
+        if off >= vl {
+            off -= vl;
+            continue;
+        }
+        let take = (vl - off).min(len);
+        out.push(IoVec {
+            // In bounds (`off < v.len`); no dereference here, so plain address arithmetic.
+            base: v.base.wrapping_add(off as usize),
+            len: take as usize,
+        });
+        len -= take;
+        off = 0;
+    }
+}
+
 /// An owned, pooled I/O descriptor.
 ///
 /// The box sits in a `ManuallyDrop` rather than an `Option` so that every field access on the I/O path is a
@@ -640,6 +664,38 @@ pub(crate) fn build(
     io.ctx = ctx;
     io.status = IoStatus::Pending;
     Some(io)
+}
+
+#[cfg(test)]
+mod sub_iovs_tests {
+    use super::*;
+
+    #[test]
+    fn cuts_ranges_across_elements() {
+        let mut a = [0u8; 100];
+        let mut b = [0u8; 50];
+        let iovs = [
+            IoVec {
+                base: a.as_mut_ptr(),
+                len: 100,
+            },
+            IoVec {
+                base: b.as_mut_ptr(),
+                len: 50,
+            },
+        ];
+        let mut out = Vec::new();
+        sub_iovs(&iovs, 90, 30, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].base, out[0].len), (a[90..].as_mut_ptr(), 10));
+        assert_eq!((out[1].base, out[1].len), (b.as_mut_ptr(), 20));
+        sub_iovs(&iovs, 100, 50, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len, 50);
+        // Asking past the end gives what there is.
+        sub_iovs(&iovs, 140, 100, &mut out);
+        assert_eq!((out.len(), out[0].len), (1, 10));
+    }
 }
 
 #[cfg(test)]

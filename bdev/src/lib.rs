@@ -19,8 +19,8 @@ pub use crate::bdev::{
 pub use channel::IoChannel;
 pub use error::{BdevError, ErrorKind, Result};
 pub use io::{
-    alloc_io, pool_limit, prefill_pool, queue_io_wait, set_pool_limit, BdevIo, Completion,
-    IoHandle, IoSink, IoStatus, IoType, IoVec, NvmeStatus,
+    alloc_io, pool_limit, prefill_pool, queue_io_wait, set_pool_limit, sub_iovs, BdevIo,
+    Completion, IoHandle, IoSink, IoStatus, IoType, IoVec, NvmeStatus,
 };
 pub use module::{register_module, BdevModule};
 pub use stat::{IoStat, OpStat};

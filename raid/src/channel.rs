@@ -23,9 +23,7 @@ use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 use std::sync::{Arc, Weak as ArcWeak};
 
-use bdev::{
-    BdevIo, Completion, IoChannel, IoHandle, IoSink, IoStatus, IoType, IoVec, ModuleChannel,
-};
+use bdev::{BdevIo, Completion, IoChannel, IoHandle, IoSink, IoStatus, IoType, ModuleChannel};
 
 use crate::raid::Raid;
 use crate::Level;
@@ -158,7 +156,6 @@ pub(crate) struct ChanState {
     parked: Vec<Parked>,
     /// Last generation reported failed, per member.
     reported: Vec<Option<u32>>,
-    scratch: Vec<IoVec>,
 }
 
 /// A thread's raid channel.
@@ -210,7 +207,6 @@ impl RaidChan {
             waiting: VecDeque::with_capacity(64),
             parked: Vec::new(),
             reported: vec![None; n],
-            scratch: Vec::with_capacity(32),
         };
         st.refresh();
         ChanHandle(Rc::new_cyclic(|me| RaidChan {
@@ -344,12 +340,7 @@ impl RaidChan {
     fn fanout(&self, st: &mut ChanState, sink: &Rc<dyn IoSink>, idx: u32) -> Done {
         let i = idx as usize;
         loop {
-            let ChanState {
-                slots,
-                bases,
-                scratch,
-                ..
-            } = &mut *st;
+            let ChanState { slots, bases, .. } = &mut *st;
             let parent = slots[i].as_mut().expect("parent in slot");
             let (kind, k, count) = {
                 let tr = Track(&mut parent.driver_ctx);
@@ -375,21 +366,9 @@ impl RaidChan {
                 let cb = Completion::Sink(sink.clone());
                 let ctx = ctx_of(idx, m);
                 let r = if t.has_data() {
-                    sub_iovs(
-                        parent.iovs(),
-                        byte_off,
-                        blocks * parent.block_size() as u64,
-                        scratch,
-                    );
-                    // SAFETY: the parent (and so its buffers) stays in its slot until every child completed;
-                    // the sub-iovecs lie inside the parent's iovecs.
-                    unsafe {
-                        if t == IoType::Read {
-                            ch.readv(scratch, lba, blocks, cb, ctx)
-                        } else {
-                            ch.writev(scratch, lba, blocks, cb, ctx)
-                        }
-                    }
+                    let first = byte_off / parent.block_size() as u64;
+                    // SAFETY: the parent (and so its buffers) stays in its slot until every child completed.
+                    unsafe { ch.submit_child_range(parent, first, blocks, lba, cb, ctx) }
                 } else {
                     ch.submit_nodata(t, lba, blocks, cb, ctx)
                 };
@@ -793,30 +772,6 @@ fn concat_member(ranges: &[(u64, u64)], b: u64) -> usize {
         .unwrap_or(ranges.len().saturating_sub(1))
 }
 
-/// Fills `out` with the part `[off, off + len)` (bytes) of `iovs`.
-fn sub_iovs(iovs: &[IoVec], mut off: u64, mut len: u64, out: &mut Vec<IoVec>) {
-    out.clear();
-    for v in iovs {
-        if len == 0 {
-            break;
-        }
-        let vl = v.len as u64;
-        if off >= vl {
-            off -= vl;
-            continue;
-        }
-        let take = (vl - off).min(len);
-        // SAFETY: `off < v.len`, so the pointer stays inside the caller's iovec.
-        let base = unsafe { v.base.add(off as usize) };
-        out.push(IoVec {
-            base,
-            len: take as usize,
-        });
-        len -= take;
-        off = 0;
-    }
-}
-
 impl ChanState {
     /// Recomputes the member masks after a change.
     fn refresh(&mut self) {
@@ -941,32 +896,6 @@ impl ModuleChannel for RaidModuleChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sub_iovs_cuts_ranges() {
-        let mut a = [0u8; 100];
-        let mut b = [0u8; 50];
-        let iovs = [
-            IoVec {
-                base: a.as_mut_ptr(),
-                len: 100,
-            },
-            IoVec {
-                base: b.as_mut_ptr(),
-                len: 50,
-            },
-        ];
-        let mut out = Vec::new();
-        sub_iovs(&iovs, 90, 30, &mut out);
-        assert_eq!(out.len(), 2);
-        assert_eq!(out[0].len, 10);
-        assert_eq!(out[0].base, a[90..].as_mut_ptr());
-        assert_eq!(out[1].len, 20);
-        assert_eq!(out[1].base, b.as_mut_ptr());
-        sub_iovs(&iovs, 100, 50, &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].len, 50);
-    }
 
     #[test]
     fn concat_member_lookup() {
