@@ -556,7 +556,8 @@ impl Bdev {
         });
         self.0.ops.destruct(self);
         let id = self.id();
-        reactor::for_each_thread(move || crate::channel::clear_thread_stat(id, None), |_| {});
+        // Gone for good: forget its retired counters and histograms on every thread.
+        reactor::for_each_thread(move || crate::channel::forget_thread_stat(id), |_| {});
         log::debug!("bdev {} destroyed", self.name());
         for (t, cb) in cbs {
             match t {
@@ -624,12 +625,12 @@ impl Bdev {
         );
     }
 
-    /// Clears statistics on every thread (`bdev_reset_iostat`).
-    pub fn reset_iostat(&self, done: impl FnOnce() + Send + 'static) {
+    /// Clears statistics on every thread as `mode` says (`bdev_reset_iostat`).
+    pub fn reset_iostat(&self, mode: crate::ResetMode, done: impl FnOnce() + Send + 'static) {
         let dev = self.0.io_device.clone();
         let id = self.id();
         reactor::for_each_thread(
-            move || crate::channel::clear_thread_stat(id, dev.existing_channel().as_deref()),
+            move || crate::channel::clear_thread_stat(id, dev.existing_channel().as_deref(), mode),
             move |_| done(),
         );
     }

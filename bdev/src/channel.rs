@@ -16,7 +16,7 @@ use crate::bdev::{Bdev, HistogramCfg, ModuleChannel};
 use crate::error::{BdevError, ErrorKind, Result};
 use crate::histogram::Histogram;
 use crate::io::{self, BdevIo, Completion, IoHandle, IoStatus, IoType, IoVec};
-use crate::stat::IoStat;
+use crate::stat::{IoStat, ResetMode};
 
 pub(crate) struct ChannelCore {
     bdev: Bdev,
@@ -182,12 +182,9 @@ impl ChannelCore {
         self.stats.borrow().stat
     }
 
-    pub(crate) fn reset_stat(&self) {
-        let mut s = self.stats.borrow_mut();
-        s.stat = IoStat::default();
-        if let Some(h) = s.histogram.as_mut() {
-            h.reset();
-        }
+    /// Clears this channel's counters as `mode` says (histograms are left alone, as SPDK leaves them).
+    pub(crate) fn reset_stat(&self, mode: ResetMode) {
+        self.stats.borrow_mut().stat.reset(mode);
     }
 
     /// Starts or stops this channel's latency histogram.
@@ -576,12 +573,21 @@ pub(crate) fn thread_histogram(id: u64, live: Option<&ChannelCore>) -> Option<Hi
 }
 
 /// Clears this thread's statistics for bdev `id` (`live` is its channel here, if any).
-pub(crate) fn clear_thread_stat(id: u64, live: Option<&ChannelCore>) {
+pub(crate) fn clear_thread_stat(id: u64, live: Option<&ChannelCore>, mode: ResetMode) {
     if let Some(t) = thread_device().existing_channel() {
-        t.retired.borrow_mut().remove(&id);
+        if let Some(r) = t.retired.borrow_mut().get_mut(&id) {
+            r.stat.reset(mode);
+        }
     }
     if let Some(ch) = live {
-        ch.reset_stat();
+        ch.reset_stat(mode);
+    }
+}
+
+/// Drops this thread's retired statistics of bdev `id` (the bdev is destroyed).
+pub(crate) fn forget_thread_stat(id: u64) {
+    if let Some(t) = thread_device().existing_channel() {
+        t.retired.borrow_mut().remove(&id);
     }
 }
 

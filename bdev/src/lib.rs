@@ -23,4 +23,4 @@ pub use io::{
     Completion, IoHandle, IoSink, IoStatus, IoType, IoVec, NvmeStatus,
 };
 pub use module::{register_module, BdevModule};
-pub use stat::{IoStat, OpStat};
+pub use stat::{IoStat, OpStat, ResetMode};

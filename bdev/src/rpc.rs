@@ -12,7 +12,7 @@ use jsonrpc::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::{BdevError, IoType};
+use crate::{BdevError, IoType, ResetMode};
 
 impl From<BdevError> for RpcError {
     /// SPDK answers with `-errno` and `strerror(errno)`; the detailed message goes to the log.
@@ -133,19 +133,19 @@ struct GetIostat {
 }
 
 fn get_iostat(p: GetIostat, r: Responder) {
-    if p.reset_mode
-        .as_deref()
-        .is_some_and(|m| !matches!(m, "all" | "maxmin" | "error" | "none"))
-    {
-        return r.err(RpcError::invalid_params(
-            "reset_mode must be all, maxmin, error or none",
-        ));
-    }
+    let reset = match p.reset_mode.as_deref().map(ResetMode::parse) {
+        None => ResetMode::None,
+        Some(Some(m)) => m,
+        Some(None) => {
+            return r.err(RpcError::invalid_params(
+                "reset_mode must be all, maxmin, error or none",
+            ))
+        }
+    };
     let wanted: Option<Vec<String>> = match (p.name, p.names) {
         (None, None) => None,
         (a, b) => Some(a.into_iter().chain(b.unwrap_or_default()).collect()),
     };
-    let reset = matches!(p.reset_mode.as_deref(), Some("all" | "maxmin"));
     if p.per_channel {
         // One bdev's channels only: SPDK v24.05 requires `name`, 26.x exactly one of `name`/`names`.
         let Some([name]) = wanted.as_deref() else {
@@ -176,7 +176,7 @@ fn get_iostat(p: GetIostat, r: Responder) {
         mut bdevs: std::vec::IntoIter<crate::Bdev>,
         mut out: Vec<Value>,
         tick_rate: u64,
-        reset: bool,
+        reset: ResetMode,
         r: Responder,
     ) {
         let Some(b) = bdevs.next() else {
@@ -203,8 +203,8 @@ fn get_iostat(p: GetIostat, r: Responder) {
                 m.insert(k.into(), json!(0));
             }
             out.push(Value::Object(m));
-            if reset {
-                b2.reset_iostat(move || next(bdevs, out, tick_rate, reset, r));
+            if reset != ResetMode::None {
+                b2.reset_iostat(reset, move || next(bdevs, out, tick_rate, reset, r));
             } else {
                 next(bdevs, out, tick_rate, reset, r)
             }
@@ -218,16 +218,14 @@ fn get_iostat(p: GetIostat, r: Responder) {
 /// counters...}]}`, one entry per thread holding a channel on `b` now (SPDK's `spdk_bdev_for_each_channel`), read
 /// (and, with `reset`, cleared) on that thread. Channels already released are not listed: their counters live on
 /// only in the bdev's totals, as in SPDK.
-fn per_channel_iostat(b: &crate::Bdev, reset: bool, r: Responder) {
+fn per_channel_iostat(b: &crate::Bdev, reset: ResetMode, r: Responder) {
     let name = b.name().to_string();
     // SPDK takes the clock when it starts the answer, before visiting the channels.
     let ticks = reactor::ticks::now();
     b.0.io_device.for_each_channel(
         move |c| {
             let s = c.stat();
-            if reset {
-                c.reset_stat();
-            }
+            c.reset_stat(reset);
             (reactor::current().map_or(0, |t| t.id()), s)
         },
         move |v| {
@@ -317,12 +315,11 @@ pub fn register_rpcs(reg: &mut Registry) {
         "bdev_reset_iostat",
         STATE_RUNTIME,
         |p: ResetIostat, r| {
-            if p.mode
-                .as_deref()
-                .is_some_and(|m| !matches!(m, "all" | "maxmin"))
-            {
-                return r.err(RpcError::invalid_params("mode must be all or maxmin"));
-            }
+            let mode = match p.mode.as_deref() {
+                None | Some("all") => ResetMode::All,
+                Some("maxmin") => ResetMode::MaxMin,
+                Some(_) => return r.err(RpcError::invalid_params("mode must be all or maxmin")),
+            };
             let bdevs = match &p.name {
                 Some(n) => match crate::get(n) {
                     Some(b) => vec![b],
@@ -330,13 +327,13 @@ pub fn register_rpcs(reg: &mut Registry) {
                 },
                 None => crate::list(),
             };
-            fn next(mut it: std::vec::IntoIter<crate::Bdev>, r: Responder) {
+            fn next(mut it: std::vec::IntoIter<crate::Bdev>, mode: ResetMode, r: Responder) {
                 match it.next() {
-                    Some(b) => b.reset_iostat(move || next(it, r)),
+                    Some(b) => b.reset_iostat(mode, move || next(it, mode, r)),
                     None => r.ok(json!(true)),
                 }
             }
-            next(bdevs.into_iter(), r);
+            next(bdevs.into_iter(), mode, r);
         },
     );
     method(

@@ -4,6 +4,32 @@ use serde_json::{json, Value};
 
 use crate::io::IoType;
 
+/// What a statistics reset clears (SPDK's `reset_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetMode {
+    /// Everything.
+    All,
+    /// The largest and smallest latencies only.
+    MaxMin,
+    /// The error counts only.
+    Error,
+    /// Nothing.
+    None,
+}
+
+impl ResetMode {
+    /// Parses SPDK's name (`all`, `maxmin`, `error`, `none`).
+    pub fn parse(s: &str) -> Option<ResetMode> {
+        Some(match s {
+            "all" => ResetMode::All,
+            "maxmin" => ResetMode::MaxMin,
+            "error" => ResetMode::Error,
+            "none" => ResetMode::None,
+            _ => return None,
+        })
+    }
+}
+
 /// Counters for one op type.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OpStat {
@@ -64,6 +90,27 @@ pub struct IoStat {
 }
 
 impl IoStat {
+    /// Clears what `mode` names, as SPDK's `spdk_bdev_reset_io_stat`: `MaxMin` the latency extremes, `Error`
+    /// the error counts, `All` everything.
+    pub fn reset(&mut self, mode: ResetMode) {
+        match mode {
+            ResetMode::None => {}
+            ResetMode::Error => self.errors = [0; 8],
+            ResetMode::MaxMin => {
+                for o in [
+                    &mut self.read,
+                    &mut self.write,
+                    &mut self.unmap,
+                    &mut self.copy,
+                ] {
+                    o.max_latency_ticks = 0;
+                    o.min_latency_ticks = 0;
+                }
+            }
+            ResetMode::All => *self = IoStat::default(),
+        }
+    }
+
     /// Accounts one completed I/O.
     #[inline]
     pub fn record(&mut self, t: IoType, bytes: u64, ticks: u64, ok: bool) {
@@ -120,5 +167,45 @@ impl IoStat {
             Value::Object(m) => m,
             _ => unreachable!(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> IoStat {
+        let mut s = IoStat::default();
+        s.record(IoType::Read, 4096, 100, true);
+        s.record(IoType::Read, 4096, 300, true);
+        s.record(IoType::Write, 512, 50, true);
+        s.record(IoType::Write, 512, 0, false);
+        s
+    }
+
+    #[test]
+    fn reset_modes_clear_what_spdk_clears() {
+        let mut s = sample();
+        s.reset(ResetMode::None);
+        assert_eq!(s, sample());
+        s.reset(ResetMode::Error);
+        assert_eq!(s.errors, [0; 8]);
+        assert_eq!((s.read.ops, s.read.max_latency_ticks), (2, 300));
+        let mut s = sample();
+        s.reset(ResetMode::MaxMin);
+        assert_eq!(
+            (s.read.ops, s.read.bytes, s.read.latency_ticks),
+            (2, 8192, 400)
+        );
+        assert_eq!((s.read.min_latency_ticks, s.read.max_latency_ticks), (0, 0));
+        assert_eq!(s.errors[IoType::Write as usize], 1);
+        // The next I/O sets fresh extremes.
+        s.record(IoType::Read, 4096, 70, true);
+        assert_eq!(
+            (s.read.min_latency_ticks, s.read.max_latency_ticks),
+            (70, 70)
+        );
+        s.reset(ResetMode::All);
+        assert_eq!(s, IoStat::default());
     }
 }
