@@ -186,6 +186,8 @@ pub(crate) struct BdevInner {
     pub(crate) io_device: Arc<IoDevice<ChannelCore>>,
     /// Latency histogram settings while enabled (`bdev_enable_histogram`); every channel follows them.
     pub(crate) histogram: Mutex<Option<HistogramCfg>>,
+    /// A reset is in progress: channels are frozen, or the module is executing it.
+    pub(crate) reset_busy: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     id: u64,
 }
@@ -274,6 +276,7 @@ pub fn register(params: BdevParams, ops: Box<dyn BdevOps>) -> Result<Bdev> {
                 ChannelCore::new(Bdev(inner))
             })),
             state: Mutex::new(State::default()),
+            reset_busy: std::sync::atomic::AtomicBool::new(false),
             histogram: Mutex::new(None),
             id: NEXT_BDEV_ID.fetch_add(1, Ordering::Relaxed),
         }

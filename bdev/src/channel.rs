@@ -37,6 +37,16 @@ pub(crate) struct ChannelCore {
     split: SplitRules,
     /// I/Os being served in pieces, by slot (the pieces carry the slot in `ctx`), and the free slots.
     splits: RefCell<(Vec<Option<IoHandle>>, Vec<u64>)>,
+    /// A reset of the bdev is in progress: new I/O is aborted, as SPDK does.
+    frozen: Cell<bool>,
+    /// Resets submitted here that wait for the one in progress (completed with its status), or, first, the
+    /// one waiting for every channel to freeze.
+    resets: RefCell<VecDeque<IoHandle>>,
+    /// The module is executing a reset submitted here (a forwarded reset carries one descriptor through
+    /// several bdevs, so this is the channel's state, not the descriptor's).
+    executing_reset: Cell<bool>,
+    /// The executed reset, done, while the channels thaw.
+    thawing: RefCell<Option<IoHandle>>,
 }
 
 /// Limits a module sets on the reads and writes it takes; the layer cuts bigger ones into pieces.
@@ -175,6 +185,10 @@ impl ChannelCore {
             }),
             split,
             splits: RefCell::new((Vec::new(), Vec::new())),
+            frozen: Cell::new(false),
+            resets: RefCell::new(VecDeque::new()),
+            executing_reset: Cell::new(false),
+            thawing: RefCell::new(None),
         }
     }
 
@@ -253,9 +267,92 @@ impl ChannelCore {
     fn submit_to_module(self: &Rc<Self>, io: IoHandle) {
         self.outstanding.set(self.outstanding.get() + 1);
         self.activate();
+        self.hand_to_module(io);
+    }
+
+    fn hand_to_module(&self, io: IoHandle) {
         self.in_module.set(true);
         self.module.borrow_mut().submit(io);
         self.in_module.set(false);
+    }
+
+    /// A reset, as SPDK runs one: every channel of the bdev freezes (new I/O is aborted, I/O waiting for
+    /// resources is aborted), then the module executes the reset (it drains or aborts what it has outstanding),
+    /// then the channels thaw and the reset completes. Resets arriving meanwhile complete with the same status.
+    fn start_reset(self: &Rc<Self>, io: IoHandle) {
+        self.outstanding.set(self.outstanding.get() + 1);
+        self.activate();
+        self.resets.borrow_mut().push_back(io);
+        let inner = &self.bdev.0;
+        if inner
+            .reset_busy
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let bdev = self.bdev.clone();
+        inner.io_device.for_each_channel(
+            |c| c.freeze(),
+            move |_| {
+                // Back on this thread, every channel frozen: the module gets the reset.
+                match bdev.0.io_device.existing_channel() {
+                    Some(ch) => ch.execute_reset(),
+                    None => bdev
+                        .0
+                        .reset_busy
+                        .store(false, std::sync::atomic::Ordering::Release),
+                }
+            },
+        );
+    }
+
+    fn freeze(&self) {
+        self.frozen.set(true);
+        let waiting: Vec<IoHandle> = self.nomem.borrow_mut().drain(..).collect();
+        for mut io in waiting {
+            io.status = IoStatus::Aborted;
+            self.outstanding.set(self.outstanding.get() + 1);
+            self.deferred.borrow_mut().push_back(io);
+        }
+    }
+
+    fn execute_reset(self: &Rc<Self>) {
+        let Some(io) = self.resets.borrow_mut().pop_front() else {
+            return;
+        };
+        self.executing_reset.set(true);
+        self.hand_to_module(io);
+    }
+
+    /// The module finished the reset: thaw every channel, finishing the resets that waited, then complete it.
+    fn end_reset(self: &Rc<Self>, io: IoHandle) {
+        self.executing_reset.set(false);
+        let status = io.status;
+        *self.thawing.borrow_mut() = Some(io);
+        let bdev = self.bdev.clone();
+        self.bdev.0.io_device.for_each_channel(
+            move |c| c.thaw(status),
+            move |_| {
+                bdev.0
+                    .reset_busy
+                    .store(false, std::sync::atomic::Ordering::Release);
+                let ch = bdev.0.io_device.existing_channel();
+                let io = ch.as_ref().and_then(|c| c.thawing.borrow_mut().take());
+                if let Some(io) = io {
+                    run_callback(io);
+                }
+            },
+        );
+    }
+
+    fn thaw(&self, status: IoStatus) {
+        self.frozen.set(false);
+        let waiting: Vec<IoHandle> = self.resets.borrow_mut().drain(..).collect();
+        for mut io in waiting {
+            io.status = status;
+            io.ch = None;
+            self.deferred.borrow_mut().push_back(io);
+        }
     }
 
     fn retry_nomem(self: &Rc<Self>, max: usize) {
@@ -485,6 +582,10 @@ fn finish(ch: &Rc<ChannelCore>, mut io: IoHandle, now: u64) {
         return;
     }
     ch.account(&io, now);
+    if io.io_type == IoType::Reset && ch.executing_reset.get() {
+        ch.end_reset(io);
+        return;
+    }
     if io.flags & io::SPLIT_CHILD != 0 {
         ch.piece_done(io);
         return;
@@ -748,7 +849,16 @@ impl IoChannel {
         let now = if outer != 0 { outer } else { ticks::now() };
         io.submit_tick = now;
         SUBMIT_NOW.set(now);
-        if core.split.any && io.io_type.has_data() && core.needs_split(&io) {
+        if io.io_type == IoType::Reset {
+            core.start_reset(io);
+        } else if core.frozen.get() {
+            // A reset is in progress: new I/O is aborted, as SPDK does.
+            io.status = IoStatus::Aborted;
+            io.ch = None;
+            core.outstanding.set(core.outstanding.get() + 1);
+            core.deferred.borrow_mut().push_back(io);
+            core.activate();
+        } else if core.split.any && io.io_type.has_data() && core.needs_split(&io) {
             core.start_split(io);
         } else {
             core.submit_to_module(io);

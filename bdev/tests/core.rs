@@ -235,7 +235,8 @@ impl BdevOps for Slow {
         "slow"
     }
     fn io_type_supported(&self, t: IoType) -> bool {
-        matches!(t, IoType::Read | IoType::Write)
+        // A reset queues behind what the channel holds, so it completes once that has drained.
+        matches!(t, IoType::Read | IoType::Write | IoType::Reset)
     }
     fn create_channel(&self, _b: &Bdev) -> Box<dyn ModuleChannel> {
         Box::new(SlowCh {
@@ -576,4 +577,117 @@ impl ModuleChannel for OpsCh {
     fn submit(&mut self, io: IoHandle) {
         io.complete(IoStatus::Success)
     }
+}
+
+/// A module that holds every I/O until the test opens the gate, and tells the test when a reset reaches it (the
+/// bdev layer hands a reset to the module only once every channel is frozen).
+struct Gate;
+
+/// What the gate holds, and what to run when a reset arrives.
+type GateState = (VecDeque<IoHandle>, Option<Box<dyn FnOnce()>>);
+
+thread_local! {
+    static GATE: RefCell<GateState> = const { RefCell::new((VecDeque::new(), None)) };
+}
+
+impl BdevOps for Gate {
+    fn module_name(&self) -> &'static str {
+        "gate"
+    }
+    fn io_type_supported(&self, t: IoType) -> bool {
+        matches!(t, IoType::Read | IoType::Reset)
+    }
+    fn create_channel(&self, _b: &Bdev) -> Box<dyn ModuleChannel> {
+        Box::new(GateCh)
+    }
+}
+
+struct GateCh;
+
+impl ModuleChannel for GateCh {
+    fn submit(&mut self, io: IoHandle) {
+        let reset = io.io_type() == IoType::Reset;
+        let hook = GATE.with(|g| {
+            let mut g = g.borrow_mut();
+            g.0.push_back(io);
+            if reset {
+                g.1.take()
+            } else {
+                None
+            }
+        });
+        if let Some(h) = hook {
+            // Not from inside the module: the test submits I/O of its own.
+            reactor::timer(1, h).detach();
+        }
+    }
+}
+
+/// Completes everything the gate holds, in order.
+fn open_gate() {
+    while let Some(io) = GATE.with(|g| g.borrow_mut().0.pop_front()) {
+        io.complete(IoStatus::Success);
+    }
+}
+
+#[test]
+fn reset_freezes_channels_waits_for_the_module_and_thaws() {
+    let out: Log = Arc::new(Mutex::new(Vec::new()));
+    let o = out.clone();
+    run(move || {
+        let b = bdev::register(BdevParams::new("G_reset", 512, 64), Box::new(Gate)).unwrap();
+        let desc = b.open(true, None).unwrap();
+        let ch = desc.channel();
+        let buf = || DmaBuf::alloc(512).unwrap();
+        for _ in 0..4 {
+            ch.read(buf(), 0, 1, rec("before", &o), 0).unwrap();
+        }
+        // When the reset completes, I/O flows again: read once more (the gate is open now), then end.
+        let (ch_after, o_after) = (ch.clone(), o.clone());
+        let keep = Rc::new(RefCell::new(Some((desc, b))));
+        let reset_done = Completion::Closure(Box::new(move |io: IoHandle| {
+            o_after.lock().unwrap().push(("reset", io.status()));
+            let o_end = o_after.clone();
+            let end = Completion::Closure(Box::new(move |io: IoHandle| {
+                o_end.lock().unwrap().push(("after", io.status()));
+                if let Some((desc, b)) = keep.borrow_mut().take() {
+                    drop(desc);
+                    unregister_and(b, reactor::stop);
+                }
+            }));
+            ch_after.read(buf(), 0, 1, end, 0).unwrap();
+            reactor::timer(1, open_gate).detach();
+        }));
+        // The reset reaches the module with every channel frozen: new I/O is aborted then, and a second reset
+        // waits for the first and shares its outcome. Then the module drains what it holds, reset last.
+        let o2 = o.clone();
+        let ch_reset = ch.clone();
+        GATE.with(|g| {
+            g.borrow_mut().1 = Some(Box::new(move || {
+                ch.read(buf(), 0, 1, rec("during", &o2), 0).unwrap();
+                ch.submit_nodata(IoType::Reset, 0, 0, rec("reset2", &o2), 0)
+                    .unwrap();
+                reactor::timer(1, open_gate).detach();
+            }))
+        });
+        ch_reset
+            .submit_nodata(IoType::Reset, 0, 0, reset_done, 0)
+            .unwrap();
+    });
+    let got = out.lock().unwrap().clone();
+    let ok = IoStatus::Success;
+    assert_eq!(
+        got,
+        vec![
+            ("during", IoStatus::Aborted),
+            ("before", ok),
+            ("before", ok),
+            ("before", ok),
+            ("before", ok),
+            ("reset", ok),
+            ("reset2", ok),
+            ("after", ok),
+        ],
+        "the reset completes after what was outstanding, and I/O flows again after it"
+    );
 }

@@ -23,9 +23,14 @@ struct Load {
     failures: u32,
     done_ios: u32,
     resets_ok: u32,
+    /// I/Os a reset aborted (submitted while the channels were frozen), each retried, as a host does.
+    aborted: u32,
     in_flight: u32,
-    finish: Option<Reply<(u32, u32, u32, u32)>>,
+    finish: Option<Reply<Outcome>>,
 }
+
+/// What a load ends with: I/Os done, mismatches, failures, resets completed, I/Os aborted by resets.
+type Outcome = (u32, u32, u32, u32, u32);
 
 const SLOT_BLOCKS: u64 = 8;
 
@@ -48,10 +53,17 @@ fn start_write(load: &Rc<RefCell<Load>>, task: usize) {
         Some(slot_data(task, round)),
         Box::new(move |(st, _)| {
             l2.borrow_mut().in_flight -= 1;
-            if st != IoStatus::Success {
-                l2.borrow_mut().failures += 1;
+            match st {
+                IoStatus::Success => start_read(&l2, task),
+                IoStatus::Aborted => {
+                    l2.borrow_mut().aborted += 1;
+                    start_write(&l2, task)
+                }
+                _ => {
+                    l2.borrow_mut().failures += 1;
+                    start_read(&l2, task)
+                }
             }
-            start_read(&l2, task);
         }),
     );
 }
@@ -67,6 +79,14 @@ fn start_read(load: &Rc<RefCell<Load>>, task: usize) {
         SLOT_BLOCKS,
         None,
         Box::new(move |(st, data)| {
+            if st == IoStatus::Aborted {
+                {
+                    let mut l = l2.borrow_mut();
+                    l.in_flight -= 1;
+                    l.aborted += 1;
+                }
+                return start_read(&l2, task);
+            }
             let again = {
                 let mut l = l2.borrow_mut();
                 l.in_flight -= 1;
@@ -115,7 +135,7 @@ fn start_read(load: &Rc<RefCell<Load>>, task: usize) {
 fn maybe_finish(l: &mut Load) {
     if l.in_flight == 0 && l.rounds_left.iter().all(|r| *r == 0) {
         if let Some(f) = l.finish.take() {
-            f((l.done_ios, l.mismatches, l.failures, l.resets_ok));
+            f((l.done_ios, l.mismatches, l.failures, l.resets_ok, l.aborted));
         }
     }
 }
@@ -137,7 +157,7 @@ fn three_deep_stack_under_verify_load_with_resets() {
             app(|| bdev::get("pt2").unwrap().claimed_by()),
             Some("passthru".to_string())
         );
-        let (ios, mismatches, failures, resets) = on_app(|reply| {
+        let (ios, mismatches, failures, resets, aborted) = on_app(|reply| {
             let tasks = 32;
             let load = Rc::new(RefCell::new(Load {
                 name: "pt3".into(),
@@ -146,6 +166,7 @@ fn three_deep_stack_under_verify_load_with_resets() {
                 failures: 0,
                 done_ios: 0,
                 resets_ok: 0,
+                aborted: 0,
                 in_flight: 0,
                 finish: Some(reply),
             }));
@@ -156,6 +177,8 @@ fn three_deep_stack_under_verify_load_with_resets() {
         assert_eq!(ios, 32 * 20 * 2);
         assert_eq!((mismatches, failures), (0, 0));
         assert!(resets >= 20, "only {resets} resets");
+        // Resets froze the stack: I/O submitted meanwhile was aborted (and retried), as SPDK's reset does.
+        assert!(aborted > 0, "no I/O was aborted by {resets} resets");
         // What the top wrote is on the base, at the same blocks.
         let top = on_app(|reply| {
             submit(
