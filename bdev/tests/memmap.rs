@@ -31,23 +31,20 @@ fn malloc_memory_is_registered_until_destruct() {
             ..Default::default()
         })
         .unwrap();
-        let regs: Vec<_> = ev
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|e| e.2 == len)
-            .copied()
-            .collect();
-        let keep = b.clone();
-        b.unregister(move |r| {
-            r.unwrap();
-            let after: Vec<_> = ev
-                .lock()
+        // This bdev's events: those of its size.
+        let mine = move || -> Vec<_> {
+            ev.lock()
                 .unwrap()
                 .iter()
                 .filter(|e| e.2 == len)
                 .copied()
-                .collect();
+                .collect()
+        };
+        let regs = mine();
+        let keep = b.clone();
+        b.unregister(move |r| {
+            r.unwrap();
+            let after = mine();
             // The handle still exists: the memory is gone from the map anyway.
             drop(keep);
             tx.send((regs, after)).unwrap();
