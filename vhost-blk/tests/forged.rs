@@ -647,10 +647,13 @@ fn memory_map_follows_mem_tables() {
     let map = Arc::new(
         MemMap::new(move |t, ev, addr, len| {
             if len as u64 == SIZE || len as u64 == EXTRA {
-                e2.lock().unwrap().push((ev, addr, len));
-                if ev == MemEvent::Register {
-                    t.set_linear_translation(addr, len, addr as u64)?;
+                // The map clears a region's translation only after this callback returns; clearing it here,
+                // before the event is visible, keeps the test's "gone from the map" checks free of that race.
+                match ev {
+                    MemEvent::Register => t.set_linear_translation(addr, len, addr as u64)?,
+                    MemEvent::Unregister => t.clear_translation(addr, len)?,
                 }
+                e2.lock().unwrap().push((ev, addr, len));
             }
             Ok(())
         })
