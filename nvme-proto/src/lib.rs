@@ -1,0 +1,23 @@
+//! NVMe and NVMe-oF protocol definitions, shared by the NVMe-oF target (`nvmf`), the host library and the PCIe
+//! driver, so there is one copy of the specification in the tree.
+//!
+//! Everything here is plain data: fixed layouts encoded and decoded with explicit little-endian byte offsets
+//! (no `unsafe`, no transmutes), so a forged buffer can only produce a value, never undefined behaviour. Decoders
+//! take byte slices of any length and say what is wrong with them; encoders write into caller buffers, so the I/O
+//! path allocates nothing.
+//!
+//! - [`cmd`]: submission queue entries, completion queue entries, opcodes, SGL descriptors.
+//! - [`status`]: status code types and codes.
+//! - [`fabrics`]: Fabrics commands (Connect, Property Get/Set), Connect data, controller registers.
+//! - [`identify`]: Identify controller / namespace / lists / descriptors.
+//! - [`log`]: log pages (error, SMART / health, firmware slot, changed namespaces, ANA, discovery).
+//! - [`tcp`]: NVMe/TCP PDUs.
+//! - [`crc32c`]: the CRC the TCP digests (and the blobstore) use.
+
+pub mod cmd;
+pub mod crc32c;
+pub mod fabrics;
+pub mod identify;
+pub mod log;
+pub mod status;
+pub mod tcp;

@@ -1,0 +1,3 @@
+//! NVMe-oF target (SPDK's lib/nvmf): bdevs exported as namespaces of NVM subsystems, over TCP.
+
+pub mod params;
