@@ -972,6 +972,24 @@ impl IoChannel {
         Ok(())
     }
 
+    /// Compares blocks with caller memory, zero copy (a mismatch completes with [`IoStatus::Miscompare`]).
+    ///
+    /// # Safety
+    /// Every iovec must stay valid for reads, and not be written otherwise, until the callback runs.
+    pub unsafe fn comparev(
+        &self,
+        iovs: &[IoVec],
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
+        let mut io = self.prepare(IoType::Compare, offset_blocks, num_blocks, cb, ctx)?;
+        io.iovs.extend_from_slice(iovs);
+        self.submit(io);
+        Ok(())
+    }
+
     /// Submits an I/O with no data (flush, unmap, write_zeroes, reset).
     #[inline]
     pub fn submit_nodata(

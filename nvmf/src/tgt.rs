@@ -1,0 +1,505 @@
+//! The target's shared state: transports, subsystems (NVM and discovery), namespaces, listeners, allowed hosts,
+//! referrals, controllers, and the poll groups.
+//!
+//! This state is touched on the control path only (RPCs on the app thread, Connect and admin commands on poll
+//! group threads), under one lock, never by the I/O path: each poll group keeps its own copy of what I/O needs
+//! (a namespace table with its own bdev channels, see [`crate::pg`]), updated by message when a namespace comes
+//! or goes. Lock order: the target, then a subsystem, then a controller.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+
+use nvme_proto::fabrics::DISCOVERY_NQN;
+use reactor::ThreadHandle;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// A transport address, as SPDK's `spdk_nvme_transport_id` names its parts in RPCs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Trid {
+    /// Transport type as SPDK writes it ("TCP", "RDMA").
+    pub trtype: String,
+    /// Address family ("IPv4", "IPv6").
+    pub adrfam: String,
+    /// Address.
+    pub traddr: String,
+    /// Service id (port).
+    pub trsvcid: String,
+}
+
+impl Trid {
+    /// Whether two addresses name the same listener (case-insensitive as SPDK compares them).
+    pub fn same(&self, o: &Trid) -> bool {
+        self.trtype.eq_ignore_ascii_case(&o.trtype)
+            && self.adrfam.eq_ignore_ascii_case(&o.adrfam)
+            && self.traddr.eq_ignore_ascii_case(&o.traddr)
+            && self.trsvcid.eq_ignore_ascii_case(&o.trsvcid)
+    }
+
+    /// The discovery log's transport type code.
+    pub fn trtype_code(&self) -> u8 {
+        if self.trtype.eq_ignore_ascii_case("rdma") {
+            1
+        } else {
+            3
+        }
+    }
+
+    /// The discovery log's address family code.
+    pub fn adrfam_code(&self) -> u8 {
+        if self.adrfam.eq_ignore_ascii_case("ipv6") {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// Subsystem kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubType {
+    /// An NVM subsystem.
+    Nvme,
+    /// The discovery subsystem ("current discovery subsystem" in discovery log entries).
+    Discovery,
+}
+
+impl SubType {
+    /// The discovery log's subsystem type code.
+    pub fn code(self) -> u8 {
+        match self {
+            SubType::Nvme => 2,
+            SubType::Discovery => 3,
+        }
+    }
+
+    /// SPDK's name in `nvmf_get_subsystems`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SubType::Nvme => "NVMe",
+            SubType::Discovery => "Discovery",
+        }
+    }
+}
+
+/// ANA states.
+pub mod ana {
+    /// Optimized.
+    pub const OPTIMIZED: u8 = 0x01;
+    /// Non-optimized.
+    pub const NON_OPTIMIZED: u8 = 0x02;
+    /// Inaccessible.
+    pub const INACCESSIBLE: u8 = 0x03;
+    /// Persistent loss.
+    pub const PERSISTENT_LOSS: u8 = 0x04;
+    /// Change.
+    pub const CHANGE: u8 = 0x0f;
+
+    /// SPDK's name of a state.
+    pub fn name(s: u8) -> &'static str {
+        match s {
+            OPTIMIZED => "optimized",
+            NON_OPTIMIZED => "non_optimized",
+            INACCESSIBLE => "inaccessible",
+            PERSISTENT_LOSS => "persistent_loss",
+            _ => "change",
+        }
+    }
+
+    /// The state for SPDK's name.
+    pub fn parse(s: &str) -> Option<u8> {
+        Some(match s {
+            "optimized" => OPTIMIZED,
+            "non_optimized" => NON_OPTIMIZED,
+            "inaccessible" => INACCESSIBLE,
+            "persistent_loss" => PERSISTENT_LOSS,
+            "change" => CHANGE,
+            _ => return None,
+        })
+    }
+}
+
+/// A listener of a subsystem: an address and, per ANA group, its state.
+#[derive(Clone, Debug)]
+pub struct Listener {
+    /// The address.
+    pub trid: Trid,
+    /// Port id in discovery log entries.
+    pub portid: u16,
+    /// ANA state per ANA group (index anagrpid - 1).
+    pub ana_state: Vec<u8>,
+    /// `secure_channel` as given.
+    pub secure_channel: bool,
+}
+
+/// An exported namespace.
+pub struct Ns {
+    /// Namespace id.
+    pub nsid: u32,
+    /// The bdev's name as given.
+    pub bdev_name: String,
+    /// The open descriptor (claimed).
+    pub desc: Arc<bdev::Desc>,
+    /// UUID.
+    pub uuid: uuid::Uuid,
+    /// NGUID (zero: none).
+    pub nguid: [u8; 16],
+    /// EUI64 (zero: none).
+    pub eui64: [u8; 8],
+    /// ANA group.
+    pub anagrpid: u32,
+    /// Not visible to controllers until made so (SPDK `no_auto_visible`).
+    pub no_auto_visible: bool,
+    /// Persistent reservation file as given.
+    pub ptpl_file: Option<String>,
+}
+
+/// What an NVM subsystem is created with.
+#[derive(Clone, Debug)]
+pub struct SubsysOpts {
+    /// NQN.
+    pub nqn: String,
+    /// Serial number.
+    pub serial_number: String,
+    /// Model number.
+    pub model_number: String,
+    /// Any host may connect.
+    pub allow_any_host: bool,
+    /// ANA reporting.
+    pub ana_reporting: bool,
+    /// Namespace limit (0: none).
+    pub max_namespaces: u32,
+    /// Lowest controller id.
+    pub min_cntlid: u16,
+    /// Highest controller id.
+    pub max_cntlid: u16,
+}
+
+/// An NVM subsystem or the discovery subsystem.
+pub struct Subsystem {
+    /// Index in poll group tables.
+    pub id: u32,
+    /// NQN.
+    pub nqn: String,
+    /// Kind.
+    pub subtype: SubType,
+    /// Everything that changes.
+    pub st: Mutex<SubsysState>,
+}
+
+/// The changing part of a subsystem.
+pub struct SubsysState {
+    /// Serial number.
+    pub serial_number: String,
+    /// Model number.
+    pub model_number: String,
+    /// Any host may connect.
+    pub allow_any_host: bool,
+    /// ANA reporting.
+    pub ana_reporting: bool,
+    /// Namespace limit as created (0: none).
+    pub max_namespaces: u32,
+    /// Highest namespace id the subsystem can hold (Identify's NN).
+    pub max_nsid: u32,
+    /// Lowest controller id.
+    pub min_cntlid: u16,
+    /// Highest controller id.
+    pub max_cntlid: u16,
+    /// Next controller id to try.
+    pub next_cntlid: u16,
+    /// Allowed host NQNs, in the order added.
+    pub hosts: Vec<String>,
+    /// Listeners, in the order added.
+    pub listeners: Vec<Listener>,
+    /// Namespaces by nsid - 1.
+    pub ns: Vec<Option<Ns>>,
+    /// Live controllers.
+    pub ctrlrs: Vec<Arc<crate::ctrlr::Ctrlr>>,
+}
+
+impl Subsystem {
+    /// The state, locked.
+    pub fn state(&self) -> MutexGuard<'_, SubsysState> {
+        reactor::lock(&self.st)
+    }
+
+    /// Whether `hostnqn` may connect.
+    pub fn host_allowed(&self, hostnqn: &str) -> bool {
+        let st = self.state();
+        st.allow_any_host || st.hosts.iter().any(|h| h == hostnqn)
+    }
+
+    /// Whether the subsystem accepts connections at `trid` (the discovery subsystem accepts them at any
+    /// listener of the target, as SPDK still does).
+    pub fn listener_allowed(&self, trid: &Trid) -> bool {
+        self.subtype == SubType::Discovery || self.state().listeners.iter().any(|l| l.trid.same(trid))
+    }
+}
+
+impl SubsysState {
+    /// The ANA state of `anagrpid` at `trid` (optimized when not reported).
+    pub fn ana_state(&self, trid: &Trid, anagrpid: u32) -> u8 {
+        self.listeners
+            .iter()
+            .find(|l| l.trid.same(trid))
+            .and_then(|l| l.ana_state.get(anagrpid.checked_sub(1)? as usize).copied())
+            .unwrap_or(ana::OPTIMIZED)
+    }
+
+    /// The namespace `nsid`, if active.
+    pub fn ns(&self, nsid: u32) -> Option<&Ns> {
+        self.ns
+            .get(nsid.checked_sub(1)? as usize)
+            .and_then(|n| n.as_ref())
+    }
+
+    /// Active namespaces in nsid order.
+    pub fn active_ns(&self) -> impl Iterator<Item = &Ns> {
+        self.ns.iter().flatten()
+    }
+}
+
+/// A discovery referral.
+#[derive(Clone, Debug)]
+pub struct Referral {
+    /// Address of the other discovery service.
+    pub trid: Trid,
+    /// Its subsystem NQN (the discovery NQN unless given).
+    pub subnqn: String,
+    /// Secure channel required.
+    pub secure_channel: bool,
+}
+
+/// A poll group, as the target knows it.
+#[derive(Clone)]
+pub struct PgHandle {
+    /// Index.
+    pub id: usize,
+    /// Its thread.
+    pub thread: ThreadHandle,
+}
+
+/// The whole target.
+pub struct Tgt {
+    /// Subsystems in creation order (the discovery subsystem first).
+    pub subsystems: Vec<Arc<Subsystem>>,
+    /// Transports in creation order.
+    pub transports: Vec<Arc<dyn crate::transport::Transport>>,
+    /// Referrals.
+    pub referrals: Vec<Referral>,
+    /// Poll groups.
+    pub pgs: Vec<PgHandle>,
+    /// Next poll group for a new connection.
+    pub next_pg: usize,
+    /// Next subsystem id.
+    pub next_subsys_id: u32,
+    /// Discovery log generation counter.
+    pub discovery_genctr: u64,
+    /// Next listener port id.
+    pub next_portid: u16,
+    /// Subsystem limit (`nvmf_set_max_subsystems`).
+    pub max_subsystems: u32,
+    /// Command retry delay times (`nvmf_set_crdt`), 100 ms units.
+    pub crdt: [u16; 3],
+    /// `discovery_filter` bits: 1 transport type, 2 address, 4 service id.
+    pub discovery_filter: u32,
+    /// Events for controllers waiting to be sent (discovery log changes).
+    pub pending: VecDeque<()>,
+}
+
+static TGT: LazyLock<Mutex<Tgt>> = LazyLock::new(|| {
+    Mutex::new(Tgt {
+        subsystems: Vec::new(),
+        transports: Vec::new(),
+        referrals: Vec::new(),
+        pgs: Vec::new(),
+        next_pg: 0,
+        next_subsys_id: 0,
+        discovery_genctr: 0,
+        next_portid: 0,
+        max_subsystems: 1024,
+        crdt: [0; 3],
+        discovery_filter: 0,
+        pending: VecDeque::new(),
+    })
+});
+
+/// The target, locked.
+pub fn tgt() -> MutexGuard<'static, Tgt> {
+    reactor::lock(&TGT)
+}
+
+/// Controller ids handed out so far, for statistics.
+pub static CTRLRS_CREATED: AtomicU64 = AtomicU64::new(0);
+
+impl Tgt {
+    /// The subsystem named `nqn`.
+    pub fn find(&self, nqn: &str) -> Option<Arc<Subsystem>> {
+        self.subsystems.iter().find(|s| s.nqn == nqn).cloned()
+    }
+
+    /// Makes sure the discovery subsystem exists (SPDK creates it with the target).
+    pub fn ensure_discovery(&mut self) {
+        if self.find(DISCOVERY_NQN).is_some() {
+            return;
+        }
+        let id = self.next_subsys_id;
+        self.next_subsys_id += 1;
+        self.subsystems.insert(
+            0,
+            Arc::new(Subsystem {
+                id,
+                nqn: DISCOVERY_NQN.into(),
+                subtype: SubType::Discovery,
+                st: Mutex::new(SubsysState {
+                    serial_number: String::new(),
+                    model_number: String::new(),
+                    allow_any_host: true,
+                    ana_reporting: false,
+                    max_namespaces: 0,
+                    max_nsid: 0,
+                    min_cntlid: 1,
+                    max_cntlid: 0xffef,
+                    next_cntlid: 1,
+                    hosts: Vec::new(),
+                    listeners: Vec::new(),
+                    ns: Vec::new(),
+                    ctrlrs: Vec::new(),
+                }),
+            }),
+        );
+    }
+
+    /// Creates an NVM subsystem.
+    pub fn create_subsystem(&mut self, o: &SubsysOpts) -> Result<Arc<Subsystem>> {
+        self.ensure_discovery();
+        if self.find(&o.nqn).is_some() {
+            return Err(Error::new(
+                ErrorKind::Exists,
+                format!("Subsystem NQN '{}' already exists", o.nqn),
+            ));
+        }
+        let nvm = self
+            .subsystems
+            .iter()
+            .filter(|s| s.subtype == SubType::Nvme)
+            .count();
+        if nvm as u32 >= self.max_subsystems {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!("no more subsystems (max {})", self.max_subsystems),
+            ));
+        }
+        let id = self.next_subsys_id;
+        self.next_subsys_id += 1;
+        let s = Arc::new(Subsystem {
+            id,
+            nqn: o.nqn.clone(),
+            subtype: SubType::Nvme,
+            st: Mutex::new(SubsysState {
+                serial_number: o.serial_number.clone(),
+                model_number: o.model_number.clone(),
+                allow_any_host: o.allow_any_host,
+                ana_reporting: o.ana_reporting,
+                max_namespaces: o.max_namespaces,
+                max_nsid: o.max_namespaces,
+                min_cntlid: o.min_cntlid,
+                max_cntlid: o.max_cntlid,
+                next_cntlid: o.min_cntlid,
+                hosts: Vec::new(),
+                listeners: Vec::new(),
+                ns: Vec::new(),
+                ctrlrs: Vec::new(),
+            }),
+        });
+        self.subsystems.push(s.clone());
+        self.discovery_genctr += 1;
+        Ok(s)
+    }
+
+    /// Picks the poll group for a new connection (round robin, as SPDK's default).
+    pub fn next_poll_group(&mut self) -> Option<PgHandle> {
+        if self.pgs.is_empty() {
+            return None;
+        }
+        let pg = self.pgs[self.next_pg % self.pgs.len()].clone();
+        self.next_pg = self.next_pg.wrapping_add(1);
+        Some(pg)
+    }
+
+    /// A discovery log page for `hostnqn` connected through `source` (SPDK's `nvmf_generate_discovery_log`).
+    pub fn discovery_log(&self, hostnqn: &str, source: &Trid, max_aq_depth: u16) -> Vec<u8> {
+        use nvme_proto::log::DiscoveryEntry;
+        let mut entries = Vec::new();
+        let f = self.discovery_filter;
+        let matches = |t: &Trid| {
+            (f & 1 == 0 || t.trtype.eq_ignore_ascii_case(&source.trtype))
+                && (f & 2 == 0
+                    || (t.adrfam.eq_ignore_ascii_case(&source.adrfam)
+                        && t.traddr.eq_ignore_ascii_case(&source.traddr)))
+                && (f & 4 == 0 || t.trsvcid.eq_ignore_ascii_case(&source.trsvcid))
+        };
+        for s in &self.subsystems {
+            if !s.host_allowed(hostnqn) {
+                continue;
+            }
+            let st = s.state();
+            for l in st.listeners.iter().filter(|l| matches(&l.trid)) {
+                let mut eflags = 0;
+                if s.subtype == SubType::Discovery {
+                    // Duplicate returned information, explicit persistent connections supported.
+                    eflags = 0x1 | 0x2;
+                }
+                entries.push(DiscoveryEntry {
+                    trtype: l.trid.trtype_code(),
+                    adrfam: l.trid.adrfam_code(),
+                    subtype: s.subtype.code(),
+                    // Secure channel not required.
+                    treq: 0x2,
+                    portid: l.portid,
+                    cntlid: 0xffff,
+                    asqsz: max_aq_depth,
+                    eflags,
+                    trsvcid: l.trid.trsvcid.clone(),
+                    traddr: l.trid.traddr.clone(),
+                    subnqn: s.nqn.clone(),
+                    tsas: [0; 256],
+                });
+            }
+        }
+        for r in &self.referrals {
+            entries.push(DiscoveryEntry {
+                trtype: r.trid.trtype_code(),
+                adrfam: r.trid.adrfam_code(),
+                subtype: if r.subnqn == DISCOVERY_NQN { 1 } else { 2 },
+                treq: if r.secure_channel { 0x1 } else { 0x2 },
+                portid: 0,
+                cntlid: 0xffff,
+                asqsz: max_aq_depth,
+                eflags: 0,
+                trsvcid: r.trid.trsvcid.clone(),
+                traddr: r.trid.traddr.clone(),
+                subnqn: r.subnqn.clone(),
+                tsas: [0; 256],
+            });
+        }
+        nvme_proto::log::encode_discovery_log(self.discovery_genctr, &entries)
+    }
+}
+
+/// Bumps the discovery generation and tells discovery controllers (SPDK's `nvmf_update_discovery_log`).
+pub fn discovery_changed(t: &mut Tgt) {
+    t.discovery_genctr += 1;
+    if let Some(d) = t.find(DISCOVERY_NQN) {
+        let ctrlrs = d.state().ctrlrs.clone();
+        for c in ctrlrs {
+            c.notify_discovery_change();
+        }
+    }
+}
+
+/// Counts a new controller.
+pub fn count_ctrlr() {
+    CTRLRS_CREATED.fetch_add(1, Ordering::Relaxed);
+}

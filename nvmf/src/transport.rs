@@ -1,0 +1,69 @@
+//! Transports behind one trait (SPDK's `spdk_nvmf_transport_ops`): a transport listens on addresses, accepts
+//! connections and hands each to a poll group, where it parses capsules into commands for the
+//! transport-independent target ([`crate::ctrlr`], [`crate::io`]) and moves their data.
+
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::tgt::Trid;
+
+/// The options every transport has (SPDK's `struct spdk_nvmf_transport_opts`), as the target uses them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransportOpts {
+    /// Largest I/O queue (entries).
+    pub max_queue_depth: u16,
+    /// I/O queue pairs per controller.
+    pub max_io_qpairs_per_ctrlr: u16,
+    /// In-capsule data size for I/O queues.
+    pub in_capsule_data_size: u32,
+    /// Largest transfer.
+    pub max_io_size: u32,
+    /// Unit of data buffers.
+    pub io_unit_size: u32,
+    /// Largest admin queue (entries).
+    pub max_aq_depth: u16,
+    /// Data buffers shared by the poll groups.
+    pub num_shared_buffers: u32,
+    /// Data buffers cached per poll group.
+    pub buf_cache_size: u32,
+    /// Send C2H data with the SUCCESS flag instead of a response capsule (TCP).
+    pub c2h_success: bool,
+    /// Seconds an abort may wait for its command.
+    pub abort_timeout_sec: u32,
+}
+
+impl Default for TransportOpts {
+    /// SPDK's TCP defaults.
+    fn default() -> Self {
+        TransportOpts {
+            max_queue_depth: 128,
+            max_io_qpairs_per_ctrlr: 127,
+            in_capsule_data_size: 4096,
+            max_io_size: 131072,
+            io_unit_size: 131072,
+            max_aq_depth: 128,
+            num_shared_buffers: 511,
+            buf_cache_size: 32,
+            c2h_success: true,
+            abort_timeout_sec: 1,
+        }
+    }
+}
+
+/// A transport (one per type in a target).
+pub trait Transport: Send + Sync {
+    /// SPDK's name of the type ("TCP", "RDMA").
+    fn name(&self) -> &'static str;
+    /// The options.
+    fn opts(&self) -> &TransportOpts;
+    /// The `nvmf_get_transports` entry (and the `nvmf_create_transport` params `save_config` writes).
+    fn info_json(&self) -> Value;
+    /// Starts listening at `trid` (already listening: success, as SPDK counts listeners).
+    fn listen(&self, trid: &Trid) -> Result<()>;
+    /// Stops listening at `trid`.
+    fn stop_listen(&self, trid: &Trid);
+    /// Sets the transport up on the current poll group's thread.
+    fn poll_group_start(&self, pg: &std::rc::Rc<crate::pg::Pg>);
+    /// Stops accepting and releases the listeners.
+    fn shutdown(&self);
+}
