@@ -21,3 +21,5 @@ pub mod identify;
 pub mod log;
 pub mod status;
 pub mod tcp;
+
+pub use identify::ProtoError;
