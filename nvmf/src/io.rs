@@ -29,10 +29,7 @@ pub fn ana_status(state: u8) -> Option<Status> {
     use crate::tgt::ana;
     match state {
         ana::OPTIMIZED | ana::NON_OPTIMIZED => None,
-        ana::INACCESSIBLE => Some(Status::new(
-            sct::PATH,
-            path::ASYMMETRIC_ACCESS_INACCESSIBLE,
-        )),
+        ana::INACCESSIBLE => Some(Status::new(sct::PATH, path::ASYMMETRIC_ACCESS_INACCESSIBLE)),
         ana::PERSISTENT_LOSS => Some(Status::new(
             sct::PATH,
             path::ASYMMETRIC_ACCESS_PERSISTENT_LOSS,

@@ -281,7 +281,13 @@ pub fn for_each<R: Send + 'static>(
         done(Vec::new());
         return;
     }
-    type Acc<R> = Arc<Mutex<(Vec<Option<R>>, usize, Option<Box<dyn FnOnce(Vec<R>) + Send>>)>>;
+    type Acc<R> = Arc<
+        Mutex<(
+            Vec<Option<R>>,
+            usize,
+            Option<Box<dyn FnOnce(Vec<R>) + Send>>,
+        )>,
+    >;
     let acc: Acc<R> = Arc::new(Mutex::new((
         (0..n).map(|_| None).collect(),
         n,

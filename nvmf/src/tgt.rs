@@ -6,7 +6,6 @@
 //! (a namespace table with its own bdev channels, see [`crate::pg`]), updated by message when a namespace comes
 //! or goes. Lock order: the target, then a subsystem, then a controller.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
@@ -233,7 +232,8 @@ impl Subsystem {
     /// Whether the subsystem accepts connections at `trid` (the discovery subsystem accepts them at any
     /// listener of the target, as SPDK still does).
     pub fn listener_allowed(&self, trid: &Trid) -> bool {
-        self.subtype == SubType::Discovery || self.state().listeners.iter().any(|l| l.trid.same(trid))
+        self.subtype == SubType::Discovery
+            || self.state().listeners.iter().any(|l| l.trid.same(trid))
     }
 }
 
@@ -304,8 +304,6 @@ pub struct Tgt {
     pub crdt: [u16; 3],
     /// `discovery_filter` bits: 1 transport type, 2 address, 4 service id.
     pub discovery_filter: u32,
-    /// Events for controllers waiting to be sent (discovery log changes).
-    pub pending: VecDeque<()>,
 }
 
 static TGT: LazyLock<Mutex<Tgt>> = LazyLock::new(|| {
@@ -321,7 +319,6 @@ static TGT: LazyLock<Mutex<Tgt>> = LazyLock::new(|| {
         max_subsystems: 1024,
         crdt: [0; 3],
         discovery_filter: 0,
-        pending: VecDeque::new(),
     })
 });
 
@@ -428,10 +425,19 @@ impl Tgt {
         Some(pg)
     }
 
-    /// A discovery log page for `hostnqn` connected through `source` (SPDK's `nvmf_generate_discovery_log`).
-    pub fn discovery_log(&self, hostnqn: &str, source: &Trid, max_aq_depth: u16) -> Vec<u8> {
-        use nvme_proto::log::DiscoveryEntry;
-        let mut entries = Vec::new();
+    /// The window at `offset` of the discovery log page for `hostnqn` connected through `source` (SPDK's
+    /// `nvmf_generate_discovery_log`): an entry per listener of each subsystem the host may use (filtered by
+    /// `discovery_filter`), then the referrals. Returns the page's full length.
+    pub fn discovery_log(
+        &self,
+        hostnqn: &str,
+        source: &Trid,
+        max_aq_depth: u16,
+        offset: u64,
+        out: &mut [u8],
+    ) -> u64 {
+        use nvme_proto::identify::{set_nul_padded, set_space_padded};
+        use nvme_proto::log::{encode_discovery_log, DiscoveryEntry};
         let f = self.discovery_filter;
         let matches = |t: &Trid| {
             (f & 1 == 0 || t.trtype.eq_ignore_ascii_case(&source.trtype))
@@ -440,51 +446,55 @@ impl Tgt {
                         && t.traddr.eq_ignore_ascii_case(&source.traddr)))
                 && (f & 4 == 0 || t.trsvcid.eq_ignore_ascii_case(&source.trsvcid))
         };
+        let entry = |trid: &Trid, subtype: u8, treq: u8, portid: u16, eflags: u16, nqn: &str| {
+            let mut e = DiscoveryEntry {
+                trtype: trid.trtype_code(),
+                adrfam: trid.adrfam_code(),
+                subtype,
+                treq,
+                portid,
+                cntlid: 0xffff,
+                asqsz: max_aq_depth,
+                eflags,
+                ..Default::default()
+            };
+            // Over-long values were refused when the listener or referral was added.
+            let _ = set_space_padded(&mut e.trsvcid, &trid.trsvcid);
+            let _ = set_space_padded(&mut e.traddr, &trid.traddr);
+            let _ = set_nul_padded(&mut e.subnqn, nqn);
+            e
+        };
+        let mut entries = Vec::new();
         for s in &self.subsystems {
             if !s.host_allowed(hostnqn) {
                 continue;
             }
             let st = s.state();
             for l in st.listeners.iter().filter(|l| matches(&l.trid)) {
-                let mut eflags = 0;
-                if s.subtype == SubType::Discovery {
-                    // Duplicate returned information, explicit persistent connections supported.
-                    eflags = 0x1 | 0x2;
-                }
-                entries.push(DiscoveryEntry {
-                    trtype: l.trid.trtype_code(),
-                    adrfam: l.trid.adrfam_code(),
-                    subtype: s.subtype.code(),
-                    // Secure channel not required.
-                    treq: 0x2,
-                    portid: l.portid,
-                    cntlid: 0xffff,
-                    asqsz: max_aq_depth,
+                // The current discovery subsystem: duplicate returned information, explicit persistent
+                // connections supported.
+                let eflags = if s.subtype == SubType::Discovery {
+                    0x3
+                } else {
+                    0
+                };
+                // Secure channel not required.
+                entries.push(entry(
+                    &l.trid,
+                    s.subtype.code(),
+                    0x2,
+                    l.portid,
                     eflags,
-                    trsvcid: l.trid.trsvcid.clone(),
-                    traddr: l.trid.traddr.clone(),
-                    subnqn: s.nqn.clone(),
-                    tsas: [0; 256],
-                });
+                    &s.nqn,
+                ));
             }
         }
         for r in &self.referrals {
-            entries.push(DiscoveryEntry {
-                trtype: r.trid.trtype_code(),
-                adrfam: r.trid.adrfam_code(),
-                subtype: if r.subnqn == DISCOVERY_NQN { 1 } else { 2 },
-                treq: if r.secure_channel { 0x1 } else { 0x2 },
-                portid: 0,
-                cntlid: 0xffff,
-                asqsz: max_aq_depth,
-                eflags: 0,
-                trsvcid: r.trid.trsvcid.clone(),
-                traddr: r.trid.traddr.clone(),
-                subnqn: r.subnqn.clone(),
-                tsas: [0; 256],
-            });
+            let subtype = if r.subnqn == DISCOVERY_NQN { 1 } else { 2 };
+            let treq = if r.secure_channel { 0x1 } else { 0x2 };
+            entries.push(entry(&r.trid, subtype, treq, 0, 0, &r.subnqn));
         }
-        nvme_proto::log::encode_discovery_log(self.discovery_genctr, &entries)
+        encode_discovery_log(self.discovery_genctr, &entries, offset, out)
     }
 }
 

@@ -69,7 +69,11 @@ thread_local! {
 
 impl TcpTransport {
     /// Creates the transport and its acceptor poller (on the current thread, every `acceptor_poll_rate` µs).
-    pub fn create(opts: TransportOpts, info: Value, acceptor_poll_rate_us: u64) -> Arc<TcpTransport> {
+    pub fn create(
+        opts: TransportOpts,
+        info: Value,
+        acceptor_poll_rate_us: u64,
+    ) -> Arc<TcpTransport> {
         let t = Arc::new(TcpTransport {
             opts,
             info,
@@ -165,7 +169,10 @@ impl Transport for TcpTransport {
             .map_err(|e| Error::os(e, format!("nvmf_tcp: listen on {addr}")))?;
         l.set_nonblocking(true)
             .map_err(|e| Error::os(e, format!("nvmf_tcp: listen on {addr}")))?;
-        log::info!("*** NVMe/TCP Target Listening on {} port {port} ***", trid.traddr);
+        log::info!(
+            "*** NVMe/TCP Target Listening on {} port {port} ***",
+            trid.traddr
+        );
         ls.push((trid.clone(), Arc::new(l)));
         Ok(())
     }
@@ -216,7 +223,10 @@ impl TcpGroup {
             self.bufs_out.set(self.bufs_out.get() + 1);
             return Some(b);
         }
-        let cap = self.opts.num_shared_buffers.max(self.opts.max_queue_depth as u32 * 2);
+        let cap = self
+            .opts
+            .num_shared_buffers
+            .max(self.opts.max_queue_depth as u32 * 2);
         if self.bufs_out.get() >= cap {
             return None;
         }
@@ -411,7 +421,12 @@ enum Rx {
         len: u32,
     },
     /// Expecting the data digest of `slot`'s data just received.
-    Digest { slot: u16, crc: u32, h2c: bool, len: u32 },
+    Digest {
+        slot: u16,
+        crc: u32,
+        h2c: bool,
+        len: u32,
+    },
 }
 
 struct ConnState {
@@ -487,13 +502,6 @@ pub struct Conn {
     s: RefCell<ConnState>,
 }
 
-/// What happened while reading.
-enum ReadOutcome {
-    Got,
-    WouldBlock,
-    Eof,
-}
-
 /// A fatal protocol error: the termination request to send.
 struct Fatal {
     fes: u16,
@@ -548,10 +556,20 @@ impl Conn {
     }
 
     fn fatal(&self, s: &mut ConnState, f: Fatal) {
-        log::error!("nvmf_tcp: {}: {}; terminating the connection", self.peer, f.why);
+        log::error!(
+            "nvmf_tcp: {}: {}; terminating the connection",
+            self.peer,
+            f.why
+        );
         let excerpt_len = s.avail().min(pdu::TERM_REQ_MAX_DATA).min(CH_LEN + 64);
         let mut t = Tx::new();
-        encode_term_req(pdu_type::C2H_TERM_REQ, f.fes, f.fei, excerpt_len, &mut t.hdr);
+        encode_term_req(
+            pdu_type::C2H_TERM_REQ,
+            f.fes,
+            f.fei,
+            excerpt_len,
+            &mut t.hdr,
+        );
         t.hdr[DATA_HLEN..DATA_HLEN + excerpt_len]
             .copy_from_slice(&s.rx[s.rx_start..s.rx_start + excerpt_len]);
         t.hlen = DATA_HLEN + excerpt_len;
@@ -559,18 +577,6 @@ impl Conn {
         s.why_closed.get_or_insert(f.why);
         // Stop reading; the termination request still goes out.
         s.phase = Phase::Closing;
-    }
-
-    fn read_into(&self, dst: &mut [u8]) -> ReadOutcome {
-        loop {
-            match (&self.sock).read(dst) {
-                Ok(0) => return ReadOutcome::Eof,
-                Ok(n) => return ReadOutcome::Got.with(n),
-                Err(e) if e.kind() == IoErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == IoErrorKind::WouldBlock => return ReadOutcome::WouldBlock,
-                Err(_) => return ReadOutcome::Eof,
-            }
-        }
     }
 
     /// Makes sure `need` bytes are buffered; reads once if not. `Ok(false)`: not yet.
@@ -592,7 +598,8 @@ impl Conn {
             }
             Err(true) => Ok(false),
             Err(false) => {
-                s.why_closed.get_or_insert("host closed the connection".into());
+                s.why_closed
+                    .get_or_insert("host closed the connection".into());
                 Err(())
             }
         }
@@ -603,12 +610,14 @@ impl Conn {
         if dst.is_empty() {
             return Err(true);
         }
-        let n = READ_N.with(|r| r.set(0));
-        let _ = n;
-        match self.read_into(dst) {
-            ReadOutcome::Got => Ok(READ_N.with(|r| r.get())),
-            ReadOutcome::WouldBlock => Err(true),
-            ReadOutcome::Eof => Err(false),
+        loop {
+            match (&self.sock).read(dst) {
+                Ok(0) => return Err(false),
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == IoErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == IoErrorKind::WouldBlock => return Err(true),
+                Err(_) => return Err(false),
+            }
         }
     }
 
@@ -643,7 +652,11 @@ impl Conn {
         let allowed: &[u8] = if s.phase == Phase::AwaitIcReq {
             &[pdu_type::IC_REQ]
         } else {
-            &[pdu_type::CAPSULE_CMD, pdu_type::H2C_DATA, pdu_type::H2C_TERM_REQ]
+            &[
+                pdu_type::CAPSULE_CMD,
+                pdu_type::H2C_DATA,
+                pdu_type::H2C_TERM_REQ,
+            ]
         };
         if s.phase == Phase::Ready && ch.ty == pdu_type::IC_REQ {
             return Err(Fatal {
@@ -653,7 +666,8 @@ impl Conn {
             });
         }
         let max_icd = self.max_icd(s, g) as usize;
-        let max_plen = CAPSULE_CMD_HLEN + 2 * DIGEST_LEN + 128 + max_icd.max(g.opts.max_io_size as usize);
+        let max_plen =
+            CAPSULE_CMD_HLEN + 2 * DIGEST_LEN + 128 + max_icd.max(g.opts.max_io_size as usize);
         let l = check_header(&ch, allowed, s.hdgst, s.ddgst, s.cpda, max_plen).map_err(|e| Fatal {
             fes: e.fes,
             fei: e.fei,
@@ -722,8 +736,9 @@ impl Conn {
             }
             pdu_type::H2C_TERM_REQ => {
                 let (f, i) = pdu::decode_term_req(&s.rx[h..]);
-                s.why_closed
-                    .get_or_insert(format!("host terminated the connection (fes {f:#x}, fei {i})"));
+                s.why_closed.get_or_insert(format!(
+                    "host terminated the connection (fes {f:#x}, fei {i})"
+                ));
                 s.rx_start += l.plen;
                 s.phase = Phase::Closing;
                 Ok(false)
@@ -741,10 +756,16 @@ impl Conn {
         }
     }
 
-    fn rx_capsule(&self, s: &mut ConnState, g: &TcpGroup, l: &pdu::Layout) -> std::result::Result<bool, Fatal> {
+    fn rx_capsule(
+        &self,
+        s: &mut ConnState,
+        g: &TcpGroup,
+        l: &pdu::Layout,
+    ) -> std::result::Result<bool, Fatal> {
         let h = s.rx_start;
         let mut sqe = Sqe::default();
-        sqe.0.copy_from_slice(&s.rx[h + CH_LEN..h + CAPSULE_CMD_HLEN]);
+        sqe.0
+            .copy_from_slice(&s.rx[h + CH_LEN..h + CAPSULE_CMD_HLEN]);
         if l.data_len > self.max_icd(s, g) as usize {
             return Err(Fatal {
                 fes: fes::DATA_TRANSFER_LIMIT_EXCEEDED,
@@ -772,7 +793,11 @@ impl Conn {
             });
         };
         // SQ head: one more command taken from the host's queue (0-based size, wraps).
-        s.sq_head = if s.sq_head >= s.sqsize { 0 } else { s.sq_head + 1 };
+        s.sq_head = if s.sq_head >= s.sqsize {
+            0
+        } else {
+            s.sq_head + 1
+        };
         let r = &mut s.reqs[slot as usize];
         r.sqe = sqe;
         r.buf = buf;
@@ -801,7 +826,12 @@ impl Conn {
         Ok(true)
     }
 
-    fn rx_h2c(&self, s: &mut ConnState, g: &TcpGroup, l: &pdu::Layout) -> std::result::Result<bool, Fatal> {
+    fn rx_h2c(
+        &self,
+        s: &mut ConnState,
+        g: &TcpGroup,
+        l: &pdu::Layout,
+    ) -> std::result::Result<bool, Fatal> {
         let d = DataHdr::decode(&s.rx[s.rx_start..]);
         let bad = |fei, why: String| Fatal {
             fes: fes::INVALID_HEADER_FIELD,
@@ -810,7 +840,10 @@ impl Conn {
         };
         let slot = d.ttag;
         let Some(r) = s.reqs.get(slot as usize) else {
-            return Err(bad(DataHdr::FEI_TTAG, format!("H2C data with unknown ttag {slot}")));
+            return Err(bad(
+                DataHdr::FEI_TTAG,
+                format!("H2C data with unknown ttag {slot}"),
+            ));
         };
         if r.state != ReqState::AwaitH2C || r.sqe.cid() != d.cccid {
             return Err(bad(
@@ -825,7 +858,10 @@ impl Conn {
                 why: format!("H2C data offset {} where {} was expected", d.offset, r.recv),
             });
         }
-        if d.len as usize != l.data_len || d.offset as u64 + d.len as u64 > r.len as u64 || d.len == 0 {
+        if d.len as usize != l.data_len
+            || d.offset as u64 + d.len as u64 > r.len as u64
+            || d.len == 0
+        {
             return Err(Fatal {
                 fes: fes::DATA_TRANSFER_OUT_OF_RANGE,
                 fei: DataHdr::FEI_LEN,
@@ -869,14 +905,17 @@ impl Conn {
         };
         let ddgst = s.ddgst;
         let (o, n) = (off as usize, left as usize);
-        let mut got = 0usize;
+        let got: usize;
         let mut crc2 = crc;
         let avail = s.avail();
         if avail > 0 {
             let take = avail.min(n);
             let (a, st) = (s.rx_start, &mut *s);
             let ConnState { rx, reqs, .. } = st;
-            let buf = reqs[slot as usize].buf.as_mut().expect("data slot has a buffer");
+            let buf = reqs[slot as usize]
+                .buf
+                .as_mut()
+                .expect("data slot has a buffer");
             buf.as_mut_slice()[o..o + take].copy_from_slice(&rx[a..a + take]);
             if ddgst {
                 crc2 = crc32c::update(crc2, &rx[a..a + take]);
@@ -886,7 +925,10 @@ impl Conn {
         } else if n >= DIRECT_READ_MIN {
             // Large data: straight from the socket into the command's buffer.
             let r = {
-                let buf = s.reqs[slot as usize].buf.as_mut().expect("data slot has a buffer");
+                let buf = s.reqs[slot as usize]
+                    .buf
+                    .as_mut()
+                    .expect("data slot has a buffer");
                 let dst = &mut buf.as_mut_slice()[o..o + n];
                 self.read_into_len(dst)
             };
@@ -935,7 +977,13 @@ impl Conn {
     }
 
     fn rx_digest(&self, s: &mut ConnState, g: &TcpGroup) -> std::result::Result<bool, Fatal> {
-        let Rx::Digest { slot, crc, h2c, len } = s.rx_state else {
+        let Rx::Digest {
+            slot,
+            crc,
+            h2c,
+            len,
+        } = s.rx_state
+        else {
             return Ok(false);
         };
         match self.fill(s, DIGEST_LEN) {
@@ -971,7 +1019,13 @@ impl Conn {
             return;
         }
         if r.digest_error {
-            self.complete(s, g, slot, Status::generic(generic::TRANSIENT_TRANSPORT_ERROR), 0);
+            self.complete(
+                s,
+                g,
+                slot,
+                Status::generic(generic::TRANSIENT_TRANSPORT_ERROR),
+                0,
+            );
             return;
         }
         self.exec(s, g, slot);
@@ -981,7 +1035,13 @@ impl Conn {
     fn start_cmd(&self, s: &mut ConnState, g: &TcpGroup, slot: u16, icd: u32) {
         let r = &mut s.reqs[slot as usize];
         if r.digest_error {
-            self.complete(s, g, slot, Status::generic(generic::TRANSIENT_TRANSPORT_ERROR), 0);
+            self.complete(
+                s,
+                g,
+                slot,
+                Status::generic(generic::TRANSIENT_TRANSPORT_ERROR),
+                0,
+            );
             return;
         }
         let sqe = r.sqe;
@@ -1095,7 +1155,13 @@ impl Conn {
             return;
         }
         if !s.connected {
-            self.complete(s, g, slot, Status::generic(generic::COMMAND_SEQUENCE_ERROR), 0);
+            self.complete(
+                s,
+                g,
+                slot,
+                Status::generic(generic::COMMAND_SEQUENCE_ERROR),
+                0,
+            );
             return;
         }
         if s.qid == 0 {
@@ -1105,7 +1171,13 @@ impl Conn {
         let (sub, len) = match (&s.sub, &s.reqs[slot as usize]) {
             (Some(sub), r) => (sub.clone(), r.len),
             _ => {
-                self.complete(s, g, slot, Status::generic(generic::COMMAND_SEQUENCE_ERROR), 0);
+                self.complete(
+                    s,
+                    g,
+                    slot,
+                    Status::generic(generic::COMMAND_SEQUENCE_ERROR),
+                    0,
+                );
                 return;
             }
         };
@@ -1131,7 +1203,13 @@ impl Conn {
         let fct = sqe.fctype();
         if !s.connected {
             if fct != fctype::CONNECT {
-                self.complete(s, g, slot, Status::generic(generic::COMMAND_SEQUENCE_ERROR), 0);
+                self.complete(
+                    s,
+                    g,
+                    slot,
+                    Status::generic(generic::COMMAND_SEQUENCE_ERROR),
+                    0,
+                );
                 return;
             }
             let Some(pg) = self.pg.upgrade() else { return };
@@ -1188,9 +1266,13 @@ impl Conn {
                 let st = c.property_set(sqe);
                 self.complete(s, g, slot, st, 0);
             }
-            fctype::CONNECT => {
-                self.complete(s, g, slot, Status::generic(generic::COMMAND_SEQUENCE_ERROR), 0)
-            }
+            fctype::CONNECT => self.complete(
+                s,
+                g,
+                slot,
+                Status::generic(generic::COMMAND_SEQUENCE_ERROR),
+                0,
+            ),
             _ => self.complete(s, g, slot, Status::generic(generic::INVALID_OPCODE), 0),
         }
     }
@@ -1218,7 +1300,15 @@ impl Conn {
     }
 
     /// Queues the command's data (reads) and response; the slot frees when they are written.
-    fn complete_full(&self, s: &mut ConnState, _g: &TcpGroup, slot: u16, status: Status, dw0: u32, dw1: u32) {
+    fn complete_full(
+        &self,
+        s: &mut ConnState,
+        _g: &TcpGroup,
+        slot: u16,
+        status: Status,
+        dw0: u32,
+        dw1: u32,
+    ) {
         if s.phase == Phase::Closed {
             return;
         }
@@ -1337,7 +1427,10 @@ impl Conn {
                 'items: for t in tx.iter() {
                     let mut skip = t.done;
                     let data = t.data.map(|(slot, off, len)| {
-                        let b = reqs[slot as usize].buf.as_ref().expect("data slot has a buffer");
+                        let b = reqs[slot as usize]
+                            .buf
+                            .as_ref()
+                            .expect("data slot has a buffer");
                         &b.as_slice()[off as usize..(off + len) as usize]
                     });
                     let parts: [&[u8]; 3] = [
@@ -1443,18 +1536,6 @@ impl Conn {
     }
 }
 
-thread_local! {
-    /// Bytes moved by the last read (keeps `ReadOutcome` a plain enum).
-    static READ_N: Cell<usize> = const { Cell::new(0) };
-}
-
-impl ReadOutcome {
-    fn with(self, n: usize) -> ReadOutcome {
-        READ_N.with(|r| r.set(n));
-        self
-    }
-}
-
 impl Qpair for Conn {
     fn complete_async(&self, slot: u16, dw0: u32, status: Status) {
         let Some(g) = self.group() else { return };
@@ -1473,7 +1554,7 @@ impl Qpair for Conn {
     fn io_done(&self, slot: u16, io: IoHandle) {
         let st = crate::io::status_of(io.status());
         // The descriptor goes back to the pool before the response is built.
-        io.complete_noop();
+        drop(io);
         let Some(g) = self.group() else { return };
         let closing = {
             let mut s = self.s.borrow_mut();

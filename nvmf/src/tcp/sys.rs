@@ -58,12 +58,7 @@ impl Epoll {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
         // SAFETY: `evs` has room for MAX_EVENTS entries, the count passed; timeout 0 never blocks.
         let n = unsafe {
-            libc::epoll_wait(
-                self.fd.as_raw_fd(),
-                evs.as_mut_ptr(),
-                MAX_EVENTS as i32,
-                0,
-            )
+            libc::epoll_wait(self.fd.as_raw_fd(), evs.as_mut_ptr(), MAX_EVENTS as i32, 0)
         };
         let n = n.max(0) as usize;
         for (o, e) in out.iter_mut().zip(&evs[..n]) {
