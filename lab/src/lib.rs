@@ -16,8 +16,12 @@
 //! archive appended to the cached one (the kernel unpacks concatenated archives in order).
 //!
 //! Packages the lab needs (`qemu-system-x86`, `linux-image-amd64`, `busybox-static`, `kmod`, `xz-utils`) are
-//! installed with apt when missing. [`Lab::get`] fails with [`LabError::Unavailable`] only when QEMU truly cannot
-//! run here; tests then skip with a message saying why ([`Lab::get_or_skip`]).
+//! installed with apt when missing, and so are an image's own [`packages`](ImageSpec::packages) (e.g. `nvme-cli`)
+//! before it is built. [`Lab::get`] fails with [`LabError::Unavailable`] only when QEMU truly cannot run here;
+//! tests then skip with a message saying why ([`Lab::get_or_skip`], [`Lab::image_or_skip`]).
+//!
+//! For NVMe-oF tests the kernel's NVMe/TCP host runs in the guest ([`ImageSpec::nvme_tcp_host`], the script helpers
+//! of `/lab/nvmf.sh`, the target's JSON config in [`nvmf`]) against a target process on the host ([`target`]).
 
 pub mod cpio;
 mod image;

@@ -164,10 +164,14 @@ impl Target {
         let deadline = Instant::now() + grace;
         loop {
             match c.try_wait() {
-                Ok(Some(st)) => return Ok(st),
+                Ok(Some(st)) => {
+                    remove_dpdk_run_dir(c.id());
+                    return Ok(st);
+                }
                 Ok(None) if Instant::now() >= deadline => {
                     let _ = c.kill();
                     let _ = c.wait();
+                    remove_dpdk_run_dir(c.id());
                     return Err(format!(
                         "{} ignored SIGTERM for {grace:?} (killed)",
                         self.binary.display()
@@ -180,11 +184,18 @@ impl Target {
     }
 }
 
+/// Removes the runtime directory DPDK leaves behind for process `pid` (`/var/run/dpdk/spdk_pid<pid>`, empty after
+/// a run without hugepages); a non-empty or missing one is left alone.
+fn remove_dpdk_run_dir(pid: u32) {
+    let _ = std::fs::remove_dir(format!("/var/run/dpdk/spdk_pid{pid}"));
+}
+
 impl Drop for Target {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            remove_dpdk_run_dir(c.id());
         }
     }
 }
