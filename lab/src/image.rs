@@ -10,10 +10,11 @@ use std::process::{Command, Stdio};
 use crate::LabError;
 
 /// Bumped whenever the image layout changes, so cached images are rebuilt.
-const IMAGE_VERSION: &str = "lab-image-4";
+const IMAGE_VERSION: &str = "lab-image-5";
 
 const INIT: &str = include_str!("../guest/init");
 const LIB_SH: &str = include_str!("../guest/lib.sh");
+const NVMF_SH: &str = include_str!("../guest/nvmf.sh");
 
 /// What goes into the guest image (cached by a hash of all of it).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +29,9 @@ pub struct ImageSpec {
     pub dlopen: Vec<PathBuf>,
     /// Host files copied verbatim: (host path, guest path).
     pub files: Vec<(PathBuf, String)>,
+    /// Debian packages the binaries come from, installed with apt when missing before the image is built
+    /// ([`Lab::image`](crate::Lab::image) reports [`LabError::Unavailable`] when that fails).
+    pub packages: Vec<String>,
 }
 
 impl Default for ImageSpec {
@@ -43,6 +47,7 @@ impl Default for ImageSpec {
             binaries: vec!["/usr/bin/dd".into(), "/usr/sbin/blkdiscard".into()],
             dlopen: vec![],
             files: vec![],
+            packages: vec![],
         }
     }
 }
@@ -58,6 +63,22 @@ impl ImageSpec {
     pub fn with_modules(mut self, mods: &[&str]) -> Self {
         self.modules.extend(mods.iter().map(|s| s.to_string()));
         self
+    }
+
+    /// Adds Debian packages installed (when missing) before the image is built.
+    pub fn with_packages(mut self, pkgs: &[&str]) -> Self {
+        self.packages.extend(pkgs.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// The default image plus the kernel's NVMe/TCP host (`nvme_tcp`, which pulls in `nvme_fabrics` and
+    /// `nvme_core`, loaded at boot) and nvme-cli's `nvme` (package `nvme-cli`). Scripts drive it with the
+    /// helpers of `/lab/nvmf.sh` (see [`crate::nvmf`]).
+    pub fn nvme_tcp_host() -> Self {
+        ImageSpec::default()
+            .with_modules(&["nvme_tcp"])
+            .with_binaries(&["/usr/sbin/nvme"])
+            .with_packages(&["nvme-cli"])
     }
 }
 
@@ -253,6 +274,7 @@ pub(crate) fn build(root: &Path, kver: &str, spec: &ImageSpec) -> Result<PathBuf
     h.add(IMAGE_VERSION.as_bytes());
     h.add(INIT.as_bytes());
     h.add(LIB_SH.as_bytes());
+    h.add(NVMF_SH.as_bytes());
     h.add(kver.as_bytes());
     h.file(Path::new("/bin/busybox"));
     for m in spec.modules.iter().chain(&spec.extra_modules) {
@@ -389,6 +411,8 @@ fn write_cpio(r: &Path, out: &Path) -> Result<(), LabError> {
     w.chardev("dev/console", 0o600, 5, 1).map_err(err)?;
     w.file("init", 0o755, INIT.as_bytes()).map_err(err)?;
     w.file("lab/lib.sh", 0o644, LIB_SH.as_bytes())
+        .map_err(err)?;
+    w.file("lab/nvmf.sh", 0o644, NVMF_SH.as_bytes())
         .map_err(err)?;
     w.finish().map_err(err)?;
     std::fs::rename(&tmp, out).map_err(|e| LabError::Build(e.to_string()))

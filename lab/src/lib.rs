@@ -16,13 +16,19 @@
 //! archive appended to the cached one (the kernel unpacks concatenated archives in order).
 //!
 //! Packages the lab needs (`qemu-system-x86`, `linux-image-amd64`, `busybox-static`, `kmod`, `xz-utils`) are
-//! installed with apt when missing. [`Lab::get`] fails with [`LabError::Unavailable`] only when QEMU truly cannot
-//! run here; tests then skip with a message saying why ([`Lab::get_or_skip`]).
+//! installed with apt when missing, and so are an image's own [`packages`](ImageSpec::packages) (e.g. `nvme-cli`)
+//! before it is built. [`Lab::get`] fails with [`LabError::Unavailable`] only when QEMU truly cannot run here;
+//! tests then skip with a message saying why ([`Lab::get_or_skip`], [`Lab::image_or_skip`]).
+//!
+//! For NVMe-oF tests the kernel's NVMe/TCP host runs in the guest ([`ImageSpec::nvme_tcp_host`], the script helpers
+//! of `/lab/nvmf.sh`, the target's JSON config in [`nvmf`]) against a target process on the host ([`target`]).
 
 pub mod cpio;
 mod image;
+pub mod nvmf;
 mod qemu;
 pub mod spdk_rpc;
+pub mod target;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -156,7 +162,7 @@ impl Lab {
         std::fs::create_dir_all(root.join("logs"))
             .map_err(|e| LabError::Unavailable(format!("cannot create {}: {e}", root.display())))?;
         let _lock = image::lock(&root)?;
-        ensure_packages()?;
+        ensure_packages(APT_PACKAGES)?;
         let qemu_ok = Command::new(qemu::QEMU)
             .arg("--version")
             .output()
@@ -195,10 +201,27 @@ impl Lab {
         &self.kver
     }
 
-    /// Builds (or finds in the cache) the initramfs for `spec`.
+    /// Builds (or finds in the cache) the initramfs for `spec`, installing its [`packages`](ImageSpec::packages)
+    /// first when missing. Fails with [`LabError::Unavailable`] when they cannot be installed, so a test that
+    /// calls this before starting anything else can skip cleanly.
     pub fn image(&self, spec: &ImageSpec) -> Result<PathBuf, LabError> {
         let _lock = image::lock(&self.root)?;
+        let pkgs: Vec<&str> = spec.packages.iter().map(String::as_str).collect();
+        ensure_packages(&pkgs)?;
         image::build(&self.root, &self.kver, spec)
+    }
+
+    /// Like [`image`](Self::image), but prints `SKIPPED <test>: ...` and returns `None` when the image's
+    /// packages cannot be installed. Other failures panic.
+    pub fn image_or_skip(&self, test: &str, spec: &ImageSpec) -> Option<PathBuf> {
+        match self.image(spec) {
+            Ok(p) => Some(p),
+            Err(LabError::Unavailable(why)) => {
+                eprintln!("SKIPPED {test}: {why}");
+                None
+            }
+            Err(e) => panic!("{test}: {e}"),
+        }
     }
 
     /// Boots a guest and returns once it powered off (or the time limit killed it).
@@ -221,8 +244,9 @@ fn dpkg_installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn ensure_packages() -> Result<(), LabError> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs those of `pkgs` that are not installed (`apt-get update` first, once per call that needs it).
+fn ensure_packages(pkgs: &[&str]) -> Result<(), LabError> {
+    let missing: Vec<&str> = pkgs
         .iter()
         .copied()
         .filter(|p| !dpkg_installed(p))

@@ -1,6 +1,7 @@
 //! Starting QEMU and reading the guest's console.
 
 use std::io::{BufWriter, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -19,7 +20,7 @@ struct Console {
 
 type Shared = Arc<(Mutex<Console>, Condvar)>;
 
-/// A guest that is running; dropping it kills QEMU.
+/// A guest that is running; dropping it kills QEMU (so does the death of the thread that spawned it).
 pub struct RunningGuest {
     name: String,
     child: Option<Child>,
@@ -231,11 +232,20 @@ pub(crate) fn spawn(
     }
     args.extend(cfg.qemu_args.iter().cloned());
 
-    let mut child = Command::new(QEMU)
-        .args(&args)
+    let mut cmd = Command::new(QEMU);
+    cmd.args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it makes the kernel kill QEMU when
+    // the thread that started it dies, so a test killed before its drop ran leaves no guest behind.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| LabError::Qemu(format!("cannot start {QEMU}: {e}")))?;
     let console: Shared = Arc::new((Mutex::new(Console::default()), Condvar::new()));
