@@ -199,6 +199,10 @@ pub fn register(reg: &mut Registry, store: Rc<RefCell<KeptOptions>>) {
         bdev::register_module(m.clone());
     }
     for &(name, state) in KEPT_METHODS {
+        // A linked subsystem that implements the method (the NVMe-oF target's option methods) owns it.
+        if reg.state_mask(name).is_some() {
+            continue;
+        }
         let store = store.clone();
         let modules = modules.clone();
         reg.register(
