@@ -28,4 +28,4 @@ pub mod sock;
 pub mod ublk;
 pub mod vmd;
 
-pub use params::{decode, decode_over, Params};
+pub use params::{decode, decode_over, decode_relaxed, Params};

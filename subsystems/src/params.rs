@@ -66,6 +66,20 @@ pub fn decode<T: Params>(params: Option<Value>) -> Result<T, RpcError> {
     })
 }
 
+/// [`decode`] as SPDK's `spdk_json_decode_object_relaxed()` does: top-level members `T` does not know are
+/// ignored (SPDK hands such objects on to a transport, which takes its own members from them); nested objects
+/// stay strict.
+pub fn decode_relaxed<T: Params>(params: Option<Value>) -> Result<T, RpcError> {
+    match params {
+        Some(Value::Object(mut obj)) => {
+            let known = fields_of::<T>();
+            obj.retain(|k, _| known.contains(&k.as_str()));
+            decode(Some(Value::Object(obj)))
+        }
+        other => decode(other),
+    }
+}
+
 /// Decodes `params` over `current`: the members given replace the current ones (one level deep for nested
 /// objects), the others keep their values, as SPDK decodes into a struct filled with its current options.
 /// Errors are those of [`decode`] for `params` alone.
@@ -580,6 +594,27 @@ mod tests {
             msg::<Two>(json!({"y": "1", "z": 1})),
             "unknown field `z`, expected one of `x`, `y`"
         );
+    }
+
+    #[test]
+    fn relaxed() {
+        let o: Opts =
+            decode_relaxed(Some(json!({"x": 1, "old_count": 4, "inner": {"a": true}}))).unwrap();
+        assert_eq!(o.count, 4);
+        assert!(o.inner.a);
+        assert_eq!(
+            decode_relaxed::<Opts>(Some(json!({"x": 1, "inner": {"z": 1}})))
+                .unwrap_err()
+                .message,
+            "unknown field `z`, expected one of `a`, `b` in `inner`"
+        );
+        assert_eq!(
+            decode_relaxed::<Opts>(Some(json!([1])))
+                .unwrap_err()
+                .message,
+            "invalid type: array, expected an object"
+        );
+        assert_eq!(decode_relaxed::<Opts>(None).unwrap(), Opts::default());
     }
 
     #[test]
