@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use nvmf::mgmt;
-use nvmf::tgt::{SubsysOpts, Trid};
-use nvmf::transport::TransportOpts;
+use nvmf::params::{AnaState, ListenerConfig, NamespaceParams, NvmfCreateSubsystem, Trid};
 
 fn main() {
     let port = std::env::args().nth(1).unwrap_or_else(|| "4420".into());
@@ -25,44 +24,31 @@ fn main() {
             ..Default::default()
         })
         .expect("malloc");
-        mgmt::create_transport(
-            "tcp",
-            TransportOpts::default(),
-            serde_json::json!({}),
-            10_000,
-            move |r| {
-                r.expect("transport");
-                let nqn = "nqn.2016-06.io.spdk:cnode1";
-                mgmt::create_subsystem(&SubsysOpts {
-                    nqn: nqn.into(),
-                    serial_number: "SPDK00000000000001".into(),
-                    model_number: "SPDK bdev Controller".into(),
-                    allow_any_host: true,
-                    ana_reporting: false,
-                    max_namespaces: 32,
-                    min_cntlid: 1,
-                    max_cntlid: 0xffef,
-                })
-                .expect("subsystem");
-                let trid = Trid {
-                    trtype: "TCP".into(),
-                    adrfam: "IPv4".into(),
-                    traddr: "127.0.0.1".into(),
-                    trsvcid: port.clone(),
-                };
-                mgmt::add_listener(nqn, trid.clone(), None, false).expect("listener");
-                mgmt::add_listener(nvme_proto::fabrics::DISCOVERY_NQN, trid, None, false)
-                    .expect("discovery listener");
-                mgmt::add_ns(
-                    nqn,
-                    mgmt::NsOpts {
-                        bdev_name: "Malloc0".into(),
-                        ..Default::default()
-                    },
-                    |r| println!("namespace {:?}; serving", r.map_err(|e| e.to_string())),
-                );
-            },
-        );
+        let opts = nvmf::params::TransportOpts::defaults(nvmf::params::TransportKind::Tcp);
+        mgmt::create_transport(opts, None, move |r| {
+            r.expect("transport");
+            let nqn = "nqn.2016-06.io.spdk:cnode1";
+            let mut sub = NvmfCreateSubsystem::new(nqn);
+            sub.allow_any_host = true;
+            sub.serial_number = "SPDK00000000000001".into();
+            sub.normalize(false, 1, 1024).expect("subsystem options");
+            mgmt::create_subsystem(sub);
+            let trid = Trid::tcp("127.0.0.1", &port);
+            let config = |nqn: &str| ListenerConfig {
+                nqn: nqn.into(),
+                listen_address: trid.clone(),
+                secure_channel: false,
+                sock_impl: None,
+            };
+            mgmt::add_listener(nqn, trid.clone(), AnaState::Optimized, config(nqn))
+                .expect("listener");
+            let d = nvme_proto::fabrics::DISCOVERY_NQN;
+            mgmt::add_listener(d, trid.clone(), AnaState::Optimized, config(d))
+                .expect("discovery listener");
+            mgmt::add_ns(nqn, NamespaceParams::new("Malloc0"), |r| {
+                println!("namespace {:?}; serving", r.map_err(|e| e.to_string()))
+            });
+        });
     })
     .expect("reactors");
     std::thread::sleep(Duration::from_millis(10));

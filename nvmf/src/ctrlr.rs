@@ -562,16 +562,15 @@ impl Ctrlr {
         }
     }
 
-    /// `nvmf_subsystem_get_controllers` entry.
-    pub fn info_json(&self) -> serde_json::Value {
+    /// `nvmf_subsystem_get_controllers` entry (SPDK counts the admin queue in `num_io_qpairs`).
+    pub fn info(&self) -> crate::params::ControllerInfo {
         let st = self.state();
-        let hostid = uuid::Uuid::from_bytes(self.hostid);
-        serde_json::json!({
-            "cntlid": self.cntlid,
-            "hostnqn": self.hostnqn,
-            "hostid": hostid.to_string(),
-            "num_io_qpairs": st.qpairs.iter().filter(|q| q.qid != 0).count(),
-        })
+        crate::params::ControllerInfo {
+            cntlid: self.cntlid,
+            hostnqn: self.hostnqn.clone(),
+            hostid: uuid::Uuid::from_bytes(self.hostid),
+            num_io_qpairs: st.qpairs.len() as u32,
+        }
     }
 
     /// Property Get: the value and status.
@@ -833,7 +832,7 @@ impl Ctrlr {
                     .map(|(i, v)| lp::AnaGroupDesc {
                         anagrpid: i as u32 + 1,
                         change_count: 0,
-                        state: ss.ana_state(&self.listen, i as u32 + 1),
+                        state: ss.ana_state(&self.listen, i as u32 + 1).code(),
                         nsids: v,
                     })
                     .collect();
@@ -1046,7 +1045,10 @@ impl Ctrlr {
         if ss.ana_reporting {
             d.anagrpid = ns.anagrpid;
             let st = ss.ana_state(&self.listen, ns.anagrpid);
-            if st == tgt::ana::INACCESSIBLE || st == tgt::ana::PERSISTENT_LOSS {
+            if matches!(
+                st,
+                tgt::AnaState::Inaccessible | tgt::AnaState::PersistentLoss
+            ) {
                 d.nuse = 0;
             }
         }

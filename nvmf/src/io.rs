@@ -26,15 +26,15 @@ fn invalid_ns() -> Start {
 
 /// The path status for an ANA state that does not allow I/O.
 pub fn ana_status(state: u8) -> Option<Status> {
-    use crate::tgt::ana;
     match state {
-        ana::OPTIMIZED | ana::NON_OPTIMIZED => None,
-        ana::INACCESSIBLE => Some(Status::new(sct::PATH, path::ASYMMETRIC_ACCESS_INACCESSIBLE)),
-        ana::PERSISTENT_LOSS => Some(Status::new(
+        // Optimized, non-optimized.
+        0x1 | 0x2 => None,
+        0x3 => Some(Status::new(sct::PATH, path::ASYMMETRIC_ACCESS_INACCESSIBLE)),
+        0x4 => Some(Status::new(
             sct::PATH,
             path::ASYMMETRIC_ACCESS_PERSISTENT_LOSS,
         )),
-        ana::CHANGE => Some(Status::new(sct::PATH, path::ASYMMETRIC_ACCESS_TRANSITION)),
+        0xf => Some(Status::new(sct::PATH, path::ASYMMETRIC_ACCESS_TRANSITION)),
         _ => Some(Status::new(sct::PATH, path::INTERNAL_PATH_ERROR)),
     }
 }
@@ -80,7 +80,7 @@ pub unsafe fn exec(
                 .borrow()
                 .get(ns.anagrpid.saturating_sub(1) as usize)
                 .copied()
-                .unwrap_or(crate::tgt::ana::OPTIMIZED);
+                .unwrap_or(crate::tgt::AnaState::Optimized.code());
             if let Some(s) = ana_status(st) {
                 return Start::Done(s);
             }

@@ -16,6 +16,7 @@ pub mod io;
 pub mod mgmt;
 pub mod params;
 pub mod pg;
+pub mod rpc;
 pub mod tcp;
 pub mod tgt;
 pub mod transport;
@@ -24,3 +25,31 @@ pub use error::{Error, ErrorKind, Result};
 
 /// The module name of bdev claims (SPDK's `ns_bdev_module`).
 pub const CLAIM_MODULE: &str = "NVMe-oF Target";
+
+/// The `nvmf` subsystem, for the application to register.
+pub fn subsystem() -> std::sync::Arc<dyn subsystems::framework::Subsystem> {
+    std::sync::Arc::new(Nvmf)
+}
+
+struct Nvmf;
+
+impl subsystems::framework::Subsystem for Nvmf {
+    fn name(&self) -> &'static str {
+        "nvmf"
+    }
+    fn register_rpcs(&self, reg: &mut jsonrpc::Registry) {
+        rpc::register(reg);
+    }
+    fn init(&self, done: subsystems::framework::InitDone) {
+        tgt::tgt().ensure_discovery();
+        done(Ok(()))
+    }
+    fn fini(&self, done: subsystems::framework::FiniDone) {
+        // `done` must run on the app thread, where fini was called.
+        let done = reactor::OnThread::new(done);
+        mgmt::fini(move || done.with(|d| d()));
+    }
+    fn config_json(&self) -> Option<serde_json::Value> {
+        Some(rpc::config_json())
+    }
+}

@@ -6,13 +6,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use reactor::CpuMask;
-use serde_json::Value;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::params::{ListenerConfig, NamespaceParams, NvmfCreateSubsystem, NvmfSubsystemAddHost};
 use crate::pg::{self, Pg, PgNs};
 use crate::tcp::TcpTransport;
-use crate::tgt::{self, ana, Listener, Ns, PgHandle, Referral, SubType, SubsysOpts, Trid};
-use crate::transport::{Transport, TransportOpts};
+use crate::tgt::{self, AnaState, Listener, Ns, PgHandle, Referral, SubType, Trid};
+use crate::transport::Transport;
 
 fn not_found(what: impl Into<String>) -> Error {
     Error::new(ErrorKind::NotFound, what)
@@ -48,14 +48,13 @@ pub fn start_poll_groups(mask: Option<&CpuMask>) {
     tgt::tgt().pgs = pgs;
 }
 
-/// `nvmf_create_transport`: `trtype` as given (case-insensitive).
+/// `nvmf_create_transport` with options SPDK's checks accepted.
 pub fn create_transport(
-    trtype: &str,
-    opts: TransportOpts,
-    info: Value,
-    acceptor_poll_rate_us: u64,
+    opts: crate::params::TransportOpts,
+    poll_groups_mask: Option<CpuMask>,
     done: impl FnOnce(Result<()>) + Send + 'static,
 ) {
+    let trtype = opts.kind().name();
     let name = trtype.to_ascii_uppercase();
     {
         let t = tgt::tgt();
@@ -68,7 +67,7 @@ pub fn create_transport(
         }
     }
     let tr: Arc<dyn Transport> = match name.as_str() {
-        "TCP" => TcpTransport::create(opts, info, acceptor_poll_rate_us),
+        "TCP" => TcpTransport::create(opts),
         _ => {
             done(Err(Error::new(
                 ErrorKind::Invalid,
@@ -77,7 +76,7 @@ pub fn create_transport(
             return;
         }
     };
-    start_poll_groups(None);
+    start_poll_groups(poll_groups_mask.as_ref());
     let pgs = {
         let mut t = tgt::tgt();
         t.ensure_discovery();
@@ -102,12 +101,11 @@ pub fn transport(trtype: &str) -> Option<Arc<dyn Transport>> {
         .cloned()
 }
 
-/// `nvmf_create_subsystem`.
-pub fn create_subsystem(o: &SubsysOpts) -> Result<()> {
+/// `nvmf_create_subsystem`, with options already checked and normalized.
+pub fn create_subsystem(o: NvmfCreateSubsystem) {
     let mut t = tgt::tgt();
-    t.create_subsystem(o)?;
+    t.create_subsystem(o);
     tgt::discovery_changed(&mut t);
-    Ok(())
 }
 
 /// `nvmf_delete_subsystem`: its controllers are disconnected, its namespaces released.
@@ -155,8 +153,14 @@ pub fn delete_subsystem(nqn: &str, done: impl FnOnce(Result<()>) + Send + 'stati
     );
 }
 
-/// `nvmf_subsystem_add_listener`.
-pub fn add_listener(nqn: &str, trid: Trid, ana_state: Option<u8>, secure: bool) -> Result<()> {
+/// `nvmf_subsystem_add_listener`: the transport listens (if it does not already), the subsystem accepts
+/// connections there.
+pub fn add_listener(
+    nqn: &str,
+    trid: Trid,
+    ana_state: AnaState,
+    config: ListenerConfig,
+) -> Result<()> {
     let s = subsystem(nqn)?;
     let tr = transport(&trid.trtype).ok_or_else(|| {
         Error::new(
@@ -167,14 +171,11 @@ pub fn add_listener(nqn: &str, trid: Trid, ana_state: Option<u8>, secure: bool) 
             ),
         )
     })?;
-    {
-        let st = s.state();
-        if st.listeners.iter().any(|l| l.trid.same(&trid)) {
-            return Err(Error::new(
-                ErrorKind::Exists,
-                format!("Listener {}:{} already exists", trid.traddr, trid.trsvcid),
-            ));
-        }
+    if s.state().listeners.iter().any(|l| l.trid.same(&trid)) {
+        return Err(Error::new(
+            ErrorKind::Exists,
+            format!("Listener {}:{} already exists", trid.traddr, trid.trsvcid),
+        ));
     }
     tr.listen(&trid)?;
     let mut t = tgt::tgt();
@@ -193,12 +194,15 @@ pub fn add_listener(nqn: &str, trid: Trid, ana_state: Option<u8>, secure: bool) 
     {
         let mut st = s.state();
         let groups = st.max_nsid.max(1) as usize;
-        st.listeners.push(Listener {
-            trid,
-            portid,
-            ana_state: vec![ana_state.unwrap_or(ana::OPTIMIZED); groups],
-            secure_channel: secure,
-        });
+        st.listeners.insert(
+            0,
+            Listener {
+                trid,
+                portid,
+                ana_state: vec![ana_state; groups],
+                config,
+            },
+        );
     }
     push_ana(&t, &s);
     tgt::discovery_changed(&mut t);
@@ -248,7 +252,10 @@ fn push_ana(t: &tgt::Tgt, s: &tgt::Subsystem) {
             st.ana_reporting,
             st.listeners
                 .iter()
-                .map(|l| (l.trid.clone(), l.ana_state.clone()))
+                .map(|l| {
+                    let codes = l.ana_state.iter().map(|a| a.code()).collect();
+                    (l.trid.clone(), codes)
+                })
                 .collect(),
         )
     };
@@ -266,37 +273,21 @@ fn push_ana(t: &tgt::Tgt, s: &tgt::Subsystem) {
     }
 }
 
-/// `nvmf_subsystem_listener_set_ana_state`: one group (`anagrpid`) or all.
-pub fn set_ana_state(nqn: &str, trid: &Trid, state: u8, anagrpid: Option<u32>) -> Result<()> {
+/// `nvmf_subsystem_listener_set_ana_state`: one group (`anagrpid`, 0 for all); the RPC checked the group and
+/// that the subsystem reports ANA states.
+pub fn set_ana_state(nqn: &str, trid: &Trid, state: AnaState, anagrpid: u32) -> Result<()> {
     let s = subsystem(nqn)?;
     let ctrlrs = {
         let mut st = s.state();
-        if !st.ana_reporting {
-            return Err(Error::new(
-                ErrorKind::Invalid,
-                format!("Subsystem {nqn} does not have ANA reporting enabled"),
-            ));
-        }
-        let max = st.max_nsid;
         let l = st
             .listeners
             .iter_mut()
             .find(|l| l.trid.same(trid))
             .ok_or_else(|| not_found("Unable to find listener."))?;
-        match anagrpid {
-            Some(g) if g == 0 || g > max => {
-                return Err(Error::new(
-                    ErrorKind::Invalid,
-                    format!("invalid ANA group {g}"),
-                ))
+        for (g, a) in (1..).zip(l.ana_state.iter_mut()) {
+            if anagrpid == 0 || anagrpid == g {
+                *a = state;
             }
-            Some(g) => {
-                if l.ana_state.len() < g as usize {
-                    l.ana_state.resize(g as usize, ana::OPTIMIZED);
-                }
-                l.ana_state[g as usize - 1] = state;
-            }
-            None => l.ana_state.iter_mut().for_each(|x| *x = state),
         }
         st.ctrlrs
             .iter()
@@ -311,29 +302,8 @@ pub fn set_ana_state(nqn: &str, trid: &Trid, state: u8, anagrpid: Option<u32>) -
     Ok(())
 }
 
-/// What a namespace is added with.
-#[derive(Clone, Debug, Default)]
-pub struct NsOpts {
-    /// Namespace id (0: the lowest free one).
-    pub nsid: u32,
-    /// Bdev name.
-    pub bdev_name: String,
-    /// NGUID.
-    pub nguid: Option<[u8; 16]>,
-    /// EUI64.
-    pub eui64: Option<[u8; 8]>,
-    /// UUID (default: the bdev's).
-    pub uuid: Option<uuid::Uuid>,
-    /// ANA group (default: the nsid).
-    pub anagrpid: Option<u32>,
-    /// Not visible until made so.
-    pub no_auto_visible: bool,
-    /// Persistent reservation file.
-    pub ptpl_file: Option<String>,
-}
-
 /// `nvmf_subsystem_add_ns`: answers with the namespace id once every poll group has its channel.
-pub fn add_ns(nqn: &str, o: NsOpts, done: impl FnOnce(Result<u32>) + Send + 'static) {
+pub fn add_ns(nqn: &str, o: NamespaceParams, done: impl FnOnce(Result<u32>) + Send + 'static) {
     match add_ns_inner(nqn, o) {
         Ok((s, nsid, desc, anagrpid, pgs)) => {
             let id = s.id;
@@ -368,7 +338,7 @@ type Added = (
     Vec<PgHandle>,
 );
 
-fn add_ns_inner(nqn: &str, o: NsOpts) -> Result<Added> {
+fn add_ns_inner(nqn: &str, o: NamespaceParams) -> Result<Added> {
     let s = subsystem(nqn)?;
     if s.subtype != SubType::Nvme {
         return Err(Error::new(
@@ -428,48 +398,25 @@ fn add_ns_inner(nqn: &str, o: NsOpts) -> Result<Added> {
     })?;
     let bdev_uuid = desc.bdev().uuid();
     let mut st = s.state();
-    let nsid = if o.nsid == 0 {
-        let mut n = 1u32;
-        while st.ns(n).is_some() {
-            n += 1;
-        }
-        n
-    } else {
-        o.nsid
-    };
-    if st.max_namespaces != 0 && nsid > st.max_namespaces {
-        return Err(Error::new(
-            ErrorKind::Invalid,
-            format!(
-                "Requested NSID {nsid} is out of range (max {})",
-                st.max_namespaces
-            ),
-        ));
-    }
-    if nsid == 0xffff_ffff || st.ns(nsid).is_some() {
-        return Err(Error::new(
-            ErrorKind::Invalid,
-            format!("Requested NSID {nsid} already in use"),
-        ));
-    }
-    let uuid = o.uuid.unwrap_or(bdev_uuid);
-    if st.active_ns().any(|n| n.uuid == uuid) {
-        return Err(Error::new(
-            ErrorKind::Invalid,
-            format!("Namespace with UUID {uuid} already exists"),
-        ));
-    }
-    let anagrpid = o.anagrpid.unwrap_or(nsid);
+    let max = st.max_nsid;
+    let ns = o
+        .resolve(max, |id| st.ns(id).is_some(), bdev_uuid)
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Invalid,
+                format!("Unable to add namespace: {}", e.message),
+            )
+        })?;
+    let nsid = ns.nsid;
+    let anagrpid = ns.anagrpid.unwrap_or(nsid);
+    let uuid = ns.uuid.unwrap_or(bdev_uuid);
     if st.ns.len() < nsid as usize {
         st.ns.resize_with(nsid as usize, || None);
     }
-    if st.max_nsid < nsid {
-        st.max_nsid = nsid;
-    }
-    let max = st.max_nsid as usize;
+    let groups = max as usize;
     for l in st.listeners.iter_mut() {
-        if l.ana_state.len() < max {
-            l.ana_state.resize(max, ana::OPTIMIZED);
+        if l.ana_state.len() < groups {
+            l.ana_state.resize(groups, AnaState::Optimized);
         }
     }
     let desc = Arc::new(desc);
@@ -478,11 +425,10 @@ fn add_ns_inner(nqn: &str, o: NsOpts) -> Result<Added> {
         bdev_name: name,
         desc: desc.clone(),
         uuid,
-        nguid: o.nguid.unwrap_or([0; 16]),
-        eui64: o.eui64.unwrap_or([0; 8]),
+        nguid: ns.nguid.map(|n| n.0).unwrap_or([0; 16]),
+        eui64: ns.eui64.map(|e| e.0).unwrap_or([0; 8]),
         anagrpid,
-        no_auto_visible: o.no_auto_visible,
-        ptpl_file: o.ptpl_file,
+        params: ns,
     });
     drop(st);
     let t = tgt::tgt();
@@ -538,18 +484,14 @@ pub fn remove_ns(nqn: &str, nsid: u32, done: impl FnOnce(Result<()>) + Send + 's
     );
 }
 
-/// `nvmf_subsystem_add_host`.
-pub fn add_host(nqn: &str, host: &str) -> Result<()> {
-    let s = subsystem(nqn)?;
+/// `nvmf_subsystem_add_host` (the RPC made SPDK's checks; a host already allowed was answered there).
+pub fn add_host(h: NvmfSubsystemAddHost) -> Result<()> {
+    let s = subsystem(&h.nqn)?;
     {
         let mut st = s.state();
-        if st.hosts.iter().any(|h| h == host) {
-            return Err(Error::new(
-                ErrorKind::Exists,
-                format!("Host {host} already allowed"),
-            ));
+        if !st.hosts.iter().any(|x| x.host == h.host) {
+            st.hosts.insert(0, h);
         }
-        st.hosts.push(host.to_string());
     }
     tgt::discovery_changed(&mut tgt::tgt());
     Ok(())
@@ -561,7 +503,7 @@ pub fn remove_host(nqn: &str, host: &str) -> Result<()> {
     {
         let mut st = s.state();
         let before = st.hosts.len();
-        st.hosts.retain(|h| h != host);
+        st.hosts.retain(|h| h.host != host);
         if before == st.hosts.len() {
             return Err(not_found(format!("Host {host} not found")));
         }
@@ -581,29 +523,24 @@ pub fn allow_any_host(nqn: &str, allow: bool) -> Result<()> {
     Ok(())
 }
 
-/// `nvmf_discovery_add_referral`.
-pub fn add_referral(r: Referral) -> Result<()> {
+/// `nvmf_discovery_add_referral` (the same referral again changes nothing, as SPDK).
+pub fn add_referral(r: Referral) {
     let mut t = tgt::tgt();
-    if t.referrals
-        .iter()
-        .any(|x| x.trid.same(&r.trid) && x.subnqn == r.subnqn)
-    {
-        return Err(Error::new(ErrorKind::Exists, "Referral already exists"));
+    if !t.referrals.iter().any(|x| x.same(&r)) {
+        t.referrals.insert(0, r);
+        tgt::discovery_changed(&mut t);
     }
-    t.referrals.push(r);
-    tgt::discovery_changed(&mut t);
-    Ok(())
 }
 
 /// `nvmf_discovery_remove_referral`.
-pub fn remove_referral(trid: &Trid, subnqn: Option<&str>) -> Result<()> {
+pub fn remove_referral(r: &Referral) -> Result<()> {
     let mut t = tgt::tgt();
-    let before = t.referrals.len();
-    t.referrals
-        .retain(|x| !(x.trid.same(trid) && subnqn.is_none_or(|n| n == x.subnqn)));
-    if t.referrals.len() == before {
-        return Err(not_found("Referral not found"));
-    }
+    let i = t
+        .referrals
+        .iter()
+        .position(|x| x.same(r))
+        .ok_or_else(|| not_found("Referral not found"))?;
+    t.referrals.remove(i);
     tgt::discovery_changed(&mut t);
     Ok(())
 }

@@ -12,7 +12,6 @@ use std::rc::Rc;
 use bdev::{IoChannel, IoHandle, IoType};
 use nvme_proto::status::Status;
 use reactor::{Poller, ThreadHandle};
-use serde_json::Value;
 
 use crate::tgt::Trid;
 
@@ -95,8 +94,8 @@ pub trait Qpair {
     fn io_done(&self, slot: u16, io: IoHandle);
     /// Closes the connection (the host sees it go); outstanding I/O finishes first.
     fn disconnect(&self);
-    /// `nvmf_subsystem_get_qpairs` entry.
-    fn info(&self) -> Option<(String, Value)>;
+    /// `nvmf_subsystem_get_qpairs` entry, with its subsystem's NQN (none before Connect).
+    fn info(&self) -> Option<(String, crate::params::QpairInfo)>;
 }
 
 /// Per poll group counters (`nvmf_get_stats`).

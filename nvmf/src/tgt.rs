@@ -12,46 +12,25 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use nvme_proto::fabrics::DISCOVERY_NQN;
 use reactor::ThreadHandle;
 
-use crate::error::{Error, ErrorKind, Result};
+pub use crate::params::address::{AdrFam, AnaState, Trid};
+pub use crate::params::Referral;
 
-/// A transport address, as SPDK's `spdk_nvme_transport_id` names its parts in RPCs.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Trid {
-    /// Transport type as SPDK writes it ("TCP", "RDMA").
-    pub trtype: String,
-    /// Address family ("IPv4", "IPv6").
-    pub adrfam: String,
-    /// Address.
-    pub traddr: String,
-    /// Service id (port).
-    pub trsvcid: String,
+/// The discovery log's transport type code of `t`.
+pub fn trtype_code(t: &Trid) -> u8 {
+    if t.trtype.eq_ignore_ascii_case("rdma") {
+        1
+    } else {
+        3
+    }
 }
 
-impl Trid {
-    /// Whether two addresses name the same listener (case-insensitive as SPDK compares them).
-    pub fn same(&self, o: &Trid) -> bool {
-        self.trtype.eq_ignore_ascii_case(&o.trtype)
-            && self.adrfam.eq_ignore_ascii_case(&o.adrfam)
-            && self.traddr.eq_ignore_ascii_case(&o.traddr)
-            && self.trsvcid.eq_ignore_ascii_case(&o.trsvcid)
-    }
-
-    /// The discovery log's transport type code.
-    pub fn trtype_code(&self) -> u8 {
-        if self.trtype.eq_ignore_ascii_case("rdma") {
-            1
-        } else {
-            3
-        }
-    }
-
-    /// The discovery log's address family code.
-    pub fn adrfam_code(&self) -> u8 {
-        if self.adrfam.eq_ignore_ascii_case("ipv6") {
-            2
-        } else {
-            1
-        }
+/// The discovery log's address family code of `t`.
+pub fn adrfam_code(t: &Trid) -> u8 {
+    match t.adrfam {
+        AdrFam::Ipv4 => 1,
+        AdrFam::Ipv6 => 2,
+        AdrFam::Ib => 3,
+        AdrFam::Fc => 4,
     }
 }
 
@@ -82,43 +61,6 @@ impl SubType {
     }
 }
 
-/// ANA states.
-pub mod ana {
-    /// Optimized.
-    pub const OPTIMIZED: u8 = 0x01;
-    /// Non-optimized.
-    pub const NON_OPTIMIZED: u8 = 0x02;
-    /// Inaccessible.
-    pub const INACCESSIBLE: u8 = 0x03;
-    /// Persistent loss.
-    pub const PERSISTENT_LOSS: u8 = 0x04;
-    /// Change.
-    pub const CHANGE: u8 = 0x0f;
-
-    /// SPDK's name of a state.
-    pub fn name(s: u8) -> &'static str {
-        match s {
-            OPTIMIZED => "optimized",
-            NON_OPTIMIZED => "non_optimized",
-            INACCESSIBLE => "inaccessible",
-            PERSISTENT_LOSS => "persistent_loss",
-            _ => "change",
-        }
-    }
-
-    /// The state for SPDK's name.
-    pub fn parse(s: &str) -> Option<u8> {
-        Some(match s {
-            "optimized" => OPTIMIZED,
-            "non_optimized" => NON_OPTIMIZED,
-            "inaccessible" => INACCESSIBLE,
-            "persistent_loss" => PERSISTENT_LOSS,
-            "change" => CHANGE,
-            _ => return None,
-        })
-    }
-}
-
 /// A listener of a subsystem: an address and, per ANA group, its state.
 #[derive(Clone, Debug)]
 pub struct Listener {
@@ -127,9 +69,9 @@ pub struct Listener {
     /// Port id in discovery log entries.
     pub portid: u16,
     /// ANA state per ANA group (index anagrpid - 1).
-    pub ana_state: Vec<u8>,
-    /// `secure_channel` as given.
-    pub secure_channel: bool,
+    pub ana_state: Vec<AnaState>,
+    /// What `save_config` writes for it.
+    pub config: crate::params::ListenerConfig,
 }
 
 /// An exported namespace.
@@ -148,31 +90,8 @@ pub struct Ns {
     pub eui64: [u8; 8],
     /// ANA group.
     pub anagrpid: u32,
-    /// Not visible to controllers until made so (SPDK `no_auto_visible`).
-    pub no_auto_visible: bool,
-    /// Persistent reservation file as given.
-    pub ptpl_file: Option<String>,
-}
-
-/// What an NVM subsystem is created with.
-#[derive(Clone, Debug)]
-pub struct SubsysOpts {
-    /// NQN.
-    pub nqn: String,
-    /// Serial number.
-    pub serial_number: String,
-    /// Model number.
-    pub model_number: String,
-    /// Any host may connect.
-    pub allow_any_host: bool,
-    /// ANA reporting.
-    pub ana_reporting: bool,
-    /// Namespace limit (0: none).
-    pub max_namespaces: u32,
-    /// Lowest controller id.
-    pub min_cntlid: u16,
-    /// Highest controller id.
-    pub max_cntlid: u16,
+    /// The namespace as resolved (what `nvmf_get_subsystems` and `save_config` show).
+    pub params: crate::params::NamespaceParams,
 }
 
 /// An NVM subsystem or the discovery subsystem.
@@ -189,6 +108,8 @@ pub struct Subsystem {
 
 /// The changing part of a subsystem.
 pub struct SubsysState {
+    /// The options it was created with (normalized), as `save_config` writes them.
+    pub create: crate::params::NvmfCreateSubsystem,
     /// Serial number.
     pub serial_number: String,
     /// Model number.
@@ -197,9 +118,7 @@ pub struct SubsysState {
     pub allow_any_host: bool,
     /// ANA reporting.
     pub ana_reporting: bool,
-    /// Namespace limit as created (0: none).
-    pub max_namespaces: u32,
-    /// Highest namespace id the subsystem can hold (Identify's NN).
+    /// Highest namespace id the subsystem can hold (Identify's NN; `max_namespaces`).
     pub max_nsid: u32,
     /// Lowest controller id.
     pub min_cntlid: u16,
@@ -207,9 +126,9 @@ pub struct SubsysState {
     pub max_cntlid: u16,
     /// Next controller id to try.
     pub next_cntlid: u16,
-    /// Allowed host NQNs, in the order added.
-    pub hosts: Vec<String>,
-    /// Listeners, in the order added.
+    /// Allowed hosts, newest first (SPDK's order).
+    pub hosts: Vec<crate::params::NvmfSubsystemAddHost>,
+    /// Listeners, newest first (SPDK's order).
     pub listeners: Vec<Listener>,
     /// Namespaces by nsid - 1.
     pub ns: Vec<Option<Ns>>,
@@ -226,7 +145,7 @@ impl Subsystem {
     /// Whether `hostnqn` may connect.
     pub fn host_allowed(&self, hostnqn: &str) -> bool {
         let st = self.state();
-        st.allow_any_host || st.hosts.iter().any(|h| h == hostnqn)
+        st.allow_any_host || st.hosts.iter().any(|h| h.host == hostnqn)
     }
 
     /// Whether the subsystem accepts connections at `trid` (the discovery subsystem accepts them at any
@@ -239,12 +158,12 @@ impl Subsystem {
 
 impl SubsysState {
     /// The ANA state of `anagrpid` at `trid` (optimized when not reported).
-    pub fn ana_state(&self, trid: &Trid, anagrpid: u32) -> u8 {
+    pub fn ana_state(&self, trid: &Trid, anagrpid: u32) -> AnaState {
         self.listeners
             .iter()
             .find(|l| l.trid.same(trid))
             .and_then(|l| l.ana_state.get(anagrpid.checked_sub(1)? as usize).copied())
-            .unwrap_or(ana::OPTIMIZED)
+            .unwrap_or_default()
     }
 
     /// The namespace `nsid`, if active.
@@ -258,17 +177,6 @@ impl SubsysState {
     pub fn active_ns(&self) -> impl Iterator<Item = &Ns> {
         self.ns.iter().flatten()
     }
-}
-
-/// A discovery referral.
-#[derive(Clone, Debug)]
-pub struct Referral {
-    /// Address of the other discovery service.
-    pub trid: Trid,
-    /// Its subsystem NQN (the discovery NQN unless given).
-    pub subnqn: String,
-    /// Secure channel required.
-    pub secure_channel: bool,
 }
 
 /// A poll group, as the target knows it.
@@ -350,11 +258,11 @@ impl Tgt {
                 nqn: DISCOVERY_NQN.into(),
                 subtype: SubType::Discovery,
                 st: Mutex::new(SubsysState {
+                    create: crate::params::NvmfCreateSubsystem::new(DISCOVERY_NQN),
                     serial_number: String::new(),
                     model_number: String::new(),
                     allow_any_host: true,
                     ana_reporting: false,
-                    max_namespaces: 0,
                     max_nsid: 0,
                     min_cntlid: 1,
                     max_cntlid: 0xffef,
@@ -368,26 +276,9 @@ impl Tgt {
         );
     }
 
-    /// Creates an NVM subsystem.
-    pub fn create_subsystem(&mut self, o: &SubsysOpts) -> Result<Arc<Subsystem>> {
+    /// Creates an NVM subsystem from normalized options (`NvmfCreateSubsystem::normalize` made SPDK's checks).
+    pub fn create_subsystem(&mut self, o: crate::params::NvmfCreateSubsystem) -> Arc<Subsystem> {
         self.ensure_discovery();
-        if self.find(&o.nqn).is_some() {
-            return Err(Error::new(
-                ErrorKind::Exists,
-                format!("Subsystem NQN '{}' already exists", o.nqn),
-            ));
-        }
-        let nvm = self
-            .subsystems
-            .iter()
-            .filter(|s| s.subtype == SubType::Nvme)
-            .count();
-        if nvm as u32 >= self.max_subsystems {
-            return Err(Error::new(
-                ErrorKind::NoSpace,
-                format!("no more subsystems (max {})", self.max_subsystems),
-            ));
-        }
         let id = self.next_subsys_id;
         self.next_subsys_id += 1;
         let s = Arc::new(Subsystem {
@@ -399,11 +290,11 @@ impl Tgt {
                 model_number: o.model_number.clone(),
                 allow_any_host: o.allow_any_host,
                 ana_reporting: o.ana_reporting,
-                max_namespaces: o.max_namespaces,
                 max_nsid: o.max_namespaces,
                 min_cntlid: o.min_cntlid,
                 max_cntlid: o.max_cntlid,
                 next_cntlid: o.min_cntlid,
+                create: o,
                 hosts: Vec::new(),
                 listeners: Vec::new(),
                 ns: Vec::new(),
@@ -411,8 +302,7 @@ impl Tgt {
             }),
         });
         self.subsystems.push(s.clone());
-        self.discovery_genctr += 1;
-        Ok(s)
+        s
     }
 
     /// Picks the poll group for a new connection (round robin, as SPDK's default).
@@ -442,14 +332,13 @@ impl Tgt {
         let matches = |t: &Trid| {
             (f & 1 == 0 || t.trtype.eq_ignore_ascii_case(&source.trtype))
                 && (f & 2 == 0
-                    || (t.adrfam.eq_ignore_ascii_case(&source.adrfam)
-                        && t.traddr.eq_ignore_ascii_case(&source.traddr)))
+                    || (t.adrfam == source.adrfam && t.traddr.eq_ignore_ascii_case(&source.traddr)))
                 && (f & 4 == 0 || t.trsvcid.eq_ignore_ascii_case(&source.trsvcid))
         };
         let entry = |trid: &Trid, subtype: u8, treq: u8, portid: u16, eflags: u16, nqn: &str| {
             let mut e = DiscoveryEntry {
-                trtype: trid.trtype_code(),
-                adrfam: trid.adrfam_code(),
+                trtype: trtype_code(trid),
+                adrfam: adrfam_code(trid),
                 subtype,
                 treq,
                 portid,
@@ -492,7 +381,7 @@ impl Tgt {
         for r in &self.referrals {
             let subtype = if r.subnqn == DISCOVERY_NQN { 1 } else { 2 };
             let treq = if r.secure_channel { 0x1 } else { 0x2 };
-            entries.push(entry(&r.trid, subtype, treq, 0, 0, &r.subnqn));
+            entries.push(entry(&r.address, subtype, treq, 0, 0, &r.subnqn));
         }
         encode_discovery_log(self.discovery_genctr, &entries, offset, out)
     }

@@ -2,8 +2,6 @@
 //! connections and hands each to a poll group, where it parses capsules into commands for the
 //! transport-independent target ([`crate::ctrlr`], [`crate::io`]) and moves their data.
 
-use serde_json::Value;
-
 use crate::error::Result;
 use crate::tgt::Trid;
 
@@ -32,6 +30,28 @@ pub struct TransportOpts {
     pub abort_timeout_sec: u32,
 }
 
+impl From<&crate::params::TransportOpts> for TransportOpts {
+    /// The engine's view of the options an RPC gave (SPDK's checks already made).
+    fn from(o: &crate::params::TransportOpts) -> Self {
+        let c2h_success = match &o.specific {
+            crate::params::transport::TransportSpecific::Tcp(t) => t.c2h_success,
+            crate::params::transport::TransportSpecific::Rdma(_) => false,
+        };
+        TransportOpts {
+            max_queue_depth: o.max_queue_depth,
+            max_io_qpairs_per_ctrlr: o.max_io_qpairs_per_ctrlr,
+            in_capsule_data_size: o.in_capsule_data_size,
+            max_io_size: o.max_io_size,
+            io_unit_size: o.io_unit_size,
+            max_aq_depth: o.max_aq_depth.min(u16::MAX as u32) as u16,
+            num_shared_buffers: o.num_shared_buffers,
+            buf_cache_size: o.buf_cache_size,
+            c2h_success,
+            abort_timeout_sec: o.abort_timeout_sec,
+        }
+    }
+}
+
 impl Default for TransportOpts {
     /// SPDK's TCP defaults.
     fn default() -> Self {
@@ -56,8 +76,9 @@ pub trait Transport: Send + Sync {
     fn name(&self) -> &'static str;
     /// The options.
     fn opts(&self) -> &TransportOpts;
-    /// The `nvmf_get_transports` entry (and the `nvmf_create_transport` params `save_config` writes).
-    fn info_json(&self) -> Value;
+    /// The options as given and completed with SPDK's defaults: the `nvmf_get_transports` entry and the
+    /// `nvmf_create_transport` params `save_config` writes.
+    fn params(&self) -> &crate::params::TransportOpts;
     /// Starts listening at `trid` (already listening: success, as SPDK counts listeners).
     fn listen(&self, trid: &Trid) -> Result<()>;
     /// Stops listening at `trid`.

@@ -34,7 +34,6 @@ use nvme_proto::tcp::{
 };
 use reactor::dma::DmaBuf;
 use reactor::Poller;
-use serde_json::{json, Value};
 
 use crate::ctrlr::{self, Admin, Ctrlr};
 use crate::error::{Error, Result};
@@ -57,8 +56,7 @@ const RX_BUDGET: usize = 64;
 /// The TCP transport.
 pub struct TcpTransport {
     opts: TransportOpts,
-    /// The parameters as `nvmf_get_transports` reports them.
-    info: Value,
+    params: crate::params::TransportOpts,
     listeners: Mutex<Vec<(Trid, Arc<TcpListener>)>>,
 }
 
@@ -69,14 +67,11 @@ thread_local! {
 
 impl TcpTransport {
     /// Creates the transport and its acceptor poller (on the current thread, every `acceptor_poll_rate` µs).
-    pub fn create(
-        opts: TransportOpts,
-        info: Value,
-        acceptor_poll_rate_us: u64,
-    ) -> Arc<TcpTransport> {
+    pub fn create(params: crate::params::TransportOpts) -> Arc<TcpTransport> {
+        let acceptor_poll_rate_us = params.acceptor_poll_rate as u64;
         let t = Arc::new(TcpTransport {
-            opts,
-            info,
+            opts: TransportOpts::from(&params),
+            params,
             listeners: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&t);
@@ -145,8 +140,8 @@ impl Transport for TcpTransport {
         &self.opts
     }
 
-    fn info_json(&self) -> Value {
-        self.info.clone()
+    fn params(&self) -> &crate::params::TransportOpts {
+        &self.params
     }
 
     fn listen(&self, trid: &Trid) -> Result<()> {
@@ -160,7 +155,7 @@ impl Transport for TcpTransport {
                 format!("invalid trsvcid {}", trid.trsvcid),
             )
         })?;
-        let addr = if trid.adrfam.eq_ignore_ascii_case("ipv6") {
+        let addr = if trid.adrfam == crate::tgt::AdrFam::Ipv6 {
             format!("[{}]:{port}", trid.traddr)
         } else {
             format!("{}:{port}", trid.traddr)
@@ -1586,39 +1581,34 @@ impl Qpair for Conn {
         self.close("disconnected by the target");
     }
 
-    fn info(&self) -> Option<(String, Value)> {
+    fn info(&self) -> Option<(String, crate::params::QpairInfo)> {
+        use crate::params::{stats::QpairState, Trid as PTrid};
         let s = self.s.borrow();
         let c = s.ctrlr.as_ref()?;
         let state = match s.phase {
-            Phase::Ready => "active",
-            Phase::AwaitIcReq => "uninitialized",
-            _ => "deactivating",
+            Phase::Ready => QpairState::Enabled,
+            Phase::AwaitIcReq => QpairState::Connecting,
+            _ => QpairState::Deactivating,
         };
         let (adrfam, traddr) = match self.peer {
-            SocketAddr::V4(a) => ("IPv4", a.ip().to_string()),
-            SocketAddr::V6(a) => ("IPv6", a.ip().to_string()),
+            SocketAddr::V4(a) => (crate::tgt::AdrFam::Ipv4, a.ip().to_string()),
+            SocketAddr::V6(a) => (crate::tgt::AdrFam::Ipv6, a.ip().to_string()),
         };
         Some((
             c.subsys.nqn.clone(),
-            json!({
-                "cntlid": c.cntlid,
-                "qid": s.qid,
-                "state": state,
-                "thread": reactor::thread::current().map(|t| t.name().to_string()).unwrap_or_default(),
-                "hostnqn": c.hostnqn,
-                "listen_address": {
-                    "trtype": self.listen.trtype,
-                    "adrfam": self.listen.adrfam,
-                    "traddr": self.listen.traddr,
-                    "trsvcid": self.listen.trsvcid,
-                },
-                "peer_address": {
-                    "trtype": "TCP",
-                    "adrfam": adrfam,
-                    "traddr": traddr,
-                    "trsvcid": self.peer.port().to_string(),
-                },
-            }),
+            crate::params::QpairInfo {
+                cntlid: c.cntlid,
+                qid: s.qid,
+                state,
+                listen_address: Some(self.listen.clone()),
+                peer_address: Some(PTrid {
+                    trtype: "TCP".into(),
+                    adrfam,
+                    traddr,
+                    trsvcid: self.peer.port().to_string(),
+                }),
+                auth: None,
+            },
         ))
     }
 }
