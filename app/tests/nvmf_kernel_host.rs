@@ -4,16 +4,16 @@
 //! and read back; then the host checks the backing file holds what the guest wrote and the target let go of the
 //! controllers.
 //!
-//! The target is the binary named by `NVMF_TARGET` (a path; a relative one is taken from the workspace root);
-//! when unset, SPDK's `nvmf_tgt` at [`SPDK_NVMF_TGT`] if it is there. It gets `NVMF_TARGET_ARGS` (default
+//! The target is this package's `spdk_tgt`, or the binary named by `NVMF_TARGET` (a path; a relative one is taken
+//! from the workspace root), e.g. SPDK's `nvmf_tgt` to compare. It gets `NVMF_TARGET_ARGS` (default
 //! [`DEFAULT_ARGS`]) plus `--json <config> -r <socket>`. The target listens on 127.0.0.1:`NVMF_PORT` (default: a
 //! free port); with `NVMF_GUEST_PORT` the guest connects to that host port instead, where a proxy such as
 //! `lab/tools/nvme_tcp_trace.py` forwards to the target and logs every command. The test prints `SKIPPED ...` and passes when there is no
 //! target binary, QEMU cannot run, or nvme-cli cannot be installed.
 //!
 //! ```text
-//! cargo test -p nvmf --test kernel_host -- --nocapture
-//! NVMF_TARGET=target/release/spdk_tgt cargo test -p nvmf --test kernel_host -- --nocapture
+//! cargo test -p spdk-tgt --test nvmf_kernel_host -- --nocapture
+//! NVMF_TARGET=/root/spdk-peer/build/bin/nvmf_tgt cargo test -p spdk-tgt --test nvmf_kernel_host -- --nocapture
 //! ```
 //!
 //! Logs: the guest console in `/var/tmp/spdk-rs-lab/logs/nvmf-kernel-host.log`; the target's output is printed on
@@ -27,8 +27,6 @@ use std::time::{Duration, Instant};
 use lab::nvmf::{aio_bdev, malloc_bdev, NvmfGuest, Subsystem, TcpConfig};
 use serde_json::{json, Value};
 
-/// SPDK's NVMe-oF target, the default until ours serves NVMe/TCP.
-const SPDK_NVMF_TGT: &str = "/root/spdk-peer/build/bin/nvmf_tgt";
 /// Target arguments besides `--json` and `-r`: one core, no hugepages (both SPDK's and ours accept these).
 const DEFAULT_ARGS: &str = "-m 0x1 --no-huge -s 1024";
 
@@ -53,7 +51,7 @@ fn target_binary() -> Result<PathBuf, String> {
         .expect("workspace root");
     let p = match std::env::var_os("NVMF_TARGET") {
         Some(p) if !p.is_empty() => root.join(p),
-        _ => PathBuf::from(SPDK_NVMF_TGT),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_spdk_tgt")),
     };
     if p.is_file() {
         Ok(p)
