@@ -247,7 +247,7 @@ pub fn check_header(
     }
     let pdo = ch.pdo as usize;
     let align = (pda as usize + 1) * 4;
-    if pdo < hend || pdo % align != 0 {
+    if pdo < hend || !pdo.is_multiple_of(align) {
         return Err(bad(FEI_PDO));
     }
     let tail = if has_d { DIGEST_LEN } else { 0 };

@@ -121,7 +121,7 @@ pub struct Pg {
     pub id: usize,
     /// Per subsystem tables, by subsystem id.
     pub subsys: RefCell<HashMap<u32, Rc<PgSubsys>>>,
-    qpairs: RefCell<Vec<Option<(u16, Rc<dyn Qpair>)>>>,
+    qpairs: RefCell<Vec<Option<QpEntry>>>,
     free: RefCell<Vec<u32>>,
     next_gen: Cell<u16>,
     /// The TCP transport's part, once the transport exists.
@@ -139,6 +139,9 @@ thread_local! {
 pub fn current() -> Option<Rc<Pg>> {
     PG.with(|p| p.borrow().clone())
 }
+
+/// A slab entry: the generation and the queue pair.
+type QpEntry = (u16, Rc<dyn Qpair>);
 
 /// Key of a queue pair in its poll group: slab index and a generation, so a stale key finds nothing.
 pub type QpKey = u64;
