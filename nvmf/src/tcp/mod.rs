@@ -438,6 +438,9 @@ struct ConnState {
     free: Vec<u16>,
     /// Slots waiting for a data buffer, in arrival order.
     wait_buf: VecDeque<u16>,
+    /// A command capsule with in-capsule data is buffered but no data buffer was free: input stops there, and
+    /// the connection must be run again (its socket may have nothing more to wake it).
+    rx_stalled: bool,
     qid: u16,
     sqsize: u16,
     sq_head: u16,
@@ -466,6 +469,7 @@ impl ConnState {
             reqs: (0..qd).map(|_| Req::new()).collect(),
             free: (0..qd as u16).rev().collect(),
             wait_buf: VecDeque::new(),
+            rx_stalled: false,
             qid: 0,
             sqsize: 0,
             sq_head: 0,
@@ -526,6 +530,7 @@ impl Conn {
         let mut again = false;
         if s.phase == Phase::AwaitIcReq || s.phase == Phase::Ready {
             self.retry_wait_buf(&mut s, g);
+            s.rx_stalled = false;
             match self.rx(&mut s, g) {
                 Ok(more) => again |= more,
                 Err(f) => self.fatal(&mut s, f),
@@ -540,7 +545,7 @@ impl Conn {
                 }
             }
         }
-        again |= !s.wait_buf.is_empty() && s.phase == Phase::Ready;
+        again |= (!s.wait_buf.is_empty() || s.rx_stalled) && s.phase == Phase::Ready;
         let closing = s.phase == Phase::Closing;
         drop(s);
         if closing {
@@ -768,11 +773,14 @@ impl Conn {
                 why: format!("{} bytes of in-capsule data", l.data_len),
             });
         }
-        // A capsule with data needs a buffer before anything is consumed: without one, wait for the next poll.
+        // A capsule with data needs a buffer before anything is consumed: without one, try again next poll.
         let buf = if l.data_len > 0 {
             match g.get_buf() {
                 Some(b) => Some(b),
-                None => return Ok(false),
+                None => {
+                    s.rx_stalled = true;
+                    return Ok(false);
+                }
             }
         } else {
             None
