@@ -561,15 +561,20 @@ impl Conn {
             self.peer,
             f.why
         );
-        let excerpt_len = s.avail().min(pdu::TERM_REQ_MAX_DATA).min(CH_LEN + 64);
+        // The request quotes the header of the PDU in error (what of it is buffered), not what follows it.
+        let hlen = match s.avail() {
+            0 => 0,
+            _ => pdu::hlen_of(s.rx[s.rx_start]).unwrap_or(CH_LEN),
+        };
+        let excerpt_len = s.avail().min(hlen).min(pdu::TERM_REQ_MAX_DATA);
+        // FEI names a field only for an invalid header field or an unsupported parameter; for the other
+        // statuses it is reserved, so it goes out as zero.
+        let fei = match f.fes {
+            fes::INVALID_HEADER_FIELD | fes::UNSUPPORTED_PARAMETER => f.fei,
+            _ => 0,
+        };
         let mut t = Tx::new();
-        encode_term_req(
-            pdu_type::C2H_TERM_REQ,
-            f.fes,
-            f.fei,
-            excerpt_len,
-            &mut t.hdr,
-        );
+        encode_term_req(pdu_type::C2H_TERM_REQ, f.fes, fei, excerpt_len, &mut t.hdr);
         t.hdr[DATA_HLEN..DATA_HLEN + excerpt_len]
             .copy_from_slice(&s.rx[s.rx_start..s.rx_start + excerpt_len]);
         t.hlen = DATA_HLEN + excerpt_len;
@@ -663,6 +668,20 @@ impl Conn {
                 fes: fes::PDU_SEQUENCE_ERROR,
                 fei: 0,
                 why: "second ICReq".into(),
+            });
+        }
+        // A PDU the host may send, but only once the connection is set up, is out of sequence (not an invalid
+        // type) before ICReq, as SPDK answers it.
+        if s.phase == Phase::AwaitIcReq
+            && matches!(
+                ch.ty,
+                pdu_type::CAPSULE_CMD | pdu_type::H2C_DATA | pdu_type::H2C_TERM_REQ
+            )
+        {
+            return Err(Fatal {
+                fes: fes::PDU_SEQUENCE_ERROR,
+                fei: 0,
+                why: format!("PDU type {:#x} before ICReq", ch.ty),
             });
         }
         let max_icd = self.max_icd(s, g) as usize;
@@ -848,10 +867,30 @@ impl Conn {
                 format!("H2C data with unknown ttag {slot}"),
             ));
         };
-        if r.state != ReqState::AwaitH2C || r.sqe.cid() != d.cccid {
+        if r.state != ReqState::AwaitH2C {
             return Err(bad(
                 DataHdr::FEI_TTAG,
-                format!("H2C data for ttag {slot} cid {} not expected", d.cccid),
+                format!("H2C data for ttag {slot}, which awaits none"),
+            ));
+        }
+        if r.sqe.cid() != d.cccid {
+            return Err(bad(
+                DataHdr::FEI_CCCID,
+                format!(
+                    "H2C data for ttag {slot} names cid {}, not {}",
+                    d.cccid,
+                    r.sqe.cid()
+                ),
+            ));
+        }
+        // DATAL must say what the PDU carries (a header field inconsistent with PLEN).
+        if d.len as usize != l.data_len {
+            return Err(bad(
+                DataHdr::FEI_LEN,
+                format!(
+                    "H2C data header says {} bytes, the PDU carries {}",
+                    d.len, l.data_len
+                ),
             ));
         }
         if d.offset != r.recv {
@@ -861,16 +900,13 @@ impl Conn {
                 why: format!("H2C data offset {} where {} was expected", d.offset, r.recv),
             });
         }
-        if d.len as usize != l.data_len
-            || d.offset as u64 + d.len as u64 > r.len as u64
-            || d.len == 0
-        {
+        if d.offset as u64 + d.len as u64 > r.len as u64 || d.len == 0 {
             return Err(Fatal {
                 fes: fes::DATA_TRANSFER_OUT_OF_RANGE,
                 fei: DataHdr::FEI_LEN,
                 why: format!(
-                    "H2C data of {} bytes (PDU carries {}) at {} for a {}-byte transfer",
-                    d.len, l.data_len, d.offset, r.len
+                    "H2C data of {} bytes at {} for a {}-byte transfer",
+                    d.len, d.offset, r.len
                 ),
             });
         }
