@@ -230,6 +230,11 @@ impl TcpGroup {
         Some(b)
     }
 
+    /// Data buffers held by commands right now (a closed connection gives all of its back).
+    pub fn buffers_in_use(&self) -> u32 {
+        self.bufs_out.get()
+    }
+
     fn put_buf(&self, b: DmaBuf) {
         self.bufs_out.set(self.bufs_out.get().saturating_sub(1));
         self.bufs.borrow_mut().push(b);
