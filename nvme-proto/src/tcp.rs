@@ -382,6 +382,8 @@ impl DataHdr {
     pub const FEI_LEN: u32 = 16;
     /// Byte offset of the transfer tag.
     pub const FEI_TTAG: u32 = 10;
+    /// Byte offset of the command capsule's command identifier.
+    pub const FEI_CCCID: u32 = 8;
 
     /// Decodes from a 24-byte header.
     #[inline]

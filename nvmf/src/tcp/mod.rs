@@ -230,6 +230,11 @@ impl TcpGroup {
         Some(b)
     }
 
+    /// Data buffers held by commands right now (a closed connection gives all of its back).
+    pub fn buffers_in_use(&self) -> u32 {
+        self.bufs_out.get()
+    }
+
     fn put_buf(&self, b: DmaBuf) {
         self.bufs_out.set(self.bufs_out.get().saturating_sub(1));
         self.bufs.borrow_mut().push(b);
@@ -438,6 +443,9 @@ struct ConnState {
     free: Vec<u16>,
     /// Slots waiting for a data buffer, in arrival order.
     wait_buf: VecDeque<u16>,
+    /// A command capsule with in-capsule data is buffered but no data buffer was free: input stops there, and
+    /// the connection must be run again (its socket may have nothing more to wake it).
+    rx_stalled: bool,
     qid: u16,
     sqsize: u16,
     sq_head: u16,
@@ -466,6 +474,7 @@ impl ConnState {
             reqs: (0..qd).map(|_| Req::new()).collect(),
             free: (0..qd as u16).rev().collect(),
             wait_buf: VecDeque::new(),
+            rx_stalled: false,
             qid: 0,
             sqsize: 0,
             sq_head: 0,
@@ -526,6 +535,7 @@ impl Conn {
         let mut again = false;
         if s.phase == Phase::AwaitIcReq || s.phase == Phase::Ready {
             self.retry_wait_buf(&mut s, g);
+            s.rx_stalled = false;
             match self.rx(&mut s, g) {
                 Ok(more) => again |= more,
                 Err(f) => self.fatal(&mut s, f),
@@ -540,7 +550,7 @@ impl Conn {
                 }
             }
         }
-        again |= !s.wait_buf.is_empty() && s.phase == Phase::Ready;
+        again |= (!s.wait_buf.is_empty() || s.rx_stalled) && s.phase == Phase::Ready;
         let closing = s.phase == Phase::Closing;
         drop(s);
         if closing {
@@ -556,15 +566,20 @@ impl Conn {
             self.peer,
             f.why
         );
-        let excerpt_len = s.avail().min(pdu::TERM_REQ_MAX_DATA).min(CH_LEN + 64);
+        // The request quotes the header of the PDU in error (what of it is buffered), not what follows it.
+        let hlen = match s.avail() {
+            0 => 0,
+            _ => pdu::hlen_of(s.rx[s.rx_start]).unwrap_or(CH_LEN),
+        };
+        let excerpt_len = s.avail().min(hlen).min(pdu::TERM_REQ_MAX_DATA);
+        // FEI names a field only for an invalid header field or an unsupported parameter; for the other
+        // statuses it is reserved, so it goes out as zero.
+        let fei = match f.fes {
+            fes::INVALID_HEADER_FIELD | fes::UNSUPPORTED_PARAMETER => f.fei,
+            _ => 0,
+        };
         let mut t = Tx::new();
-        encode_term_req(
-            pdu_type::C2H_TERM_REQ,
-            f.fes,
-            f.fei,
-            excerpt_len,
-            &mut t.hdr,
-        );
+        encode_term_req(pdu_type::C2H_TERM_REQ, f.fes, fei, excerpt_len, &mut t.hdr);
         t.hdr[DATA_HLEN..DATA_HLEN + excerpt_len]
             .copy_from_slice(&s.rx[s.rx_start..s.rx_start + excerpt_len]);
         t.hlen = DATA_HLEN + excerpt_len;
@@ -658,6 +673,20 @@ impl Conn {
                 fes: fes::PDU_SEQUENCE_ERROR,
                 fei: 0,
                 why: "second ICReq".into(),
+            });
+        }
+        // A PDU the host may send, but only once the connection is set up, is out of sequence (not an invalid
+        // type) before ICReq, as SPDK answers it.
+        if s.phase == Phase::AwaitIcReq
+            && matches!(
+                ch.ty,
+                pdu_type::CAPSULE_CMD | pdu_type::H2C_DATA | pdu_type::H2C_TERM_REQ
+            )
+        {
+            return Err(Fatal {
+                fes: fes::PDU_SEQUENCE_ERROR,
+                fei: 0,
+                why: format!("PDU type {:#x} before ICReq", ch.ty),
             });
         }
         let max_icd = self.max_icd(s, g) as usize;
@@ -768,11 +797,14 @@ impl Conn {
                 why: format!("{} bytes of in-capsule data", l.data_len),
             });
         }
-        // A capsule with data needs a buffer before anything is consumed: without one, wait for the next poll.
+        // A capsule with data needs a buffer before anything is consumed: without one, try again next poll.
         let buf = if l.data_len > 0 {
             match g.get_buf() {
                 Some(b) => Some(b),
-                None => return Ok(false),
+                None => {
+                    s.rx_stalled = true;
+                    return Ok(false);
+                }
             }
         } else {
             None
@@ -840,10 +872,30 @@ impl Conn {
                 format!("H2C data with unknown ttag {slot}"),
             ));
         };
-        if r.state != ReqState::AwaitH2C || r.sqe.cid() != d.cccid {
+        if r.state != ReqState::AwaitH2C {
             return Err(bad(
                 DataHdr::FEI_TTAG,
-                format!("H2C data for ttag {slot} cid {} not expected", d.cccid),
+                format!("H2C data for ttag {slot}, which awaits none"),
+            ));
+        }
+        if r.sqe.cid() != d.cccid {
+            return Err(bad(
+                DataHdr::FEI_CCCID,
+                format!(
+                    "H2C data for ttag {slot} names cid {}, not {}",
+                    d.cccid,
+                    r.sqe.cid()
+                ),
+            ));
+        }
+        // DATAL must say what the PDU carries (a header field inconsistent with PLEN).
+        if d.len as usize != l.data_len {
+            return Err(bad(
+                DataHdr::FEI_LEN,
+                format!(
+                    "H2C data header says {} bytes, the PDU carries {}",
+                    d.len, l.data_len
+                ),
             ));
         }
         if d.offset != r.recv {
@@ -853,16 +905,13 @@ impl Conn {
                 why: format!("H2C data offset {} where {} was expected", d.offset, r.recv),
             });
         }
-        if d.len as usize != l.data_len
-            || d.offset as u64 + d.len as u64 > r.len as u64
-            || d.len == 0
-        {
+        if d.offset as u64 + d.len as u64 > r.len as u64 || d.len == 0 {
             return Err(Fatal {
                 fes: fes::DATA_TRANSFER_OUT_OF_RANGE,
                 fei: DataHdr::FEI_LEN,
                 why: format!(
-                    "H2C data of {} bytes (PDU carries {}) at {} for a {}-byte transfer",
-                    d.len, l.data_len, d.offset, r.len
+                    "H2C data of {} bytes at {} for a {}-byte transfer",
+                    d.len, d.offset, r.len
                 ),
             });
         }
