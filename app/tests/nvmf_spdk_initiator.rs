@@ -39,7 +39,7 @@ fn spdk_initiators_against_our_tcp_target() {
 
     let trid = format!("trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{port} subnqn:{NQN}");
     let o = Command::new(peer.join("build/bin/spdk_nvme_identify"))
-        .args(["--no-huge", "-s", "512", "-r", &trid])
+        .args(["-d", "256", "-r", &trid])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
