@@ -4,6 +4,7 @@
 //! - [`ctrlr`]: controllers: Connect, properties, admin commands, keep alive, asynchronous events.
 //! - [`pg`]: poll groups, one per core, each with its own bdev channels.
 //! - [`io`]: NVM commands onto bdev I/O.
+//! - [`qpair`]: what every queue pair does with a command, whatever the transport.
 //! - [`transport`], [`tcp`]: transports behind one trait; NVMe/TCP.
 //! - [`mgmt`]: what the RPCs do: create and change subsystems, namespaces, listeners, transports.
 //! - [`params`]: SPDK's RPC parameters and results.
@@ -16,6 +17,7 @@ pub mod io;
 pub mod mgmt;
 pub mod params;
 pub mod pg;
+pub mod qpair;
 pub mod rpc;
 pub mod tcp;
 pub mod tgt;

@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use bdev::IoHandle;
 use nvme_proto::cmd::{sgl, Cqe, Sqe, FABRICS};
 use nvme_proto::crc32c;
-use nvme_proto::fabrics::fctype;
 use nvme_proto::status::{generic, Status};
 use nvme_proto::tcp::{
     self as pdu, check_header, encode_term_req, fes, flags, pdu_type, Ch, DataHdr, IcReq, IcResp,
@@ -35,10 +34,9 @@ use nvme_proto::tcp::{
 use reactor::dma::DmaBuf;
 use reactor::Poller;
 
-use crate::ctrlr::{self, Admin, Ctrlr};
 use crate::error::{Error, Result};
-use crate::io::Start;
-use crate::pg::{self, AnaTable, Pg, PgSubsys, QpKey, Qpair};
+use crate::pg::{self, Pg, QpKey, Qpair};
+use crate::qpair::{Ident, Outcome, Session};
 use crate::tgt::{self, Trid};
 use crate::transport::{Transport, TransportOpts};
 
@@ -446,16 +444,11 @@ struct ConnState {
     /// A command capsule with in-capsule data is buffered but no data buffer was free: input stops there, and
     /// the connection must be run again (its socket may have nothing more to wake it).
     rx_stalled: bool,
-    qid: u16,
-    sqsize: u16,
+    /// Connect's outcome: controller, queue id, namespace table.
+    sess: Session,
     sq_head: u16,
-    connected: bool,
-    ctrlr: Option<Arc<Ctrlr>>,
-    sub: Option<Rc<PgSubsys>>,
-    ana: Option<AnaTable>,
     /// Bdev I/Os outstanding on this connection.
     outstanding: u32,
-    ka: Option<Poller>,
     why_closed: Option<String>,
 }
 
@@ -475,15 +468,9 @@ impl ConnState {
             free: (0..qd as u16).rev().collect(),
             wait_buf: VecDeque::new(),
             rx_stalled: false,
-            qid: 0,
-            sqsize: 0,
+            sess: Session::default(),
             sq_head: 0,
-            connected: false,
-            ctrlr: None,
-            sub: None,
-            ana: None,
             outstanding: 0,
-            ka: None,
             why_closed: None,
         }
     }
@@ -773,7 +760,7 @@ impl Conn {
     }
 
     fn max_icd(&self, s: &ConnState, g: &TcpGroup) -> u32 {
-        if !s.connected || s.qid == 0 {
+        if !s.sess.connected || s.sess.qid == 0 {
             ADMIN_ICD.max(g.opts.in_capsule_data_size)
         } else {
             g.opts.in_capsule_data_size
@@ -820,7 +807,7 @@ impl Conn {
             });
         };
         // SQ head: one more command taken from the host's queue (0-based size, wraps).
-        s.sq_head = if s.sq_head >= s.sqsize {
+        s.sq_head = if s.sq_head >= s.sess.sqsize {
             0
         } else {
             s.sq_head + 1
@@ -1192,150 +1179,27 @@ impl Conn {
 
     /// Runs a command whose data (if any) is here.
     fn exec(&self, s: &mut ConnState, g: &TcpGroup, slot: u16) {
-        s.reqs[slot as usize].state = ReqState::Executing;
-        let sqe = s.reqs[slot as usize].sqe;
-        if sqe.opc() == FABRICS {
-            self.fabrics(s, g, slot, &sqe);
-            return;
-        }
-        if !s.connected {
-            self.complete(
-                s,
-                g,
-                slot,
-                Status::generic(generic::COMMAND_SEQUENCE_ERROR),
-                0,
-            );
-            return;
-        }
-        if s.qid == 0 {
-            self.admin(s, g, slot, &sqe);
-            return;
-        }
-        let (sub, len) = match (&s.sub, &s.reqs[slot as usize]) {
-            (Some(sub), r) => (sub.clone(), r.len),
-            _ => {
-                self.complete(
-                    s,
-                    g,
-                    slot,
-                    Status::generic(generic::COMMAND_SEQUENCE_ERROR),
-                    0,
-                );
-                return;
-            }
+        let id = Ident {
+            key: self.key.get(),
+            listen: &self.listen,
+            peer: self.peer,
+            opts: &g.opts,
         };
-        let ptr = s.reqs[slot as usize]
-            .buf
-            .as_ref()
-            .map_or(std::ptr::null_mut(), |b| b.as_ptr());
-        let ctx = pg::io_ctx(self.key.get(), slot);
-        // SAFETY: the buffer belongs to this slot until its response has been written, which happens only
-        // after every bdev I/O submitted here has completed (`pending` counts them, and a closing connection
-        // waits for `outstanding` to drain before it frees anything).
-        let started = unsafe { crate::io::exec(&sub, s.ana.as_ref(), &sqe, ptr, len, ctx) };
-        match started {
-            Start::Submitted(n) => {
+        let ConnState { sess, reqs, .. } = &mut *s;
+        let r = &mut reqs[slot as usize];
+        r.state = ReqState::Executing;
+        let sqe = r.sqe;
+        // SAFETY: the buffer belongs to this slot until its response has been written, which happens only after
+        // every bdev I/O submitted here has completed (`pending` counts them, and a closing connection waits for
+        // `outstanding` to drain before it frees any buffer).
+        let out = unsafe { sess.exec(&id, &sqe, r.buf.as_mut(), r.len, r.xfer == Xfer::C2H, slot) };
+        match out {
+            Outcome::Done { status, dw0, dw1 } => self.complete_full(s, g, slot, status, dw0, dw1),
+            Outcome::Submitted(n) => {
                 s.reqs[slot as usize].pending = n;
                 s.outstanding += n as u32;
             }
-            Start::Done(st) => self.complete(s, g, slot, st, 0),
-        }
-    }
-
-    fn fabrics(&self, s: &mut ConnState, g: &TcpGroup, slot: u16, sqe: &Sqe) {
-        let fct = sqe.fctype();
-        if !s.connected {
-            if fct != fctype::CONNECT {
-                self.complete(
-                    s,
-                    g,
-                    slot,
-                    Status::generic(generic::COMMAND_SEQUENCE_ERROR),
-                    0,
-                );
-                return;
-            }
-            let Some(pg) = self.pg.upgrade() else { return };
-            let r = &s.reqs[slot as usize];
-            let data = r
-                .buf
-                .as_ref()
-                .map(|b| &b.as_slice()[..r.len as usize])
-                .unwrap_or(&[]);
-            let info = ctrlr::ConnectInfo {
-                listen: self.listen.clone(),
-                peer: self.peer,
-                thread: reactor::thread::current().expect("poll group thread"),
-                key: self.key.get(),
-                opts: g.opts.clone(),
-            };
-            match ctrlr::connect(sqe, data, info) {
-                Ok(c) => {
-                    s.connected = true;
-                    s.qid = c.qid;
-                    s.sqsize = c.sqsize;
-                    s.sq_head = 0;
-                    let sub = pg.subsys(c.ctrlr.subsys.id);
-                    s.ana = Some(sub.ana_table(&self.listen));
-                    s.sub = Some(sub);
-                    if c.qid == 0 {
-                        pg.stats.admin_qpairs.set(pg.stats.admin_qpairs.get() + 1);
-                        pg.stats
-                            .current_admin_qpairs
-                            .set(pg.stats.current_admin_qpairs.get() + 1);
-                        s.ka = c.ctrlr.start_keep_alive();
-                    } else {
-                        pg.stats.io_qpairs.set(pg.stats.io_qpairs.get() + 1);
-                        pg.stats
-                            .current_io_qpairs
-                            .set(pg.stats.current_io_qpairs.get() + 1);
-                    }
-                    let cntlid = c.ctrlr.cntlid;
-                    s.ctrlr = Some(c.ctrlr);
-                    self.complete(s, g, slot, Status::SUCCESS, cntlid as u32);
-                }
-                Err((st, dw0)) => self.complete(s, g, slot, st, dw0),
-            }
-            return;
-        }
-        let Some(c) = s.ctrlr.clone() else { return };
-        match fct {
-            fctype::PROPERTY_GET if s.qid == 0 => {
-                let (v, st) = c.property_get(sqe);
-                // Property Get returns its value in dwords 0 and 1.
-                self.complete_full(s, g, slot, st, v as u32, (v >> 32) as u32);
-            }
-            fctype::PROPERTY_SET if s.qid == 0 => {
-                let st = c.property_set(sqe);
-                self.complete(s, g, slot, st, 0);
-            }
-            fctype::CONNECT => self.complete(
-                s,
-                g,
-                slot,
-                Status::generic(generic::COMMAND_SEQUENCE_ERROR),
-                0,
-            ),
-            _ => self.complete(s, g, slot, Status::generic(generic::INVALID_OPCODE), 0),
-        }
-    }
-
-    fn admin(&self, s: &mut ConnState, g: &TcpGroup, slot: u16, sqe: &Sqe) {
-        let Some(c) = s.ctrlr.clone() else { return };
-        let r = &mut s.reqs[slot as usize];
-        let len = r.len as usize;
-        let xfer = r.xfer;
-        let data: &mut [u8] = match r.buf.as_mut() {
-            Some(b) => &mut b.as_mut_slice()[..len],
-            None => &mut [],
-        };
-        if xfer == Xfer::C2H {
-            data.fill(0);
-        }
-        match c.admin(sqe, data, slot, &self.listen) {
-            Admin::Done { dw0, status } => self.complete(s, g, slot, status, dw0),
-            Admin::Parked => {}
+            Outcome::Parked => {}
         }
     }
 
@@ -1426,7 +1290,7 @@ impl Conn {
                 dw0,
                 dw1,
                 sqhd: s.sq_head,
-                sqid: s.qid,
+                sqid: s.sess.qid,
                 cid,
                 status,
                 phase: false,
@@ -1533,12 +1397,12 @@ impl Conn {
     }
 
     fn finish_close(&self) {
-        let (ctrlr, qid, outstanding) = {
+        let outstanding = {
             let s = self.s.borrow();
             if s.phase == Phase::Closed {
                 return;
             }
-            (s.ctrlr.clone(), s.qid, s.outstanding)
+            s.outstanding
         };
         if outstanding > 0 {
             // Bdev I/O still uses this connection's buffers: the last completion finishes the close.
@@ -1548,7 +1412,6 @@ impl Conn {
         let why = {
             let mut s = self.s.borrow_mut();
             s.phase = Phase::Closed;
-            s.ka = None;
             // Whatever is still queued goes: slots and buffers back.
             s.tx.clear();
             for i in 0..s.reqs.len() {
@@ -1563,20 +1426,10 @@ impl Conn {
         g.forget(self);
         if let Some(pg) = self.pg.upgrade() {
             pg.remove_qpair(self.key.get());
-            if ctrlr.is_some() {
-                let st = &pg.stats;
-                if qid == 0 {
-                    st.current_admin_qpairs
-                        .set(st.current_admin_qpairs.get().saturating_sub(1));
-                } else {
-                    st.current_io_qpairs
-                        .set(st.current_io_qpairs.get().saturating_sub(1));
-                }
-            }
         }
-        if let Some(c) = ctrlr {
-            c.qpair_gone(qid, self.key.get());
-        }
+        // Take the session out first: closing it may reach other queue pairs by message only, never this one.
+        let mut sess = std::mem::take(&mut self.s.borrow_mut().sess);
+        sess.close(self.key.get());
     }
 }
 
@@ -1633,7 +1486,7 @@ impl Qpair for Conn {
     fn info(&self) -> Option<(String, crate::params::QpairInfo)> {
         use crate::params::{stats::QpairState, Trid as PTrid};
         let s = self.s.borrow();
-        let c = s.ctrlr.as_ref()?;
+        let c = s.sess.ctrlr.as_ref()?;
         let state = match s.phase {
             Phase::Ready => QpairState::Enabled,
             Phase::AwaitIcReq => QpairState::Connecting,
@@ -1647,7 +1500,7 @@ impl Qpair for Conn {
             c.subsys.nqn.clone(),
             crate::params::QpairInfo {
                 cntlid: c.cntlid,
-                qid: s.qid,
+                qid: s.sess.qid,
                 state,
                 listen_address: Some(self.listen.clone()),
                 peer_address: Some(PTrid {

@@ -1,0 +1,222 @@
+//! What every queue pair does whatever its transport (SPDK's `spdk_nvmf_request_exec`): a command whose data
+//! has arrived is run here: Fabrics commands (Connect, Property Get/Set), admin commands on the controller, I/O
+//! commands on the poll group's namespace table. The transport moves data and sends the outcome.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use nvme_proto::cmd::{Sqe, FABRICS};
+use nvme_proto::fabrics::fctype;
+use nvme_proto::status::{generic, Status};
+use reactor::dma::DmaBuf;
+use reactor::Poller;
+
+use crate::ctrlr::{self, Admin, Ctrlr};
+use crate::io::Start;
+use crate::pg::{self, AnaTable, PgSubsys, QpKey};
+use crate::tgt::Trid;
+use crate::transport::TransportOpts;
+
+/// What a queue pair established at Connect.
+#[derive(Default)]
+pub struct Session {
+    /// Connect succeeded.
+    pub connected: bool,
+    /// Queue id (0: admin).
+    pub qid: u16,
+    /// Submission queue size, 0-based.
+    pub sqsize: u16,
+    /// The controller.
+    pub ctrlr: Option<Arc<Ctrlr>>,
+    /// The poll group's table of the controller's subsystem.
+    pub sub: Option<Rc<PgSubsys>>,
+    /// ANA states of the listener the queue pair came through.
+    pub ana: Option<AnaTable>,
+    /// The keep alive timer (admin queues).
+    pub ka: Option<Poller>,
+}
+
+/// Who the queue pair is.
+pub struct Ident<'a> {
+    /// Its key in the poll group.
+    pub key: QpKey,
+    /// The listener it came in through.
+    pub listen: &'a Trid,
+    /// The host's address.
+    pub peer: SocketAddr,
+    /// The transport's options.
+    pub opts: &'a TransportOpts,
+}
+
+/// A command's outcome.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Complete now.
+    Done {
+        /// Status.
+        status: Status,
+        /// Completion dword 0.
+        dw0: u32,
+        /// Completion dword 1.
+        dw1: u32,
+    },
+    /// `n` bdev I/Os were submitted; the command completes when the last one does.
+    Submitted(u16),
+    /// Left outstanding (an Asynchronous Event Request), completed later through [`pg::Qpair::complete_async`].
+    Parked,
+}
+
+fn done(status: Status, dw0: u32) -> Outcome {
+    Outcome::Done {
+        status,
+        dw0,
+        dw1: 0,
+    }
+}
+
+fn sequence_error() -> Outcome {
+    done(Status::generic(generic::COMMAND_SEQUENCE_ERROR), 0)
+}
+
+impl Session {
+    /// Runs the command in `slot`. `buf[..len]` holds its data (host to controller), or is the place for the
+    /// answer when `c2h` (zeroed here for admin commands, as SPDK does).
+    ///
+    /// # Safety
+    /// `buf` must stay allocated, and not be otherwise accessed, until every bdev I/O this submits (the count
+    /// in [`Outcome::Submitted`]) has completed through [`pg::io_done`].
+    pub unsafe fn exec(
+        &mut self,
+        id: &Ident<'_>,
+        sqe: &Sqe,
+        buf: Option<&mut DmaBuf>,
+        len: u32,
+        c2h: bool,
+        slot: u16,
+    ) -> Outcome {
+        if sqe.opc() == FABRICS {
+            let data = buf
+                .as_ref()
+                .map_or(&[][..], |b| &b.as_slice()[..len as usize]);
+            return self.fabrics(id, sqe, data);
+        }
+        if !self.connected {
+            return sequence_error();
+        }
+        if self.qid == 0 {
+            let Some(c) = self.ctrlr.clone() else {
+                return sequence_error();
+            };
+            let data: &mut [u8] = match buf {
+                Some(b) => &mut b.as_mut_slice()[..len as usize],
+                None => &mut [],
+            };
+            if c2h {
+                data.fill(0);
+            }
+            return match c.admin(sqe, data, slot, id.listen) {
+                Admin::Done { dw0, status } => done(status, dw0),
+                Admin::Parked => Outcome::Parked,
+            };
+        }
+        let Some(sub) = self.sub.as_ref() else {
+            return sequence_error();
+        };
+        let ptr = buf.map_or(std::ptr::null_mut(), |b| b.as_ptr());
+        // SAFETY: forwarded from the caller, who keeps the buffer for the bdev I/O's whole life.
+        match unsafe {
+            crate::io::exec(
+                sub,
+                self.ana.as_ref(),
+                sqe,
+                ptr,
+                len,
+                pg::io_ctx(id.key, slot),
+            )
+        } {
+            Start::Submitted(n) => Outcome::Submitted(n),
+            Start::Done(st) => done(st, 0),
+        }
+    }
+
+    fn fabrics(&mut self, id: &Ident<'_>, sqe: &Sqe, data: &[u8]) -> Outcome {
+        let fct = sqe.fctype();
+        if !self.connected {
+            if fct != fctype::CONNECT {
+                return sequence_error();
+            }
+            return self.connect(id, sqe, data);
+        }
+        let Some(c) = self.ctrlr.clone() else {
+            return sequence_error();
+        };
+        match fct {
+            fctype::PROPERTY_GET if self.qid == 0 => {
+                let (v, status) = c.property_get(sqe);
+                // Property Get returns its value in dwords 0 and 1.
+                Outcome::Done {
+                    status,
+                    dw0: v as u32,
+                    dw1: (v >> 32) as u32,
+                }
+            }
+            fctype::PROPERTY_SET if self.qid == 0 => done(c.property_set(sqe), 0),
+            fctype::CONNECT => sequence_error(),
+            _ => done(Status::generic(generic::INVALID_OPCODE), 0),
+        }
+    }
+
+    fn connect(&mut self, id: &Ident<'_>, sqe: &Sqe, data: &[u8]) -> Outcome {
+        let Some(pg) = pg::current() else {
+            return done(Status::generic(generic::INTERNAL_DEVICE_ERROR), 0);
+        };
+        let info = ctrlr::ConnectInfo {
+            listen: id.listen.clone(),
+            peer: id.peer,
+            thread: reactor::thread::current().expect("poll group thread"),
+            key: id.key,
+            opts: id.opts.clone(),
+        };
+        match ctrlr::connect(sqe, data, info) {
+            Ok(c) => {
+                self.connected = true;
+                self.qid = c.qid;
+                self.sqsize = c.sqsize;
+                let sub = pg.subsys(c.ctrlr.subsys.id);
+                self.ana = Some(sub.ana_table(id.listen));
+                self.sub = Some(sub);
+                let st = &pg.stats;
+                if c.qid == 0 {
+                    st.admin_qpairs.set(st.admin_qpairs.get() + 1);
+                    st.current_admin_qpairs
+                        .set(st.current_admin_qpairs.get() + 1);
+                    self.ka = c.ctrlr.start_keep_alive();
+                } else {
+                    st.io_qpairs.set(st.io_qpairs.get() + 1);
+                    st.current_io_qpairs.set(st.current_io_qpairs.get() + 1);
+                }
+                let cntlid = c.ctrlr.cntlid;
+                self.ctrlr = Some(c.ctrlr);
+                done(Status::SUCCESS, cntlid as u32)
+            }
+            Err((st, dw0)) => done(st, dw0),
+        }
+    }
+
+    /// The queue pair is gone: counters, keep alive, and the controller (which goes with its admin queue).
+    pub fn close(&mut self, key: QpKey) {
+        self.ka = None;
+        let Some(c) = self.ctrlr.take() else { return };
+        if let Some(pg) = pg::current() {
+            let st = &pg.stats;
+            let cur = if self.qid == 0 {
+                &st.current_admin_qpairs
+            } else {
+                &st.current_io_qpairs
+            };
+            cur.set(cur.get().saturating_sub(1));
+        }
+        c.qpair_gone(self.qid, key);
+    }
+}
