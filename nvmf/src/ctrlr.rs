@@ -919,6 +919,8 @@ impl Ctrlr {
 
     /// Identify Controller, as SPDK's `spdk_nvmf_ctrlr_identify_ctrlr` fills it.
     pub fn identify_ctrlr(&self) -> CtrlrData {
+        // The target's lock before the subsystem's, never inside it (lock order: target, subsystem).
+        let crdt = tgt::tgt().crdt;
         let ss = self.subsys.state();
         let mut d = CtrlrData::default();
         let _ = set_space_padded(&mut d.fr, FW_VERSION);
@@ -988,7 +990,6 @@ impl Ctrlr {
             d.anagrpmax = ss.max_nsid;
             d.nanagrpid = ss.max_nsid;
         }
-        let crdt = tgt::tgt().crdt;
         d.crdt1 = crdt[0];
         d.crdt2 = crdt[1];
         d.crdt3 = crdt[2];
