@@ -33,9 +33,26 @@ fn spdk_initiators_against_our_tcp_target() {
     let t = Tgt::start("nvmf-spdk-init", &[]);
     t.ok(&["bdev_malloc_create", "-b", "Malloc0", "64", "512"]);
     t.ok(&["nvmf_create_transport", "-t", "TCP"]);
-    t.ok(&["nvmf_create_subsystem", NQN, "-a", "-s", "SPDKRS0000000000007", "-d", "spdk-rs initiator test"]);
+    t.ok(&[
+        "nvmf_create_subsystem",
+        NQN,
+        "-a",
+        "-s",
+        "SPDKRS0000000000007",
+        "-d",
+        "spdk-rs initiator test",
+    ]);
     t.ok(&["nvmf_subsystem_add_ns", NQN, "Malloc0"]);
-    t.ok(&["nvmf_subsystem_add_listener", NQN, "-t", "tcp", "-a", "127.0.0.1", "-s", &port]);
+    t.ok(&[
+        "nvmf_subsystem_add_listener",
+        NQN,
+        "-t",
+        "tcp",
+        "-a",
+        "127.0.0.1",
+        "-s",
+        &port,
+    ]);
 
     let trid = format!("trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{port} subnqn:{NQN}");
     let o = Command::new(peer.join("build/bin/spdk_nvme_identify"))
@@ -43,7 +60,11 @@ fn spdk_initiators_against_our_tcp_target() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "spdk_nvme_identify: {text}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "spdk_nvme_identify: {text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     for want in [
         "Serial Number:                         SPDKRS0000000000007",
         "Model Number:                          spdk-rs initiator test",
@@ -94,7 +115,11 @@ fn spdk_initiators_against_our_tcp_target() {
             .map(|c| c.parse().unwrap())
             .collect();
         assert!(cols[0] > 0.0, "{w}: no I/O: {total}");
-        assert_eq!((cols[2], cols[3]), (0.0, 0.0), "{w}: failures or timeouts: {total}");
+        assert_eq!(
+            (cols[2], cols[3]),
+            (0.0, 0.0),
+            "{w}: failures or timeouts: {total}"
+        );
     }
     let (st, _) = t.stop();
     assert!(st.success());

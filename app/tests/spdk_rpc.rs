@@ -103,6 +103,29 @@ fn bad_input_gets_spdk_errors_and_target_keeps_serving() {
     let e = t.err(&["bdev_malloc_create", "-b", "M1", "8", "520"]);
     assert_eq!(e["code"], -22, "block size not a multiple of 512");
     // Raw requests for what the client cannot send.
+    // A size past 2^64 bytes: refused as malloc refuses it, nothing registered.
+    let r = t.call(
+        "bdev_null_create",
+        json!({"name": "Nbig", "num_blocks": 1u64 << 62, "block_size": 4096}),
+    );
+    assert_eq!(r["error"]["code"], -22, "{r}");
+    assert!(t.err(&["bdev_get_bdevs", "-b", "Nbig"])["code"] == -19);
+    // A strip of 2^31 KiB is a power of two, but its block count does not fit the superblock's u32.
+    t.ok(&["bdev_malloc_create", "-b", "R0", "8", "512"]);
+    t.ok(&["bdev_malloc_create", "-b", "R1", "8", "512"]);
+    let e = t.err(&[
+        "bdev_raid_create",
+        "-n",
+        "Rbig",
+        "-r",
+        "raid0",
+        "-z",
+        "2147483648",
+        "-b",
+        "R0 R1",
+    ]);
+    assert_eq!(e["code"], -22, "{e}");
+    assert!(t.err(&["bdev_get_bdevs", "-b", "Rbig"])["code"] == -19);
     let r = t.call("no_such_method", json!({}));
     assert_eq!(r["error"]["code"], -32601);
     let r = t.call(
@@ -164,7 +187,8 @@ fn bad_input_gets_spdk_errors_and_target_keeps_serving() {
             .unwrap();
     }
     let v = t.ok(&["bdev_get_bdevs"]);
-    assert_eq!(v.as_array().unwrap().len(), 201);
+    // M0, R0, R1 and the 200 null bdevs.
+    assert_eq!(v.as_array().unwrap().len(), 203);
     let r = t.call("bdev_get_bdevs", json!({"name": "M0"}));
     assert_eq!(r["result"][0]["name"], "M0");
     let (st, _) = t.stop();

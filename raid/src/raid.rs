@@ -952,7 +952,15 @@ fn configure_raid(raid: &Arc<Raid>, cb: Cb) -> Result<()> {
         if bs == 0 {
             return err(ErrorKind::Invalid, "no block size known");
         }
-        st.strip_size = ((st.strip_size_kb as u64 * 1024) / bs as u64) as u32;
+        let strip = (st.strip_size_kb as u64 * 1024) / bs as u64;
+        // The strip (in blocks) is a u32 in the superblock and the layout: a bigger one would wrap.
+        let Ok(strip) = u32::try_from(strip) else {
+            return err(
+                ErrorKind::Invalid,
+                format!("Strip size {} KiB is too large", st.strip_size_kb),
+            );
+        };
+        st.strip_size = strip;
         if st.strip_size == 0 && raid.level != Level::Raid1 {
             return err(
                 ErrorKind::Invalid,

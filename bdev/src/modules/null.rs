@@ -56,6 +56,20 @@ pub fn create(mut opts: NullOpts) -> Result<Bdev> {
             "Disk must be more than 0 blocks",
         ));
     }
+    // A size past 2^64 bytes wraps wherever bytes are computed from blocks (I/O offsets, bdev_get_bdevs).
+    if opts
+        .num_blocks
+        .checked_mul(opts.block_size as u64)
+        .is_none()
+    {
+        return Err(BdevError::new(
+            ErrorKind::Invalid,
+            format!(
+                "null bdev of {} blocks of {} bytes is larger than 2^64 bytes",
+                opts.num_blocks, opts.block_size
+            ),
+        ));
+    }
     if opts.physical_block_size == 0 {
         opts.physical_block_size = opts.block_size;
     }
