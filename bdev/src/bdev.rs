@@ -188,6 +188,8 @@ pub(crate) struct BdevInner {
     pub(crate) histogram: Mutex<Option<HistogramCfg>>,
     /// A reset is in progress: channels are frozen, or the module is executing it.
     pub(crate) reset_busy: std::sync::atomic::AtomicBool,
+    /// LBA range locks held and asked for.
+    pub(crate) range_locks: Mutex<crate::range_lock::RangeLocks>,
     state: Mutex<State>,
     id: u64,
 }
@@ -277,6 +279,7 @@ pub fn register(params: BdevParams, ops: Box<dyn BdevOps>) -> Result<Bdev> {
             })),
             state: Mutex::new(State::default()),
             reset_busy: std::sync::atomic::AtomicBool::new(false),
+            range_locks: Mutex::new(Default::default()),
             histogram: Mutex::new(None),
             id: NEXT_BDEV_ID.fetch_add(1, Ordering::Relaxed),
         }

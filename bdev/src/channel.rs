@@ -47,6 +47,15 @@ pub(crate) struct ChannelCore {
     executing_reset: Cell<bool>,
     /// The executed reset, done, while the channels thaw.
     thawing: RefCell<Option<IoHandle>>,
+    /// LBA range locks or a lock being taken: new I/O is looked at before it goes on (the only thing the I/O
+    /// path reads while there is none).
+    pub(crate) gate: Cell<bool>,
+    /// A range lock is being taken: every new I/O waits, so what is in flight can drain.
+    pub(crate) fence: Cell<bool>,
+    /// Locked LBA ranges of the bdev: (id, first block, blocks). Writes that overlap one wait.
+    pub(crate) locks: RefCell<Vec<(u64, u64, u64)>>,
+    /// I/O waiting for the fence or a lock to go, in arrival order.
+    held: RefCell<VecDeque<IoHandle>>,
 }
 
 /// Limits a module sets on the reads and writes it takes; the layer cuts bigger ones into pieces.
@@ -189,6 +198,66 @@ impl ChannelCore {
             resets: RefCell::new(VecDeque::new()),
             executing_reset: Cell::new(false),
             thawing: RefCell::new(None),
+            gate: Cell::new(false),
+            fence: Cell::new(false),
+            locks: RefCell::new(Vec::new()),
+            held: RefCell::new(VecDeque::new()),
+        }
+    }
+
+    /// Whether `io` must wait: everything waits while a lock is being taken; writes wait on a locked range
+    /// they overlap, unless they are the lock holder's own.
+    fn must_wait(&self, io: &BdevIo) -> bool {
+        if io.flags & io::LOCK_OWNER != 0 {
+            return false;
+        }
+        if self.fence.get() {
+            return true;
+        }
+        let t = io.io_type;
+        if !(t.is_write() || t == IoType::Compare) {
+            return false;
+        }
+        let (a, n) = (io.offset_blocks, io.num_blocks.max(1));
+        self.locks
+            .borrow()
+            .iter()
+            .any(|&(_, o, l)| a < o + l && o < a + n)
+    }
+
+    /// Whether every I/O that went on before the fence has completed.
+    pub(crate) fn drained(&self) -> bool {
+        self.outstanding.get() == 0
+    }
+
+    /// [`Self::release_held`] for the channel of the current thread (from a `for_each_channel` walk, which
+    /// lends the channel by reference).
+    pub(crate) fn release_held_here(&self) {
+        if let Some(me) = self.bdev.0.io_device.existing_channel() {
+            me.release_held();
+        }
+    }
+
+    /// Sends on the waiting I/O that may go now (the rest waits again), in order.
+    pub(crate) fn release_held(self: &Rc<Self>) {
+        self.gate
+            .set(self.fence.get() || !self.locks.borrow().is_empty());
+        let waiting: Vec<IoHandle> = self.held.borrow_mut().drain(..).collect();
+        for io in waiting {
+            if self.gate.get() && self.must_wait(&io) {
+                self.held.borrow_mut().push_back(io);
+            } else {
+                self.dispatch(io);
+            }
+        }
+    }
+
+    /// Sends a checked I/O on: split when the module needs pieces, else to the module.
+    fn dispatch(self: &Rc<Self>, io: IoHandle) {
+        if self.split.any && io.io_type.has_data() && self.needs_split(&io) {
+            self.start_split(io);
+        } else {
+            self.submit_to_module(io);
         }
     }
 
@@ -858,6 +927,9 @@ impl IoChannel {
             core.outstanding.set(core.outstanding.get() + 1);
             core.deferred.borrow_mut().push_back(io);
             core.activate();
+        } else if core.gate.get() && core.must_wait(&io) {
+            // A range lock is being taken or held: the I/O goes on when it is.
+            core.held.borrow_mut().push_back(io);
         } else if core.split.any && io.io_type.has_data() && core.needs_split(&io) {
             core.start_split(io);
         } else {
@@ -988,6 +1060,98 @@ impl IoChannel {
         io.iovs.extend_from_slice(iovs);
         self.submit(io);
         Ok(())
+    }
+
+    /// Compares the blocks with `cmp` and, only if they match, writes `write` to them, with no other write to
+    /// those blocks in between, from any channel (SPDK's `spdk_bdev_comparev_and_writev_blocks`, emulated as
+    /// SPDK does for bdevs without a native one: LBA range lock, compare, write, unlock). Completes through
+    /// `cb`/`ctx` with success, [`IoStatus::Miscompare`] (nothing written) or the failure.
+    ///
+    /// # Safety
+    /// Both iovec lists must stay valid, and the write's not be written otherwise, until the callback runs.
+    pub unsafe fn compare_and_writev(
+        &self,
+        cmp: &[IoVec],
+        write: &[IoVec],
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
+        let core = &self.core;
+        let name = core.bdev.name();
+        if !core.supported[IoType::Compare as usize] || !core.supported[IoType::Write as usize] {
+            return Err(BdevError::new(
+                ErrorKind::NotSupported,
+                format!("{name}: compare and write not supported"),
+            ));
+        }
+        if !self.writable {
+            return Err(BdevError::new(
+                ErrorKind::ReadOnly,
+                format!("{name}: descriptor is read-only"),
+            ));
+        }
+        // The descriptor the result is delivered in (never submitted itself).
+        let fin = self.prepare(IoType::Compare, offset_blocks, num_blocks, cb, ctx)?;
+        let (cmp, write) = (cmp.to_vec(), write.to_vec());
+        let ch = self.clone();
+        let bdev = core.bdev.clone();
+        let step = reactor::OnThread::new(move |id: u64| ch.locked_compare(id, fin, cmp, write));
+        bdev.lock_lba_range(offset_blocks, num_blocks, move |id| step.with(move |f| f(id)));
+        Ok(())
+    }
+
+    /// Compare-and-write with the range locked: the compare, then the write if it matched; then the unlock
+    /// and the result.
+    fn locked_compare(&self, id: u64, fin: IoHandle, cmp: Vec<IoVec>, write: Vec<IoVec>) {
+        let (off, n) = (fin.offset_blocks, fin.num_blocks);
+        let bdev = self.core.bdev.clone();
+        // Whichever step ends the operation takes the result descriptor out.
+        let fin = Rc::new(RefCell::new(Some(fin)));
+        let end = {
+            let fin = fin.clone();
+            move |status: IoStatus| {
+                bdev.unlock_lba_range(id, || {});
+                if let Some(f) = fin.borrow_mut().take() {
+                    f.complete(status);
+                }
+            }
+        };
+        let end2 = end.clone();
+        let ch = self.clone();
+        let after_compare = move |cio: IoHandle| {
+            let st = cio.status();
+            drop(cio);
+            if st != IoStatus::Success {
+                return end(st);
+            }
+            let end_w = end.clone();
+            let after_write = move |wio: IoHandle| {
+                let st = wio.status();
+                drop(wio);
+                end_w(st);
+            };
+            let w = ch.prepare(IoType::Write, off, n, Completion::Closure(Box::new(after_write)), 0);
+            match w {
+                Ok(mut w) => {
+                    w.iovs.extend_from_slice(&write);
+                    w.flags |= io::LOCK_OWNER;
+                    ch.submit(w);
+                }
+                Err(_) => end(IoStatus::Failed(libc::ENOMEM)),
+            }
+        };
+        let c = self.prepare(IoType::Compare, off, n, Completion::Closure(Box::new(after_compare)), 0);
+        match c {
+            Ok(mut c) => {
+                c.iovs.extend_from_slice(&cmp);
+                c.flags |= io::LOCK_OWNER;
+                self.submit(c);
+            }
+            Err(_) => end2(IoStatus::Failed(libc::ENOMEM)),
+        }
+        drop(fin);
     }
 
     /// Submits an I/O with no data (flush, unmap, write_zeroes, reset).

@@ -189,6 +189,9 @@ pub(crate) const HAS_BUF: u8 = 1;
 pub(crate) const BOUNCED: u8 = 2;
 /// [`BdevIo::flags`]: a piece of a split I/O; statistics count the I/O it belongs to, not the pieces.
 pub(crate) const SPLIT_CHILD: u8 = 4;
+/// [`BdevIo::flags`]: issued by the holder of an LBA range lock (compare-and-write's compare and write): it
+/// goes through the lock it holds.
+pub(crate) const LOCK_OWNER: u8 = 8;
 
 /// Inline iovec capacity reserved per descriptor; more grows the descriptor once and is kept.
 const IOVS_RESERVED: usize = 16;

@@ -8,6 +8,7 @@ pub mod histogram;
 mod io;
 pub mod module;
 pub mod modules;
+mod range_lock;
 pub mod rpc;
 mod stat;
 
