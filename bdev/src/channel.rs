@@ -1098,7 +1098,9 @@ impl IoChannel {
         let ch = self.clone();
         let bdev = core.bdev.clone();
         let step = reactor::OnThread::new(move |id: u64| ch.locked_compare(id, fin, cmp, write));
-        bdev.lock_lba_range(offset_blocks, num_blocks, move |id| step.with(move |f| f(id)));
+        bdev.lock_lba_range(offset_blocks, num_blocks, move |id| {
+            step.with(move |f| f(id))
+        });
         Ok(())
     }
 
@@ -1132,7 +1134,13 @@ impl IoChannel {
                 drop(wio);
                 end_w(st);
             };
-            let w = ch.prepare(IoType::Write, off, n, Completion::Closure(Box::new(after_write)), 0);
+            let w = ch.prepare(
+                IoType::Write,
+                off,
+                n,
+                Completion::Closure(Box::new(after_write)),
+                0,
+            );
             match w {
                 Ok(mut w) => {
                     w.iovs.extend_from_slice(&write);
@@ -1142,7 +1150,13 @@ impl IoChannel {
                 Err(_) => end(IoStatus::Failed(libc::ENOMEM)),
             }
         };
-        let c = self.prepare(IoType::Compare, off, n, Completion::Closure(Box::new(after_compare)), 0);
+        let c = self.prepare(
+            IoType::Compare,
+            off,
+            n,
+            Completion::Closure(Box::new(after_compare)),
+            0,
+        );
         match c {
             Ok(mut c) => {
                 c.iovs.extend_from_slice(&cmp);

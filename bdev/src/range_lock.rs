@@ -8,8 +8,8 @@
 //! so a fence never waits on a lock holder that needs the fence gone. The fence costs new I/O on the bdev one
 //! in-flight I/O's latency; the I/O path pays one flag test while no lock exists.
 
-use std::collections::VecDeque;
 use crate::bdev::Bdev;
+use std::collections::VecDeque;
 
 /// How long a lock being taken waits between looks at the channels' in-flight I/O.
 const DRAIN_POLL_US: u64 = 5;
@@ -41,7 +41,10 @@ impl Bdev {
     pub fn lock_lba_range(&self, offset: u64, len: u64, done: impl FnOnce(u64) + Send + 'static) {
         let len = len.max(1);
         let mut q = reactor::lock(&self.0.range_locks);
-        let busy = q.taking || q.held.iter().any(|&(_, o, l)| overlaps((o, l), (offset, len)));
+        let busy = q.taking
+            || q.held
+                .iter()
+                .any(|&(_, o, l)| overlaps((o, l), (offset, len)));
         q.pending.push_back(Pending {
             offset,
             len,
@@ -80,11 +83,11 @@ impl Bdev {
                 return;
             }
             let held = q.held.clone();
-            let Some(i) = q
-                .pending
-                .iter()
-                .position(|p| !held.iter().any(|&(_, o, l)| overlaps((o, l), (p.offset, p.len))))
-            else {
+            let Some(i) = q.pending.iter().position(|p| {
+                !held
+                    .iter()
+                    .any(|&(_, o, l)| overlaps((o, l), (p.offset, p.len)))
+            }) else {
                 return;
             };
             let p = q.pending.remove(i).expect("position found");

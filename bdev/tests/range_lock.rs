@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bdev::modules::malloc;
-use bdev::{Bdev, BdevOps, BdevParams, Completion, IoHandle, IoStatus, IoType, IoVec, ModuleChannel};
+use bdev::{
+    Bdev, BdevOps, BdevParams, Completion, IoHandle, IoStatus, IoType, IoVec, ModuleChannel,
+};
 use reactor::dma::DmaBuf;
 
 type Log = Arc<Mutex<Vec<(&'static str, IoStatus)>>>;
@@ -82,16 +84,18 @@ fn compare_and_write_writes_only_on_a_match() {
                                 b.unregister(|_| reactor::stop());
                             }
                         }));
-                        ch5.read(DmaBuf::alloc(4096).unwrap(), 0, 8, last, 0).unwrap();
+                        ch5.read(DmaBuf::alloc(4096).unwrap(), 0, 8, last, 0)
+                            .unwrap();
                     }));
                     // SAFETY: the buffers live in `keep` until the end of the test.
                     unsafe { ch4.compare_and_writev(&iov(a), &iov(c), 0, 8, hit, 0) }.unwrap();
                 }));
-                ch3.read(DmaBuf::alloc(4096).unwrap(), 0, 8, read_back, 0).unwrap();
+                ch3.read(DmaBuf::alloc(4096).unwrap(), 0, 8, read_back, 0)
+                    .unwrap();
             }));
             // SAFETY: the buffers live in `keep` until the end of the test.
             unsafe { ch2.compare_and_writev(&iov(x), &iov(c), 0, 8, miss, 0) }.unwrap();
-            drop(a);
+            let _ = a;
         }));
         let k = keep.borrow();
         // SAFETY: the buffer lives in `keep` until the end of the test.
@@ -121,8 +125,10 @@ fn a_locked_range_holds_overlapping_writes_only() {
         let step = reactor::OnThread::new(move |id: u64| {
             let buf = || DmaBuf::alloc(512).unwrap();
             o.lock().unwrap().push(("locked", IoStatus::Success));
-            ch.write(buf(), 10, 1, rec("write in range", &o), 0).unwrap();
-            ch.write(buf(), 100, 1, rec("write elsewhere", &o), 0).unwrap();
+            ch.write(buf(), 10, 1, rec("write in range", &o), 0)
+                .unwrap();
+            ch.write(buf(), 100, 1, rec("write elsewhere", &o), 0)
+                .unwrap();
             ch.read(buf(), 10, 1, rec("read in range", &o), 0).unwrap();
             let (b2, o2, k2) = (b.clone(), o.clone(), keep.clone());
             // Give the held write every chance to slip through before the unlock.

@@ -974,6 +974,8 @@ impl Ctrlr {
         let mut oncs = 0u16;
         if all(bdev::IoType::Compare) {
             oncs |= 1;
+            // Fused compare-and-write, emulated under an LBA range lock as SPDK does.
+            d.fuses = 1;
         }
         if all(bdev::IoType::Unmap) {
             oncs |= 1 << 2;

@@ -66,31 +66,10 @@ pub unsafe fn exec(
     buf_len: u32,
     ctx: u64,
 ) -> Start {
-    let nsid = sqe.nsid();
-    let ns = {
-        let t = sub.ns.borrow();
-        match nsid.checked_sub(1).and_then(|i| t.get(i as usize)) {
-            Some(Some(ns)) => ns.clone(),
-            _ => return invalid_ns(),
-        }
+    let ns = match namespace(sub, ana, sqe) {
+        Ok(ns) => ns,
+        Err(s) => return s,
     };
-    if sub.ana_reporting.get() {
-        if let Some(a) = ana {
-            let st = a
-                .borrow()
-                .get(ns.anagrpid.saturating_sub(1) as usize)
-                .copied()
-                .unwrap_or(crate::tgt::AnaState::Optimized.code());
-            if let Some(s) = ana_status(st) {
-                return Start::Done(s);
-            }
-        }
-    }
-    if sqe.fuse() != 0 {
-        // Fused compare-and-write needs a range lock the bdev layer does not offer yet: refused, and not
-        // advertised in Identify (FUSES is 0), so hosts do not send it.
-        return Start::Done(Status::generic(generic::INVALID_FIELD).dnr());
-    }
     match sqe.opc() {
         opc::READ | opc::WRITE | opc::COMPARE => {
             // SAFETY: forwarded from the caller.
@@ -118,6 +97,84 @@ pub unsafe fn exec(
             unsafe { dsm(&ns, sqe, buf, buf_len, ctx) }
         }
         _ => Start::Done(Status::generic(generic::INVALID_OPCODE).dnr()),
+    }
+}
+
+/// The command's namespace in this poll group, if it exists and its ANA state at this listener allows I/O.
+fn namespace(
+    sub: &PgSubsys,
+    ana: Option<&AnaTable>,
+    sqe: &Sqe,
+) -> Result<std::rc::Rc<PgNs>, Start> {
+    let ns = {
+        let t = sub.ns.borrow();
+        match sqe.nsid().checked_sub(1).and_then(|i| t.get(i as usize)) {
+            Some(Some(ns)) => ns.clone(),
+            _ => return Err(invalid_ns()),
+        }
+    };
+    if sub.ana_reporting.get() {
+        if let Some(a) = ana {
+            let st = a
+                .borrow()
+                .get(ns.anagrpid.saturating_sub(1) as usize)
+                .copied()
+                .unwrap_or(crate::tgt::AnaState::Optimized.code());
+            if let Some(s) = ana_status(st) {
+                return Err(Start::Done(s));
+            }
+        }
+    }
+    Ok(ns)
+}
+
+/// A fused Compare (`first`) and Write (`second`): the write happens only if the compare matched, with no
+/// other write to those blocks in between (SPDK's `nvmf_bdev_ctrlr_compare_and_write_cmd`). Both must name the
+/// same namespace and blocks.
+///
+/// # Safety
+/// As [`exec`], for both buffers.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn compare_and_write(
+    sub: &PgSubsys,
+    ana: Option<&AnaTable>,
+    first: &Sqe,
+    cmp: (*mut u8, u32),
+    second: &Sqe,
+    write: (*mut u8, u32),
+    ctx: u64,
+) -> Start {
+    let ns = match namespace(sub, ana, second) {
+        Ok(ns) => ns,
+        Err(s) => return s,
+    };
+    let (slba, nlb) = (second.slba(), second.nlb() as u64);
+    if first.nsid() != second.nsid() || first.slba() != slba || first.nlb() as u64 != nlb {
+        return Start::Done(Status::generic(generic::INVALID_FIELD).dnr());
+    }
+    if !ns.compare {
+        return Start::Done(Status::generic(generic::INVALID_OPCODE).dnr());
+    }
+    if let Some(s) = range_check(&ns, slba, nlb) {
+        return Start::Done(s);
+    }
+    let len = nlb * ns.block_size as u64;
+    if len > cmp.1 as u64 || len > write.1 as u64 {
+        return Start::Done(Status::generic(generic::DATA_SGL_LENGTH_INVALID).dnr());
+    }
+    let c = [IoVec {
+        base: cmp.0,
+        len: len as usize,
+    }];
+    let w = [IoVec {
+        base: write.0,
+        len: len as usize,
+    }];
+    let cb = Completion::Fn(crate::pg::io_done);
+    // SAFETY: the caller keeps both buffers alive and untouched until the completion.
+    match unsafe { ns.ch.compare_and_writev(&c, &w, slba, nlb, cb, ctx) } {
+        Ok(()) => Start::Submitted(1),
+        Err(_) => Start::Done(Status::generic(generic::INTERNAL_DEVICE_ERROR)),
     }
 }
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use nvme_proto::cmd::{Sqe, FABRICS};
+use nvme_proto::cmd::{fuse, io, Sqe, FABRICS};
 use nvme_proto::fabrics::fctype;
 use nvme_proto::status::{generic, Status};
 use reactor::dma::DmaBuf;
@@ -35,6 +35,14 @@ pub struct Session {
     pub ana: Option<AnaTable>,
     /// The keep alive timer (admin queues).
     pub ka: Option<Poller>,
+    /// The first command of a fused pair (a Compare), waiting for its second: slot, command, data buffer.
+    fused_first: Option<(u16, Sqe, *mut u8, u32)>,
+    /// Fused pairs submitted as one compare-and-write: (second's slot, first's slot).
+    fused_pairs: Vec<(u16, u16)>,
+    /// A first fused command that lost its second (completed by the transport with ABORTED_MISSING_FUSED).
+    orphan: Option<u16>,
+    /// A first fused command whose pair was refused before it started, with the refusal.
+    orphan_status: Option<(u16, Status)>,
 }
 
 /// Who the queue pair is.
@@ -120,24 +128,93 @@ impl Session {
                 Admin::Parked => Outcome::Parked,
             };
         }
-        let Some(sub) = self.sub.as_ref() else {
+        let Some(sub) = self.sub.clone() else {
             return sequence_error();
         };
         let ptr = buf.map_or(std::ptr::null_mut(), |b| b.as_ptr());
-        // SAFETY: forwarded from the caller, who keeps the buffer for the bdev I/O's whole life.
-        match unsafe {
-            crate::io::exec(
-                sub,
-                self.ana.as_ref(),
-                sqe,
-                ptr,
-                len,
-                pg::io_ctx(id.key, slot),
-            )
-        } {
+        let ctx = pg::io_ctx(id.key, slot);
+        let started = match sqe.fuse() {
+            0 => {
+                if let Some((first, ..)) = self.fused_first.take() {
+                    // A first fused command whose second never came (SPDK fails it the same way).
+                    self.orphan = Some(first);
+                }
+                // SAFETY: forwarded from the caller, who keeps the buffer for the bdev I/O's whole life.
+                unsafe { crate::io::exec(&sub, self.ana.as_ref(), sqe, ptr, len, ctx) }
+            }
+            fuse::FIRST => {
+                if let Some((first, ..)) = self.fused_first.take() {
+                    self.orphan = Some(first);
+                }
+                if sqe.opc() != io::COMPARE {
+                    return done(Status::generic(generic::INVALID_OPCODE), 0);
+                }
+                self.fused_first = Some((slot, *sqe, ptr, len));
+                return Outcome::Parked;
+            }
+            fuse::SECOND => {
+                let Some((first, fsqe, fptr, flen)) = self.fused_first.take() else {
+                    return done(Status::generic(generic::ABORTED_MISSING_FUSED), 0);
+                };
+                if sqe.opc() != io::WRITE {
+                    self.orphan = Some(first);
+                    return done(Status::generic(generic::INVALID_OPCODE), 0);
+                }
+                // SAFETY: forwarded from the caller for both slots' buffers (the first's stays with its slot,
+                // outstanding until this pair completes).
+                let s = unsafe {
+                    crate::io::compare_and_write(
+                        &sub,
+                        self.ana.as_ref(),
+                        &fsqe,
+                        (fptr, flen),
+                        sqe,
+                        (ptr, len),
+                        ctx,
+                    )
+                };
+                match s {
+                    Start::Submitted(_) => self.fused_pairs.push((slot, first)),
+                    // Refused before it started: the first carries the reason, the second "failed fused".
+                    Start::Done(st) => {
+                        self.orphan_status = Some((first, st));
+                        return done(Status::generic(generic::ABORTED_FAILED_FUSED), 0);
+                    }
+                }
+                s
+            }
+            _ => return done(Status::generic(generic::INVALID_FIELD), 0),
+        };
+        match started {
             Start::Submitted(n) => Outcome::Submitted(n),
             Start::Done(st) => done(st, 0),
         }
+    }
+
+    /// A first fused command to complete now, with its status: it lost its second (ABORTED_MISSING_FUSED),
+    /// or the pair was refused before it started.
+    pub fn take_orphan(&mut self) -> Option<(u16, Status)> {
+        if let Some(x) = self.orphan_status.take() {
+            return Some(x);
+        }
+        self.orphan
+            .take()
+            .map(|s| (s, Status::generic(generic::ABORTED_MISSING_FUSED)))
+    }
+
+    /// If `slot` is the second of a fused pair that just completed with `status`: the first's slot and the
+    /// statuses of (first, second), as SPDK's `spdk_bdev_io_get_nvme_fused_status` gives them.
+    pub fn fused_done(&mut self, slot: u16, status: Status) -> Option<(u16, Status, Status)> {
+        let i = self.fused_pairs.iter().position(|p| p.0 == slot)?;
+        let (_, first) = self.fused_pairs.swap_remove(i);
+        if status.is_success() {
+            return Some((first, Status::SUCCESS, Status::SUCCESS));
+        }
+        Some((
+            first,
+            status,
+            Status::generic(generic::ABORTED_FAILED_FUSED),
+        ))
     }
 
     fn fabrics(&mut self, id: &Ident<'_>, sqe: &Sqe, data: &[u8]) -> Outcome {

@@ -35,7 +35,7 @@ use nvme_proto::crc32c::crc32c;
 use nvme_proto::fabrics::{cc, csts, fctype, reg, Cap, Connect, ConnectData, Property};
 use nvme_proto::identify::{cns, decode_ns_list, padded_str, CtrlrData, NsData};
 use nvme_proto::log::{decode_changed_ns_list, lid, ChangedNsList};
-use nvme_proto::status::{generic, sct, specific};
+use nvme_proto::status::{generic, media, sct, specific};
 use nvme_proto::tcp::{
     fes, flags, pdu_type, Ch, DataHdr, IcReq, IcResp, CAPSULE_CMD_HLEN, CAPSULE_RESP_HLEN, CH_LEN,
     DATA_HLEN, DIGEST_LEN, IC_HLEN,
@@ -1676,7 +1676,7 @@ fn bad_commands() {
         generic::INVALID_SGL_OFFSET,
         "in-capsule offset",
     );
-    // An opcode the NVM command set does not have; a fused command (not supported).
+    // An opcode the NVM command set does not have; a fused first command that is not a Compare.
     let c = q.cmd(rw(0x7c, 1, 0, 1));
     assert_status(&c, sct::GENERIC, generic::INVALID_OPCODE, "I/O opcode 0x7c");
     let mut s = rw(opc::READ, 1, 0, 1);
@@ -1689,7 +1689,7 @@ fn bad_commands() {
     assert_status(
         &q.resp(cid),
         sct::GENERIC,
-        generic::INVALID_FIELD,
+        generic::INVALID_OPCODE,
         "fused Read",
     );
     // Both queues still work.
@@ -2464,4 +2464,97 @@ proptest! {
         drop(h);
         assert_serving();
     }
+}
+
+/// Sends a fused Compare (`cmp`) + Write (`data`) of 8 blocks at `slba`, both with in-capsule data, and returns
+/// their responses in that order.
+fn fused_compare_write(q: &mut Host, slba: u64, cmp: &[u8], data: &[u8]) -> (Cqe, Cqe) {
+    let (c1, c2) = (q.cid(), q.cid());
+    let mut first = rw(opc::COMPARE, 1, slba, 8);
+    first.set_cid(c1);
+    first.set_flags(1, psdt::SGL_MPTR_CONTIG);
+    first.set_sgl1(&sgl_icd(cmp.len() as u32));
+    let mut second = rw(opc::WRITE, 1, slba, 8);
+    second.set_cid(c2);
+    second.set_flags(2, psdt::SGL_MPTR_CONTIG);
+    second.set_sgl1(&sgl_icd(data.len() as u32));
+    let mut b = q.capsule_bytes(&first, cmp, false);
+    b.extend(q.capsule_bytes(&second, data, false));
+    q.send(&b);
+    // The Compare's response comes first: both complete together, the first of the pair first.
+    let r1 = q.resp(c1);
+    let r2 = q.resp(c2);
+    (r1, r2)
+}
+
+/// Fused Compare and Write (compare-and-write): written only when the compare matched, and answered as SPDK
+/// answers the pair; a first without its second is aborted.
+#[test]
+fn fused_compare_and_write() {
+    let _g = shared();
+    let (_a, cntlid) = controller(NQN, false, 0);
+    let mut q = io_queue(NQN, cntlid, 1, false);
+    let old = pattern(0x21, 4096);
+    let new = pattern(0x42, 4096);
+    assert_ok(&q.cmd_icd(rw(opc::WRITE, 1, 5000, 8), &old), "Write");
+    // A compare that does not match: the Compare fails (compare failure), the Write is "failed fused".
+    let (r1, r2) = fused_compare_write(&mut q, 5000, &new, &new);
+    assert_status(
+        &r1,
+        sct::MEDIA,
+        media::COMPARE_FAILURE,
+        "fused Compare, no match",
+    );
+    assert_status(
+        &r2,
+        sct::GENERIC,
+        generic::ABORTED_FAILED_FUSED,
+        "fused Write, no match",
+    );
+    assert_eq!(read(&mut q, 5000, 8), old, "nothing written");
+    // A matching compare: both succeed and the new data is there.
+    let (r1, r2) = fused_compare_write(&mut q, 5000, &old, &new);
+    assert_ok(&r1, "fused Compare");
+    assert_ok(&r2, "fused Write");
+    assert_eq!(read(&mut q, 5000, 8), new);
+    // A first without a second: aborted (missing fused) when the next, ordinary command arrives.
+    let c1 = q.cid();
+    let mut first = rw(opc::COMPARE, 1, 5000, 8);
+    first.set_cid(c1);
+    first.set_flags(1, psdt::SGL_MPTR_CONTIG);
+    first.set_sgl1(&sgl_icd(4096));
+    let b = q.capsule_bytes(&first, &new, false);
+    q.send(&b);
+    let c2 = q.cid();
+    let mut flush = Sqe::new(opc::FLUSH, c2);
+    flush.set_nsid(1);
+    let b = q.capsule_bytes(&flush, &[], false);
+    q.send(&b);
+    let r1 = q.resp(c1);
+    assert_status(
+        &r1,
+        sct::GENERIC,
+        generic::ABORTED_MISSING_FUSED,
+        "lone first",
+    );
+    assert_ok(&q.resp(c2), "the Flush after it");
+    // A second without a first.
+    let c3 = q.cid();
+    let mut second = rw(opc::WRITE, 1, 5000, 8);
+    second.set_cid(c3);
+    second.set_flags(2, psdt::SGL_MPTR_CONTIG);
+    second.set_sgl1(&sgl_icd(4096));
+    let b = q.capsule_bytes(&second, &old, false);
+    q.send(&b);
+    assert_status(
+        &q.resp(c3),
+        sct::GENERIC,
+        generic::ABORTED_MISSING_FUSED,
+        "lone second",
+    );
+    assert_eq!(
+        read(&mut q, 5000, 8),
+        new,
+        "nothing written by the refused commands"
+    );
 }

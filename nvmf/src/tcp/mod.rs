@@ -1201,6 +1201,10 @@ impl Conn {
             }
             Outcome::Parked => {}
         }
+        // A fused Compare whose Write did not follow (or whose pair was refused) is answered now.
+        if let Some((first, st)) = s.sess.take_orphan() {
+            self.complete(s, g, first, st, 0);
+        }
     }
 
     fn complete(&self, s: &mut ConnState, g: &TcpGroup, slot: u16, status: Status, dw0: u32) {
@@ -1463,10 +1467,21 @@ impl Qpair for Conn {
             }
             if r.pending == 0 && s.phase != Phase::Closed {
                 let st = s.reqs[slot as usize].status;
+                // The Write of a fused pair answers for its Compare too.
+                let (st, first) = match s.sess.fused_done(slot, st) {
+                    Some((first, fst, sst)) => (sst, Some((first, fst))),
+                    None => (st, None),
+                };
                 if s.phase == Phase::Closing {
-                    // Nobody to answer: just free the slot.
+                    // Nobody to answer: just free the slots.
                     self.release(&mut s, &g, slot);
+                    if let Some((f, _)) = first {
+                        self.release(&mut s, &g, f);
+                    }
                 } else {
+                    if let Some((f, fst)) = first {
+                        self.complete(&mut s, &g, f, fst, 0);
+                    }
                     self.complete(&mut s, &g, slot, st, 0);
                 }
             }
