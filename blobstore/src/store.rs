@@ -569,9 +569,11 @@ fn parse_blob(
                     return Err(Error::corrupt("extent RLE and extent table in one blob"));
                 }
                 match &mut table {
-                    Some((n, _)) if *n != num_clusters => return Err(Error::corrupt(format!(
+                    Some((n, _)) if *n != num_clusters => {
+                        return Err(Error::corrupt(format!(
                         "extent table pieces disagree on the size: {n} and {num_clusters} clusters"
-                    ))),
+                    )))
+                    }
                     Some((_, e)) => e.extend(entries),
                     None => table = Some((num_clusters, entries)),
                 }
