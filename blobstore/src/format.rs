@@ -366,14 +366,14 @@ impl SuperBlock {
                 ),
             ));
         }
-        if self.cluster_size == 0 || self.cluster_size as usize % PAGE_SIZE != 0 {
+        if self.cluster_size == 0 || !(self.cluster_size as usize).is_multiple_of(PAGE_SIZE) {
             return bad(format!(
                 "cluster size {} is not a non-zero multiple of {PAGE_SIZE}",
                 self.cluster_size
             ));
         }
         let io = self.io_unit();
-        if io as usize > PAGE_SIZE || PAGE_SIZE % io as usize != 0 {
+        if io as usize > PAGE_SIZE || !PAGE_SIZE.is_multiple_of(io as usize) {
             return bad(format!("io unit size {io} does not divide {PAGE_SIZE}"));
         }
         let size = self.store_size(device_size);
@@ -811,7 +811,7 @@ impl Descriptor {
         Ok(match kind {
             DESC_PADDING => Descriptor::Padding(len as u32),
             DESC_EXTENT_RLE => {
-                if len == 0 || len % 8 != 0 {
+                if len == 0 || !len.is_multiple_of(8) {
                     return bad("extent RLE", "not a non-empty multiple of 8".into());
                 }
                 Descriptor::ExtentRle(
@@ -861,7 +861,7 @@ impl Descriptor {
                 })
             }
             DESC_EXTENT_TABLE => {
-                if len < 8 || (len - 8) % 8 != 0 {
+                if len < 8 || !(len - 8).is_multiple_of(8) {
                     return bad("extent table", "not 8 + a multiple of 8".into());
                 }
                 Descriptor::ExtentTable {
@@ -876,7 +876,7 @@ impl Descriptor {
                 }
             }
             DESC_EXTENT_PAGE => {
-                if len <= 4 || (len - 4) % 4 != 0 {
+                if len <= 4 || !(len - 4).is_multiple_of(4) {
                     return bad("extent page", "not 4 + a non-zero multiple of 4".into());
                 }
                 Descriptor::ExtentPage {
