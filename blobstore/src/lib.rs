@@ -1,7 +1,7 @@
 //! SPDK's blobstore and logical volumes, starting from the bottom: the on-disk format, and a loader that reads
 //! a whole store (as SPDK's `spdk_tgt` leaves it on a bdev) into a model that can be checked.
 //!
-//! - [`format`]: the super block, masks, metadata pages and descriptors, blob ids; byte-exact encode/decode
+//! - [`format`](mod@format): the super block, masks, metadata pages and descriptors, blob ids; byte-exact encode/decode
 //!   with every length and CRC checked (no `unsafe`, no panics on forged bytes).
 //! - [`device`]: [`ReadAt`], where the bytes come from (a file or memory).
 //! - [`store`]: [`Store::load`], the blobs with their flags, xattrs and cluster maps, snapshot/clone links,

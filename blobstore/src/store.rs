@@ -348,7 +348,9 @@ impl Store {
 
     /// The masks the metadata implies, as SPDK's recovery builds them: every chain page and extent page of every
     /// blob (and the decoded pages of broken ones), every first page, the metadata clusters and every allocated
-    /// cluster (indexes outside a mask are left out; the checker reports them).
+    /// cluster (indexes outside a mask are left out; the checker reports them). For a blob that does not load
+    /// this differs from SPDK in one way: none of its clusters are marked, where SPDK's recovery marks those
+    /// named by the chain pages it could read.
     pub fn derived_masks(&self) -> Masks {
         let md_len = self.super_block.md.len as u64;
         let mut m = Masks {

@@ -841,3 +841,24 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn pre_v3_layout() {
+    // Version 2: no blobid mask (so SPDK always scans), size and io_unit_size 0 (device size, 4096).
+    let mut img = image();
+    img[8..12].copy_from_slice(&le32(2));
+    img[72..80].fill(0);
+    img[80..92].fill(0);
+    seal(&mut img, 0);
+    img[3 * PAGE_SIZE..4 * PAGE_SIZE].fill(0);
+    let clean = load(&image());
+    let mut s = load(&img);
+    assert!(s.super_block.is_clean() && !s.super_block.has_blobid_mask());
+    assert_eq!(s.mask_state, MaskState::Stale);
+    assert_eq!(s.super_block.io_unit(), 4096);
+    assert_eq!(s.total_clusters(), 64);
+    assert_eq!(s.blobs, clean.blobs);
+    s.rebuild_masks();
+    assert_eq!(s.check(), vec![]);
+    assert_eq!(s.masks, clean.masks);
+}

@@ -145,7 +145,17 @@ impl Drop for Spdk {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        remove_leftovers(self.child.id());
     }
+}
+
+/// What an SPDK process of ours leaves behind when it is killed (or even when it exits): its trace shared
+/// memory and DPDK's runtime directory, both named after its pid.
+fn remove_leftovers(pid: u32) {
+    for app in ["spdk_tgt", "spdk_dd"] {
+        let _ = std::fs::remove_file(format!("/dev/shm/{app}_trace.pid{pid}"));
+    }
+    let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/spdk_pid{pid}"));
 }
 
 /// What SPDK's RPCs say about the lvstore and its lvols.
@@ -352,7 +362,7 @@ fn spdk_lvstore() {
             "params": {"name": "aio0", "filename": image, "block_size": 512}
         }));
     std::fs::write(&dd_config, cfg.to_string()).unwrap();
-    let out = Command::new(peer().join("build/bin/spdk_dd"))
+    let dd = Command::new(peer().join("build/bin/spdk_dd"))
         .args([
             "-m",
             "0x1",
@@ -367,8 +377,13 @@ fn spdk_lvstore() {
         .arg(format!("--if={}", data.display()))
         .args(["--ob=lvs0/thin0", "--bs=65536", "--count=3", "--seek=511"])
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let dd_pid = dd.id();
+    let out = dd.wait_with_output().unwrap();
+    remove_leftovers(dd_pid);
     assert!(
         out.status.success(),
         "spdk_dd: {}",
