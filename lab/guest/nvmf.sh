@@ -58,24 +58,48 @@ nvmf_ctrl() {
   return 1
 }
 
-# nvmf_ns_dev NSID [NQN [SECONDS]]: waits (default 10 s) for the block device of namespace NSID of NQN and prints
-# its name (nvme0n1, ...). With native multipath (Debian's default) the device is the subsystem's namespace head
+# nvmf_ns_find NSID [NQN]: prints the block device of namespace NSID of NQN (nvme0n1, ...) if there is one now,
+# else returns non-zero. With native multipath (Debian's default) the device is the subsystem's namespace head
 # (/sys/class/nvme-subsystem/nvme-subsysX/nvmeXnY), otherwise the controller's child nvmeXnY.
+nvmf_ns_find() {
+  _id=$1; _n=${2:-$NVMF_NQN}
+  for _d in /sys/class/nvme-subsystem/nvme-subsys*/nvme*n* /sys/class/nvme/nvme*/nvme*n*; do
+    [ -e "$_d/nsid" ] || continue
+    _b=${_d##*/}
+    case $_b in nvme*c*n*) continue ;; esac
+    [ "$(cat "$_d/nsid")" = "$_id" ] || continue
+    [ "$(cat "${_d%/*}/subsysnqn" 2>/dev/null)" = "$_n" ] || continue
+    [ -b "/dev/$_b" ] || continue
+    echo "$_b"; return 0
+  done
+  return 1
+}
+
+# nvmf_ns_dev NSID [NQN [SECONDS]]: waits (default 10 s) for the block device of namespace NSID of NQN and prints
+# its name (see nvmf_ns_find).
 nvmf_ns_dev() {
-  _id=$1; _n=${2:-$NVMF_NQN}; _t=$(( ${3:-10} * 10 ))
+  _t=$(( ${3:-10} * 10 ))
   while [ $_t -gt 0 ]; do
-    for _d in /sys/class/nvme-subsystem/nvme-subsys*/nvme*n* /sys/class/nvme/nvme*/nvme*n*; do
-      [ -e "$_d/nsid" ] || continue
-      _b=${_d##*/}
-      case $_b in nvme*c*n*) continue ;; esac
-      [ "$(cat "$_d/nsid")" = "$_id" ] || continue
-      [ "$(cat "${_d%/*}/subsysnqn" 2>/dev/null)" = "$_n" ] || continue
-      [ -b "/dev/$_b" ] || continue
-      echo "$_b"; return 0
-    done
+    nvmf_ns_find "$1" "$2" && return 0
     sleep 0.1; _t=$((_t - 1))
   done
   return 1
+}
+
+# nvmf_ns_gone NSID [NQN [SECONDS]]: waits (default 10 s) until namespace NSID of NQN has no block device any more.
+nvmf_ns_gone() {
+  _t=$(( ${3:-10} * 10 ))
+  while nvmf_ns_find "$1" "$2" > /dev/null; do
+    [ $_t -gt 0 ] || return 1
+    sleep 0.1; _t=$((_t - 1))
+  done
+}
+
+# nvmf_ctrl_state [CTRL]: the state of controller CTRL (default: nvmf_ctrl's), e.g. live, resetting, connecting,
+# deleting; "gone" when there is no such controller.
+nvmf_ctrl_state() {
+  _c=${1:-$(nvmf_ctrl)}
+  cat "/sys/class/nvme/$_c/state" 2>/dev/null || echo gone
 }
 
 # nvmf_field FILE NAME: the value of `NAME : value` in nvme-cli's normal output saved in FILE, trimmed.

@@ -72,11 +72,11 @@ impl ImageSpec {
     }
 
     /// The default image plus the kernel's NVMe/TCP host (`nvme_tcp`, which pulls in `nvme_fabrics` and
-    /// `nvme_core`, loaded at boot) and nvme-cli's `nvme` (package `nvme-cli`). Scripts drive it with the
-    /// helpers of `/lab/nvmf.sh` (see [`crate::nvmf`]).
+    /// `nvme_core`, loaded at boot; `crc32c_generic` for header and data digests) and nvme-cli's `nvme` (package
+    /// `nvme-cli`). Scripts drive it with the helpers of `/lab/nvmf.sh` (see [`crate::nvmf`]).
     pub fn nvme_tcp_host() -> Self {
         ImageSpec::default()
-            .with_modules(&["nvme_tcp"])
+            .with_modules(&["nvme_tcp", "crc32c_generic"])
             .with_binaries(&["/usr/sbin/nvme"])
             .with_packages(&["nvme-cli"])
     }

@@ -22,12 +22,16 @@
 //!
 //! For NVMe-oF tests the kernel's NVMe/TCP host runs in the guest ([`ImageSpec::nvme_tcp_host`], the script helpers
 //! of `/lab/nvmf.sh`, the target's JSON config in [`nvmf`]) against a target process on the host ([`target`]).
+//!
+//! A test that acts on the host while its guest runs ([`Lab::spawn`]) meets the script at named points with
+//! [`sync`] (`host_sync NAME` in the guest), and may freeze the whole guest meanwhile ([`RunningGuest::pause`]).
 
 pub mod cpio;
 mod image;
 pub mod nvmf;
 mod qemu;
 pub mod spdk_rpc;
+pub mod sync;
 pub mod target;
 
 use std::fmt;

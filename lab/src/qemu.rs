@@ -285,6 +285,44 @@ impl RunningGuest {
             .clone()
     }
 
+    /// QEMU's process id (None once it was collected).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the guest script ended (`LAB-EXIT`) or QEMU closed its console.
+    pub fn finished(&self) -> bool {
+        let c = self.console.0.lock().unwrap_or_else(|e| e.into_inner());
+        c.closed || c.text.lines().any(|l| l.trim().starts_with("LAB-EXIT "))
+    }
+
+    /// Freezes the whole guest (SIGSTOP to QEMU): its vCPUs, clock and user-mode network stop while the host's
+    /// sockets of its connections stay open, so a peer on the host sees a host that went silent (no FIN, no RST).
+    /// The run's time limit keeps counting; [`resume`](Self::resume) lets it go on, dropping kills it anyway.
+    pub fn pause(&self) -> Result<(), LabError> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// Lets a [`pause`](Self::pause)d guest run again (SIGCONT).
+    pub fn resume(&self) -> Result<(), LabError> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&self, sig: libc::c_int) -> Result<(), LabError> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| LabError::Qemu(format!("{}: QEMU is gone", self.name)))?;
+        // SAFETY: signals our own child, which is not reaped yet (`child` is still held), so the pid is its.
+        if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+            return Err(LabError::Qemu(format!(
+                "{}: kill({pid}, {sig}): {}",
+                self.name,
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
     /// Waits until the console shows `needle` at least `count` times.
     pub fn wait_for_count(
         &self,
