@@ -1,7 +1,8 @@
 //! SPDK-compatible JSON-RPC 2.0 server over a Unix stream socket.
 //!
 //! A pure-Rust counterpart of SPDK's `lib/jsonrpc` and `lib/rpc`: the same
-//! wire behaviour (unframed JSON values on a stream, batches, SPDK's error
+//! wire behaviour (unframed JSON values on a stream, batch arrays refused with
+//! -32600 as SPDK refuses them, SPDK's error
 //! codes and messages, one response per line), the same method table
 //! semantics (STARTUP/RUNTIME state masks, `--rpcs-allowed`, deprecated
 //! aliases, `rpc_get_methods`), and the same socket lock-file convention.

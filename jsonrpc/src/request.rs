@@ -1,5 +1,8 @@
-//! Interpretation of one complete JSON value as a JSON-RPC request or batch,
-//! following SPDK's `jsonrpc_parse_request()` / `parse_single_request()`.
+//! Interpretation of one complete JSON value as a JSON-RPC request, following
+//! SPDK's `jsonrpc_parse_request()` / `parse_single_request()`. A batch array
+//! is answered `-32600` as SPDK answers it ("not currently supported"): one
+//! error, however many elements, so a large batch cannot make the server
+//! build a large reply.
 
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -26,11 +29,10 @@ pub(crate) enum Item {
 
 /// A complete top-level JSON value.
 #[derive(Debug)]
-pub(crate) enum Parsed<'a> {
+pub(crate) enum Parsed {
     Single(Item),
-    /// Elements of a batch array (possibly empty).
-    Batch(Vec<&'a RawValue>),
-    /// Neither an object nor an array, or unusable: -32600 with `id: null`.
+    /// Not an object (a batch array, a scalar), or unusable: -32600 with
+    /// `id: null`.
     Invalid,
 }
 
@@ -64,26 +66,13 @@ fn as_string(raw: &RawValue) -> Option<String> {
 }
 
 /// Interpret `bytes` (one complete, syntactically valid JSON value).
-pub(crate) fn parse(bytes: &[u8]) -> Parsed<'_> {
+pub(crate) fn parse(bytes: &[u8]) -> Parsed {
     let Some(first) = bytes.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Parsed::Invalid;
     };
     match first {
         b'{' => Parsed::Single(parse_object(bytes)),
-        b'[' => match serde_json::from_slice::<Vec<&RawValue>>(bytes) {
-            Ok(items) => Parsed::Batch(items),
-            Err(_) => Parsed::Invalid,
-        },
         _ => Parsed::Invalid,
-    }
-}
-
-/// Interpret one batch element.
-pub(crate) fn parse_element(raw: &RawValue) -> Item {
-    if raw.get().starts_with('{') {
-        parse_object(raw.get().as_bytes())
-    } else {
-        Item::Invalid { id: None }
     }
 }
 
@@ -218,22 +207,14 @@ mod tests {
     }
 
     #[test]
-    fn batches() {
-        let Parsed::Batch(items) = parse(br#"[{"method":"a","id":1}, 3, {"method":"b"}]"#) else {
-            panic!()
-        };
-        let items: Vec<Item> = items.into_iter().map(parse_element).collect();
-        assert_eq!(
-            items,
-            vec![
-                call("a", None, Some("1")),
-                Item::Invalid { id: None },
-                call("b", None, None)
-            ]
-        );
-        let Parsed::Batch(items) = parse(b" [ ] ") else {
-            panic!()
-        };
-        assert!(items.is_empty());
+    fn batch_arrays_are_invalid() {
+        for text in [
+            &br#"[{"method":"a","id":1}, 3]"#[..],
+            b" [ ] ",
+            b"3",
+            b"\"x\"",
+        ] {
+            assert!(matches!(parse(text), Parsed::Invalid), "{text:?}");
+        }
     }
 }

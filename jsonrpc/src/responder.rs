@@ -14,8 +14,6 @@ use crate::error::{RpcError, NO_RESPONSE_MESSAGE};
 pub(crate) struct Completion {
     /// Connection the request came from.
     pub conn: u64,
-    /// Batch id and index within the batch, for batch elements.
-    pub batch: Option<(u64, usize)>,
     /// Encoded response without trailing newline; `None` when nothing is
     /// sent (a result for a request without id or with a `null` id).
     pub bytes: Option<Vec<u8>>,
@@ -27,7 +25,6 @@ enum Target {
     Conn {
         tx: Sender<Completion>,
         conn: u64,
-        batch: Option<(u64, usize)>,
         /// JSON text of the request id; `None` when absent.
         id: Option<String>,
         close_after: bool,
@@ -67,7 +64,6 @@ impl Responder {
     pub(crate) fn for_conn(
         tx: Sender<Completion>,
         conn: u64,
-        batch: Option<(u64, usize)>,
         id: Option<String>,
         method: String,
         close_after: bool,
@@ -77,7 +73,6 @@ impl Responder {
             target: Some(Target::Conn {
                 tx,
                 conn,
-                batch,
                 id,
                 close_after,
             }),
@@ -155,7 +150,6 @@ impl Responder {
             Some(Target::Conn {
                 tx,
                 conn,
-                batch,
                 id,
                 close_after,
             }) => {
@@ -171,7 +165,6 @@ impl Responder {
                 };
                 let _ = tx.send(Completion {
                     conn,
-                    batch,
                     bytes,
                     close_after,
                 });
@@ -188,14 +181,12 @@ impl Responder {
             Some(Target::Conn {
                 tx,
                 conn,
-                batch,
                 id,
                 close_after,
             }) => {
                 let bytes = Some(encode::error_response(id.as_deref(), &error));
                 let _ = tx.send(Completion {
                     conn,
-                    batch,
                     bytes,
                     close_after,
                 });
@@ -235,7 +226,7 @@ mod tests {
     fn conn_responder(id: Option<&str>) -> (Responder, Receiver<Completion>) {
         let (tx, rx) = mpsc::channel();
         (
-            Responder::for_conn(tx, 3, None, id.map(String::from), "m".into(), false),
+            Responder::for_conn(tx, 3, id.map(String::from), "m".into(), false),
             rx,
         )
     }

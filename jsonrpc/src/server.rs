@@ -2,7 +2,7 @@
 //! `spdk_rpc_server_listen()`).
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -39,12 +39,6 @@ const COALESCE_LIMIT: usize = 64 << 10;
 /// `sizeof(sockaddr_un.sun_path)`.
 const SUN_PATH_LEN: usize = 108;
 
-/// Pending batch: one slot per element, filled as elements complete.
-struct Batch {
-    slots: Vec<Option<Vec<u8>>>,
-    remaining: usize,
-}
-
 struct Conn {
     id: u64,
     stream: UnixStream,
@@ -58,7 +52,6 @@ struct Conn {
     out_bytes: usize,
     /// Requests dispatched whose responder has not completed yet.
     outstanding: usize,
-    batches: HashMap<u64, Batch>,
     /// No more reading: the peer shut down its side, or a parse error.
     read_closed: bool,
     /// Close once `out` is flushed (after a parse error).
@@ -155,7 +148,6 @@ fn flock_exclusive(file: &File) -> io::Result<()> {
 struct Ctx<'a> {
     registry: &'a Rc<RefCell<Registry>>,
     tx: &'a Sender<Completion>,
-    next_batch_id: &'a mut u64,
     work: usize,
 }
 
@@ -177,7 +169,6 @@ pub struct Server {
     registry: Rc<RefCell<Registry>>,
     conns: Vec<Conn>,
     next_conn_id: u64,
-    next_batch_id: u64,
     tx: Sender<Completion>,
     rx: Receiver<Completion>,
     scratch: Vec<u8>,
@@ -257,7 +248,6 @@ impl Server {
             registry,
             conns: Vec::new(),
             next_conn_id: 1,
-            next_batch_id: 1,
             tx,
             rx,
             scratch: vec![0; READ_CHUNK],
@@ -334,7 +324,6 @@ impl Server {
                         out_off: 0,
                         out_bytes: 0,
                         outstanding: 0,
-                        batches: HashMap::new(),
                         read_closed: false,
                         close_after_flush: false,
                         dead: false,
@@ -364,28 +353,10 @@ impl Server {
                 continue;
             };
             conn.outstanding -= 1;
-            match c.batch {
-                None => {
-                    if let Some(mut bytes) = c.bytes {
-                        log_response(&bytes);
-                        bytes.push(b'\n');
-                        conn.queue(bytes);
-                    }
-                }
-                Some((bid, idx)) => {
-                    let Some(batch) = conn.batches.get_mut(&bid) else {
-                        continue;
-                    };
-                    batch.slots[idx] = c.bytes;
-                    batch.remaining -= 1;
-                    if batch.remaining == 0 {
-                        let batch = conn.batches.remove(&bid).expect("present");
-                        if let Some(bytes) = assemble_batch(batch) {
-                            log_response(&bytes);
-                            conn.queue(bytes);
-                        }
-                    }
-                }
+            if let Some(mut bytes) = c.bytes {
+                log_response(&bytes);
+                bytes.push(b'\n');
+                conn.queue(bytes);
             }
             if c.close_after {
                 conn.close_after_flush = true;
@@ -400,7 +371,6 @@ impl Server {
             conns,
             registry,
             tx,
-            next_batch_id,
             scratch,
             ..
         } = self;
@@ -408,7 +378,6 @@ impl Server {
         let mut ctx = Ctx {
             registry,
             tx,
-            next_batch_id,
             work: 0,
         };
         let mut total = 0;
@@ -455,26 +424,6 @@ fn log_response(bytes: &[u8]) {
     log::trace!("response: {}", String::from_utf8_lossy(bytes));
 }
 
-/// `[r1,r2,...]\n` in request order, skipping elements with no response;
-/// `None` if there is none (all notifications).
-fn assemble_batch(batch: Batch) -> Option<Vec<u8>> {
-    let parts: Vec<Vec<u8>> = batch.slots.into_iter().flatten().collect();
-    if parts.is_empty() {
-        return None;
-    }
-    let len = parts.iter().map(|p| p.len() + 1).sum::<usize>() + 2;
-    let mut out = Vec::with_capacity(len);
-    out.push(b'[');
-    for (i, p) in parts.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(p);
-    }
-    out.extend_from_slice(b"]\n");
-    Some(out)
-}
-
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n')
 }
@@ -495,7 +444,7 @@ fn process_input(conn: &mut Conn, ctx: &mut Ctx<'_>) {
             Scan::Complete(end) => {
                 let req = &buf[..end];
                 log::trace!("request: {}", String::from_utf8_lossy(req));
-                handle_value(req, conn.id, &mut conn.outstanding, &mut conn.batches, ctx);
+                handle_value(req, conn.id, &mut conn.outstanding, ctx);
                 conn.recv_start += end;
                 conn.scanner.reset();
             }
@@ -535,66 +484,32 @@ fn parse_error(conn: &mut Conn, ctx: &mut Ctx<'_>) {
     conn.recv.clear();
     conn.recv_start = 0;
     conn.outstanding += 1;
-    Responder::for_conn(ctx.tx.clone(), conn.id, None, None, String::new(), true)
+    Responder::for_conn(ctx.tx.clone(), conn.id, None, String::new(), true)
         .err(RpcError::parse_error());
 }
 
 /// Dispatch one complete top-level JSON value.
-fn handle_value(
-    req: &[u8],
-    conn_id: u64,
-    outstanding: &mut usize,
-    batches: &mut HashMap<u64, Batch>,
-    ctx: &mut Ctx<'_>,
-) {
+fn handle_value(req: &[u8], conn_id: u64, outstanding: &mut usize, ctx: &mut Ctx<'_>) {
     match request::parse(req) {
-        Parsed::Single(item) => dispatch_item(item, conn_id, None, outstanding, ctx),
-        Parsed::Invalid => {
-            dispatch_item(Item::Invalid { id: None }, conn_id, None, outstanding, ctx)
-        }
-        Parsed::Batch(elems) if elems.is_empty() => {
-            dispatch_item(Item::Invalid { id: None }, conn_id, None, outstanding, ctx)
-        }
-        Parsed::Batch(elems) => {
-            let bid = *ctx.next_batch_id;
-            *ctx.next_batch_id += 1;
-            batches.insert(
-                bid,
-                Batch {
-                    slots: vec![None; elems.len()],
-                    remaining: elems.len(),
-                },
-            );
-            for (i, raw) in elems.into_iter().enumerate() {
-                let item = request::parse_element(raw);
-                dispatch_item(item, conn_id, Some((bid, i)), outstanding, ctx);
-            }
-        }
+        Parsed::Single(item) => dispatch_item(item, conn_id, outstanding, ctx),
+        Parsed::Invalid => dispatch_item(Item::Invalid { id: None }, conn_id, outstanding, ctx),
     }
 }
 
-fn dispatch_item(
-    item: Item,
-    conn_id: u64,
-    batch: Option<(u64, usize)>,
-    outstanding: &mut usize,
-    ctx: &mut Ctx<'_>,
-) {
+fn dispatch_item(item: Item, conn_id: u64, outstanding: &mut usize, ctx: &mut Ctx<'_>) {
     *outstanding += 1;
     ctx.work += 1;
     let tx = ctx.tx.clone();
     match item {
-        Item::Invalid { id } => Responder::for_conn(tx, conn_id, batch, id, String::new(), false)
+        Item::Invalid { id } => Responder::for_conn(tx, conn_id, id, String::new(), false)
             .err(RpcError::invalid_request()),
-        Item::BadParams { method, id } => {
-            Responder::for_conn(tx, conn_id, batch, id, method, false)
-                .err(RpcError::invalid_params("Invalid parameters"))
-        }
+        Item::BadParams { method, id } => Responder::for_conn(tx, conn_id, id, method, false)
+            .err(RpcError::invalid_params("Invalid parameters")),
         Item::Call { method, params, id } => {
             // Resolve, then release the registry borrow before running the
             // handler: it may change the registry (e.g. the RPC state).
             let found = ctx.registry.borrow().lookup(&method);
-            let responder = Responder::for_conn(tx, conn_id, batch, id, method, false);
+            let responder = Responder::for_conn(tx, conn_id, id, method, false);
             match found {
                 Ok(handler) => handler(params, responder),
                 Err(e) => responder.err(e),
