@@ -13,15 +13,20 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Instant;
 
 use crate::request::{self, Item, Parsed};
 use crate::responder::{Completion, Responder};
 use crate::scanner::{Scan, Scanner};
 use crate::{Registry, RpcError};
 
-/// Maximum simultaneous connections (`SPDK_JSONRPC_MAX_CONNS`); further
-/// clients wait in the listen backlog.
+/// Maximum simultaneous connections (`SPDK_JSONRPC_MAX_CONNS`). A client that
+/// arrives at the cap takes the place of the longest-idle connection (nothing
+/// outstanding, nothing half-received or unsent); with none idle it waits (as in
+/// SPDK's listen backlog) until one goes or falls idle.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Clients accepted while every connection was busy, served as places free.
+const MAX_WAITING: usize = 64;
 /// Largest accepted request (one top-level JSON value, batches included).
 /// A connection whose pending request grows past this gets a parse error
 /// and is closed. (SPDK's receive buffer is 256 KiB; its largest response
@@ -58,9 +63,37 @@ struct Conn {
     close_after_flush: bool,
     /// Socket failed: drop now.
     dead: bool,
+    /// When it last received or sent anything.
+    last_active: Instant,
 }
 
 impl Conn {
+    fn new(id: u64, stream: UnixStream) -> Conn {
+        Conn {
+            id,
+            stream,
+            recv: Vec::new(),
+            recv_start: 0,
+            scanner: Scanner::new(),
+            out: VecDeque::new(),
+            out_off: 0,
+            out_bytes: 0,
+            outstanding: 0,
+            read_closed: false,
+            close_after_flush: false,
+            dead: false,
+            last_active: Instant::now(),
+        }
+    }
+
+    /// Nothing outstanding, half-received or unsent: closing it loses nothing.
+    fn idle(&self) -> bool {
+        self.outstanding == 0
+            && self.out.is_empty()
+            && self.recv_start >= self.recv.len()
+            && !self.scanner.started()
+    }
+
     fn queue(&mut self, bytes: Vec<u8>) {
         self.out_bytes += bytes.len();
         // Merge into the last buffer unless it is partially sent.
@@ -88,6 +121,7 @@ impl Conn {
                 Ok(0) => break,
                 Ok(n) => {
                     written += n;
+                    self.last_active = Instant::now();
                     self.out_off += n;
                     self.out_bytes -= n;
                     if self.out_off == front.len() {
@@ -168,6 +202,8 @@ pub struct Server {
     listener: UnixListener,
     registry: Rc<RefCell<Registry>>,
     conns: Vec<Conn>,
+    /// Clients accepted at the cap with no idle connection to close; served in order.
+    waiting: VecDeque<UnixStream>,
     next_conn_id: u64,
     tx: Sender<Completion>,
     rx: Receiver<Completion>,
@@ -247,6 +283,7 @@ impl Server {
             listener,
             registry,
             conns: Vec::new(),
+            waiting: VecDeque::new(),
             next_conn_id: 1,
             tx,
             rx,
@@ -304,31 +341,31 @@ impl Server {
 
     fn accept(&mut self) -> usize {
         let mut n = 0;
-        while self.conns.len() < MAX_CONNECTIONS {
+        loop {
+            // Clients that waited for a place come first: a place that freed, or a connection gone idle.
+            if !self.waiting.is_empty()
+                && (self.conns.len() < MAX_CONNECTIONS || self.reclaim_idle())
+            {
+                let stream = self.waiting.pop_front().expect("not empty");
+                self.add_conn(stream);
+                n += 1;
+                continue;
+            }
+            if self.conns.len() >= MAX_CONNECTIONS && self.waiting.len() >= MAX_WAITING {
+                break;
+            }
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if let Err(e) = stream.set_nonblocking(true) {
                         log::error!("RPC: cannot make connection non-blocking: {e}");
                         continue;
                     }
-                    let id = self.next_conn_id;
-                    self.next_conn_id += 1;
-                    log::debug!("RPC connection {id} accepted");
-                    self.conns.push(Conn {
-                        id,
-                        stream,
-                        recv: Vec::new(),
-                        recv_start: 0,
-                        scanner: Scanner::new(),
-                        out: VecDeque::new(),
-                        out_off: 0,
-                        out_bytes: 0,
-                        outstanding: 0,
-                        read_closed: false,
-                        close_after_flush: false,
-                        dead: false,
-                    });
                     n += 1;
+                    if self.conns.len() < MAX_CONNECTIONS || self.reclaim_idle() {
+                        self.add_conn(stream);
+                    } else {
+                        self.waiting.push_back(stream);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -341,6 +378,35 @@ impl Server {
             }
         }
         n
+    }
+
+    fn add_conn(&mut self, stream: UnixStream) {
+        let id = self.next_conn_id;
+        self.next_conn_id += 1;
+        log::debug!("RPC connection {id} accepted");
+        self.conns.push(Conn::new(id, stream));
+    }
+
+    /// At the cap, closes the longest-idle connection so that a new client is served: idle clients never lock
+    /// management out. False when every connection is busy.
+    fn reclaim_idle(&mut self) -> bool {
+        let Some(i) = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.idle())
+            .min_by_key(|(_, c)| c.last_active)
+            .map(|(i, _)| i)
+        else {
+            return false;
+        };
+        let c = self.conns.swap_remove(i);
+        log::warn!(
+            "RPC: {MAX_CONNECTIONS} connections open; closing connection {} (idle for {:?}) to serve a new client",
+            c.id,
+            c.last_active.elapsed()
+        );
+        true
     }
 
     /// Move completed responses into their connections' output.
@@ -394,6 +460,7 @@ impl Server {
                 Ok(n) => {
                     total += n;
                     ctx.work += 1;
+                    conn.last_active = Instant::now();
                     conn.recv.extend_from_slice(&scratch[..n]);
                     process_input(conn, &mut ctx);
                     if n < scratch.len() {

@@ -629,7 +629,7 @@ fn large_response_and_client_vanishing_mid_response() {
 }
 
 #[test]
-fn connection_limit_is_64() {
+fn at_64_connections_the_longest_idle_one_makes_room() {
     let srv = runtime_server("limit");
     let mut clients: Vec<Client> = (0..jsonrpc::MAX_CONNECTIONS)
         .map(|_| srv.client())
@@ -638,12 +638,43 @@ fn connection_limit_is_64() {
         assert!(c.call("echo", None).is_ok());
     }
     srv.wait_conns(jsonrpc::MAX_CONNECTIONS);
-    // The 65th connects (listen backlog) but is not served yet.
+    // A 65th client is served at once: the longest-idle connection (the first) is closed for it.
+    let mut extra = srv.client();
+    assert_eq!(
+        extra.call("echo", Some(json!(["extra"]))),
+        Ok(json!(["extra"]))
+    );
+    let first = &mut clients[0];
+    first
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        first.stream.read(&mut byte).unwrap(),
+        0,
+        "closed for the newcomer"
+    );
+    // The others still work.
+    assert!(clients[1].call("echo", None).is_ok());
+}
+
+#[test]
+fn at_64_busy_connections_a_new_client_waits_for_a_place() {
+    let srv = runtime_server("busy");
+    let mut clients: Vec<Client> = (0..jsonrpc::MAX_CONNECTIONS)
+        .map(|_| srv.client())
+        .collect();
+    // Every connection has a call outstanding: none is idle, none can be closed.
+    for c in clients.iter_mut() {
+        c.send_raw(br#"{"method":"deferred","params":{"ms":700,"value":1},"id":1}"#);
+    }
+    srv.wait_conns(jsonrpc::MAX_CONNECTIONS);
     let mut extra = srv.client();
     extra.send_raw(br#"{"method":"echo","params":["extra"],"id":1}"#);
     extra
         .stream
-        .set_read_timeout(Some(Duration::from_millis(300)))
+        .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let mut byte = [0u8; 1];
     let r = extra.stream.read(&mut byte);
@@ -655,8 +686,10 @@ fn connection_limit_is_64() {
         .stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    // Once a slot frees up, it is accepted and answered.
-    clients.pop();
+    // Once the busy ones answered, one is idle and the newcomer is served.
+    for c in clients.iter_mut() {
+        assert_eq!(c.recv().unwrap()["result"], json!(1));
+    }
     assert_eq!(extra.recv().unwrap()["result"], json!(["extra"]));
 }
 
