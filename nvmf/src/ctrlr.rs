@@ -873,12 +873,13 @@ impl Ctrlr {
                     return done(Status::generic(generic::INVALID_NAMESPACE_OR_FORMAT));
                 }
                 let ss = self.subsys.state();
-                encode_ns_list(ss.active_ns().map(|n| n.nsid), nsid, out);
+                let visible = ss.active_ns().filter(|n| n.visible_to(&self.hostnqn));
+                encode_ns_list(visible.map(|n| n.nsid), nsid, out);
                 ok(0)
             }
             cns::NS_ID_DESC_LIST => {
                 let ss = self.subsys.state();
-                let Some(ns) = ss.ns(sqe.nsid()) else {
+                let Some(ns) = ss.ns(sqe.nsid()).filter(|n| n.visible_to(&self.hostnqn)) else {
                     return done(Status::generic(generic::INVALID_NAMESPACE_OR_FORMAT));
                 };
                 let mut d = Vec::with_capacity(3);
@@ -897,7 +898,8 @@ impl Ctrlr {
             cns::NS_IOCS => {
                 let ss = self.subsys.state();
                 let nsid = sqe.nsid();
-                if nsid == 0 || nsid > ss.max_nsid || ss.ns(nsid).is_none() {
+                let seen = ss.ns(nsid).is_some_and(|n| n.visible_to(&self.hostnqn));
+                if nsid == 0 || nsid > ss.max_nsid || !seen {
                     return done(Status::generic(generic::INVALID_NAMESPACE_OR_FORMAT));
                 }
                 ok(0)
@@ -1003,8 +1005,8 @@ impl Ctrlr {
         if nsid == 0 || nsid > ss.max_nsid {
             return done(Status::generic(generic::INVALID_NAMESPACE_OR_FORMAT));
         }
-        // An inactive namespace reads as zeroes.
-        let Some(ns) = ss.ns(nsid) else {
+        // An inactive namespace (or one this host may not see) reads as zeroes.
+        let Some(ns) = ss.ns(nsid).filter(|n| n.visible_to(&self.hostnqn)) else {
             return ok(0);
         };
         let b = ns.desc.bdev();

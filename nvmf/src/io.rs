@@ -61,12 +61,13 @@ pub fn status_of(s: IoStatus) -> Status {
 pub unsafe fn exec(
     sub: &PgSubsys,
     ana: Option<&AnaTable>,
+    host: &str,
     sqe: &Sqe,
     buf: *mut u8,
     buf_len: u32,
     ctx: u64,
 ) -> Start {
-    let ns = match namespace(sub, ana, sqe) {
+    let ns = match namespace(sub, ana, host, sqe) {
         Ok(ns) => ns,
         Err(s) => return s,
     };
@@ -104,12 +105,14 @@ pub unsafe fn exec(
 fn namespace(
     sub: &PgSubsys,
     ana: Option<&AnaTable>,
+    host: &str,
     sqe: &Sqe,
 ) -> Result<std::rc::Rc<PgNs>, Start> {
     let ns = {
         let t = sub.ns.borrow();
         match sqe.nsid().checked_sub(1).and_then(|i| t.get(i as usize)) {
-            Some(Some(ns)) => ns.clone(),
+            // A namespace not visible to this host is, for it, not there (as SPDK answers).
+            Some(Some(ns)) if ns.allows(host) => ns.clone(),
             _ => return Err(invalid_ns()),
         }
     };
@@ -138,13 +141,14 @@ fn namespace(
 pub unsafe fn compare_and_write(
     sub: &PgSubsys,
     ana: Option<&AnaTable>,
+    host: &str,
     first: &Sqe,
     cmp: (*mut u8, u32),
     second: &Sqe,
     write: (*mut u8, u32),
     ctx: u64,
 ) -> Start {
-    let ns = match namespace(sub, ana, second) {
+    let ns = match namespace(sub, ana, host, second) {
         Ok(ns) => ns,
         Err(s) => return s,
     };

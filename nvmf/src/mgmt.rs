@@ -307,6 +307,7 @@ pub fn add_ns(nqn: &str, o: NamespaceParams, done: impl FnOnce(Result<u32>) + Se
     match add_ns_inner(nqn, o) {
         Ok((s, nsid, desc, anagrpid, pgs)) => {
             let id = s.id;
+            let restricted = s.state().ns(nsid).is_some_and(|n| n.params.no_auto_visible);
             pg::for_each(
                 &pgs,
                 move |pg| {
@@ -315,11 +316,13 @@ pub fn add_ns(nqn: &str, o: NamespaceParams, done: impl FnOnce(Result<u32>) + Se
                     if t.len() < nsid as usize {
                         t.resize(nsid as usize, None);
                     }
-                    t[nsid as usize - 1] = Some(Rc::new(PgNs::new(nsid, anagrpid, &desc)));
+                    let ns = PgNs::new(nsid, anagrpid, &desc, restricted);
+                    t[nsid as usize - 1] = Some(Rc::new(ns));
                 },
                 move |_| {
+                    // Only the controllers that see it hear of it.
                     let ctrlrs = s.state().ctrlrs.clone();
-                    for c in ctrlrs {
+                    for c in ctrlrs.iter().filter(|_| !restricted) {
                         c.ns_changed(nsid);
                     }
                     done(Ok(nsid))
@@ -429,6 +432,7 @@ fn add_ns_inner(nqn: &str, o: NamespaceParams) -> Result<Added> {
         eui64: ns.eui64.map(|e| e.0).unwrap_or([0; 8]),
         anagrpid,
         params: ns,
+        hosts: Vec::new(),
     });
     drop(st);
     let t = tgt::tgt();
@@ -474,8 +478,76 @@ pub fn remove_ns(nqn: &str, nsid: u32, done: impl FnOnce(Result<()>) + Send + 's
             }
         },
         move |_| {
-            drop(ns);
             let ctrlrs = s.state().ctrlrs.clone();
+            for c in ctrlrs.iter().filter(|c| ns.visible_to(&c.hostnqn)) {
+                c.ns_changed(nsid);
+            }
+            drop(ns);
+            done(Ok(()))
+        },
+    );
+}
+
+/// `nvmf_ns_add_host` / `nvmf_ns_remove_host`: makes namespace `nsid` of a `no_auto_visible` namespace
+/// visible (or not) to `host`; that host's controllers hear of the change by AEN. Answers once every poll group
+/// applied it.
+pub fn ns_visibility(
+    nqn: &str,
+    nsid: u32,
+    host: &str,
+    visible: bool,
+    done: impl FnOnce(Result<()>) + Send + 'static,
+) {
+    let res = (|| {
+        let s = subsystem(nqn)?;
+        let mut st = s.state();
+        let ns = nsid
+            .checked_sub(1)
+            .and_then(|i| st.ns.get_mut(i as usize))
+            .and_then(|n| n.as_mut())
+            .ok_or_else(|| not_found(format!("no namespace {nsid} in {nqn}")))?;
+        if !ns.params.no_auto_visible {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "namespace {nsid} of {nqn} is visible to every host (no_auto_visible not set)"
+                ),
+            ));
+        }
+        let had = ns.hosts.iter().any(|h| h == host);
+        if visible && !had {
+            ns.hosts.push(host.to_string());
+        } else if !visible {
+            ns.hosts.retain(|h| h != host);
+        }
+        let hosts = ns.hosts.clone();
+        let ctrlrs: Vec<_> = if had != visible {
+            st.ctrlrs
+                .iter()
+                .filter(|c| c.hostnqn == host)
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        drop(st);
+        Ok((s.id, hosts, ctrlrs))
+    })();
+    let (id, hosts, ctrlrs) = match res {
+        Ok(x) => x,
+        Err(e) => return done(Err(e)),
+    };
+    let pgs = tgt::tgt().pgs.clone();
+    pg::for_each(
+        &pgs,
+        move |pg| {
+            let sub = pg.subsys(id);
+            let t = sub.ns.borrow();
+            if let Some(Some(ns)) = t.get(nsid as usize - 1) {
+                *ns.hosts.borrow_mut() = hosts.clone();
+            }
+        },
+        move |_| {
             for c in ctrlrs {
                 c.ns_changed(nsid);
             }

@@ -33,11 +33,15 @@ pub struct PgNs {
     pub flush: bool,
     /// Compare supported.
     pub compare: bool,
+    /// Created `no_auto_visible`: only the hosts in `hosts` may use it.
+    pub restricted: bool,
+    /// Hosts that may use a restricted namespace.
+    pub hosts: RefCell<Vec<String>>,
 }
 
 impl PgNs {
     /// Opens this thread's channel through `desc`.
-    pub fn new(nsid: u32, anagrpid: u32, desc: &bdev::Desc) -> PgNs {
+    pub fn new(nsid: u32, anagrpid: u32, desc: &bdev::Desc, restricted: bool) -> PgNs {
         let b = desc.bdev();
         PgNs {
             nsid,
@@ -48,7 +52,15 @@ impl PgNs {
             write_zeroes: b.io_type_supported(IoType::WriteZeroes),
             flush: b.io_type_supported(IoType::Flush),
             compare: b.io_type_supported(IoType::Compare),
+            restricted,
+            hosts: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Whether `host` may use the namespace (a string compare only for restricted namespaces).
+    #[inline]
+    pub fn allows(&self, host: &str) -> bool {
+        !self.restricted || self.hosts.borrow().iter().any(|h| h == host)
     }
 
     /// Current size in blocks (a resize is seen at once).

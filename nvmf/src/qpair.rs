@@ -133,6 +133,8 @@ impl Session {
         };
         let ptr = buf.map_or(std::ptr::null_mut(), |b| b.as_ptr());
         let ctx = pg::io_ctx(id.key, slot);
+        let ctrlr = self.ctrlr.clone();
+        let host = ctrlr.as_ref().map_or("", |c| c.hostnqn.as_str());
         let started = match sqe.fuse() {
             0 => {
                 if let Some((first, ..)) = self.fused_first.take() {
@@ -140,7 +142,7 @@ impl Session {
                     self.orphan = Some(first);
                 }
                 // SAFETY: forwarded from the caller, who keeps the buffer for the bdev I/O's whole life.
-                unsafe { crate::io::exec(&sub, self.ana.as_ref(), sqe, ptr, len, ctx) }
+                unsafe { crate::io::exec(&sub, self.ana.as_ref(), host, sqe, ptr, len, ctx) }
             }
             fuse::FIRST => {
                 if let Some((first, ..)) = self.fused_first.take() {
@@ -166,6 +168,7 @@ impl Session {
                     crate::io::compare_and_write(
                         &sub,
                         self.ana.as_ref(),
+                        host,
                         &fsqe,
                         (fptr, flen),
                         sqe,

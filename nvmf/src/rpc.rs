@@ -120,6 +120,8 @@ pub fn register(reg: &mut Registry) {
         ("nvmf_subsystem_remove_ns", STATE_RUNTIME, remove_ns),
         ("nvmf_subsystem_get_qpairs", STATE_RUNTIME, get_qpairs),
         ("nvmf_get_stats", STATE_RUNTIME, get_stats),
+        ("nvmf_ns_add_host", STATE_RUNTIME, ns_add_host),
+        ("nvmf_ns_remove_host", STATE_RUNTIME, ns_remove_host),
     ];
     for &(name, mask, f) in asynchronous {
         reg.register(name, mask, Rc::new(move |p, r: Responder| f(name, p, r)));
@@ -295,6 +297,38 @@ fn remove_ns(method: &'static str, params: Option<Value>, r: Responder) {
         return r.err(e);
     }
     mgmt::remove_ns(&p.nqn, p.nsid, move |res| match res {
+        Ok(()) => r.ok(Value::Bool(true)),
+        Err(e) => {
+            log::error!("{e}");
+            r.err(errors::invalid_params())
+        }
+    });
+}
+
+fn ns_add_host(method: &'static str, params: Option<Value>, r: Responder) {
+    ns_visibility(method, params, r, true)
+}
+
+fn ns_remove_host(method: &'static str, params: Option<Value>, r: Responder) {
+    ns_visibility(method, params, r, false)
+}
+
+/// `nvmf_ns_add_host` / `nvmf_ns_remove_host`: SPDK answers "Invalid parameters" for an unknown subsystem,
+/// namespace or a namespace visible to all, and for an invalid host NQN.
+fn ns_visibility(method: &'static str, params: Option<Value>, r: Responder, visible: bool) {
+    let p: NvmfNsVisibility =
+        match start(method, params, |p: &NvmfNsVisibility| p.tgt_name.as_deref()) {
+            Ok(p) => p,
+            Err(e) => return r.err(e),
+        };
+    if let Err(e) = subsystem(method, &p.nqn) {
+        return r.err(e);
+    }
+    if !nqn_is_valid(&p.host) {
+        log::error!("Unable to add/remove {} to namespace ID {}", p.host, p.nsid);
+        return r.err(errors::invalid_params());
+    }
+    mgmt::ns_visibility(&p.nqn, p.nsid, &p.host, visible, move |res| match res {
         Ok(()) => r.ok(Value::Bool(true)),
         Err(e) => {
             log::error!("{e}");

@@ -92,6 +92,15 @@ pub struct Ns {
     pub anagrpid: u32,
     /// The namespace as resolved (what `nvmf_get_subsystems` and `save_config` show).
     pub params: crate::params::NamespaceParams,
+    /// Hosts it is visible to when created `no_auto_visible` (`nvmf_ns_add_host`).
+    pub hosts: Vec<String>,
+}
+
+impl Ns {
+    /// Whether `hostnqn`'s controllers see this namespace.
+    pub fn visible_to(&self, hostnqn: &str) -> bool {
+        !self.params.no_auto_visible || self.hosts.iter().any(|h| h == hostnqn)
+    }
 }
 
 /// An NVM subsystem or the discovery subsystem.

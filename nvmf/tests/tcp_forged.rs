@@ -2558,3 +2558,78 @@ fn fused_compare_and_write() {
         "nothing written by the refused commands"
     );
 }
+
+/// A namespace added `no_auto_visible` is not there for a host until `nvmf_ns_add_host` makes it visible to
+/// it (Identify lists it, I/O reaches it), and gone again after `nvmf_ns_remove_host`.
+#[test]
+fn namespace_visibility_per_host() {
+    let _g = exclusive();
+    const HIDDEN: u32 = 7;
+    on_app(|tx| {
+        let made = malloc::create(MallocOpts {
+            name: Some("ForgedHidden".into()),
+            num_blocks: 2048,
+            block_size: 512,
+            ..Default::default()
+        });
+        if let Err(e) = made {
+            let _ = tx.send(Err(e.to_string()));
+            return;
+        }
+        let mut p = NamespaceParams::new("ForgedHidden");
+        p.nsid = HIDDEN;
+        p.no_auto_visible = true;
+        mgmt::add_ns(NQN, p, move |r| {
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        })
+    })
+    .expect("hidden namespace added");
+    let visibility = |visible: bool| {
+        on_app(move |tx| {
+            mgmt::ns_visibility(NQN, HIDDEN, HOSTNQN, visible, move |r| {
+                let _ = tx.send(r.map_err(|e| e.to_string()));
+            })
+        })
+        .expect("visibility changed")
+    };
+    let (mut a, cntlid) = controller(NQN, false, 0);
+    let mut q = io_queue(NQN, cntlid, 1, false);
+    let listed = |a: &mut Host| {
+        let (_, d) = a.cmd_in(identify(cns::ACTIVE_NS_LIST, 0), 4096);
+        decode_ns_list(&d).unwrap().contains(&HIDDEN)
+    };
+    assert!(!listed(&mut a), "hidden at first");
+    let c = q.cmd_in(rw(opc::READ, HIDDEN, 0, 1), 512).0;
+    assert_status(
+        &c,
+        sct::GENERIC,
+        generic::INVALID_NAMESPACE_OR_FORMAT,
+        "read of a hidden namespace",
+    );
+    visibility(true);
+    assert!(listed(&mut a), "visible once added for this host");
+    let data = pattern(0x77, 4096);
+    assert_ok(
+        &q.cmd_icd(rw(opc::WRITE, HIDDEN, 8, 8), &data),
+        "write to the visible namespace",
+    );
+    let (c, got) = q.cmd_in(rw(opc::READ, HIDDEN, 8, 8), 4096);
+    assert_ok(&c, "read back");
+    assert_eq!(got, data);
+    visibility(false);
+    assert!(!listed(&mut a), "hidden again");
+    let c = q.cmd_in(rw(opc::READ, HIDDEN, 8, 8), 4096).0;
+    assert_status(
+        &c,
+        sct::GENERIC,
+        generic::INVALID_NAMESPACE_OR_FORMAT,
+        "read after removal",
+    );
+    // Leave the shared subsystem as the other tests expect it.
+    on_app(|tx| {
+        mgmt::remove_ns(NQN, HIDDEN, move |r| {
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        })
+    })
+    .expect("namespace removed");
+}
