@@ -2,7 +2,10 @@
 //! connections and hands each to a poll group, where it parses capsules into commands for the
 //! transport-independent target ([`crate::ctrlr`], [`crate::io`]) and moves their data.
 
+use std::sync::{Arc, Mutex};
+
 use crate::error::Result;
+use crate::params::TransportKind;
 use crate::tgt::Trid;
 
 /// The options every transport has (SPDK's `struct spdk_nvmf_transport_opts`), as the target uses them.
@@ -83,8 +86,53 @@ pub trait Transport: Send + Sync {
     fn listen(&self, trid: &Trid) -> Result<()>;
     /// Stops listening at `trid`.
     fn stop_listen(&self, trid: &Trid);
-    /// Sets the transport up on the current poll group's thread.
+    /// Sets the transport up on the current poll group's thread: adds its part with
+    /// [`Pg::add_group`](crate::pg::Pg::add_group).
     fn poll_group_start(&self, pg: &std::rc::Rc<crate::pg::Pg>);
     /// Stops accepting and releases the listeners.
     fn shutdown(&self);
+}
+
+/// Creates a transport from the options an RPC gave (SPDK's checks made), on the app thread.
+pub type Constructor = fn(crate::params::TransportOpts) -> Result<Arc<dyn Transport>>;
+
+/// Transports built into this crate, then those registered by the application (SPDK's
+/// `spdk_nvmf_transport_register`, which transport libraries call from constructors): a transport crate that
+/// depends on this one (`nvmf-rdma`) plugs in without a dependency cycle.
+static REGISTRY: Mutex<Vec<(TransportKind, Constructor)>> = Mutex::new(Vec::new());
+
+fn tcp(o: crate::params::TransportOpts) -> Result<Arc<dyn Transport>> {
+    Ok(crate::tcp::TcpTransport::create(o))
+}
+
+/// Registers the constructor of transport type `kind` (replacing any earlier one of that type).
+pub fn register_transport(kind: TransportKind, ctor: Constructor) {
+    let mut r = reactor::lock(&REGISTRY);
+    r.retain(|(k, _)| *k != kind);
+    r.push((kind, ctor));
+}
+
+/// The transport types `nvmf_create_transport` accepts: TCP, then those registered.
+pub fn registered_kinds() -> Vec<TransportKind> {
+    let mut v = vec![TransportKind::Tcp];
+    v.extend(
+        reactor::lock(&REGISTRY)
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| *k != TransportKind::Tcp),
+    );
+    v
+}
+
+/// The constructor of transport type `kind`, if this build has it.
+pub fn constructor(kind: TransportKind) -> Option<Constructor> {
+    let registered = reactor::lock(&REGISTRY)
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, c)| *c);
+    match (registered, kind) {
+        (Some(c), _) => Some(c),
+        (None, TransportKind::Tcp) => Some(tcp),
+        (None, _) => None,
+    }
 }
