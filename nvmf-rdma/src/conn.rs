@@ -139,6 +139,8 @@ struct State {
     close_deadline: Option<Instant>,
     /// Closing has dropped waiting work and moved the queue pair to the error state.
     torn_down: bool,
+    /// The poll group is stopping: flushed work requests are not waited for.
+    forced: bool,
 }
 
 /// One NVMe/RDMA queue pair.
@@ -256,6 +258,7 @@ impl Conn {
                 why_closed: None,
                 close_deadline: None,
                 torn_down: false,
+                forced: false,
             }),
         });
         *c.me.borrow_mut() = Rc::downgrade(&c);
@@ -925,7 +928,7 @@ impl Conn {
             if !drained && !late {
                 return;
             }
-            if !drained {
+            if !drained && !s.forced {
                 log::warn!(
                     "nvmf_rdma: {}: {} work requests not flushed; destroying the queue pair",
                     self.peer,
@@ -961,7 +964,11 @@ impl Conn {
     /// Closes without waiting for flushed work requests (the poll group is stopping); bdev I/O is still
     /// waited for, as its buffers are ours.
     pub fn force_close(&self, g: &RdmaGroup) {
-        self.s.borrow_mut().close_deadline = Some(Instant::now());
+        {
+            let mut s = self.s.borrow_mut();
+            s.close_deadline = Some(Instant::now());
+            s.forced = true;
+        }
         self.try_finish_close(g, Instant::now());
     }
 }

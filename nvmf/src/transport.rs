@@ -31,14 +31,17 @@ pub struct TransportOpts {
     pub c2h_success: bool,
     /// Seconds an abort may wait for its command.
     pub abort_timeout_sec: u32,
+    /// SGL descriptors a command capsule may carry (Identify MSDBD): 1 for TCP, 16 for RDMA (SPDK's
+    /// `cdata_init` of each transport).
+    pub msdbd: u8,
 }
 
 impl From<&crate::params::TransportOpts> for TransportOpts {
     /// The engine's view of the options an RPC gave (SPDK's checks already made).
     fn from(o: &crate::params::TransportOpts) -> Self {
-        let c2h_success = match &o.specific {
-            crate::params::transport::TransportSpecific::Tcp(t) => t.c2h_success,
-            crate::params::transport::TransportSpecific::Rdma(_) => false,
+        let (c2h_success, msdbd) = match &o.specific {
+            crate::params::transport::TransportSpecific::Tcp(t) => (t.c2h_success, 1),
+            crate::params::transport::TransportSpecific::Rdma(_) => (false, 16),
         };
         TransportOpts {
             max_queue_depth: o.max_queue_depth,
@@ -51,6 +54,7 @@ impl From<&crate::params::TransportOpts> for TransportOpts {
             buf_cache_size: o.buf_cache_size,
             c2h_success,
             abort_timeout_sec: o.abort_timeout_sec,
+            msdbd,
         }
     }
 }
@@ -69,6 +73,7 @@ impl Default for TransportOpts {
             buf_cache_size: 32,
             c2h_success: true,
             abort_timeout_sec: 1,
+            msdbd: 1,
         }
     }
 }
