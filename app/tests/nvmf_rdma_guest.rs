@@ -290,8 +290,13 @@ fn kernel_nvme_rdma_host_in_guest() {
     let ctx = || format!("guest console ({}):\n{}", out.log.display(), out.console);
     assert!(out.success(), "guest script failed\n{}", ctx());
     let val = |k: &str| out.value(k).unwrap_or_default();
-    for run in ["SRQ", "NOSRQ"] {
+    for (run, ioccsz) in [("SRQ", "260"), ("NOSRQ", "516")] {
         let v = |k: &str| val(&format!("{run}_{k}"));
+        // SPDK's RDMA controller data: 16 SGL descriptors per capsule, the SQE plus in-capsule data (4 or 8 KiB)
+        // in 16-byte units, keyed SGLs supported.
+        assert_eq!(v("CTRL_MSDBD"), "16", "{}", ctx());
+        assert_eq!(v("CTRL_IOCCSZ"), ioccsz, "{}", ctx());
+        assert_eq!(v("CTRL_SGLS"), "0x100005", "{}", ctx());
         assert_eq!(v("DISCOVERY_TRTYPE"), "rdma", "{}", ctx());
         assert_eq!(v("TRANSPORT"), "rdma", "{}", ctx());
         // 2 I/O queues + the admin queue.

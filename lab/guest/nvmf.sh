@@ -94,11 +94,11 @@ nvmf_expect() {
 }
 
 # nvmf_id_ctrl DEV: `nvme id-ctrl` (saved in /tmp/nvmf-id-ctrl) and prints SN=, MN=, FR=, SUBNQN=, CNTLID=,
-# IOCCSZ=, MAXCMD= lines with the given PREFIX (second argument, default CTRL_).
+# IOCCSZ=, IORCSZ=, MAXCMD=, MDTS=, SGLS=, MSDBD= lines with the given PREFIX (second argument, default CTRL_).
 nvmf_id_ctrl() {
   _p=${2:-CTRL_}
   nvme id-ctrl "/dev/$1" > /tmp/nvmf-id-ctrl 2>&1 || { cat /tmp/nvmf-id-ctrl; return 1; }
-  for _f in sn mn fr subnqn cntlid ioccsz iorcsz maxcmd mdts sgls; do
+  for _f in sn mn fr subnqn cntlid ioccsz iorcsz maxcmd mdts sgls msdbd; do
     echo "$_p$(echo $_f | tr a-z A-Z)=$(nvmf_field /tmp/nvmf-id-ctrl $_f)"
   done
 }
