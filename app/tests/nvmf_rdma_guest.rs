@@ -33,7 +33,8 @@ const PORT: u16 = 4420;
 /// The namespace: a malloc bdev of 32 MiB in 512-byte blocks.
 const NS_BLOCKS: u64 = 65536;
 const MIB: usize = 1 << 20;
-/// The pattern the guest writes (1 MiB transfers at 1 MiB, 4 KiB transfers at 8 MiB).
+/// The pattern the guest writes (1 MiB transfers at 1 MiB, 4 KiB transfers of its first 256 KiB at 8 MiB, four
+/// concurrent writers at 12, 14, 16 and 18 MiB).
 const PATTERN_LEN: usize = 2 * MIB;
 
 /// The guest's run: both targets, one after the other.
@@ -103,6 +104,17 @@ host_io() {
   cmp /tmp/pat4k /tmp/back4k || fail "$1: read-back mismatch (4 KiB transfers)"
   ok "$1: 4 KiB transfers"
 
+  step "$1: 4 concurrent O_DIRECT writers, then read-back"
+  _pids=""
+  for _i in 0 1 2 3; do
+    dd if=$P of=/dev/$N bs=1M seek=$((12 + _i * 2)) oflag=direct conv=notrunc 2>/dev/null &
+    _pids="$_pids $!"
+  done
+  for _p in $_pids; do wait $_p || fail "$1: a concurrent writer failed"; done
+  for _i in 0 1 2 3; do
+    nvmf_read_compare $P $N $((12 + _i * 2)) || fail "$1: read-back mismatch (concurrent writer $_i)"
+  done
+  ok "$1: concurrent transfers"
 }
 
 # host_disconnect NAME: the host disconnects; the target closes all 4 queue pairs it had (discovery included).
