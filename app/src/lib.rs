@@ -12,9 +12,10 @@ mod target;
 pub use target::{run, run_with, Hooks, Target, VERSION};
 
 /// What `spdk_tgt` links, in SPDK's subsystem init order (SPDK's app Makefile library list): the bdev subsystem
-/// with its modules, then the NVMe-oF target and the vhost-blk target.
+/// with its modules, then the NVMe-oF target (TCP, and RDMA as a build `--with-rdma`) and the vhost-blk target.
 pub fn spdk_tgt_subsystems() -> Vec<std::sync::Arc<dyn subsystems::framework::Subsystem>> {
     let mut v = bdev_subsystems();
+    nvmf_rdma::register();
     v.push(nvmf::subsystem());
     v.push(vhost_blk::subsystem());
     v

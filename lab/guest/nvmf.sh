@@ -1,5 +1,6 @@
-# NVMe-oF (TCP) host helpers for lab scripts: `. /lab/nvmf.sh` (it sources /lab/lib.sh).
-# Needs an image built with ImageSpec::nvme_tcp_host() (nvme_tcp + nvme-cli's `nvme`) and a NIC (GuestConfig.net).
+# NVMe-oF host helpers for lab scripts: `. /lab/nvmf.sh` (it sources /lab/lib.sh).
+# Needs an image built with ImageSpec::nvme_tcp_host() (nvme_tcp + nvme-cli's `nvme`; nvme_rdma for RDMA) and a NIC
+# (GuestConfig.net).
 #
 # Variables (exported by the host side, lab::nvmf::NvmfGuest::env), with defaults:
 #   NVMF_ADDR     target address as the guest sees it (10.0.2.2: the host's 127.0.0.1 through slirp)
@@ -7,6 +8,7 @@
 #   NVMF_NQN      subsystem NQN
 #   NVMF_HOSTNQN  this host's NQN (written to /etc/nvme/hostnqn by nvmf_setup)
 #   NVMF_HOSTID   this host's ID, a UUID (/etc/nvme/hostid)
+#   NVMF_TRANSPORT  nvme-cli's transport: tcp (default) or rdma
 #
 # Conventions: helpers print `KEY=value` lines the host reads with GuestOutput::value, return non-zero on failure
 # (callers decide: `... || fail "why"`), and never leave the script on their own except nvmf_setup.
@@ -14,14 +16,15 @@
 
 NVMF_ADDR=${NVMF_ADDR:-10.0.2.2}
 NVMF_PORT=${NVMF_PORT:-4420}
+NVMF_TRANSPORT=${NVMF_TRANSPORT:-tcp}
 
 # Writes /etc/nvme/hostnqn and hostid, checks the fabrics module is there; fails the script if it is not.
 nvmf_setup() {
   mkdir -p /etc/nvme
   [ -n "$NVMF_HOSTNQN" ] && echo "$NVMF_HOSTNQN" > /etc/nvme/hostnqn
   [ -n "$NVMF_HOSTID" ] && echo "$NVMF_HOSTID" > /etc/nvme/hostid
-  modprobe nvme_tcp 2>/dev/null
-  [ -c /dev/nvme-fabrics ] || fail "no /dev/nvme-fabrics (nvme_fabrics/nvme_tcp not loaded?)"
+  modprobe "nvme_$NVMF_TRANSPORT" 2>/dev/null
+  [ -c /dev/nvme-fabrics ] || fail "no /dev/nvme-fabrics (nvme_fabrics/nvme_$NVMF_TRANSPORT not loaded?)"
   [ -x /usr/sbin/nvme ] || fail "no /usr/sbin/nvme in the image (ImageSpec::nvme_tcp_host)"
   [ -e /sys/class/net/eth0 ] || fail "no NIC (GuestConfig.net)"
 }
@@ -29,7 +32,7 @@ nvmf_setup() {
 # nvmf_discover [HOSTNQN [HOSTID]]: `nvme discover` against the target; output in /tmp/nvmf-discover.
 nvmf_discover() {
   _q=${1:-$NVMF_HOSTNQN}; _i=${2:-$NVMF_HOSTID}
-  nvme discover -t tcp -a "$NVMF_ADDR" -s "$NVMF_PORT" ${_q:+--hostnqn="$_q"} ${_i:+--hostid="$_i"} \
+  nvme discover -t "$NVMF_TRANSPORT" -a "$NVMF_ADDR" -s "$NVMF_PORT" ${_q:+--hostnqn="$_q"} ${_i:+--hostid="$_i"} \
     > /tmp/nvmf-discover 2>&1
 }
 
@@ -38,10 +41,11 @@ nvmf_discovered() {
   grep -q "^subnqn: *$1 *\$" /tmp/nvmf-discover
 }
 
-# nvmf_connect [NQN [nvme-connect options...]]: `nvme connect -t tcp` to the target; output in /tmp/nvmf-connect.
+# nvmf_connect [NQN [nvme-connect options...]]: `nvme connect -t $NVMF_TRANSPORT` to the target; output in
+# /tmp/nvmf-connect.
 nvmf_connect() {
   _n=${1:-$NVMF_NQN}; [ $# -gt 0 ] && shift
-  nvme connect -t tcp -a "$NVMF_ADDR" -s "$NVMF_PORT" -n "$_n" "$@" > /tmp/nvmf-connect 2>&1
+  nvme connect -t "$NVMF_TRANSPORT" -a "$NVMF_ADDR" -s "$NVMF_PORT" -n "$_n" "$@" > /tmp/nvmf-connect 2>&1
 }
 
 # nvmf_ctrl [NQN]: prints the controller name (nvme0, ...) connected to NQN through this target's address and
@@ -114,11 +118,11 @@ nvmf_expect() {
 }
 
 # nvmf_id_ctrl DEV: `nvme id-ctrl` (saved in /tmp/nvmf-id-ctrl) and prints SN=, MN=, FR=, SUBNQN=, CNTLID=,
-# IOCCSZ=, MAXCMD= lines with the given PREFIX (second argument, default CTRL_).
+# IOCCSZ=, IORCSZ=, MAXCMD=, MDTS=, SGLS=, MSDBD= lines with the given PREFIX (second argument, default CTRL_).
 nvmf_id_ctrl() {
   _p=${2:-CTRL_}
   nvme id-ctrl "/dev/$1" > /tmp/nvmf-id-ctrl 2>&1 || { cat /tmp/nvmf-id-ctrl; return 1; }
-  for _f in sn mn fr subnqn cntlid ioccsz iorcsz maxcmd mdts sgls; do
+  for _f in sn mn fr subnqn cntlid ioccsz iorcsz maxcmd mdts sgls msdbd; do
     echo "$_p$(echo $_f | tr a-z A-Z)=$(nvmf_field /tmp/nvmf-id-ctrl $_f)"
   done
 }

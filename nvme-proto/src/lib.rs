@@ -12,6 +12,7 @@
 //! - [`identify`]: Identify controller / namespace / lists / descriptors.
 //! - [`log`]: log pages (error, SMART / health, firmware slot, changed namespaces, ANA, discovery).
 //! - [`tcp`]: NVMe/TCP PDUs.
+//! - [`rdma`]: NVMe/RDMA connection private data and discovery TSAS.
 //! - [`crc32c`]: the CRC the TCP digests (and the blobstore) use.
 
 pub mod cmd;
@@ -19,6 +20,7 @@ pub mod crc32c;
 pub mod fabrics;
 pub mod identify;
 pub mod log;
+pub mod rdma;
 pub mod status;
 pub mod tcp;
 

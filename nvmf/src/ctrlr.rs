@@ -971,7 +971,7 @@ impl Ctrlr {
         d.iorcsz = 1;
         d.icdoff = 0;
         d.fcatt = 0;
-        d.msdbd = 1;
+        d.msdbd = self.opts.msdbd;
         let all = |t: bdev::IoType| ss.active_ns().all(|n| n.desc.bdev().io_type_supported(t));
         let mut oncs = 0u16;
         if all(bdev::IoType::Compare) {

@@ -5,7 +5,8 @@
 //! - [`pg`]: poll groups, one per core, each with its own bdev channels.
 //! - [`io`]: NVM commands onto bdev I/O.
 //! - [`qpair`]: what every queue pair does with a command, whatever the transport.
-//! - [`transport`], [`tcp`]: transports behind one trait; NVMe/TCP.
+//! - [`transport`], [`tcp`]: transports behind one trait (and a registry, through which `nvmf-rdma` adds RDMA);
+//!   NVMe/TCP.
 //! - [`mgmt`]: what the RPCs do: create and change subsystems, namespaces, listeners, transports.
 //! - [`params`]: SPDK's RPC parameters and results.
 //!

@@ -10,7 +10,6 @@ use reactor::CpuMask;
 use crate::error::{Error, ErrorKind, Result};
 use crate::params::{ListenerConfig, NamespaceParams, NvmfCreateSubsystem, NvmfSubsystemAddHost};
 use crate::pg::{self, Pg, PgNs};
-use crate::tcp::TcpTransport;
 use crate::tgt::{self, AnaState, Listener, Ns, PgHandle, Referral, SubType, Trid};
 use crate::transport::Transport;
 
@@ -66,13 +65,18 @@ pub fn create_transport(
             return;
         }
     }
-    let tr: Arc<dyn Transport> = match name.as_str() {
-        "TCP" => TcpTransport::create(opts),
-        _ => {
-            done(Err(Error::new(
-                ErrorKind::Invalid,
-                format!("Transport type '{trtype}' is not supported by this build"),
-            )));
+    let Some(ctor) = crate::transport::constructor(opts.kind()) else {
+        done(Err(Error::new(
+            ErrorKind::Invalid,
+            format!("Transport type '{trtype}' is not supported by this build"),
+        )));
+        return;
+    };
+    // A transport that cannot start (RDMA without an RDMA device) fails here, as SPDK's `create` op does.
+    let tr: Arc<dyn Transport> = match ctor(opts) {
+        Ok(t) => t,
+        Err(e) => {
+            done(Err(e));
             return;
         }
     };

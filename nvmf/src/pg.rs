@@ -5,6 +5,7 @@
 //! The target updates the tables by message (namespace added or removed, ANA state changed); a queue pair holds
 //! its subsystem's table ([`PgSubsys`]) from Connect on.
 
+use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -110,6 +111,19 @@ pub trait Qpair {
     fn info(&self) -> Option<(String, crate::params::QpairInfo)>;
 }
 
+/// A transport's part of a poll group (SPDK's `spdk_nvmf_transport_poll_group`): its connections, queues and
+/// buffers on this thread. The poll group's poller polls every part; [`Transport::poll_group_start`] adds one.
+///
+/// [`Transport::poll_group_start`]: crate::transport::Transport::poll_group_start
+pub trait TransportGroup: Any {
+    /// SPDK's name of the transport type ("TCP", "RDMA").
+    fn name(&self) -> &'static str;
+    /// One poll: returns whether there was work.
+    fn poll(&self) -> bool;
+    /// Closes every connection (the poll group is stopping).
+    fn shutdown(&self);
+}
+
 /// Per poll group counters (`nvmf_get_stats`).
 #[derive(Default)]
 pub struct PgStats {
@@ -136,8 +150,8 @@ pub struct Pg {
     qpairs: RefCell<Vec<Option<QpEntry>>>,
     free: RefCell<Vec<u32>>,
     next_gen: Cell<u16>,
-    /// The TCP transport's part, once the transport exists.
-    pub tcp: RefCell<Option<Rc<crate::tcp::TcpGroup>>>,
+    /// Every transport's part, in transport creation order.
+    groups: RefCell<Vec<Rc<dyn TransportGroup>>>,
     /// Counters.
     pub stats: PgStats,
     poller: RefCell<Option<Poller>>,
@@ -167,7 +181,7 @@ impl Pg {
             qpairs: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             next_gen: Cell::new(1),
-            tcp: RefCell::new(None),
+            groups: RefCell::new(Vec::new()),
             stats: PgStats::default(),
             poller: RefCell::new(None),
         });
@@ -177,8 +191,12 @@ impl Pg {
             let Some(pg) = weak.upgrade() else {
                 return false;
             };
-            let tcp = pg.tcp.borrow().clone();
-            tcp.is_some_and(|t| t.poll())
+            // Parts are added and removed by message, never from inside a poll: the borrow cannot clash.
+            let mut busy = false;
+            for g in pg.groups.borrow().iter() {
+                busy |= g.poll();
+            }
+            busy
         });
         *pg.poller.borrow_mut() = Some(poller);
         pg
@@ -196,11 +214,25 @@ impl Pg {
         for q in qps {
             q.disconnect();
         }
-        if let Some(t) = self.tcp.borrow_mut().take() {
-            t.shutdown();
+        let groups = std::mem::take(&mut *self.groups.borrow_mut());
+        for g in groups {
+            g.shutdown();
         }
         self.poller.borrow_mut().take();
         PG.with(|p| p.borrow_mut().take());
+    }
+
+    /// Adds a transport's part (from [`Transport::poll_group_start`](crate::transport::Transport::poll_group_start)).
+    pub fn add_group(&self, g: Rc<dyn TransportGroup>) {
+        self.groups.borrow_mut().push(g);
+    }
+
+    /// The part of type `T`, if that transport exists.
+    pub fn group<T: TransportGroup>(&self) -> Option<Rc<T>> {
+        self.groups.borrow().iter().find_map(|g| {
+            let any: Rc<dyn Any> = g.clone();
+            any.downcast::<T>().ok()
+        })
     }
 
     /// The table of subsystem `id`, created empty on first use.

@@ -174,7 +174,7 @@ fn create_transport(method: &'static str, params: Option<Value>, r: Responder) {
         let p: NvmfCreateTransport = start(method, params, |p: &NvmfCreateTransport| {
             p.tgt_name.as_deref()
         })?;
-        let kind = p.kind(&[TransportKind::Tcp])?;
+        let kind = p.kind(&crate::transport::registered_kinds())?;
         if mgmt::transport(kind.name()).is_some() {
             return Err(p.exists_error());
         }

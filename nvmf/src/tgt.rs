@@ -360,6 +360,10 @@ impl Tgt {
             let _ = set_space_padded(&mut e.trsvcid, &trid.trsvcid);
             let _ = set_space_padded(&mut e.traddr, &trid.traddr);
             let _ = set_nul_padded(&mut e.subnqn, nqn);
+            if e.trtype == 1 {
+                // RDMA: reliable connected, no provider type, RDMA CM (SPDK's `nvmf_rdma_discover`).
+                nvme_proto::rdma::tsas::encode(&mut e.tsas);
+            }
             e
         };
         let mut entries = Vec::new();

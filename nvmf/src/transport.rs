@@ -2,7 +2,10 @@
 //! connections and hands each to a poll group, where it parses capsules into commands for the
 //! transport-independent target ([`crate::ctrlr`], [`crate::io`]) and moves their data.
 
+use std::sync::{Arc, Mutex};
+
 use crate::error::Result;
+use crate::params::TransportKind;
 use crate::tgt::Trid;
 
 /// The options every transport has (SPDK's `struct spdk_nvmf_transport_opts`), as the target uses them.
@@ -28,14 +31,17 @@ pub struct TransportOpts {
     pub c2h_success: bool,
     /// Seconds an abort may wait for its command.
     pub abort_timeout_sec: u32,
+    /// SGL descriptors a command capsule may carry (Identify MSDBD): 1 for TCP, 16 for RDMA (SPDK's
+    /// `cdata_init` of each transport).
+    pub msdbd: u8,
 }
 
 impl From<&crate::params::TransportOpts> for TransportOpts {
     /// The engine's view of the options an RPC gave (SPDK's checks already made).
     fn from(o: &crate::params::TransportOpts) -> Self {
-        let c2h_success = match &o.specific {
-            crate::params::transport::TransportSpecific::Tcp(t) => t.c2h_success,
-            crate::params::transport::TransportSpecific::Rdma(_) => false,
+        let (c2h_success, msdbd) = match &o.specific {
+            crate::params::transport::TransportSpecific::Tcp(t) => (t.c2h_success, 1),
+            crate::params::transport::TransportSpecific::Rdma(_) => (false, 16),
         };
         TransportOpts {
             max_queue_depth: o.max_queue_depth,
@@ -48,6 +54,7 @@ impl From<&crate::params::TransportOpts> for TransportOpts {
             buf_cache_size: o.buf_cache_size,
             c2h_success,
             abort_timeout_sec: o.abort_timeout_sec,
+            msdbd,
         }
     }
 }
@@ -66,6 +73,7 @@ impl Default for TransportOpts {
             buf_cache_size: 32,
             c2h_success: true,
             abort_timeout_sec: 1,
+            msdbd: 1,
         }
     }
 }
@@ -83,8 +91,53 @@ pub trait Transport: Send + Sync {
     fn listen(&self, trid: &Trid) -> Result<()>;
     /// Stops listening at `trid`.
     fn stop_listen(&self, trid: &Trid);
-    /// Sets the transport up on the current poll group's thread.
+    /// Sets the transport up on the current poll group's thread: adds its part with
+    /// [`Pg::add_group`](crate::pg::Pg::add_group).
     fn poll_group_start(&self, pg: &std::rc::Rc<crate::pg::Pg>);
     /// Stops accepting and releases the listeners.
     fn shutdown(&self);
+}
+
+/// Creates a transport from the options an RPC gave (SPDK's checks made), on the app thread.
+pub type Constructor = fn(crate::params::TransportOpts) -> Result<Arc<dyn Transport>>;
+
+/// Transports built into this crate, then those registered by the application (SPDK's
+/// `spdk_nvmf_transport_register`, which transport libraries call from constructors): a transport crate that
+/// depends on this one (`nvmf-rdma`) plugs in without a dependency cycle.
+static REGISTRY: Mutex<Vec<(TransportKind, Constructor)>> = Mutex::new(Vec::new());
+
+fn tcp(o: crate::params::TransportOpts) -> Result<Arc<dyn Transport>> {
+    Ok(crate::tcp::TcpTransport::create(o))
+}
+
+/// Registers the constructor of transport type `kind` (replacing any earlier one of that type).
+pub fn register_transport(kind: TransportKind, ctor: Constructor) {
+    let mut r = reactor::lock(&REGISTRY);
+    r.retain(|(k, _)| *k != kind);
+    r.push((kind, ctor));
+}
+
+/// The transport types `nvmf_create_transport` accepts: TCP, then those registered.
+pub fn registered_kinds() -> Vec<TransportKind> {
+    let mut v = vec![TransportKind::Tcp];
+    v.extend(
+        reactor::lock(&REGISTRY)
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| *k != TransportKind::Tcp),
+    );
+    v
+}
+
+/// The constructor of transport type `kind`, if this build has it.
+pub fn constructor(kind: TransportKind) -> Option<Constructor> {
+    let registered = reactor::lock(&REGISTRY)
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, c)| *c);
+    match (registered, kind) {
+        (Some(c), _) => Some(c),
+        (None, TransportKind::Tcp) => Some(tcp),
+        (None, _) => None,
+    }
 }

@@ -240,7 +240,9 @@ fn pg_usage() -> Vec<(u32, u64)> {
             let (tx, rx) = mpsc::channel();
             p.thread.send(move || {
                 let r = nvmf::pg::current().map(|pg| {
-                    let bufs = pg.tcp.borrow().as_ref().map_or(0, |t| t.buffers_in_use());
+                    let bufs = pg
+                        .group::<nvmf::tcp::TcpGroup>()
+                        .map_or(0, |t| t.buffers_in_use());
                     let qps =
                         pg.stats.current_admin_qpairs.get() + pg.stats.current_io_qpairs.get();
                     (bufs, qps)

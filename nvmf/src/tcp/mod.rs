@@ -120,8 +120,7 @@ impl TcpTransport {
         );
         pg.thread.send(move || {
             let Some(pg) = pg::current() else { return };
-            let g = pg.tcp.borrow().clone();
-            match g {
+            match pg.group::<TcpGroup>() {
                 Some(g) => g.add_conn(&pg, s, peer, listen),
                 None => log::error!("nvmf_tcp: poll group {} has no TCP part", pg.id),
             }
@@ -176,7 +175,7 @@ impl Transport for TcpTransport {
 
     fn poll_group_start(&self, pg: &Rc<Pg>) {
         match TcpGroup::new(&self.opts) {
-            Ok(g) => *pg.tcp.borrow_mut() = Some(g),
+            Ok(g) => pg.add_group(g),
             Err(e) => log::error!("nvmf_tcp: poll group {}: {e}", pg.id),
         }
     }
@@ -276,7 +275,7 @@ impl TcpGroup {
     }
 
     /// One poll: ready sockets and connections with leftover work.
-    pub fn poll(&self) -> bool {
+    fn poll_conns(&self) -> bool {
         let mut keys = [0u64; sys::MAX_EVENTS];
         let n = self.epoll.poll(&mut keys);
         for &k in &keys[..n] {
@@ -294,7 +293,7 @@ impl TcpGroup {
     }
 
     /// Closes every connection (the poll group is stopping).
-    pub fn shutdown(&self) {
+    fn close_all(&self) {
         let cs: Vec<_> = self.conns.borrow().clone();
         for c in cs {
             c.close("target shutting down");
@@ -304,6 +303,20 @@ impl TcpGroup {
     fn forget(&self, c: &Conn) {
         self.epoll.remove(c.fd);
         self.conns.borrow_mut().retain(|x| !std::ptr::eq(&**x, c));
+    }
+}
+
+impl pg::TransportGroup for TcpGroup {
+    fn name(&self) -> &'static str {
+        "TCP"
+    }
+
+    fn poll(&self) -> bool {
+        self.poll_conns()
+    }
+
+    fn shutdown(&self) {
+        self.close_all()
     }
 }
 
