@@ -974,6 +974,28 @@ impl Conn {
 }
 
 impl Qpair for Conn {
+    fn abort(&self, cid: u16) -> bool {
+        let Some(g) = self.pg.upgrade().and_then(|pg| pg.group::<RdmaGroup>()) else {
+            return false;
+        };
+        let mut s = self.s.borrow_mut();
+        let waiting = s.wait_buf.iter().position(|&slot| {
+            let r = &s.reqs[slot as usize];
+            r.state == ReqState::NeedBuf && r.sqe.cid() == cid
+        });
+        match waiting {
+            Some(i) if s.phase == Phase::Ready => {
+                let slot = s.wait_buf.remove(i).expect("position found");
+                // Completed like a command that ran (the response path frees the slot).
+                s.reqs[slot as usize].state = ReqState::Executing;
+                let st = Status::generic(nvme_proto::status::generic::ABORTED_BY_REQUEST);
+                self.complete(&mut s, &g, slot, st, 0, 0);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn complete_async(&self, slot: u16, dw0: u32, status: Status) {
         let Some(g) = self.pg.upgrade().and_then(|pg| pg.group::<RdmaGroup>()) else {
             return;

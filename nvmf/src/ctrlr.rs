@@ -132,8 +132,8 @@ struct State {
     error_recovery: u32,
     volatile_write_cache: u32,
     write_atomicity: u32,
-    /// AER command slots parked on the admin queue.
-    aer_slots: Vec<u16>,
+    /// AER commands parked on the admin queue: (slot, command id).
+    aer_slots: Vec<(u16, u16)>,
     /// Events not yet delivered (no AER was outstanding).
     pending_events: VecDeque<u32>,
     /// Notice types sent and not yet cleared by reading their log page (bits as in AEC).
@@ -487,7 +487,7 @@ impl Ctrlr {
                     return;
                 }
                 match st.aer_slots.pop() {
-                    Some(s) => s,
+                    Some((s, _)) => s,
                     None => {
                         st.pending_events.push_back(dw0);
                         return;
@@ -712,7 +712,7 @@ impl Ctrlr {
         match opc {
             admin::GET_LOG_PAGE => self.get_log_page(sqe, data, source),
             admin::IDENTIFY => self.identify(sqe, data),
-            admin::ABORT => ok(1),
+            admin::ABORT => self.abort(sqe, slot),
             admin::GET_FEATURES => self.get_features(sqe, data),
             admin::SET_FEATURES => self.set_features(sqe),
             admin::ASYNC_EVENT_REQUEST => {
@@ -725,7 +725,7 @@ impl Ctrlr {
                 if let Some(ev) = st.pending_events.pop_front() {
                     return ok(ev);
                 }
-                st.aer_slots.push(slot);
+                st.aer_slots.push((slot, sqe.cid()));
                 Admin::Parked
             }
             admin::KEEP_ALIVE => {
@@ -734,6 +734,47 @@ impl Ctrlr {
             }
             _ => done(Status::generic(generic::INVALID_OPCODE)),
         }
+    }
+
+    /// Abort (SPDK's `nvmf_ctrlr_abort`): an AER on the admin queue, or a command of one of this controller's
+    /// queues that has not reached the bdev, completes with "aborted by request"; dword 0 bit 0 of the Abort's
+    /// answer says whether it was not aborted. Commands already at the bdev run to completion.
+    fn abort(self: &Arc<Self>, sqe: &Sqe, slot: u16) -> Admin {
+        let (sqid, cid) = (sqe.cdw(10) as u16, (sqe.cdw(10) >> 16) as u16);
+        let found = {
+            let mut st = self.state();
+            if sqid == 0 {
+                if let Some(i) = st.aer_slots.iter().position(|&(_, c)| c == cid) {
+                    let (aer, _) = st.aer_slots.remove(i);
+                    drop(st);
+                    // Not from inside this queue pair's own command: by message, on its thread.
+                    let key = self.admin_key;
+                    self.admin_thread.send(move || {
+                        if let Some(q) = pg::current().and_then(|pg| pg.qpair(key)) {
+                            q.complete_async(aer, 0, Status::generic(generic::ABORTED_BY_REQUEST));
+                        }
+                    });
+                    return ok(0);
+                }
+            }
+            st.qpairs.iter().find(|q| q.qid == sqid).cloned()
+        };
+        let Some(q) = found else {
+            return ok(1);
+        };
+        // The queue pair may be on another poll group: ask it there, answer the Abort here when it replied.
+        let (admin_thread, admin_key) = (self.admin_thread.clone(), self.admin_key);
+        q.thread.send(move || {
+            let aborted = pg::current()
+                .and_then(|pg| pg.qpair(q.key))
+                .is_some_and(|qp| qp.abort(cid));
+            admin_thread.send(move || {
+                if let Some(a) = pg::current().and_then(|pg| pg.qpair(admin_key)) {
+                    a.complete_async(slot, !aborted as u32, Status::SUCCESS);
+                }
+            });
+        });
+        Admin::Parked
     }
 
     fn get_log_page(&self, sqe: &Sqe, data: &mut [u8], source: &Trid) -> Admin {

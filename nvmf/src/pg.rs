@@ -109,6 +109,9 @@ pub trait Qpair {
     fn disconnect(&self);
     /// `nvmf_subsystem_get_qpairs` entry, with its subsystem's NQN (none before Connect).
     fn info(&self) -> Option<(String, crate::params::QpairInfo)>;
+    /// Aborts command `cid` if it has not reached the bdev yet (waiting for a data buffer): it completes with
+    /// "aborted by request". Whether it was aborted.
+    fn abort(&self, cid: u16) -> bool;
 }
 
 /// A transport's part of a poll group (SPDK's `spdk_nvmf_transport_poll_group`): its connections, queues and

@@ -2635,3 +2635,40 @@ fn namespace_visibility_per_host() {
     })
     .expect("namespace removed");
 }
+
+fn abort_cmd(sqid: u16, cid: u16) -> Sqe {
+    let mut s = Sqe::new(admin::ABORT, 0);
+    s.set_cdw(10, sqid as u32 | (cid as u32) << 16);
+    s
+}
+
+/// Abort: a parked AER is aborted (it completes with "aborted by request", the Abort says aborted); a command
+/// that is not waiting anywhere (or unknown, on the admin or an I/O queue) is not, and the Abort says so.
+#[test]
+fn abort_aer_and_unknown_commands() {
+    let _g = shared();
+    let (mut a, cntlid) = controller(NQN, false, 0);
+    let _q = io_queue(NQN, cntlid, 1, false);
+    let aer = a.cid();
+    let mut s = Sqe::new(admin::ASYNC_EVENT_REQUEST, aer);
+    s.set_flags(0, psdt::SGL_MPTR_CONTIG);
+    let b = a.capsule_bytes(&s, &[], false);
+    a.send(&b);
+    let c = a.cmd(abort_cmd(0, aer));
+    assert_ok(&c, "Abort of the AER");
+    assert_eq!(c.dw0 & 1, 0, "the AER was aborted");
+    assert_status(
+        &a.resp(aer),
+        sct::GENERIC,
+        generic::ABORTED_BY_REQUEST,
+        "aborted AER",
+    );
+    let c = a.cmd(abort_cmd(0, 0x7777));
+    assert_ok(&c, "Abort of an unknown admin command");
+    assert_eq!(c.dw0 & 1, 1, "nothing aborted");
+    let c = a.cmd(abort_cmd(1, 0x7777));
+    assert_ok(&c, "Abort of an unknown I/O command");
+    assert_eq!(c.dw0 & 1, 1, "nothing aborted");
+    let c = a.cmd(abort_cmd(9, 1));
+    assert_eq!(c.dw0 & 1, 1, "no such queue");
+}

@@ -1451,6 +1451,30 @@ impl Conn {
 }
 
 impl Qpair for Conn {
+    fn abort(&self, cid: u16) -> bool {
+        let Some(g) = self.group() else { return false };
+        let aborted = {
+            let mut s = self.s.borrow_mut();
+            let waiting = s.wait_buf.iter().position(|&slot| {
+                let r = &s.reqs[slot as usize];
+                r.state == ReqState::NeedBuf && r.sqe.cid() == cid
+            });
+            match waiting {
+                Some(i) if s.phase == Phase::Ready => {
+                    let slot = s.wait_buf.remove(i).expect("position found");
+                    let st = Status::generic(generic::ABORTED_BY_REQUEST);
+                    self.complete(&mut s, &g, slot, st, 0);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if aborted {
+            self.wake();
+        }
+        aborted
+    }
+
     fn complete_async(&self, slot: u16, dw0: u32, status: Status) {
         let Some(g) = self.group() else { return };
         {
