@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds spdk_tgt (release) and starts it on the embedded default config: one 64 MiB malloc bdev, RPC on
-# /var/tmp/spdk.sock. Extra arguments are passed to spdk_tgt (e.g. -m 0x3, -r /tmp/other.sock).
+# Builds every binary the README uses (release: spdk_tgt, bdevperf, vhost_bench) and starts spdk_tgt in the
+# foreground on the embedded default config: one 64 MiB malloc bdev, RPC on /var/tmp/spdk.sock. Extra arguments
+# are passed to spdk_tgt (e.g. -m 0x3, -r /tmp/other.sock). Stop it with Ctrl-C or
+# `spdk-rpc spdk_kill_instance SIGTERM`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-cargo build --release -q -p spdk-tgt
+cargo build --release -q --bins
 exec target/release/spdk_tgt -c app/config/default.json "$@"
