@@ -2412,8 +2412,16 @@ enum Mode {
     Io,
 }
 
+/// Cases of the PDU-stream property: 64 in `cargo test`, `PROPTEST_CASES` for longer runs by hand.
+fn stream_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: stream_cases(), ..ProptestConfig::default() })]
 
     /// Random input after a valid ICReq (on a bare connection, an admin queue or an I/O queue) gets answers
     /// that parse or a termination; once the host hangs up the target closes its side, and it still serves
