@@ -25,7 +25,10 @@ fn deps_script_works_with_debians_own_python() {
         .arg(root.join("scripts/deps.sh"))
         .env_clear()
         .env("PATH", &path)
-        .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+        .env(
+            "HOME",
+            std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
+        )
         .output()
         .unwrap();
     assert!(

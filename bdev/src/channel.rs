@@ -1020,7 +1020,20 @@ impl IoChannel {
         cb: Completion,
         ctx: u64,
     ) -> Result<()> {
-        let mut io = self.prepare(IoType::Read, offset_blocks, num_blocks, cb, ctx)?;
+        self.with_iovs(IoType::Read, iovs, offset_blocks, num_blocks, cb, ctx)
+    }
+
+    /// Submits an I/O of type `t` over caller memory (the callers' safety contracts cover `iovs`).
+    fn with_iovs(
+        &self,
+        t: IoType,
+        iovs: &[IoVec],
+        offset_blocks: u64,
+        num_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
+        let mut io = self.prepare(t, offset_blocks, num_blocks, cb, ctx)?;
         io.iovs.extend_from_slice(iovs);
         self.submit(io);
         Ok(())
@@ -1038,10 +1051,7 @@ impl IoChannel {
         cb: Completion,
         ctx: u64,
     ) -> Result<()> {
-        let mut io = self.prepare(IoType::Write, offset_blocks, num_blocks, cb, ctx)?;
-        io.iovs.extend_from_slice(iovs);
-        self.submit(io);
-        Ok(())
+        self.with_iovs(IoType::Write, iovs, offset_blocks, num_blocks, cb, ctx)
     }
 
     /// Compares blocks with caller memory, zero copy (a mismatch completes with [`IoStatus::Miscompare`]).
@@ -1056,10 +1066,7 @@ impl IoChannel {
         cb: Completion,
         ctx: u64,
     ) -> Result<()> {
-        let mut io = self.prepare(IoType::Compare, offset_blocks, num_blocks, cb, ctx)?;
-        io.iovs.extend_from_slice(iovs);
-        self.submit(io);
-        Ok(())
+        self.with_iovs(IoType::Compare, iovs, offset_blocks, num_blocks, cb, ctx)
     }
 
     /// Compares the blocks with `cmp` and, only if they match, writes `write` to them, with no other write to

@@ -1043,33 +1043,13 @@ impl Qpair for Conn {
     }
 
     fn info(&self) -> Option<(String, nvmf::params::QpairInfo)> {
-        use nvmf::params::{stats::QpairState, Trid as PTrid};
+        use nvmf::params::stats::QpairState;
         let s = self.s.borrow();
-        let c = s.sess.ctrlr.as_ref()?;
         let state = match s.phase {
             Phase::Ready => QpairState::Enabled,
             Phase::Connecting => QpairState::Connecting,
             _ => QpairState::Deactivating,
         };
-        let (adrfam, traddr) = match self.peer {
-            SocketAddr::V4(a) => (nvmf::tgt::AdrFam::Ipv4, a.ip().to_string()),
-            SocketAddr::V6(a) => (nvmf::tgt::AdrFam::Ipv6, a.ip().to_string()),
-        };
-        Some((
-            c.subsys.nqn.clone(),
-            nvmf::params::QpairInfo {
-                cntlid: c.cntlid,
-                qid: s.sess.qid,
-                state,
-                listen_address: Some(self.listen.clone()),
-                peer_address: Some(PTrid {
-                    trtype: "RDMA".into(),
-                    adrfam,
-                    traddr,
-                    trsvcid: self.peer.port().to_string(),
-                }),
-                auth: None,
-            },
-        ))
+        s.sess.qpair_info(state, &self.listen, "RDMA", self.peer)
     }
 }

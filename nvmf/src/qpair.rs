@@ -284,6 +284,38 @@ impl Session {
         }
     }
 
+    /// The `nvmf_subsystem_get_qpairs` entry of a queue pair with this session (none before Connect), with its
+    /// subsystem's NQN.
+    pub fn qpair_info(
+        &self,
+        state: crate::params::stats::QpairState,
+        listen: &Trid,
+        trtype: &str,
+        peer: SocketAddr,
+    ) -> Option<(String, crate::params::QpairInfo)> {
+        let c = self.ctrlr.as_ref()?;
+        let (adrfam, traddr) = match peer {
+            SocketAddr::V4(a) => (crate::tgt::AdrFam::Ipv4, a.ip().to_string()),
+            SocketAddr::V6(a) => (crate::tgt::AdrFam::Ipv6, a.ip().to_string()),
+        };
+        Some((
+            c.subsys.nqn.clone(),
+            crate::params::QpairInfo {
+                cntlid: c.cntlid,
+                qid: self.qid,
+                state,
+                listen_address: Some(listen.clone()),
+                peer_address: Some(Trid {
+                    trtype: trtype.into(),
+                    adrfam,
+                    traddr,
+                    trsvcid: peer.port().to_string(),
+                }),
+                auth: None,
+            },
+        ))
+    }
+
     /// The queue pair is gone: counters, keep alive, and the controller (which goes with its admin queue).
     pub fn close(&mut self, key: QpKey) {
         self.ka = None;

@@ -1536,33 +1536,13 @@ impl Qpair for Conn {
     }
 
     fn info(&self) -> Option<(String, crate::params::QpairInfo)> {
-        use crate::params::{stats::QpairState, Trid as PTrid};
+        use crate::params::stats::QpairState;
         let s = self.s.borrow();
-        let c = s.sess.ctrlr.as_ref()?;
         let state = match s.phase {
             Phase::Ready => QpairState::Enabled,
             Phase::AwaitIcReq => QpairState::Connecting,
             _ => QpairState::Deactivating,
         };
-        let (adrfam, traddr) = match self.peer {
-            SocketAddr::V4(a) => (crate::tgt::AdrFam::Ipv4, a.ip().to_string()),
-            SocketAddr::V6(a) => (crate::tgt::AdrFam::Ipv6, a.ip().to_string()),
-        };
-        Some((
-            c.subsys.nqn.clone(),
-            crate::params::QpairInfo {
-                cntlid: c.cntlid,
-                qid: s.sess.qid,
-                state,
-                listen_address: Some(self.listen.clone()),
-                peer_address: Some(PTrid {
-                    trtype: "TCP".into(),
-                    adrfam,
-                    traddr,
-                    trsvcid: self.peer.port().to_string(),
-                }),
-                auth: None,
-            },
-        ))
+        s.sess.qpair_info(state, &self.listen, "TCP", self.peer)
     }
 }
