@@ -1762,11 +1762,7 @@ fn namespace_added_raises_an_event() {
     assert_eq!(decode_ns_list(&d).unwrap(), vec![1]);
 
     // Park an AER; a later command is answered first (the AER stays outstanding).
-    let aer = a.cid();
-    let mut s = Sqe::new(admin::ASYNC_EVENT_REQUEST, aer);
-    s.set_flags(0, psdt::SGL_MPTR_CONTIG);
-    let b = a.capsule_bytes(&s, &[], false);
-    a.send(&b);
+    let aer = park_aer(&mut a);
     assert_ok(&a.cmd(Sqe::new(admin::KEEP_ALIVE, 0)), "Keep Alive");
 
     let nsid = on_app(|tx| {
@@ -2476,21 +2472,32 @@ proptest! {
     }
 }
 
+/// Sends command `sqe` (fuse bits `fuse`) with `data` in the capsule, without waiting: its command id.
+fn send_icd(q: &mut Host, mut sqe: Sqe, fuse: u8, data: &[u8]) -> u16 {
+    let cid = q.cid();
+    sqe.set_cid(cid);
+    sqe.set_flags(fuse, psdt::SGL_MPTR_CONTIG);
+    sqe.set_sgl1(&sgl_icd(data.len() as u32));
+    let b = q.capsule_bytes(&sqe, data, false);
+    q.send(&b);
+    cid
+}
+
+/// Sends an Asynchronous Event Request, left outstanding: its command id.
+fn park_aer(a: &mut Host) -> u16 {
+    let aer = a.cid();
+    let mut s = Sqe::new(admin::ASYNC_EVENT_REQUEST, aer);
+    s.set_flags(0, psdt::SGL_MPTR_CONTIG);
+    let b = a.capsule_bytes(&s, &[], false);
+    a.send(&b);
+    aer
+}
+
 /// Sends a fused Compare (`cmp`) + Write (`data`) of 8 blocks at `slba`, both with in-capsule data, and returns
 /// their responses in that order.
 fn fused_compare_write(q: &mut Host, slba: u64, cmp: &[u8], data: &[u8]) -> (Cqe, Cqe) {
-    let (c1, c2) = (q.cid(), q.cid());
-    let mut first = rw(opc::COMPARE, 1, slba, 8);
-    first.set_cid(c1);
-    first.set_flags(1, psdt::SGL_MPTR_CONTIG);
-    first.set_sgl1(&sgl_icd(cmp.len() as u32));
-    let mut second = rw(opc::WRITE, 1, slba, 8);
-    second.set_cid(c2);
-    second.set_flags(2, psdt::SGL_MPTR_CONTIG);
-    second.set_sgl1(&sgl_icd(data.len() as u32));
-    let mut b = q.capsule_bytes(&first, cmp, false);
-    b.extend(q.capsule_bytes(&second, data, false));
-    q.send(&b);
+    let c1 = send_icd(q, rw(opc::COMPARE, 1, slba, 8), 1, cmp);
+    let c2 = send_icd(q, rw(opc::WRITE, 1, slba, 8), 2, data);
     // The Compare's response comes first: both complete together, the first of the pair first.
     let r1 = q.resp(c1);
     let r2 = q.resp(c2);
@@ -2528,13 +2535,7 @@ fn fused_compare_and_write() {
     assert_ok(&r2, "fused Write");
     assert_eq!(read(&mut q, 5000, 8), new);
     // A first without a second: aborted (missing fused) when the next, ordinary command arrives.
-    let c1 = q.cid();
-    let mut first = rw(opc::COMPARE, 1, 5000, 8);
-    first.set_cid(c1);
-    first.set_flags(1, psdt::SGL_MPTR_CONTIG);
-    first.set_sgl1(&sgl_icd(4096));
-    let b = q.capsule_bytes(&first, &new, false);
-    q.send(&b);
+    let c1 = send_icd(&mut q, rw(opc::COMPARE, 1, 5000, 8), 1, &new);
     let c2 = q.cid();
     let mut flush = Sqe::new(opc::FLUSH, c2);
     flush.set_nsid(1);
@@ -2549,13 +2550,7 @@ fn fused_compare_and_write() {
     );
     assert_ok(&q.resp(c2), "the Flush after it");
     // A second without a first.
-    let c3 = q.cid();
-    let mut second = rw(opc::WRITE, 1, 5000, 8);
-    second.set_cid(c3);
-    second.set_flags(2, psdt::SGL_MPTR_CONTIG);
-    second.set_sgl1(&sgl_icd(4096));
-    let b = q.capsule_bytes(&second, &old, false);
-    q.send(&b);
+    let c3 = send_icd(&mut q, rw(opc::WRITE, 1, 5000, 8), 2, &old);
     assert_status(
         &q.resp(c3),
         sct::GENERIC,
@@ -2657,11 +2652,7 @@ fn abort_aer_and_unknown_commands() {
     let _g = shared();
     let (mut a, cntlid) = controller(NQN, false, 0);
     let _q = io_queue(NQN, cntlid, 1, false);
-    let aer = a.cid();
-    let mut s = Sqe::new(admin::ASYNC_EVENT_REQUEST, aer);
-    s.set_flags(0, psdt::SGL_MPTR_CONTIG);
-    let b = a.capsule_bytes(&s, &[], false);
-    a.send(&b);
+    let aer = park_aer(&mut a);
     let c = a.cmd(abort_cmd(0, aer));
     assert_ok(&c, "Abort of the AER");
     assert_eq!(c.dw0 & 1, 0, "the AER was aborted");
