@@ -2237,8 +2237,10 @@ fn disconnect_mid_transfer_leaks_nothing() {
     assert_eq!(read(&mut q, 4000, 128), data);
 }
 
-/// Every buffer of both poll groups held by writes waiting for their data: a capsule with in-capsule data that
-/// comes in meanwhile must wait for a buffer, and run once one is free.
+/// Every buffer of both poll groups held by writes waiting for their data: a command with in-capsule data still
+/// runs at once (each command slot has its own in-capsule buffer, as in SPDK, so a buffer hog cannot hold up
+/// Connects or small writes), while a write that needs a shared buffer for its R2T waits, and runs once one is
+/// free.
 #[test]
 fn command_waiting_for_a_buffer_runs_when_one_frees() {
     let _g = exclusive();
@@ -2246,9 +2248,8 @@ fn command_waiting_for_a_buffer_runs_when_one_frees() {
     let (_va, vcntlid) = controller(NQN, false, 0);
     let mut victim = io_queue(NQN, vcntlid, 1, false);
 
-    // Writes through R2T, never given their data, until no poll group has a buffer left. The queues connect
-    // first: a Connect's data needs a buffer too. Connections alternate between the two poll groups, so eight
-    // queues of 31 writes take every one of the 2 x 64 buffers.
+    // Writes through R2T, never given their data, until no poll group has a buffer left. Connections alternate
+    // between the two poll groups, so eight queues of 31 writes take every one of the 2 x 64 buffers.
     let (hog_admin, hcntlid) = controller(NQN, false, 0);
     let mut hogs: Vec<Host> = (1..=8u16)
         .map(|qid| io_queue(NQN, hcntlid, qid, false))
@@ -2264,12 +2265,19 @@ fn command_waiting_for_a_buffer_runs_when_one_frees() {
     }
     wait_usage("every buffer taken", |u| u.iter().all(|&(b, _)| b == BUFS));
 
+    // In-capsule data: answered at once, buffers or not.
     let data = pattern(0xaa, 4096);
-    let mut s = rw(opc::WRITE, 1, 5000, 8);
+    assert_ok(
+        &victim.cmd_icd(rw(opc::WRITE, 1, 5000, 8), &data),
+        "in-capsule Write with every shared buffer taken",
+    );
+    // A write through R2T needs a shared buffer: no R2T yet.
+    let more = pattern(0xbb, 4096);
+    let mut s = rw(opc::WRITE, 1, 5008, 8);
     let cid = victim.cid();
     s.set_cid(cid);
-    s.set_sgl1(&sgl_icd(4096));
-    let b = victim.capsule_bytes(&s, &data, false);
+    s.set_sgl1(&sgl_transport(4096));
+    let b = victim.capsule_bytes(&s, &[], false);
     victim.send(&b);
     victim
         .s
@@ -2282,12 +2290,29 @@ fn command_waiting_for_a_buffer_runs_when_one_frees() {
     }
     victim.s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
 
-    // The hogs go; their buffers come back and the waiting command runs.
+    // The hogs go; their buffers come back and the waiting command gets its R2T.
     drop(hogs);
     drop(hog_admin);
-    let c = victim.resp(cid);
-    assert_ok(&c, "Write that waited for a buffer");
+    let r2t = match victim.recv() {
+        Pdu::R2t(r) => r,
+        p => panic!("expected R2T, got {p:?}"),
+    };
+    assert_eq!((r2t.cccid, r2t.len), (cid, 4096));
+    let b = victim.h2c_bytes(
+        DataHdr {
+            cccid: cid,
+            ttag: r2t.ttag,
+            offset: 0,
+            len: 4096,
+        },
+        true,
+        &more,
+        false,
+    );
+    victim.send(&b);
+    assert_ok(&victim.resp(cid), "Write that waited for a buffer");
     assert_eq!(read(&mut victim, 5000, 8), data);
+    assert_eq!(read(&mut victim, 5008, 8), more);
     drop(victim);
     drop(_va);
     wait_quiet();

@@ -370,6 +370,11 @@ struct Req {
     dw0: u32,
     /// The data digest failed: the command completes with a transient transport error.
     digest_error: bool,
+    /// This slot's own in-capsule data buffer while not lent to `buf` (as SPDK gives each request one), so
+    /// in-capsule commands, Connect among them, never wait for the poll group's shared data buffers.
+    icd: Option<DmaBuf>,
+    /// `buf` is the slot's in-capsule buffer (goes back to `icd`, not to the poll group).
+    buf_is_icd: bool,
 }
 
 impl Req {
@@ -382,6 +387,8 @@ impl Req {
             len: 0,
             recv: 0,
             pending: 0,
+            icd: None,
+            buf_is_icd: false,
             status: Status::SUCCESS,
             dw0: 0,
             digest_error: false,
@@ -797,27 +804,39 @@ impl Conn {
                 why: format!("{} bytes of in-capsule data", l.data_len),
             });
         }
-        // A capsule with data needs a buffer before anything is consumed: without one, try again next poll.
-        let buf = if l.data_len > 0 {
-            match g.get_buf() {
-                Some(b) => Some(b),
-                None => {
-                    s.rx_stalled = true;
-                    return Ok(false);
-                }
-            }
-        } else {
-            None
-        };
         let Some(slot) = s.free.pop() else {
-            if let Some(b) = buf {
-                g.put_buf(b);
-            }
             return Err(Fatal {
                 fes: fes::PDU_SEQUENCE_ERROR,
                 fei: 0,
                 why: format!("more commands than the queue holds ({})", s.reqs.len()),
             });
+        };
+        // In-capsule data goes to the slot's own buffer (made on first use); only if that cannot be had, to a
+        // shared one. A capsule is not consumed before it has a buffer: without one, try again next poll.
+        let mut buf_is_icd = false;
+        let buf = if l.data_len > 0 {
+            let max = self.max_icd(s, g) as usize;
+            let r = &mut s.reqs[slot as usize];
+            let own = match r.icd.take() {
+                Some(b) if b.len() >= l.data_len => Some(b),
+                _ => DmaBuf::alloc(max.max(l.data_len)).ok(),
+            };
+            match own {
+                Some(b) => {
+                    buf_is_icd = true;
+                    Some(b)
+                }
+                None => match g.get_buf() {
+                    Some(b) => Some(b),
+                    None => {
+                        s.free.push(slot);
+                        s.rx_stalled = true;
+                        return Ok(false);
+                    }
+                },
+            }
+        } else {
+            None
         };
         // SQ head: one more command taken from the host's queue (0-based size, wraps).
         s.sq_head = if s.sq_head >= s.sess.sqsize {
@@ -828,6 +847,7 @@ impl Conn {
         let r = &mut s.reqs[slot as usize];
         r.sqe = sqe;
         r.buf = buf;
+        r.buf_is_icd = buf_is_icd;
         r.len = 0;
         r.recv = 0;
         r.pending = 0;
@@ -1334,7 +1354,11 @@ impl Conn {
         let r = &mut s.reqs[slot as usize];
         r.state = ReqState::Free;
         if let Some(b) = r.buf.take() {
-            g.put_buf(b);
+            if std::mem::take(&mut r.buf_is_icd) {
+                r.icd = Some(b);
+            } else {
+                g.put_buf(b);
+            }
         }
         s.free.push(slot);
     }
@@ -1432,7 +1456,9 @@ impl Conn {
             // Whatever is still queued goes: slots and buffers back.
             s.tx.clear();
             for i in 0..s.reqs.len() {
-                if let Some(b) = s.reqs[i].buf.take() {
+                let r = &mut s.reqs[i];
+                r.icd = None;
+                if let Some(b) = r.buf.take().filter(|_| !std::mem::take(&mut r.buf_is_icd)) {
                     g.put_buf(b);
                 }
             }
