@@ -707,6 +707,10 @@ impl Conn {
             }
             Outcome::Parked => {}
         }
+        // A fused Compare whose Write did not follow (or whose pair was refused) is answered now.
+        if let Some((first, st)) = s.sess.take_orphan() {
+            self.complete(s, g, first, st, 0, 0);
+        }
     }
 
     /// Builds the response of `slot` and queues it (with its data) for the send queue.
@@ -1026,10 +1030,21 @@ impl Qpair for Conn {
             }
             if r.pending == 0 && r.state == ReqState::Executing {
                 let st = r.status;
+                // The Write of a fused pair answers for its Compare too.
+                let (st, first) = match s.sess.fused_done(slot, st) {
+                    Some((first, fst, sst)) => (sst, Some((first, fst))),
+                    None => (st, None),
+                };
                 if s.phase == Phase::Ready {
+                    if let Some((f, fst)) = first {
+                        self.complete(&mut s, &g, f, fst, 0, 0);
+                    }
                     self.complete(&mut s, &g, slot, st, 0, 0);
                 } else {
                     self.release(&mut s, &g, slot);
+                    if let Some((f, _)) = first {
+                        self.release(&mut s, &g, f);
+                    }
                 }
             }
         }
