@@ -294,6 +294,17 @@ fn nvmf_subsystems_through_spdk_rpc_and_save_config_round_trip() {
         t2.ok(&["nvmf_get_subsystems", NQN1])[0]["namespaces"][0]["bdev_name"],
         "Malloc0"
     );
+    // Per-host visibility: a namespace added no_auto_visible takes hosts; one visible to all refuses them.
+    t2.ok(&["bdev_malloc_create", "-b", "Hidden", "8", "512"]);
+    t2.ok(&["nvmf_subsystem_add_ns", NQN1, "-n", "3", "-i", "Hidden"]);
+    t2.ok(&["nvmf_ns_add_host", NQN1, "3", HOST]);
+    t2.ok(&["nvmf_ns_remove_host", NQN1, "3", HOST]);
+    let e = t2.err(&["nvmf_ns_add_host", NQN1, "1", HOST]);
+    assert_eq!(code(&e), -32602, "visible to all: {e}");
+    let e = t2.err(&["nvmf_ns_add_host", NQN1, "9", HOST]);
+    assert_eq!(code(&e), -32602, "no such namespace: {e}");
+    let ns = t2.ok(&["nvmf_get_subsystems", NQN1])[0]["namespaces"].clone();
+    assert_eq!(ns[1]["nsid"], 3);
     let (st, _) = t2.stop();
     assert!(st.success());
 }
