@@ -175,6 +175,8 @@ impl ChannelCore {
             max_seg: p.max_segment_size as usize,
             max_segs: p.max_num_segments as usize,
         };
+        // Range locks held (or being taken) when the channel is made apply to it too.
+        let (locks, fence) = reactor::lock(&bdev.0.range_locks).snapshot();
         ChannelCore {
             block_size: bdev.block_size(),
             align_mask: align - 1,
@@ -198,9 +200,9 @@ impl ChannelCore {
             resets: RefCell::new(VecDeque::new()),
             executing_reset: Cell::new(false),
             thawing: RefCell::new(None),
-            gate: Cell::new(false),
-            fence: Cell::new(false),
-            locks: RefCell::new(Vec::new()),
+            gate: Cell::new(!locks.is_empty() || fence),
+            fence: Cell::new(fence),
+            locks: RefCell::new(locks),
             held: RefCell::new(VecDeque::new()),
         }
     }

@@ -27,7 +27,17 @@ pub(crate) struct RangeLocks {
     held: Vec<(u64, u64, u64)>,
     pending: VecDeque<Pending>,
     taking: bool,
+    /// Channels are fenced (from before the fence walk until before the install walk): what a new channel
+    /// starts with.
+    fenced: bool,
     next_id: u64,
+}
+
+impl RangeLocks {
+    /// What a channel created now must start with: the held ranges, and whether a lock is being taken.
+    pub(crate) fn snapshot(&self) -> (Vec<(u64, u64, u64)>, bool) {
+        (self.held.clone(), self.fenced)
+    }
 }
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
@@ -59,6 +69,10 @@ impl Bdev {
     /// Releases lock `id`; writes that waited on it go on. `done` runs on the calling thread after every
     /// channel let go.
     pub fn unlock_lba_range(&self, id: u64, done: impl FnOnce() + Send + 'static) {
+        // Out of the bdev's list first: a channel created from now on does not start with the range.
+        reactor::lock(&self.0.range_locks)
+            .held
+            .retain(|l| l.0 != id);
         let bdev = self.clone();
         self.0.io_device.for_each_channel(
             move |c| {
@@ -66,9 +80,6 @@ impl Bdev {
                 c.release_held_here();
             },
             move |_| {
-                reactor::lock(&bdev.0.range_locks)
-                    .held
-                    .retain(|l| l.0 != id);
                 bdev.take_next();
                 done();
             },
@@ -92,6 +103,7 @@ impl Bdev {
             };
             let p = q.pending.remove(i).expect("position found");
             q.taking = true;
+            q.fenced = true;
             q.next_id += 1;
             (q.next_id, p)
         };
@@ -131,6 +143,12 @@ impl Bdev {
 
     fn install(&self, id: u64, p: Pending) {
         let (offset, len) = (p.offset, p.len);
+        // In the bdev's list first: a channel created from now on starts with the range, and unfenced.
+        {
+            let mut q = reactor::lock(&self.0.range_locks);
+            q.held.push((id, offset, len));
+            q.fenced = false;
+        }
         let bdev = self.clone();
         self.0.io_device.for_each_channel(
             move |c| {
@@ -139,11 +157,7 @@ impl Bdev {
                 c.release_held_here();
             },
             move |_| {
-                {
-                    let mut q = reactor::lock(&bdev.0.range_locks);
-                    q.held.push((id, offset, len));
-                    q.taking = false;
-                }
+                reactor::lock(&bdev.0.range_locks).taking = false;
                 (p.done)(id);
                 bdev.take_next();
             },

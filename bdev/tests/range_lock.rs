@@ -243,3 +243,50 @@ fn taking_a_lock_waits_for_io_in_flight() {
         vec![("in flight", ok), ("locked", ok), ("during fence", ok)]
     );
 }
+
+/// A channel made while a range is locked (on another thread) starts with the lock: its overlapping write waits
+/// for the unlock.
+#[test]
+fn a_channel_made_while_locked_respects_the_lock() {
+    let out: Log = Arc::new(Mutex::new(Vec::new()));
+    let o = out.clone();
+    run(move || {
+        let b = malloc::create(malloc::MallocOpts {
+            name: Some("M_lock_new".into()),
+            num_blocks: 64,
+            block_size: 512,
+            ..Default::default()
+        })
+        .unwrap();
+        let desc = Arc::new(b.open(true, None).unwrap());
+        let keep = Arc::new(Mutex::new(Some(b.clone())));
+        let step = reactor::OnThread::new(move |id: u64| {
+            let other = reactor::spawn_thread("lock_other", None).unwrap();
+            let (d2, o2, b2, k2) = (desc.clone(), o.clone(), b.clone(), keep.clone());
+            other.send(move || {
+                // A channel of this thread, made now.
+                let ch = d2.channel();
+                let done = Completion::Closure(Box::new(move |io: IoHandle| {
+                    o2.lock().unwrap().push(("write", io.status()));
+                    drop(d2);
+                    if let Some(b) = k2.lock().unwrap().take() {
+                        b.unregister(|_| reactor::stop());
+                    }
+                }));
+                ch.write(DmaBuf::alloc(512).unwrap(), 3, 1, done, 0)
+                    .unwrap();
+            });
+            let o3 = o.clone();
+            reactor::timer(3000, move || {
+                o3.lock().unwrap().push(("unlock", IoStatus::Success));
+                b2.unlock_lba_range(id, || {});
+            })
+            .detach();
+        });
+        bdev::get("M_lock_new")
+            .unwrap()
+            .lock_lba_range(0, 8, move |id| step.with(move |f| f(id)));
+    });
+    let ok = IoStatus::Success;
+    assert_eq!(*out.lock().unwrap(), vec![("unlock", ok), ("write", ok)]);
+}
