@@ -16,7 +16,9 @@ pub mod check;
 pub mod device;
 pub mod error;
 pub mod format;
+pub mod layout;
 pub mod lvol;
+pub mod serialize;
 pub mod store;
 
 pub use bitmap::Bitmap;
