@@ -11,10 +11,12 @@
 //!
 //! See DESIGN.md for the layers still to come (allocation, blob I/O, metadata persistence, lvol bdevs).
 
+pub mod base;
 pub mod bitmap;
 pub mod check;
 pub mod device;
 pub mod error;
+pub mod exec;
 pub mod format;
 pub mod layout;
 pub mod lvol;
