@@ -11,15 +11,21 @@
 //!
 //! See DESIGN.md for the layers still to come (allocation, blob I/O, metadata persistence, lvol bdevs).
 
+pub mod allocate;
 pub mod base;
 pub mod bitmap;
+pub mod blob;
+pub mod blob_bdev;
 pub mod check;
 pub mod device;
 pub mod error;
 pub mod exec;
 pub mod format;
+pub mod io;
 pub mod layout;
 pub mod lvol;
+pub mod map;
+pub mod runtime;
 pub mod serialize;
 pub mod store;
 

@@ -6,7 +6,7 @@
 use uuid::Uuid;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{BlobId, ClearMethod, BSTYPE_LVOLSTORE};
+use crate::format::{BlobId, ClearMethod, Xattr, BSTYPE_LVOLSTORE};
 use crate::store::{Blob, Parent, Store};
 
 /// Longest lvstore name buffer, NUL included (`SPDK_LVS_NAME_MAX`).
@@ -179,6 +179,27 @@ impl Store {
             clear_method: b.flags.clear_method(),
         })
     }
+}
+
+/// The lvstore super blob's xattrs as `spdk_lvs_init` sets them: `uuid` (lowercase string and NUL), then
+/// `name` (`strlen + 1` bytes).
+pub fn lvs_xattrs(name: &str, uuid: &Uuid) -> Vec<Xattr> {
+    let mut u = uuid.hyphenated().to_string().into_bytes();
+    u.push(0);
+    let mut n = name.as_bytes().to_vec();
+    n.push(0);
+    vec![Xattr::new("uuid", u), Xattr::new("name", n)]
+}
+
+/// An lvol's xattrs as `spdk_lvol_create` sets them: `name` as the whole 64-byte buffer (NUL padded), then
+/// `uuid` (lowercase string and NUL). `name` must be shorter than 64 bytes.
+pub fn lvol_xattrs(name: &str, uuid: &Uuid) -> Vec<Xattr> {
+    let mut n = vec![0u8; LVOL_NAME_MAX];
+    let len = name.len().min(LVOL_NAME_MAX - 1);
+    n[..len].copy_from_slice(&name.as_bytes()[..len]);
+    let mut u = uuid.hyphenated().to_string().into_bytes();
+    u.push(0);
+    vec![Xattr::new("name", n), Xattr::new("uuid", u)]
 }
 
 impl LvolStore {
