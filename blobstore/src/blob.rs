@@ -163,6 +163,10 @@ impl Blobstore {
     /// Creates a blob (`spdk_bs_create_blob_ext`): its first metadata page (the lowest free one) fixes its id;
     /// a thick blob gets its clusters (lowest first) and extent pages now. Returns once it is on disk.
     pub async fn create_blob(&self, o: CreateOptions) -> Result<BlobId> {
+        self.create_with(o, None).await
+    }
+
+    async fn create_with(&self, o: CreateOptions, parent: Option<Rc<BlobState>>) -> Result<BlobId> {
         let s = &self.0;
         s.check_loaded()?;
         for x in &o.xattrs {
@@ -181,13 +185,21 @@ impl Blobstore {
         if o.thin {
             flags.invalid |= Flags::THIN_PROV;
         }
-        let map = Arc::new(ClusterMap::new(0, None));
+        let mut internal_xattrs = Vec::new();
+        if let Some(p) = &parent {
+            flags.invalid |= Flags::INTERNAL_XATTR;
+            internal_xattrs.push(Xattr::new(
+                crate::store::XATTR_SNAPSHOT,
+                p.id.0.to_le_bytes().to_vec(),
+            ));
+        }
+        let map = Arc::new(ClusterMap::new(0, parent.as_ref().map(|p| p.shared.map())));
         let state = Rc::new(BlobState {
             id,
             md: RefCell::new(BlobMd {
                 flags,
                 xattrs: o.xattrs,
-                internal_xattrs: Vec::new(),
+                internal_xattrs,
                 extent_table: o.use_extent_table,
                 num_clusters: 0,
                 staged: BTreeMap::new(),
@@ -198,7 +210,7 @@ impl Blobstore {
                 dirty: true,
                 cut_clusters: Vec::new(),
                 cut_pages: Vec::new(),
-                parent: None,
+                parent: parent.as_ref().map(|p| p.id),
             }),
             lock: AsyncMutex::default(),
             shared: Arc::new(BlobShared::new(
@@ -237,6 +249,41 @@ impl Blobstore {
         }
         s.blobs.borrow_mut().insert(id, state);
         Ok(id)
+    }
+
+    /// Creates a clone of the read-only blob `snapshot` (`spdk_bs_create_clone`): a thin blob of the same
+    /// size whose unallocated clusters read from it (internal xattr `SNAP`); first writes copy the snapshot's
+    /// cluster.
+    pub async fn create_clone(&self, snapshot: BlobId, xattrs: Vec<Xattr>) -> Result<BlobId> {
+        let s = &self.0;
+        s.check_loaded()?;
+        let parent = s
+            .blobs
+            .borrow()
+            .get(&snapshot)
+            .cloned()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no blob {snapshot}")))?;
+        let (n, extent_table) = {
+            let md = parent.md.borrow();
+            if !md.flags.data_ro() || md.dirty {
+                return Err(Error::new(
+                    ErrorKind::Invalid,
+                    format!("blob {snapshot} is not a read-only blob on disk: cannot clone it"),
+                ));
+            }
+            (md.num_clusters, md.extent_table)
+        };
+        self.create_with(
+            CreateOptions {
+                num_clusters: n,
+                thin: true,
+                xattrs,
+                use_extent_table: extent_table,
+                ..Default::default()
+            },
+            Some(parent),
+        )
+        .await
     }
 
     /// Opens a blob (`spdk_bs_open_blob`); every open needs a close.
@@ -528,6 +575,9 @@ pub(crate) async fn persist(s: &StoreInner, b: &BlobState) -> Result<()> {
         md.dirty = false;
         let staged = std::mem::take(&mut md.staged);
         publish(b, md.num_clusters, &staged);
+        if md.flags.data_ro() {
+            b.shared.set_read_only();
+        }
         let cut = std::mem::take(&mut md.cut_clusters);
         (old, cut, md.flags.clear_method())
     };
@@ -743,6 +793,16 @@ impl BlobHandle {
                 format!("blob {} has no xattr {name}", self.state.id),
             ));
         }
+        md.dirty = true;
+        Ok(())
+    }
+
+    /// Makes the blob's data read-only (`spdk_blob_set_read_only`); it takes effect (writes refused, metadata
+    /// frozen) once synced, as in SPDK.
+    pub fn set_read_only(&self) -> Result<()> {
+        self.check_md_writable()?;
+        let mut md = self.state.md.borrow_mut();
+        md.flags.data_ro |= Flags::READ_ONLY;
         md.dirty = true;
         Ok(())
     }

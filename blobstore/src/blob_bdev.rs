@@ -28,7 +28,7 @@ impl BdevOps for BlobBdev {
 
     fn io_type_supported(&self, t: IoType) -> bool {
         match t {
-            IoType::Write | IoType::Unmap | IoType::WriteZeroes => !self.shared.read_only,
+            IoType::Write | IoType::Unmap | IoType::WriteZeroes => !self.shared.read_only(),
             IoType::Read | IoType::Reset => true,
             _ => false,
         }

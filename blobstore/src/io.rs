@@ -148,7 +148,7 @@ impl ChanState {
             IoType::Reset | IoType::Flush => return io.complete(IoStatus::Success),
             _ => return io.complete(IoStatus::Failed(libc::ENOTSUP)),
         }
-        if t.is_write() && self.shared.read_only {
+        if t.is_write() && self.shared.read_only() {
             return io.complete(IoStatus::Failed(libc::EPERM));
         }
         self.refresh();

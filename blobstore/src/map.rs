@@ -176,7 +176,7 @@ pub struct BlobShared {
     /// Blocks per cluster.
     pub cluster_blocks: u64,
     /// Data read-only (snapshots): writes fail with EPERM.
-    pub read_only: bool,
+    read_only: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for BlobShared {
@@ -201,8 +201,18 @@ impl BlobShared {
             store_id,
             md_thread,
             cluster_blocks,
-            read_only,
+            read_only: std::sync::atomic::AtomicBool::new(read_only),
         }
+    }
+
+    /// Whether the blob's data is read-only (writes fail with EPERM).
+    #[inline]
+    pub fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_read_only(&self) {
+        self.read_only.store(true, Ordering::Relaxed);
     }
 
     /// The epoch of the current map (one atomic load: the I/O path's only shared read besides the map).

@@ -231,3 +231,150 @@ fn create_write_reload_resize_delete() {
         let _ = Arc::strong_count(&st2);
     });
 }
+
+/// A store made without clearing its data area (clusters hold old bytes): a thin blob's first partial write
+/// must still read zeroes around it, and a thick blob reads whatever was there (as in SPDK).
+#[test]
+fn first_write_fills_the_rest_of_the_cluster_with_zeroes() {
+    with_reactors("0x1", || {
+        let st = RamState::new(vec![0xa5; 16 << 20]);
+        app({
+            let st = st.clone();
+            move || {
+                ram_disk("zram", st, BS);
+            }
+        });
+        run(|| async {
+            let s = Blobstore::init_lvstore(
+                claimed("zram"),
+                "lvs",
+                uuid::Uuid::new_v4(),
+                CLUSTER as u32,
+                100,
+                InitClear::None,
+            )
+            .await
+            .unwrap();
+            keep_store("z", s);
+        });
+        let thin = create("z", "t", 8, true);
+        open_bdev("z", thin, "zb");
+        let d = pattern(5, (3 * BS) as usize);
+        assert_eq!(write("zb", CB + 50, &d, BS), IoStatus::Success);
+        let all = read("zb", CB, CB);
+        assert_eq!(&all[(50 * BS) as usize..(53 * BS) as usize], &d[..]);
+        assert!(all[..(50 * BS) as usize].iter().all(|&x| x == 0));
+        assert!(all[(53 * BS) as usize..].iter().all(|&x| x == 0));
+        // Write zeroes to an unallocated cluster of a blob without parent: nothing to do, nothing allocated.
+        assert_eq!(
+            io("zb", IoType::WriteZeroes, 4 * CB, CB, None).0,
+            IoStatus::Success
+        );
+        assert_eq!(app(|| with_blob("zb", |h| h.num_allocated_clusters())), 1);
+        close_bdev("zb");
+        unload("z");
+        unregister("zram");
+        checked(&st.image());
+    });
+}
+
+/// A read-only blob and a clone of it: the clone reads the parent's data, a first write copies the parent's
+/// cluster around the new data, the parent does not change, writes to the parent are refused; all of it
+/// survives a reload.
+#[test]
+fn clone_reads_the_parent_and_copies_on_first_write() {
+    with_reactors("0x1", || {
+        let st = RamState::new(vec![0; 32 << 20]);
+        app({
+            let st = st.clone();
+            move || {
+                ram_disk("cram", st, BS);
+            }
+        });
+        run(|| async {
+            let s = Blobstore::init_lvstore(
+                claimed("cram"),
+                "lvs",
+                uuid::Uuid::new_v4(),
+                CLUSTER as u32,
+                100,
+                InitClear::Unmap,
+            )
+            .await
+            .unwrap();
+            keep_store("c", s);
+        });
+        let parent = create("c", "p", 6, false);
+        open_bdev("c", parent, "pb");
+        let pdata = pattern(7, (6 * CB * BS) as usize);
+        assert_eq!(write("pb", 0, &pdata, BS), IoStatus::Success);
+        close_bdev("pb");
+        run(move || async move {
+            let h = store("c").open_blob(parent).await.unwrap();
+            h.set_read_only().unwrap();
+            h.close().await.unwrap();
+        });
+        let clone = run(move || async move {
+            store("c")
+                .create_clone(
+                    parent,
+                    blobstore::lvol::lvol_xattrs("clone", &uuid::Uuid::new_v4()),
+                )
+                .await
+                .unwrap()
+        });
+        open_bdev("c", clone, "cb");
+        open_bdev("c", parent, "pb");
+        assert_eq!(read("cb", 0, 6 * CB), pdata, "a clone reads its parent");
+        assert_eq!(
+            write("pb", 0, &pdata[..BS as usize], BS),
+            IoStatus::Failed(libc::ENOTSUP),
+            "a read-only blob's bdev does not take writes, as SPDK's lvol"
+        );
+        // A write across clusters 2/3 of the clone: both copied from the parent first.
+        let d = pattern(8, (20 * BS) as usize);
+        let at = 3 * CB - 10;
+        assert_eq!(write("cb", at, &d, BS), IoStatus::Success);
+        let mut want = pdata.clone();
+        want[(at * BS) as usize..(at * BS) as usize + d.len()].copy_from_slice(&d);
+        assert_eq!(read("cb", 0, 6 * CB), want);
+        assert_eq!(read("pb", 0, 6 * CB), pdata, "the parent is untouched");
+        assert_eq!(app(|| with_blob("cb", |h| h.num_allocated_clusters())), 2);
+        close_bdev("cb");
+        close_bdev("pb");
+        run(move || async move {
+            let e = store("c").delete_blob(parent).await.unwrap_err();
+            assert_eq!(
+                e.kind,
+                blobstore::ErrorKind::Busy,
+                "a snapshot with a clone"
+            );
+        });
+        unload("c");
+        unregister("cram");
+        let image = st.image();
+        let s = checked(&image);
+        let lvs = s.lvol_store().unwrap();
+        let (p, c) = (lvs.lvol("p").unwrap(), lvs.lvol("clone").unwrap());
+        assert!(p.is_snapshot && p.read_only && c.is_clone && c.thin);
+        assert_eq!(c.parent, Some(parent));
+        assert_eq!(
+            blob_bytes(&s, &image, clone, 2 * CLUSTER, 2 * CLUSTER),
+            want[(2 * CLUSTER) as usize..(4 * CLUSTER) as usize]
+        );
+        // Reloaded by the runtime, the clone still reads through.
+        let st2 = RamState::new(image);
+        app({
+            let st2 = st2.clone();
+            move || {
+                ram_disk("cram2", st2, BS);
+            }
+        });
+        load("c", "cram2");
+        open_bdev("c", clone, "cb");
+        assert_eq!(read("cb", 0, 6 * CB), want);
+        close_bdev("cb");
+        unload("c");
+        unregister("cram2");
+    });
+}
