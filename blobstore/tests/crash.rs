@@ -38,6 +38,8 @@ struct Acked {
     /// Acknowledged writes: (blob label, first block, data).
     writes: Vec<(&'static str, u64, Vec<u8>)>,
     xattrs: Vec<(&'static str, &'static str, Vec<u8>)>,
+    /// Clone clusters written once (clone, parent, cluster): the rest of the cluster is the parent's.
+    copied: Vec<(&'static str, &'static str, u64)>,
     /// Steps completed.
     steps: usize,
     unloaded: bool,
@@ -222,7 +224,66 @@ async fn workload(bs: Blobstore, tag: String) -> Acked {
     step!(bs.delete_blob(a.id("C").unwrap()).await.is_ok());
     a.deleted.push("C");
     a.writes.retain(|w| w.0 != "C");
-    // 13. Unload.
+    // 13. A snapshot-like parent P (thick, written, made read-only), a clone Q of it, and a first write into
+    //     Q that copies P's cluster around the new data.
+    let r = bs.create_blob(new(false, 3, "P")).await;
+    step!(r.is_ok());
+    a.created.push(("P", r.unwrap()));
+    a.set_size("P", 3);
+    let op = open(&bs, a.id("P").unwrap(), format!("{tag}_P")).await;
+    let d = pattern(16, (3 * CB * BS) as usize);
+    step!(write_at(op.ch.as_ref().unwrap(), 0, &d).await == IoStatus::Success);
+    a.writes.push(("P", 0, d));
+    let h = op.handle.as_ref().unwrap();
+    let ok = h.set_read_only().is_ok() && h.sync().await.is_ok();
+    step!(ok);
+    close(op).await;
+    let r = bs
+        .create_clone(
+            a.id("P").unwrap(),
+            blobstore::lvol::lvol_xattrs("Q", &uuid::Uuid::nil()),
+        )
+        .await;
+    step!(r.is_ok());
+    a.created.push(("Q", r.unwrap()));
+    a.set_size("Q", 3);
+    let oq = open(&bs, a.id("Q").unwrap(), format!("{tag}_Q")).await;
+    let d = pattern(17, (8 * BS) as usize);
+    step!(write_at(oq.ch.as_ref().unwrap(), CB + 12, &d).await == IoStatus::Success);
+    a.writes.push(("Q", CB + 12, d));
+    a.copied.push(("Q", "P", 1));
+    close(oq).await;
+    // 14. Three writes at once into B: two into one unallocated cluster, one into another (one batch of
+    //     allocations, the second writer waiting for the first's).
+    let ch = ob.ch.as_ref().unwrap();
+    let w = [
+        (5 * CB + 1, pattern(30, (2 * BS) as usize)),
+        (5 * CB + 9, pattern(31, (3 * BS) as usize)),
+        (6 * CB, pattern(32, (CB * BS) as usize)),
+    ];
+    let res = blobstore::exec::join_all(w.iter().map(|(b, d)| write_at(ch, *b, d)).collect()).await;
+    for ((b, d), st) in w.iter().zip(&res) {
+        if *st == IoStatus::Success {
+            a.writes.push(("B", *b, d.clone()));
+        }
+    }
+    step!(res.iter().all(|st| *st == IoStatus::Success));
+    // 15. An RLE blob (no extent table, as old stores have): a first write rewrites its chain.
+    let r = bs
+        .create_blob(CreateOptions {
+            use_extent_table: false,
+            ..new(true, 20, "R")
+        })
+        .await;
+    step!(r.is_ok());
+    a.created.push(("R", r.unwrap()));
+    a.set_size("R", 20);
+    let or = open(&bs, a.id("R").unwrap(), format!("{tag}_R")).await;
+    let d = pattern(33, (5 * BS) as usize);
+    step!(write_at(or.ch.as_ref().unwrap(), 3 * CB + 2, &d).await == IoStatus::Success);
+    a.writes.push(("R", 3 * CB + 2, d));
+    close(or).await;
+    // 16. Unload.
     close(oa).await;
     close(ob).await;
     step!(bs.unload().await.is_ok());
@@ -271,11 +332,13 @@ fn verify(image: &[u8], a: &Acked, cut: u64) {
         .lvol_store()
         .unwrap_or_else(|e| panic!("cut after {cut}: lvstore: {e}"));
     for (label, id) in &a.created {
+        // A deleted blob's id may be a new blob's (ids are first pages, reused): look for the name.
         let gone = a.deleted.contains(label);
-        assert_eq!(s.blob(*id).is_none(), gone, "cut after {cut}: blob {label}");
+        assert_eq!(lvs.lvol(label).is_none(), gone, "cut after {cut}: blob {label}");
         if gone {
             continue;
         }
+        assert_eq!(lvs.lvol(label).unwrap().blob_id, *id);
         let b = s.blob(*id).unwrap();
         assert_eq!(
             Some(b.num_clusters),
@@ -294,6 +357,21 @@ fn verify(image: &[u8], a: &Acked, cut: u64) {
             blob_bytes(&s, image, id, *block, data.len()) == *data,
             "cut after {cut}: acknowledged write to {label} at block {block} lost"
         );
+    }
+    for (clone, parent, c) in &a.copied {
+        let (q, p) = (a.id(clone).unwrap(), a.id(parent).unwrap());
+        let mut want = blob_bytes(&s, image, p, c * CB, CLUSTER as usize);
+        for (label, block, data) in &a.writes {
+            if label == clone && block / CB == *c {
+                let o = ((block % CB) * BS) as usize;
+                want[o..o + data.len()].copy_from_slice(data);
+            }
+        }
+        assert!(
+            blob_bytes(&s, image, q, c * CB, CLUSTER as usize) == want,
+            "cut after {cut}: {clone}'s cluster {c} is not its parent's data around the write"
+        );
+        assert_eq!(s.blob(q).unwrap().parent_snapshot(), Some(p));
     }
     for (label, k, v) in &a.xattrs {
         let b = s.blob(a.id(label).unwrap()).unwrap();
