@@ -334,7 +334,11 @@ fn verify(image: &[u8], a: &Acked, cut: u64) {
     for (label, id) in &a.created {
         // A deleted blob's id may be a new blob's (ids are first pages, reused): look for the name.
         let gone = a.deleted.contains(label);
-        assert_eq!(lvs.lvol(label).is_none(), gone, "cut after {cut}: blob {label}");
+        assert_eq!(
+            lvs.lvol(label).is_none(),
+            gone,
+            "cut after {cut}: blob {label}"
+        );
         if gone {
             continue;
         }
