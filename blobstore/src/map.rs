@@ -253,20 +253,21 @@ mod tests {
         m.set(5, 7);
         assert_eq!(m.lookup(5), Some(7));
         assert_eq!(m.lookup(6), None);
-        let bigger = m.resized(5000);
         m.set(600, 9);
-        assert_eq!(bigger.get(600), 9, "leaf shared");
+        let bigger = m.resized(5000);
+        m.set(100, 8);
+        assert_eq!(bigger.get(100), 8, "leaf shared");
         bigger.set(4000, 11);
         assert_eq!(m.get(4000), 0, "out of the old map's range");
         assert_eq!(bigger.lookup(1500), Some(150));
         assert_eq!(
             bigger.allocated_clusters(),
-            vec![(5, 7), (600, 9), (4000, 11)]
+            vec![(5, 7), (100, 8), (600, 9), (4000, 11)]
         );
         assert_eq!(bigger.slot_entries(9).len(), 5000 - 9 * 512);
         assert!(bigger.slot_allocated(7) && !bigger.slot_allocated(8));
         let smaller = bigger.resized(100);
-        assert_eq!(smaller.allocated(), 1);
+        assert_eq!(smaller.allocated(), 1, "cluster 100 is past the end");
         assert_eq!(smaller.get(600), 0);
     }
 }
