@@ -483,16 +483,24 @@ pub(crate) fn resize_md(s: &StoreInner, b: &BlobState, n: u64) -> Result<()> {
             }
         }
     } else {
+        // What is cut off: published clusters past the new end (not overridden by a staged change), and
+        // staged ones; visiting allocated clusters only, so that shrinking a huge thin blob costs little.
         let map = b.shared.map();
-        for c in n..old {
-            let d = match md.staged.remove(&c) {
-                Some(d) => d,
-                None => map.get(c),
-            };
-            if d != 0 {
-                md.cut_clusters.push(d);
+        let mut cut: Vec<u32> = map
+            .allocated_clusters()
+            .into_iter()
+            .filter(|&(c, _)| c >= n && !md.staged.contains_key(&c))
+            .map(|(_, d)| d)
+            .collect();
+        let staged_cut: Vec<u64> = md.staged.range(n..).map(|(&c, _)| c).collect();
+        for c in staged_cut {
+            if let Some(d) = md.staged.remove(&c) {
+                if d != 0 {
+                    cut.push(d);
+                }
             }
         }
+        md.cut_clusters.extend(cut);
         if md.extent_table {
             let cut: Vec<u32> = md.extent_pages[new_slots as usize..]
                 .iter()
@@ -669,9 +677,8 @@ fn publish(b: &BlobState, num_clusters: u64, staged: &BTreeMap<u64, u32>) {
         }
         return;
     }
-    let old_n = cur.num_clusters();
-    for c in num_clusters..old_n {
-        cur.set(c, 0);
+    if num_clusters < cur.num_clusters() {
+        cur.clear_from(num_clusters);
     }
     let m = cur.resized(num_clusters);
     for (&c, &d) in staged {

@@ -105,6 +105,20 @@ impl ClusterMap {
         leaf.0[(c % LEAF as u64) as usize].store(dev_cluster, Ordering::Release);
     }
 
+    /// Clears every entry from blob cluster `from` on (visiting only the leaves that exist). Metadata thread
+    /// only, once the metadata no longer names them.
+    pub fn clear_from(&self, from: u64) {
+        let first_slot = (from / LEAF as u64) as usize;
+        for (s, leaf) in self.leaves.iter().enumerate().skip(first_slot) {
+            let Some(l) = leaf.get() else { continue };
+            for (i, e) in l.0.iter().enumerate() {
+                if (s * LEAF + i) as u64 >= from {
+                    e.store(0, Ordering::Release);
+                }
+            }
+        }
+    }
+
     /// A map of `num_clusters` sharing this one's leaves (entries past the new size are the caller's to
     /// clear before a shrink is published) and parent.
     pub fn resized(&self, num_clusters: u64) -> ClusterMap {
