@@ -464,3 +464,95 @@ fn body(dir: &Path, image: &Path) {
         "ours writes the masks SPDK's recovery would"
     );
 }
+
+/// The same lvstore made by SPDK and by ours (same name and uuids, same lvols in the same order) is the same
+/// bytes: super block, masks, and every metadata page.
+#[test]
+fn same_metadata_bytes_as_spdk() {
+    if !peer().join("build/bin/spdk_tgt").exists() {
+        println!("SKIPPED: no SPDK at {} (set SPDK_PEER)", peer().display());
+        return;
+    }
+    let dir = PathBuf::from(format!(
+        "/var/tmp/blobstore-samebytes-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    let spdk_img = dir.join("spdk.img");
+    let ours_img = dir.join("ours.img");
+    for p in [&spdk_img, &ours_img] {
+        std::fs::File::create(p).unwrap().set_len(DEV_SIZE).unwrap();
+    }
+    // SPDK: an lvstore, a thick lvol over two extent pages, a thin one, a small thick one; clean stop.
+    let spdk = Spdk::start(&dir, "tgt");
+    spdk.call(
+        "bdev_aio_create",
+        json!({"name": "aio0", "filename": spdk_img, "block_size": 512}),
+    );
+    let lvs_uuid = spdk.call(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "aio0", "lvs_name": "same", "cluster_sz": CLUSTER}),
+    );
+    let lvols = [
+        ("big", 40u64, false),
+        ("thin", 100, true),
+        ("small", 1, false),
+    ];
+    let mut uuids = Vec::new();
+    for (name, mib, thin) in lvols {
+        let u = spdk.call(
+            "bdev_lvol_create",
+            json!({"lvs_name": "same", "lvol_name": name, "size_in_mib": mib, "thin_provision": thin}),
+        );
+        uuids.push(u.as_str().unwrap().parse::<uuid::Uuid>().unwrap());
+    }
+    spdk.stop();
+    let lvs_uuid: uuid::Uuid = lvs_uuid.as_str().unwrap().parse().unwrap();
+
+    // Ours: the same, with SPDK's uuids.
+    let oi = ours_img.clone();
+    with_reactors("0x1", move || {
+        aio("aio_same", &oi);
+        run(move || async move {
+            let bs = Blobstore::init_lvstore(
+                claimed("aio_same"),
+                "same",
+                lvs_uuid,
+                CLUSTER as u32,
+                100,
+                InitClear::Unmap,
+            )
+            .await
+            .unwrap();
+            for ((name, mib, thin), u) in lvols.iter().zip(&uuids) {
+                bs.create_blob(CreateOptions {
+                    num_clusters: (mib << 20).div_ceil(CLUSTER),
+                    thin: *thin,
+                    xattrs: blobstore::lvol::lvol_xattrs(name, u),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+            bs.unload().await.unwrap();
+        });
+        unregister("aio_same");
+    });
+    let a = std::fs::read(&spdk_img).unwrap();
+    let b = std::fs::read(&ours_img).unwrap();
+    let s = Store::load(&FileDevice::open(&spdk_img).unwrap()).unwrap();
+    let md_end = (s.super_block.md.end() * 4096) as usize;
+    for page in 0..md_end / 4096 {
+        let r = page * 4096..(page + 1) * 4096;
+        assert!(
+            a[r.clone()] == b[r],
+            "page {page} differs (md starts at page {})",
+            s.super_block.md.start
+        );
+    }
+    if std::env::var_os("BLOBSTORE_KEEP").is_none() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
