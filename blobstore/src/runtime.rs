@@ -26,13 +26,15 @@ use crate::base::Base;
 use crate::blob::BlobState;
 use crate::device::ReadAt;
 use crate::error::{Error, ErrorKind, Result};
-use crate::exec::AsyncMutex;
+use crate::exec::{join_all, AsyncMutex};
 use crate::format::{BlobId, Mask, MaskType, MdPage, SuperBlock, BSTYPE_LEN, PAGE_SIZE};
 use crate::layout::{self, InitClear, InitOptions};
 use crate::store::{LoadOptions, MaskState, Masks, Store};
 
 /// Metadata pages read per device read while loading.
 const LOAD_CHUNK_PAGES: u64 = 256;
+/// Reads in flight while loading.
+const LOAD_READS_IN_FLIGHT: usize = 8;
 
 thread_local! {
     /// The stores whose metadata thread this is, by id: allocation requests from other threads find their
@@ -86,7 +88,7 @@ impl std::fmt::Debug for Blobstore {
 /// zeroes (unused pages are zeroed, so a store costs memory in proportion to what it uses).
 struct Image {
     size: u64,
-    pages: HashMap<u64, DmaBuf>,
+    pages: HashMap<u64, Box<[u8]>>,
 }
 
 impl ReadAt for Image {
@@ -98,7 +100,7 @@ impl ReadAt for Image {
             let (page, inpage) = (pos / ps, (pos % ps) as usize);
             let n = (PAGE_SIZE - inpage).min(buf.len() - at);
             match self.pages.get(&page) {
-                Some(p) => buf[at..at + n].copy_from_slice(&p.as_slice()[inpage..inpage + n]),
+                Some(p) => buf[at..at + n].copy_from_slice(&p[inpage..inpage + n]),
                 None => buf[at..at + n].fill(0),
             }
             at += n;
@@ -209,26 +211,32 @@ impl Blobstore {
             size,
             pages: HashMap::new(),
         };
-        img.pages.insert(0, page0);
+        img.pages.insert(0, page0.as_slice().into());
         let mut regions = vec![sb.used_page_mask, sb.used_cluster_mask, sb.md];
         if sb.has_blobid_mask() {
             regions.push(sb.used_blobid_mask);
         }
+        let mut chunks = Vec::new();
         for r in regions {
             let mut p = r.start as u64;
             while p < r.end() {
                 let n = LOAD_CHUNK_PAGES.min(r.end() - p);
-                let buf = base
-                    .read(p * PAGE_SIZE as u64, (n * PAGE_SIZE as u64) as usize)
-                    .await?;
-                for (i, chunk) in buf.as_slice().chunks_exact(PAGE_SIZE).enumerate() {
+                chunks.push((p, n));
+                p += n;
+            }
+        }
+        // A few reads in flight at once: a large store loads at the device's sequential speed.
+        for window in chunks.chunks(LOAD_READS_IN_FLIGHT) {
+            let reads: Vec<_> = window
+                .iter()
+                .map(|&(p, n)| base.read(p * PAGE_SIZE as u64, (n * PAGE_SIZE as u64) as usize))
+                .collect();
+            for (&(p, _), buf) in window.iter().zip(join_all(reads).await) {
+                for (i, chunk) in buf?.as_slice().chunks_exact(PAGE_SIZE).enumerate() {
                     if chunk.iter().any(|&b| b != 0) {
-                        let mut pg = DmaBuf::alloc(PAGE_SIZE).map_err(|e| Error::io(e, "page"))?;
-                        pg.as_mut_slice().copy_from_slice(chunk);
-                        img.pages.insert(p + i as u64, pg);
+                        img.pages.insert(p + i as u64, chunk.into());
                     }
                 }
-                p += n;
             }
         }
         let mut store = Store::load_with(&img, opts)?;
