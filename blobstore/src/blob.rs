@@ -286,6 +286,17 @@ impl Blobstore {
         .await
     }
 
+    /// The clones of blob `id` (blobs whose parent snapshot it is), ascending.
+    pub fn clones_of(&self, id: BlobId) -> Vec<BlobId> {
+        self.0
+            .blobs
+            .borrow()
+            .values()
+            .filter(|b| b.md.borrow().parent == Some(id))
+            .map(|b| b.id)
+            .collect()
+    }
+
     /// Opens a blob (`spdk_bs_open_blob`); every open needs a close.
     pub async fn open_blob(&self, id: BlobId) -> Result<BlobHandle> {
         let s = &self.0;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use bdev::{Bdev, BdevOps, BdevParams, Desc, IoHandle, IoType, ModuleChannel};
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::blob::BlobHandle;
@@ -14,16 +15,59 @@ use crate::map::BlobShared;
 /// Module name of plain blob bdevs.
 pub const MODULE: &str = "blob";
 
+/// Fills a bdev's `driver_specific` object (`bdev_get_bdevs`).
+pub type DumpInfo = fn(&Bdev, &mut Map<String, Value>);
+
+/// How a bdev over a blob presents itself.
+#[derive(Clone)]
+pub struct BlobBdevOpts {
+    /// Module name (claims, `bdev_get_bdevs`).
+    pub module: &'static str,
+    /// Product name.
+    pub product_name: String,
+    /// UUID of the bdev (random when `None`).
+    pub uuid: Option<Uuid>,
+    /// Fills `driver_specific` in `bdev_get_bdevs`.
+    pub dump_info: Option<DumpInfo>,
+    /// Called once the bdev is unregistered and every descriptor closed (`destruct`), on whichever thread
+    /// that happens.
+    pub on_destruct: Option<fn(&Bdev)>,
+}
+
+impl Default for BlobBdevOpts {
+    fn default() -> Self {
+        BlobBdevOpts {
+            module: MODULE,
+            product_name: "Blob".into(),
+            uuid: None,
+            dump_info: None,
+            on_destruct: None,
+        }
+    }
+}
+
 /// The bdev side of a blob.
 struct BlobBdev {
-    module: &'static str,
+    opts: BlobBdevOpts,
     shared: Arc<BlobShared>,
     desc: Arc<Desc>,
 }
 
 impl BdevOps for BlobBdev {
     fn module_name(&self) -> &'static str {
-        self.module
+        self.opts.module
+    }
+
+    fn dump_info(&self, bdev: &Bdev, out: &mut Map<String, Value>) {
+        if let Some(f) = self.opts.dump_info {
+            f(bdev, out);
+        }
+    }
+
+    fn destruct(&self, bdev: &Bdev) {
+        if let Some(f) = self.opts.on_destruct {
+            f(bdev);
+        }
     }
 
     fn io_type_supported(&self, t: IoType) -> bool {
@@ -50,15 +94,9 @@ impl ModuleChannel for BlobBdevChannel {
     }
 }
 
-/// Registers bdev `name` over the open blob `blob`, `module` being the module name it reports. Its size is
-/// the blob's; after a resize the caller tells the bdev layer ([`Bdev::notify_resize`]). The blob must stay
-/// open until the bdev is unregistered.
-pub fn register(
-    blob: &BlobHandle,
-    name: &str,
-    uuid: Option<Uuid>,
-    module: &'static str,
-) -> Result<Bdev> {
+/// Registers bdev `name` over the open blob `blob`. Its size is the blob's; after a resize the caller tells
+/// the bdev layer ([`Bdev::notify_resize`]). The blob must stay open until the bdev is unregistered.
+pub fn register(blob: &BlobHandle, name: &str, opts: BlobBdevOpts) -> Result<Bdev> {
     let store = blob.store();
     let desc = store
         .base_desc()
@@ -70,18 +108,11 @@ pub fn register(
         bs as u32,
         (blob.num_clusters() * shared.cluster_blocks).max(1),
     );
-    p.uuid = uuid;
-    p.product_name = "Logical Volume".into();
+    p.uuid = opts.uuid;
+    p.product_name = opts.product_name.clone();
     let base = desc.bdev().params();
     p.required_alignment = base.required_alignment;
     p.physical_block_size = base.physical_block_size;
-    bdev::register(
-        p,
-        Box::new(BlobBdev {
-            module,
-            shared,
-            desc,
-        }),
-    )
-    .map_err(|e| Error::new(ErrorKind::Invalid, format!("registering bdev {name}: {e}")))
+    bdev::register(p, Box::new(BlobBdev { opts, shared, desc }))
+        .map_err(|e| Error::new(ErrorKind::Exists, format!("registering bdev {name}: {e}")))
 }

@@ -16,6 +16,8 @@
 //! - [`io`] and [`map`]: the blob I/O path on every thread; [`blob_bdev`]: a bdev over a blob.
 //! - [`layout`] and [`serialize`]: a new store's geometry and blob metadata, laid out as SPDK lays them out.
 //! - [`exec`] and [`base`]: async metadata operations on the metadata thread, and their base I/O.
+//! - [`lvs_bdev`] and [`lvs_rpc`]: the lvol bdev module (lvstores, lvol bdevs, examine) and its `bdev_lvol_*`
+//!   RPCs.
 //!
 //! See DESIGN.md for the design (threads, crash ordering) and what is still to come (snapshots, lvol bdevs).
 
@@ -32,6 +34,8 @@ pub mod format;
 pub mod io;
 pub mod layout;
 pub mod lvol;
+pub mod lvs_bdev;
+pub mod lvs_rpc;
 pub mod map;
 pub mod runtime;
 pub mod serialize;

@@ -74,7 +74,7 @@ pub struct Lvol {
 
 /// A stored string: up to the first NUL (SPDK reads it with `%s`), cut to `max - 1` bytes (the `snprintf`
 /// into a `max`-byte buffer), lossy UTF-8.
-fn c_string(v: &[u8], max: usize) -> String {
+pub(crate) fn c_string(v: &[u8], max: usize) -> String {
     let n = v
         .iter()
         .position(|&b| b == 0)
@@ -84,7 +84,7 @@ fn c_string(v: &[u8], max: usize) -> String {
 }
 
 /// A stored UUID string, as `lvs_read_uuid` accepts it: 37 bytes, NUL last, 36-character hyphenated form.
-fn parse_uuid(v: Option<&[u8]>) -> Option<Uuid> {
+pub(crate) fn parse_uuid(v: Option<&[u8]>) -> Option<Uuid> {
     let v = v?;
     if v.len() != UUID_STRING_LEN || v[UUID_STRING_LEN - 1] != 0 {
         return None;

@@ -352,6 +352,30 @@ impl Blobstore {
         Ok(())
     }
 
+    /// Destroys the store (`spdk_bs_destroy`): refused (Busy) while a blob is open; the super block is zeroed
+    /// (nothing loads from the device any more) and the base released. Blobs are not deleted one by one.
+    pub async fn destroy(&self) -> Result<()> {
+        let s = &self.0;
+        s.check_loaded()?;
+        if let Some(b) = s.blobs.borrow().values().find(|b| b.open_ref.get() > 0) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("blob {} is still open", b.id),
+            ));
+        }
+        let _g = s.super_lock.lock().await;
+        s.base
+            .write_zeroes(0, PAGE_SIZE as u64)
+            .await
+            .map_err(|e| e.context("zeroing the super block"))?;
+        s.unloaded.set(true);
+        s.desc.borrow_mut().take();
+        STORES.with(|m| {
+            m.borrow_mut().remove(&s.id);
+        });
+        Ok(())
+    }
+
     /// Sets the super blob (`spdk_bs_set_super`): the super block is rewritten with it.
     pub async fn set_super_blob(&self, id: BlobId) -> Result<()> {
         let s = &self.0;

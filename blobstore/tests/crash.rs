@@ -97,8 +97,7 @@ impl Drop for Open {
 
 async fn open(bs: &Blobstore, id: BlobId, bdev_name: String) -> Open {
     let handle = bs.open_blob(id).await.unwrap();
-    blobstore::blob_bdev::register(&handle, &bdev_name, None, blobstore::blob_bdev::MODULE)
-        .unwrap();
+    blobstore::blob_bdev::register(&handle, &bdev_name, Default::default()).unwrap();
     let desc = bdev::open(&bdev_name, true, None).unwrap();
     let ch = desc.channel();
     Open {

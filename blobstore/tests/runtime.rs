@@ -64,7 +64,7 @@ fn open_bdev(bs: &str, id: BlobId, name: &str) {
     let (bs, name) = (bs.to_string(), name.to_string());
     run(move || async move {
         let h = store(&bs).open_blob(id).await.unwrap();
-        blobstore::blob_bdev::register(&h, &name, None, blobstore::blob_bdev::MODULE).unwrap();
+        blobstore::blob_bdev::register(&h, &name, Default::default()).unwrap();
         keep_blob(&name, h);
     })
 }

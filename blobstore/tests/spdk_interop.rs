@@ -220,7 +220,7 @@ fn open_bdev(id: BlobId, name: &str) {
     let name = name.to_string();
     run(move || async move {
         let h = store("bs").open_blob(id).await.unwrap();
-        blobstore::blob_bdev::register(&h, &name, None, blobstore::blob_bdev::MODULE).unwrap();
+        blobstore::blob_bdev::register(&h, &name, Default::default()).unwrap();
         keep_blob(&name, h);
     })
 }
