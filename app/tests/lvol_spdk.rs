@@ -2,7 +2,8 @@
 //! thin lvols, a snapshot, a clone), and after a restart of each the two targets answer
 //! `bdev_lvol_get_lvstores`, `bdev_lvol_get_lvols` and each lvol's `bdev_get_bdevs` (name, aliases, uuid,
 //! size, `driver_specific.lvol`) identically; ours shuts down cleanly and SPDK loads the store again with the
-//! same answers.
+//! same answers. Then ours resizes, renames, makes read-only, clones, creates, renames the lvstore and deletes,
+//! and SPDK loads the result with the answers ours gave.
 //!
 //! Needs SPDK at `/root/spdk-peer` (or `$SPDK_PEER`); without it the test prints SKIPPED and passes.
 
@@ -186,17 +187,56 @@ fn our_lvol_rpcs_answer_as_spdks() {
     a.sort_by_key(|x| x["name"].as_str().unwrap().to_string());
     b.sort_by_key(|x| x["name"].as_str().unwrap().to_string());
     assert_eq!(a, b, "each lvol's bdev");
+    // Ours changes the store: grow, rename, read-only, clone, new lvol, rename the lvstore, delete.
+    call(
+        "bdev_lvol_resize",
+        json!({"name": "lvs/thin", "size_in_mib": 40}),
+    );
+    call(
+        "bdev_lvol_rename",
+        json!({"old_name": "lvs/clone", "new_name": "clone2"}),
+    );
+    call("bdev_lvol_set_read_only", json!({"name": "lvs/thin"}));
+    call(
+        "bdev_lvol_clone",
+        json!({"snapshot_name": "lvs/thin", "clone_name": "thinclone"}),
+    );
+    call(
+        "bdev_lvol_create",
+        json!({"lvs_name": "lvs", "lvol_name": "extra", "size_in_mib": 3, "thin_provision": true}),
+    );
+    call(
+        "bdev_lvol_rename_lvstore",
+        json!({"old_name": "lvs", "new_name": "lvs2"}),
+    );
+    call("bdev_lvol_delete", json!({"name": "lvs2/extra"}));
+    let changed = answers(&call);
+    let b = &call("bdev_get_bdevs", json!({"name": "lvs2/thin"}))[0];
+    assert_eq!(b["num_blocks"].as_u64().unwrap() * 512, 40 << 20);
+    assert_eq!(b["driver_specific"]["lvol"]["clones"], json!(["thinclone"]));
     let (st, _) = t.stop();
     assert!(st.success());
 
-    // SPDK loads what ours unloaded, and says the same.
+    // SPDK loads what ours unloaded, and says what ours said.
     let p = Peer::start(&dir, "spdk3");
     p.call("bdev_aio_create", aio);
     p.call("bdev_wait_for_examine", Value::Null);
     let again = answers(&|m, a| p.call(m, a));
     p.stop();
-    assert_eq!(again.0, spdk.0);
-    assert_eq!(sorted(&again.1), sorted(&spdk.1));
+    assert_eq!(
+        again.0, changed.0,
+        "bdev_lvol_get_lvstores after our changes"
+    );
+    assert_eq!(
+        sorted(&again.1),
+        sorted(&changed.1),
+        "bdev_lvol_get_lvols after our changes"
+    );
+    let mut a = again.2.clone();
+    let mut b = changed.2.clone();
+    a.sort_by_key(|x| x["name"].as_str().unwrap().to_string());
+    b.sort_by_key(|x| x["name"].as_str().unwrap().to_string());
+    assert_eq!(a, b, "each lvol's bdev after our changes");
     if std::env::var_os("BLOBSTORE_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }

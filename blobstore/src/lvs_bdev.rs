@@ -393,15 +393,7 @@ pub(crate) async fn create_lvol(
     thin: bool,
     clear: ClearMethod,
 ) -> Result<String> {
-    if name.is_empty() || name.len() >= LVOL_NAME_MAX {
-        return Err(Error::new(ErrorKind::Invalid, "invalid lvol name"));
-    }
-    if lvs.lvols.borrow().iter().any(|l| *l.name.borrow() == name) {
-        return Err(Error::new(
-            ErrorKind::Exists,
-            format!("lvol with name {name} already exists"),
-        ));
-    }
+    check_lvol_name(lvs, name)?;
     let uuid = Uuid::new_v4();
     let id = lvs
         .bs
@@ -412,6 +404,145 @@ pub(crate) async fn create_lvol(
             clear_method: clear,
             use_extent_table: true,
         })
+        .await?;
+    let l = Rc::new(Lvol {
+        name: RefCell::new(name.to_string()),
+        unique_id: uuid.hyphenated().to_string(),
+        uuid: Some(uuid),
+        blob: id,
+        handle: RefCell::new(None),
+        bdev: RefCell::new(None),
+    });
+    lvs.lvols.borrow_mut().push(l.clone());
+    expose(lvs, &l).await?;
+    Ok(l.unique_id.clone())
+}
+
+fn check_lvol_name(lvs: &Lvs, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() >= LVOL_NAME_MAX {
+        return Err(Error::new(ErrorKind::Invalid, "invalid lvol name"));
+    }
+    if lvs.lvols.borrow().iter().any(|l| *l.name.borrow() == name) {
+        return Err(Error::new(
+            ErrorKind::Exists,
+            format!("lvol with name {name} already exists"),
+        ));
+    }
+    Ok(())
+}
+
+/// A NUL-terminated string value, as SPDK stores names after a rename.
+fn c_value(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+/// `bdev_lvol_resize` (`spdk_lvol_resize` + the bdev's new size).
+pub(crate) async fn resize_lvol(lvs: &Lvs, l: &Lvol, size_bytes: u64) -> Result<()> {
+    let n = size_bytes.div_ceil(lvs.bs.cluster_size());
+    let cb = lvs.bs.cluster_size() / lvs.bs.io_unit_size();
+    let h = l.handle.borrow_mut().take().ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("lvol {} is not open", l.unique_id),
+        )
+    })?;
+    let r = h.resize(n).await;
+    *l.handle.borrow_mut() = Some(h);
+    r?;
+    if let Some(b) = l.bdev.borrow().as_ref() {
+        b.notify_resize(n * cb)
+            .map_err(|e| Error::new(ErrorKind::Busy, e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// `bdev_lvol_set_read_only`.
+pub(crate) async fn set_read_only(l: &Lvol) -> Result<()> {
+    let h = l.handle.borrow_mut().take().ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("lvol {} is not open", l.unique_id),
+        )
+    })?;
+    let r = match h.set_read_only() {
+        Ok(()) => h.sync().await,
+        Err(e) => Err(e),
+    };
+    *l.handle.borrow_mut() = Some(h);
+    r
+}
+
+/// `bdev_lvol_rename`: the name xattr (`strlen + 1` bytes) and the alias.
+pub(crate) async fn rename_lvol(lvs: &Lvs, l: &Lvol, new_name: &str) -> Result<()> {
+    if *l.name.borrow() == new_name {
+        return Ok(());
+    }
+    check_lvol_name(lvs, new_name)?;
+    let h = l.handle.borrow_mut().take().ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("lvol {} is not open", l.unique_id),
+        )
+    })?;
+    let r = match h.set_xattr("name", &c_value(new_name)) {
+        Ok(()) => h.sync().await,
+        Err(e) => Err(e),
+    };
+    *l.handle.borrow_mut() = Some(h);
+    r?;
+    let old = std::mem::replace(&mut *l.name.borrow_mut(), new_name.to_string());
+    if let Some(b) = l.bdev.borrow().as_ref() {
+        let lvs_name = lvs.name.borrow().clone();
+        let _ = b.remove_alias(&format!("{lvs_name}/{old}"));
+        if let Err(e) = b.add_alias(&format!("{lvs_name}/{new_name}")) {
+            log::error!("lvol {}: {e}", l.unique_id);
+        }
+    }
+    Ok(())
+}
+
+/// `bdev_lvol_rename_lvstore`: the super blob's name xattr, and every lvol's alias.
+pub(crate) async fn rename_lvstore(lvs: &Lvs, new_name: &str) -> Result<()> {
+    if *lvs.name.borrow() == new_name {
+        return Ok(());
+    }
+    if new_name.is_empty() || new_name.len() >= LVS_NAME_MAX {
+        return Err(Error::new(ErrorKind::Invalid, "invalid lvstore name"));
+    }
+    if lvs_by_name(new_name).is_some() {
+        return Err(Error::new(
+            ErrorKind::Exists,
+            format!("lvolstore with name {new_name} already exists"),
+        ));
+    }
+    let sup = lvs
+        .bs
+        .super_blob()
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, "lvstore without a super blob"))?;
+    let h = lvs.bs.open_blob(sup).await?;
+    h.set_xattr("name", &c_value(new_name))?;
+    h.close().await?;
+    let old = std::mem::replace(&mut *lvs.name.borrow_mut(), new_name.to_string());
+    for l in lvs.lvols.borrow().iter() {
+        if let Some(b) = l.bdev.borrow().as_ref() {
+            let _ = b.remove_alias(&format!("{old}/{}", l.name.borrow()));
+            if let Err(e) = b.add_alias(&format!("{new_name}/{}", l.name.borrow())) {
+                log::error!("lvol {}: {e}", l.unique_id);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `bdev_lvol_clone`: a thin clone of a read-only lvol; returns the clone's bdev name.
+pub(crate) async fn clone_lvol(lvs: &Rc<Lvs>, snap: &Lvol, name: &str) -> Result<String> {
+    check_lvol_name(lvs, name)?;
+    let uuid = Uuid::new_v4();
+    let id = lvs
+        .bs
+        .create_clone(snap.blob, crate::lvol::lvol_xattrs(name, &uuid))
         .await?;
     let l = Rc::new(Lvol {
         name: RefCell::new(name.to_string()),

@@ -1,6 +1,7 @@
 //! The lvol module's JSON-RPC methods, with SPDK v24.05's names, parameters, results and errors
-//! (`vbdev_lvol_rpc.c`): `bdev_lvol_create_lvstore`, `bdev_lvol_delete_lvstore`, `bdev_lvol_get_lvstores`,
-//! `bdev_lvol_create`, `bdev_lvol_delete`, `bdev_lvol_get_lvols`.
+//! (`vbdev_lvol_rpc.c`): `bdev_lvol_create_lvstore`, `bdev_lvol_delete_lvstore`,
+//! `bdev_lvol_rename_lvstore`, `bdev_lvol_get_lvstores`, `bdev_lvol_create`, `bdev_lvol_delete`,
+//! `bdev_lvol_get_lvols`, `bdev_lvol_resize`, `bdev_lvol_set_read_only`, `bdev_lvol_rename`, `bdev_lvol_clone`.
 
 use std::rc::Rc;
 
@@ -77,6 +78,43 @@ struct CreateLvol {
 #[serde(deny_unknown_fields)]
 struct DeleteLvol {
     name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    name: String,
+    size_in_mib: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rename {
+    old_name: String,
+    new_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Clone {
+    snapshot_name: String,
+    clone_name: Option<String>,
+}
+
+/// The lvol behind bdev `name` (name or alias), as SPDK's `vbdev_lvol_get_from_bdev` finds it: ENODEV.
+fn lvol_of_bdev(name: &str) -> Result<(Rc<Lvs>, Rc<lvs_bdev::Lvol>), RpcError> {
+    if bdev::get(name).is_none() {
+        return Err(errno(libc::ENODEV));
+    }
+    lvs_bdev::find_lvol(name).ok_or_else(|| errno(libc::ENODEV))
+}
+
+/// Replies `true`, or INVALID_PARAMS with `strerror`.
+fn bool_reply(r: Responder, res: crate::error::Result<()>) {
+    match res {
+        Ok(()) => r.ok(json!(true)),
+        Err(e) => r.err(async_err(e)),
+    }
 }
 
 fn lvs_info(l: &Lvs) -> Value {
@@ -245,6 +283,77 @@ pub fn register_rpcs(reg: &mut Registry) {
                             jsonrpc::strerror(e.errno()),
                         ))
                     }
+                }
+            });
+        },
+    );
+    method(
+        reg,
+        "bdev_lvol_resize",
+        STATE_RUNTIME,
+        |p: Resize, r: Responder| {
+            let (lvs, l) = match lvol_of_bdev(&p.name) {
+                Ok(x) => x,
+                Err(e) => return r.err(e),
+            };
+            spawn(async move {
+                let size = p.size_in_mib.saturating_mul(1 << 20);
+                bool_reply(r, lvs_bdev::resize_lvol(&lvs, &l, size).await)
+            });
+        },
+    );
+    method(
+        reg,
+        "bdev_lvol_set_read_only",
+        STATE_RUNTIME,
+        |p: DeleteLvol, r: Responder| {
+            let (_, l) = match lvol_of_bdev(&p.name) {
+                Ok(x) => x,
+                Err(e) => return r.err(e),
+            };
+            spawn(async move { bool_reply(r, lvs_bdev::set_read_only(&l).await) });
+        },
+    );
+    method(
+        reg,
+        "bdev_lvol_rename",
+        STATE_RUNTIME,
+        |p: Rename, r: Responder| {
+            let (lvs, l) = match lvol_of_bdev(&p.old_name) {
+                Ok(x) => x,
+                Err(e) => return r.err(e),
+            };
+            spawn(async move { bool_reply(r, lvs_bdev::rename_lvol(&lvs, &l, &p.new_name).await) });
+        },
+    );
+    method(
+        reg,
+        "bdev_lvol_rename_lvstore",
+        STATE_RUNTIME,
+        |p: Rename, r: Responder| {
+            let Some(lvs) = lvs_by_name(&p.old_name) else {
+                return r.err(RpcError::from_errno(
+                    libc::ENOENT,
+                    format!("Lvol store {} not found", p.old_name),
+                ));
+            };
+            spawn(async move { bool_reply(r, lvs_bdev::rename_lvstore(&lvs, &p.new_name).await) });
+        },
+    );
+    method(
+        reg,
+        "bdev_lvol_clone",
+        STATE_RUNTIME,
+        |p: Clone, r: Responder| {
+            let (lvs, l) = match lvol_of_bdev(&p.snapshot_name) {
+                Ok(x) => x,
+                Err(e) => return r.err(e),
+            };
+            spawn(async move {
+                let name = p.clone_name.unwrap_or_default();
+                match lvs_bdev::clone_lvol(&lvs, &l, &name).await {
+                    Ok(n) => r.ok(json!(n)),
+                    Err(e) => r.err(async_err(e)),
                 }
             });
         },
