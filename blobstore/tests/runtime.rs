@@ -378,3 +378,100 @@ fn clone_reads_the_parent_and_copies_on_first_write() {
         unregister("cram2");
     });
 }
+
+/// Two reactor threads write into the same thin blob at once: writes into the same unallocated clusters
+/// from both threads (the second waits for the first's allocation, on its own thread), and every write
+/// reads back. The metadata thread is the app thread; the other thread's requests and replies travel by
+/// message.
+#[test]
+fn two_threads_first_writes_into_the_same_clusters() {
+    with_reactors("0x3", || {
+        let st = RamState::new(vec![0; 32 << 20]);
+        app({
+            let st = st.clone();
+            move || {
+                ram_disk("mram", st, BS);
+            }
+        });
+        run(|| async {
+            let s = Blobstore::init_lvstore(
+                claimed("mram"),
+                "lvs",
+                uuid::Uuid::new_v4(),
+                CLUSTER as u32,
+                100,
+                InitClear::Unmap,
+            )
+            .await
+            .unwrap();
+            keep_store("m", s);
+        });
+        let thin = create("m", "t", 40, true);
+        open_bdev("m", thin, "mb");
+        let cpu1 = reactor::CpuMask::parse("0x2").unwrap();
+        let other = app(move || reactor::spawn_thread("writer", Some(&cpu1)).unwrap());
+        // Each thread writes 4 KiB pieces at its own offsets of clusters 0..20: thread A the even pieces,
+        // thread B the odd ones, all issued at once.
+        let piece = 8u64;
+        let writes = |odd: bool| -> Vec<(u64, Vec<u8>)> {
+            (0..20u64)
+                .flat_map(|c| (0..CB / piece).map(move |i| (c, i)))
+                .filter(|(_, i)| (i % 2 == 1) == odd)
+                .map(|(c, i)| {
+                    let at = c * CB + i * piece;
+                    (at, pattern(at as u32, (piece * BS) as usize))
+                })
+                .collect()
+        };
+        let (a, b) = (writes(false), writes(true));
+        let issue = |list: Vec<(u64, Vec<u8>)>| {
+            move |reply: Reply<Vec<IoStatus>>| {
+                let desc = bdev::open("mb", true, None).unwrap();
+                let ch = desc.channel();
+                let n = list.len();
+                let out = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+                let reply = std::rc::Rc::new(std::cell::RefCell::new(Some((reply, desc))));
+                for (at, d) in list {
+                    let (out, reply) = (out.clone(), reply.clone());
+                    submit(
+                        &ch,
+                        IoType::Write,
+                        at,
+                        piece,
+                        Some(d),
+                        Box::new(move |(st, _)| {
+                            out.borrow_mut().push(st);
+                            if out.borrow().len() == n {
+                                if let Some((r, desc)) = reply.borrow_mut().take() {
+                                    drop(desc);
+                                    r(out.borrow().clone());
+                                }
+                            }
+                        }),
+                    );
+                }
+            }
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let fb = issue(b.clone());
+        let txb = tx.clone();
+        other.send(move || fb(Box::new(move |v| txb.send(v).unwrap())));
+        let fa = issue(a.clone());
+        reactor::app_thread()
+            .unwrap()
+            .send(move || fa(Box::new(move |v| tx.send(v).unwrap())));
+        for _ in 0..2 {
+            let sts = rx.recv_timeout(std::time::Duration::from_secs(60)).unwrap();
+            assert!(sts.iter().all(|s| *s == IoStatus::Success), "{sts:?}");
+        }
+        for (at, d) in a.iter().chain(b.iter()) {
+            assert_eq!(&read("mb", *at, piece), d, "block {at}");
+        }
+        assert_eq!(app(|| with_blob("mb", |h| h.num_allocated_clusters())), 20);
+        close_bdev("mb");
+        unload("m");
+        unregister("mram");
+        let s = checked(&st.image());
+        assert_eq!(s.blob(thin).unwrap().num_allocated_clusters(), 20);
+    });
+}
