@@ -25,5 +25,6 @@ pub fn spdk_tgt_subsystems() -> Vec<std::sync::Arc<dyn subsystems::framework::Su
 pub fn bdev_subsystems() -> Vec<std::sync::Arc<dyn subsystems::framework::Subsystem>> {
     let b = bdev::module::subsystem();
     bdev::register_module(raid::module());
+    bdev::register_module(blobstore::lvs_bdev::module());
     vec![b]
 }

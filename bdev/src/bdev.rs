@@ -451,6 +451,24 @@ impl Bdev {
         })
     }
 
+    /// Removes an alias added with [`Bdev::add_alias`] (SPDK's `spdk_bdev_alias_del`); NotFound if absent.
+    pub fn remove_alias(&self, alias: &str) -> Result<()> {
+        registry(|r| {
+            let mut st = lock(&self.0.state);
+            let Some(i) = st.aliases.iter().position(|a| a == alias) else {
+                return Err(BdevError::new(
+                    ErrorKind::NotFound,
+                    format!("bdev {} has no alias {alias}", self.name()),
+                ));
+            };
+            st.aliases.remove(i);
+            if r.names.get(alias).is_some_and(|b| b.ptr_eq(self)) {
+                r.names.remove(alias);
+            }
+            Ok(())
+        })
+    }
+
     /// Opens a descriptor. Writers are refused (EPERM) while another module holds a claim.
     pub fn open(&self, write: bool, event_cb: Option<EventCb>) -> Result<Desc> {
         let mut st = lock(&self.0.state);

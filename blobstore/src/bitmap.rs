@@ -85,6 +85,45 @@ impl Bitmap {
             })
     }
 
+    /// The lowest clear bit at or after `from`, if any (`spdk_bit_array_find_first_clear`): what SPDK hands
+    /// out next, as it allocates metadata pages and clusters lowest first.
+    pub fn find_first_clear(&self, from: u64) -> Option<u64> {
+        if from >= self.len {
+            return None;
+        }
+        let mut byte = (from / 8) as usize;
+        // The first byte: only bits at or after `from`.
+        let first = self.bytes[byte] | ((1u8 << (from % 8)) - 1);
+        if first != 0xff {
+            let i = byte as u64 * 8 + first.trailing_ones() as u64;
+            return (i < self.len).then_some(i);
+        }
+        byte += 1;
+        // Whole words of used bits are skipped eight bytes at a time (a store of millions of clusters).
+        while byte + 8 <= self.bytes.len() {
+            let w = u64::from_le_bytes(self.bytes[byte..byte + 8].try_into().unwrap_or([0xff; 8]));
+            if w != u64::MAX {
+                let i = byte as u64 * 8 + w.trailing_ones() as u64;
+                return (i < self.len).then_some(i);
+            }
+            byte += 8;
+        }
+        while byte < self.bytes.len() {
+            let b = self.bytes[byte];
+            if b != 0xff {
+                let i = byte as u64 * 8 + b.trailing_ones() as u64;
+                return (i < self.len).then_some(i);
+            }
+            byte += 1;
+        }
+        None
+    }
+
+    /// Number of clear bits.
+    pub fn count_zeros(&self) -> u64 {
+        self.len - self.count_ones()
+    }
+
     /// Changes the length; new bits are clear.
     pub fn resize(&mut self, len: u64) {
         self.len = len;
@@ -130,5 +169,31 @@ mod tests {
         assert_eq!(b.count_ones(), 5);
         assert!(b.set(16));
         assert_eq!(b.as_bytes(), &[0b1010_0000, 0b0000_0111, 1]);
+    }
+
+    #[test]
+    fn find_first_clear_scans_bytes_and_words() {
+        let mut b = Bitmap::new(200);
+        assert_eq!(b.find_first_clear(0), Some(0));
+        for i in 0..150 {
+            b.set(i);
+        }
+        assert_eq!(b.find_first_clear(0), Some(150));
+        assert_eq!(b.find_first_clear(151), Some(151));
+        b.clear(3);
+        assert_eq!(b.find_first_clear(0), Some(3));
+        assert_eq!(b.find_first_clear(4), Some(150));
+        for i in 150..200 {
+            b.set(i);
+        }
+        assert_eq!(b.find_first_clear(4), None);
+        assert_eq!(b.find_first_clear(200), None);
+        // Tail bits past the length never count as clear.
+        let mut t = Bitmap::new(10);
+        for i in 0..10 {
+            t.set(i);
+        }
+        assert_eq!(t.find_first_clear(0), None);
+        assert_eq!(t.count_zeros(), 0);
     }
 }

@@ -18,6 +18,14 @@ pub enum ErrorKind {
     Invalid,
     /// No such blob or attribute (ENOENT).
     NotFound,
+    /// No free cluster or metadata page left (ENOSPC).
+    NoSpace,
+    /// The blob or store is in use: open, or an operation on it is in progress (EBUSY).
+    Busy,
+    /// Something of that name or id already exists (EEXIST).
+    Exists,
+    /// The blob's data or metadata is read-only (EPERM).
+    ReadOnly,
     /// Reading the device failed (its errno).
     Io(i32),
 }
@@ -41,6 +49,14 @@ impl Error {
             msg: msg.into(),
             source: None,
         }
+    }
+
+    /// From an errno an I/O completed with.
+    pub fn errno_io(errno: i32, ctx: impl fmt::Display) -> Self {
+        Error::new(
+            ErrorKind::Io(errno),
+            format!("{ctx}: {}", std::io::Error::from_raw_os_error(errno)),
+        )
     }
 
     /// Corrupt on-disk data.
@@ -70,6 +86,10 @@ impl Error {
             ErrorKind::Unsupported => libc::ENOTSUP,
             ErrorKind::Invalid => libc::EINVAL,
             ErrorKind::NotFound => libc::ENOENT,
+            ErrorKind::NoSpace => libc::ENOSPC,
+            ErrorKind::Busy => libc::EBUSY,
+            ErrorKind::Exists => libc::EEXIST,
+            ErrorKind::ReadOnly => libc::EPERM,
             ErrorKind::Io(e) => e,
         }
     }

@@ -998,4 +998,4 @@ impl MdPage {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -6,7 +6,7 @@
 use uuid::Uuid;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{BlobId, ClearMethod, BSTYPE_LVOLSTORE};
+use crate::format::{BlobId, ClearMethod, Xattr, BSTYPE_LVOLSTORE};
 use crate::store::{Blob, Parent, Store};
 
 /// Longest lvstore name buffer, NUL included (`SPDK_LVS_NAME_MAX`).
@@ -74,7 +74,7 @@ pub struct Lvol {
 
 /// A stored string: up to the first NUL (SPDK reads it with `%s`), cut to `max - 1` bytes (the `snprintf`
 /// into a `max`-byte buffer), lossy UTF-8.
-fn c_string(v: &[u8], max: usize) -> String {
+pub(crate) fn c_string(v: &[u8], max: usize) -> String {
     let n = v
         .iter()
         .position(|&b| b == 0)
@@ -84,7 +84,7 @@ fn c_string(v: &[u8], max: usize) -> String {
 }
 
 /// A stored UUID string, as `lvs_read_uuid` accepts it: 37 bytes, NUL last, 36-character hyphenated form.
-fn parse_uuid(v: Option<&[u8]>) -> Option<Uuid> {
+pub(crate) fn parse_uuid(v: Option<&[u8]>) -> Option<Uuid> {
     let v = v?;
     if v.len() != UUID_STRING_LEN || v[UUID_STRING_LEN - 1] != 0 {
         return None;
@@ -179,6 +179,27 @@ impl Store {
             clear_method: b.flags.clear_method(),
         })
     }
+}
+
+/// The lvstore super blob's xattrs as `spdk_lvs_init` sets them: `uuid` (lowercase string and NUL), then
+/// `name` (`strlen + 1` bytes).
+pub fn lvs_xattrs(name: &str, uuid: &Uuid) -> Vec<Xattr> {
+    let mut u = uuid.hyphenated().to_string().into_bytes();
+    u.push(0);
+    let mut n = name.as_bytes().to_vec();
+    n.push(0);
+    vec![Xattr::new("uuid", u), Xattr::new("name", n)]
+}
+
+/// An lvol's xattrs as `spdk_lvol_create` sets them: `name` as the whole 64-byte buffer (NUL padded), then
+/// `uuid` (lowercase string and NUL). `name` must be shorter than 64 bytes.
+pub fn lvol_xattrs(name: &str, uuid: &Uuid) -> Vec<Xattr> {
+    let mut n = vec![0u8; LVOL_NAME_MAX];
+    let len = name.len().min(LVOL_NAME_MAX - 1);
+    n[..len].copy_from_slice(&name.as_bytes()[..len]);
+    let mut u = uuid.hyphenated().to_string().into_bytes();
+    u.push(0);
+    vec![Xattr::new("name", n), Xattr::new("uuid", u)]
 }
 
 impl LvolStore {

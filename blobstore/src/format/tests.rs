@@ -27,7 +27,7 @@ fn put(p: &mut [u8], o: usize, b: &[u8]) {
 }
 
 /// Page 0 as SPDK wrote it after a clean unload; the CRC at 4092 is SPDK's.
-fn spdk_super() -> Vec<u8> {
+pub(crate) fn spdk_super() -> Vec<u8> {
     page_from(&[
         (
             0,
@@ -38,7 +38,7 @@ fn spdk_super() -> Vec<u8> {
 }
 
 /// The lvstore's super blob (md page 0): FLAGS, xattrs "uuid" and "name", an empty EXTENT_TABLE.
-fn spdk_super_blob_page() -> Vec<u8> {
+pub(crate) fn spdk_super_blob_page() -> Vec<u8> {
     page_from(&[
         (4, "01"),
         (16, "031800000004"),
@@ -51,7 +51,7 @@ fn spdk_super_blob_page() -> Vec<u8> {
 }
 
 /// The clone made by the snapshot (md page 1): thin, internal SNAP, 3 unallocated clusters.
-fn spdk_clone_page() -> Vec<u8> {
+pub(crate) fn spdk_clone_page() -> Vec<u8> {
     page_from(&[
         (0, "0100000001"),
         (16, "031800000007"),
@@ -66,7 +66,7 @@ fn spdk_clone_page() -> Vec<u8> {
 }
 
 /// The snapshot's extent page (md page 2): clusters 1, 2, 3. Its id is still the clone's.
-fn spdk_extent_page() -> Vec<u8> {
+pub(crate) fn spdk_extent_page() -> Vec<u8> {
     page_from(&[
         (0, "0100000001"),
         (16, "061000000000000000010000000200000003"),

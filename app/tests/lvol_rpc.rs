@@ -1,0 +1,173 @@
+//! The lvol module through the real `spdk_tgt` and JSON-RPC: an lvstore on an aio file, thick and thin lvols
+//! (bdevs named by uuid with the `lvs/lvol` alias and `driver_specific.lvol`), SPDK's errors for bad input,
+//! a clean unload at shutdown, examine finding the lvstore again after a restart, delete of an lvol and of
+//! the lvstore.
+
+mod common;
+use common::*;
+
+use blobstore::{FileDevice, MaskState, Store};
+use serde_json::{json, Value};
+
+fn result(v: Value) -> Value {
+    assert!(v.get("error").is_none(), "unexpected error: {v}");
+    v["result"].clone()
+}
+
+fn error(v: Value) -> (i64, String) {
+    let e = v
+        .get("error")
+        .unwrap_or_else(|| panic!("expected an error: {v}"));
+    (
+        e["code"].as_i64().unwrap(),
+        e["message"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn lvstore_and_lvols_over_rpc_survive_a_restart() {
+    let dir = std::env::temp_dir().join(format!("lvol-rpc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("lvs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let aio = json!({"name": "aio0", "filename": image, "block_size": 512});
+
+    let t = Tgt::start("lvol1", &[]);
+    result(t.call("bdev_aio_create", aio.clone()));
+    let lvs_uuid = result(t.call(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "aio0", "lvs_name": "lvs0", "cluster_sz": 1 << 20}),
+    ));
+    let lvs_uuid = lvs_uuid.as_str().unwrap().to_string();
+    // The base is claimed; a second lvstore of that name is refused.
+    let aio_info = &result(t.call("bdev_get_bdevs", json!({"name": "aio0"})))[0];
+    assert_eq!(aio_info["claimed"], true);
+    let (code, _) = error(t.call(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "aio0", "lvs_name": "lvs0"}),
+    ));
+    assert_eq!(code, -32602);
+    let thick = result(t.call(
+        "bdev_lvol_create",
+        json!({"lvs_name": "lvs0", "lvol_name": "thick", "size_in_mib": 4}),
+    ));
+    let thin = result(t.call(
+        "bdev_lvol_create",
+        json!({"uuid": lvs_uuid, "lvol_name": "thin", "size_in_mib": 8, "thin_provision": true}),
+    ));
+    // Bad input, as SPDK answers it.
+    assert_eq!(
+        error(t.call(
+            "bdev_lvol_create",
+            json!({"lvs_name": "nope", "lvol_name": "x", "size_in_mib": 1}),
+        ))
+        .0,
+        -libc::ENODEV as i64
+    );
+    assert_eq!(
+        error(t.call(
+            "bdev_lvol_create",
+            json!({"lvs_name": "lvs0", "uuid": lvs_uuid, "lvol_name": "x", "size_in_mib": 1}),
+        ))
+        .0,
+        -libc::EINVAL as i64
+    );
+    assert_eq!(
+        error(t.call(
+            "bdev_lvol_create",
+            json!({"lvs_name": "lvs0", "lvol_name": "thick", "size_in_mib": 1}),
+        ))
+        .0,
+        -libc::EEXIST as i64
+    );
+    let stores = result(t.call("bdev_lvol_get_lvstores", Value::Null));
+    assert_eq!(stores.as_array().unwrap().len(), 1);
+    let s = &stores[0];
+    assert_eq!(s["uuid"], lvs_uuid);
+    assert_eq!(s["name"], "lvs0");
+    assert_eq!(s["base_bdev"], "aio0");
+    assert_eq!(s["cluster_size"], 1 << 20);
+    assert_eq!(s["block_size"], 512);
+    let total = s["total_data_clusters"].as_u64().unwrap();
+    assert_eq!(s["free_clusters"].as_u64().unwrap(), total - 4);
+    let lvols = result(t.call("bdev_lvol_get_lvols", json!({"lvs_name": "lvs0"})));
+    let names: Vec<&str> = lvols
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["alias"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["lvs0/thick", "lvs0/thin"]);
+    assert_eq!(lvols[1]["is_thin_provisioned"], true);
+    assert_eq!(lvols[1]["uuid"], thin);
+    assert_eq!(lvols[0]["lvs"]["uuid"], lvs_uuid);
+    let b = &result(t.call("bdev_get_bdevs", json!({"name": "lvs0/thick"})))[0];
+    assert_eq!(b["name"], thick);
+    assert_eq!(b["uuid"], thick);
+    assert_eq!(b["aliases"], json!(["lvs0/thick"]));
+    assert_eq!(b["product_name"], "Logical Volume");
+    assert_eq!(b["num_blocks"].as_u64().unwrap() * 512, 4 << 20);
+    let d = &b["driver_specific"]["lvol"];
+    assert_eq!(d["lvol_store_uuid"], lvs_uuid);
+    assert_eq!(d["base_bdev"], "aio0");
+    assert_eq!(d["thin_provision"], false);
+    assert_eq!(d["num_allocated_clusters"], 4);
+    assert_eq!(d["snapshot"], false);
+    assert_eq!(d["clone"], false);
+    let (st, _) = t.stop();
+    assert!(st.success());
+
+    // Shut down cleanly: the store on disk is clean and consistent.
+    let store = Store::load(&FileDevice::open(&image).unwrap()).unwrap();
+    assert_eq!(store.mask_state, MaskState::Clean);
+    assert_eq!(store.check(), vec![]);
+    assert_eq!(store.lvol_store().unwrap().lvols.len(), 2);
+
+    // Restart: examine finds the lvstore and its lvols again.
+    let t = Tgt::start("lvol2", &[]);
+    result(t.call("bdev_aio_create", aio.clone()));
+    result(t.call("bdev_wait_for_examine", Value::Null));
+    let stores = result(t.call("bdev_lvol_get_lvstores", json!({"uuid": lvs_uuid})));
+    assert_eq!(stores[0]["name"], "lvs0");
+    let lvols2 = result(t.call("bdev_lvol_get_lvols", Value::Null));
+    assert_eq!(lvols2, lvols, "the same lvols after a restart");
+    let b = &result(t.call("bdev_get_bdevs", json!({"name": thin})))[0];
+    assert_eq!(b["aliases"], json!(["lvs0/thin"]));
+    // Delete the thin lvol, then the lvstore.
+    assert_eq!(
+        result(t.call("bdev_lvol_delete", json!({"name": "lvs0/thin"}))),
+        true
+    );
+    assert_eq!(
+        error(t.call("bdev_lvol_delete", json!({"name": "lvs0/thin"}))).0,
+        -libc::ENODEV as i64
+    );
+    let lvols = result(t.call("bdev_lvol_get_lvols", Value::Null));
+    assert_eq!(lvols.as_array().unwrap().len(), 1);
+    assert_eq!(
+        result(t.call("bdev_lvol_delete_lvstore", json!({"lvs_name": "lvs0"}))),
+        true
+    );
+    assert_eq!(
+        result(t.call("bdev_lvol_get_lvstores", Value::Null)),
+        json!([])
+    );
+    assert_eq!(
+        error(t.call("bdev_get_bdevs", json!({"name": thick}))).0,
+        -libc::ENODEV as i64,
+        "the lvol bdevs are gone"
+    );
+    let aio_info = &result(t.call("bdev_get_bdevs", json!({"name": "aio0"})))[0];
+    assert_eq!(aio_info["claimed"], false, "the base is released");
+    let (st, _) = t.stop();
+    assert!(st.success());
+    assert!(
+        Store::load(&FileDevice::open(&image).unwrap()).is_err(),
+        "a destroyed lvstore has no super block"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

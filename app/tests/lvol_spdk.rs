@@ -1,0 +1,243 @@
+//! The lvol RPCs of our `spdk_tgt` against SPDK v24.05's on the same disk: SPDK makes an lvstore (thick and
+//! thin lvols, a snapshot, a clone), and after a restart of each the two targets answer
+//! `bdev_lvol_get_lvstores`, `bdev_lvol_get_lvols` and each lvol's `bdev_get_bdevs` (name, aliases, uuid,
+//! size, `driver_specific.lvol`) identically; ours shuts down cleanly and SPDK loads the store again with the
+//! same answers. Then ours resizes, renames, makes read-only, clones, creates, renames the lvstore and deletes,
+//! and SPDK loads the result with the answers ours gave.
+//!
+//! Needs SPDK at `/root/spdk-peer` (or `$SPDK_PEER`); without it the test prints SKIPPED and passes.
+
+mod common;
+use common::*;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn peer() -> PathBuf {
+    PathBuf::from(std::env::var("SPDK_PEER").unwrap_or_else(|_| "/root/spdk-peer".into()))
+}
+
+const CONFIG: &str = r#"{"subsystems":[
+ {"subsystem":"iobuf","config":[{"method":"iobuf_set_options","params":{"small_pool_count":1024,"large_pool_count":64}}]},
+ {"subsystem":"bdev","config":[{"method":"bdev_set_options","params":{"bdev_io_pool_size":1024,"bdev_io_cache_size":64}}]}
+]}"#;
+
+/// SPDK's `spdk_tgt`, killed if dropped while running.
+struct Peer {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Peer {
+    fn start(dir: &Path, tag: &str) -> Peer {
+        let sock = dir.join(format!("{tag}.sock"));
+        let log = std::fs::File::create(dir.join(format!("{tag}.log"))).unwrap();
+        let child = Command::new(peer().join("build/bin/spdk_tgt"))
+            .args([
+                "-m",
+                "0x1",
+                "--no-huge",
+                "-s",
+                "1024",
+                "--disable-cpumask-locks",
+                "-r",
+            ])
+            .arg(&sock)
+            .arg("-c")
+            .arg(dir.join("config.json"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn SPDK's spdk_tgt");
+        let p = Peer { child, sock };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(&p.sock).is_err() {
+            assert!(Instant::now() < deadline, "SPDK's socket did not appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    fn call(&self, method: &str, params: Value) -> Value {
+        let mut req = json!({"jsonrpc": "2.0", "id": 1, "method": method});
+        if !params.is_null() {
+            req["params"] = params;
+        }
+        let v = raw_call(&self.sock, &req.to_string());
+        assert!(v.get("error").is_none(), "SPDK {method}: {v}");
+        v["result"].clone()
+    }
+
+    fn stop(mut self) {
+        self.call("spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
+        wait_timeout(&mut self.child, Duration::from_secs(30));
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let pid = self.child.id();
+        let _ = std::fs::remove_file(format!("/dev/shm/spdk_tgt_trace.pid{pid}"));
+        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/spdk_pid{pid}"));
+    }
+}
+
+/// What a target says about the lvstore: stores, lvols, and per lvol the bdev fields both targets share.
+fn answers(call: &dyn Fn(&str, Value) -> Value) -> (Value, Value, Vec<Value>) {
+    let stores = call("bdev_lvol_get_lvstores", Value::Null);
+    let lvols = call("bdev_lvol_get_lvols", Value::Null);
+    let mut bdevs = Vec::new();
+    for l in lvols.as_array().unwrap() {
+        let b = &call("bdev_get_bdevs", json!({"name": l["uuid"]}))[0];
+        bdevs.push(json!({
+            "name": b["name"],
+            "aliases": b["aliases"],
+            "uuid": b["uuid"],
+            "product_name": b["product_name"],
+            "block_size": b["block_size"],
+            "num_blocks": b["num_blocks"],
+            "claimed": b["claimed"],
+            "lvol": b["driver_specific"]["lvol"],
+        }));
+    }
+    (stores, lvols, bdevs)
+}
+
+fn sorted(v: &Value) -> Vec<Value> {
+    let mut a = v.as_array().unwrap().clone();
+    a.sort_by_key(|x| x["uuid"].as_str().unwrap_or_default().to_string());
+    a
+}
+
+#[test]
+fn our_lvol_rpcs_answer_as_spdks() {
+    if !peer().join("build/bin/spdk_tgt").exists() {
+        println!("SKIPPED: no SPDK at {} (set SPDK_PEER)", peer().display());
+        return;
+    }
+    let dir = PathBuf::from(format!("/var/tmp/lvol-spdk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    let image = dir.join("lvs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let aio = json!({"name": "aio0", "filename": image, "block_size": 512});
+
+    // SPDK builds the store.
+    let p = Peer::start(&dir, "spdk1");
+    p.call("bdev_aio_create", aio.clone());
+    p.call(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "aio0", "lvs_name": "lvs", "cluster_sz": 1 << 20}),
+    );
+    p.call(
+        "bdev_lvol_create",
+        json!({"lvs_name": "lvs", "lvol_name": "thick", "size_in_mib": 8}),
+    );
+    p.call(
+        "bdev_lvol_create",
+        json!({"lvs_name": "lvs", "lvol_name": "thin", "size_in_mib": 16, "thin_provision": true}),
+    );
+    p.call(
+        "bdev_lvol_snapshot",
+        json!({"lvol_name": "lvs/thick", "snapshot_name": "snap"}),
+    );
+    p.call(
+        "bdev_lvol_clone",
+        json!({"snapshot_name": "lvs/snap", "clone_name": "clone"}),
+    );
+    p.stop();
+    // SPDK's answers after loading it.
+    let p = Peer::start(&dir, "spdk2");
+    p.call("bdev_aio_create", aio.clone());
+    p.call("bdev_wait_for_examine", Value::Null);
+    let spdk = answers(&|m, a| p.call(m, a));
+    p.stop();
+
+    // Ours, on the same disk.
+    let t = Tgt::start("lvol_spdk", &[]);
+    let call = |m: &str, a: Value| {
+        let v = t.call(m, a);
+        assert!(v.get("error").is_none(), "ours {m}: {v}");
+        v["result"].clone()
+    };
+    call("bdev_aio_create", aio.clone());
+    call("bdev_wait_for_examine", Value::Null);
+    let ours = answers(&call);
+    assert_eq!(ours.0, spdk.0, "bdev_lvol_get_lvstores");
+    assert_eq!(sorted(&ours.1), sorted(&spdk.1), "bdev_lvol_get_lvols");
+    assert_eq!(
+        ours.1.as_array().unwrap().len(),
+        4,
+        "thick (now a clone), thin, snap, clone"
+    );
+    let mut a = ours.2.clone();
+    let mut b = spdk.2.clone();
+    a.sort_by_key(|x| x["name"].as_str().unwrap().to_string());
+    b.sort_by_key(|x| x["name"].as_str().unwrap().to_string());
+    assert_eq!(a, b, "each lvol's bdev");
+    // Ours changes the store: grow, rename, read-only, clone, new lvol, rename the lvstore, delete.
+    call(
+        "bdev_lvol_resize",
+        json!({"name": "lvs/thin", "size_in_mib": 40}),
+    );
+    call(
+        "bdev_lvol_rename",
+        json!({"old_name": "lvs/clone", "new_name": "clone2"}),
+    );
+    call("bdev_lvol_set_read_only", json!({"name": "lvs/thin"}));
+    call(
+        "bdev_lvol_clone",
+        json!({"snapshot_name": "lvs/thin", "clone_name": "thinclone"}),
+    );
+    call(
+        "bdev_lvol_create",
+        json!({"lvs_name": "lvs", "lvol_name": "extra", "size_in_mib": 3, "thin_provision": true}),
+    );
+    call(
+        "bdev_lvol_rename_lvstore",
+        json!({"old_name": "lvs", "new_name": "lvs2"}),
+    );
+    call("bdev_lvol_delete", json!({"name": "lvs2/extra"}));
+    let changed = answers(&call);
+    let b = &call("bdev_get_bdevs", json!({"name": "lvs2/thin"}))[0];
+    assert_eq!(b["num_blocks"].as_u64().unwrap() * 512, 40 << 20);
+    assert_eq!(b["driver_specific"]["lvol"]["clones"], json!(["thinclone"]));
+    let (st, _) = t.stop();
+    assert!(st.success());
+
+    // SPDK loads what ours unloaded, and says what ours said.
+    let p = Peer::start(&dir, "spdk3");
+    p.call("bdev_aio_create", aio);
+    p.call("bdev_wait_for_examine", Value::Null);
+    let again = answers(&|m, a| p.call(m, a));
+    p.stop();
+    assert_eq!(
+        again.0, changed.0,
+        "bdev_lvol_get_lvstores after our changes"
+    );
+    assert_eq!(
+        sorted(&again.1),
+        sorted(&changed.1),
+        "bdev_lvol_get_lvols after our changes"
+    );
+    let mut a = again.2.clone();
+    let mut b = changed.2.clone();
+    a.sort_by_key(|x| x["name"].as_str().unwrap().to_string());
+    b.sort_by_key(|x| x["name"].as_str().unwrap().to_string());
+    assert_eq!(a, b, "each lvol's bdev after our changes");
+    if std::env::var_os("BLOBSTORE_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

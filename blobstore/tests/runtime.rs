@@ -1,0 +1,477 @@
+//! The runtime blobstore over a bdev: a new lvstore, thick and thin blobs, I/O across cluster and extent page
+//! boundaries, reload (unload + load) with the data compared, resize, delete, xattrs; every image checked by
+//! the loader and checker that do not share the writer's code paths.
+
+mod common;
+use common::*;
+
+use std::sync::Arc;
+
+use bdev::{IoStatus, IoType};
+use blobstore::blob::CreateOptions;
+use blobstore::layout::InitClear;
+use blobstore::runtime::Blobstore;
+use blobstore::{BlobId, LoadOptions, MaskState, MemDevice, Store};
+
+const BS: u64 = 512;
+const CLUSTER: u64 = 64 << 10;
+const CB: u64 = CLUSTER / BS;
+
+/// Bytes of blob `id` in `image`, through the loader's cluster map (zeroes where unallocated).
+fn blob_bytes(store: &Store, image: &[u8], id: BlobId, off: u64, len: u64) -> Vec<u8> {
+    let b = store.blob(id).expect("blob in the image");
+    let mut out = vec![0u8; len as usize];
+    let mut at = 0;
+    while at < len {
+        let pos = off + at;
+        let c = pos / CLUSTER;
+        let n = (CLUSTER - pos % CLUSTER).min(len - at);
+        if let Some(d) = b.cluster(c) {
+            let src = (d as u64 * CLUSTER + pos % CLUSTER) as usize;
+            out[at as usize..(at + n) as usize].copy_from_slice(&image[src..src + n as usize]);
+        }
+        at += n;
+    }
+    out
+}
+
+fn checked(image: &[u8]) -> Store {
+    let mut s = Store::load(&MemDevice(image.to_vec())).expect("image loads");
+    if s.mask_state == MaskState::Stale {
+        s.rebuild_masks();
+    }
+    assert_eq!(s.check(), vec![], "store consistent");
+    s
+}
+
+fn create(bs: &str, name: &str, clusters: u64, thin: bool) -> BlobId {
+    let (bs, name) = (bs.to_string(), name.to_string());
+    run(move || async move {
+        store(&bs)
+            .create_blob(CreateOptions {
+                num_clusters: clusters,
+                thin,
+                xattrs: blobstore::lvol::lvol_xattrs(&name, &uuid::Uuid::new_v4()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+    })
+}
+
+/// Opens blob `id` of store `bs`, keeps the handle as `name` and registers bdev `name` over it.
+fn open_bdev(bs: &str, id: BlobId, name: &str) {
+    let (bs, name) = (bs.to_string(), name.to_string());
+    run(move || async move {
+        let h = store(&bs).open_blob(id).await.unwrap();
+        blobstore::blob_bdev::register(&h, &name, Default::default()).unwrap();
+        keep_blob(&name, h);
+    })
+}
+
+/// Unregisters bdev `name` and closes its blob.
+fn close_bdev(name: &str) {
+    app({
+        let n = name.to_string();
+        move || close_chan(&n)
+    });
+    unregister(name);
+    let name = name.to_string();
+    run(move || async move { take_blob(&name).close().await.unwrap() })
+}
+
+fn unload(bs: &str) {
+    let bs = bs.to_string();
+    run(move || async move {
+        let s = forget_store(&bs).unwrap();
+        s.unload().await.unwrap()
+    })
+}
+
+fn load(bs: &str, disk: &str) {
+    let (bs, disk) = (bs.to_string(), disk.to_string());
+    run(move || async move {
+        let s = Blobstore::load(claimed(&disk), &LoadOptions::default())
+            .await
+            .unwrap();
+        keep_store(&bs, s);
+    })
+}
+
+#[test]
+fn create_write_reload_resize_delete() {
+    with_reactors("0x1", || {
+        let st = RamState::new(vec![0xa5; 64 << 20]);
+        app({
+            let st = st.clone();
+            move || {
+                ram_disk("ram0", st, BS);
+            }
+        });
+        let lvs_uuid = uuid::Uuid::new_v4();
+        run(move || async move {
+            let s = Blobstore::init_lvstore(
+                claimed("ram0"),
+                "lvs0",
+                lvs_uuid,
+                CLUSTER as u32,
+                100,
+                InitClear::Unmap,
+            )
+            .await
+            .unwrap();
+            keep_store("bs", s);
+        });
+        let thick = create("bs", "thick", 10, false);
+        let thin = create("bs", "thin", 600, true);
+        open_bdev("bs", thick, "b_thick");
+        open_bdev("bs", thin, "b_thin");
+
+        // Across the cluster 0/1 boundary of the thick blob.
+        let a = pattern(1, (200 * BS) as usize);
+        assert_eq!(write("b_thick", 100, &a, BS), IoStatus::Success);
+        assert_eq!(read("b_thick", 100, 200), a);
+        // Thin: a partial first write in cluster 3, and one across clusters 511/512 (two extent pages).
+        let b = pattern(2, (10 * BS) as usize);
+        assert_eq!(write("b_thin", 3 * CB + 7, &b, BS), IoStatus::Success);
+        let c = pattern(3, (3 * CB * BS) as usize);
+        let c_at = 511 * CB + 20;
+        assert_eq!(write("b_thin", c_at, &c, BS), IoStatus::Success);
+        assert_eq!(read("b_thin", 3 * CB + 7, 10), b);
+        assert_eq!(read("b_thin", c_at, 3 * CB), c);
+        // The rest of a first-written cluster reads as zeroes, as do clusters never written.
+        assert!(read("b_thin", 3 * CB, 7).iter().all(|&x| x == 0));
+        assert!(read("b_thin", 100 * CB, 2 * CB).iter().all(|&x| x == 0));
+        let allocated = app(|| with_blob("b_thin", |h| h.num_allocated_clusters()));
+        assert_eq!(allocated, 5, "clusters 3, 511, 512, 513, 514");
+        // Unmap and write zeroes of unallocated thin clusters are no-ops; of allocated ones they reach the base.
+        assert_eq!(
+            io("b_thin", IoType::Unmap, 200 * CB, CB, None).0,
+            IoStatus::Success
+        );
+        assert_eq!(
+            io("b_thick", IoType::WriteZeroes, 100, 28, None).0,
+            IoStatus::Success
+        );
+        assert!(read("b_thick", 100, 28).iter().all(|&x| x == 0));
+        let a2 = a[(28 * BS) as usize..].to_vec();
+        assert_eq!(read("b_thick", 128, 172), a2);
+
+        close_bdev("b_thick");
+        close_bdev("b_thin");
+        unload("bs");
+        unregister("ram0");
+
+        let image = st.image();
+        let s = checked(&image);
+        assert_eq!(s.mask_state, MaskState::Clean);
+        let lvs = s.lvol_store().unwrap();
+        assert_eq!((lvs.name.as_str(), lvs.uuid), ("lvs0", lvs_uuid));
+        assert_eq!(lvs.lvol("thick").unwrap().num_clusters, 10);
+        assert!(!lvs.lvol("thick").unwrap().thin);
+        let t = lvs.lvol("thin").unwrap();
+        assert!(t.thin);
+        assert_eq!((t.num_clusters, t.num_allocated_clusters), (600, 5));
+        assert_eq!(s.blob(thin).unwrap().extent_pages.len(), 2);
+        assert_eq!(blob_bytes(&s, &image, thin, c_at * BS, c.len() as u64), c);
+        assert_eq!(blob_bytes(&s, &image, thick, 128 * BS, a2.len() as u64), a2);
+        assert_eq!(lvs.free_clusters, lvs.total_data_clusters - 15);
+
+        // Reload on a new disk from the image; the data reads back through the runtime too.
+        let st2 = RamState::new(image);
+        app({
+            let st2 = st2.clone();
+            move || {
+                ram_disk("ram1", st2, BS);
+            }
+        });
+        load("bs", "ram1");
+        open_bdev("bs", thick, "b_thick");
+        open_bdev("bs", thin, "b_thin");
+        assert_eq!(read("b_thin", c_at, 3 * CB), c);
+        assert_eq!(read("b_thin", 3 * CB + 7, 10), b);
+        assert_eq!(read("b_thick", 128, 172), a2);
+        // Grow the thick blob across an extent page, write at the end, shrink it, set an xattr.
+        close_bdev("b_thick");
+        let grown = run(move || async move {
+            let h = store("bs").open_blob(thick).await.unwrap();
+            h.resize(700).await.unwrap();
+            let n = h.num_clusters();
+            h.set_xattr("color", b"blue").unwrap();
+            h.sync().await.unwrap();
+            keep_blob("h_thick", h);
+            n
+        });
+        assert_eq!(grown, 700);
+        let free_mid = run(|| async { store("bs").free_clusters() });
+        run(move || async move {
+            let h = take_blob("h_thick");
+            h.resize(600).await.unwrap();
+            h.close().await.unwrap();
+        });
+        let free_after = run(|| async { store("bs").free_clusters() });
+        assert_eq!(free_after, free_mid + 100);
+        // Delete the thin blob.
+        close_bdev("b_thin");
+        run(move || async move { store("bs").delete_blob(thin).await.unwrap() });
+        let masks = run(|| async { store("bs").masks() });
+        unload("bs");
+        unregister("ram1");
+        let image = st2.image();
+        let s = checked(&image);
+        assert_eq!(s.masks, masks, "the masks written are the ones in memory");
+        let lvs = s.lvol_store().unwrap();
+        assert!(lvs.lvol("thin").is_none());
+        let th = s.blob(thick).unwrap();
+        assert_eq!(th.num_clusters, 600);
+        assert_eq!(th.extent_pages.len(), 2);
+        assert_eq!(th.xattr("color"), Some(&b"blue"[..]));
+        assert_eq!(blob_bytes(&s, &image, thick, 128 * BS, a2.len() as u64), a2);
+        assert_eq!(lvs.free_clusters, lvs.total_data_clusters - 600);
+        let _ = Arc::strong_count(&st2);
+    });
+}
+
+/// A store made without clearing its data area (clusters hold old bytes): a thin blob's first partial write
+/// must still read zeroes around it, and a thick blob reads whatever was there (as in SPDK).
+#[test]
+fn first_write_fills_the_rest_of_the_cluster_with_zeroes() {
+    with_reactors("0x1", || {
+        let st = RamState::new(vec![0xa5; 16 << 20]);
+        app({
+            let st = st.clone();
+            move || {
+                ram_disk("zram", st, BS);
+            }
+        });
+        run(|| async {
+            let s = Blobstore::init_lvstore(
+                claimed("zram"),
+                "lvs",
+                uuid::Uuid::new_v4(),
+                CLUSTER as u32,
+                100,
+                InitClear::None,
+            )
+            .await
+            .unwrap();
+            keep_store("z", s);
+        });
+        let thin = create("z", "t", 8, true);
+        open_bdev("z", thin, "zb");
+        let d = pattern(5, (3 * BS) as usize);
+        assert_eq!(write("zb", CB + 50, &d, BS), IoStatus::Success);
+        let all = read("zb", CB, CB);
+        assert_eq!(&all[(50 * BS) as usize..(53 * BS) as usize], &d[..]);
+        assert!(all[..(50 * BS) as usize].iter().all(|&x| x == 0));
+        assert!(all[(53 * BS) as usize..].iter().all(|&x| x == 0));
+        // Write zeroes to an unallocated cluster of a blob without parent: nothing to do, nothing allocated.
+        assert_eq!(
+            io("zb", IoType::WriteZeroes, 4 * CB, CB, None).0,
+            IoStatus::Success
+        );
+        assert_eq!(app(|| with_blob("zb", |h| h.num_allocated_clusters())), 1);
+        close_bdev("zb");
+        unload("z");
+        unregister("zram");
+        checked(&st.image());
+    });
+}
+
+/// A read-only blob and a clone of it: the clone reads the parent's data, a first write copies the parent's
+/// cluster around the new data, the parent does not change, writes to the parent are refused; all of it
+/// survives a reload.
+#[test]
+fn clone_reads_the_parent_and_copies_on_first_write() {
+    with_reactors("0x1", || {
+        let st = RamState::new(vec![0; 32 << 20]);
+        app({
+            let st = st.clone();
+            move || {
+                ram_disk("cram", st, BS);
+            }
+        });
+        run(|| async {
+            let s = Blobstore::init_lvstore(
+                claimed("cram"),
+                "lvs",
+                uuid::Uuid::new_v4(),
+                CLUSTER as u32,
+                100,
+                InitClear::Unmap,
+            )
+            .await
+            .unwrap();
+            keep_store("c", s);
+        });
+        let parent = create("c", "p", 6, false);
+        open_bdev("c", parent, "pb");
+        let pdata = pattern(7, (6 * CB * BS) as usize);
+        assert_eq!(write("pb", 0, &pdata, BS), IoStatus::Success);
+        close_bdev("pb");
+        run(move || async move {
+            let h = store("c").open_blob(parent).await.unwrap();
+            h.set_read_only().unwrap();
+            h.close().await.unwrap();
+        });
+        let clone = run(move || async move {
+            store("c")
+                .create_clone(
+                    parent,
+                    blobstore::lvol::lvol_xattrs("clone", &uuid::Uuid::new_v4()),
+                )
+                .await
+                .unwrap()
+        });
+        open_bdev("c", clone, "cb");
+        open_bdev("c", parent, "pb");
+        assert_eq!(read("cb", 0, 6 * CB), pdata, "a clone reads its parent");
+        assert_eq!(
+            write("pb", 0, &pdata[..BS as usize], BS),
+            IoStatus::Failed(libc::ENOTSUP),
+            "a read-only blob's bdev does not take writes, as SPDK's lvol"
+        );
+        // A write across clusters 2/3 of the clone: both copied from the parent first.
+        let d = pattern(8, (20 * BS) as usize);
+        let at = 3 * CB - 10;
+        assert_eq!(write("cb", at, &d, BS), IoStatus::Success);
+        let mut want = pdata.clone();
+        want[(at * BS) as usize..(at * BS) as usize + d.len()].copy_from_slice(&d);
+        assert_eq!(read("cb", 0, 6 * CB), want);
+        assert_eq!(read("pb", 0, 6 * CB), pdata, "the parent is untouched");
+        assert_eq!(app(|| with_blob("cb", |h| h.num_allocated_clusters())), 2);
+        close_bdev("cb");
+        close_bdev("pb");
+        run(move || async move {
+            let e = store("c").delete_blob(parent).await.unwrap_err();
+            assert_eq!(
+                e.kind,
+                blobstore::ErrorKind::Busy,
+                "a snapshot with a clone"
+            );
+        });
+        unload("c");
+        unregister("cram");
+        let image = st.image();
+        let s = checked(&image);
+        let lvs = s.lvol_store().unwrap();
+        let (p, c) = (lvs.lvol("p").unwrap(), lvs.lvol("clone").unwrap());
+        assert!(p.is_snapshot && p.read_only && c.is_clone && c.thin);
+        assert_eq!(c.parent, Some(parent));
+        assert_eq!(
+            blob_bytes(&s, &image, clone, 2 * CLUSTER, 2 * CLUSTER),
+            want[(2 * CLUSTER) as usize..(4 * CLUSTER) as usize]
+        );
+        // Reloaded by the runtime, the clone still reads through.
+        let st2 = RamState::new(image);
+        app({
+            let st2 = st2.clone();
+            move || {
+                ram_disk("cram2", st2, BS);
+            }
+        });
+        load("c", "cram2");
+        open_bdev("c", clone, "cb");
+        assert_eq!(read("cb", 0, 6 * CB), want);
+        close_bdev("cb");
+        unload("c");
+        unregister("cram2");
+    });
+}
+
+/// Two reactor threads write into the same thin blob at once: writes into the same unallocated clusters
+/// from both threads (the second waits for the first's allocation, on its own thread), and every write
+/// reads back. The metadata thread is the app thread; the other thread's requests and replies travel by
+/// message.
+#[test]
+fn two_threads_first_writes_into_the_same_clusters() {
+    with_reactors("0x3", || {
+        let st = RamState::new(vec![0; 32 << 20]);
+        app({
+            let st = st.clone();
+            move || {
+                ram_disk("mram", st, BS);
+            }
+        });
+        run(|| async {
+            let s = Blobstore::init_lvstore(
+                claimed("mram"),
+                "lvs",
+                uuid::Uuid::new_v4(),
+                CLUSTER as u32,
+                100,
+                InitClear::Unmap,
+            )
+            .await
+            .unwrap();
+            keep_store("m", s);
+        });
+        let thin = create("m", "t", 40, true);
+        open_bdev("m", thin, "mb");
+        let cpu1 = reactor::CpuMask::parse("0x2").unwrap();
+        let other = app(move || reactor::spawn_thread("writer", Some(&cpu1)).unwrap());
+        // Each thread writes 4 KiB pieces at its own offsets of clusters 0..20: thread A the even pieces,
+        // thread B the odd ones, all issued at once.
+        let piece = 8u64;
+        let writes = |odd: bool| -> Vec<(u64, Vec<u8>)> {
+            (0..20u64)
+                .flat_map(|c| (0..CB / piece).map(move |i| (c, i)))
+                .filter(|(_, i)| (i % 2 == 1) == odd)
+                .map(|(c, i)| {
+                    let at = c * CB + i * piece;
+                    (at, pattern(at as u32, (piece * BS) as usize))
+                })
+                .collect()
+        };
+        let (a, b) = (writes(false), writes(true));
+        let issue = |list: Vec<(u64, Vec<u8>)>| {
+            move |reply: Reply<Vec<IoStatus>>| {
+                let desc = bdev::open("mb", true, None).unwrap();
+                let ch = desc.channel();
+                let n = list.len();
+                let out = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+                let reply = std::rc::Rc::new(std::cell::RefCell::new(Some((reply, desc))));
+                for (at, d) in list {
+                    let (out, reply) = (out.clone(), reply.clone());
+                    submit(
+                        &ch,
+                        IoType::Write,
+                        at,
+                        piece,
+                        Some(d),
+                        Box::new(move |(st, _)| {
+                            out.borrow_mut().push(st);
+                            if out.borrow().len() == n {
+                                if let Some((r, desc)) = reply.borrow_mut().take() {
+                                    drop(desc);
+                                    r(out.borrow().clone());
+                                }
+                            }
+                        }),
+                    );
+                }
+            }
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let fb = issue(b.clone());
+        let txb = tx.clone();
+        other.send(move || fb(Box::new(move |v| txb.send(v).unwrap())));
+        let fa = issue(a.clone());
+        reactor::app_thread()
+            .unwrap()
+            .send(move || fa(Box::new(move |v| tx.send(v).unwrap())));
+        for _ in 0..2 {
+            let sts = rx.recv_timeout(std::time::Duration::from_secs(60)).unwrap();
+            assert!(sts.iter().all(|s| *s == IoStatus::Success), "{sts:?}");
+        }
+        for (at, d) in a.iter().chain(b.iter()) {
+            assert_eq!(&read("mb", *at, piece), d, "block {at}");
+        }
+        assert_eq!(app(|| with_blob("mb", |h| h.num_allocated_clusters())), 20);
+        close_bdev("mb");
+        unload("m");
+        unregister("mram");
+        let s = checked(&st.image());
+        assert_eq!(s.blob(thin).unwrap().num_allocated_clusters(), 20);
+    });
+}
