@@ -10,10 +10,9 @@
 mod common;
 use common::*;
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -26,67 +25,27 @@ const CONFIG: &str = r#"{"subsystems":[
  {"subsystem":"bdev","config":[{"method":"bdev_set_options","params":{"bdev_io_pool_size":1024,"bdev_io_cache_size":64}}]}
 ]}"#;
 
-/// SPDK's `spdk_tgt`, killed if dropped while running.
-struct Peer {
-    child: Child,
-    sock: PathBuf,
-}
+/// SPDK's `spdk_tgt` (the lab's target runner: killed if dropped while running, leftovers removed).
+struct Peer(lab::target::Target);
 
 impl Peer {
     fn start(dir: &Path, tag: &str) -> Peer {
-        let sock = dir.join(format!("{tag}.sock"));
-        let log = std::fs::File::create(dir.join(format!("{tag}.log"))).unwrap();
-        let child = Command::new(peer().join("build/bin/spdk_tgt"))
-            .args([
-                "-m",
-                "0x1",
-                "--no-huge",
-                "-s",
-                "1024",
-                "--disable-cpumask-locks",
-                "-r",
-            ])
-            .arg(&sock)
-            .arg("-c")
-            .arg(dir.join("config.json"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn SPDK's spdk_tgt");
-        let p = Peer { child, sock };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while UnixStream::connect(&p.sock).is_err() {
-            assert!(Instant::now() < deadline, "SPDK's socket did not appear");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        p
+        Peer(lab::target::start_spdk_tgt(
+            &peer(),
+            &dir.join(tag),
+            &dir.join("config.json"),
+        ))
     }
 
     fn call(&self, method: &str, params: Value) -> Value {
-        let mut req = json!({"jsonrpc": "2.0", "id": 1, "method": method});
-        if !params.is_null() {
-            req["params"] = params;
-        }
-        let v = raw_call(&self.sock, &req.to_string());
-        assert!(v.get("error").is_none(), "SPDK {method}: {v}");
-        v["result"].clone()
+        self.0
+            .call(method, params)
+            .unwrap_or_else(|e| panic!("SPDK {method}: {e}"))
     }
 
     fn stop(mut self) {
         self.call("spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
-        wait_timeout(&mut self.child, Duration::from_secs(30));
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let pid = self.child.id();
-        let _ = std::fs::remove_file(format!("/dev/shm/spdk_tgt_trace.pid{pid}"));
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/spdk_pid{pid}"));
+        self.0.wait_exit(Duration::from_secs(30)).unwrap();
     }
 }
 

@@ -16,10 +16,8 @@
 //! Needs SPDK at `/root/spdk-peer` (or `$SPDK_PEER`); without it the test prints SKIPPED and passes. With
 //! `BLOBSTORE_KEEP=1` the image and SPDK's logs stay in `/var/tmp/blobstore-spdk-<pid>`.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blobstore::{FileDevice, MaskState, Problem, Store};
@@ -40,69 +38,21 @@ const CONFIG: &str = r#"{"subsystems":[
  {"subsystem":"iscsi","config":[{"method":"iscsi_set_options","params":{"max_sessions":1,"max_connections_per_session":1,"max_queue_depth":2}}]}
 ]}"#;
 
-/// A running SPDK app; killed (SIGKILL) if dropped while running, so a failing test leaves nothing behind.
-struct Spdk {
-    child: Child,
-    sock: PathBuf,
-}
+/// A running SPDK app (the lab's target runner: killed if dropped while running, leftovers removed).
+struct Spdk(lab::target::Target);
 
 impl Spdk {
     fn start(dir: &Path, tag: &str) -> Spdk {
-        let sock = dir.join(format!("{tag}.sock"));
-        let log = std::fs::File::create(dir.join(format!("{tag}.log"))).unwrap();
-        let child = Command::new(peer().join("build/bin/spdk_tgt"))
-            .args([
-                "-m",
-                "0x1",
-                "--no-huge",
-                "-s",
-                "1024",
-                "--disable-cpumask-locks",
-                "-r",
-            ])
-            .arg(&sock)
-            .arg("-c")
-            .arg(dir.join("config.json"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn spdk_tgt");
-        let mut s = Spdk { child, sock };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while UnixStream::connect(&s.sock).is_err() {
-            assert!(
-                s.child.try_wait().unwrap().is_none(),
-                "spdk_tgt exited, see {tag}.log in {}",
-                dir.display()
-            );
-            assert!(Instant::now() < deadline, "spdk_tgt socket did not appear");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s
+        Spdk(lab::target::start_spdk_tgt(
+            &peer(),
+            &dir.join(tag),
+            &dir.join("config.json"),
+        ))
     }
 
     /// One JSON-RPC call; `Err` carries SPDK's error object.
     fn try_call(&self, method: &str, params: Value) -> Result<Value, Value> {
-        let mut s = UnixStream::connect(&self.sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut req = json!({"jsonrpc": "2.0", "id": 1, "method": method});
-        if !params.is_null() {
-            req["params"] = params;
-        }
-        s.write_all(req.to_string().as_bytes()).unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 65536];
-        loop {
-            let n = s.read(&mut chunk).unwrap();
-            assert!(n > 0, "{method}: connection closed");
-            buf.extend_from_slice(&chunk[..n]);
-            if let Ok(v) = serde_json::from_slice::<Value>(&buf) {
-                return match v.get("error") {
-                    Some(e) => Err(e.clone()),
-                    None => Ok(v["result"].clone()),
-                };
-            }
-        }
+        self.0.call(method, params)
     }
 
     fn call(&self, method: &str, params: Value) -> Value {
@@ -118,34 +68,15 @@ impl Spdk {
         self.call("bdev_wait_for_examine", Value::Null);
     }
 
-    fn wait_exit(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "spdk_tgt did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     /// Clean shutdown: the blobstore is unloaded, masks written, super block marked clean.
     fn stop(mut self) {
         self.call("spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
-        self.wait_exit();
+        self.0.wait_exit(Duration::from_secs(30)).unwrap();
     }
 
     /// Crash: nothing more reaches the disk.
     fn crash(mut self) {
-        self.child.kill().unwrap();
-        self.wait_exit();
-    }
-}
-
-impl Drop for Spdk {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        remove_leftovers(self.child.id());
+        self.0.kill().unwrap();
     }
 }
 

@@ -154,6 +154,43 @@ impl Target {
         }
     }
 
+    /// Kills the target at once (SIGKILL: a crash, nothing more reaches its disks) and returns its exit status.
+    pub fn kill(&mut self) -> Result<ExitStatus, String> {
+        let Some(mut c) = self.child.take() else {
+            return Err("already stopped".into());
+        };
+        let _ = c.kill();
+        let st = c.wait().map_err(|e| e.to_string());
+        remove_leftovers(&self.binary, c.id());
+        st
+    }
+
+    /// Waits for the target to exit by itself (after `spdk_kill_instance`, say) and returns its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        let Some(c) = self.child.as_mut() else {
+            return Err("already stopped".into());
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match c.try_wait() {
+                Ok(Some(st)) => {
+                    let pid = c.id();
+                    self.child = None;
+                    remove_leftovers(&self.binary, pid);
+                    return Ok(st);
+                }
+                Ok(None) if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "{} did not exit in {timeout:?}",
+                        self.binary.display()
+                    ))
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
     /// Stops the target the way an operator does (SIGTERM; SIGKILL after `grace`) and returns its exit status.
     pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus, String> {
         let Some(mut c) = self.child.take() else {
@@ -165,13 +202,13 @@ impl Target {
         loop {
             match c.try_wait() {
                 Ok(Some(st)) => {
-                    remove_dpdk_run_dir(c.id());
+                    remove_leftovers(&self.binary, c.id());
                     return Ok(st);
                 }
                 Ok(None) if Instant::now() >= deadline => {
                     let _ = c.kill();
                     let _ = c.wait();
-                    remove_dpdk_run_dir(c.id());
+                    remove_leftovers(&self.binary, c.id());
                     return Err(format!(
                         "{} ignored SIGTERM for {grace:?} (killed)",
                         self.binary.display()
@@ -184,10 +221,43 @@ impl Target {
     }
 }
 
-/// Removes the runtime directory DPDK leaves behind for process `pid` (`/var/run/dpdk/spdk_pid<pid>`, empty after
-/// a run without hugepages); a non-empty or missing one is left alone.
-fn remove_dpdk_run_dir(pid: u32) {
+/// Removes what an SPDK app leaves behind for process `pid`, killed or not: DPDK's runtime directory
+/// (`/var/run/dpdk/spdk_pid<pid>`, empty after a run without hugepages; a non-empty one is left alone) and the
+/// trace shared memory named after the app.
+fn remove_leftovers(binary: &Path, pid: u32) {
     let _ = std::fs::remove_dir(format!("/var/run/dpdk/spdk_pid{pid}"));
+    if let Some(app) = binary.file_name().and_then(|n| n.to_str()) {
+        let _ = std::fs::remove_file(format!("/dev/shm/{app}_trace.pid{pid}"));
+    }
+}
+
+/// SPDK's peer build (`../shared/tools/spdk-peer/build.sh`): `SPDK_PEER`, else `/root/spdk-peer`, if its
+/// `spdk_tgt` is there.
+pub fn spdk_peer() -> Option<PathBuf> {
+    let p = PathBuf::from(std::env::var("SPDK_PEER").unwrap_or_else(|_| "/root/spdk-peer".into()));
+    p.join("build/bin/spdk_tgt").is_file().then_some(p)
+}
+
+/// Starts SPDK's own `spdk_tgt` from the peer build `peer` on one core without hugepages (`-c config`), in
+/// `dir`, and waits until its configuration is applied. Panics with its log if it does not come up (tests).
+pub fn start_spdk_tgt(peer: &Path, dir: &Path, config: &Path) -> Target {
+    let bin = peer.join("build/bin/spdk_tgt");
+    let args = [
+        "-m",
+        "0x1",
+        "--no-huge",
+        "-s",
+        "1024",
+        "--disable-cpumask-locks",
+        "-c",
+    ];
+    let mut args: Vec<&str> = args.to_vec();
+    let config = config.to_string_lossy();
+    args.push(&config);
+    let mut t = Target::start(&bin, &args, dir).unwrap_or_else(|e| panic!("{e}"));
+    t.wait_ready(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("SPDK's spdk_tgt: {e}"));
+    t
 }
 
 impl Drop for Target {
@@ -195,7 +265,7 @@ impl Drop for Target {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
-            remove_dpdk_run_dir(c.id());
+            remove_leftovers(&self.binary, c.id());
         }
     }
 }
