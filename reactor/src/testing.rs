@@ -36,3 +36,27 @@ pub fn run(mask: &str, limit: Duration, init: impl FnOnce() + Send + 'static) {
 pub fn lock() -> std::sync::MutexGuard<'static, ()> {
     crate::lock(&LOCK)
 }
+
+/// A reply channel handed to code run on the app thread: called once with the answer, possibly later (from a
+/// completion callback).
+pub type Reply<R> = Box<dyn FnOnce(R) + Send>;
+
+/// Runs `f` on the app thread (reactors must be running) and waits for the answer it gives through its reply.
+/// Panics after two minutes without one.
+pub fn on_app<R: Send + 'static>(f: impl FnOnce(Reply<R>) + Send + 'static) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    crate::app_thread()
+        .expect("reactors are running")
+        .send(move || {
+            f(Box::new(move |r| {
+                let _ = tx.send(r);
+            }))
+        });
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("no reply from the app thread")
+}
+
+/// Runs `f` on the app thread and returns its result.
+pub fn app<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    on_app(move |reply| reply(f()))
+}

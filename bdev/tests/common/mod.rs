@@ -13,7 +13,9 @@ use std::time::Duration;
 use bdev::{BdevEvent, Completion, Desc, IoChannel, IoHandle, IoStatus, IoType};
 use reactor::dma::DmaBuf;
 
-pub type Reply<R> = Box<dyn FnOnce(R) + Send>;
+// Not every test binary that includes this module uses every item.
+#[allow(unused_imports)]
+pub use reactor::testing::{app, on_app, Reply};
 pub type EventCb = Arc<dyn Fn(BdevEvent, &bdev::Bdev) + Send + Sync>;
 
 thread_local! {
@@ -44,23 +46,6 @@ pub fn with_reactors(mask: &str, body: impl FnOnce() + Send + 'static) {
     if let Some(p) = failed {
         std::panic::resume_unwind(p);
     }
-}
-
-/// Runs `f` on the app thread; `f` answers through the reply it gets (possibly later, from a callback).
-pub fn on_app<R: Send + 'static>(f: impl FnOnce(Reply<R>) + Send + 'static) -> R {
-    let (tx, rx) = mpsc::channel();
-    reactor::app_thread().unwrap().send(move || {
-        f(Box::new(move |r| {
-            let _ = tx.send(r);
-        }))
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("no reply from the app thread")
-}
-
-/// Runs `f` on the app thread and returns its result.
-pub fn app<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    on_app(move |reply| reply(f()))
 }
 
 /// The app thread's channel on `name` (opened on first use, closed when the bdev goes away). App thread only.

@@ -21,7 +21,9 @@ use blobstore::blob::BlobHandle;
 use blobstore::runtime::Blobstore;
 use reactor::dma::DmaBuf;
 
-pub type Reply<R> = Box<dyn FnOnce(R) + Send>;
+// Not every test binary that includes this module uses every item.
+#[allow(unused_imports)]
+pub use reactor::testing::{app, on_app, Reply};
 
 thread_local! {
     /// Stores, open blobs and channels the test keeps on the app thread, by name.
@@ -55,23 +57,6 @@ pub fn with_reactors(mask: &str, body: impl FnOnce() + Send + 'static) {
     if let Some(p) = failed {
         std::panic::resume_unwind(p);
     }
-}
-
-/// Runs `f` on the app thread; `f` answers through the reply it gets (possibly later).
-pub fn on_app<R: Send + 'static>(f: impl FnOnce(Reply<R>) + Send + 'static) -> R {
-    let (tx, rx) = mpsc::channel();
-    reactor::app_thread().unwrap().send(move || {
-        f(Box::new(move |r| {
-            let _ = tx.send(r);
-        }))
-    });
-    rx.recv_timeout(Duration::from_secs(120))
-        .expect("no reply from the app thread")
-}
-
-/// Runs `f` on the app thread and returns its result.
-pub fn app<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    on_app(move |reply| reply(f()))
 }
 
 /// Runs the future `f` builds on the app thread (where it is built) and waits for its output.
