@@ -121,7 +121,7 @@ async fn run(s: Rc<StoreInner>, b: Rc<BlobState>) {
 }
 
 /// Allocates `batch` (blob clusters); returns those left without a cluster for want of space.
-async fn allocate(s: &StoreInner, b: &BlobState, batch: &[u64]) -> Result<Vec<u64>> {
+pub(crate) async fn allocate(s: &StoreInner, b: &BlobState, batch: &[u64]) -> Result<Vec<u64>> {
     let map = b.shared.map();
     let (todo, staged_pending, extent_table) = {
         let md = b.md.borrow();

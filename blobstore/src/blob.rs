@@ -92,6 +92,53 @@ pub(crate) struct BlobMd {
     pub(crate) parent: Option<BlobId>,
 }
 
+impl BlobMd {
+    /// The value of internal xattr `name`.
+    pub(crate) fn internal(&self, name: &str) -> Option<&[u8]> {
+        self.internal_xattrs
+            .iter()
+            .find(|x| x.name == name.as_bytes())
+            .map(|x| x.value.as_slice())
+    }
+
+    /// Sets internal xattr `name` (SPDK's `blob_set_xattr(.., internal = true)`: the INTERNAL_XATTR flag
+    /// goes with it).
+    pub(crate) fn set_internal(&mut self, name: &str, value: Vec<u8>) {
+        match self
+            .internal_xattrs
+            .iter_mut()
+            .find(|x| x.name == name.as_bytes())
+        {
+            Some(x) => x.value = value,
+            None => self.internal_xattrs.push(Xattr::new(name, value)),
+        }
+        self.flags.invalid |= Flags::INTERNAL_XATTR;
+        self.dirty = true;
+    }
+
+    /// Removes internal xattr `name` if present; the flag goes with the last one.
+    pub(crate) fn remove_internal(&mut self, name: &str) {
+        let before = self.internal_xattrs.len();
+        self.internal_xattrs.retain(|x| x.name != name.as_bytes());
+        if self.internal_xattrs.is_empty() {
+            self.flags.invalid &= !Flags::INTERNAL_XATTR;
+        }
+        if self.internal_xattrs.len() != before {
+            self.dirty = true;
+        }
+    }
+
+    /// Sets or removes the `SNAP` xattr and the parent (SPDK: a blob without a parent has no `SNAP`).
+    pub(crate) fn set_parent(&mut self, parent: Option<BlobId>) {
+        match parent {
+            Some(p) => self.set_internal(crate::store::XATTR_SNAPSHOT, p.0.to_le_bytes().to_vec()),
+            None => self.remove_internal(crate::store::XATTR_SNAPSHOT),
+        }
+        self.parent = parent;
+        self.dirty = true;
+    }
+}
+
 /// One blob of the store (open or not).
 pub(crate) struct BlobState {
     pub(crate) id: BlobId,
@@ -163,10 +210,17 @@ impl Blobstore {
     /// Creates a blob (`spdk_bs_create_blob_ext`): its first metadata page (the lowest free one) fixes its id;
     /// a thick blob gets its clusters (lowest first) and extent pages now. Returns once it is on disk.
     pub async fn create_blob(&self, o: CreateOptions) -> Result<BlobId> {
-        self.create_with(o, None).await
+        self.create_with(o, None, Vec::new()).await
     }
 
-    async fn create_with(&self, o: CreateOptions, parent: Option<Rc<BlobState>>) -> Result<BlobId> {
+    /// Creates a blob as [`Blobstore::create_blob`] does, a clone of `parent` if given (internal xattr
+    /// `SNAP`), with `internal` added to its internal xattrs.
+    pub(crate) async fn create_with(
+        &self,
+        o: CreateOptions,
+        parent: Option<Rc<BlobState>>,
+        internal: Vec<Xattr>,
+    ) -> Result<BlobId> {
         let s = &self.0;
         s.check_loaded()?;
         for x in &o.xattrs {
@@ -187,11 +241,14 @@ impl Blobstore {
         }
         let mut internal_xattrs = Vec::new();
         if let Some(p) = &parent {
-            flags.invalid |= Flags::INTERNAL_XATTR;
             internal_xattrs.push(Xattr::new(
                 crate::store::XATTR_SNAPSHOT,
                 p.id.0.to_le_bytes().to_vec(),
             ));
+        }
+        internal_xattrs.extend(internal);
+        if !internal_xattrs.is_empty() {
+            flags.invalid |= Flags::INTERNAL_XATTR;
         }
         let map = Arc::new(ClusterMap::new(0, parent.as_ref().map(|p| p.shared.map())));
         let state = Rc::new(BlobState {
@@ -282,6 +339,7 @@ impl Blobstore {
                 ..Default::default()
             },
             Some(parent),
+            Vec::new(),
         )
         .await
     }
@@ -323,31 +381,35 @@ impl Blobstore {
 
     /// Deletes a closed blob (`spdk_bs_delete_blob`): its first page is zeroed first (after that the blob is
     /// gone for any load), then its other pages, then its clusters are cleared and everything is released.
-    /// A snapshot with clones cannot be deleted (Busy).
+    /// A snapshot with one clone is first merged into it (the clone takes its clusters and its parent, as
+    /// SPDK's snapshot deletion); a snapshot with more clones cannot be deleted (Busy).
     pub async fn delete_blob(&self, id: BlobId) -> Result<()> {
         let s = &self.0;
         s.check_loaded()?;
-        let state = s
-            .blobs
-            .borrow()
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no blob {id}")))?;
+        let state = s.blob(id)?;
         if state.open_ref.get() > 0 {
             return Err(Error::new(ErrorKind::Busy, format!("blob {id} is open")));
         }
-        let clones = s
-            .blobs
-            .borrow()
-            .values()
-            .filter(|b| b.md.borrow().parent == Some(id))
-            .count();
-        if clones > 0 {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!("blob {id} is a snapshot with {clones} clone(s)"),
-            ));
+        let clones = self.clones_of(id);
+        match clones.len() {
+            0 => {}
+            1 => crate::snapshot::merge_into_clone(s, &state, clones[0]).await?,
+            n => {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("blob {id} is a snapshot with {n} clones"),
+                ))
+            }
         }
+        delete_leaf(s, &state).await
+    }
+}
+
+/// Deletes blob `state`, which nothing names as its parent: its first page is zeroed first (the commit), then
+/// the pages and clusters its metadata and map list are cleared and released.
+pub(crate) async fn delete_leaf(s: &StoreInner, state: &Rc<BlobState>) -> Result<()> {
+    let id = state.id;
+    {
         let _g = state.lock.lock().await;
         if !s.blobs.borrow().contains_key(&id) {
             return Err(Error::new(ErrorKind::NotFound, format!("no blob {id}")));
@@ -381,13 +443,13 @@ impl Blobstore {
         };
         cleanup(s, &pages, &clusters, clear).await;
         s.release_md_page(root);
-        Ok(())
     }
+    Ok(())
 }
 
 /// Zeroes and releases metadata pages nothing references any more, then clears and releases clusters.
 /// Failures are logged, not returned: what is cleaned up here is already unreferenced on disk.
-async fn cleanup(s: &StoreInner, pages: &[u32], clusters: &[u32], clear: ClearMethod) {
+pub(crate) async fn cleanup(s: &StoreInner, pages: &[u32], clusters: &[u32], clear: ClearMethod) {
     let zeroes: Vec<_> = pages.iter().map(|&p| s.zero_md_page(p)).collect();
     for r in join_all(zeroes).await {
         if let Err(e) = r {

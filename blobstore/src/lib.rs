@@ -12,6 +12,8 @@
 //! The runtime (on a bdev, on reactor threads):
 //! - [`runtime`]: [`runtime::Blobstore`]: init (and lvstore init), load, unload, the allocation masks.
 //! - [`blob`]: create, open, close, resize, delete, clone, xattrs, sync; metadata persisted in SPDK's order.
+//! - [`snapshot`]: snapshots, deleting a snapshot into its clone, inflate / decouple, and the repair at load
+//!   of an interrupted snapshot operation.
 //! - [`allocate`]: clusters of thin blobs allocated and filled on first write.
 //! - [`io`] and [`map`]: the blob I/O path on every thread; [`blob_bdev`]: a bdev over a blob.
 //! - [`layout`] and [`serialize`]: a new store's geometry and blob metadata, laid out as SPDK lays them out.
@@ -39,6 +41,7 @@ pub mod lvs_rpc;
 pub mod map;
 pub mod runtime;
 pub mod serialize;
+pub mod snapshot;
 pub mod store;
 
 pub use bitmap::Bitmap;

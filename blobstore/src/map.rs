@@ -122,6 +122,16 @@ impl ClusterMap {
     /// A map of `num_clusters` sharing this one's leaves (entries past the new size are the caller's to
     /// clear before a shrink is published) and parent.
     pub fn resized(&self, num_clusters: u64) -> ClusterMap {
+        self.rebuilt(num_clusters, self.parent.clone())
+    }
+
+    /// The same entries (shared leaves) reading through to another parent: the map of a blob whose parent
+    /// changed (decoupled, inflated, or its snapshot merged into it). The old map must not be set again.
+    pub fn reparented(&self, parent: Option<Arc<ClusterMap>>) -> ClusterMap {
+        self.rebuilt(self.num_clusters, parent)
+    }
+
+    fn rebuilt(&self, num_clusters: u64, parent: Option<Arc<ClusterMap>>) -> ClusterMap {
         let slots = num_clusters.div_ceil(LEAF as u64) as usize;
         let leaves = (0..slots)
             .map(|i| {
@@ -135,7 +145,7 @@ impl ClusterMap {
         ClusterMap {
             num_clusters,
             leaves,
-            parent: self.parent.clone(),
+            parent,
         }
     }
 

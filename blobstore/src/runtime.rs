@@ -263,6 +263,11 @@ impl Blobstore {
             broken,
         );
         crate::blob::attach_loaded(&s, &store)?;
+        // As SPDK at load: snapshot operations a crash interrupted are finished or undone. A failure here
+        // leaves the marked blob as it is for the next load; the store serves the rest.
+        if let Err(e) = crate::snapshot::repair_interrupted(&s).await {
+            log::error!("blobstore: repairing an interrupted snapshot operation: {e}");
+        }
         Ok(s)
     }
 
@@ -446,6 +451,15 @@ impl Blobstore {
 }
 
 impl StoreInner {
+    /// Blob `id` of the store (open or not).
+    pub(crate) fn blob(&self, id: BlobId) -> Result<Rc<crate::blob::BlobState>> {
+        self.blobs
+            .borrow()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no blob {id}")))
+    }
+
     pub(crate) fn check_loaded(&self) -> Result<()> {
         if self.unloaded.get() {
             return Err(Error::new(ErrorKind::NotFound, "blobstore is unloaded"));

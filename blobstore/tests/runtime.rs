@@ -35,6 +35,27 @@ fn blob_bytes(store: &Store, image: &[u8], id: BlobId, off: u64, len: u64) -> Ve
     out
 }
 
+/// Bytes of blob `id` in `image` as the blob reads them: its own clusters, else its ancestors'.
+fn chain_bytes(store: &Store, image: &[u8], id: BlobId, off: u64, len: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len as usize];
+    let mut at = 0;
+    while at < len {
+        let pos = off + at;
+        let n = (CLUSTER - pos % CLUSTER).min(len - at);
+        let mut b = store.blob(id);
+        while let Some(blob) = b {
+            if let Some(d) = blob.cluster(pos / CLUSTER) {
+                let src = (d as u64 * CLUSTER + pos % CLUSTER) as usize;
+                out[at as usize..(at + n) as usize].copy_from_slice(&image[src..src + n as usize]);
+                break;
+            }
+            b = blob.parent_snapshot().and_then(|p| store.blob(p));
+        }
+        at += n;
+    }
+    out
+}
+
 fn checked(image: &[u8]) -> Store {
     let mut s = Store::load(&MemDevice(image.to_vec())).expect("image loads");
     if s.mask_state == MaskState::Stale {
@@ -342,14 +363,6 @@ fn clone_reads_the_parent_and_copies_on_first_write() {
         assert_eq!(app(|| with_blob("cb", |h| h.num_allocated_clusters())), 2);
         close_bdev("cb");
         close_bdev("pb");
-        run(move || async move {
-            let e = store("c").delete_blob(parent).await.unwrap_err();
-            assert_eq!(
-                e.kind,
-                blobstore::ErrorKind::Busy,
-                "a snapshot with a clone"
-            );
-        });
         unload("c");
         unregister("cram");
         let image = st.image();
@@ -473,5 +486,227 @@ fn two_threads_first_writes_into_the_same_clusters() {
         unregister("mram");
         let s = checked(&st.image());
         assert_eq!(s.blob(thin).unwrap().num_allocated_clusters(), 20);
+    });
+}
+
+fn snapshot(bs: &str, origin: BlobId, name: &str) -> BlobId {
+    let (bs, name) = (bs.to_string(), name.to_string());
+    run(move || async move {
+        store(&bs)
+            .create_snapshot(
+                origin,
+                blobstore::lvol::lvol_xattrs(&name, &uuid::Uuid::new_v4()),
+            )
+            .await
+            .unwrap()
+    })
+}
+
+fn delete(bs: &str, id: BlobId) -> blobstore::Result<()> {
+    let bs = bs.to_string();
+    run(move || async move { store(&bs).delete_blob(id).await })
+}
+
+fn free(bs: &str) -> u64 {
+    let bs = bs.to_string();
+    app(move || store(&bs).free_clusters())
+}
+
+fn new_store(disk: &str, bs: &str, st: &Arc<RamState>) {
+    app({
+        let (st, disk) = (st.clone(), disk.to_string());
+        move || {
+            ram_disk(&disk, st, BS);
+        }
+    });
+    let (disk, bs) = (disk.to_string(), bs.to_string());
+    run(move || async move {
+        let s = Blobstore::init_lvstore(
+            claimed(&disk),
+            "lvs",
+            uuid::Uuid::new_v4(),
+            CLUSTER as u32,
+            100,
+            InitClear::Unmap,
+        )
+        .await
+        .unwrap();
+        keep_store(&bs, s);
+    });
+}
+
+/// Snapshots of a blob being written: each snapshot keeps what the blob held when it was taken, the blob
+/// goes on as their clone (copy on first write), and deleting a snapshot with one clone gives the clone its
+/// clusters (and the snapshot's parent) and releases only what the clone had replaced.
+#[test]
+fn snapshots_keep_the_past_and_fold_back_into_their_clone() {
+    with_reactors("0x1", || {
+        let st = RamState::new(vec![0; 32 << 20]);
+        new_store("sram", "s", &st);
+        let total_free = free("s");
+        let o = create("s", "o", 6, false);
+        open_bdev("s", o, "ob");
+        let a = pattern(40, (6 * CB * BS) as usize);
+        assert_eq!(write("ob", 0, &a, BS), IoStatus::Success);
+        let s1 = snapshot("s", o, "s1");
+        assert_eq!(free("s"), total_free - 6, "a snapshot takes no cluster");
+        app(move || {
+            with_blob("ob", |h| {
+                assert!(h.is_thin(), "the origin is thin now");
+                assert_eq!(h.parent(), Some(s1));
+                assert_eq!(h.num_allocated_clusters(), 0);
+            })
+        });
+        assert_eq!(read("ob", 0, 6 * CB), a, "the origin reads the same");
+        // A write across clusters 1/2 copies both from the snapshot first.
+        let b = pattern(41, (16 * BS) as usize);
+        let at = 2 * CB - 8;
+        assert_eq!(write("ob", at, &b, BS), IoStatus::Success);
+        let mut want_o = a.clone();
+        want_o[(at * BS) as usize..(at * BS) as usize + b.len()].copy_from_slice(&b);
+        open_bdev("s", s1, "s1b");
+        assert_eq!(read("s1b", 0, 6 * CB), a, "the snapshot keeps the past");
+        assert_eq!(
+            write("s1b", 0, &b[..BS as usize], BS),
+            IoStatus::Failed(libc::ENOTSUP),
+            "a snapshot is read-only"
+        );
+        close_bdev("s1b");
+        let e = run(move || async move {
+            store("s")
+                .create_snapshot(s1, Vec::new())
+                .await
+                .unwrap_err()
+        });
+        assert_eq!(
+            e.kind,
+            blobstore::ErrorKind::Invalid,
+            "snapshot of a snapshot"
+        );
+        // A second snapshot: o -> s2 (clusters 1, 2) -> s1 (all six).
+        let s2 = snapshot("s", o, "s2");
+        let c = pattern(42, (CB * BS) as usize);
+        assert_eq!(write("ob", 4 * CB, &c, BS), IoStatus::Success);
+        let want_s2 = want_o.clone();
+        want_o[(4 * CB * BS) as usize..(5 * CB * BS) as usize].copy_from_slice(&c);
+        assert_eq!(read("ob", 0, 6 * CB), want_o);
+        assert_eq!(free("s"), total_free - 9);
+        // Reloaded: the same chain, read by the offline loader and by the runtime.
+        close_bdev("ob");
+        unload("s");
+        let image = st.image();
+        let m = checked(&image);
+        let lvs = m.lvol_store().unwrap();
+        let (l1, l2, lo) = (
+            lvs.lvol("s1").unwrap(),
+            lvs.lvol("s2").unwrap(),
+            lvs.lvol("o").unwrap(),
+        );
+        assert!(l1.is_snapshot && l1.read_only && !l1.is_clone);
+        assert!(l2.is_snapshot && l2.read_only && l2.is_clone && l2.parent == Some(s1));
+        assert!(lo.is_clone && lo.thin && lo.parent == Some(s2));
+        assert_eq!(chain_bytes(&m, &image, o, 0, 6 * CLUSTER), want_o);
+        assert_eq!(chain_bytes(&m, &image, s2, 0, 6 * CLUSTER), want_s2);
+        assert_eq!(chain_bytes(&m, &image, s1, 0, 6 * CLUSTER), a);
+        load("s", "sram");
+        // Deleting s2 (one clone): o takes its clusters 1 and 2 and its parent s1; nothing is released.
+        delete("s", s2).unwrap();
+        assert_eq!(free("s"), total_free - 9);
+        // s1 now has one clone again; a second clone makes it undeletable.
+        let extra = run(move || async move {
+            store("s")
+                .create_clone(s1, blobstore::lvol::lvol_xattrs("x", &uuid::Uuid::new_v4()))
+                .await
+                .unwrap()
+        });
+        let e = delete("s", s1).unwrap_err();
+        assert_eq!(
+            e.kind,
+            blobstore::ErrorKind::Busy,
+            "a snapshot with two clones"
+        );
+        delete("s", extra).unwrap();
+        // Deleting s1: o takes clusters 0, 3, 5; s1's 1, 2 and 4 (replaced in o) are released.
+        delete("s", s1).unwrap();
+        assert_eq!(free("s"), total_free - 6);
+        open_bdev("s", o, "ob");
+        app(move || {
+            with_blob("ob", |h| {
+                assert_eq!(h.parent(), None);
+                assert_eq!(h.num_allocated_clusters(), 6);
+            })
+        });
+        assert_eq!(
+            read("ob", 0, 6 * CB),
+            want_o,
+            "the data survives both merges"
+        );
+        close_bdev("ob");
+        unload("s");
+        unregister("sram");
+        let image = st.image();
+        let m = checked(&image);
+        assert_eq!(m.blobs.len(), 2, "the lvstore's super blob and o");
+        assert_eq!(chain_bytes(&m, &image, o, 0, 6 * CLUSTER), want_o);
+    });
+}
+
+/// Decouple copies what the parent itself holds and skips it in the chain; inflate copies everything and
+/// makes the blob thick and parentless. The data reads the same throughout.
+#[test]
+fn decouple_and_inflate_cut_the_chain() {
+    with_reactors("0x1", || {
+        let st = RamState::new(vec![0; 32 << 20]);
+        new_store("iram", "i", &st);
+        let total_free = free("i");
+        let p = create("i", "p", 4, false);
+        open_bdev("i", p, "pb");
+        let d = pattern(50, (4 * CB * BS) as usize);
+        assert_eq!(write("pb", 0, &d, BS), IoStatus::Success);
+        let sp = snapshot("i", p, "sp");
+        let e = pattern(51, (CB * BS) as usize);
+        assert_eq!(write("pb", 0, &e, BS), IoStatus::Success);
+        let sp2 = snapshot("i", p, "sp2");
+        let mut want = d.clone();
+        want[..e.len()].copy_from_slice(&e);
+        assert_eq!(free("i"), total_free - 5);
+        // p -> sp2 (cluster 0) -> sp (four clusters).
+        run(move || async move { store("i").decouple_parent(p).await.unwrap() });
+        app(move || {
+            with_blob("pb", |h| {
+                assert_eq!(h.parent(), Some(sp), "the parent's parent");
+                assert_eq!(h.num_allocated_clusters(), 1);
+                assert!(h.is_thin());
+            })
+        });
+        assert_eq!(free("i"), total_free - 6);
+        assert_eq!(read("pb", 0, 4 * CB), want);
+        run(move || async move { store("i").inflate(p).await.unwrap() });
+        app(move || {
+            with_blob("pb", |h| {
+                assert_eq!(h.parent(), None);
+                assert_eq!(h.num_allocated_clusters(), 4);
+                assert!(!h.is_thin(), "inflated: thick");
+            })
+        });
+        assert_eq!(read("pb", 0, 4 * CB), want);
+        let e = run(move || async move { store("i").decouple_parent(p).await.unwrap_err() });
+        assert_eq!(
+            e.kind,
+            blobstore::ErrorKind::Invalid,
+            "no parent to decouple from"
+        );
+        // Nothing uses the snapshots now: both go, their clusters with them.
+        close_bdev("pb");
+        delete("i", sp2).unwrap();
+        delete("i", sp).unwrap();
+        assert_eq!(free("i"), total_free - 4);
+        unload("i");
+        unregister("iram");
+        let image = st.image();
+        let m = checked(&image);
+        let b = m.blob(p).unwrap();
+        assert!(!b.thin() && b.parent().is_none());
+        assert_eq!(chain_bytes(&m, &image, p, 0, 4 * CLUSTER), want);
     });
 }
