@@ -26,6 +26,8 @@ pub enum ErrorKind {
     Exists,
     /// The blob's data or metadata is read-only (EPERM).
     ReadOnly,
+    /// An operation that the object's state forbids: deleting a snapshot with several clones (EPERM).
+    NotPermitted,
     /// Reading the device failed (its errno).
     Io(i32),
 }
@@ -89,7 +91,7 @@ impl Error {
             ErrorKind::NoSpace => libc::ENOSPC,
             ErrorKind::Busy => libc::EBUSY,
             ErrorKind::Exists => libc::EEXIST,
-            ErrorKind::ReadOnly => libc::EPERM,
+            ErrorKind::ReadOnly | ErrorKind::NotPermitted => libc::EPERM,
             ErrorKind::Io(e) => e,
         }
     }

@@ -544,6 +544,30 @@ pub(crate) async fn clone_lvol(lvs: &Rc<Lvs>, snap: &Lvol, name: &str) -> Result
         .bs
         .create_clone(snap.blob, crate::lvol::lvol_xattrs(name, &uuid))
         .await?;
+    add_lvol(lvs, id, name, uuid).await
+}
+
+/// Runs `f` while writes to lvol `l`'s bdev are held off: an LBA range lock over the whole bdev, which waits
+/// for every I/O in flight and holds new writes (SPDK's blob freeze, which does not wait). Reads go on.
+async fn with_writes_held<T>(l: &Lvol, f: impl std::future::Future<Output = T>) -> T {
+    let b = l.bdev.borrow().clone();
+    let Some(b) = b else { return f.await };
+    let (tx, rx) = crate::exec::oneshot::<u64>();
+    let tx = reactor::OnThread::new(tx);
+    b.lock_lba_range(0, b.num_blocks(), move |id| tx.with(move |tx| tx.send(id)));
+    let id = rx.await;
+    let out = f.await;
+    if let Some(id) = id {
+        let (tx, rx) = crate::exec::oneshot::<()>();
+        let tx = reactor::OnThread::new(tx);
+        b.unlock_lba_range(id, move || tx.with(|tx| tx.send(())));
+        rx.await;
+    }
+    out
+}
+
+/// A new lvol of `lvs` for blob `id` (named `name`, `uuid`), with its bdev.
+async fn add_lvol(lvs: &Rc<Lvs>, id: BlobId, name: &str, uuid: Uuid) -> Result<String> {
     let l = Rc::new(Lvol {
         name: RefCell::new(name.to_string()),
         unique_id: uuid.hyphenated().to_string(),
@@ -557,16 +581,51 @@ pub(crate) async fn clone_lvol(lvs: &Rc<Lvs>, snap: &Lvol, name: &str) -> Result
     Ok(l.unique_id.clone())
 }
 
-/// `bdev_lvol_delete`: the bdev goes, then the blob.
+/// `bdev_lvol_snapshot`: a read-only snapshot of lvol `origin`, which becomes its thin clone; returns the
+/// snapshot's bdev name. Writes to the origin wait while the snapshot is taken.
+pub(crate) async fn snapshot_lvol(lvs: &Rc<Lvs>, origin: &Lvol, name: &str) -> Result<String> {
+    check_lvol_name(lvs, name)?;
+    let uuid = Uuid::new_v4();
+    let xattrs = crate::lvol::lvol_xattrs(name, &uuid);
+    let id = with_writes_held(origin, lvs.bs.create_snapshot(origin.blob, xattrs)).await?;
+    add_lvol(lvs, id, name, uuid).await
+}
+
+/// `bdev_lvol_inflate` (`all`) and `bdev_lvol_decouple_parent`.
+pub(crate) async fn inflate_lvol(lvs: &Lvs, l: &Lvol, all: bool) -> Result<()> {
+    if all {
+        lvs.bs.inflate(l.blob).await
+    } else {
+        lvs.bs.decouple_parent(l.blob).await
+    }
+}
+
+/// `bdev_lvol_delete`: the bdev goes, then the blob. A snapshot with one clone is folded into it (writes
+/// to the clone held meanwhile); with more clones it cannot go (EPERM, as SPDK).
 pub(crate) async fn delete_lvol(lvs: &Rc<Lvs>, l: &Rc<Lvol>) -> Result<()> {
-    if !lvs.bs.clones_of(l.blob).is_empty() {
+    let clones = lvs.bs.clones_of(l.blob);
+    if clones.len() > 1 {
         return Err(Error::new(
-            ErrorKind::Busy,
-            format!("lvol {} is a snapshot with clones", l.name.borrow()),
+            ErrorKind::NotPermitted,
+            format!(
+                "lvol {} is a snapshot with {} clones",
+                l.name.borrow(),
+                clones.len()
+            ),
         ));
     }
     hide(l).await;
-    lvs.bs.delete_blob(l.blob).await?;
+    let clone = clones.first().and_then(|&c| {
+        lvs.lvols
+            .borrow()
+            .iter()
+            .find(|x| x.blob == c)
+            .cloned()
+    });
+    match clone {
+        Some(c) => with_writes_held(&c, lvs.bs.delete_blob(l.blob)).await?,
+        None => lvs.bs.delete_blob(l.blob).await?,
+    }
     lvs.lvols.borrow_mut().retain(|x| !Rc::ptr_eq(x, l));
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! The lvol module's JSON-RPC methods, with SPDK v24.05's names, parameters, results and errors
 //! (`vbdev_lvol_rpc.c`): `bdev_lvol_create_lvstore`, `bdev_lvol_delete_lvstore`,
 //! `bdev_lvol_rename_lvstore`, `bdev_lvol_get_lvstores`, `bdev_lvol_create`, `bdev_lvol_delete`,
-//! `bdev_lvol_get_lvols`, `bdev_lvol_resize`, `bdev_lvol_set_read_only`, `bdev_lvol_rename`, `bdev_lvol_clone`.
+//! `bdev_lvol_get_lvols`, `bdev_lvol_resize`, `bdev_lvol_set_read_only`, `bdev_lvol_rename`, `bdev_lvol_clone`,
+//! `bdev_lvol_snapshot`, `bdev_lvol_inflate`, `bdev_lvol_decouple_parent`.
 
 use std::rc::Rc;
 
@@ -99,6 +100,13 @@ struct Rename {
 struct Clone {
     snapshot_name: String,
     clone_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Snapshot {
+    lvol_name: String,
+    snapshot_name: String,
 }
 
 /// The lvol behind bdev `name` (name or alias), as SPDK's `vbdev_lvol_get_from_bdev` finds it: ENODEV.
@@ -358,6 +366,35 @@ pub fn register_rpcs(reg: &mut Registry) {
             });
         },
     );
+    method(
+        reg,
+        "bdev_lvol_snapshot",
+        STATE_RUNTIME,
+        |p: Snapshot, r: Responder| {
+            let (lvs, l) = match lvol_of_bdev(&p.lvol_name) {
+                Ok(x) => x,
+                Err(e) => return r.err(e),
+            };
+            spawn(async move {
+                match lvs_bdev::snapshot_lvol(&lvs, &l, &p.snapshot_name).await {
+                    Ok(n) => r.ok(json!(n)),
+                    Err(e) => r.err(async_err(e)),
+                }
+            });
+        },
+    );
+    for (name, all) in [
+        ("bdev_lvol_inflate", true),
+        ("bdev_lvol_decouple_parent", false),
+    ] {
+        method(reg, name, STATE_RUNTIME, move |p: DeleteLvol, r: Responder| {
+            let (lvs, l) = match lvol_of_bdev(&p.name) {
+                Ok(x) => x,
+                Err(e) => return r.err(e),
+            };
+            spawn(async move { bool_reply(r, lvs_bdev::inflate_lvol(&lvs, &l, all).await) });
+        });
+    }
     method(
         reg,
         "bdev_lvol_get_lvols",

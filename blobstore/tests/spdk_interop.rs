@@ -1,5 +1,6 @@
 //! A store made by ours, opened by SPDK v24.05: our runtime creates an lvstore on an aio file (thick and thin
-//! lvols with data across clusters and extent pages, a read-only lvol and a clone of it, an xattr), unloads;
+//! lvols with data across clusters and extent pages, a snapshot of a written lvol, a snapshot deleted into its
+//! clone, a read-only lvol and a clone of it, an xattr), unloads;
 //! SPDK's `spdk_tgt` must list the same lvstore and lvols, `spdk_dd` must read our data back through SPDK's
 //! lvols; SPDK then writes, creates and deletes, and is killed (SIGKILL); ours loads SPDK's dirty store, reads
 //! SPDK's data and our own, and the checker finds the store consistent.
@@ -235,6 +236,31 @@ fn body(dir: &Path, image: &Path) {
     // Thin: clusters 510..514, across the extent pages of slots 0 and 1.
     let thin_data = pattern(2, (4 * CLUSTER) as usize);
     assert_eq!(write("b_thin", 510 * CB, &thin_data, BS), IoStatus::Success);
+    // A snapshot of thick taken by ours, then a write into thick (copied around from the snapshot).
+    let snapshot = |id: BlobId, name: &'static str| {
+        run(move || async move {
+            store("bs")
+                .create_snapshot(
+                    id,
+                    blobstore::lvol::lvol_xattrs(name, &uuid::Uuid::new_v4()),
+                )
+                .await
+                .unwrap()
+        })
+    };
+    snapshot(thick, "tsnap");
+    let tnew = pattern(6, (2 * BS) as usize);
+    assert_eq!(write("b_thick", 3 * CB + 7, &tnew, BS), IoStatus::Success);
+    let mut thick_view = thick_data.clone();
+    thick_view[((3 * CB + 7) * BS) as usize..((3 * CB + 9) * BS) as usize].copy_from_slice(&tnew);
+    // A snapshot of thin, a write into thin, and the snapshot deleted again: thin takes its clusters.
+    let thsnap = snapshot(thin, "thsnap");
+    let thnew = pattern(7, (3 * BS) as usize);
+    assert_eq!(write("b_thin", 511 * CB + 100, &thnew, BS), IoStatus::Success);
+    run(move || async move { store("bs").delete_blob(thsnap).await.unwrap() });
+    let mut thin_view = thin_data.clone();
+    thin_view[((CB + 100) * BS) as usize..((CB + 103) * BS) as usize].copy_from_slice(&thnew);
+    assert_eq!(read("b_thin", 510 * CB, 4 * CB), thin_view);
     let snap_data = pattern(3, (4 * CLUSTER) as usize);
     assert_eq!(write("b_snap", 0, &snap_data, BS), IoStatus::Success);
     close_bdev("b_snap");
@@ -321,6 +347,12 @@ fn body(dir: &Path, image: &Path) {
     assert_eq!(model.lvols.len(), lvols.as_array().unwrap().len());
     assert_eq!(by_name("clone")["is_clone"], true);
     assert_eq!(by_name("snap")["is_snapshot"], true);
+    assert_eq!(by_name("tsnap")["is_snapshot"], true);
+    assert_eq!(by_name("thick")["is_clone"], true);
+    assert!(
+        lvols.as_array().unwrap().iter().all(|l| l["name"] != "thsnap"),
+        "the deleted snapshot is gone"
+    );
     // SPDK changes the store, then dies.
     spdk.call(
         "bdev_lvol_create",
@@ -333,8 +365,13 @@ fn body(dir: &Path, image: &Path) {
     let out = dir.join("out");
     spdk_dd(dir, image, "ours/thick", &out, 0, 20, false);
     assert!(
+        std::fs::read(&out).unwrap() == thick_view,
+        "SPDK reads our lvol, now a clone of our snapshot"
+    );
+    spdk_dd(dir, image, "ours/tsnap", &out, 0, 20, false);
+    assert!(
         std::fs::read(&out).unwrap() == thick_data,
-        "SPDK reads our thick lvol"
+        "SPDK reads our snapshot"
     );
     spdk_dd(dir, image, "ours/clone", &out, 0, 4, false);
     assert!(
@@ -383,7 +420,7 @@ fn body(dir: &Path, image: &Path) {
         "ours reads what SPDK wrote"
     );
     assert!(read("b_new", 0, 5 * CB).iter().all(|&b| b == 0));
-    assert_eq!(read("b_thick", 0, 20 * CB), thick_data);
+    assert_eq!(read("b_thick", 0, 20 * CB), thick_view);
     assert_eq!(read("b_clone", 0, 4 * CB), clone_view);
     close_bdev("b_new");
     close_bdev("b_thick");
