@@ -2,8 +2,9 @@
 //! thin lvols, a snapshot, a clone), and after a restart of each the two targets answer
 //! `bdev_lvol_get_lvstores`, `bdev_lvol_get_lvols` and each lvol's `bdev_get_bdevs` (name, aliases, uuid,
 //! size, `driver_specific.lvol`) identically; ours shuts down cleanly and SPDK loads the store again with the
-//! same answers. Then ours resizes, renames, makes read-only, clones, creates, renames the lvstore and deletes,
-//! and SPDK loads the result with the answers ours gave.
+//! same answers. Then ours resizes, renames, makes read-only, clones, snapshots, decouples, inflates, deletes
+//! a snapshot into its clone, creates, renames the lvstore and deletes, and SPDK loads the result with the
+//! answers ours gave.
 //!
 //! Needs SPDK at `/root/spdk-peer` (or `$SPDK_PEER`); without it the test prints SKIPPED and passes.
 
@@ -164,6 +165,58 @@ fn our_lvol_rpcs_answer_as_spdks() {
         "bdev_lvol_create",
         json!({"lvs_name": "lvs", "lvol_name": "extra", "size_in_mib": 3, "thin_provision": true}),
     );
+    // Snapshots: clone2 -> snap2 -> snap; decouple clone2 (back to snap), inflate thick (off snap); snap
+    // has two clones (snap2, clone2) and cannot go; snap2 goes, then snap folds into clone2.
+    call(
+        "bdev_lvol_snapshot",
+        json!({"lvol_name": "lvs/clone2", "snapshot_name": "snap2"}),
+    );
+    let err = |m: &str, a: Value| {
+        let v = t.call(m, a);
+        let e = v.get("error").unwrap_or_else(|| panic!("ours {m}: no error: {v}"));
+        (e["code"].as_i64().unwrap(), e["message"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        err(
+            "bdev_lvol_snapshot",
+            json!({"lvol_name": "lvs/clone2", "snapshot_name": "snap2"})
+        ),
+        (-32602, "File exists".to_string())
+    );
+    assert_eq!(
+        err(
+            "bdev_lvol_snapshot",
+            json!({"lvol_name": "lvs/nope", "snapshot_name": "x"})
+        )
+        .0,
+        -19
+    );
+    call("bdev_lvol_decouple_parent", json!({"name": "lvs/clone2"}));
+    call("bdev_lvol_inflate", json!({"name": "lvs/thick"}));
+    assert_eq!(
+        err("bdev_lvol_decouple_parent", json!({"name": "lvs/thick"})),
+        (-32602, "Invalid argument".to_string()),
+        "no parent any more"
+    );
+    assert_eq!(
+        err("bdev_lvol_delete", json!({"name": "lvs/snap"})),
+        (-32603, "Operation not permitted".to_string()),
+        "a snapshot with two clones"
+    );
+    call("bdev_lvol_delete", json!({"name": "lvs/snap2"}));
+    call("bdev_lvol_delete", json!({"name": "lvs/snap"}));
+    let lv = call("bdev_lvol_get_lvols", Value::Null);
+    let get = |n: &str| {
+        lv.as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no lvol {n}: {lv}"))
+    };
+    assert_eq!(get("thick")["is_clone"], false);
+    assert_eq!(get("thick")["is_thin_provisioned"], false);
+    assert_eq!(get("clone2")["is_clone"], false, "its snapshot folded into it");
     call(
         "bdev_lvol_rename_lvstore",
         json!({"old_name": "lvs", "new_name": "lvs2"}),
