@@ -6,7 +6,9 @@
 # figures are printed (no ratio: a figure recorded elsewhere proves nothing).
 # Usage: bash benches/run.sh [seconds per run] [rounds] [case ...]
 #   case: BDEV-WORKLOAD-QD with BDEV in null, malloc, pt_null, pt_malloc, idle1000 (null0 next to 1,000 idle
-#   null bdevs whose channels are open on the benchmarked thread).
+#   null bdevs whose channels are open on the benchmarked thread), lvol_malloc (a thick 900 MiB lvol on the
+#   malloc base: compare with malloc-* for the lvol's cost over its base), thin_malloc (the same lvol thin: a
+#   randwrite run allocates every cluster on first write, copy-free as SPDK's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-3}
@@ -39,6 +41,10 @@ config() {
     null | malloc) entries=$(base "$1" "${1}0") ;;
     pt_null | pt_malloc)
       entries="$(base "${1#pt_}" base0),"'{"method":"bdev_passthru_create","params":{"base_bdev_name":"base0","name":"pt0"}}' ;;
+    lvol_malloc | thin_malloc)
+      local thin=false
+      [ "$1" = thin_malloc ] && thin=true
+      entries="$(base malloc base0),"'{"method":"bdev_lvol_create_lvstore","params":{"bdev_name":"base0","lvs_name":"lvs"}},{"method":"bdev_lvol_create","params":{"lvs_name":"lvs","lvol_name":"lv","size_in_mib":900,"thin_provision":'"$thin"'}}' ;;
     idle1000)
       entries=$(base null null0)
       for i in $(seq 1 1000); do

@@ -21,7 +21,7 @@
 //! - [`lvs_bdev`] and [`lvs_rpc`]: the lvol bdev module (lvstores, lvol bdevs, examine) and its `bdev_lvol_*`
 //!   RPCs.
 //!
-//! See DESIGN.md for the design (threads, crash ordering) and what is still to come (snapshots, lvol bdevs).
+//! See DESIGN.md for the design (threads, crash ordering, snapshots) and what is still to come.
 
 pub mod allocate;
 pub mod base;
