@@ -3,8 +3,8 @@
 //! `bdev_lvol_get_lvstores`, `bdev_lvol_get_lvols` and each lvol's `bdev_get_bdevs` (name, aliases, uuid,
 //! size, `driver_specific.lvol`) identically; ours shuts down cleanly and SPDK loads the store again with the
 //! same answers. Then ours resizes, renames, makes read-only, clones, snapshots, decouples, inflates, deletes
-//! a snapshot into its clone, creates, renames the lvstore and deletes, and SPDK loads the result with the
-//! answers ours gave.
+//! a snapshot into its clone, creates, renames the lvstore, deletes, and grows the lvstore with its base; SPDK
+//! loads the result with the answers ours gave.
 //!
 //! Needs SPDK at `/root/spdk-peer` (or `$SPDK_PEER`); without it the test prints SKIPPED and passes.
 
@@ -173,8 +173,13 @@ fn our_lvol_rpcs_answer_as_spdks() {
     );
     let err = |m: &str, a: Value| {
         let v = t.call(m, a);
-        let e = v.get("error").unwrap_or_else(|| panic!("ours {m}: no error: {v}"));
-        (e["code"].as_i64().unwrap(), e["message"].as_str().unwrap().to_string())
+        let e = v
+            .get("error")
+            .unwrap_or_else(|| panic!("ours {m}: no error: {v}"));
+        (
+            e["code"].as_i64().unwrap(),
+            e["message"].as_str().unwrap().to_string(),
+        )
     };
     assert_eq!(
         err(
@@ -216,12 +221,32 @@ fn our_lvol_rpcs_answer_as_spdks() {
     };
     assert_eq!(get("thick")["is_clone"], false);
     assert_eq!(get("thick")["is_thin_provisioned"], false);
-    assert_eq!(get("clone2")["is_clone"], false, "its snapshot folded into it");
+    assert_eq!(
+        get("clone2")["is_clone"],
+        false,
+        "its snapshot folded into it"
+    );
     call(
         "bdev_lvol_rename_lvstore",
         json!({"old_name": "lvs", "new_name": "lvs2"}),
     );
     call("bdev_lvol_delete", json!({"name": "lvs2/extra"}));
+    // The base grows by half; the lvstore follows it.
+    let before = call("bdev_lvol_get_lvstores", Value::Null)[0]["total_data_clusters"]
+        .as_u64()
+        .unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(96 << 20)
+        .unwrap();
+    call("bdev_aio_rescan", json!({"name": "aio0"}));
+    call("bdev_lvol_grow_lvstore", json!({"lvs_name": "lvs2"}));
+    let after = call("bdev_lvol_get_lvstores", Value::Null)[0]["total_data_clusters"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(after, before + 32, "32 more clusters of 1 MiB");
     let changed = answers(&call);
     let b = &call("bdev_get_bdevs", json!({"name": "lvs2/thin"}))[0];
     assert_eq!(b["num_blocks"].as_u64().unwrap() * 512, 40 << 20);

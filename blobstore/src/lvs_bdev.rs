@@ -615,13 +615,9 @@ pub(crate) async fn delete_lvol(lvs: &Rc<Lvs>, l: &Rc<Lvol>) -> Result<()> {
         ));
     }
     hide(l).await;
-    let clone = clones.first().and_then(|&c| {
-        lvs.lvols
-            .borrow()
-            .iter()
-            .find(|x| x.blob == c)
-            .cloned()
-    });
+    let clone = clones
+        .first()
+        .and_then(|&c| lvs.lvols.borrow().iter().find(|x| x.blob == c).cloned());
     match clone {
         Some(c) => with_writes_held(&c, lvs.bs.delete_blob(l.blob)).await?,
         None => lvs.bs.delete_blob(l.blob).await?,

@@ -2,7 +2,7 @@
 //! (`vbdev_lvol_rpc.c`): `bdev_lvol_create_lvstore`, `bdev_lvol_delete_lvstore`,
 //! `bdev_lvol_rename_lvstore`, `bdev_lvol_get_lvstores`, `bdev_lvol_create`, `bdev_lvol_delete`,
 //! `bdev_lvol_get_lvols`, `bdev_lvol_resize`, `bdev_lvol_set_read_only`, `bdev_lvol_rename`, `bdev_lvol_clone`,
-//! `bdev_lvol_snapshot`, `bdev_lvol_inflate`, `bdev_lvol_decouple_parent`.
+//! `bdev_lvol_snapshot`, `bdev_lvol_inflate`, `bdev_lvol_decouple_parent`, `bdev_lvol_grow_lvstore`.
 
 use std::rc::Rc;
 
@@ -213,6 +213,18 @@ pub fn register_rpcs(reg: &mut Registry) {
     );
     method(
         reg,
+        "bdev_lvol_grow_lvstore",
+        STATE_RUNTIME,
+        |p: LvsSelect, r: Responder| {
+            let lvs = match lvs_xor(p.uuid.as_deref(), p.lvs_name.as_deref()) {
+                Ok(l) => l,
+                Err(e) => return r.err(e),
+            };
+            spawn(async move { bool_reply(r, lvs.bs.grow().await) });
+        },
+    );
+    method(
+        reg,
         "bdev_lvol_get_lvstores",
         STATE_RUNTIME,
         |p: Option<LvsSelect>, r: Responder| {
@@ -387,13 +399,18 @@ pub fn register_rpcs(reg: &mut Registry) {
         ("bdev_lvol_inflate", true),
         ("bdev_lvol_decouple_parent", false),
     ] {
-        method(reg, name, STATE_RUNTIME, move |p: DeleteLvol, r: Responder| {
-            let (lvs, l) = match lvol_of_bdev(&p.name) {
-                Ok(x) => x,
-                Err(e) => return r.err(e),
-            };
-            spawn(async move { bool_reply(r, lvs_bdev::inflate_lvol(&lvs, &l, all).await) });
-        });
+        method(
+            reg,
+            name,
+            STATE_RUNTIME,
+            move |p: DeleteLvol, r: Responder| {
+                let (lvs, l) = match lvol_of_bdev(&p.name) {
+                    Ok(x) => x,
+                    Err(e) => return r.err(e),
+                };
+                spawn(async move { bool_reply(r, lvs_bdev::inflate_lvol(&lvs, &l, all).await) });
+            },
+        );
     }
     method(
         reg,

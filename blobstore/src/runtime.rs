@@ -71,7 +71,8 @@ pub(crate) struct StoreInner {
     /// Blobs whose metadata did not load: listed, never opened.
     pub(crate) broken: RefCell<Vec<(BlobId, String)>>,
     pub(crate) md_thread: ThreadHandle,
-    pub(crate) total_clusters: u64,
+    /// Clusters on the device (grows with [`Blobstore::grow`]).
+    pub(crate) total_clusters: Cell<u64>,
     pub(crate) md_clusters: u64,
     pub(crate) cluster_size: u64,
     pub(crate) block_size: u64,
@@ -292,7 +293,7 @@ impl Blobstore {
             blobs: RefCell::new(BTreeMap::new()),
             broken: RefCell::new(broken),
             md_thread,
-            total_clusters: l.total_clusters,
+            total_clusters: Cell::new(l.total_clusters),
             md_clusters: l.md_clusters,
             unloaded: Cell::new(false),
         });
@@ -354,6 +355,47 @@ impl Blobstore {
         STORES.with(|m| {
             m.borrow_mut().remove(&s.id);
         });
+        Ok(())
+    }
+
+    /// Grows the store to the base's current size (`spdk_bs_grow_live`): the super block gets the new size and
+    /// used-cluster mask length (written with `clean = 0`: the masks on disk are the old ones until the
+    /// unload), and the new clusters are free at once. Nothing to do when the size is unchanged; NoSpace when
+    /// the base shrank or its cluster mask would not fit the pages reserved for it at init.
+    pub async fn grow(&self) -> Result<()> {
+        let s = &self.0;
+        s.check_loaded()?;
+        let _g = s.super_lock.lock().await;
+        let mut sb = s.sb.borrow().clone();
+        let dev_size = s.base.size();
+        if dev_size == sb.size {
+            return Ok(());
+        }
+        let total = dev_size / sb.cluster_size as u64;
+        let mask_len =
+            (crate::format::MASK_HEADER_LEN as u64 + total.div_ceil(8)).div_ceil(PAGE_SIZE as u64);
+        // SPDK reserves room for the mask up to the blob id mask (sized at init for the largest store the
+        // metadata region can describe).
+        let room =
+            (sb.used_blobid_mask.start as u64).saturating_sub(sb.used_cluster_mask.start as u64);
+        if dev_size < sb.size || total < s.total_clusters.get() || mask_len > room {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "cannot grow the store from {} to {dev_size} bytes ({total} clusters, {mask_len} mask pages, room for {room})",
+                    sb.size
+                ),
+            ));
+        }
+        sb.clean = 0;
+        sb.size = dev_size;
+        sb.used_cluster_mask.len = mask_len as u32;
+        write_super(&s.base, &sb)
+            .await
+            .map_err(|e| e.context("growing the store"))?;
+        *s.sb.borrow_mut() = sb;
+        s.masks.borrow_mut().used_clusters.resize(total);
+        s.total_clusters.set(total);
         Ok(())
     }
 
@@ -426,12 +468,12 @@ impl Blobstore {
 
     /// Clusters in the store.
     pub fn total_clusters(&self) -> u64 {
-        self.0.total_clusters
+        self.0.total_clusters.get()
     }
 
     /// Clusters available to blobs (`total_data_clusters`).
     pub fn total_data_clusters(&self) -> u64 {
-        self.0.total_clusters - self.0.md_clusters
+        self.0.total_clusters.get() - self.0.md_clusters
     }
 
     /// Free clusters (`free_clusters`).

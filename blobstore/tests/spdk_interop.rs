@@ -256,7 +256,10 @@ fn body(dir: &Path, image: &Path) {
     // A snapshot of thin, a write into thin, and the snapshot deleted again: thin takes its clusters.
     let thsnap = snapshot(thin, "thsnap");
     let thnew = pattern(7, (3 * BS) as usize);
-    assert_eq!(write("b_thin", 511 * CB + 100, &thnew, BS), IoStatus::Success);
+    assert_eq!(
+        write("b_thin", 511 * CB + 100, &thnew, BS),
+        IoStatus::Success
+    );
     run(move || async move { store("bs").delete_blob(thsnap).await.unwrap() });
     let mut thin_view = thin_data.clone();
     thin_view[((CB + 100) * BS) as usize..((CB + 103) * BS) as usize].copy_from_slice(&thnew);
@@ -350,7 +353,11 @@ fn body(dir: &Path, image: &Path) {
     assert_eq!(by_name("tsnap")["is_snapshot"], true);
     assert_eq!(by_name("thick")["is_clone"], true);
     assert!(
-        lvols.as_array().unwrap().iter().all(|l| l["name"] != "thsnap"),
+        lvols
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["name"] != "thsnap"),
         "the deleted snapshot is gone"
     );
     // SPDK changes the store, then dies.
