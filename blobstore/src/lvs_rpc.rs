@@ -2,7 +2,8 @@
 //! (`vbdev_lvol_rpc.c`): `bdev_lvol_create_lvstore`, `bdev_lvol_delete_lvstore`,
 //! `bdev_lvol_rename_lvstore`, `bdev_lvol_get_lvstores`, `bdev_lvol_create`, `bdev_lvol_delete`,
 //! `bdev_lvol_get_lvols`, `bdev_lvol_resize`, `bdev_lvol_set_read_only`, `bdev_lvol_rename`, `bdev_lvol_clone`,
-//! `bdev_lvol_snapshot`, `bdev_lvol_inflate`, `bdev_lvol_decouple_parent`, `bdev_lvol_grow_lvstore`.
+//! `bdev_lvol_snapshot`, `bdev_lvol_inflate`, `bdev_lvol_decouple_parent`, `bdev_lvol_grow_lvstore`,
+//! `bdev_lvol_set_parent`.
 
 use std::rc::Rc;
 
@@ -107,6 +108,13 @@ struct Clone {
 struct Snapshot {
     lvol_name: String,
     snapshot_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetParent {
+    lvol_name: String,
+    parent_name: String,
 }
 
 /// The lvol behind bdev `name` (name or alias), as SPDK's `vbdev_lvol_get_from_bdev` finds it: ENODEV.
@@ -412,6 +420,28 @@ pub fn register_rpcs(reg: &mut Registry) {
             },
         );
     }
+    method(
+        reg,
+        "bdev_lvol_set_parent",
+        STATE_RUNTIME,
+        |p: SetParent, r: Responder| {
+            let (lvs, l) = match lvol_of_bdev(&p.lvol_name) {
+                Ok(x) => x,
+                Err(e) => return r.err(e),
+            };
+            let (slvs, snap) = match lvol_of_bdev(&p.parent_name) {
+                Ok(x) => x,
+                Err(e) => return r.err(e),
+            };
+            if !Rc::ptr_eq(&lvs, &slvs) {
+                return r.err(RpcError::new(
+                    INVALID_PARAMS,
+                    jsonrpc::strerror(libc::EINVAL),
+                ));
+            }
+            spawn(async move { bool_reply(r, lvs.bs.set_parent(l.blob, snap.blob).await) });
+        },
+    );
     method(
         reg,
         "bdev_lvol_get_lvols",

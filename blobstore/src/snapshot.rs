@@ -1,6 +1,7 @@
 //! Snapshots and what changes a blob's parent: snapshot creation (`spdk_bs_create_snapshot`), deleting a
 //! snapshot that has one clone (the clone takes its clusters), inflate and decouple
-//! (`spdk_bs_inflate_blob`, `spdk_bs_blob_decouple_parent`), and the repair at load of a snapshot creation or
+//! (`spdk_bs_inflate_blob`, `spdk_bs_blob_decouple_parent`), set_parent (`spdk_bs_blob_set_parent`), and the
+//! repair at load of a snapshot creation or
 //! deletion that a crash interrupted, all in SPDK's order of metadata writes so that SPDK's recovery and ours
 //! agree on every intermediate state.
 //!
@@ -206,6 +207,58 @@ impl Blobstore {
     /// parent's parent its parent (`spdk_bs_blob_decouple_parent`). Invalid for a blob without a parent.
     pub async fn decouple_parent(&self, id: BlobId) -> Result<()> {
         self.inflate_with(id, false).await
+    }
+
+    /// Makes snapshot `snapshot` the parent of thin blob `id` (`spdk_bs_blob_set_parent`): `id` keeps its own
+    /// clusters and reads the others from `snapshot`. As SPDK: Invalid unless `id` is thin, `snapshot` is a
+    /// snapshot (it has clones) of the same size and not `id` itself; Exists if it is the parent already.
+    pub async fn set_parent(&self, id: BlobId, snapshot: BlobId) -> Result<()> {
+        let s = &self.0;
+        s.check_loaded()?;
+        let invalid = |why: &str| Err(Error::new(ErrorKind::Invalid, format!("blob {id}: {why}")));
+        if id == snapshot {
+            return invalid("a blob cannot be its own parent");
+        }
+        let b = s.blob(id)?;
+        if b.md.borrow().parent == Some(snapshot) {
+            return Err(Error::new(
+                ErrorKind::Exists,
+                format!("blob {snapshot} is the parent of blob {id} already"),
+            ));
+        }
+        if !b.md.borrow().flags.thin() {
+            return invalid("not thin provisioned");
+        }
+        let p = s.blob(snapshot)?;
+        if self.clones_of(snapshot).is_empty() {
+            return invalid("the new parent is not a snapshot");
+        }
+        if p.md.borrow().num_clusters != b.md.borrow().num_clusters {
+            return invalid("the new parent's size differs");
+        }
+        // Stricter than SPDK: a parent that descends from the blob would make a cycle of parents.
+        let mut up = Some(snapshot);
+        while let Some(a) = up {
+            if a == id {
+                return invalid("the new parent descends from it");
+            }
+            up = s.blob(a)?.md.borrow().parent;
+        }
+        let _g = b.lock.lock().await;
+        let saved = {
+            let mut md = b.md.borrow_mut();
+            let saved = (md.flags, md.internal_xattrs.clone(), md.parent);
+            md.set_parent(Some(snapshot));
+            saved
+        };
+        if let Err(e) = persist(s, &b).await {
+            let mut md = b.md.borrow_mut();
+            (md.flags, md.internal_xattrs, md.parent) = saved;
+            return Err(e);
+        }
+        b.shared
+            .replace_map(Arc::new(b.shared.map().reparented(Some(p.shared.map()))));
+        Ok(())
     }
 
     async fn inflate_with(&self, id: BlobId, all: bool) -> Result<()> {

@@ -652,7 +652,8 @@ fn snapshots_keep_the_past_and_fold_back_into_their_clone() {
 }
 
 /// Decouple copies what the parent itself holds and skips it in the chain; inflate copies everything and
-/// makes the blob thick and parentless. The data reads the same throughout.
+/// makes the blob thick and parentless. The data reads the same throughout. set_parent gives a thin blob a
+/// snapshot to read through, with SPDK's refusals.
 #[test]
 fn decouple_and_inflate_cut_the_chain() {
     with_reactors("0x1", || {
@@ -696,6 +697,33 @@ fn decouple_and_inflate_cut_the_chain() {
             blobstore::ErrorKind::Invalid,
             "no parent to decouple from"
         );
+        // set_parent: a new thin blob q reads sp (a snapshot: sp2 is its clone) where it has nothing.
+        let q = create("i", "q", 4, true);
+        let set_parent = move |id: BlobId, parent: BlobId| {
+            run(move || async move { store("i").set_parent(id, parent).await })
+        };
+        set_parent(q, sp).unwrap();
+        open_bdev("i", q, "qb");
+        assert_eq!(read("qb", 0, 4 * CB), d, "q reads its new parent");
+        close_bdev("qb");
+        let kind = |r: blobstore::Result<()>| r.unwrap_err().kind;
+        assert_eq!(kind(set_parent(q, sp)), blobstore::ErrorKind::Exists);
+        assert_eq!(
+            kind(set_parent(p, sp)),
+            blobstore::ErrorKind::Invalid,
+            "p is thick"
+        );
+        assert_eq!(
+            kind(set_parent(q, sp2)),
+            blobstore::ErrorKind::Invalid,
+            "sp2 has no clone"
+        );
+        assert_eq!(
+            kind(set_parent(q, q)),
+            blobstore::ErrorKind::Invalid,
+            "itself"
+        );
+        delete("i", q).unwrap();
         // Nothing uses the snapshots now: both go, their clusters with them.
         close_bdev("pb");
         delete("i", sp2).unwrap();
