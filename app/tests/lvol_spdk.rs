@@ -3,7 +3,7 @@
 //! `bdev_lvol_get_lvstores`, `bdev_lvol_get_lvols` and each lvol's `bdev_get_bdevs` (name, aliases, uuid,
 //! size, `driver_specific.lvol`) identically; ours shuts down cleanly and SPDK loads the store again with the
 //! same answers. Then ours resizes, renames, makes read-only, clones, snapshots, decouples, inflates, deletes
-//! a snapshot into its clone, creates, renames the lvstore, deletes, and grows the lvstore with its base; SPDK
+//! a snapshot into its clone, sets a parent, creates, renames the lvstore, deletes, and grows the lvstore with its base; SPDK
 //! loads the result with the answers ours gave.
 //!
 //! Needs SPDK at `/root/spdk-peer` (or `$SPDK_PEER`); without it the test prints SKIPPED and passes.
@@ -163,6 +163,14 @@ fn our_lvol_rpcs_answer_as_spdks() {
     );
     call(
         "bdev_lvol_create",
+        json!({"lvs_name": "lvs", "lvol_name": "adopted", "size_in_mib": 40, "thin_provision": true}),
+    );
+    call(
+        "bdev_lvol_set_parent",
+        json!({"lvol_name": "lvs/adopted", "parent_name": "lvs/thin"}),
+    );
+    call(
+        "bdev_lvol_create",
         json!({"lvs_name": "lvs", "lvol_name": "extra", "size_in_mib": 3, "thin_provision": true}),
     );
     // Snapshots: clone2 -> snap2 -> snap; decouple clone2 (back to snap), inflate thick (off snap); snap
@@ -250,7 +258,10 @@ fn our_lvol_rpcs_answer_as_spdks() {
     let changed = answers(&call);
     let b = &call("bdev_get_bdevs", json!({"name": "lvs2/thin"}))[0];
     assert_eq!(b["num_blocks"].as_u64().unwrap() * 512, 40 << 20);
-    assert_eq!(b["driver_specific"]["lvol"]["clones"], json!(["thinclone"]));
+    assert_eq!(
+        b["driver_specific"]["lvol"]["clones"],
+        json!(["thinclone", "adopted"])
+    );
     let (st, _) = t.stop();
     assert!(st.success());
 
