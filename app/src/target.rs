@@ -19,9 +19,14 @@ pub const VERSION: (u32, u32, u32) = (24, 5, 0);
 
 type ConfigWriter = Box<dyn Fn() -> Value>;
 
-/// How often the RPC server and the signal flag are polled: SPDK's 4 ms. Polling every iteration would cost the
-/// data path an `accept4` syscall per reactor loop.
+/// How often the RPC server and the signal flag are polled while no client is active: SPDK's 4 ms. Polling
+/// every iteration would cost the data path an `accept4` syscall per reactor loop.
 const RPC_POLL_PERIOD_US: u64 = 4_000;
+/// The period while a request is being answered, and for `RPC_ACTIVE_GRACE` after the last one: a control
+/// plane's calls one after another then cost their own time, not two 4 ms poll periods each (SPDK answers
+/// about 60 `bdev_lvol_create` per second for that reason alone).
+const RPC_ACTIVE_PERIOD_US: u64 = 50;
+const RPC_ACTIVE_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// App-thread state of a running target.
 pub struct Target {
@@ -264,6 +269,7 @@ fn start(
         }
     }
     let weak = Rc::downgrade(&t);
+    let mut last_active: Option<std::time::Instant> = None;
     *t.poller.borrow_mut() = Some(Poller::register("app_rpc", RPC_POLL_PERIOD_US, move || {
         let Some(t) = weak.upgrade() else {
             return false;
@@ -273,7 +279,27 @@ fn start(
             t.shutdown();
             return true;
         }
-        let n = t.server.borrow_mut().as_mut().map_or(0, |s| s.poll());
+        let (n, busy) = t
+            .server
+            .borrow_mut()
+            .as_mut()
+            .map_or((0, false), |s| (s.poll(), s.busy()));
+        let now = std::time::Instant::now();
+        let was_active = last_active.is_some();
+        if n > 0 || busy {
+            last_active = Some(now);
+        } else if last_active.is_some_and(|t| now.duration_since(t) > RPC_ACTIVE_GRACE) {
+            last_active = None;
+        }
+        if last_active.is_some() != was_active {
+            if let Some(p) = t.poller.borrow().as_ref() {
+                p.set_period_us(if was_active {
+                    RPC_POLL_PERIOD_US
+                } else {
+                    RPC_ACTIVE_PERIOD_US
+                });
+            }
+        }
         n > 0
     }));
     let (startup, runtime) = config::split_by_state(&t.reg.borrow(), entries);

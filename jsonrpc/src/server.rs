@@ -301,6 +301,13 @@ impl Server {
         &self.registry
     }
 
+    /// Whether a request is being answered or an answer is still unsent: the caller should poll again soon.
+    pub fn busy(&self) -> bool {
+        self.conns
+            .iter()
+            .any(|c| c.outstanding > 0 || !c.out.is_empty())
+    }
+
     /// Number of open connections (including ones finishing their output).
     pub fn connection_count(&self) -> usize {
         self.conns.len()

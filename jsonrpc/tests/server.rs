@@ -460,6 +460,18 @@ fn rpcs_allowed() {
     );
 }
 
+/// `busy` tells the poller (the app's, which then polls faster) that an answer is still coming.
+#[test]
+fn busy_while_an_answer_is_outstanding() {
+    let srv = runtime_server("busy");
+    let mut c = srv.client();
+    srv.wait_busy(false);
+    c.send_raw(br#"{"method":"deferred","params":{"ms":300,"value":"v"},"id":1}"#);
+    srv.wait_busy(true);
+    assert_eq!(c.recv().unwrap()["result"], "v");
+    srv.wait_busy(false);
+}
+
 #[test]
 fn deferred_response_from_another_thread() {
     let srv = runtime_server("deferred");

@@ -30,6 +30,8 @@ pub struct TestServer {
     thread: Option<JoinHandle<()>>,
     /// Connection count, published by the poll thread.
     pub conns: Arc<AtomicUsize>,
+    /// [`Server::busy`], published by the poll thread.
+    pub busy: Arc<AtomicBool>,
 }
 
 impl TestServer {
@@ -49,11 +51,13 @@ impl TestServer {
         let path = sock_path(tag);
         let stop = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(AtomicUsize::new(0));
+        let busy = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = {
             let path = path.clone();
             let stop = Arc::clone(&stop);
             let conns = Arc::clone(&conns);
+            let busy = Arc::clone(&busy);
             std::thread::spawn(move || {
                 let registry = build();
                 let mut server = Server::listen(&path, registry).expect("listen");
@@ -61,6 +65,7 @@ impl TestServer {
                 while !stop.load(Ordering::Relaxed) {
                     let work = server.poll();
                     conns.store(server.connection_count(), Ordering::Relaxed);
+                    busy.store(server.busy(), Ordering::Relaxed);
                     if work == 0 {
                         std::thread::sleep(Duration::from_micros(200));
                     }
@@ -76,11 +81,21 @@ impl TestServer {
             stop,
             thread: Some(thread),
             conns,
+            busy,
         }
     }
 
     pub fn client(&self) -> Client {
         Client::connect(&self.path)
+    }
+
+    /// Wait until the server reports [`Server::busy`] as `b`.
+    pub fn wait_busy(&self, b: bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.busy.load(Ordering::Relaxed) != b {
+            assert!(Instant::now() < deadline, "server never became busy={b}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Wait until the server reports `n` connections.
