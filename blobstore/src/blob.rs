@@ -149,6 +149,8 @@ pub(crate) struct BlobState {
     pub(crate) open_ref: Cell<u32>,
     /// Clusters being allocated on first write, with who waits for each.
     pub(crate) alloc: RefCell<crate::allocate::AllocQueue>,
+    /// Clusters an unmap covered, to give back.
+    pub(crate) release: RefCell<crate::release::ReleaseQueue>,
     /// A write of the first page failed: what is on disk is unknown, so nothing this blob claimed is given
     /// back (a leak until the next load rebuilds the masks, never a cluster owned twice).
     pub(crate) uncertain: Cell<bool>,
@@ -280,6 +282,7 @@ impl Blobstore {
             )),
             open_ref: Cell::new(0),
             alloc: RefCell::new(Default::default()),
+            release: RefCell::new(Default::default()),
             uncertain: Cell::new(false),
         });
         let res = async {
@@ -659,6 +662,7 @@ pub(crate) async fn persist(s: &StoreInner, b: &BlobState) -> Result<()> {
         if md.flags.data_ro() {
             b.shared.set_read_only();
         }
+        b.shared.set_thin(md.flags.thin());
         let cut = std::mem::take(&mut md.cut_clusters);
         (old, cut, md.flags.clear_method())
     };
@@ -997,8 +1001,10 @@ pub(crate) fn attach_loaded(bs: &Blobstore, store: &Store) -> Result<()> {
             )),
             open_ref: Cell::new(0),
             alloc: RefCell::new(Default::default()),
+            release: RefCell::new(Default::default()),
             uncertain: Cell::new(false),
         });
+        state.shared.set_thin(b.flags.thin());
         s.blobs.borrow_mut().insert(id, state);
     }
     Ok(())

@@ -65,6 +65,7 @@ impl BdevOps for BlobBdev {
     }
 
     fn destruct(&self, bdev: &Bdev) {
+        self.shared.set_bdev_name(None);
         if let Some(f) = self.opts.on_destruct {
             f(bdev);
         }
@@ -113,6 +114,37 @@ pub fn register(blob: &BlobHandle, name: &str, opts: BlobBdevOpts) -> Result<Bde
     let base = desc.bdev().params();
     p.required_alignment = base.required_alignment;
     p.physical_block_size = base.physical_block_size;
-    bdev::register(p, Box::new(BlobBdev { opts, shared, desc }))
-        .map_err(|e| Error::new(ErrorKind::Exists, format!("registering bdev {name}: {e}")))
+    let b = bdev::register(
+        p,
+        Box::new(BlobBdev {
+            opts,
+            shared: shared.clone(),
+            desc,
+        }),
+    )
+    .map_err(|e| Error::new(ErrorKind::Exists, format!("registering bdev {name}: {e}")))?;
+    shared.set_bdev_name(Some(name.to_string()));
+    Ok(b)
+}
+
+/// Runs `f` while LBA range `offset`, `blocks` of `bdev` is locked: the lock's fence first waits for every I/O
+/// of the bdev in flight, then writes to the range wait until `f` is done (reads go on).
+pub(crate) async fn with_range_locked<T>(
+    bdev: &Bdev,
+    offset: u64,
+    blocks: u64,
+    f: impl std::future::Future<Output = T>,
+) -> T {
+    let (tx, rx) = crate::exec::oneshot::<u64>();
+    let tx = reactor::OnThread::new(tx);
+    bdev.lock_lba_range(offset, blocks, move |id| tx.with(move |tx| tx.send(id)));
+    let id = rx.await;
+    let out = f.await;
+    if let Some(id) = id {
+        let (tx, rx) = crate::exec::oneshot::<()>();
+        let tx = reactor::OnThread::new(tx);
+        bdev.unlock_lba_range(id, move || tx.with(|tx| tx.send(())));
+        rx.await;
+    }
+    out
 }

@@ -9,7 +9,8 @@
 //! - a write to an unallocated cluster (and a write-zeroes where an ancestor has data) waits while the
 //!   metadata thread allocates, fills and records the cluster ([`crate::allocate`]), then runs as above;
 //! - unmap and write-zeroes of unallocated clusters do nothing (they already read as zeroes or as the parent,
-//!   and unmap is a hint); of allocated ones they go to the base.
+//!   and unmap is a hint); of allocated ones they go to the base, and a thin blob's whole clusters that an
+//!   unmap covers are given back afterwards ([`crate::release`]).
 //!
 //! Per I/O the path reads the blob's map epoch (one atomic load) and the map entry (one more); the map itself
 //! is only re-fetched (under a lock) after a resize.
@@ -162,6 +163,16 @@ impl ChanState {
             if last >= map.num_clusters() {
                 drop(m);
                 return io.complete(IoStatus::Failed(libc::EINVAL));
+            }
+            if t == IoType::Unmap && self.shared.thin() {
+                // Whole allocated clusters go back to the store once this unmap (and whatever else was in
+                // flight on them) is done: see crate::release.
+                let covered: Vec<u64> = (off.div_ceil(cb)..(off + n) / cb)
+                    .filter(|&c| map.get(c) != 0)
+                    .collect();
+                if !covered.is_empty() {
+                    crate::release::request(&self.shared, covered);
+                }
             }
             let mut need = None;
             if matches!(t, IoType::Write | IoType::WriteZeroes) {

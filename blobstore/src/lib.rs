@@ -14,7 +14,8 @@
 //! - [`blob`]: create, open, close, resize, delete, clone, xattrs, sync; metadata persisted in SPDK's order.
 //! - [`snapshot`]: snapshots, deleting a snapshot into its clone, inflate / decouple, and the repair at load
 //!   of an interrupted snapshot operation.
-//! - [`allocate`]: clusters of thin blobs allocated and filled on first write.
+//! - [`allocate`]: clusters of thin blobs allocated and filled on first write; [`release`]: given back by
+//!   unmap.
 //! - [`io`] and [`map`]: the blob I/O path on every thread; [`blob_bdev`]: a bdev over a blob.
 //! - [`layout`] and [`serialize`]: a new store's geometry and blob metadata, laid out as SPDK lays them out.
 //! - [`exec`] and [`base`]: async metadata operations on the metadata thread, and their base I/O.
@@ -39,6 +40,7 @@ pub mod lvol;
 pub mod lvs_bdev;
 pub mod lvs_rpc;
 pub mod map;
+pub mod release;
 pub mod runtime;
 pub mod serialize;
 pub mod snapshot;

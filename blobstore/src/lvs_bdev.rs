@@ -551,19 +551,10 @@ pub(crate) async fn clone_lvol(lvs: &Rc<Lvs>, snap: &Lvol, name: &str) -> Result
 /// for every I/O in flight and holds new writes (SPDK's blob freeze, which does not wait). Reads go on.
 async fn with_writes_held<T>(l: &Lvol, f: impl std::future::Future<Output = T>) -> T {
     let b = l.bdev.borrow().clone();
-    let Some(b) = b else { return f.await };
-    let (tx, rx) = crate::exec::oneshot::<u64>();
-    let tx = reactor::OnThread::new(tx);
-    b.lock_lba_range(0, b.num_blocks(), move |id| tx.with(move |tx| tx.send(id)));
-    let id = rx.await;
-    let out = f.await;
-    if let Some(id) = id {
-        let (tx, rx) = crate::exec::oneshot::<()>();
-        let tx = reactor::OnThread::new(tx);
-        b.unlock_lba_range(id, move || tx.with(|tx| tx.send(())));
-        rx.await;
+    match b {
+        Some(b) => blob_bdev::with_range_locked(&b, 0, b.num_blocks(), f).await,
+        None => f.await,
     }
-    out
 }
 
 /// A new lvol of `lvs` for blob `id` (named `name`, `uuid`), with its bdev.

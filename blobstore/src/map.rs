@@ -201,6 +201,10 @@ pub struct BlobShared {
     pub cluster_blocks: u64,
     /// Data read-only (snapshots): writes fail with EPERM.
     read_only: std::sync::atomic::AtomicBool,
+    /// Thin provisioned: an unmap of a whole allocated cluster gives it back ([`crate::release`]).
+    thin: std::sync::atomic::AtomicBool,
+    /// The bdev over the blob, whose I/O a release waits for (none: no I/O to wait for).
+    bdev_name: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for BlobShared {
@@ -226,7 +230,31 @@ impl BlobShared {
             md_thread,
             cluster_blocks,
             read_only: std::sync::atomic::AtomicBool::new(read_only),
+            thin: std::sync::atomic::AtomicBool::new(false),
+            bdev_name: Mutex::new(None),
         }
+    }
+
+    /// Whether the blob is thin provisioned (as last persisted).
+    #[inline]
+    pub fn thin(&self) -> bool {
+        self.thin.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_thin(&self, thin: bool) {
+        self.thin.store(thin, Ordering::Relaxed);
+    }
+
+    /// The bdev registered over the blob, if any.
+    pub fn bdev_name(&self) -> Option<String> {
+        self.bdev_name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_bdev_name(&self, name: Option<String>) {
+        *self.bdev_name.lock().unwrap_or_else(|e| e.into_inner()) = name;
     }
 
     /// Whether the blob's data is read-only (writes fail with EPERM).

@@ -77,6 +77,9 @@ pub(crate) struct StoreInner {
     pub(crate) cluster_size: u64,
     pub(crate) block_size: u64,
     pub(crate) unloaded: Cell<bool>,
+    /// Background tasks running (cluster releases), and who waits for none to be left (unload).
+    background: Cell<usize>,
+    background_idle: RefCell<Vec<crate::exec::Sender<()>>>,
 }
 
 impl std::fmt::Debug for Blobstore {
@@ -296,6 +299,8 @@ impl Blobstore {
             total_clusters: Cell::new(l.total_clusters),
             md_clusters: l.md_clusters,
             unloaded: Cell::new(false),
+            background: Cell::new(0),
+            background_idle: RefCell::new(Vec::new()),
         });
         STORES.with(|s| {
             s.borrow_mut().insert(inner.id, Rc::downgrade(&inner));
@@ -308,6 +313,7 @@ impl Blobstore {
     pub async fn unload(&self) -> Result<()> {
         let s = &self.0;
         s.check_loaded()?;
+        s.background_settled().await;
         if let Some(b) = s.blobs.borrow().values().find(|b| b.open_ref.get() > 0) {
             return Err(Error::new(
                 ErrorKind::Busy,
@@ -404,6 +410,7 @@ impl Blobstore {
     pub async fn destroy(&self) -> Result<()> {
         let s = &self.0;
         s.check_loaded()?;
+        s.background_settled().await;
         if let Some(b) = s.blobs.borrow().values().find(|b| b.open_ref.get() > 0) {
             return Err(Error::new(
                 ErrorKind::Busy,
@@ -493,6 +500,31 @@ impl Blobstore {
 }
 
 impl StoreInner {
+    /// A background task (a release) started; [`Blobstore::unload`] waits for it.
+    pub(crate) fn background_started(&self) {
+        self.background.set(self.background.get() + 1);
+    }
+
+    /// A background task ended.
+    pub(crate) fn background_done(&self) {
+        let n = self.background.get().saturating_sub(1);
+        self.background.set(n);
+        if n == 0 {
+            for tx in self.background_idle.borrow_mut().drain(..) {
+                tx.send(());
+            }
+        }
+    }
+
+    /// Waits until no background task runs.
+    async fn background_settled(&self) {
+        while self.background.get() > 0 {
+            let (tx, rx) = crate::exec::oneshot();
+            self.background_idle.borrow_mut().push(tx);
+            rx.await;
+        }
+    }
+
     /// Blob `id` of the store (open or not).
     pub(crate) fn blob(&self, id: BlobId) -> Result<Rc<crate::blob::BlobState>> {
         self.blobs

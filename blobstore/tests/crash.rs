@@ -1,5 +1,6 @@
 //! Crash drill: the power is cut after every write index of a workload (creates, first writes to thin
-//! clusters, writes across clusters and extent pages, resizes both ways, xattrs, delete, a clone, a snapshot,
+//! clusters, writes across clusters and extent pages, resizes both ways, xattrs, delete, a clone, an unmap that
+//! gives a cluster back, a snapshot,
 //! an inflate, deleting a snapshot into its clone, unload), and every time the image left behind must load
 //! consistent (after the runtime settles an interrupted snapshot operation, as the next start would) (the checker finds nothing once the masks are rebuilt, as
 //! SPDK's recovery rebuilds them), every acknowledged operation and write must be there, and the runtime
@@ -76,6 +77,19 @@ async fn write_at(ch: &IoChannel, block: u64, data: &[u8]) -> IoStatus {
     let (tx, rx) = oneshot();
     let cb = Completion::Closure(Box::new(move |io: IoHandle| tx.send(io.status())));
     if ch.write(buf, block, data.len() as u64 / BS, cb, 0).is_err() {
+        return IoStatus::Failed(libc::ENOMEM);
+    }
+    rx.await.unwrap_or(IoStatus::Failed(libc::EIO))
+}
+
+/// An unmap of `blocks` at `block` through `ch`, awaited.
+async fn unmap_at(ch: &IoChannel, block: u64, blocks: u64) -> IoStatus {
+    let (tx, rx) = oneshot();
+    let cb = Completion::Closure(Box::new(move |io: IoHandle| tx.send(io.status())));
+    if ch
+        .submit_nodata(bdev::IoType::Unmap, block, blocks, cb, 0)
+        .is_err()
+    {
         return IoStatus::Failed(libc::ENOMEM);
     }
     rx.await.unwrap_or(IoStatus::Failed(libc::EIO))
@@ -272,6 +286,10 @@ async fn workload(bs: Blobstore, tag: String) -> Acked {
         }
     }
     step!(res.iter().all(|st| *st == IoStatus::Success));
+    // 14b. An unmap of B's cluster 6, whole: B is thin, so the cluster goes back to the store in the
+    //      background (while the next steps allocate).
+    step!(unmap_at(ob.ch.as_ref().unwrap(), 6 * CB, CB).await == IoStatus::Success);
+    a.writes.retain(|w| !(w.0 == "B" && w.1 == 6 * CB));
     // 15. An RLE blob (no extent table, as old stores have): a first write rewrites its chain.
     let r = bs
         .create_blob(CreateOptions {

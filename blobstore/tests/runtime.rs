@@ -738,3 +738,85 @@ fn decouple_and_inflate_cut_the_chain() {
         assert_eq!(chain_bytes(&m, &image, p, 0, 4 * CLUSTER), want);
     });
 }
+
+/// Waits (up to 10 s) until `f` holds: a release runs in the background after the unmap completes.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// An unmap that covers whole allocated clusters of a thin blob gives them back (as SPDK); partly covered
+/// clusters and thick blobs keep theirs; a released cluster reads as zeroes (a clone's: as its parent) and a
+/// write allocates it anew.
+#[test]
+fn unmap_gives_whole_clusters_of_thin_blobs_back() {
+    with_reactors("0x1", || {
+        let st = RamState::new(vec![0; 32 << 20]);
+        new_store("uram", "u", &st);
+        let total_free = free("u");
+        let t = create("u", "t", 8, true);
+        open_bdev("u", t, "tb");
+        let d = pattern(60, (4 * CB * BS) as usize);
+        assert_eq!(write("tb", 0, &d, BS), IoStatus::Success);
+        assert_eq!(free("u"), total_free - 4);
+        // From the middle of cluster 0 to the end of cluster 2: clusters 1 and 2 go, 0 stays.
+        let (st0, _) = io("tb", IoType::Unmap, CB / 2, 3 * CB - CB / 2, None);
+        assert_eq!(st0, IoStatus::Success);
+        eventually("two clusters released", || free("u") == total_free - 2);
+        app(move || with_blob("tb", |h| assert_eq!(h.num_allocated_clusters(), 2)));
+        assert!(
+            read("tb", CB, 2 * CB).iter().all(|&b| b == 0),
+            "released: zeroes"
+        );
+        assert_eq!(
+            read("tb", 3 * CB, CB),
+            d[(3 * CB * BS) as usize..],
+            "untouched"
+        );
+        // Written again: allocated anew, the rest of the cluster zeroes.
+        let e = pattern(61, (4 * BS) as usize);
+        assert_eq!(write("tb", CB + 8, &e, BS), IoStatus::Success);
+        let mut want = vec![0u8; (CB * BS) as usize];
+        want[(8 * BS) as usize..(12 * BS) as usize].copy_from_slice(&e);
+        assert_eq!(read("tb", CB, CB), want);
+        assert_eq!(free("u"), total_free - 3);
+        // A thick blob keeps its clusters.
+        let k = create("u", "k", 2, false);
+        open_bdev("u", k, "kb");
+        let before = free("u");
+        assert_eq!(
+            io("kb", IoType::Unmap, 0, 2 * CB, None).0,
+            IoStatus::Success
+        );
+        // A clone's released cluster reads its parent again.
+        let s = snapshot("u", t, "ts");
+        let f = pattern(62, (CB * BS) as usize);
+        assert_eq!(write("tb", 3 * CB, &f, BS), IoStatus::Success);
+        assert_eq!(
+            io("tb", IoType::Unmap, 3 * CB, CB, None).0,
+            IoStatus::Success
+        );
+        eventually(
+            "the clone's cluster released, the thick blob's kept",
+            || free("u") == before,
+        );
+        app(move || with_blob("tb", |h| assert_eq!(h.num_allocated_clusters(), 0)));
+        assert_eq!(
+            read("tb", 3 * CB, CB),
+            d[(3 * CB * BS) as usize..],
+            "the parent's data"
+        );
+        let _ = s;
+        close_bdev("kb");
+        close_bdev("tb");
+        unload("u");
+        unregister("uram");
+        let image = st.image();
+        let m = checked(&image);
+        assert_eq!(m.blob(k).unwrap().num_allocated_clusters(), 2);
+        assert_eq!(m.blob(t).unwrap().num_allocated_clusters(), 0);
+    });
+}
