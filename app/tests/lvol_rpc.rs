@@ -118,6 +118,57 @@ fn lvstore_and_lvols_over_rpc_survive_a_restart() {
     assert_eq!(d["num_allocated_clusters"], 4);
     assert_eq!(d["snapshot"], false);
     assert_eq!(d["clone"], false);
+    // Shallow copy, with SPDK's answers: the source must be read-only (reported by the check), the
+    // destination must exist; a read-only thick lvol copies its four clusters to a malloc bdev.
+    result(t.call(
+        "bdev_malloc_create",
+        json!({"name": "dst", "num_blocks": 8192, "block_size": 512}),
+    ));
+    let op = result(t.call(
+        "bdev_lvol_start_shallow_copy",
+        json!({"src_lvol_name": "lvs0/thick", "dst_bdev_name": "dst"}),
+    ))["operation_id"]
+        .as_u64()
+        .unwrap();
+    let check = |op: u64| -> Value {
+        for _ in 0..1000 {
+            let v = result(t.call("bdev_lvol_check_shallow_copy", json!({"operation_id": op})));
+            if v["state"] != "in progress" {
+                return v;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("shallow copy {op} never ended");
+    };
+    assert_eq!(
+        check(op),
+        json!({"copied_clusters": 0, "total_clusters": 4, "state": "error", "error": "Operation not permitted"})
+    );
+    assert_eq!(
+        error(t.call("bdev_lvol_check_shallow_copy", json!({"operation_id": op}))).0,
+        -libc::ENODEV as i64,
+        "an ended operation is reported once"
+    );
+    assert_eq!(
+        error(t.call(
+            "bdev_lvol_start_shallow_copy",
+            json!({"src_lvol_name": "lvs0/thick", "dst_bdev_name": "nope"}),
+        )),
+        (-32602, "No such device".to_string())
+    );
+    result(t.call("bdev_lvol_set_read_only", json!({"name": "lvs0/thick"})));
+    let op = result(t.call(
+        "bdev_lvol_start_shallow_copy",
+        json!({"src_lvol_name": "lvs0/thick", "dst_bdev_name": "dst"}),
+    ))["operation_id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        check(op),
+        json!({"copied_clusters": 4, "total_clusters": 4, "state": "complete"})
+    );
+    let dst = &result(t.call("bdev_get_bdevs", json!({"name": "dst"})))[0];
+    assert_eq!(dst["claimed"], false, "the destination is let go");
     let (st, _) = t.stop();
     assert!(st.success());
 

@@ -43,6 +43,7 @@ pub mod map;
 pub mod release;
 pub mod runtime;
 pub mod serialize;
+pub mod shallow_copy;
 pub mod snapshot;
 pub mod store;
 

@@ -582,6 +582,79 @@ pub(crate) async fn snapshot_lvol(lvs: &Rc<Lvs>, origin: &Lvol, name: &str) -> R
     add_lvol(lvs, id, name, uuid).await
 }
 
+/// A shallow copy's progress (`bdev_lvol_check_shallow_copy`).
+struct CopyStatus {
+    id: u32,
+    copied: std::cell::Cell<u64>,
+    total: u64,
+    /// The errno it ended with (0: none, or still running).
+    result: std::cell::Cell<i32>,
+}
+
+thread_local! {
+    static COPIES: RefCell<Vec<Rc<CopyStatus>>> = const { RefCell::new(Vec::new()) };
+    static LAST_COPY: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// `bdev_lvol_start_shallow_copy`: `dst` is opened and claimed (ENODEV / EPERM, as SPDK), the copy goes on
+/// in the background; returns the operation id.
+pub(crate) fn start_shallow_copy(lvs: &Lvs, l: &Lvol, dst: &str) -> std::result::Result<u32, i32> {
+    let mut desc = bdev::open(dst, true, None).map_err(|_| libc::ENODEV)?;
+    desc.claim(MODULE).map_err(|_| libc::EPERM)?;
+    let total = l
+        .handle
+        .borrow()
+        .as_ref()
+        .map_or(0, |h| h.num_allocated_clusters());
+    let id = LAST_COPY.with(|c| {
+        c.set(c.get() + 1);
+        c.get()
+    });
+    let st = Rc::new(CopyStatus {
+        id,
+        copied: std::cell::Cell::new(0),
+        total,
+        result: std::cell::Cell::new(0),
+    });
+    COPIES.with(|c| c.borrow_mut().push(st.clone()));
+    let (bs, blob) = (lvs.bs.clone(), l.blob);
+    spawn(async move {
+        let base = crate::base::Base::new(desc.channel());
+        let progress = st.clone();
+        let r = bs
+            .shallow_copy(blob, &base, move |n| progress.copied.set(n))
+            .await;
+        if let Err(e) = r {
+            log::error!("shallow copy of blob {blob} to {}: {e}", desc.bdev().name());
+            st.result.set(-e.errno());
+        }
+        drop(base);
+        desc.release_claim();
+    });
+    Ok(id)
+}
+
+/// `bdev_lvol_check_shallow_copy`: the operation's state as SPDK reports it (an operation that ended is
+/// forgotten once reported); None for an unknown id.
+pub(crate) fn check_shallow_copy(id: u32) -> Option<Value> {
+    let st = COPIES.with(|c| c.borrow().iter().find(|s| s.id == id).cloned())?;
+    let (copied, total, result) = (st.copied.get(), st.total, st.result.get());
+    let mut v = json!({"copied_clusters": copied, "total_clusters": total});
+    let state = match (result, copied.cmp(&total)) {
+        (0, std::cmp::Ordering::Less) => "in progress",
+        (0, std::cmp::Ordering::Equal) => "complete",
+        _ => "error",
+    };
+    v["state"] = json!(state);
+    if state == "error" {
+        v["error"] = json!(jsonrpc::strerror(-result));
+    }
+    if state != "in progress" {
+        COPIES.with(|c| c.borrow_mut().retain(|s| s.id != id));
+    }
+    Some(v)
+}
+
 /// `bdev_lvol_inflate` (`all`) and `bdev_lvol_decouple_parent`.
 pub(crate) async fn inflate_lvol(lvs: &Lvs, l: &Lvol, all: bool) -> Result<()> {
     if all {

@@ -3,7 +3,7 @@
 //! `bdev_lvol_rename_lvstore`, `bdev_lvol_get_lvstores`, `bdev_lvol_create`, `bdev_lvol_delete`,
 //! `bdev_lvol_get_lvols`, `bdev_lvol_resize`, `bdev_lvol_set_read_only`, `bdev_lvol_rename`, `bdev_lvol_clone`,
 //! `bdev_lvol_snapshot`, `bdev_lvol_inflate`, `bdev_lvol_decouple_parent`, `bdev_lvol_grow_lvstore`,
-//! `bdev_lvol_set_parent`.
+//! `bdev_lvol_set_parent`, `bdev_lvol_start_shallow_copy`, `bdev_lvol_check_shallow_copy`.
 
 use std::rc::Rc;
 
@@ -115,6 +115,19 @@ struct Snapshot {
 struct SetParent {
     lvol_name: String,
     parent_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShallowCopy {
+    src_lvol_name: String,
+    dst_bdev_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopyCheck {
+    operation_id: u32,
 }
 
 /// The lvol behind bdev `name` (name or alias), as SPDK's `vbdev_lvol_get_from_bdev` finds it: ENODEV.
@@ -440,6 +453,30 @@ pub fn register_rpcs(reg: &mut Registry) {
                 ));
             }
             spawn(async move { bool_reply(r, lvs.bs.set_parent(l.blob, snap.blob).await) });
+        },
+    );
+    method(
+        reg,
+        "bdev_lvol_start_shallow_copy",
+        STATE_RUNTIME,
+        |p: ShallowCopy, r: Responder| {
+            let (lvs, l) = match lvol_of_bdev(&p.src_lvol_name) {
+                Ok(x) => x,
+                Err(e) => return r.err(e),
+            };
+            match lvs_bdev::start_shallow_copy(&lvs, &l, &p.dst_bdev_name) {
+                Ok(id) => r.ok(json!({"operation_id": id})),
+                Err(e) => r.err(RpcError::new(INVALID_PARAMS, jsonrpc::strerror(e))),
+            }
+        },
+    );
+    method(
+        reg,
+        "bdev_lvol_check_shallow_copy",
+        STATE_RUNTIME,
+        |p: CopyCheck, r: Responder| match lvs_bdev::check_shallow_copy(p.operation_id) {
+            Some(v) => r.ok(v),
+            None => r.err(errno(libc::ENODEV)),
         },
     );
     method(

@@ -820,3 +820,69 @@ fn unmap_gives_whole_clusters_of_thin_blobs_back() {
         assert_eq!(m.blob(t).unwrap().num_allocated_clusters(), 0);
     });
 }
+
+/// Shallow copy: a read-only blob's own clusters land on another device at their offsets; nothing else is
+/// written there; a writable blob or a too small device is refused.
+#[test]
+fn shallow_copy_writes_only_the_blobs_own_clusters() {
+    with_reactors("0x1", || {
+        let st = RamState::new(vec![0; 32 << 20]);
+        new_store("scram", "sc", &st);
+        let dst_st = RamState::new(vec![0xee; (8 * CLUSTER) as usize]);
+        let small_st = RamState::new(vec![0; (2 * CLUSTER) as usize]);
+        app({
+            let (d, s) = (dst_st.clone(), small_st.clone());
+            move || {
+                ram_disk("scdst", d, BS);
+                ram_disk("scsmall", s, BS);
+            }
+        });
+        let t = create("sc", "t", 8, true);
+        open_bdev("sc", t, "tb");
+        let d1 = pattern(70, (CB * BS) as usize);
+        let d5 = pattern(71, (10 * BS) as usize);
+        assert_eq!(write("tb", CB, &d1, BS), IoStatus::Success);
+        assert_eq!(write("tb", 5 * CB + 3, &d5, BS), IoStatus::Success);
+        close_bdev("tb");
+        let copy = |dst: &'static str| {
+            run(move || async move {
+                let desc = bdev::open(dst, true, None).unwrap();
+                let base = blobstore::base::Base::new(desc.channel());
+                let n = std::rc::Rc::new(std::cell::Cell::new(0));
+                let n2 = n.clone();
+                let r = store("sc").shallow_copy(t, &base, move |k| n2.set(k)).await;
+                r.map(|()| n.get())
+            })
+        };
+        assert_eq!(
+            copy("scdst").unwrap_err().kind,
+            blobstore::ErrorKind::ReadOnly
+        );
+        run(move || async move {
+            let h = store("sc").open_blob(t).await.unwrap();
+            h.set_read_only().unwrap();
+            h.close().await.unwrap();
+        });
+        assert_eq!(
+            copy("scsmall").unwrap_err().kind,
+            blobstore::ErrorKind::Invalid
+        );
+        assert_eq!(copy("scdst").unwrap(), 2, "two clusters copied");
+        let img = dst_st.image();
+        let c = CLUSTER as usize;
+        assert!(img[..c].iter().all(|&b| b == 0xee), "cluster 0 untouched");
+        assert_eq!(&img[c..2 * c], &d1[..]);
+        let mut want5 = vec![0u8; c];
+        want5[(3 * BS) as usize..(13 * BS) as usize].copy_from_slice(&d5);
+        assert_eq!(
+            &img[5 * c..6 * c],
+            &want5[..],
+            "the whole cluster, as the blob has it"
+        );
+        assert!(img[6 * c..].iter().all(|&b| b == 0xee));
+        unload("sc");
+        for d in ["scram", "scdst", "scsmall"] {
+            unregister(d);
+        }
+    });
+}
