@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::blob::{persist, BlobState};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::exec::{join_all, spawn};
 use crate::format::EXTENTS_PER_EP;
 use crate::map::BlobShared;
@@ -190,18 +190,34 @@ pub(crate) async fn allocate(s: &StoreInner, b: &BlobState, batch: &[u64]) -> Re
         .iter()
         .map(|&(c, d)| {
             let src = map.parent().and_then(|p| p.lookup(c));
+            let external = map.external().cloned();
             async move {
                 let dst = s.cluster_offset(d);
-                match src {
-                    Some(src) => {
-                        let buf = s
-                            .base
+                let at = c * s.cluster_size;
+                let buf = match (src, external) {
+                    (Some(src), _) => {
+                        s.base
                             .read(s.cluster_offset(src), s.cluster_size as usize)
-                            .await?;
-                        s.base.write(dst, buf).await
+                            .await?
                     }
-                    None => s.base.write_zeroes(dst, s.cluster_size).await,
-                }
+                    (None, None) => return s.base.write_zeroes(dst, s.cluster_size).await,
+                    (None, Some(x)) => {
+                        // An esnap clone: the external snapshot's data (zeroes past its end).
+                        let dev = x.dev().ok_or_else(|| {
+                            Error::new(
+                                ErrorKind::Io(libc::EIO),
+                                format!("blob {}: external snapshot missing", b.id),
+                            )
+                        })?;
+                        if at >= dev.num_blocks * s.block_size {
+                            return s.base.write_zeroes(dst, s.cluster_size).await;
+                        }
+                        crate::base::Base::new(dev.desc.channel())
+                            .read(at, s.cluster_size as usize)
+                            .await?
+                    }
+                };
+                s.base.write(dst, buf).await
             }
         })
         .collect();

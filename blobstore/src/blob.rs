@@ -24,7 +24,7 @@ use crate::exec::{join_all, AsyncMutex};
 use crate::format::{
     BlobId, ClearMethod, Flags, MdPage, Xattr, DESCRIPTORS_LEN, DESC_HEADER_LEN, EXTENTS_PER_EP,
 };
-use crate::map::{BlobShared, ClusterMap};
+use crate::map::{BlobShared, ClusterMap, External};
 use crate::runtime::{Blobstore, StoreInner};
 use crate::serialize::{self, BlobMeta, Extents};
 use crate::store::{Parent, Store};
@@ -128,6 +128,30 @@ impl BlobMd {
         }
     }
 
+    /// The external snapshot's id (`EXTSNAP`), if an esnap clone.
+    pub(crate) fn external_id(&self) -> Option<Vec<u8>> {
+        if !self.flags.esnap() {
+            return None;
+        }
+        self.internal(crate::store::XATTR_EXTERNAL_SNAPSHOT_ID)
+            .map(<[u8]>::to_vec)
+    }
+
+    /// Makes the blob an esnap clone of `id` (`EXTSNAP` and the EXTERNAL_SNAPSHOT flag), or no longer one.
+    pub(crate) fn set_external(&mut self, id: Option<Vec<u8>>) {
+        match id {
+            Some(v) => {
+                self.set_internal(crate::store::XATTR_EXTERNAL_SNAPSHOT_ID, v);
+                self.flags.invalid |= Flags::EXTERNAL_SNAPSHOT;
+            }
+            None => {
+                self.remove_internal(crate::store::XATTR_EXTERNAL_SNAPSHOT_ID);
+                self.flags.invalid &= !Flags::EXTERNAL_SNAPSHOT;
+            }
+        }
+        self.dirty = true;
+    }
+
     /// Sets or removes the `SNAP` xattr and the parent (SPDK: a blob without a parent has no `SNAP`).
     pub(crate) fn set_parent(&mut self, parent: Option<BlobId>) {
         match parent {
@@ -212,7 +236,35 @@ impl Blobstore {
     /// Creates a blob (`spdk_bs_create_blob_ext`): its first metadata page (the lowest free one) fixes its id;
     /// a thick blob gets its clusters (lowest first) and extent pages now. Returns once it is on disk.
     pub async fn create_blob(&self, o: CreateOptions) -> Result<BlobId> {
-        self.create_with(o, None, Vec::new()).await
+        self.create_with(o, None, Vec::new(), None).await
+    }
+
+    /// Creates an esnap clone (`spdk_bs_create_blob_ext` with `esnap_id`): a thin blob that reads `external`
+    /// where it has no cluster (internal xattr `EXTSNAP`, flag EXTERNAL_SNAPSHOT). `o.thin` is implied.
+    pub async fn create_esnap_clone(
+        &self,
+        external: Arc<External>,
+        o: CreateOptions,
+    ) -> Result<BlobId> {
+        let internal = vec![Xattr::new(
+            crate::store::XATTR_EXTERNAL_SNAPSHOT_ID,
+            external.id.clone(),
+        )];
+        let id = self
+            .create_with(
+                CreateOptions { thin: true, ..o },
+                None,
+                internal,
+                Some(external.clone()),
+            )
+            .await?;
+        self.0.externals.borrow_mut().push(external);
+        Ok(id)
+    }
+
+    /// The external snapshots of the store's esnap clones (to give them their devices).
+    pub fn externals(&self) -> Vec<Arc<External>> {
+        self.0.externals.borrow().clone()
     }
 
     /// Creates a blob as [`Blobstore::create_blob`] does, a clone of `parent` if given (internal xattr
@@ -222,6 +274,7 @@ impl Blobstore {
         o: CreateOptions,
         parent: Option<Rc<BlobState>>,
         internal: Vec<Xattr>,
+        external: Option<Arc<External>>,
     ) -> Result<BlobId> {
         let s = &self.0;
         s.check_loaded()?;
@@ -241,6 +294,9 @@ impl Blobstore {
         if o.thin {
             flags.invalid |= Flags::THIN_PROV;
         }
+        if external.is_some() {
+            flags.invalid |= Flags::EXTERNAL_SNAPSHOT;
+        }
         let mut internal_xattrs = Vec::new();
         if let Some(p) = &parent {
             internal_xattrs.push(Xattr::new(
@@ -252,7 +308,10 @@ impl Blobstore {
         if !internal_xattrs.is_empty() {
             flags.invalid |= Flags::INTERNAL_XATTR;
         }
-        let map = Arc::new(ClusterMap::new(0, parent.as_ref().map(|p| p.shared.map())));
+        let map = Arc::new(match external {
+            Some(x) => ClusterMap::new_external(0, x),
+            None => ClusterMap::new(0, parent.as_ref().map(|p| p.shared.map())),
+        });
         let state = Rc::new(BlobState {
             id,
             md: RefCell::new(BlobMd {
@@ -343,6 +402,7 @@ impl Blobstore {
             },
             Some(parent),
             Vec::new(),
+            None,
         )
         .await
     }
@@ -368,12 +428,6 @@ impl Blobstore {
                 None => Error::new(ErrorKind::NotFound, format!("no blob {id}")),
             }
         })?;
-        if state.md.borrow().flags.esnap() {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("blob {id} is an esnap clone (external snapshots are not implemented)"),
-            ));
-        }
         state.open_ref.set(state.open_ref.get() + 1);
         Ok(BlobHandle {
             store: self.clone(),
@@ -820,6 +874,20 @@ impl BlobHandle {
         self.state.md.borrow().parent
     }
 
+    /// The external snapshot's id, if an esnap clone itself.
+    pub fn external_id(&self) -> Option<Vec<u8>> {
+        self.state.md.borrow().external_id()
+    }
+
+    /// Degraded (`spdk_blob_is_degraded`): the external snapshot at the root of its chain is missing.
+    pub fn is_degraded(&self) -> bool {
+        self.state
+            .shared
+            .map()
+            .external()
+            .is_some_and(|x| x.dev().is_none())
+    }
+
     /// The value of user xattr `name`.
     pub fn xattr(&self, name: &str) -> Option<Vec<u8>> {
         let md = self.state.md.borrow();
@@ -943,13 +1011,15 @@ pub(crate) fn attach_loaded(bs: &Blobstore, store: &Store) -> Result<()> {
             return Some(m.clone());
         }
         let b = store.blobs.get(&id)?;
-        let parent = match b.parent() {
+        let m = match b.parent() {
             Some(Parent::Snapshot(p)) if depth < store.blobs.len() => {
-                map_of(store, p, maps, depth + 1)
+                ClusterMap::new(b.num_clusters, map_of(store, p, maps, depth + 1))
             }
-            _ => None,
+            Some(Parent::External(x)) => {
+                ClusterMap::new_external(b.num_clusters, Arc::new(External::new(x)))
+            }
+            _ => ClusterMap::new(b.num_clusters, None),
         };
-        let m = ClusterMap::new(b.num_clusters, parent);
         for &(c, d) in &b.clusters {
             m.set(c, d);
         }
@@ -1005,6 +1075,9 @@ pub(crate) fn attach_loaded(bs: &Blobstore, store: &Store) -> Result<()> {
             uncertain: Cell::new(false),
         });
         state.shared.set_thin(b.flags.thin());
+        if let Some(x) = state.shared.map().own_external() {
+            s.externals.borrow_mut().push(x.clone());
+        }
         s.blobs.borrow_mut().insert(id, state);
     }
     Ok(())

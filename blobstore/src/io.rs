@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use bdev::{Completion, IoChannel, IoHandle, IoSink, IoStatus, IoType, IoVec};
 
-use crate::map::{BlobShared, ClusterMap};
+use crate::map::{BlobShared, ClusterMap, ExternalDev};
 
 /// Where one cluster's part of an I/O goes.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -32,6 +32,10 @@ enum Route {
     Zero,
     /// Nothing to do (unmap or write-zeroes of an unallocated cluster).
     Skip,
+    /// A read of an esnap clone's unallocated cluster: to the external snapshot at this block.
+    External(u64),
+    /// A read that cannot be served: the external snapshot is missing (degraded) or does not cover it.
+    Fail,
 }
 
 /// A thread's I/O channel on one blob.
@@ -49,6 +53,8 @@ struct ChanState {
     splits: RefCell<(Vec<Option<IoHandle>>, Vec<u64>)>,
     /// Clusters this channel asked the metadata thread to allocate, with the I/Os waiting for each.
     waiting: RefCell<Vec<(u64, Vec<IoHandle>)>>,
+    /// This thread's channel to the external snapshot (esnap clones), taken on first use.
+    esnap: RefCell<Option<(Arc<ExternalDev>, Rc<IoChannel>)>>,
 }
 
 impl BlobChannel {
@@ -65,6 +71,7 @@ impl BlobChannel {
                 map: RefCell::new((epoch, map)),
                 splits: RefCell::new((Vec::new(), Vec::new())),
                 waiting: RefCell::new(Vec::new()),
+                esnap: RefCell::new(None),
             }),
         }
     }
@@ -136,9 +143,39 @@ impl ChanState {
         match t {
             IoType::Read => match map.parent().and_then(|p| p.lookup(c)) {
                 Some(d) => Route::Base(d as u64 * self.cluster_blocks),
-                None => Route::Zero,
+                None => match map.external() {
+                    None => Route::Zero,
+                    Some(x) => match x.dev() {
+                        None => Route::Fail,
+                        Some(dev) => {
+                            let at = c * self.cluster_blocks;
+                            if at + self.cluster_blocks <= dev.num_blocks {
+                                Route::External(at)
+                            } else if at >= dev.num_blocks {
+                                // Grown past the external snapshot: zeroes, as SPDK's esnap dev reads.
+                                Route::Zero
+                            } else {
+                                Route::Fail
+                            }
+                        }
+                    },
+                },
             },
             _ => Route::Skip,
+        }
+    }
+
+    /// This thread's channel to the external snapshot's current device.
+    fn esnap_channel(&self, map: &ClusterMap) -> Option<Rc<IoChannel>> {
+        let dev = map.external()?.dev()?;
+        let mut e = self.esnap.borrow_mut();
+        match &*e {
+            Some((d, ch)) if Arc::ptr_eq(d, &dev) => Some(ch.clone()),
+            _ => {
+                let ch = Rc::new(dev.desc.channel());
+                *e = Some((dev, ch.clone()));
+                Some(ch)
+            }
         }
     }
 
@@ -157,7 +194,7 @@ impl ChanState {
         let (off, n) = (io.offset_blocks(), io.num_blocks());
         let first = off / cb;
         let last = (off + n.max(1) - 1) / cb;
-        let (need_alloc, single) = {
+        let (need_alloc, single, esnap) = {
             let m = self.map.borrow();
             let map = &*m.1;
             if last >= map.num_clusters() {
@@ -178,7 +215,9 @@ impl ChanState {
             if matches!(t, IoType::Write | IoType::WriteZeroes) {
                 for c in first..=last {
                     if map.get(c) == 0
-                        && (t == IoType::Write || map.parent().and_then(|p| p.lookup(c)).is_some())
+                        && (t == IoType::Write
+                            || map.parent().and_then(|p| p.lookup(c)).is_some()
+                            || map.external().is_some())
                     {
                         need = Some(c);
                         break;
@@ -186,7 +225,11 @@ impl ChanState {
                 }
             }
             let single = (first == last).then(|| self.route(map, t, first));
-            (need, single)
+            let esnap = match single {
+                Some(Route::External(_)) => self.esnap_channel(map),
+                _ => None,
+            };
+            (need, single, esnap)
         };
         if let Some(c) = need_alloc {
             return self.wait_for_allocation(c, io);
@@ -201,6 +244,11 @@ impl ChanState {
                 io.complete(IoStatus::Success);
             }
             Some(Route::Skip) => io.complete(IoStatus::Success),
+            Some(Route::External(at)) => match esnap {
+                Some(ch) => ch.forward(io, at + off % cb, Completion::Fn(forwarded_done), 0),
+                None => io.complete(IoStatus::Failed(libc::EIO)),
+            },
+            Some(Route::Fail) => io.complete(IoStatus::Failed(libc::EIO)),
             None => self.split(io),
         }
     }
@@ -228,18 +276,29 @@ impl ChanState {
         while at < off + n {
             let c = at / cb;
             let len = (cb - at % cb).min(off + n - at);
-            let route = {
+            let (route, esnap) = {
                 let m = self.map.borrow();
-                self.route(&m.1, t, c)
+                let r = self.route(&m.1, t, c);
+                let esnap = match r {
+                    Route::External(_) => self.esnap_channel(&m.1),
+                    _ => None,
+                };
+                (r, esnap)
+            };
+            let target = match (route, &esnap) {
+                (Route::Base(dev), _) => Some((&self.base, dev)),
+                (Route::External(dev), Some(ch)) => Some((&**ch, dev)),
+                _ => None,
             };
             match route {
-                Route::Base(dev) => {
+                Route::Base(_) | Route::External(_) if target.is_some() => {
+                    let (ch, dev) = target.expect("matched");
                     let sink: Rc<dyn IoSink> = self.clone();
                     // SAFETY: the parent completes only once its PENDING count drops to zero, and every child
                     // submitted here holds one count until it completes (io_done), so the parent's buffers
                     // outlive every child.
                     let r = unsafe {
-                        self.base.submit_child_range(
+                        ch.submit_child_range(
                             &parent,
                             at - off,
                             len,
@@ -262,6 +321,12 @@ impl ChanState {
                 }
                 Route::Zero => zero_range(parent.iovs(), (at - off) * bs, len * bs),
                 Route::Skip => {}
+                Route::Base(_) | Route::External(_) | Route::Fail => {
+                    if parent.driver_ctx[FAILED] == 0 {
+                        parent.driver_ctx[FAILED] = failure_code(IoStatus::Failed(libc::EIO));
+                    }
+                    break;
+                }
             }
             at += len;
         }

@@ -31,6 +31,52 @@ pub struct ClusterMap {
     num_clusters: u64,
     leaves: Box<[OnceLock<Arc<Leaf>>]>,
     parent: Option<Arc<ClusterMap>>,
+    /// An esnap clone's external snapshot (at the root of a chain only).
+    external: Option<Arc<External>>,
+}
+
+/// The external snapshot of an esnap clone (SPDK's `esnap` bs_dev): a bdev the blob reads where neither it
+/// nor its ancestors have a cluster. Found by its id (the bdev's uuid, as SPDK stores it); while it is not
+/// there the blob is degraded.
+pub struct External {
+    /// The id in the blob's `EXTSNAP` xattr.
+    pub id: Vec<u8>,
+    dev: arc_swap::ArcSwapOption<ExternalDev>,
+}
+
+/// An external snapshot's device, opened read-only.
+pub struct ExternalDev {
+    /// Each I/O thread takes its channel from it.
+    pub desc: bdev::Desc,
+    /// Its size in blocks (of the store's block size).
+    pub num_blocks: u64,
+}
+
+impl External {
+    /// An external snapshot named `id`, not found yet.
+    pub fn new(id: Vec<u8>) -> External {
+        External {
+            id,
+            dev: arc_swap::ArcSwapOption::empty(),
+        }
+    }
+
+    /// Its device, if present.
+    #[inline]
+    pub fn dev(&self) -> Option<Arc<ExternalDev>> {
+        self.dev.load_full()
+    }
+
+    /// The device appeared (Some) or went (None).
+    pub fn set_dev(&self, dev: Option<Arc<ExternalDev>>) {
+        self.dev.store(dev);
+    }
+
+    /// The uuid in the id (a NUL-terminated uuid string), if it is one.
+    pub fn uuid(&self) -> Option<uuid::Uuid> {
+        let s = self.id.split(|&b| b == 0).next()?;
+        std::str::from_utf8(s).ok()?.parse().ok()
+    }
 }
 
 impl std::fmt::Debug for ClusterMap {
@@ -52,7 +98,26 @@ impl ClusterMap {
             num_clusters,
             leaves: (0..slots).map(|_| OnceLock::new()).collect(),
             parent,
+            external: None,
         }
+    }
+
+    /// An empty map of an esnap clone, reading `external` where unallocated.
+    pub fn new_external(num_clusters: u64, external: Arc<External>) -> ClusterMap {
+        ClusterMap {
+            external: Some(external),
+            ..ClusterMap::new(num_clusters, None)
+        }
+    }
+
+    /// The external snapshot at the root of the chain, if any.
+    #[inline]
+    pub fn external(&self) -> Option<&Arc<External>> {
+        let mut m = self;
+        while let Some(p) = m.parent.as_deref() {
+            m = p;
+        }
+        m.external.as_ref()
     }
 
     /// Size in clusters.
@@ -122,16 +187,31 @@ impl ClusterMap {
     /// A map of `num_clusters` sharing this one's leaves (entries past the new size are the caller's to
     /// clear before a shrink is published) and parent.
     pub fn resized(&self, num_clusters: u64) -> ClusterMap {
-        self.rebuilt(num_clusters, self.parent.clone())
+        self.rebuilt(num_clusters, self.parent.clone(), self.external.clone())
     }
 
-    /// The same entries (shared leaves) reading through to another parent: the map of a blob whose parent
-    /// changed (decoupled, inflated, or its snapshot merged into it). The old map must not be set again.
-    pub fn reparented(&self, parent: Option<Arc<ClusterMap>>) -> ClusterMap {
-        self.rebuilt(self.num_clusters, parent)
+    /// The same entries (shared leaves) reading through to another parent (or external snapshot): the map of
+    /// a blob whose parent changed (decoupled, inflated, its snapshot merged into it, set_parent). The old map
+    /// must not be set again.
+    pub fn reparented(
+        &self,
+        parent: Option<Arc<ClusterMap>>,
+        external: Option<Arc<External>>,
+    ) -> ClusterMap {
+        self.rebuilt(self.num_clusters, parent, external)
     }
 
-    fn rebuilt(&self, num_clusters: u64, parent: Option<Arc<ClusterMap>>) -> ClusterMap {
+    /// This map's own external snapshot (not an ancestor's).
+    pub fn own_external(&self) -> Option<&Arc<External>> {
+        self.external.as_ref()
+    }
+
+    fn rebuilt(
+        &self,
+        num_clusters: u64,
+        parent: Option<Arc<ClusterMap>>,
+        external: Option<Arc<External>>,
+    ) -> ClusterMap {
         let slots = num_clusters.div_ceil(LEAF as u64) as usize;
         let leaves = (0..slots)
             .map(|i| {
@@ -146,6 +226,7 @@ impl ClusterMap {
             num_clusters,
             leaves,
             parent,
+            external,
         }
     }
 

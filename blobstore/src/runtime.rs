@@ -77,6 +77,8 @@ pub(crate) struct StoreInner {
     pub(crate) cluster_size: u64,
     pub(crate) block_size: u64,
     pub(crate) unloaded: Cell<bool>,
+    /// The external snapshots of esnap clones (created or loaded), for their devices to be attached.
+    pub(crate) externals: RefCell<Vec<Arc<crate::map::External>>>,
     /// Background tasks running (cluster releases), and who waits for none to be left (unload).
     background: Cell<usize>,
     background_idle: RefCell<Vec<crate::exec::Sender<()>>>,
@@ -299,6 +301,7 @@ impl Blobstore {
             total_clusters: Cell::new(l.total_clusters),
             md_clusters: l.md_clusters,
             unloaded: Cell::new(false),
+            externals: RefCell::new(Vec::new()),
             background: Cell::new(0),
             background_idle: RefCell::new(Vec::new()),
         });

@@ -54,12 +54,6 @@ impl Blobstore {
         let o = s.blob(origin)?;
         {
             let md = o.md.borrow();
-            if md.flags.esnap() {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!("blob {origin} is an esnap clone"),
-                ));
-            }
             if md.flags.md_ro() {
                 return Err(Error::new(
                     ErrorKind::Invalid,
@@ -70,18 +64,15 @@ impl Blobstore {
         let _g = o.lock.lock().await;
         // What the origin has in memory goes to disk first: the snapshot takes what is on disk.
         persist(s, &o).await?;
-        let (n, extent_table, clear, parent) = {
+        let (n, extent_table, clear, parent, external) = {
             let md = o.md.borrow();
             (
                 md.num_clusters,
                 md.extent_table,
                 md.flags.clear_method(),
                 md.parent,
+                md.external_id(),
             )
-        };
-        let parent_state = match parent {
-            Some(p) => Some(s.blob(p)?),
-            None => None,
         };
         // 1. The snapshot, empty and marked.
         let snap_id = self
@@ -95,6 +86,7 @@ impl Blobstore {
                 },
                 None,
                 vec![Xattr::new(XATTR_SNAPSHOT_IN_PROGRESS, id_bytes(origin))],
+                None,
             )
             .await?;
         let snap = s.blob(snap_id)?;
@@ -104,6 +96,10 @@ impl Blobstore {
         {
             let mut md = snap.md.borrow_mut();
             md.set_parent(parent);
+            if external.is_some() {
+                // An esnap clone's snapshot takes its external snapshot (SPDK copies `EXTSNAP`).
+                md.set_external(external.clone());
+            }
             if extent_table {
                 md.dirty_slots = old_map
                     .allocated_clusters()
@@ -114,10 +110,7 @@ impl Blobstore {
         }
         snap.shared.replace_map(old_map.clone());
         if let Err(e) = persist(s, &snap).await {
-            snap.shared.replace_map(Arc::new(ClusterMap::new(
-                n,
-                parent_state.as_ref().map(|p| p.shared.map()),
-            )));
+            snap.shared.replace_map(Arc::new(ClusterMap::new(n, None)));
             if !snap.uncertain.get() {
                 drop(_gs);
                 if let Err(e2) = delete_leaf(s, &snap).await {
@@ -138,6 +131,7 @@ impl Blobstore {
                 md.cut_pages.len(),
             );
             md.set_parent(Some(snap_id));
+            md.set_external(None);
             md.flags.invalid |= Flags::THIN_PROV;
             let old: Vec<u32> = md
                 .extent_pages
@@ -162,10 +156,7 @@ impl Blobstore {
                 md.cut_pages.truncate(saved.4);
             }
             o.shared.replace_map(old_map);
-            snap.shared.replace_map(Arc::new(ClusterMap::new(
-                n,
-                parent_state.as_ref().map(|p| p.shared.map()),
-            )));
+            snap.shared.replace_map(Arc::new(ClusterMap::new(n, None)));
             if o.uncertain.get() {
                 // Nothing in this session may release what the snapshot names on disk.
                 s.blobs.borrow_mut().remove(&snap_id);
@@ -249,6 +240,7 @@ impl Blobstore {
             let mut md = b.md.borrow_mut();
             let saved = (md.flags, md.internal_xattrs.clone(), md.parent);
             md.set_parent(Some(snapshot));
+            md.set_external(None);
             saved
         };
         if let Err(e) = persist(s, &b).await {
@@ -256,8 +248,9 @@ impl Blobstore {
             (md.flags, md.internal_xattrs, md.parent) = saved;
             return Err(e);
         }
-        b.shared
-            .replace_map(Arc::new(b.shared.map().reparented(Some(p.shared.map()))));
+        b.shared.replace_map(Arc::new(
+            b.shared.map().reparented(Some(p.shared.map()), None),
+        ));
         Ok(())
     }
 
@@ -265,16 +258,12 @@ impl Blobstore {
         let s = &self.0;
         s.check_loaded()?;
         let b = s.blob(id)?;
-        let (thin, parent) = {
+        let (thin, parent, esnap) = {
             let md = b.md.borrow();
-            if md.flags.esnap() {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!("blob {id} is an esnap clone"),
-                ));
-            }
-            (md.flags.thin(), md.parent)
+            (md.flags.thin(), md.parent, md.flags.esnap())
         };
+        // SPDK: an esnap clone is always inflated whole.
+        let all = all || esnap;
         if parent.is_none() && !all {
             return Err(Error::new(
                 ErrorKind::Invalid,
@@ -283,6 +272,12 @@ impl Blobstore {
         }
         if !thin {
             return Ok(());
+        }
+        if all && b.shared.map().external().is_some_and(|x| x.dev().is_none()) {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("blob {id}: its external snapshot is missing (degraded)"),
+            ));
         }
         // The clusters to allocate: every missing one, or (decouple) those the parent itself holds.
         let needed = |b: &BlobState| -> Vec<u64> {
@@ -319,30 +314,40 @@ impl Blobstore {
                 format!("no free cluster for blob {id}"),
             ));
         }
+        // The new parent: none (inflate), or the parent's parent; a parent that is itself an esnap clone
+        // hands its external snapshot down (SPDK would refuse: it looks for a blob of that id).
         let map = b.shared.map();
-        let new_parent = if all {
-            None
+        let (new_parent, new_external, grand, grand_external) = if all {
+            (None, None, None, None)
         } else {
-            map.parent().and_then(|p| p.parent().cloned())
-        };
-        let grand = match (all, b.md.borrow().parent) {
-            (false, Some(p)) => {
-                let parent = s.blob(p)?;
-                let g = parent.md.borrow().parent;
-                g
-            }
-            _ => None,
+            let pmap = map.parent();
+            let grand = match parent {
+                Some(p) => {
+                    let pb = s.blob(p)?;
+                    let md = pb.md.borrow();
+                    (md.parent, md.external_id())
+                }
+                None => (None, None),
+            };
+            (
+                pmap.and_then(|p| p.parent().cloned()),
+                pmap.and_then(|p| p.own_external().cloned()),
+                grand.0,
+                grand.1,
+            )
         };
         {
             let mut md = b.md.borrow_mut();
             md.set_parent(grand);
+            md.set_external(grand_external);
             if all {
                 md.flags.invalid &= !Flags::THIN_PROV;
             }
         }
         persist(s, &b).await?;
-        b.shared
-            .replace_map(Arc::new(b.shared.map().reparented(new_parent)));
+        b.shared.replace_map(Arc::new(
+            b.shared.map().reparented(new_parent, new_external),
+        ));
         Ok(())
     }
 }
@@ -374,7 +379,10 @@ pub(crate) async fn merge_into_clone(
     // 2. The clone takes the clusters and the parent.
     let smap = snap.shared.map();
     let cmap = c.shared.map();
-    let grand = snap.md.borrow().parent;
+    let (grand, external) = {
+        let md = snap.md.borrow();
+        (md.parent, md.external_id())
+    };
     let mut taken = BTreeSet::new();
     let saved = {
         let mut md = c.md.borrow_mut();
@@ -389,6 +397,7 @@ pub(crate) async fn merge_into_clone(
             }
         }
         md.set_parent(grand);
+        md.set_external(external);
         saved
     };
     if let Err(e) = persist(s, &c).await {
@@ -407,8 +416,11 @@ pub(crate) async fn merge_into_clone(
         }
         return Err(e.context(format!("deleting snapshot {}", snap.id)));
     }
-    c.shared
-        .replace_map(Arc::new(c.shared.map().reparented(smap.parent().cloned())));
+    c.shared.replace_map(Arc::new(
+        c.shared
+            .map()
+            .reparented(smap.parent().cloned(), smap.own_external().cloned()),
+    ));
     // 3. What the snapshot still owns alone.
     snap.shared
         .replace_map(Arc::new(exclusive_map(&smap, |d| !taken.contains(&d))));

@@ -886,3 +886,114 @@ fn shallow_copy_writes_only_the_blobs_own_clusters() {
         }
     });
 }
+
+/// Esnap clones (`bdev_lvol_clone_bdev`'s blob): a thin blob reading an external bdev where it has nothing,
+/// copying from it on first write; a snapshot takes the external snapshot along; reloaded without the bdev
+/// the chain is degraded (reads of what it lacks fail) until the device is given back; inflate cuts it loose.
+#[test]
+fn esnap_clone_reads_its_external_bdev() {
+    use blobstore::map::{External, ExternalDev};
+    with_reactors("0x1", || {
+        let st = RamState::new(vec![0; 32 << 20]);
+        new_store("eram", "e", &st);
+        let ext_data = pattern(80, (4 * CLUSTER) as usize);
+        let ext_st = RamState::new(ext_data.clone());
+        app({
+            let e = ext_st.clone();
+            move || {
+                ram_disk("ext", e, BS);
+            }
+        });
+        let dev = || {
+            app(|| {
+                let desc = bdev::open("ext", false, None).unwrap();
+                let num_blocks = desc.bdev().num_blocks();
+                Arc::new(ExternalDev { desc, num_blocks })
+            })
+        };
+        let id = b"0f5c8fd9-7f0e-4bd6-9b69-bd1e3d0c6c2a\0".to_vec();
+        let x = Arc::new(External::new(id.clone()));
+        x.set_dev(Some(dev()));
+        let clone = run(move || async move {
+            store("e")
+                .create_esnap_clone(
+                    x,
+                    CreateOptions {
+                        num_clusters: 4,
+                        xattrs: blobstore::lvol::lvol_xattrs("ec", &uuid::Uuid::new_v4()),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap()
+        });
+        open_bdev("e", clone, "ecb");
+        assert_eq!(read("ecb", 0, 4 * CB), ext_data, "reads the external bdev");
+        let w = pattern(81, (6 * BS) as usize);
+        assert_eq!(write("ecb", CB + 10, &w, BS), IoStatus::Success);
+        let mut want = ext_data.clone();
+        want[((CB + 10) * BS) as usize..((CB + 16) * BS) as usize].copy_from_slice(&w);
+        assert_eq!(read("ecb", 0, 4 * CB), want, "copied around the write");
+        assert_eq!(
+            ext_st.image(),
+            ext_data,
+            "the external bdev is never written"
+        );
+        let snap = snapshot("e", clone, "es");
+        assert_eq!(
+            read("ecb", 0, 4 * CB),
+            want,
+            "the same through its snapshot"
+        );
+        close_bdev("ecb");
+        unload("e");
+        let image = st.image();
+        let m = checked(&image);
+        let sb = m.blob(snap).unwrap();
+        assert!(
+            sb.is_esnap_clone() && sb.read_only(),
+            "the snapshot took the external snapshot"
+        );
+        assert_eq!(m.blob(clone).unwrap().parent_snapshot(), Some(snap));
+        assert!(!m.blob(clone).unwrap().is_esnap_clone());
+        // Reloaded: degraded until the device is given back.
+        load("e", "eram");
+        let xs = app(|| store("e").externals());
+        assert_eq!(xs.len(), 1);
+        assert_eq!(xs[0].id, id);
+        open_bdev("e", clone, "ecb");
+        app(|| with_blob("ecb", |h| assert!(h.is_degraded())));
+        assert_eq!(
+            io("ecb", IoType::Read, 0, CB, None).0,
+            IoStatus::Failed(libc::EIO)
+        );
+        assert_eq!(
+            read("ecb", CB, CB),
+            want[(CB * BS) as usize..(2 * CB * BS) as usize]
+        );
+        xs[0].set_dev(Some(dev()));
+        app(|| with_blob("ecb", |h| assert!(!h.is_degraded())));
+        assert_eq!(read("ecb", 0, 4 * CB), want);
+        // Inflated: every cluster its own, no parent, no external snapshot.
+        run(move || async move { store("e").inflate(clone).await.unwrap() });
+        app(|| {
+            with_blob("ecb", |h| {
+                assert!(!h.is_thin() && h.parent().is_none() && h.external_id().is_none());
+                assert_eq!(h.num_allocated_clusters(), 4);
+            })
+        });
+        xs[0].set_dev(None);
+        assert_eq!(
+            read("ecb", 0, 4 * CB),
+            want,
+            "no longer needs the external bdev"
+        );
+        close_bdev("ecb");
+        unload("e");
+        unregister("eram");
+        unregister("ext");
+        let image = st.image();
+        let m = checked(&image);
+        assert!(m.blob(clone).unwrap().parent().is_none());
+    });
+}
