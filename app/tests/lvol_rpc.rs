@@ -222,3 +222,106 @@ fn lvstore_and_lvols_over_rpc_survive_a_restart() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Esnap clones through the RPCs: `bdev_lvol_clone_bdev` with SPDK's refusals; the clone reports its
+/// external snapshot; it is degraded (listed, no bdev) while that bdev is gone, at runtime and after a
+/// restart, and comes back when a bdev with its uuid appears.
+#[test]
+fn esnap_clone_degrades_and_comes_back() {
+    let dir = std::env::temp_dir().join(format!("lvol-esnap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("lvs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let aio = json!({"name": "aio0", "filename": image, "block_size": 512});
+    let ext_uuid = "7d8e9f00-1111-4222-8333-944455556666";
+    let ext = json!({"name": "ext", "num_blocks": 8192, "block_size": 512, "uuid": ext_uuid});
+    let t = Tgt::start("esnap1", &[]);
+    result(t.call("bdev_aio_create", aio.clone()));
+    result(t.call(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "aio0", "lvs_name": "lvs", "cluster_sz": 1 << 20}),
+    ));
+    result(t.call("bdev_malloc_create", ext.clone()));
+    result(t.call(
+        "bdev_malloc_create",
+        json!({"name": "odd", "num_blocks": 3072, "block_size": 512}),
+    ));
+    let clone_bdev = |b: &str, lvs: &str, name: &str| {
+        t.call(
+            "bdev_lvol_clone_bdev",
+            json!({"bdev": b, "lvs_name": lvs, "clone_name": name}),
+        )
+    };
+    assert_eq!(
+        error(clone_bdev("ext", "nope", "ec")),
+        (-32602, "lvs does not exist".to_string())
+    );
+    assert_eq!(
+        error(clone_bdev("nope", "lvs", "ec")),
+        (-32602, "bdev does not exist".to_string())
+    );
+    assert_eq!(
+        error(clone_bdev("odd", "lvs", "ec")),
+        (-32602, "Invalid argument".to_string()),
+        "1.5 MiB is not a whole number of clusters"
+    );
+    let ec = result(clone_bdev("ext", "lvs", "ec"));
+    let ec = ec.as_str().unwrap().to_string();
+    assert_eq!(
+        error(clone_bdev("lvs/ec", "lvs", "ec2")).1,
+        "bdev is an lvol in same lvs as clone; use bdev_lvol_clone instead"
+    );
+    let lvol = |t: &Tgt| result(t.call("bdev_lvol_get_lvols", Value::Null))[0].clone();
+    let l = lvol(&t);
+    assert_eq!(
+        (l["is_esnap_clone"].clone(), l["is_degraded"].clone()),
+        (json!(true), json!(false))
+    );
+    assert_eq!(l["is_thin_provisioned"], true);
+    let b = &result(t.call("bdev_get_bdevs", json!({"name": ec})))[0];
+    assert_eq!(b["num_blocks"], 8192);
+    assert_eq!(b["driver_specific"]["lvol"]["esnap_clone"], true);
+    assert_eq!(
+        b["driver_specific"]["lvol"]["external_snapshot_name"],
+        ext_uuid
+    );
+    // The external bdev goes: the clone is degraded, its bdev gone; it comes back with the bdev.
+    result(t.call("bdev_malloc_delete", json!({"name": "ext"})));
+    let wait = |t: &Tgt, present: bool| {
+        for _ in 0..400 {
+            let found = t
+                .call("bdev_get_bdevs", json!({"name": ec}))
+                .get("error")
+                .is_none();
+            if found == present {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("lvol bdev never became present={present}");
+    };
+    wait(&t, false);
+    assert_eq!(lvol(&t)["is_degraded"], true);
+    result(t.call("bdev_malloc_create", ext.clone()));
+    wait(&t, true);
+    assert_eq!(lvol(&t)["is_degraded"], false);
+    let (st, _) = t.stop();
+    assert!(st.success());
+    // Restarted without it: degraded until it is created.
+    let t = Tgt::start("esnap2", &[]);
+    result(t.call("bdev_aio_create", aio.clone()));
+    result(t.call("bdev_wait_for_examine", Value::Null));
+    assert_eq!(lvol(&t)["is_degraded"], true);
+    wait(&t, false);
+    result(t.call("bdev_malloc_create", ext));
+    wait(&t, true);
+    assert_eq!(lvol(&t)["is_degraded"], false);
+    result(t.call("bdev_lvol_delete", json!({"name": "lvs/ec"})));
+    let (st, _) = t.stop();
+    assert!(st.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -20,6 +20,7 @@ use crate::exec::spawn;
 use crate::format::{BlobId, ClearMethod, SuperBlock, BSTYPE_LVOLSTORE, PAGE_SIZE};
 use crate::layout::InitClear;
 use crate::lvol::{c_string, parse_uuid, LVOL_NAME_MAX, LVS_NAME_MAX};
+use crate::map::{External, ExternalDev};
 use crate::runtime::Blobstore;
 use crate::store::LoadOptions;
 
@@ -153,8 +154,130 @@ fn dump_info(bdev: &Bdev, out: &mut Map<String, Value>) {
         let names: Vec<String> = clones.into_iter().filter_map(name_of).collect();
         m.insert("clones".into(), json!(names));
     }
-    m.insert("esnap_clone".into(), json!(false));
+    let external = h.external_id();
+    m.insert("esnap_clone".into(), json!(external.is_some()));
+    if let Some(name) = external.as_deref().and_then(external_name) {
+        m.insert("external_snapshot_name".into(), json!(name));
+    }
     out.insert("lvol".into(), Value::Object(m));
+}
+
+/// An external snapshot id as SPDK prints it: a NUL-terminated string (`external_snapshot_name`).
+pub(crate) fn external_name(id: &[u8]) -> Option<String> {
+    let (last, s) = id.split_last()?;
+    (*last == 0 && !s.contains(&0))
+        .then(|| std::str::from_utf8(s).ok().map(str::to_string))
+        .flatten()
+}
+
+/// Gives the external snapshots of `lvs`'s esnap clones whose bdev is registered their device (opened
+/// read-only; its removal makes the clones degraded again). Returns whether any was attached.
+fn resolve_externals(lvs: &Lvs) -> bool {
+    let mut any = false;
+    for x in lvs.bs.externals() {
+        if x.dev().is_some() {
+            continue;
+        }
+        let Some(u) = x.uuid() else { continue };
+        let Some(b) = bdev::list().into_iter().find(|b| b.uuid() == u) else {
+            continue;
+        };
+        if b.block_size() as u64 != lvs.bs.io_unit_size() {
+            log::error!(
+                "lvstore {}: external snapshot {}: block size {} is not the lvstore's {}",
+                lvs.name.borrow(),
+                b.name(),
+                b.block_size(),
+                lvs.bs.io_unit_size()
+            );
+            continue;
+        }
+        let weak = Arc::downgrade(&x);
+        let events: bdev::EventCb = Arc::new(move |ev, _b: &Bdev| {
+            if ev == BdevEvent::Remove {
+                let weak = weak.clone();
+                on_app(move || {
+                    if let Some(x) = weak.upgrade() {
+                        spawn(async move { external_gone(&x).await });
+                    }
+                });
+            }
+        });
+        match bdev::open(b.name(), false, Some(events)) {
+            Ok(desc) => {
+                let num_blocks = b.num_blocks();
+                x.set_dev(Some(Arc::new(ExternalDev { desc, num_blocks })));
+                any = true;
+            }
+            Err(e) => log::error!(
+                "lvstore {}: external snapshot {}: {e}",
+                lvs.name.borrow(),
+                b.name()
+            ),
+        }
+    }
+    any
+}
+
+/// An external snapshot's bdev is going: the lvols that read it lose their bdevs (degraded, as SPDK) and
+/// the device is let go, so that the bdev can go.
+async fn external_gone(x: &Arc<External>) {
+    for lvs in lvstores() {
+        let lvols = lvs.lvols.borrow().clone();
+        for l in lvols {
+            let uses = l.handle.borrow().as_ref().is_some_and(|h| {
+                h.shared()
+                    .map()
+                    .external()
+                    .is_some_and(|e| Arc::ptr_eq(e, x))
+            });
+            if uses {
+                log::warn!("lvol {}: external snapshot removed: degraded", l.unique_id);
+                hide(&l).await;
+            }
+        }
+    }
+    x.set_dev(None);
+    // The lvols stay listed (degraded), their blobs open, as SPDK keeps them.
+    for lvs in lvstores() {
+        let lvols = lvs.lvols.borrow().clone();
+        for l in lvols {
+            if l.handle.borrow().is_none() {
+                if let Err(e) = expose(&lvs, &l).await {
+                    log::error!("lvol {}: {e}", l.unique_id);
+                }
+            }
+        }
+    }
+}
+
+/// A bdev appeared: esnap clones waiting for it (degraded) get it, and their bdevs.
+fn external_appeared(name: &str) {
+    let Some(b) = bdev::get(name) else { return };
+    let u = b.uuid();
+    for lvs in lvstores() {
+        let waits = lvs
+            .bs
+            .externals()
+            .iter()
+            .any(|x| x.dev().is_none() && x.uuid() == Some(u));
+        if waits && resolve_externals(&lvs) {
+            spawn(async move {
+                let lvols = lvs.lvols.borrow().clone();
+                for l in lvols {
+                    if l.bdev.borrow().is_none() {
+                        if l.handle.borrow().is_some() {
+                            // Open but degraded: the bdev only.
+                            l.handle.borrow_mut().take();
+                        }
+                        if let Err(e) = expose(&lvs, &l).await {
+                            log::error!("lvol {}: {e}", l.unique_id);
+                        }
+                    }
+                }
+            });
+        }
+    }
 }
 
 /// An lvol bdev went (unregistered, every descriptor closed): its blob is closed (nothing is left unsynced:
@@ -176,6 +299,12 @@ fn lvol_destructed(bdev: &Bdev) {
 /// Opens lvol `l`'s blob and registers its bdev (name: the unique id; alias: `lvs/lvol`).
 async fn expose(lvs: &Lvs, l: &Lvol) -> Result<()> {
     let h = lvs.bs.open_blob(l.blob).await?;
+    if h.is_degraded() {
+        // As SPDK: listed (is_degraded), no bdev until its external snapshot appears.
+        log::warn!("lvol {}: external snapshot missing: degraded", l.unique_id);
+        *l.handle.borrow_mut() = Some(h);
+        return Ok(());
+    }
     let opts = BlobBdevOpts {
         module: MODULE,
         product_name: "Logical Volume".into(),
@@ -240,12 +369,15 @@ fn lvol_from_blob(lvs_uuid: &Uuid, h: &BlobHandle) -> Result<Lvol> {
 /// Examine: a new bdev whose super block says "LVOLSTORE" is claimed and its lvstore loaded, its lvols
 /// exposed as bdevs (SPDK's `vbdev_lvs_examine`).
 pub(crate) fn examine(bdev: &Bdev) {
+    let name = bdev.name().to_string();
     if bdev.module_name() == MODULE || bdev.block_size() as usize > PAGE_SIZE {
+        // Not a base, but maybe an external snapshot that esnap clones wait for.
+        on_app(move || external_appeared(&name));
         return;
     }
-    let name = bdev.name().to_string();
     let guard = ExamineGuard::new();
     on_app(move || {
+        external_appeared(&name);
         spawn(async move {
             if let Err(e) = examine_async(&name).await {
                 log::info!("lvol: {name}: {e}");
@@ -329,6 +461,7 @@ async fn attach(bs: Blobstore, base: &str) -> Result<Rc<Lvs>> {
         }
     }
     add_lvs(lvs.clone());
+    resolve_externals(&lvs);
     let lvols = lvs.lvols.borrow().clone();
     for l in lvols {
         if let Err(e) = expose(&lvs, &l).await {
@@ -662,6 +795,50 @@ pub(crate) async fn inflate_lvol(lvs: &Lvs, l: &Lvol, all: bool) -> Result<()> {
     } else {
         lvs.bs.decouple_parent(l.blob).await
     }
+}
+
+/// `bdev_lvol_clone_bdev`: an esnap clone of bdev `esnap` (read-only, its size a whole number of clusters);
+/// returns the clone's bdev name.
+pub(crate) async fn clone_bdev(lvs: &Rc<Lvs>, esnap: &str, name: &str) -> Result<String> {
+    let desc = bdev::open(esnap, false, None)
+        .map_err(|e| Error::new(ErrorKind::NotFound, e.to_string()))?;
+    let b = desc.bdev().clone();
+    let size = b.num_blocks() * b.block_size() as u64;
+    if !size.is_multiple_of(lvs.bs.cluster_size()) {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "bdev {esnap}: size {size} is not a multiple of the cluster size {}",
+                lvs.bs.cluster_size()
+            ),
+        ));
+    }
+    if b.block_size() as u64 != lvs.bs.io_unit_size() {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!("bdev {esnap}: its block size is not the lvstore's"),
+        ));
+    }
+    check_lvol_name(lvs, name)?;
+    drop(desc);
+    // SPDK's id: the bdev's uuid, lower case, NUL-terminated.
+    let mut id = b.uuid().hyphenated().to_string().into_bytes();
+    id.push(0);
+    let x = Arc::new(External::new(id));
+    let uuid = Uuid::new_v4();
+    let blob = lvs
+        .bs
+        .create_esnap_clone(
+            x,
+            CreateOptions {
+                num_clusters: size / lvs.bs.cluster_size(),
+                xattrs: crate::lvol::lvol_xattrs(name, &uuid),
+                ..Default::default()
+            },
+        )
+        .await?;
+    resolve_externals(lvs);
+    add_lvol(lvs, blob, name, uuid).await
 }
 
 /// `bdev_lvol_delete`: the bdev goes, then the blob. A snapshot with one clone is folded into it (writes

@@ -3,7 +3,8 @@
 //! `bdev_lvol_rename_lvstore`, `bdev_lvol_get_lvstores`, `bdev_lvol_create`, `bdev_lvol_delete`,
 //! `bdev_lvol_get_lvols`, `bdev_lvol_resize`, `bdev_lvol_set_read_only`, `bdev_lvol_rename`, `bdev_lvol_clone`,
 //! `bdev_lvol_snapshot`, `bdev_lvol_inflate`, `bdev_lvol_decouple_parent`, `bdev_lvol_grow_lvstore`,
-//! `bdev_lvol_set_parent`, `bdev_lvol_start_shallow_copy`, `bdev_lvol_check_shallow_copy`.
+//! `bdev_lvol_set_parent`, `bdev_lvol_start_shallow_copy`, `bdev_lvol_check_shallow_copy`,
+//! `bdev_lvol_clone_bdev`.
 
 use std::rc::Rc;
 
@@ -130,6 +131,14 @@ struct CopyCheck {
     operation_id: u32,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneBdev {
+    bdev: String,
+    lvs_name: String,
+    clone_name: String,
+}
+
 /// The lvol behind bdev `name` (name or alias), as SPDK's `vbdev_lvol_get_from_bdev` finds it: ENODEV.
 fn lvol_of_bdev(name: &str) -> Result<(Rc<Lvs>, Rc<lvs_bdev::Lvol>), RpcError> {
     if bdev::get(name).is_none() {
@@ -159,9 +168,14 @@ fn lvs_info(l: &Lvs) -> Value {
 }
 
 fn lvol_info(lvs: &Lvs, l: &lvs_bdev::Lvol) -> Value {
-    let (thin, clone) = match l.handle.borrow().as_ref() {
-        Some(h) => (h.is_thin(), h.parent().is_some()),
-        None => (false, false),
+    let (thin, clone, esnap, degraded) = match l.handle.borrow().as_ref() {
+        Some(h) => (
+            h.is_thin(),
+            h.parent().is_some(),
+            h.external_id().is_some(),
+            h.is_degraded(),
+        ),
+        None => (false, false, false, false),
     };
     json!({
         "alias": format!("{}/{}", lvs.name.borrow(), l.name.borrow()),
@@ -170,8 +184,8 @@ fn lvol_info(lvs: &Lvs, l: &lvs_bdev::Lvol) -> Value {
         "is_thin_provisioned": thin,
         "is_snapshot": !lvs.bs.clones_of(l.blob).is_empty(),
         "is_clone": clone,
-        "is_esnap_clone": false,
-        "is_degraded": false,
+        "is_esnap_clone": esnap,
+        "is_degraded": degraded,
         "lvs": {"name": *lvs.name.borrow(), "uuid": lvs.uuid.to_string()},
     })
 }
@@ -477,6 +491,31 @@ pub fn register_rpcs(reg: &mut Registry) {
         |p: CopyCheck, r: Responder| match lvs_bdev::check_shallow_copy(p.operation_id) {
             Some(v) => r.ok(v),
             None => r.err(errno(libc::ENODEV)),
+        },
+    );
+    method(
+        reg,
+        "bdev_lvol_clone_bdev",
+        STATE_RUNTIME,
+        |p: CloneBdev, r: Responder| {
+            let Some(lvs) = lvs_by_name(&p.lvs_name) else {
+                return r.err(RpcError::new(INVALID_PARAMS, "lvs does not exist"));
+            };
+            if bdev::get(&p.bdev).is_none() {
+                return r.err(RpcError::new(INVALID_PARAMS, "bdev does not exist"));
+            }
+            if lvs_bdev::find_lvol(&p.bdev).is_some_and(|(l, _)| Rc::ptr_eq(&l, &lvs)) {
+                return r.err(RpcError::new(
+                    INVALID_PARAMS,
+                    "bdev is an lvol in same lvs as clone; use bdev_lvol_clone instead",
+                ));
+            }
+            spawn(async move {
+                match lvs_bdev::clone_bdev(&lvs, &p.bdev, &p.clone_name).await {
+                    Ok(n) => r.ok(json!(n)),
+                    Err(e) => r.err(async_err(e)),
+                }
+            });
         },
     );
     method(
