@@ -289,3 +289,75 @@ fn our_lvol_rpcs_answer_as_spdks() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// Esnap clones both ways: one made by SPDK and one made by ours, over the same external malloc bdev (fixed
+/// uuid), are listed and described identically by both targets.
+#[test]
+fn esnap_clones_as_spdks() {
+    if !peer().join("build/bin/spdk_tgt").exists() {
+        println!("SKIPPED: no SPDK at {} (set SPDK_PEER)", peer().display());
+        return;
+    }
+    let dir = PathBuf::from(format!("/var/tmp/lvol-esnap-spdk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    let image = dir.join("lvs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let aio = json!({"name": "aio0", "filename": image, "block_size": 512});
+    let ext = json!({"name": "ext", "num_blocks": 8192, "block_size": 512,
+                     "uuid": "3a4b5c6d-7e8f-4a0b-8c1d-2e3f4a5b6c7d"});
+    let p = Peer::start(&dir, "spdk1");
+    p.call("bdev_malloc_create", ext.clone());
+    p.call("bdev_aio_create", aio.clone());
+    p.call(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "aio0", "lvs_name": "lvs", "cluster_sz": 1 << 20}),
+    );
+    p.call(
+        "bdev_lvol_clone_bdev",
+        json!({"bdev": "ext", "lvs_name": "lvs", "clone_name": "spdk_ec"}),
+    );
+    p.stop();
+
+    let t = Tgt::start("esnap_spdk", &[]);
+    let call = |m: &str, a: Value| {
+        let v = t.call(m, a);
+        assert!(v.get("error").is_none(), "ours {m}: {v}");
+        v["result"].clone()
+    };
+    call("bdev_malloc_create", ext.clone());
+    call("bdev_aio_create", aio.clone());
+    call("bdev_wait_for_examine", Value::Null);
+    call(
+        "bdev_lvol_clone_bdev",
+        json!({"bdev": "ext", "lvs_name": "lvs", "clone_name": "our_ec"}),
+    );
+    let ours = answers(&call);
+    let (st, _) = t.stop();
+    assert!(st.success());
+
+    let p = Peer::start(&dir, "spdk2");
+    p.call("bdev_malloc_create", ext);
+    p.call("bdev_aio_create", aio);
+    p.call("bdev_wait_for_examine", Value::Null);
+    let spdk = answers(&|m, a| p.call(m, a));
+    p.stop();
+    assert_eq!(sorted(&ours.1), sorted(&spdk.1), "bdev_lvol_get_lvols");
+    let by_name = |v: &Vec<Value>| {
+        let mut v = v.clone();
+        v.sort_by_key(|x| x["name"].as_str().unwrap().to_string());
+        v
+    };
+    assert_eq!(
+        by_name(&ours.2),
+        by_name(&spdk.2),
+        "each esnap clone's bdev"
+    );
+    assert_eq!(ours.2.len(), 2);
+    assert!(ours.2.iter().all(|b| b["lvol"]["esnap_clone"] == true));
+    let _ = std::fs::remove_dir_all(&dir);
+}
