@@ -325,3 +325,92 @@ fn esnap_clone_degrades_and_comes_back() {
     assert!(st.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Bad metadata on disk: a super block whose CRC does not match is refused (the base stays unclaimed, the
+/// target goes on serving); an lvol whose metadata page is corrupt is left out while the rest of the store
+/// loads and serves.
+#[test]
+fn corrupt_lvstores_are_refused_and_the_target_serves_on() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let dir = std::env::temp_dir().join(format!("lvol-corrupt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("lvs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let aio = json!({"name": "aio0", "filename": image, "block_size": 512});
+    let t = Tgt::start("corrupt1", &[]);
+    result(t.call("bdev_aio_create", aio.clone()));
+    result(t.call(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "aio0", "lvs_name": "lvs", "cluster_sz": 1 << 20}),
+    ));
+    for name in ["a", "b"] {
+        result(t.call(
+            "bdev_lvol_create",
+            json!({"lvs_name": "lvs", "lvol_name": name, "size_in_mib": 2}),
+        ));
+    }
+    let (st, _) = t.stop();
+    assert!(st.success());
+    let flip = |off: u64| {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&image)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        b[0] ^= 0x5a;
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.write_all(&b).unwrap();
+    };
+    // 1. An lvol's first metadata page: that lvol is left out.
+    let store = Store::load(&FileDevice::open(&image).unwrap()).unwrap();
+    let a = store.lvol_store().unwrap().lvol("a").unwrap().blob_id;
+    let page = store.blob(a).unwrap().md_pages[0] as u64;
+    let md_start = store.super_block.md.start as u64;
+    flip((md_start + page) * 4096 + 100);
+    let t = Tgt::start("corrupt2", &[]);
+    result(t.call("bdev_aio_create", aio.clone()));
+    result(t.call("bdev_wait_for_examine", Value::Null));
+    let lvols = result(t.call("bdev_lvol_get_lvols", Value::Null));
+    let names: Vec<&str> = lvols
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["b"],
+        "the corrupt lvol is left out, the other serves"
+    );
+    assert!(t
+        .call("bdev_get_bdevs", json!({"name": "lvs/b"}))
+        .get("error")
+        .is_none());
+    let (st, _) = t.stop();
+    assert!(st.success());
+    // 2. The super block: the store is refused, the base stays free, the target serves.
+    flip(200);
+    let t = Tgt::start("corrupt3", &[]);
+    result(t.call("bdev_aio_create", aio));
+    result(t.call("bdev_wait_for_examine", Value::Null));
+    assert_eq!(
+        result(t.call("bdev_lvol_get_lvstores", Value::Null)),
+        json!([])
+    );
+    let b = &result(t.call("bdev_get_bdevs", json!({"name": "aio0"})))[0];
+    assert_eq!(b["claimed"], false);
+    result(t.call(
+        "bdev_malloc_create",
+        json!({"name": "m", "num_blocks": 2048, "block_size": 512}),
+    ));
+    let (st, _) = t.stop();
+    assert!(st.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
