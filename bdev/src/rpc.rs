@@ -12,15 +12,7 @@ use jsonrpc::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::{BdevError, IoType, ResetMode};
-
-impl From<BdevError> for RpcError {
-    /// SPDK answers with `-errno` and `strerror(errno)`; the detailed message goes to the log.
-    fn from(e: BdevError) -> Self {
-        log::error!("{}", e.msg);
-        RpcError::errno(e.errno())
-    }
-}
+use crate::{IoType, ResetMode};
 
 /// `bdev_set_options`, as SPDK keeps and saves them.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]

@@ -381,7 +381,7 @@ impl Blobstore {
             .borrow()
             .get(&snapshot)
             .cloned()
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no blob {snapshot}")))?;
+            .ok_or_else(|| Error::new(ErrorKind::NoEntry, format!("no blob {snapshot}")))?;
         let (n, extent_table) = {
             let md = parent.md.borrow();
             if !md.flags.data_ro() || md.dirty {
@@ -425,7 +425,7 @@ impl Blobstore {
         let state = s.blobs.borrow().get(&id).cloned().ok_or_else(|| {
             match s.broken.borrow().iter().find(|(b, _)| *b == id) {
                 Some((_, why)) => Error::corrupt(format!("blob {id} does not load: {why}")),
-                None => Error::new(ErrorKind::NotFound, format!("no blob {id}")),
+                None => Error::new(ErrorKind::NoEntry, format!("no blob {id}")),
             }
         })?;
         state.open_ref.set(state.open_ref.get() + 1);
@@ -469,7 +469,7 @@ pub(crate) async fn delete_leaf(s: &StoreInner, state: &Rc<BlobState>) -> Result
     {
         let _g = state.lock.lock().await;
         if !s.blobs.borrow().contains_key(&id) {
-            return Err(Error::new(ErrorKind::NotFound, format!("no blob {id}")));
+            return Err(Error::new(ErrorKind::NoEntry, format!("no blob {id}")));
         }
         s.mark_dirty().await?;
         let root = id.page();
@@ -564,7 +564,7 @@ pub(crate) fn resize_md(s: &StoreInner, b: &BlobState, n: u64) -> Result<()> {
     }
     if md.flags.md_ro() {
         return Err(Error::new(
-            ErrorKind::ReadOnly,
+            ErrorKind::NotPermitted,
             format!("blob {} is read-only", b.id),
         ));
     }
@@ -912,7 +912,7 @@ impl BlobHandle {
         }
         if self.state.md.borrow().flags.md_ro() {
             return Err(Error::new(
-                ErrorKind::ReadOnly,
+                ErrorKind::NotPermitted,
                 format!("blob {} is read-only", self.state.id),
             ));
         }
@@ -941,7 +941,7 @@ impl BlobHandle {
         md.xattrs.retain(|x| x.name != name.as_bytes());
         if md.xattrs.len() == before {
             return Err(Error::new(
-                ErrorKind::NotFound,
+                ErrorKind::NoEntry,
                 format!("blob {} has no xattr {name}", self.state.id),
             ));
         }

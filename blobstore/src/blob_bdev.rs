@@ -101,7 +101,7 @@ pub fn register(blob: &BlobHandle, name: &str, opts: BlobBdevOpts) -> Result<Bde
     let store = blob.store();
     let desc = store
         .base_desc()
-        .ok_or_else(|| Error::new(ErrorKind::NotFound, "blobstore is unloaded"))?;
+        .ok_or_else(|| Error::new(ErrorKind::NoEntry, "blobstore is unloaded"))?;
     let shared = blob.shared();
     let bs = store.io_unit_size();
     let mut p = BdevParams::new(

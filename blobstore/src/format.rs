@@ -296,7 +296,7 @@ impl SuperBlock {
         check_crc(buf, "super block")?;
         if !(VERSION_MIN..=VERSION).contains(&version) {
             return Err(Error::new(
-                ErrorKind::Unsupported,
+                ErrorKind::NotSupported,
                 format!(
                     "super block: version {version}, this code reads {VERSION_MIN}..={VERSION}"
                 ),
@@ -359,7 +359,7 @@ impl SuperBlock {
         let bad = |m: String| Err(Error::corrupt(format!("super block: {m}")));
         if self.md_page_size != 0 && self.md_page_size as usize != PAGE_SIZE {
             return Err(Error::new(
-                ErrorKind::Unsupported,
+                ErrorKind::NotSupported,
                 format!(
                     "super block: metadata page size {} (only {PAGE_SIZE} is implemented)",
                     self.md_page_size

@@ -107,7 +107,7 @@ impl Store {
         }
         let sup = self.blobs.get(&sb.super_blob).ok_or_else(|| {
             Error::new(
-                ErrorKind::NotFound,
+                ErrorKind::NoEntry,
                 format!("lvstore super blob {} not found", sb.super_blob),
             )
         })?;

@@ -392,7 +392,7 @@ async fn examine_async(name: &str) -> Result<()> {
         return Ok(());
     }
     let mut desc = bdev::open(name, false, Some(base_events(name.to_string())))
-        .map_err(|e| Error::new(ErrorKind::NotFound, e.to_string()))?;
+        .map_err(|e| Error::new(ErrorKind::NoEntry, e.to_string()))?;
     let page0 = crate::base::Base::new(desc.channel())
         .read(0, PAGE_SIZE)
         .await?;
@@ -417,7 +417,7 @@ async fn examine_async(name: &str) -> Result<()> {
 async fn attach(bs: Blobstore, base: &str) -> Result<Rc<Lvs>> {
     let sup = bs
         .super_blob()
-        .ok_or_else(|| Error::new(ErrorKind::NotFound, "lvstore without a super blob"))?;
+        .ok_or_else(|| Error::new(ErrorKind::NoEntry, "lvstore without a super blob"))?;
     let h = bs.open_blob(sup).await?;
     let uuid = parse_uuid(h.xattr("uuid").as_deref())
         .ok_or_else(|| Error::corrupt("lvstore super blob: missing or bad uuid"))?;
@@ -492,9 +492,9 @@ pub(crate) async fn create_lvstore(
         ));
     }
     let mut desc: Desc = bdev::open(base, true, Some(base_events(base.to_string())))
-        .map_err(|e| Error::new(ErrorKind::NotFound, e.to_string()))?;
+        .map_err(|e| Error::new(ErrorKind::NoEntry, e.to_string()))?;
     desc.claim(MODULE)
-        .map_err(|e| Error::new(ErrorKind::ReadOnly, e.to_string()))?;
+        .map_err(|e| Error::new(ErrorKind::NotPermitted, e.to_string()))?;
     let uuid = Uuid::new_v4();
     let cluster = if cluster_sz == 0 {
         crate::layout::LVS_DEFAULT_CLUSTER_SIZE
@@ -577,7 +577,7 @@ pub(crate) async fn resize_lvol(lvs: &Lvs, l: &Lvol, size_bytes: u64) -> Result<
     let cb = lvs.bs.cluster_size() / lvs.bs.io_unit_size();
     let h = l.handle.borrow_mut().take().ok_or_else(|| {
         Error::new(
-            ErrorKind::NotFound,
+            ErrorKind::NoEntry,
             format!("lvol {} is not open", l.unique_id),
         )
     })?;
@@ -595,7 +595,7 @@ pub(crate) async fn resize_lvol(lvs: &Lvs, l: &Lvol, size_bytes: u64) -> Result<
 pub(crate) async fn set_read_only(l: &Lvol) -> Result<()> {
     let h = l.handle.borrow_mut().take().ok_or_else(|| {
         Error::new(
-            ErrorKind::NotFound,
+            ErrorKind::NoEntry,
             format!("lvol {} is not open", l.unique_id),
         )
     })?;
@@ -615,7 +615,7 @@ pub(crate) async fn rename_lvol(lvs: &Lvs, l: &Lvol, new_name: &str) -> Result<(
     check_lvol_name(lvs, new_name)?;
     let h = l.handle.borrow_mut().take().ok_or_else(|| {
         Error::new(
-            ErrorKind::NotFound,
+            ErrorKind::NoEntry,
             format!("lvol {} is not open", l.unique_id),
         )
     })?;
@@ -653,7 +653,7 @@ pub(crate) async fn rename_lvstore(lvs: &Lvs, new_name: &str) -> Result<()> {
     let sup = lvs
         .bs
         .super_blob()
-        .ok_or_else(|| Error::new(ErrorKind::NotFound, "lvstore without a super blob"))?;
+        .ok_or_else(|| Error::new(ErrorKind::NoEntry, "lvstore without a super blob"))?;
     let h = lvs.bs.open_blob(sup).await?;
     h.set_xattr("name", &c_value(new_name))?;
     h.close().await?;
@@ -801,7 +801,7 @@ pub(crate) async fn inflate_lvol(lvs: &Lvs, l: &Lvol, all: bool) -> Result<()> {
 /// returns the clone's bdev name.
 pub(crate) async fn clone_bdev(lvs: &Rc<Lvs>, esnap: &str, name: &str) -> Result<String> {
     let desc = bdev::open(esnap, false, None)
-        .map_err(|e| Error::new(ErrorKind::NotFound, e.to_string()))?;
+        .map_err(|e| Error::new(ErrorKind::NoEntry, e.to_string()))?;
     let b = desc.bdev().clone();
     let size = b.num_blocks() * b.block_size() as u64;
     if !size.is_multiple_of(lvs.bs.cluster_size()) {

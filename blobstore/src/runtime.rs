@@ -534,12 +534,12 @@ impl StoreInner {
             .borrow()
             .get(&id)
             .cloned()
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no blob {id}")))
+            .ok_or_else(|| Error::new(ErrorKind::NoEntry, format!("no blob {id}")))
     }
 
     pub(crate) fn check_loaded(&self) -> Result<()> {
         if self.unloaded.get() {
-            return Err(Error::new(ErrorKind::NotFound, "blobstore is unloaded"));
+            return Err(Error::new(ErrorKind::NoEntry, "blobstore is unloaded"));
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ impl Blobstore {
         };
         if !read_only {
             return Err(Error::new(
-                ErrorKind::ReadOnly,
+                ErrorKind::NotPermitted,
                 format!("blob {id} must be read-only for a shallow copy"),
             ));
         }

@@ -275,7 +275,7 @@ impl Blobstore {
         }
         if all && b.shared.map().external().is_some_and(|x| x.dev().is_none()) {
             return Err(Error::new(
-                ErrorKind::NotFound,
+                ErrorKind::NoEntry,
                 format!("blob {id}: its external snapshot is missing (degraded)"),
             ));
         }

@@ -591,7 +591,7 @@ fn parse_blob(
     }
     if flags.unknown_invalid() != 0 {
         return Err(Error::new(
-            ErrorKind::Unsupported,
+            ErrorKind::NotSupported,
             format!("unknown invalid_flags bits {:#x}", flags.unknown_invalid()),
         ));
     }

@@ -712,7 +712,7 @@ fn broken_blobs() {
         ],
     );
     let s = bad_blob(&img, 1, "unknown invalid_flags");
-    assert_eq!(s.broken[0].error.kind, blobstore::ErrorKind::Unsupported);
+    assert_eq!(s.broken[0].error.kind, blobstore::ErrorKind::NotSupported);
 
     let mut img = image();
     put_md(

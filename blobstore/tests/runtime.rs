@@ -856,7 +856,7 @@ fn shallow_copy_writes_only_the_blobs_own_clusters() {
         };
         assert_eq!(
             copy("scdst").unwrap_err().kind,
-            blobstore::ErrorKind::ReadOnly
+            blobstore::ErrorKind::NotPermitted
         );
         run(move || async move {
             let h = store("sc").open_blob(t).await.unwrap();

@@ -98,6 +98,15 @@ impl fmt::Display for RpcError {
 
 impl std::error::Error for RpcError {}
 
+impl From<errors::Error> for RpcError {
+    /// The edge where the crates' errors meet SPDK's answers: `-errno` and `strerror(errno)`, as SPDK
+    /// answers; the detailed message goes to the log.
+    fn from(e: errors::Error) -> Self {
+        log::error!("{e}");
+        RpcError::errno(e.errno())
+    }
+}
+
 impl From<std::io::Error> for RpcError {
     /// OS errors become errno-based errors; others become internal errors.
     fn from(e: std::io::Error) -> Self {

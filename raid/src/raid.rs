@@ -629,7 +629,7 @@ fn configure_base(raid: &Arc<Raid>, slot: usize, existing: bool, cb: Option<Cb>)
         if e.kind != bdev::ErrorKind::NotFound {
             log::error!("Unable to create desc on bdev '{name}'");
         }
-        RaidError::bdev(e, format!("base bdev {name}"))
+        RaidError::wrap(e, format!("base bdev {name}"))
     })?;
     let bdev = desc.bdev().clone();
     if !uuid.is_nil() && uuid != bdev.uuid() {
@@ -640,7 +640,7 @@ fn configure_base(raid: &Arc<Raid>, slot: usize, existing: bool, cb: Option<Cb>)
     }
     desc.claim(MODULE).map_err(|e| {
         log::error!("Unable to claim this bdev as it is already claimed");
-        RaidError::bdev(e, format!("base bdev {name}"))
+        RaidError::wrap(e, format!("base bdev {name}"))
     })?;
     let desc = Arc::new(desc);
     let checked = {
@@ -1082,7 +1082,7 @@ fn configure_cont(raid: &Arc<Raid>) {
     if let Some(cb) = cb {
         cb(res
             .map(|_| ())
-            .map_err(|e| RaidError::bdev(e, format!("register {}", raid.name))));
+            .map_err(|e| RaidError::wrap(e, format!("register {}", raid.name))));
     }
 }
 
@@ -1276,7 +1276,7 @@ fn deconfigure(raid: &Arc<Raid>, cb: Option<Cb>) {
             let name = raid.name.clone();
             b.unregister(move |res| {
                 if let Some(cb) = cb {
-                    cb(res.map_err(|e| RaidError::bdev(e, format!("unregister {name}"))));
+                    cb(res.map_err(|e| RaidError::wrap(e, format!("unregister {name}"))));
                 }
             });
         }
@@ -1754,7 +1754,7 @@ pub(crate) fn read_superblock(
             };
             if !io.success() {
                 return done(Err(SbError::Io(RaidError::new(
-                    ErrorKind::Io,
+                    ErrorKind::Io(libc::EIO),
                     format!("Failed to read bdev {name} superblock"),
                 ))));
             }
@@ -1773,7 +1773,7 @@ pub(crate) fn read_superblock(
         log::error!("Failed to read superblock: {e}");
         let d = done.borrow_mut().take();
         if let Some(d) = d {
-            d(Err(SbError::Io(RaidError::bdev(e, "superblock read"))));
+            d(Err(SbError::Io(RaidError::wrap(e, "superblock read"))));
         }
     }
 }
@@ -1842,14 +1842,17 @@ fn write_block0(raid: &Arc<Raid>, data: Vec<u8>, done: impl FnOnce(Result<()>) +
                     Ok(())
                 } else {
                     log::error!("Failed to save superblock on bdev {name}");
-                    err(ErrorKind::Io, format!("superblock write to {name} failed"))
+                    err(
+                        ErrorKind::Io(libc::EIO),
+                        format!("superblock write to {name} failed"),
+                    )
                 };
                 finish(&c, r);
             })),
             0,
         );
         if let Err(e) = res {
-            finish(&ctx, Err(RaidError::bdev(e, "superblock write")));
+            finish(&ctx, Err(RaidError::wrap(e, "superblock write")));
         }
     }
 }
@@ -1932,7 +1935,7 @@ fn load_sb_of(
             log::debug!("examine: cannot open {}: {e}", bdev.name());
             return done(
                 bdev.clone(),
-                Err(SbError::Io(RaidError::bdev(e, "examine"))),
+                Err(SbError::Io(RaidError::wrap(e, "examine"))),
             );
         }
     };

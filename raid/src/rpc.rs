@@ -9,16 +9,8 @@ use uuid::Uuid;
 use crate::raid::{self, CreateOpts, RaidOptions, RaidState};
 use crate::{Level, RaidError};
 
-impl From<RaidError> for RpcError {
-    /// SPDK answers with `-errno` and `strerror(errno)`; the detailed message goes to the log.
-    fn from(e: RaidError) -> Self {
-        log::error!("{}", e.msg);
-        RpcError::errno(e.errno())
-    }
-}
-
 fn fmt_err(e: &RaidError, msg: String) -> RpcError {
-    log::error!("{}", e.msg);
+    log::error!("{e}");
     RpcError::new(-e.errno(), msg)
 }
 

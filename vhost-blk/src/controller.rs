@@ -142,7 +142,7 @@ pub fn create(opts: CreateOpts, done: impl FnOnce(Result<()>) + Send + 'static) 
         Ok((ctrlr, listener)) => {
             let c = ctrlr.clone();
             ctrlr.thread.send(move || {
-                let res = Dev::open(c.clone()).map_err(Error::from);
+                let res = Dev::open(c.clone());
                 match res {
                     Ok(()) => {
                         let c2 = c.clone();

@@ -15,7 +15,7 @@ use crate::controller::{self, CreateOpts, TRANSPORT};
 use crate::Error;
 
 fn invalid_params(e: Error) -> RpcError {
-    log::error!("{}", e.msg);
+    log::error!("{e}");
     RpcError::invalid_params(jsonrpc::strerror(e.errno()))
 }
 

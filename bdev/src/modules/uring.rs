@@ -353,7 +353,7 @@ pub fn rescan(name: &str) -> Result<()> {
         // SAFETY: `fd` is open (owned by `file`), `st` is writable.
         if unsafe { libc::fstat(fd, &mut st) } != 0 {
             return Err(BdevError::os(
-                &std::io::Error::last_os_error(),
+                std::io::Error::last_os_error(),
                 format!("{name}: fstat"),
             ));
         }

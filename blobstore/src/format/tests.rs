@@ -153,7 +153,7 @@ fn super_block_hand_assembled() {
         .unwrap()
         .check_geometry(1 << 30)
         .unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
+    assert_eq!(e.kind, ErrorKind::NotSupported, "{e}");
 }
 
 #[test]
@@ -180,7 +180,7 @@ fn super_block_rejects() {
         put(&mut p, 8, &v.to_le_bytes());
         assert_eq!(
             SuperBlock::decode(&reseal(p)).unwrap_err().kind,
-            ErrorKind::Unsupported
+            ErrorKind::NotSupported
         );
     }
     let sb = SuperBlock::decode(&good).unwrap();
