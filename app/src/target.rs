@@ -341,6 +341,16 @@ pub fn run_with(
 ) -> Result<(), String> {
     crate::logging::init(&opts.log_flags, opts.silence_noticelog)?;
     reactor::dma::set_no_huge(opts.no_huge);
+    reactor::dma::set_limit(opts.mem_size_mb.unwrap_or(0) as usize * (1 << 20));
+    reactor::dma::set_huge_dir(opts.huge_dir.clone()).map_err(|e| {
+        format!(
+            "--huge-dir {}: {e}",
+            opts.huge_dir
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+        )
+    })?;
     let entries = match &opts.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)

@@ -6,8 +6,9 @@
 //! ([`crate::memmap`]) for as long as it is mapped, so a VFIO or RDMA driver subscribed to it can prepare it for
 //! devices; [`regions`] lists them.
 
+use std::path::PathBuf;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::memmap::{self, Registration};
@@ -19,6 +20,16 @@ const CLASSES: usize = 10; // 4 KiB .. 2 MiB
 
 static NO_HUGE: AtomicBool = AtomicBool::new(false);
 static HUGE_FAILED: AtomicBool = AtomicBool::new(false);
+/// `-s`: the most DMA memory mapped at once, in bytes (0: no limit).
+static LIMIT: AtomicUsize = AtomicUsize::new(0);
+/// DMA memory mapped now, in bytes.
+static MAPPED: AtomicUsize = AtomicUsize::new(0);
+/// `--huge-dir`: a hugetlbfs mount whose files back DMA memory.
+static HUGE_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+static HUGE_FILES: AtomicUsize = AtomicUsize::new(0);
+
+/// hugetlbfs's `f_type` (statfs).
+const HUGETLBFS_MAGIC: libc::c_long = 0x958458f6;
 
 struct Region {
     reg: Registration,
@@ -38,6 +49,40 @@ static POOL: Mutex<Pool> = Mutex::new(Pool {
 /// Disables hugepages (`--no-huge`).
 pub fn set_no_huge(v: bool) {
     NO_HUGE.store(v, Ordering::Relaxed);
+}
+
+/// Caps the DMA memory mapped at once (`-s`/`--mem-size`); 0 lifts the cap. A mapping past it fails with
+/// ENOMEM and says so, so the RPC that asked for it answers "Cannot allocate memory" and nothing else is hurt.
+pub fn set_limit(bytes: usize) {
+    LIMIT.store(bytes, Ordering::Relaxed);
+}
+
+/// DMA memory mapped now, in bytes.
+pub fn mapped() -> usize {
+    MAPPED.load(Ordering::Relaxed)
+}
+
+/// Backs DMA memory with files in the hugetlbfs mount `dir` (`--huge-dir`), created and unlinked at once so
+/// that nothing is left behind; refused unless `dir` is a hugetlbfs mount.
+pub fn set_huge_dir(dir: Option<PathBuf>) -> std::io::Result<()> {
+    if let Some(d) = &dir {
+        let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: statfs reads the NUL-terminated path and writes only the struct we pass, sized for it.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if st.f_type as libc::c_long != HUGETLBFS_MAGIC {
+            return Err(std::io::Error::other(format!(
+                "{} is not a hugetlbfs mount",
+                d.display()
+            )));
+        }
+    }
+    *crate::lock(&HUGE_DIR) = dir;
+    Ok(())
 }
 
 fn pool() -> MutexGuard<'static, Pool> {
@@ -62,16 +107,78 @@ pub fn mapped_len(len: usize) -> usize {
 /// Returns the address and whether hugepages back it.
 pub fn map_anonymous(len: usize) -> std::io::Result<(NonNull<u8>, bool)> {
     let len = mapped_len(len);
-    if !NO_HUGE.load(Ordering::Relaxed) && !HUGE_FAILED.load(Ordering::Relaxed) {
-        if let Some(p) = mmap(len, libc::MAP_HUGETLB) {
-            return Ok((p, true));
+    let limit = LIMIT.load(Ordering::Relaxed);
+    let before = MAPPED.fetch_add(len, Ordering::Relaxed);
+    if limit != 0 && before + len > limit {
+        MAPPED.fetch_sub(len, Ordering::Relaxed);
+        log::error!(
+            "DMA memory: {} MiB asked with {} MiB mapped, past the {} MiB given (-s)",
+            len >> 20,
+            before >> 20,
+            limit >> 20
+        );
+        return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+    }
+    let r = map_backed(len);
+    if r.is_err() {
+        MAPPED.fetch_sub(len, Ordering::Relaxed);
+    }
+    r
+}
+
+fn map_backed(len: usize) -> std::io::Result<(NonNull<u8>, bool)> {
+    if !NO_HUGE.load(Ordering::Relaxed) {
+        let dir = crate::lock(&HUGE_DIR).clone();
+        if let Some(d) = dir {
+            return map_huge_file(&d, len).map(|p| (p, true));
         }
-        HUGE_FAILED.store(true, Ordering::Relaxed);
-        log::info!("hugepages unavailable; DMA memory uses ordinary pages");
+        if !HUGE_FAILED.load(Ordering::Relaxed) {
+            if let Some(p) = mmap(len, libc::MAP_HUGETLB) {
+                return Ok((p, true));
+            }
+            HUGE_FAILED.store(true, Ordering::Relaxed);
+            log::info!("hugepages unavailable; DMA memory uses ordinary pages");
+        }
     }
     mmap(len, 0)
         .map(|p| (p, false))
         .ok_or_else(std::io::Error::last_os_error)
+}
+
+/// Maps `len` bytes of a new file in hugetlbfs mount `dir`; the file is unlinked before this returns (the
+/// mapping keeps its pages, and nothing is left in `dir` after a crash).
+fn map_huge_file(dir: &std::path::Path, len: usize) -> std::io::Result<NonNull<u8>> {
+    use std::os::fd::AsRawFd;
+    let n = HUGE_FILES.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!("spdk_tgt.{}.{n}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let _ = std::fs::remove_file(&path);
+    f.set_len(len as u64)?;
+    // SAFETY: a new shared mapping of our own file at an address the kernel picks touches no existing memory;
+    // the file stays mapped after its descriptor closes.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("hugepages in {}: {e}", dir.display()),
+        ));
+    }
+    NonNull::new(p as *mut u8).ok_or_else(|| std::io::Error::other("mmap returned null"))
 }
 
 fn mmap(len: usize, extra: libc::c_int) -> Option<NonNull<u8>> {
@@ -101,6 +208,7 @@ pub unsafe fn unmap(p: NonNull<u8>, len: usize) {
     let len = mapped_len(len);
     // SAFETY: the caller guarantees the range is one mapping of ours that nothing uses any more.
     unsafe { libc::munmap(p.as_ptr() as *mut libc::c_void, len) };
+    MAPPED.fetch_sub(len, Ordering::Relaxed);
 }
 
 /// A DMA-able buffer, aligned to at least 4 KiB, owned and `Send`.
