@@ -1,13 +1,15 @@
 //! vhost-user-blk benchmark without a VM: this program is the front end (QEMU's part: shared memory, vhost-user
 //! messages, eventfds) and the guest driver (split ring, requests, busy-polled completions), and drives our
-//! `spdk_tgt` and `qemu-storage-daemon --export type=vhost-user-blk` on the same kind of backing in the same run.
+//! `spdk_tgt`, `qemu-storage-daemon --export type=vhost-user-blk` and SPDK v24.05's own `vhost` (from the peer
+//! build, when there is one) on the same kind of backing in the same run. With SPDK in the run the shared guest
+//! memory is on 2 MiB hugepages for all three (SPDK registers guest memory for DMA and needs them).
 //!
 //! Backings: `null` (our null bdev / QEMU's null-co) and `ram` (our malloc bdev / a file on tmpfs). Each back end
 //! runs pinned to one core (`--backend-core`, default 1); the driver runs on another (default 0). Reported: IOPS,
 //! the back end's CPU use over the run (from /proc), IOPS per back-end core, and our/QEMU ratio per core.
 //!
 //! usage: vhost_bench [-t SECS] [--qd 32,128] [--rw randread,randwrite] [--backing null,ram] [--tgt PATH]
-//!                    [--qsd PATH] [--driver-core N] [--backend-core N]
+//!                    [--qsd PATH] [--spdk PATH | --no-spdk] [--driver-core N] [--backend-core N]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -30,6 +32,8 @@ struct Args {
     backings: Vec<String>,
     tgt: PathBuf,
     qsd: String,
+    /// SPDK's `vhost` binary, if it is in the run.
+    spdk: Option<PathBuf>,
     driver_core: usize,
     backend_core: usize,
     socket: Option<PathBuf>,
@@ -47,6 +51,11 @@ fn parse_args() -> Args {
         backings: vec!["null".into(), "ram".into()],
         tgt: exe_dir.join("spdk_tgt"),
         qsd: "qemu-storage-daemon".into(),
+        spdk: Some(
+            PathBuf::from(std::env::var("SPDK_PEER").unwrap_or_else(|_| "/root/spdk-peer".into()))
+                .join("build/bin/vhost"),
+        )
+        .filter(|p| p.exists()),
         driver_core: 0,
         backend_core: 1,
         socket: None,
@@ -61,11 +70,13 @@ fn parse_args() -> Args {
             "--backing" => a.backings = v().split(',').map(String::from).collect(),
             "--tgt" => a.tgt = PathBuf::from(v()),
             "--qsd" => a.qsd = v(),
+            "--spdk" => a.spdk = Some(PathBuf::from(v())),
+            "--no-spdk" => a.spdk = None,
             "--driver-core" => a.driver_core = v().parse().expect("core"),
             "--backend-core" => a.backend_core = v().parse().expect("core"),
             "--socket" => a.socket = Some(PathBuf::from(v())),
             "-h" | "--help" => {
-                println!("usage: vhost_bench [-t SECS] [--qd 32,128] [--rw randread,randwrite] [--backing null,ram] [--tgt PATH] [--qsd PATH] [--driver-core N] [--backend-core N]");
+                println!("usage: vhost_bench [-t SECS] [--qd 32,128] [--rw randread,randwrite] [--backing null,ram] [--tgt PATH] [--qsd PATH] [--spdk PATH | --no-spdk] [--driver-core N] [--backend-core N]");
                 std::process::exit(0);
             }
             other => panic!("unknown argument {other}"),
@@ -96,6 +107,8 @@ struct Backend {
     child: Option<Child>,
     sock: PathBuf,
     name: &'static str,
+    /// Guest memory on hugepages.
+    huge: bool,
 }
 
 impl Drop for Backend {
@@ -146,9 +159,14 @@ fn rpc(sock: &Path, method: &str, params: serde_json::Value) {
     }
 }
 
-fn start_ours(a: &Args, dir: &Path, backing: &str) -> Backend {
+/// Our `spdk_tgt`, or SPDK's `vhost` (`spdk`): the same command line and RPCs.
+fn start_ours(a: &Args, dir: &Path, backing: &str, spdk: bool) -> Backend {
     let rpc_sock = dir.join("spdk.sock");
-    let child = Command::new(&a.tgt)
+    let bin = match (&a.spdk, spdk) {
+        (Some(p), true) => p.clone(),
+        _ => a.tgt.clone(),
+    };
+    let child = Command::new(&bin)
         .args(["-m", &format!("0x{:x}", 1u64 << a.backend_core), "-S"])
         .arg(dir)
         .arg("-r")
@@ -159,7 +177,7 @@ fn start_ours(a: &Args, dir: &Path, backing: &str) -> Backend {
         .unwrap_or_else(|e| {
             panic!(
                 "{}: {e} (build it: cargo build --release -p spdk-tgt)",
-                a.tgt.display()
+                bin.display()
             )
         });
     wait_for(&rpc_sock, "spdk_tgt");
@@ -192,7 +210,8 @@ fn start_ours(a: &Args, dir: &Path, backing: &str) -> Backend {
     Backend {
         child: Some(child),
         sock,
-        name: "spdk-rs",
+        name: if spdk { "spdk" } else { "spdk-rs" },
+        huge: a.spdk.is_some(),
     }
 }
 
@@ -232,6 +251,7 @@ fn start_qsd(a: &Args, dir: &Path, backing: &str) -> Backend {
         child: Some(child),
         sock,
         name: "qemu-sd",
+        huge: a.spdk.is_some(),
     }
 }
 
@@ -256,6 +276,7 @@ fn drive_pinned(b: &Backend, rw: &str, qd: u16, secs: f64) -> Run {
             queues: 1,
             queue_size: QUEUE_SIZE,
             mem_size: 64 << 20,
+            hugepages: b.huge,
             ..Default::default()
         },
     )
@@ -400,12 +421,19 @@ fn main() {
         "ratio",
         "ratio/core"
     );
+    if a.spdk.is_some() {
+        println!(
+            "{:>80}| {:>10} {:>6} {:>11} | {:>7} {:>9}",
+            "", "spdk IOPS", "cpu", "IOPS/core", "vs spdk", "per core"
+        );
+    }
     if let Some(sock) = &a.socket {
         // Drive an already running back end (for profiling it).
         let b = Backend {
             child: None,
             sock: sock.clone(),
             name: "socket",
+            huge: a.spdk.is_some(),
         };
         for rw in &a.rws {
             for &qd in &a.qds {
@@ -422,9 +450,15 @@ fn main() {
                 let sub = dir.join(format!("{backing}-{rw}-{qd}"));
                 std::fs::create_dir_all(&sub).unwrap();
                 let ours = {
-                    let b = start_ours(&a, &sub, backing);
+                    let b = start_ours(&a, &sub, backing, false);
                     drive(&b, rw, qd, a.secs, a.driver_core)
                 };
+                let spdk = a.spdk.as_ref().map(|_| {
+                    let sub = sub.join("spdk");
+                    std::fs::create_dir_all(&sub).unwrap();
+                    let b = start_ours(&a, &sub, backing, true);
+                    drive(&b, rw, qd, a.secs, a.driver_core)
+                });
                 let qsd = {
                     let b = start_qsd(&a, &sub, backing);
                     drive(&b, rw, qd, a.secs, a.driver_core)
@@ -435,7 +469,7 @@ fn main() {
                 let ratio_core = per(&ours) / per(&qsd).max(1.0);
                 worst = Some(worst.map_or(ratio_core, |w: f64| w.min(ratio_core)));
                 println!(
-                    "{:<7} {:<10} {:>4} | {:>10.0} {:>6.2} {:>11.0} | {:>10.0} {:>6.2} {:>11.0} | {:>7.2} {:>9.2}{}",
+                    "{:<7} {:<10} {:>4} | {:>10.0} {:>6.2} {:>11.0} | {:>10.0} {:>6.2} {:>11.0} | {:>7.2} {:>9.2}{}{}",
                     backing,
                     rw,
                     qd,
@@ -447,8 +481,24 @@ fn main() {
                     per(&qsd),
                     ours.iops / qsd.iops.max(1.0),
                     ratio_core,
-                    if ours.errors + qsd.errors > 0 {
-                        format!("  (errors: ours {}, qsd {})", ours.errors, qsd.errors)
+                    match &spdk {
+                        Some(sp) => format!(
+                            " | {:>10.0} {:>6.2} {:>11.0} | {:>7.2} {:>9.2}",
+                            sp.iops,
+                            sp.cpu,
+                            per(sp),
+                            ours.iops / sp.iops.max(1.0),
+                            per(&ours) / per(sp).max(1.0)
+                        ),
+                        None => String::new(),
+                    },
+                    if ours.errors + qsd.errors + spdk.as_ref().map_or(0, |s| s.errors) > 0 {
+                        format!(
+                            "  (errors: ours {}, qsd {}, spdk {})",
+                            ours.errors,
+                            qsd.errors,
+                            spdk.as_ref().map_or(0, |s| s.errors)
+                        )
                     } else {
                         String::new()
                     }

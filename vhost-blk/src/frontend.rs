@@ -47,6 +47,9 @@ pub struct Options {
     pub event_idx: bool,
     /// Shared memory size.
     pub mem_size: u64,
+    /// Back the shared memory with hugepages (as QEMU with `memory-backend-memfd,hugetlb=on`): SPDK's own
+    /// vhost target registers guest memory for DMA and needs it on 2 MiB pages.
+    pub hugepages: bool,
 }
 
 impl Default for Options {
@@ -57,6 +60,7 @@ impl Default for Options {
             packed: false,
             event_idx: false,
             mem_size: 64 << 20,
+            hugepages: false,
         }
     }
 }
@@ -132,7 +136,8 @@ fn e<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
 impl Frontend {
     /// Connects to `socket`, negotiates, shares memory and starts `opts.queues` queues.
     pub fn connect(socket: &Path, opts: &Options) -> Result<Frontend> {
-        let file = crate::sys::memfd("vhost-frontend", opts.mem_size).map_err(e("memfd"))?;
+        let file = crate::sys::memfd("vhost-frontend", opts.mem_size, opts.hugepages)
+            .map_err(e("memfd"))?;
         let map = MmapRegion::from_file(
             FileOffset::new(file.try_clone().map_err(e("dup"))?, 0),
             opts.mem_size as usize,

@@ -17,12 +17,18 @@ pub fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// An anonymous shared memory file (`memfd_create`), as QEMU backs guest RAM for vhost-user.
-pub fn memfd(name: &str, size: u64) -> std::io::Result<std::fs::File> {
+/// An anonymous shared memory file (`memfd_create`), as QEMU backs guest RAM for vhost-user; on 2 MiB
+/// hugepages when `huge` (`size` a multiple of 2 MiB).
+pub fn memfd(name: &str, size: u64, huge: bool) -> std::io::Result<std::fs::File> {
     use std::os::unix::io::FromRawFd;
     let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    let flags = if huge {
+        libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
+    } else {
+        libc::MFD_CLOEXEC
+    };
     // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
