@@ -112,6 +112,10 @@ pub struct BdevParams {
     pub max_segment_size: u32,
     /// Most buffer segments per I/O the module takes (SPDK's `max_num_segments`; 0 = no limit).
     pub max_num_segments: u32,
+    /// Largest unmap the module takes, in blocks (SPDK's `max_unmap` x `max_unmap_segments`; 0 = no limit).
+    pub max_unmap: u64,
+    /// Largest write-zeroes the module takes, in blocks (SPDK's `max_write_zeroes`; 0 = no limit).
+    pub max_write_zeroes: u64,
     /// Metadata bytes per block (0 = none).
     pub md_size: u32,
     /// Metadata interleaved with the data of each block (an extended LBA) rather than in a separate buffer.
@@ -145,6 +149,8 @@ impl BdevParams {
             max_rw_size: 0,
             max_segment_size: 0,
             max_num_segments: 0,
+            max_unmap: 0,
+            max_write_zeroes: 0,
             md_size: 0,
             md_interleave: false,
             dif_type: 0,

@@ -58,7 +58,8 @@ pub(crate) struct ChannelCore {
     held: RefCell<VecDeque<IoHandle>>,
 }
 
-/// Limits a module sets on the reads and writes it takes; the layer cuts bigger ones into pieces.
+/// Limits a module sets on the I/O it takes (reads and writes; unmap and write-zeroes sizes); the layer cuts
+/// bigger ones into pieces.
 #[derive(Clone, Copy, Default)]
 struct SplitRules {
     /// Any limit set (the only thing the I/O path reads when none is).
@@ -71,6 +72,10 @@ struct SplitRules {
     max_seg: usize,
     /// Most segments per piece (0: no limit).
     max_segs: usize,
+    /// Most blocks per unmap piece (0: no limit).
+    max_unmap: u64,
+    /// Most blocks per write-zeroes piece (0: no limit).
+    max_write_zeroes: u64,
 }
 
 /// Pieces of one split I/O in flight at once, so one large I/O cannot take the whole descriptor pool.
@@ -169,11 +174,15 @@ impl ChannelCore {
             any: boundary > 0
                 || p.max_rw_size > 0
                 || p.max_segment_size > 0
-                || p.max_num_segments > 0,
+                || p.max_num_segments > 0
+                || p.max_unmap > 0
+                || p.max_write_zeroes > 0,
             boundary,
             max_blocks: p.max_rw_size as u64,
             max_seg: p.max_segment_size as usize,
             max_segs: p.max_num_segments as usize,
+            max_unmap: p.max_unmap,
+            max_write_zeroes: p.max_write_zeroes,
         };
         // Range locks held (or being taken) when the channel is made apply to it too.
         let (locks, fence) = reactor::lock(&bdev.0.range_locks).snapshot();
@@ -443,6 +452,14 @@ impl ChannelCore {
     /// Whether a read or write breaks one of the module's limits.
     fn needs_split(&self, io: &BdevIo) -> bool {
         let r = &self.split;
+        match io.io_type {
+            IoType::Unmap => return r.max_unmap > 0 && io.num_blocks > r.max_unmap,
+            IoType::WriteZeroes => {
+                return r.max_write_zeroes > 0 && io.num_blocks > r.max_write_zeroes
+            }
+            t if !t.has_data() => return false,
+            _ => {}
+        }
         (r.boundary > 0 && io.offset_blocks % r.boundary + io.num_blocks > r.boundary)
             || (r.max_blocks > 0 && io.num_blocks > r.max_blocks)
             || (r.max_segs > 0 && io.iovs.len() > r.max_segs)
@@ -564,6 +581,12 @@ impl ChannelCore {
         let r = &self.split;
         let bs = p.block_size as u64;
         let mut limit = p.num_blocks - next;
+        // No buffers: only the module's block limit for the type.
+        match p.io_type {
+            IoType::Unmap => return limit.min(r.max_unmap),
+            IoType::WriteZeroes => return limit.min(r.max_write_zeroes),
+            _ => {}
+        }
         if r.boundary > 0 {
             limit = limit.min(r.boundary - (p.offset_blocks + next) % r.boundary);
         }
@@ -932,7 +955,7 @@ impl IoChannel {
         } else if core.gate.get() && core.must_wait(&io) {
             // A range lock is being taken or held: the I/O goes on when it is.
             core.held.borrow_mut().push_back(io);
-        } else if core.split.any && io.io_type.has_data() && core.needs_split(&io) {
+        } else if core.split.any && core.needs_split(&io) {
             core.start_split(io);
         } else {
             core.submit_to_module(io);

@@ -26,6 +26,9 @@ struct Limits {
     max_blocks: u64,
     max_seg: usize,
     max_segs: usize,
+    /// Most blocks per unmap / write-zeroes.
+    max_unmap: u64,
+    max_write_zeroes: u64,
 }
 
 impl Limits {
@@ -41,6 +44,12 @@ impl Limits {
             || (self.max_blocks > 0 && io.num_blocks() > self.max_blocks)
             || (self.max_seg > 0 && iovs.iter().any(|v| v.len > self.max_seg))
             || (self.max_segs > 0 && iovs.len() > self.max_segs)
+            || (io.io_type() == IoType::Unmap
+                && self.max_unmap > 0
+                && io.num_blocks() > self.max_unmap)
+            || (io.io_type() == IoType::WriteZeroes
+                && self.max_write_zeroes > 0
+                && io.num_blocks() > self.max_write_zeroes)
     }
 }
 
@@ -49,7 +58,10 @@ impl BdevOps for Strict {
         "strict"
     }
     fn io_type_supported(&self, t: IoType) -> bool {
-        matches!(t, IoType::Read | IoType::Write)
+        matches!(
+            t,
+            IoType::Read | IoType::Write | IoType::Unmap | IoType::WriteZeroes
+        )
     }
     fn create_channel(&self, _b: &Bdev) -> Box<dyn ModuleChannel> {
         Box::new(StrictCh(self.0.clone(), self.1))
@@ -68,6 +80,7 @@ impl ModuleChannel for StrictCh {
         let mut disk = self.0.lock().unwrap();
         match io.io_type() {
             IoType::Write => io.copy_out(&mut disk[off..off + len]),
+            IoType::Unmap | IoType::WriteZeroes => disk[off..off + len].fill(0),
             _ => {
                 let data = disk[off..off + len].to_vec();
                 drop(disk);
@@ -268,5 +281,50 @@ fn io_breaking_module_limits_is_split_and_matches_unsplit_io() {
         let crumbs: Vec<usize> = std::iter::repeat_n(100, 5).chain([len - 500]).collect();
         let st = rw("split0", IoType::Write, 5, &mut tiny, &crumbs);
         assert_eq!(st, IoStatus::Failed(libc::EINVAL));
+    });
+}
+
+/// Unmap and write-zeroes larger than the module takes reach it in pieces within its limits, covering exactly
+/// the range asked (as SPDK splits them on `max_unmap` / `max_write_zeroes`).
+#[test]
+fn unmap_and_write_zeroes_are_split_on_the_modules_limits() {
+    with_reactors("0x1", || {
+        let limits = Limits {
+            max_unmap: 16,
+            max_write_zeroes: 24,
+            ..Default::default()
+        };
+        let disk = strict_disk("zsplit", 256, limits, |p| {
+            p.max_unmap = 16;
+            p.max_write_zeroes = 24;
+        });
+        disk.lock().unwrap().fill(0xab);
+        let nodata = |t: IoType, off: u64, n: u64| -> IoStatus {
+            on_app(move |reply| {
+                submit(
+                    &chan("zsplit", true),
+                    t,
+                    off,
+                    n,
+                    None,
+                    Box::new(move |(st, _)| reply(st)),
+                )
+            })
+        };
+        assert_eq!(nodata(IoType::WriteZeroes, 3, 100), IoStatus::Success);
+        assert_eq!(nodata(IoType::Unmap, 150, 70), IoStatus::Success);
+        let d = disk.lock().unwrap().clone();
+        let b = BS as usize;
+        assert!(d[..3 * b].iter().all(|&x| x == 0xab), "before the range");
+        assert!(
+            d[3 * b..103 * b].iter().all(|&x| x == 0),
+            "write-zeroes range"
+        );
+        assert!(d[103 * b..150 * b].iter().all(|&x| x == 0xab), "between");
+        assert!(d[150 * b..220 * b].iter().all(|&x| x == 0), "unmap range");
+        assert!(d[220 * b..].iter().all(|&x| x == 0xab), "after");
+        // Statistics count the I/Os asked for, not their pieces.
+        let st = on_app(|reply| bdev::get("zsplit").unwrap().get_iostat(reply));
+        assert_eq!(st.unmap.ops, 1);
     });
 }
