@@ -22,6 +22,13 @@ pub trait BdevOps: Send + Sync + 'static {
     fn io_type_supported(&self, t: IoType) -> bool;
     /// Builds this thread's channel; called on the thread that first uses the bdev.
     fn create_channel(&self, bdev: &Bdev) -> Box<dyn ModuleChannel>;
+    /// Builds this thread's channel when that can fail (a queue pair the device refuses, a connection that
+    /// cannot be made); the default cannot fail. A failed channel completes every I/O with the error's errno,
+    /// [`Desc::try_channel`] reports it, and the next attempt on the thread, once nothing holds the failed
+    /// channel, tries again (SPDK's `spdk_get_io_channel` returning NULL).
+    fn try_create_channel(&self, bdev: &Bdev) -> Result<Box<dyn ModuleChannel>> {
+        Ok(self.create_channel(bdev))
+    }
     /// Releases module resources once the bdev is unregistered and every descriptor closed.
     fn destruct(&self, _bdev: &Bdev) {}
     /// The `driver_specific` section of `bdev_get_bdevs`.
@@ -800,9 +807,22 @@ impl Desc {
         }
     }
 
-    /// This thread's I/O channel through this descriptor.
+    /// This thread's I/O channel through this descriptor. If the module could not make one, every I/O through
+    /// it fails with the module's errno (see [`Desc::try_channel`]).
     pub fn channel(&self) -> crate::channel::IoChannel {
         crate::channel::IoChannel::new(self.bdev.channel_core(), self.write)
+    }
+
+    /// This thread's I/O channel, or the error the module's channel creation failed with.
+    pub fn try_channel(&self) -> Result<crate::channel::IoChannel> {
+        let core = self.bdev.channel_core();
+        if let Some(errno) = core.failed {
+            return Err(BdevError::new(
+                ErrorKind::from_errno(errno),
+                format!("{}: no I/O channel on this thread", self.bdev.name()),
+            ));
+        }
+        Ok(crate::channel::IoChannel::new(core, self.write))
     }
 }
 

@@ -56,6 +56,17 @@ pub(crate) struct ChannelCore {
     pub(crate) locks: RefCell<Vec<(u64, u64, u64)>>,
     /// I/O waiting for the fence or a lock to go, in arrival order.
     held: RefCell<VecDeque<IoHandle>>,
+    /// The module could not make this channel: the errno every I/O fails with.
+    pub(crate) failed: Option<i32>,
+}
+
+/// The module channel of a channel the module could not make: every I/O fails with its errno.
+struct FailedChannel(i32);
+
+impl ModuleChannel for FailedChannel {
+    fn submit(&mut self, io: IoHandle) {
+        io.complete(IoStatus::Failed(self.0));
+    }
 }
 
 /// Limits a module sets on the I/O it takes (reads and writes; unmap and write-zeroes sizes); the layer cuts
@@ -157,7 +168,15 @@ impl BdevThread {
 
 impl ChannelCore {
     pub(crate) fn new(bdev: Bdev) -> Self {
-        let module = bdev.0.ops.create_channel(&bdev);
+        let (module, failed): (Box<dyn ModuleChannel>, _) =
+            match bdev.0.ops.try_create_channel(&bdev) {
+                Ok(m) => (m, None),
+                Err(e) => {
+                    log::error!("{}: creating an I/O channel: {e}", bdev.name());
+                    let errno = e.errno();
+                    (Box::new(FailedChannel(errno)), Some(errno))
+                }
+            };
         let mut supported = [false; 8];
         for t in IoType::ALL {
             supported[t as usize] = bdev.io_type_supported(t);
@@ -192,6 +211,7 @@ impl ChannelCore {
             supported,
             bdev,
             module: RefCell::new(module),
+            failed,
             thread: BdevThread::current(),
             in_module: Cell::new(false),
             active: Cell::new(false),
