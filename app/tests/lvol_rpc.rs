@@ -414,3 +414,28 @@ fn corrupt_lvstores_are_refused_and_the_target_serves_on() {
     assert!(st.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What SPDK's newer client sends: `md_page_size` (4096 accepted, other sizes refused with -EINVAL) and the
+/// `default` clear method.
+#[test]
+fn newer_client_params() {
+    let t = Tgt::start("lvol_newer", &[]);
+    result(t.call(
+        "bdev_malloc_create",
+        json!({"name": "m", "num_blocks": 32768, "block_size": 512}),
+    ));
+    let create = |page: u32| {
+        t.call(
+            "bdev_lvol_create_lvstore",
+            json!({"bdev_name": "m", "lvs_name": "lvs", "md_page_size": page}),
+        )
+    };
+    assert_eq!(error(create(8192)).0, -libc::EINVAL as i64);
+    result(create(4096));
+    result(t.call(
+        "bdev_lvol_create",
+        json!({"lvs_name": "lvs", "lvol_name": "v", "size_in_mib": 1, "clear_method": "default"}),
+    ));
+    let (st, _) = t.stop();
+    assert!(st.success());
+}

@@ -49,6 +49,8 @@ struct CreateLvstore {
     clear_method: Option<String>,
     #[serde(default)]
     num_md_pages_per_cluster_ratio: u32,
+    /// SPDK >= 25.05 (sent by its client when asked): only 4 KiB metadata pages exist here.
+    md_page_size: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -213,6 +215,14 @@ pub fn register_rpcs(reg: &mut Registry) {
                     ))
                 }
             };
+            if p.md_page_size
+                .is_some_and(|m| m != crate::format::PAGE_SIZE as u32)
+            {
+                return r.err(RpcError::from_errno(
+                    libc::EINVAL,
+                    "md_page_size: only 4096-byte metadata pages are supported",
+                ));
+            }
             spawn(async move {
                 match lvs_bdev::create_lvstore(
                     &p.bdev_name,
@@ -288,7 +298,8 @@ pub fn register_rpcs(reg: &mut Registry) {
                 .map(str::to_ascii_lowercase)
                 .as_deref()
             {
-                None => ClearMethod::Default,
+                // "default": offered by SPDK's newer client.
+                None | Some("default") => ClearMethod::Default,
                 Some("none") => ClearMethod::None,
                 Some("unmap") => ClearMethod::Unmap,
                 Some("write_zeroes") => ClearMethod::WriteZeroes,
