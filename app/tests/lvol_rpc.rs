@@ -27,14 +27,7 @@ fn error(v: Value) -> (i64, String) {
 #[test]
 fn lvstore_and_lvols_over_rpc_survive_a_restart() {
     let dir = std::env::temp_dir().join(format!("lvol-rpc-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("lvs.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let aio = json!({"name": "aio0", "filename": image, "block_size": 512});
+    let (image, aio) = aio_image(&dir);
 
     let t = Tgt::start("lvol1", &[]);
     result(t.call("bdev_aio_create", aio.clone()));
@@ -229,14 +222,7 @@ fn lvstore_and_lvols_over_rpc_survive_a_restart() {
 #[test]
 fn esnap_clone_degrades_and_comes_back() {
     let dir = std::env::temp_dir().join(format!("lvol-esnap-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("lvs.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let aio = json!({"name": "aio0", "filename": image, "block_size": 512});
+    let (_, aio) = aio_image(&dir);
     let ext_uuid = "7d8e9f00-1111-4222-8333-944455556666";
     let ext = json!({"name": "ext", "num_blocks": 8192, "block_size": 512, "uuid": ext_uuid});
     let t = Tgt::start("esnap1", &[]);
@@ -333,14 +319,7 @@ fn esnap_clone_degrades_and_comes_back() {
 fn corrupt_lvstores_are_refused_and_the_target_serves_on() {
     use std::io::{Read, Seek, SeekFrom, Write};
     let dir = std::env::temp_dir().join(format!("lvol-corrupt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("lvs.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let aio = json!({"name": "aio0", "filename": image, "block_size": 512});
+    let (image, aio) = aio_image(&dir);
     let t = Tgt::start("corrupt1", &[]);
     result(t.call("bdev_aio_create", aio.clone()));
     result(t.call(

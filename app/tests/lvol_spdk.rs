@@ -18,7 +18,20 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 fn peer() -> PathBuf {
-    PathBuf::from(std::env::var("SPDK_PEER").unwrap_or_else(|_| "/root/spdk-peer".into()))
+    lab::target::spdk_peer().expect("checked by setup()")
+}
+
+/// A fresh work dir `/var/tmp/TAG-PID` with SPDK's config and an aio image (and its `bdev_aio_create`
+/// parameters), or None when there is no SPDK peer build (the test then says SKIPPED and passes).
+fn setup(tag: &str) -> Option<(PathBuf, PathBuf, Value)> {
+    if lab::target::spdk_peer().is_none() {
+        println!("SKIPPED: no SPDK peer build (set SPDK_PEER)");
+        return None;
+    }
+    let dir = PathBuf::from(format!("/var/tmp/{tag}-{}", std::process::id()));
+    let (image, aio) = aio_image(&dir);
+    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    Some((dir, image, aio))
 }
 
 const CONFIG: &str = r#"{"subsystems":[
@@ -79,20 +92,9 @@ fn sorted(v: &Value) -> Vec<Value> {
 
 #[test]
 fn our_lvol_rpcs_answer_as_spdks() {
-    if !peer().join("build/bin/spdk_tgt").exists() {
-        println!("SKIPPED: no SPDK at {} (set SPDK_PEER)", peer().display());
+    let Some((dir, image, aio)) = setup("lvol-spdk") else {
         return;
-    }
-    let dir = PathBuf::from(format!("/var/tmp/lvol-spdk-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
-    let image = dir.join("lvs.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let aio = json!({"name": "aio0", "filename": image, "block_size": 512});
+    };
 
     // SPDK builds the store.
     let p = Peer::start(&dir, "spdk1");
@@ -294,20 +296,9 @@ fn our_lvol_rpcs_answer_as_spdks() {
 /// uuid), are listed and described identically by both targets.
 #[test]
 fn esnap_clones_as_spdks() {
-    if !peer().join("build/bin/spdk_tgt").exists() {
-        println!("SKIPPED: no SPDK at {} (set SPDK_PEER)", peer().display());
+    let Some((dir, _, aio)) = setup("lvol-esnap-spdk") else {
         return;
-    }
-    let dir = PathBuf::from(format!("/var/tmp/lvol-esnap-spdk-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
-    let image = dir.join("lvs.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let aio = json!({"name": "aio0", "filename": image, "block_size": 512});
+    };
     let ext = json!({"name": "ext", "num_blocks": 8192, "block_size": 512,
                      "uuid": "3a4b5c6d-7e8f-4a0b-8c1d-2e3f4a5b6c7d"});
     let p = Peer::start(&dir, "spdk1");

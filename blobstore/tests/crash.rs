@@ -342,27 +342,9 @@ async fn workload(bs: Blobstore, tag: String) -> Acked {
     a
 }
 
-/// Bytes of blob `id` in `image` as the blob reads them: its own clusters, else its ancestors'.
+/// Bytes of blob `id` in `image` as the blob reads them (through its ancestors).
 fn blob_bytes(store: &Store, image: &[u8], id: BlobId, block: u64, len: usize) -> Vec<u8> {
-    assert!(store.blob(id).is_some(), "blob {id} in the image");
-    let mut out = vec![0u8; len];
-    let off = block * BS;
-    let mut at = 0u64;
-    while at < len as u64 {
-        let pos = off + at;
-        let n = (CLUSTER - pos % CLUSTER).min(len as u64 - at);
-        let mut b = store.blob(id);
-        while let Some(blob) = b {
-            if let Some(d) = blob.cluster(pos / CLUSTER) {
-                let src = (d as u64 * CLUSTER + pos % CLUSTER) as usize;
-                out[at as usize..(at + n) as usize].copy_from_slice(&image[src..src + n as usize]);
-                break;
-            }
-            b = blob.parent_snapshot().and_then(|p| store.blob(p));
-        }
-        at += n;
-    }
-    out
+    common::chain_bytes(store, image, id, block * BS, len as u64, CLUSTER)
 }
 
 /// Crash points that left an interrupted snapshot operation.

@@ -35,25 +35,9 @@ fn blob_bytes(store: &Store, image: &[u8], id: BlobId, off: u64, len: u64) -> Ve
     out
 }
 
-/// Bytes of blob `id` in `image` as the blob reads them: its own clusters, else its ancestors'.
+/// Bytes of blob `id` in `image` as the blob reads them (through its ancestors).
 fn chain_bytes(store: &Store, image: &[u8], id: BlobId, off: u64, len: u64) -> Vec<u8> {
-    let mut out = vec![0u8; len as usize];
-    let mut at = 0;
-    while at < len {
-        let pos = off + at;
-        let n = (CLUSTER - pos % CLUSTER).min(len - at);
-        let mut b = store.blob(id);
-        while let Some(blob) = b {
-            if let Some(d) = blob.cluster(pos / CLUSTER) {
-                let src = (d as u64 * CLUSTER + pos % CLUSTER) as usize;
-                out[at as usize..(at + n) as usize].copy_from_slice(&image[src..src + n as usize]);
-                break;
-            }
-            b = blob.parent_snapshot().and_then(|p| store.blob(p));
-        }
-        at += n;
-    }
-    out
+    common::chain_bytes(store, image, id, off, len, CLUSTER)
 }
 
 fn checked(image: &[u8]) -> Store {
@@ -306,25 +290,7 @@ fn first_write_fills_the_rest_of_the_cluster_with_zeroes() {
 fn clone_reads_the_parent_and_copies_on_first_write() {
     with_reactors("0x1", || {
         let st = RamState::new(vec![0; 32 << 20]);
-        app({
-            let st = st.clone();
-            move || {
-                ram_disk("cram", st, BS);
-            }
-        });
-        run(|| async {
-            let s = Blobstore::init_lvstore(
-                claimed("cram"),
-                "lvs",
-                uuid::Uuid::new_v4(),
-                CLUSTER as u32,
-                100,
-                InitClear::Unmap,
-            )
-            .await
-            .unwrap();
-            keep_store("c", s);
-        });
+        new_store("cram", "c", &st);
         let parent = create("c", "p", 6, false);
         open_bdev("c", parent, "pb");
         let pdata = pattern(7, (6 * CB * BS) as usize);
@@ -400,25 +366,7 @@ fn clone_reads_the_parent_and_copies_on_first_write() {
 fn two_threads_first_writes_into_the_same_clusters() {
     with_reactors("0x3", || {
         let st = RamState::new(vec![0; 32 << 20]);
-        app({
-            let st = st.clone();
-            move || {
-                ram_disk("mram", st, BS);
-            }
-        });
-        run(|| async {
-            let s = Blobstore::init_lvstore(
-                claimed("mram"),
-                "lvs",
-                uuid::Uuid::new_v4(),
-                CLUSTER as u32,
-                100,
-                InitClear::Unmap,
-            )
-            .await
-            .unwrap();
-            keep_store("m", s);
-        });
+        new_store("mram", "m", &st);
         let thin = create("m", "t", 40, true);
         open_bdev("m", thin, "mb");
         let cpu1 = reactor::CpuMask::parse("0x2").unwrap();

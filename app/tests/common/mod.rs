@@ -168,3 +168,17 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).unwrap();
     p
 }
+
+/// A fresh directory `dir` holding a sparse 64 MiB `lvs.img`, and the `bdev_aio_create` parameters for it
+/// (`aio0`, 512-byte blocks): the base the lvol tests put their lvstores on.
+pub fn aio_image(dir: &Path) -> (PathBuf, Value) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let image = dir.join("lvs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let aio = serde_json::json!({"name": "aio0", "filename": image, "block_size": 512});
+    (image, aio)
+}

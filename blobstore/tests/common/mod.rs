@@ -306,3 +306,33 @@ pub fn unregister(name: &str) {
     });
     r.unwrap();
 }
+
+/// `len` bytes at byte `off` of blob `id` in `image`, as the blob reads them: its own clusters, else its
+/// nearest ancestor's, else zeroes (`cluster`: the store's cluster size).
+pub fn chain_bytes(
+    store: &blobstore::Store,
+    image: &[u8],
+    id: blobstore::BlobId,
+    off: u64,
+    len: u64,
+    cluster: u64,
+) -> Vec<u8> {
+    assert!(store.blob(id).is_some(), "blob {id} in the image");
+    let mut out = vec![0u8; len as usize];
+    let mut at = 0;
+    while at < len {
+        let pos = off + at;
+        let n = (cluster - pos % cluster).min(len - at);
+        let mut b = store.blob(id);
+        while let Some(blob) = b {
+            if let Some(d) = blob.cluster(pos / cluster) {
+                let src = (d as u64 * cluster + pos % cluster) as usize;
+                out[at as usize..(at + n) as usize].copy_from_slice(&image[src..src + n as usize]);
+                break;
+            }
+            b = blob.parent_snapshot().and_then(|p| store.blob(p));
+        }
+        at += n;
+    }
+    out
+}
