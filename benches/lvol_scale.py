@@ -71,6 +71,7 @@ def one_round(binary, spdk, n, workdir, tag):
     img = f"/dev/shm/lvol-scale-{os.getpid()}-{tag}.img"
     with open(img, "wb") as f:
         f.truncate(DEV)
+    t = None
     try:
         t = Target(binary, workdir, tag + "-a", spdk)
         t.call("bdev_aio_create", name="aio0", filename=img, block_size=4096)
@@ -85,6 +86,7 @@ def one_round(binary, spdk, n, workdir, tag):
             t.call("bdev_lvol_snapshot", lvol_name=f"lvs/v{i}", snapshot_name=f"s{i}")
         snapped = time.perf_counter() - start
         t.stop()
+        t = None
         t = Target(binary, workdir, tag + "-b", spdk)
         start = time.perf_counter()
         t.call("bdev_aio_create", name="aio0", filename=img, block_size=4096)
@@ -92,10 +94,15 @@ def one_round(binary, spdk, n, workdir, tag):
         lvols = t.call("bdev_lvol_get_lvols")
         loaded = time.perf_counter() - start
         t.stop()
+        t = None
         if len(lvols) != 2 * n:
             raise RuntimeError(f"{binary}: {len(lvols)} lvols after the load, expected {2 * n}")
         return n / created, n / snapped, loaded
     finally:
+        if t is not None:
+            # A failed round must not leave a busy-polling target behind.
+            t.proc.kill()
+            t.proc.wait()
         os.unlink(img)
 
 

@@ -238,8 +238,8 @@ async fn external_gone(x: &Arc<External>) {
         }
     }
     x.set_dev(None);
-    // The lvols stay listed (degraded), their blobs open, as SPDK keeps them.
-    for lvs in lvstores() {
+    // The lvols stay listed (degraded), their blobs open, as SPDK keeps them (not in a store going away).
+    for lvs in lvstores().into_iter().filter(|l| !l.removing.get()) {
         let lvols = lvs.lvols.borrow().clone();
         for l in lvols {
             if l.handle.borrow().is_none() {
@@ -255,7 +255,7 @@ async fn external_gone(x: &Arc<External>) {
 fn external_appeared(name: &str) {
     let Some(b) = bdev::get(name) else { return };
     let u = b.uuid();
-    for lvs in lvstores() {
+    for lvs in lvstores().into_iter().filter(|l| !l.removing.get()) {
         let waits = lvs
             .bs
             .externals()
