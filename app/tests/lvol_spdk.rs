@@ -11,15 +11,10 @@
 mod common;
 use common::*;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use std::time::Duration;
-
+use lab::target::SpdkTgt as Peer;
 use serde_json::{json, Value};
-
-fn peer() -> PathBuf {
-    lab::target::spdk_peer().expect("checked by setup()")
-}
 
 /// A fresh work dir `/var/tmp/TAG-PID` with SPDK's config and an aio image (and its `bdev_aio_create`
 /// parameters), or None when there is no SPDK peer build (the test then says SKIPPED and passes).
@@ -38,30 +33,6 @@ const CONFIG: &str = r#"{"subsystems":[
  {"subsystem":"iobuf","config":[{"method":"iobuf_set_options","params":{"small_pool_count":1024,"large_pool_count":64}}]},
  {"subsystem":"bdev","config":[{"method":"bdev_set_options","params":{"bdev_io_pool_size":1024,"bdev_io_cache_size":64}}]}
 ]}"#;
-
-/// SPDK's `spdk_tgt` (the lab's target runner: killed if dropped while running, leftovers removed).
-struct Peer(lab::target::Target);
-
-impl Peer {
-    fn start(dir: &Path, tag: &str) -> Peer {
-        Peer(lab::target::start_spdk_tgt(
-            &peer(),
-            &dir.join(tag),
-            &dir.join("config.json"),
-        ))
-    }
-
-    fn call(&self, method: &str, params: Value) -> Value {
-        self.0
-            .call(method, params)
-            .unwrap_or_else(|e| panic!("SPDK {method}: {e}"))
-    }
-
-    fn stop(mut self) {
-        self.call("spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
-        self.0.wait_exit(Duration::from_secs(30)).unwrap();
-    }
-}
 
 /// What a target says about the lvstore: stores, lvols, and per lvol the bdev fields both targets share.
 fn answers(call: &dyn Fn(&str, Value) -> Value) -> (Value, Value, Vec<Value>) {

@@ -64,27 +64,6 @@ fn create(bs: &str, name: &str, clusters: u64, thin: bool) -> BlobId {
     })
 }
 
-/// Opens blob `id` of store `bs`, keeps the handle as `name` and registers bdev `name` over it.
-fn open_bdev(bs: &str, id: BlobId, name: &str) {
-    let (bs, name) = (bs.to_string(), name.to_string());
-    run(move || async move {
-        let h = store(&bs).open_blob(id).await.unwrap();
-        blobstore::blob_bdev::register(&h, &name, Default::default()).unwrap();
-        keep_blob(&name, h);
-    })
-}
-
-/// Unregisters bdev `name` and closes its blob.
-fn close_bdev(name: &str) {
-    app({
-        let n = name.to_string();
-        move || close_chan(&n)
-    });
-    unregister(name);
-    let name = name.to_string();
-    run(move || async move { take_blob(&name).close().await.unwrap() })
-}
-
 fn unload(bs: &str) {
     let bs = bs.to_string();
     run(move || async move {

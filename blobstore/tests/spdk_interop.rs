@@ -12,7 +12,6 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use bdev::modules::uring::{self, UringOpts};
 use bdev::IoStatus;
@@ -20,6 +19,7 @@ use blobstore::blob::CreateOptions;
 use blobstore::layout::InitClear;
 use blobstore::runtime::Blobstore;
 use blobstore::{BlobId, FileDevice, LoadOptions, MaskState, Store};
+use lab::target::SpdkTgt as Spdk;
 use serde_json::{json, Value};
 
 const BS: u64 = 512;
@@ -35,44 +35,6 @@ const CONFIG: &str = r#"{"subsystems":[
  {"subsystem":"iobuf","config":[{"method":"iobuf_set_options","params":{"small_pool_count":1024,"large_pool_count":64}}]},
  {"subsystem":"bdev","config":[{"method":"bdev_set_options","params":{"bdev_io_pool_size":1024,"bdev_io_cache_size":64}}]}
 ]}"#;
-
-/// SPDK's `spdk_tgt` (the lab's target runner: killed if dropped while running, leftovers removed).
-struct Spdk(lab::target::Target);
-
-fn remove_leftovers(pid: u32) {
-    for app in ["spdk_tgt", "spdk_dd"] {
-        let _ = std::fs::remove_file(format!("/dev/shm/{app}_trace.pid{pid}"));
-    }
-    let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/spdk_pid{pid}"));
-}
-
-impl Spdk {
-    fn start(dir: &Path, tag: &str) -> Spdk {
-        Spdk(lab::target::start_spdk_tgt(
-            &peer(),
-            &dir.join(tag),
-            &dir.join("config.json"),
-        ))
-    }
-
-    fn try_call(&self, method: &str, params: Value) -> Result<Value, Value> {
-        self.0.call(method, params)
-    }
-
-    fn call(&self, method: &str, params: Value) -> Value {
-        self.try_call(method, params.clone())
-            .unwrap_or_else(|e| panic!("{method} {params}: {e}"))
-    }
-
-    fn stop(mut self) {
-        self.call("spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
-        self.0.wait_exit(Duration::from_secs(30)).unwrap();
-    }
-
-    fn crash(mut self) {
-        self.0.kill().unwrap();
-    }
-}
 
 /// `spdk_dd` copies `count` clusters between a file and an lvol of the image (`to_lvol`: file -> lvol).
 fn spdk_dd(
@@ -125,7 +87,7 @@ fn spdk_dd(
         .unwrap();
     let pid = child.id();
     let out = child.wait_with_output().unwrap();
-    remove_leftovers(pid);
+    lab::target::remove_leftovers(Path::new("spdk_dd"), pid);
     assert!(
         out.status.success(),
         "spdk_dd {lvol}: {}{}",
@@ -152,25 +114,6 @@ fn create_lvol(
         .await
         .unwrap()
     }
-}
-
-fn open_bdev(id: BlobId, name: &str) {
-    let name = name.to_string();
-    run(move || async move {
-        let h = store("bs").open_blob(id).await.unwrap();
-        blobstore::blob_bdev::register(&h, &name, Default::default()).unwrap();
-        keep_blob(&name, h);
-    })
-}
-
-fn close_bdev(name: &str) {
-    app({
-        let n = name.to_string();
-        move || close_chan(&n)
-    });
-    unregister(name);
-    let name = name.to_string();
-    run(move || async move { take_blob(&name).close().await.unwrap() })
 }
 
 fn aio(name: &str, image: &Path) {
@@ -228,9 +171,9 @@ fn body(dir: &Path, image: &Path) {
         keep_store("bs", bs);
         (thick, thin, snap)
     });
-    open_bdev(thick, "b_thick");
-    open_bdev(thin, "b_thin");
-    open_bdev(snap, "b_snap");
+    open_bdev("bs", thick, "b_thick");
+    open_bdev("bs", thin, "b_thin");
+    open_bdev("bs", snap, "b_snap");
     let thick_data = pattern(1, (20 * CLUSTER) as usize);
     assert_eq!(write("b_thick", 0, &thick_data, BS), IoStatus::Success);
     // Thin: clusters 510..514, across the extent pages of slots 0 and 1.
@@ -284,7 +227,7 @@ fn body(dir: &Path, image: &Path) {
         h.close().await.unwrap();
         c
     });
-    open_bdev(clone, "b_clone");
+    open_bdev("bs", clone, "b_clone");
     let clone_data = pattern(4, (2 * BS) as usize);
     assert_eq!(write("b_clone", CB + 3, &clone_data, BS), IoStatus::Success);
     let mut clone_view = snap_data.clone();
@@ -418,9 +361,9 @@ fn body(dir: &Path, image: &Path) {
             .unwrap();
         keep_store("bs", bs);
     });
-    open_bdev(spdk_new, "b_new");
-    open_bdev(thick, "b_thick");
-    open_bdev(clone, "b_clone");
+    open_bdev("bs", spdk_new, "b_new");
+    open_bdev("bs", thick, "b_thick");
+    open_bdev("bs", clone, "b_clone");
     assert_eq!(
         read("b_new", 5 * CB, 2 * CB),
         spdk_data,

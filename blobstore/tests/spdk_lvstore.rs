@@ -18,9 +18,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use blobstore::{FileDevice, MaskState, Problem, Store};
+use lab::target::SpdkTgt as Spdk;
 use serde_json::{json, Value};
 
 const CLUSTER: u64 = 64 << 10;
@@ -38,55 +39,13 @@ const CONFIG: &str = r#"{"subsystems":[
  {"subsystem":"iscsi","config":[{"method":"iscsi_set_options","params":{"max_sessions":1,"max_connections_per_session":1,"max_queue_depth":2}}]}
 ]}"#;
 
-/// A running SPDK app (the lab's target runner: killed if dropped while running, leftovers removed).
-struct Spdk(lab::target::Target);
-
-impl Spdk {
-    fn start(dir: &Path, tag: &str) -> Spdk {
-        Spdk(lab::target::start_spdk_tgt(
-            &peer(),
-            &dir.join(tag),
-            &dir.join("config.json"),
-        ))
-    }
-
-    /// One JSON-RPC call; `Err` carries SPDK's error object.
-    fn try_call(&self, method: &str, params: Value) -> Result<Value, Value> {
-        self.0.call(method, params)
-    }
-
-    fn call(&self, method: &str, params: Value) -> Value {
-        self.try_call(method, params.clone())
-            .unwrap_or_else(|e| panic!("{method} {params}: {e}"))
-    }
-
-    fn attach(&self, image: &Path) {
-        self.call(
-            "bdev_aio_create",
-            json!({"name": "aio0", "filename": image, "block_size": 512}),
-        );
-        self.call("bdev_wait_for_examine", Value::Null);
-    }
-
-    /// Clean shutdown: the blobstore is unloaded, masks written, super block marked clean.
-    fn stop(mut self) {
-        self.call("spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
-        self.0.wait_exit(Duration::from_secs(30)).unwrap();
-    }
-
-    /// Crash: nothing more reaches the disk.
-    fn crash(mut self) {
-        self.0.kill().unwrap();
-    }
-}
-
-/// What an SPDK process of ours leaves behind when it is killed (or even when it exits): its trace shared
-/// memory and DPDK's runtime directory, both named after its pid.
-fn remove_leftovers(pid: u32) {
-    for app in ["spdk_tgt", "spdk_dd"] {
-        let _ = std::fs::remove_file(format!("/dev/shm/{app}_trace.pid{pid}"));
-    }
-    let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/spdk_pid{pid}"));
+/// `bdev_aio_create` on `image` (512-byte blocks) and the examine that loads its lvstore.
+fn attach(spdk: &Spdk, image: &Path) {
+    spdk.call(
+        "bdev_aio_create",
+        json!({"name": "aio0", "filename": image, "block_size": 512}),
+    );
+    spdk.call("bdev_wait_for_examine", Value::Null);
 }
 
 /// What SPDK's RPCs say about the lvstore and its lvols.
@@ -212,7 +171,7 @@ fn spdk_lvstore() {
 
     // 1. Build, record, stop cleanly.
     let spdk = Spdk::start(&dir, "tgt1");
-    spdk.attach(&image);
+    attach(&spdk, &image);
     let lvs_uuid = spdk.call(
         "bdev_lvol_create_lvstore",
         json!({"bdev_name": "aio0", "lvs_name": LVS, "cluster_sz": CLUSTER}),
@@ -314,7 +273,7 @@ fn spdk_lvstore() {
         .unwrap();
     let dd_pid = dd.id();
     let out = dd.wait_with_output().unwrap();
-    remove_leftovers(dd_pid);
+    lab::target::remove_leftovers(Path::new("spdk_dd"), dd_pid);
     assert!(
         out.status.success(),
         "spdk_dd: {}",
@@ -323,7 +282,7 @@ fn spdk_lvstore() {
 
     // 3. Load in SPDK, change, record, crash.
     let spdk = Spdk::start(&dir, "tgt2");
-    spdk.attach(&image);
+    attach(&spdk, &image);
     spdk.call(
         "bdev_lvol_snapshot",
         json!({"lvol_name": "lvs0/thin0", "snapshot_name": "snap2"}),
@@ -369,7 +328,7 @@ fn spdk_lvstore() {
 
     // 4. SPDK's own recovery writes the masks we rebuilt.
     let spdk = Spdk::start(&dir, "tgt3");
-    spdk.attach(&image);
+    attach(&spdk, &image);
     let t3 = truth(&spdk);
     spdk.stop();
     let recovered = load(&image);

@@ -224,7 +224,7 @@ impl Target {
 /// Removes what an SPDK app leaves behind for process `pid`, killed or not: DPDK's runtime directory
 /// (`/var/run/dpdk/spdk_pid<pid>`, empty after a run without hugepages; a non-empty one is left alone) and the
 /// trace shared memory named after the app.
-fn remove_leftovers(binary: &Path, pid: u32) {
+pub fn remove_leftovers(binary: &Path, pid: u32) {
     let _ = std::fs::remove_dir(format!("/var/run/dpdk/spdk_pid{pid}"));
     if let Some(app) = binary.file_name().and_then(|n| n.to_str()) {
         let _ = std::fs::remove_file(format!("/dev/shm/{app}_trace.pid{pid}"));
@@ -258,6 +258,44 @@ pub fn start_spdk_tgt(peer: &Path, dir: &Path, config: &Path) -> Target {
     t.wait_ready(Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("SPDK's spdk_tgt: {e}"));
     t
+}
+
+/// SPDK's own `spdk_tgt` from the peer build ([`spdk_peer`]) as tests drive it: `DIR/config.json` as its
+/// config, calls that must succeed, a clean stop or a crash.
+pub struct SpdkTgt(pub Target);
+
+impl SpdkTgt {
+    /// Starts it in `dir/tag` with `dir/config.json` (panics without a peer build: tests check first).
+    pub fn start(dir: &Path, tag: &str) -> SpdkTgt {
+        let peer = spdk_peer().expect("an SPDK peer build (tests check spdk_peer() first)");
+        SpdkTgt(start_spdk_tgt(
+            &peer,
+            &dir.join(tag),
+            &dir.join("config.json"),
+        ))
+    }
+
+    /// One call; `Err` carries SPDK's error object.
+    pub fn try_call(&self, method: &str, params: Value) -> Result<Value, Value> {
+        self.0.call(method, params)
+    }
+
+    /// One call that must succeed: its result, or a panic naming the method, its params and the error.
+    pub fn call(&self, method: &str, params: Value) -> Value {
+        self.try_call(method, params.clone())
+            .unwrap_or_else(|e| panic!("SPDK {method} {params}: {e}"))
+    }
+
+    /// Clean shutdown as SPDK's scripts do it (`spdk_kill_instance SIGTERM`): blobstores unloaded, etc.
+    pub fn stop(mut self) {
+        self.call("spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
+        self.0.wait_exit(Duration::from_secs(30)).unwrap();
+    }
+
+    /// A crash (SIGKILL): nothing more reaches its disks.
+    pub fn crash(mut self) {
+        self.0.kill().unwrap();
+    }
 }
 
 impl Drop for Target {

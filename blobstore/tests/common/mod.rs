@@ -336,3 +336,24 @@ pub fn chain_bytes(
     }
     out
 }
+
+/// Opens blob `id` of the kept store `bs`, keeps the handle as `name` and registers bdev `name` over it.
+pub fn open_bdev(bs: &str, id: blobstore::BlobId, name: &str) {
+    let (bs, name) = (bs.to_string(), name.to_string());
+    run(move || async move {
+        let h = store(&bs).open_blob(id).await.unwrap();
+        blobstore::blob_bdev::register(&h, &name, Default::default()).unwrap();
+        keep_blob(&name, h);
+    })
+}
+
+/// Unregisters bdev `name` (its channel first) and closes its blob.
+pub fn close_bdev(name: &str) {
+    app({
+        let n = name.to_string();
+        move || close_chan(&n)
+    });
+    unregister(name);
+    let name = name.to_string();
+    run(move || async move { take_blob(&name).close().await.unwrap() })
+}
