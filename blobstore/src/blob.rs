@@ -180,6 +180,35 @@ pub(crate) struct BlobState {
     pub(crate) uncertain: Cell<bool>,
 }
 
+impl BlobState {
+    /// A blob of store `s` with metadata `md`, its I/O path reading `map` (data read-only: `read_only`).
+    fn new(
+        s: &StoreInner,
+        id: BlobId,
+        md: BlobMd,
+        map: Arc<ClusterMap>,
+        read_only: bool,
+    ) -> Rc<BlobState> {
+        Rc::new(BlobState {
+            id,
+            md: RefCell::new(md),
+            lock: AsyncMutex::default(),
+            shared: Arc::new(BlobShared::new(
+                id,
+                map,
+                s.id,
+                s.md_thread.clone(),
+                s.cluster_size / s.block_size,
+                read_only,
+            )),
+            open_ref: Cell::new(0),
+            alloc: RefCell::new(Default::default()),
+            release: RefCell::new(Default::default()),
+            uncertain: Cell::new(false),
+        })
+    }
+}
+
 /// The device cluster of blob cluster `c` as the metadata will say once persisted: staged, else in `map`
 /// (the blob's published map).
 pub(crate) fn cluster_of(md: &BlobMd, map: &ClusterMap, c: u64) -> u32 {
@@ -312,9 +341,10 @@ impl Blobstore {
             Some(x) => ClusterMap::new_external(0, x),
             None => ClusterMap::new(0, parent.as_ref().map(|p| p.shared.map())),
         });
-        let state = Rc::new(BlobState {
+        let state = BlobState::new(
+            s,
             id,
-            md: RefCell::new(BlobMd {
+            BlobMd {
                 flags,
                 xattrs: o.xattrs,
                 internal_xattrs,
@@ -329,21 +359,10 @@ impl Blobstore {
                 cut_clusters: Vec::new(),
                 cut_pages: Vec::new(),
                 parent: parent.as_ref().map(|p| p.id),
-            }),
-            lock: AsyncMutex::default(),
-            shared: Arc::new(BlobShared::new(
-                id,
-                map,
-                s.id,
-                s.md_thread.clone(),
-                s.cluster_size / s.block_size,
-                false,
-            )),
-            open_ref: Cell::new(0),
-            alloc: RefCell::new(Default::default()),
-            release: RefCell::new(Default::default()),
-            uncertain: Cell::new(false),
-        });
+            },
+            map,
+            false,
+        );
         let res = async {
             let _g = state.lock.lock().await;
             resize_md(s, &state, o.num_clusters)?;
@@ -1038,9 +1057,10 @@ pub(crate) fn attach_loaded(bs: &Blobstore, store: &Store) -> Result<()> {
             }
         }
         let extent_table = b.flags.extent_table();
-        let state = Rc::new(BlobState {
+        let state = BlobState::new(
+            s,
             id,
-            md: RefCell::new(BlobMd {
+            BlobMd {
                 flags: b.flags,
                 xattrs: b.xattrs.clone(),
                 internal_xattrs: b.internal_xattrs.clone(),
@@ -1059,21 +1079,10 @@ pub(crate) fn attach_loaded(bs: &Blobstore, store: &Store) -> Result<()> {
                 cut_clusters: Vec::new(),
                 cut_pages: Vec::new(),
                 parent: b.parent_snapshot(),
-            }),
-            lock: AsyncMutex::default(),
-            shared: Arc::new(BlobShared::new(
-                id,
-                map,
-                s.id,
-                s.md_thread.clone(),
-                s.cluster_size / s.block_size,
-                b.read_only(),
-            )),
-            open_ref: Cell::new(0),
-            alloc: RefCell::new(Default::default()),
-            release: RefCell::new(Default::default()),
-            uncertain: Cell::new(false),
-        });
+            },
+            map,
+            b.read_only(),
+        );
         state.shared.set_thin(b.flags.thin());
         if let Some(x) = state.shared.map().own_external() {
             s.externals.borrow_mut().push(x.clone());

@@ -538,17 +538,7 @@ pub(crate) async fn create_lvol(
             use_extent_table: true,
         })
         .await?;
-    let l = Rc::new(Lvol {
-        name: RefCell::new(name.to_string()),
-        unique_id: uuid.hyphenated().to_string(),
-        uuid: Some(uuid),
-        blob: id,
-        handle: RefCell::new(None),
-        bdev: RefCell::new(None),
-    });
-    lvs.lvols.borrow_mut().push(l.clone());
-    expose(lvs, &l).await?;
-    Ok(l.unique_id.clone())
+    add_lvol(lvs, id, name, uuid).await
 }
 
 fn check_lvol_name(lvs: &Lvs, name: &str) -> Result<()> {

@@ -315,14 +315,7 @@ impl Blobstore {
     /// used-blobids and used-clusters masks, then the super block marked clean, and releases the base.
     pub async fn unload(&self) -> Result<()> {
         let s = &self.0;
-        s.check_loaded()?;
-        s.background_settled().await;
-        if let Some(b) = s.blobs.borrow().values().find(|b| b.open_ref.get() > 0) {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!("blob {} is still open", b.id),
-            ));
-        }
+        s.settled_and_closed().await?;
         let _g = s.super_lock.lock().await;
         let sb = s.sb.borrow().clone();
         let (pages, blobids, clusters) = {
@@ -412,14 +405,7 @@ impl Blobstore {
     /// (nothing loads from the device any more) and the base released. Blobs are not deleted one by one.
     pub async fn destroy(&self) -> Result<()> {
         let s = &self.0;
-        s.check_loaded()?;
-        s.background_settled().await;
-        if let Some(b) = s.blobs.borrow().values().find(|b| b.open_ref.get() > 0) {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!("blob {} is still open", b.id),
-            ));
-        }
+        s.settled_and_closed().await?;
         let _g = s.super_lock.lock().await;
         s.base
             .write_zeroes(0, PAGE_SIZE as u64)
@@ -517,6 +503,19 @@ impl StoreInner {
                 tx.send(());
             }
         }
+    }
+
+    /// Before an unload or destroy: loaded, no background task left, no blob open (Busy).
+    async fn settled_and_closed(&self) -> Result<()> {
+        self.check_loaded()?;
+        self.background_settled().await;
+        if let Some(b) = self.blobs.borrow().values().find(|b| b.open_ref.get() > 0) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("blob {} is still open", b.id),
+            ));
+        }
+        Ok(())
     }
 
     /// Waits until no background task runs.
