@@ -741,8 +741,8 @@ const SPDK_IO_TYPE_NAMES: [(&str, Option<IoType>); 20] = [
     ("unmap", Some(IoType::Unmap)),
     ("flush", Some(IoType::Flush)),
     ("reset", Some(IoType::Reset)),
-    ("nvme_admin", None),
-    ("nvme_io", None),
+    ("nvme_admin", Some(IoType::NvmeAdmin)),
+    ("nvme_io", Some(IoType::NvmeIo)),
     ("nvme_io_md", None),
     ("write_zeroes", Some(IoType::WriteZeroes)),
     ("zcopy", None),
@@ -754,7 +754,7 @@ const SPDK_IO_TYPE_NAMES: [(&str, Option<IoType>); 20] = [
     ("abort", Some(IoType::Abort)),
     ("seek_hole", None),
     ("seek_data", None),
-    ("copy", None),
+    ("copy", Some(IoType::Copy)),
     ("nvme_iov_md", None),
 ];
 

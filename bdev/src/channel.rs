@@ -15,14 +15,14 @@ use reactor::{ticks, IoDevice, Poller};
 use crate::bdev::{Bdev, HistogramCfg, ModuleChannel};
 use crate::error::{BdevError, ErrorKind, Result};
 use crate::histogram::Histogram;
-use crate::io::{self, BdevIo, Completion, IoHandle, IoStatus, IoType, IoVec};
+use crate::io::{self, BdevIo, Completion, IoHandle, IoId, IoStatus, IoType, IoVec};
 use crate::stat::{IoStat, ResetMode};
 
 pub(crate) struct ChannelCore {
     bdev: Bdev,
     block_size: u32,
     align_mask: usize,
-    supported: [bool; 8],
+    supported: [bool; IoType::COUNT],
     module: RefCell<Box<dyn ModuleChannel>>,
     /// The bdev state of the thread this channel belongs to (it polls the channel while the channel is active).
     thread: Rc<BdevThread>,
@@ -47,17 +47,227 @@ pub(crate) struct ChannelCore {
     executing_reset: Cell<bool>,
     /// The executed reset, done, while the channels thaw.
     thawing: RefCell<Option<IoHandle>>,
-    /// LBA range locks or a lock being taken: new I/O is looked at before it goes on (the only thing the I/O
-    /// path reads while there is none).
+    /// LBA range locks exist: new I/O is looked at before it goes on (the only thing the I/O path reads while
+    /// there is none).
     pub(crate) gate: Cell<bool>,
-    /// A range lock is being taken: every new I/O waits, so what is in flight can drain.
-    pub(crate) fence: Cell<bool>,
-    /// Locked LBA ranges of the bdev: (id, first block, blocks). Writes that overlap one wait.
-    pub(crate) locks: RefCell<Vec<(u64, u64, u64)>>,
-    /// I/O waiting for the fence or a lock to go, in arrival order.
+    /// Locked LBA ranges of the bdev (held or being taken). Writes that overlap one wait, reads too when it
+    /// quiesces.
+    pub(crate) locks: RefCell<Vec<LockedRange>>,
+    /// I/O waiting for a lock to go, in arrival order.
     held: RefCell<VecDeque<IoHandle>>,
+    /// What the module has of this channel's I/O, by [`BdevIo::slot`]: enough to find an I/O to abort and to
+    /// tell whether one overlaps a range being locked, without touching descriptors the module owns.
+    inflight: RefCell<InFlightTable>,
     /// The module could not make this channel: the errno every I/O fails with.
     pub(crate) failed: Option<i32>,
+}
+
+/// A locked LBA range as each channel keeps it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LockedRange {
+    pub(crate) id: u64,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+    /// Reads wait too (SPDK's quiesce).
+    pub(crate) quiesce: bool,
+}
+
+impl LockedRange {
+    /// Whether an I/O of type `t` over `len` blocks at `offset` must wait for this range (the holder's own
+    /// I/O never reaches this test).
+    fn blocks(&self, t: IoType, offset: u64, len: u64) -> bool {
+        let kind = match t {
+            // Not decoded: assumed to touch the range, as SPDK assumes.
+            IoType::NvmeIo => return true,
+            IoType::NvmeAdmin => false,
+            IoType::Read => self.quiesce,
+            _ => t.is_write() || t == IoType::Compare,
+        };
+        kind && offset < self.offset + self.len && self.offset < offset + len.max(1)
+    }
+}
+
+/// One I/O the module has (see [`ChannelCore::inflight`]), in 32 bytes.
+#[derive(Clone, Copy)]
+struct InFlight {
+    /// The descriptor's [`IoId`]; 0: the entry is free, and `ctx` links to the next free one.
+    id: u64,
+    ctx: u64,
+    offset: u64,
+    /// Blocks, saturated ([`u32::MAX`]: to the end of the bdev, for an unmap that large).
+    blocks: u32,
+    io_type: IoType,
+    /// The descriptor's flags ([`io::LOCK_OWNER`], [`io::SPLIT_CHILD`]); [`SPLIT_PARENT`] for an I/O served
+    /// in pieces (the pieces are entries of their own).
+    flags: u8,
+}
+
+impl InFlight {
+    fn len(&self) -> u64 {
+        match self.blocks {
+            u32::MAX => u64::MAX - self.offset,
+            b => b as u64,
+        }
+    }
+    fn live(&self) -> bool {
+        self.id != 0
+    }
+}
+
+/// Largest piece of an emulated copy (SPDK cuts its emulated copies at its large buffer size, 128 KiB).
+const COPY_PIECE_BYTES: u64 = 128 * 1024;
+
+/// A copy emulated by reads and writes through one buffer, a piece at a time; backwards when the source lies
+/// before an overlapping destination, so no piece reads blocks an earlier piece wrote.
+struct CopyJob {
+    ch: IoChannel,
+    /// The copy's descriptor (never submitted): range, source, and the caller's callback.
+    io: IoHandle,
+    piece: u64,
+    done: u64,
+    backwards: bool,
+}
+
+impl CopyJob {
+    fn start(ch: IoChannel, io: IoHandle) {
+        let (dst, src, n) = (io.offset_blocks, io.copy_source(), io.num_blocks);
+        let piece = (COPY_PIECE_BYTES / io.block_size as u64).clamp(1, n);
+        let backwards = src < dst && dst < src + n;
+        let buf = match DmaBuf::alloc((piece * io.block_size as u64) as usize) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("{}: emulated copy: {e}", ch.core.bdev.name());
+                let mut io = io;
+                io.status = IoStatus::Failed(libc::ENOMEM);
+                ch.core.deliver_later(io);
+                return;
+            }
+        };
+        let job = CopyJob {
+            ch,
+            io,
+            piece,
+            done: 0,
+            backwards,
+        };
+        job.next(buf);
+    }
+
+    /// Blocks of the next piece and its offset from the start of both ranges.
+    fn next_piece(&self) -> (u64, u64) {
+        let n = self.io.num_blocks;
+        let k = self.piece.min(n - self.done);
+        let at = if self.backwards {
+            n - self.done - k
+        } else {
+            self.done
+        };
+        (at, k)
+    }
+
+    /// Reads the next piece into `buf`, or completes the copy when none is left.
+    fn next(self, buf: DmaBuf) {
+        if self.done == self.io.num_blocks {
+            return self.end(IoStatus::Success);
+        }
+        let (at, k) = self.next_piece();
+        let src = self.io.copy_source() + at;
+        let ch = self.ch.clone();
+        let job = Rc::new(Cell::new(Some(self)));
+        let j = job.clone();
+        let read_done = move |mut r: IoHandle| {
+            let Some(job) = j.take() else { return };
+            match (r.status(), r.take_buf()) {
+                (IoStatus::Success, Some(buf)) => job.write_piece(buf),
+                (st, _) => job.end(st),
+            }
+        };
+        if let Err(e) = ch.read(buf, src, k, Completion::Closure(Box::new(read_done)), 0) {
+            if let Some(job) = job.take() {
+                job.end(IoStatus::Failed(e.errno()));
+            }
+        }
+    }
+
+    fn write_piece(self, buf: DmaBuf) {
+        let (at, k) = self.next_piece();
+        let dst = self.io.offset_blocks + at;
+        let ch = self.ch.clone();
+        let job = Rc::new(Cell::new(Some(self)));
+        let j = job.clone();
+        let write_done = move |mut w: IoHandle| {
+            let Some(mut job) = j.take() else { return };
+            match (w.status(), w.take_buf()) {
+                (IoStatus::Success, Some(buf)) => {
+                    job.done += k;
+                    job.next(buf);
+                }
+                (st, _) => job.end(st),
+            }
+        };
+        if let Err(e) = ch.write(buf, dst, k, Completion::Closure(Box::new(write_done)), 0) {
+            if let Some(job) = job.take() {
+                job.end(IoStatus::Failed(e.errno()));
+            }
+        }
+    }
+
+    fn end(self, status: IoStatus) {
+        let mut io = self.io;
+        io.status = status;
+        io.ch = None;
+        run_callback(io);
+    }
+}
+
+/// An abort waiting for the aborts it sent to the module.
+struct AbortState {
+    parent: Option<IoHandle>,
+    remaining: usize,
+    failed: bool,
+}
+
+impl AbortState {
+    /// One of the aborts came back (or the walk that sent them ended): the last one completes the parent.
+    fn one_done(st: &Rc<RefCell<AbortState>>, failed: bool) {
+        let parent = {
+            let mut s = st.borrow_mut();
+            s.failed |= failed;
+            s.remaining -= 1;
+            if s.remaining > 0 {
+                return;
+            }
+            s.parent.take()
+        };
+        if let Some(mut p) = parent {
+            p.status = if st.borrow().failed {
+                IoStatus::Failed(libc::EIO)
+            } else {
+                IoStatus::Success
+            };
+            match p.ch.take() {
+                Some(ch) => ch.deliver_later(p),
+                None => run_callback(p),
+            }
+        }
+    }
+}
+
+/// [`InFlight::flags`]: the I/O is served in pieces by the layer, not by the module.
+const SPLIT_PARENT: u8 = 0x80;
+
+/// A slab of [`InFlight`] entries: a submission takes the free entry last given back (likely still in cache),
+/// a completion gives it back; neither allocates once the table has grown to the channel's queue depth.
+struct InFlightTable {
+    entries: Vec<InFlight>,
+    /// First free entry ([`io::NO_SLOT`]: none); free entries chain through their `ctx`.
+    free: u32,
+}
+
+impl InFlightTable {
+    fn live(&self) -> impl Iterator<Item = &InFlight> {
+        self.entries.iter().filter(|e| e.live())
+    }
 }
 
 /// The module channel of a channel the module could not make: every I/O fails with its errno.
@@ -177,7 +387,7 @@ impl ChannelCore {
                     (Box::new(FailedChannel(errno)), Some(errno))
                 }
             };
-        let mut supported = [false; 8];
+        let mut supported = [false; IoType::COUNT];
         for t in IoType::ALL {
             supported[t as usize] = bdev.io_type_supported(t);
         }
@@ -204,7 +414,7 @@ impl ChannelCore {
             max_write_zeroes: p.max_write_zeroes,
         };
         // Range locks held (or being taken) when the channel is made apply to it too.
-        let (locks, fence) = reactor::lock(&bdev.0.range_locks).snapshot();
+        let locks = reactor::lock(&bdev.0.range_locks).snapshot();
         ChannelCore {
             block_size: bdev.block_size(),
             align_mask: align - 1,
@@ -229,36 +439,81 @@ impl ChannelCore {
             resets: RefCell::new(VecDeque::new()),
             executing_reset: Cell::new(false),
             thawing: RefCell::new(None),
-            gate: Cell::new(!locks.is_empty() || fence),
-            fence: Cell::new(fence),
+            gate: Cell::new(!locks.is_empty()),
             locks: RefCell::new(locks),
             held: RefCell::new(VecDeque::new()),
+            inflight: RefCell::new(InFlightTable {
+                entries: Vec::new(),
+                free: io::NO_SLOT,
+            }),
         }
     }
 
-    /// Whether `io` must wait: everything waits while a lock is being taken; writes wait on a locked range
-    /// they overlap, unless they are the lock holder's own.
+    /// Whether `io` must wait: writes (reads too, for a quiescing lock) wait on a locked range they overlap,
+    /// unless they are the lock holder's own.
     fn must_wait(&self, io: &BdevIo) -> bool {
         if io.flags & io::LOCK_OWNER != 0 {
             return false;
         }
-        if self.fence.get() {
-            return true;
-        }
-        let t = io.io_type;
-        if !(t.is_write() || t == IoType::Compare) {
-            return false;
-        }
-        let (a, n) = (io.offset_blocks, io.num_blocks.max(1));
         self.locks
             .borrow()
             .iter()
-            .any(|&(_, o, l)| a < o + l && o < a + n)
+            .any(|r| r.blocks(io.io_type, io.offset_blocks, io.num_blocks))
     }
 
-    /// Whether every I/O that went on before the fence has completed.
-    pub(crate) fn drained(&self) -> bool {
-        self.outstanding.get() == 0
+    /// Whether the module has no I/O of this channel that range `r` must wait for (the holder's own aside;
+    /// an I/O served in pieces counts as a whole, since its later pieces go on without looking at locks).
+    pub(crate) fn drained(&self, r: &LockedRange) -> bool {
+        !self
+            .inflight
+            .borrow()
+            .live()
+            .any(|e| e.flags & io::LOCK_OWNER == 0 && r.blocks(e.io_type, e.offset, e.len()))
+    }
+
+    /// Notes that the module (or the split machinery, for `parent`) now has `io`.
+    #[inline]
+    fn track(&self, io: &mut BdevIo, parent: bool) {
+        let e = InFlight {
+            id: io.id().0,
+            ctx: io.ctx,
+            offset: io.offset_blocks,
+            blocks: io.num_blocks.min(u32::MAX as u64) as u32,
+            io_type: io.io_type,
+            flags: io.flags | if parent { SPLIT_PARENT } else { 0 },
+        };
+        let mut t = self.inflight.borrow_mut();
+        let slot = t.free;
+        io.slot = match t.entries.get_mut(slot as usize) {
+            Some(free) => {
+                let next = free.ctx as u32;
+                *free = e;
+                t.free = next;
+                slot
+            }
+            None => {
+                t.entries.push(e);
+                t.entries.len() as u32 - 1
+            }
+        };
+    }
+
+    /// Forgets `io` (it came back from the module).
+    #[inline]
+    fn untrack(&self, io: &mut BdevIo) {
+        let slot = std::mem::replace(&mut io.slot, io::NO_SLOT);
+        let mut t = self.inflight.borrow_mut();
+        let next = t.free;
+        if let Some(e) = t.entries.get_mut(slot as usize) {
+            e.id = 0;
+            e.ctx = next as u64;
+            t.free = slot;
+        }
+    }
+
+    /// Whether the module still has the I/O `id`.
+    fn has_inflight(&self, id: IoId) -> bool {
+        self.inflight.borrow().live().any(|e| e.id == id.0)
     }
 
     /// [`Self::release_held`] for the channel of the current thread (from a `for_each_channel` walk, which
@@ -271,8 +526,7 @@ impl ChannelCore {
 
     /// Sends on the waiting I/O that may go now (the rest waits again), in order.
     pub(crate) fn release_held(self: &Rc<Self>) {
-        self.gate
-            .set(self.fence.get() || !self.locks.borrow().is_empty());
+        self.gate.set(!self.locks.borrow().is_empty());
         let waiting: Vec<IoHandle> = self.held.borrow_mut().drain(..).collect();
         for io in waiting {
             if self.gate.get() && self.must_wait(&io) {
@@ -364,9 +618,10 @@ impl ChannelCore {
         did || n > 0
     }
 
-    fn submit_to_module(self: &Rc<Self>, io: IoHandle) {
+    fn submit_to_module(self: &Rc<Self>, mut io: IoHandle) {
         self.outstanding.set(self.outstanding.get() + 1);
         self.activate();
+        self.track(&mut io, false);
         self.hand_to_module(io);
     }
 
@@ -374,6 +629,109 @@ impl ChannelCore {
         self.in_module.set(true);
         self.module.borrow_mut().submit(io);
         self.in_module.set(false);
+    }
+
+    /// Queues `io` for delivery by this channel's poller without statistics (it never reached the module).
+    fn deliver_later(self: &Rc<Self>, mut io: IoHandle) {
+        io.submit_tick = 0;
+        io.ch = None;
+        self.deferred.borrow_mut().push_back(io);
+        self.activate();
+    }
+
+    /// Runs abort `parent` (see [`IoChannel::abort`]): I/Os still queued in this layer complete as aborted at
+    /// once; an I/O served in pieces sends no more pieces; the module gets one abort per I/O (or piece) it has.
+    fn start_abort(self: &Rc<Self>, parent: IoHandle, target: u64) {
+        let matches = |ctx: u64, t: IoType, flags: u8| {
+            ctx == target
+                && flags & io::SPLIT_CHILD == 0
+                && !matches!(t, IoType::Abort | IoType::Reset)
+        };
+        let mut matched = 0u32;
+        // Waiting for a range lock or for module resources: never reached the module.
+        for q in [&self.held, &self.nomem] {
+            let waiting: Vec<IoHandle> = q.borrow_mut().drain(..).collect();
+            for mut io in waiting {
+                if matches(io.ctx, io.io_type, io.flags) {
+                    matched += 1;
+                    io.status = IoStatus::Aborted;
+                    io.ch = None;
+                    // Counted outstanding so that its completion's accounting balances, as a frozen I/O is.
+                    self.outstanding.set(self.outstanding.get() + 1);
+                    self.deferred.borrow_mut().push_back(io);
+                    self.activate();
+                } else {
+                    q.borrow_mut().push_back(io);
+                }
+            }
+        }
+        // With the module (or being cut into pieces).
+        let mut in_module = Vec::new();
+        let hits: Vec<InFlight> = self
+            .inflight
+            .borrow()
+            .live()
+            .filter(|e| matches(e.ctx, e.io_type, e.flags))
+            .copied()
+            .collect();
+        for e in hits {
+            matched += 1;
+            let id = IoId(e.id);
+            if e.flags & SPLIT_PARENT == 0 {
+                in_module.push(id);
+                continue;
+            }
+            // No more pieces; the ones out are aborted, and the parent completes as aborted once they are back.
+            let slot = {
+                let mut s = self.splits.borrow_mut();
+                let slot =
+                    s.0.iter()
+                        .position(|p| p.as_ref().is_some_and(|p| p.id() == id));
+                if let Some(p) = slot.and_then(|i| s.0[i].as_mut()) {
+                    p.driver_ctx[2] = status_code(IoStatus::Aborted);
+                }
+                slot
+            };
+            if let Some(slot) = slot {
+                in_module.extend(self.inflight.borrow().live().filter_map(|p| {
+                    (p.flags & io::SPLIT_CHILD != 0 && p.ctx == slot as u64).then_some(IoId(p.id))
+                }));
+            }
+        }
+        if matched == 0 {
+            // Nothing of that context here: the abort fails, as SPDK's does.
+            let mut parent = parent;
+            parent.status = IoStatus::Failed(libc::ENOENT);
+            self.deliver_later(parent);
+            return;
+        }
+        let state = Rc::new(RefCell::new(AbortState {
+            parent: Some(parent),
+            remaining: in_module.len() + 1,
+            failed: false,
+        }));
+        for id in in_module {
+            let st = state.clone();
+            let me = self.clone();
+            let done = move |c: IoHandle| {
+                let ok = c.status == IoStatus::Success;
+                drop(c);
+                // A failed abort whose target has completed meanwhile did its job.
+                let failed = !ok && me.has_inflight(id);
+                AbortState::one_done(&st, failed);
+            };
+            match io::build(IoType::Abort, 0, 0, Completion::Closure(Box::new(done)), 0) {
+                Some(mut child) => {
+                    child.ext_mut().abort_target = Some(id);
+                    child.block_size = self.block_size;
+                    child.submit_tick = ticks::now();
+                    child.ch = Some(self.clone());
+                    self.submit_to_module(child);
+                }
+                None => AbortState::one_done(&state, true),
+            }
+        }
+        AbortState::one_done(&state, false);
     }
 
     /// A reset, as SPDK runs one: every channel of the bdev freezes (new I/O is aborted, I/O waiting for
@@ -493,6 +851,7 @@ impl ChannelCore {
     fn start_split(self: &Rc<Self>, mut parent: IoHandle) {
         self.outstanding.set(self.outstanding.get() + 1);
         self.activate();
+        self.track(&mut parent, true);
         parent.driver_ctx = [0; 4];
         let slot = {
             let mut s = self.splits.borrow_mut();
@@ -660,10 +1019,11 @@ impl ChannelCore {
 
     /// Accounts a completed I/O that was submitted at `submit_tick` (0: it never reached the module).
     #[inline]
-    fn account(&self, io: &BdevIo, now: u64) {
+    fn account(&self, io: &mut BdevIo, now: u64) {
         if io.submit_tick == 0 {
             return;
         }
+        self.untrack(io);
         self.outstanding
             .set(self.outstanding.get().saturating_sub(1));
         if io.flags & io::SPLIT_CHILD != 0 {
@@ -692,10 +1052,11 @@ fn finish(ch: &Rc<ChannelCore>, mut io: IoHandle, now: u64) {
     if io.status == IoStatus::NoMem {
         // The module is out of resources: keep the I/O and resubmit when something completes.
         ch.outstanding.set(ch.outstanding.get().saturating_sub(1));
+        ch.untrack(&mut io);
         ch.nomem.borrow_mut().push_back(io);
         return;
     }
-    ch.account(&io, now);
+    ch.account(&mut io, now);
     if io.io_type == IoType::Reset && ch.executing_reset.get() {
         ch.end_reset(io);
         return;
@@ -887,18 +1248,46 @@ impl IoChannel {
         data_checked: bool,
     ) -> std::result::Result<bool, (i32, String)> {
         let t = io.io_type;
-        let name = self.core.bdev.name();
         if !self.core.supported[t as usize] {
+            let name = self.core.bdev.name();
             return Err((libc::ENOTSUP, format!("{name}: {} not supported", t.name())));
         }
+        self.check_args(io, data_checked)
+    }
+
+    /// [`Self::check`] but for the type's support: descriptor, ranges, buffers.
+    #[inline(always)]
+    fn check_args(
+        &self,
+        io: &crate::io::BdevIo,
+        data_checked: bool,
+    ) -> std::result::Result<bool, (i32, String)> {
+        let t = io.io_type;
+        let name = self.core.bdev.name();
         if t.is_write() && !self.writable {
             return Err((libc::EBADF, format!("{name}: descriptor is read-only")));
         }
         let nb = self.core.bdev.num_blocks();
-        let needs_range = !matches!(t, IoType::Reset | IoType::Abort);
+        let needs_range = !matches!(
+            t,
+            IoType::Reset | IoType::Abort | IoType::NvmeAdmin | IoType::NvmeIo
+        );
+        if t == IoType::Copy {
+            let src = io.copy_source();
+            if src.checked_add(io.num_blocks).is_none_or(|e| e > nb) {
+                return Err((
+                    libc::EINVAL,
+                    format!(
+                        "{name}: copy source of {} blocks at {src} is outside 0..{nb}",
+                        io.num_blocks
+                    ),
+                ));
+            }
+        }
         if needs_range {
             let end = io.offset_blocks.checked_add(io.num_blocks);
-            if (io.num_blocks == 0 && t != IoType::Flush) || end.is_none_or(|e| e > nb) {
+            let empty_ok = matches!(t, IoType::Flush | IoType::Copy);
+            if (io.num_blocks == 0 && !empty_ok) || end.is_none_or(|e| e > nb) {
                 return Err((
                     libc::EINVAL,
                     format!(
@@ -1220,6 +1609,108 @@ impl IoChannel {
         drop(fin);
     }
 
+    /// Passes an NVMe I/O command through to the bdev as is (SPDK's `spdk_bdev_nvme_io_passthru`), with `iovs` as its data buffer; the completion's status and
+    /// dword 0 are the device's ([`IoStatus::Nvme`] / [`crate::BdevIo::nvme_cdw0`]). Needs a writable
+    /// descriptor, as in SPDK (the command is not decoded).
+    ///
+    /// # Safety
+    /// Every iovec must stay valid, and not be accessed otherwise, until the callback runs.
+    pub unsafe fn nvme_io_passthru(
+        &self,
+        cmd: &crate::io::NvmeCmd,
+        iovs: &[IoVec],
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
+        self.nvme_passthru(IoType::NvmeIo, cmd, iovs, cb, ctx)
+    }
+
+    /// Passes an NVMe admin command through to the bdev's controller as is (SPDK's
+    /// `spdk_bdev_nvme_admin_passthru`); see [`Self::nvme_io_passthru`].
+    ///
+    /// # Safety
+    /// As for [`Self::nvme_io_passthru`].
+    pub unsafe fn nvme_admin_passthru(
+        &self,
+        cmd: &crate::io::NvmeCmd,
+        iovs: &[IoVec],
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
+        self.nvme_passthru(IoType::NvmeAdmin, cmd, iovs, cb, ctx)
+    }
+
+    fn nvme_passthru(
+        &self,
+        t: IoType,
+        cmd: &crate::io::NvmeCmd,
+        iovs: &[IoVec],
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
+        let mut io = self.prepare(t, 0, 0, cb, ctx)?;
+        let ext = io.ext_mut();
+        ext.nvme_cmd = *cmd;
+        ext.nvme_cdw0 = 0;
+        io.iovs.extend_from_slice(iovs);
+        self.submit(io);
+        Ok(())
+    }
+
+    /// Copies `num_blocks` blocks from `src_offset` to `dst_offset` within the bdev (SPDK's
+    /// `spdk_bdev_copy_blocks`): the module's own copy when it has one, else read then write through a buffer,
+    /// in pieces, as SPDK emulates it (the emulated copy counts as the reads and writes it is made of).
+    /// Overlapping ranges copy as if through a buffer of the whole range. An empty or in-place copy succeeds
+    /// at once.
+    pub fn copy(
+        &self,
+        dst_offset: u64,
+        src_offset: u64,
+        num_blocks: u64,
+        cb: Completion,
+        ctx: u64,
+    ) -> Result<()> {
+        let core = &self.core;
+        let mut io = self.prepare(IoType::Copy, dst_offset, num_blocks, cb, ctx)?;
+        io.ext_mut().copy_delta = src_offset.wrapping_sub(dst_offset);
+        io.block_size = core.block_size;
+        // Checked as a copy (read-only descriptor, both ranges) whether the module copies or not.
+        if let Err((errno, msg)) = self.check_args(&io, true) {
+            log::warn!("{msg}");
+            io.status = IoStatus::Failed(errno);
+            core.deliver_later(io);
+        } else if num_blocks == 0 || dst_offset == src_offset {
+            io.status = IoStatus::Success;
+            core.deliver_later(io);
+        } else if core.supported[IoType::Copy as usize] {
+            self.submit(io);
+        } else {
+            CopyJob::start(self.clone(), io);
+        }
+        Ok(())
+    }
+
+    /// Aborts the I/Os submitted on this channel with context `target_ctx` and not yet completed (SPDK's
+    /// `spdk_bdev_abort`, which names them by their callback argument). Each completes as
+    /// [`IoStatus::Aborted`] if the module could stop it; the abort then completes through `cb`/`ctx`:
+    /// success when every one was aborted (or completed meanwhile), a failure when one could not be, or when
+    /// none had that context (`ENOENT`). Errors: the bdev does not support aborts (`NotSupported`), no
+    /// descriptor (`NoMemory`).
+    pub fn abort(&self, target_ctx: u64, cb: Completion, ctx: u64) -> Result<()> {
+        let core = &self.core;
+        if !core.supported[IoType::Abort as usize] {
+            return Err(BdevError::new(
+                ErrorKind::NotSupported,
+                format!("{}: abort not supported", core.bdev.name()),
+            ));
+        }
+        let mut io = self.prepare(IoType::Abort, 0, 0, cb, ctx)?;
+        io.block_size = core.block_size;
+        io.ch = Some(core.clone());
+        core.start_abort(io, target_ctx);
+        Ok(())
+    }
+
     /// Submits an I/O with no data (flush, unmap, write_zeroes, reset).
     #[inline]
     pub fn submit_nodata(
@@ -1230,10 +1721,20 @@ impl IoChannel {
         cb: Completion,
         ctx: u64,
     ) -> Result<()> {
-        if t.has_data() {
+        if t.has_data() || matches!(t, IoType::NvmeAdmin | IoType::NvmeIo) {
             return Err(BdevError::new(
                 ErrorKind::Invalid,
                 format!("{} needs buffers", t.name()),
+            ));
+        }
+        if matches!(t, IoType::Abort | IoType::Copy) {
+            return Err(BdevError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{} needs its own arguments (IoChannel::{})",
+                    t.name(),
+                    t.name()
+                ),
             ));
         }
         let io = self.prepare(t, offset_blocks, num_blocks, cb, ctx)?;
@@ -1256,6 +1757,7 @@ impl IoChannel {
     ) -> Result<()> {
         let mut io = self.prepare(parent.io_type, offset_blocks, parent.num_blocks, cb, ctx)?;
         io.iovs.extend_from_slice(&parent.iovs);
+        parent.copy_ext_to(&mut io);
         let data_checked = self.data_checked(parent);
         self.submit_checked(io, data_checked);
         Ok(())
@@ -1278,6 +1780,7 @@ impl IoChannel {
     ) -> Result<()> {
         let t = parent.io_type;
         let mut io = self.prepare(t, offset_blocks, num_blocks, cb, ctx)?;
+        parent.copy_ext_to(&mut io);
         if t.has_data() {
             let bs = parent.block_size as u64;
             io::sub_iovs(

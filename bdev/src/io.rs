@@ -31,21 +31,33 @@ pub enum IoType {
     WriteZeroes,
     /// Compare blocks with a buffer.
     Compare,
-    /// Abort another I/O.
+    /// Abort another I/O (the one [`BdevIo::abort_target`] names).
     Abort,
+    /// An NVMe admin command passed through as is ([`BdevIo::nvme_cmd`]).
+    NvmeAdmin,
+    /// An NVMe I/O command passed through as is ([`BdevIo::nvme_cmd`]).
+    NvmeIo,
+    /// Copy blocks within the bdev, from [`BdevIo::copy_source`] to the I/O's range.
+    Copy,
 }
 
 impl IoType {
+    /// How many types there are (for tables indexed by type).
+    pub const COUNT: usize = 11;
+
     /// Every type, in the order `bdev_get_bdevs` lists them.
-    pub const ALL: [IoType; 8] = [
+    pub const ALL: [IoType; IoType::COUNT] = [
         IoType::Read,
         IoType::Write,
         IoType::Unmap,
         IoType::Flush,
         IoType::Reset,
+        IoType::NvmeAdmin,
+        IoType::NvmeIo,
         IoType::Compare,
         IoType::Abort,
         IoType::WriteZeroes,
+        IoType::Copy,
     ];
 
     /// SPDK's key for the type.
@@ -59,15 +71,28 @@ impl IoType {
             IoType::WriteZeroes => "write_zeroes",
             IoType::Compare => "compare",
             IoType::Abort => "abort",
+            IoType::NvmeAdmin => "nvme_admin",
+            IoType::NvmeIo => "nvme_io",
+            IoType::Copy => "copy",
         }
     }
 
-    /// Whether the type modifies data (refused on read-only descriptors).
+    /// Whether the type may modify data (refused on read-only descriptors; an NVMe command passed through is
+    /// not decoded, so it counts as one, as SPDK counts it).
     pub fn is_write(self) -> bool {
-        matches!(self, IoType::Write | IoType::Unmap | IoType::WriteZeroes)
+        matches!(
+            self,
+            IoType::Write
+                | IoType::Unmap
+                | IoType::WriteZeroes
+                | IoType::Copy
+                | IoType::NvmeIo
+                | IoType::NvmeAdmin
+        )
     }
 
-    /// Whether the type carries data buffers.
+    /// Whether the type carries block data buffers (as many bytes as blocks; an NVMe command's buffer is
+    /// sized by the command, not by blocks).
     pub fn has_data(self) -> bool {
         matches!(self, IoType::Read | IoType::Write | IoType::Compare)
     }
@@ -155,6 +180,43 @@ impl IoStatus {
     }
 }
 
+/// The identity of an I/O while it is in flight (its descriptor's address; reused once it completes): what an
+/// abort names. A module that holds I/Os finds the one to abort by comparing [`BdevIo::id`]s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IoId(pub(crate) u64);
+
+/// An NVMe command as its submission queue entry holds it: sixteen dwords (opcode in the low byte of the first,
+/// namespace in the second, CDW10..15 in the last six).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NvmeCmd(pub [u32; 16]);
+
+impl NvmeCmd {
+    /// The opcode.
+    pub fn opcode(&self) -> u8 {
+        self.0[0] as u8
+    }
+    /// The namespace id.
+    pub fn nsid(&self) -> u32 {
+        self.0[1]
+    }
+}
+
+/// What the rare I/O types carry besides a range and buffers. Allocated the first time a descriptor carries
+/// such an I/O and kept with the descriptor, so these types allocate nothing per I/O either.
+#[derive(Default)]
+pub(crate) struct IoExt {
+    pub(crate) abort_target: Option<IoId>,
+    /// A copy's source, as a distance from its destination (wrapping): a virtual bdev that moves the I/O's
+    /// range moves the source with it.
+    pub(crate) copy_delta: u64,
+    pub(crate) nvme_cmd: NvmeCmd,
+    pub(crate) nvme_cdw0: u32,
+    /// The aligned copy and the caller's iovecs, while bounced.
+    pub(crate) bounce: Option<Bounce>,
+    /// Routes of outer forwards, when a forwarded I/O is forwarded again (kept, like `iovs`, once grown).
+    pub(crate) outer_routes: Vec<Route>,
+}
+
 /// One scatter-gather element, laid out as `struct iovec` so it can be handed to the kernel as is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -193,6 +255,9 @@ pub(crate) const SPLIT_CHILD: u8 = 4;
 /// goes through the lock it holds.
 pub(crate) const LOCK_OWNER: u8 = 8;
 
+/// [`BdevIo::slot`] of an I/O no channel tracks.
+pub(crate) const NO_SLOT: u32 = u32::MAX;
+
 /// Inline iovec capacity reserved per descriptor; more grows the descriptor once and is kept.
 const IOVS_RESERVED: usize = 16;
 
@@ -225,11 +290,12 @@ pub struct BdevIo {
     pub driver_ctx: [u64; 4],
     pub(crate) iovs: Vec<IoVec>,
     pub(crate) offset_blocks: u64,
+    /// The entry of the channel's in-flight table that describes this I/O while its module has it
+    /// ([`NO_SLOT`]: none).
+    pub(crate) slot: u32,
     pub(crate) buf: Option<DmaBuf>,
-    /// The aligned copy and the caller's iovecs, while bounced.
-    pub(crate) bounce: Option<Box<Bounce>>,
-    /// Routes of outer forwards, when a forwarded I/O is forwarded again (kept, like `iovs`, once grown).
-    pub(crate) outer_routes: Vec<Route>,
+    /// What an abort, copy or NVMe command carries, a bounce, outer routes (see [`IoExt`]).
+    pub(crate) ext: Option<Box<IoExt>>,
     /// The submitter's route while the I/O is forwarded (the innermost forward's).
     pub(crate) route: RouteSlot,
 }
@@ -254,9 +320,9 @@ impl BdevIo {
             driver_ctx: [0; 4],
             iovs: Vec::with_capacity(IOVS_RESERVED),
             offset_blocks: 0,
+            slot: NO_SLOT,
             buf: None,
-            bounce: None,
-            outer_routes: Vec::new(),
+            ext: None,
             route: RouteSlot(None),
         }
     }
@@ -306,6 +372,60 @@ impl BdevIo {
     pub fn iovs(&self) -> &[IoVec] {
         &self.iovs
     }
+    /// The I/O's identity while in flight (what an abort names).
+    #[inline]
+    pub fn id(&self) -> IoId {
+        IoId(self as *const BdevIo as u64)
+    }
+    /// The I/O an abort names (`None` for other types).
+    pub fn abort_target(&self) -> Option<IoId> {
+        match self.io_type {
+            IoType::Abort => self.ext.as_ref().and_then(|e| e.abort_target),
+            _ => None,
+        }
+    }
+    /// The first block a copy reads (its range is where it writes).
+    pub fn copy_source(&self) -> u64 {
+        match (self.io_type, &self.ext) {
+            (IoType::Copy, Some(e)) => self.offset_blocks.wrapping_add(e.copy_delta),
+            _ => 0,
+        }
+    }
+
+    /// Gives `child` what this I/O's type carries besides range and buffers (a copy's source, an NVMe
+    /// command), for a virtual bdev's child I/O of the same type.
+    pub(crate) fn copy_ext_to(&self, child: &mut BdevIo) {
+        if let (IoType::Copy | IoType::NvmeIo | IoType::NvmeAdmin, Some(e)) =
+            (self.io_type, &self.ext)
+        {
+            let (delta, cmd) = (e.copy_delta, e.nvme_cmd);
+            let c = child.ext_mut();
+            c.copy_delta = delta;
+            c.nvme_cmd = cmd;
+            c.nvme_cdw0 = 0;
+        }
+    }
+    /// The command of an NVMe passthrough I/O (`None` for other types); its data buffer is [`BdevIo::iovs`].
+    pub fn nvme_cmd(&self) -> Option<&NvmeCmd> {
+        match self.io_type {
+            IoType::NvmeAdmin | IoType::NvmeIo => self.ext.as_ref().map(|e| &e.nvme_cmd),
+            _ => None,
+        }
+    }
+    /// Dword 0 of the NVMe completion of a passthrough I/O (valid in the completion callback).
+    pub fn nvme_cdw0(&self) -> u32 {
+        self.ext.as_ref().map_or(0, |e| e.nvme_cdw0)
+    }
+    /// Sets the completion's dword 0 (a module completing an NVMe passthrough I/O; see
+    /// [`IoHandle::complete_nvme`]).
+    pub fn set_nvme_cdw0(&mut self, cdw0: u32) {
+        self.ext_mut().nvme_cdw0 = cdw0;
+    }
+    /// The descriptor's extension, made on first use.
+    pub(crate) fn ext_mut(&mut self) -> &mut IoExt {
+        self.ext.get_or_insert_with(Box::default)
+    }
+
     /// Takes back the buffer moved in with the I/O.
     pub fn take_buf(&mut self) -> Option<DmaBuf> {
         if self.flags & HAS_BUF == 0 {
@@ -394,14 +514,16 @@ impl BdevIo {
             len,
         }];
         let orig = std::mem::replace(&mut self.iovs, one);
-        self.bounce = Some(Box::new(Bounce { buf, orig }));
+        self.ext_mut().bounce = Some(Bounce { buf, orig });
         self.flags |= BOUNCED;
         Ok(())
     }
 
     /// Gives the caller's iovecs back (a successful read's data copied into them).
     pub(crate) fn unbounce(&mut self) {
-        let Some(b) = self.bounce.take() else { return };
+        let Some(b) = self.ext.as_mut().and_then(|e| e.bounce.take()) else {
+            return;
+        };
         self.flags &= !BOUNCED;
         self.iovs = b.orig;
         if self.io_type == IoType::Read && self.status == IoStatus::Success {
@@ -468,6 +590,13 @@ impl IoHandle {
         crate::channel::complete(self);
     }
 
+    /// Completes an NVMe passthrough I/O with the device's completion: dword 0 and status (SPDK's
+    /// `spdk_bdev_io_complete_nvme_status`).
+    pub fn complete_nvme(mut self, cdw0: u32, status: NvmeStatus) {
+        self.set_nvme_cdw0(cdw0);
+        self.complete(IoStatus::from_nvme(status));
+    }
+
     /// Starts loading what completion reads of the descriptor (its first two lines, and the route's line that a
     /// forwarded I/O needs) into cache.
     #[inline]
@@ -489,7 +618,12 @@ impl IoHandle {
         self.submit_tick = r.submit_tick;
         self.offset_blocks = r.offset_blocks;
         self.block_size = r.block_size;
-        self.route.0 = self.outer_routes.pop();
+        self.slot = r.slot;
+        self.route.0 = if self.depth > 1 {
+            self.ext.as_mut().and_then(|e| e.outer_routes.pop())
+        } else {
+            None
+        };
         self.depth -= 1;
         true
     }
@@ -504,10 +638,11 @@ impl IoHandle {
             submit_tick: self.submit_tick,
             offset_blocks: std::mem::replace(&mut self.offset_blocks, offset_blocks),
             block_size: self.block_size,
+            slot: std::mem::replace(&mut self.slot, NO_SLOT),
         };
         if let Some(outer) = self.route.0.replace(r) {
             // Forwarded again by the bdev it was forwarded to (allocates once per descriptor and depth).
-            self.outer_routes.push(outer);
+            self.ext_mut().outer_routes.push(outer);
         }
         self.depth += 1;
         self.status = IoStatus::Pending;
@@ -533,6 +668,7 @@ pub(crate) struct Route {
     pub(crate) submit_tick: u64,
     pub(crate) offset_blocks: u64,
     pub(crate) block_size: u32,
+    pub(crate) slot: u32,
 }
 
 /// Hints the CPU to load lines 0, 1 and 3 of the descriptor at `p` (a prefetch never faults, whatever the address).
@@ -546,6 +682,7 @@ fn prefetch_lines(p: *const i8) {
         unsafe {
             _mm_prefetch::<_MM_HINT_T0>(p);
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(192));
         }
     }
@@ -622,14 +759,19 @@ impl Drop for IoHandle {
             b.buf = None;
         }
         if b.flags & BOUNCED != 0 {
-            b.bounce = None;
+            if let Some(e) = b.ext.as_mut() {
+                e.bounce = None;
+            }
         }
         b.flags = 0;
+        b.slot = NO_SLOT;
         b.iovs.clear();
         if b.depth > 0 {
             // Dropped while forwarded: whoever forwarded it is gone; release what the routes hold.
             b.route.0 = None;
-            b.outer_routes.clear();
+            if let Some(e) = b.ext.as_mut() {
+                e.outer_routes.clear();
+            }
             b.depth = 0;
         }
         b.status = IoStatus::Pending;

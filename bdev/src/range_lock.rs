@@ -1,14 +1,17 @@
-//! LBA range locks (SPDK's `bdev_lock_lba_range`): while a range is locked, writes (and compares) from every
-//! channel of the bdev that overlap it wait, except the lock holder's own. Compare-and-write uses one so that no
-//! other write lands between its compare and its write.
+//! LBA range locks (SPDK's `bdev_lock_lba_range`, and `spdk_bdev_quiesce_range`): while a range is locked,
+//! writes (and compares) from every channel of the bdev that overlap it wait, except the lock holder's own; a
+//! quiescing lock holds reads too. Compare-and-write uses one so that no other write lands between its compare
+//! and its write.
 //!
-//! Taking a lock: every channel is fenced (new I/O waits) until what was in flight before has completed, then the
-//! range is installed on every channel and the fence goes; I/O that waited goes on, or keeps waiting if it
-//! overlaps the range. Locks are taken one at a time per bdev, and a lock that overlaps a held one waits for it,
-//! so a fence never waits on a lock holder that needs the fence gone. The fence costs new I/O on the bdev one
-//! in-flight I/O's latency; the I/O path pays one flag test while no lock exists.
+//! Taking a lock, as SPDK takes one: the range goes on every channel at once (new overlapping I/O waits from
+//! then on), then the lock waits until no I/O it must wait for is left with the module on any channel, looking
+//! only at I/O that overlaps the range (each channel keeps a table of what its module has). I/O elsewhere on
+//! the bdev flows on meanwhile, and an I/O elsewhere that cannot finish (a member being removed, a path being
+//! restored) does not hold the lock up. Locks are taken one at a time per bdev, and a lock that overlaps a held
+//! one waits for it. The I/O path pays one flag test while no lock exists.
 
 use crate::bdev::Bdev;
+use crate::channel::LockedRange;
 use std::collections::VecDeque;
 
 /// How long a lock being taken waits between looks at the channels' in-flight I/O.
@@ -18,25 +21,24 @@ const DRAIN_POLL_US: u64 = 5;
 struct Pending {
     offset: u64,
     len: u64,
+    quiesce: bool,
     done: Box<dyn FnOnce(u64) + Send>,
 }
 
 /// A bdev's range locks.
 #[derive(Default)]
 pub(crate) struct RangeLocks {
-    held: Vec<(u64, u64, u64)>,
+    /// Held ranges, and the one being taken (installed on the channels, waiting for them to drain).
+    held: Vec<LockedRange>,
     pending: VecDeque<Pending>,
     taking: bool,
-    /// Channels are fenced (from before the fence walk until before the install walk): what a new channel
-    /// starts with.
-    fenced: bool,
     next_id: u64,
 }
 
 impl RangeLocks {
-    /// What a channel created now must start with: the held ranges, and whether a lock is being taken.
-    pub(crate) fn snapshot(&self) -> (Vec<(u64, u64, u64)>, bool) {
-        (self.held.clone(), self.fenced)
+    /// What a channel created now must start with: the held ranges and the one being taken.
+    pub(crate) fn snapshot(&self) -> Vec<LockedRange> {
+        self.held.clone()
     }
 }
 
@@ -49,16 +51,38 @@ impl Bdev {
     /// once no write from before the call is in flight on the range and none can start (SPDK's
     /// `bdev_lock_lba_range`). I/O flagged as the holder's goes through (see [`crate::IoChannel::compare_and_writev`]).
     pub fn lock_lba_range(&self, offset: u64, len: u64, done: impl FnOnce(u64) + Send + 'static) {
+        self.request_lock(offset, len, false, Box::new(done));
+    }
+
+    /// Like [`Bdev::lock_lba_range`], but reads of the range wait too, and the lock is taken only once no read
+    /// or write of the range is in flight (SPDK's `spdk_bdev_quiesce_range`).
+    pub fn quiesce_lba_range(
+        &self,
+        offset: u64,
+        len: u64,
+        done: impl FnOnce(u64) + Send + 'static,
+    ) {
+        self.request_lock(offset, len, true, Box::new(done));
+    }
+
+    fn request_lock(
+        &self,
+        offset: u64,
+        len: u64,
+        quiesce: bool,
+        done: Box<dyn FnOnce(u64) + Send>,
+    ) {
         let len = len.max(1);
         let mut q = reactor::lock(&self.0.range_locks);
         let busy = q.taking
             || q.held
                 .iter()
-                .any(|&(_, o, l)| overlaps((o, l), (offset, len)));
+                .any(|r| overlaps((r.offset, r.len), (offset, len)));
         q.pending.push_back(Pending {
             offset,
             len,
-            done: Box::new(done),
+            quiesce,
+            done,
         });
         drop(q);
         if !busy {
@@ -66,17 +90,17 @@ impl Bdev {
         }
     }
 
-    /// Releases lock `id`; writes that waited on it go on. `done` runs on the calling thread after every
+    /// Releases lock `id`; I/O that waited on it goes on. `done` runs on the calling thread after every
     /// channel let go.
     pub fn unlock_lba_range(&self, id: u64, done: impl FnOnce() + Send + 'static) {
         // Out of the bdev's list first: a channel created from now on does not start with the range.
         reactor::lock(&self.0.range_locks)
             .held
-            .retain(|l| l.0 != id);
+            .retain(|l| l.id != id);
         let bdev = self.clone();
         self.0.io_device.for_each_channel(
             move |c| {
-                c.locks.borrow_mut().retain(|l| l.0 != id);
+                c.locks.borrow_mut().retain(|l| l.id != id);
                 c.release_held_here();
             },
             move |_| {
@@ -86,80 +110,65 @@ impl Bdev {
         );
     }
 
-    /// Starts taking the first pending lock that overlaps no held one, unless one is being taken.
+    /// Starts taking the first pending lock that overlaps no held one, unless one is being taken: its range
+    /// goes on every channel, then the lock waits for them to drain.
     fn take_next(&self) {
-        let next = {
+        let (r, done) = {
             let mut q = reactor::lock(&self.0.range_locks);
             if q.taking {
                 return;
             }
-            let held = q.held.clone();
             let Some(i) = q.pending.iter().position(|p| {
-                !held
+                !q.held
                     .iter()
-                    .any(|&(_, o, l)| overlaps((o, l), (p.offset, p.len)))
+                    .any(|r| overlaps((r.offset, r.len), (p.offset, p.len)))
             }) else {
                 return;
             };
             let p = q.pending.remove(i).expect("position found");
             q.taking = true;
-            q.fenced = true;
             q.next_id += 1;
-            (q.next_id, p)
+            let r = LockedRange {
+                id: q.next_id,
+                offset: p.offset,
+                len: p.len,
+                quiesce: p.quiesce,
+            };
+            // In the bdev's list first: a channel created from now on starts with the range.
+            q.held.push(r);
+            (r, p.done)
         };
-        let (id, p) = next;
         let bdev = self.clone();
         self.0.io_device.for_each_channel(
-            |c| {
-                c.fence.set(true);
+            move |c| {
+                c.locks.borrow_mut().push(r);
                 c.gate.set(true);
             },
-            move |_| bdev.wait_drained(id, p),
+            move |_| bdev.wait_drained(r, done),
         );
     }
 
-    /// Waits until every channel has nothing in flight from before the fence, then installs the range.
-    fn wait_drained(&self, id: u64, p: Pending) {
+    /// Waits until no channel's module has I/O that range `r` must wait for, then hands the lock over.
+    fn wait_drained(&self, r: LockedRange, done: Box<dyn FnOnce(u64) + Send>) {
         let bdev = self.clone();
         self.0.io_device.for_each_channel(
-            |c| c.drained(),
+            move |c| c.drained(&r),
             move |all| {
                 if all.iter().all(|d| *d) {
-                    bdev.install(id, p);
+                    reactor::lock(&bdev.0.range_locks).taking = false;
+                    done(r.id);
+                    bdev.take_next();
                 } else {
                     let b = bdev.clone();
-                    // Holding the pending lock in a closure: the timer runs on this thread.
-                    let p = std::cell::Cell::new(Some(p));
+                    // Holding the callback in a cell: the timer runs on this thread, once.
+                    let done = std::cell::Cell::new(Some(done));
                     reactor::thread::timer(DRAIN_POLL_US, move || {
-                        if let Some(p) = p.take() {
-                            b.wait_drained(id, p);
+                        if let Some(d) = done.take() {
+                            b.wait_drained(r, d);
                         }
                     })
                     .detach();
                 }
-            },
-        );
-    }
-
-    fn install(&self, id: u64, p: Pending) {
-        let (offset, len) = (p.offset, p.len);
-        // In the bdev's list first: a channel created from now on starts with the range, and unfenced.
-        {
-            let mut q = reactor::lock(&self.0.range_locks);
-            q.held.push((id, offset, len));
-            q.fenced = false;
-        }
-        let bdev = self.clone();
-        self.0.io_device.for_each_channel(
-            move |c| {
-                c.locks.borrow_mut().push((id, offset, len));
-                c.fence.set(false);
-                c.release_held_here();
-            },
-            move |_| {
-                reactor::lock(&bdev.0.range_locks).taking = false;
-                (p.done)(id);
-                bdev.take_next();
             },
         );
     }

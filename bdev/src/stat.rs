@@ -86,7 +86,7 @@ pub struct IoStat {
     /// Write-zeroes (SPDK counts them with writes in bytes_written? no: separately, not reported).
     pub write_zeroes: OpStat,
     /// Failed I/Os by type.
-    pub errors: [u64; 8],
+    pub errors: [u64; IoType::COUNT],
 }
 
 impl IoStat {
@@ -95,7 +95,7 @@ impl IoStat {
     pub fn reset(&mut self, mode: ResetMode) {
         match mode {
             ResetMode::None => {}
-            ResetMode::Error => self.errors = [0; 8],
+            ResetMode::Error => self.errors = [0; IoType::COUNT],
             ResetMode::MaxMin => {
                 for o in [
                     &mut self.read,
@@ -123,6 +123,7 @@ impl IoStat {
             IoType::Write => self.write.add(bytes, ticks),
             IoType::Unmap => self.unmap.add(bytes, ticks),
             IoType::WriteZeroes => self.write_zeroes.add(bytes, ticks),
+            IoType::Copy => self.copy.add(bytes, ticks),
             _ => {}
         }
     }
@@ -189,7 +190,7 @@ mod tests {
         s.reset(ResetMode::None);
         assert_eq!(s, sample());
         s.reset(ResetMode::Error);
-        assert_eq!(s.errors, [0; 8]);
+        assert_eq!(s.errors, [0; IoType::COUNT]);
         assert_eq!((s.read.ops, s.read.max_latency_ticks), (2, 300));
         let mut s = sample();
         s.reset(ResetMode::MaxMin);

@@ -116,8 +116,10 @@ fn invalid_io_fails_with_clear_errno_never_panics() {
             .unwrap();
         ch.read(buf(), 0, 0, rec("zero_len", &o), 0).unwrap();
         rch.write(buf(), 0, 8, rec("readonly", &o), 0).unwrap();
-        ch.submit_nodata(IoType::Abort, 0, 1, rec("unsupported", &o), 0)
+        // SAFETY: no buffers.
+        unsafe { ch.nvme_io_passthru(&bdev::NvmeCmd::default(), &[], rec("unsupported", &o), 0) }
             .unwrap();
+        ch.abort(77, rec("abort_nothing", &o), 0).unwrap();
         ch.submit_nodata(IoType::Unmap, 0, 64, rec("unmap_ok", &o), 0)
             .unwrap();
         assert!(ch
@@ -140,6 +142,7 @@ fn invalid_io_fails_with_clear_errno_never_panics() {
             ("zero_len", e(libc::EINVAL)),
             ("readonly", e(libc::EBADF)),
             ("unsupported", e(libc::ENOTSUP)),
+            ("abort_nothing", e(libc::ENOENT)),
             ("unmap_ok", IoStatus::Success),
         ]
     );

@@ -1164,7 +1164,9 @@ impl BdevOps for RaidOps {
                     .filter_map(|b| b.desc.as_ref())
                     .all(|d| d.bdev().io_type_supported(t))
             }
-            IoType::Compare | IoType::Abort => false,
+            IoType::Compare | IoType::Abort | IoType::NvmeAdmin | IoType::NvmeIo | IoType::Copy => {
+                false
+            }
         }
     }
 

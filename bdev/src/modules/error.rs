@@ -263,10 +263,9 @@ impl BdevOps for ErrorDisk {
 
     fn io_type_supported(&self, t: IoType) -> bool {
         match t {
-            // Resets are answered here: they release the pending I/Os.
-            IoType::Reset => true,
-            // An abort names an I/O of this bdev, which the base does not know.
-            IoType::Abort => false,
+            // Resets and aborts are answered here: a reset releases the pending I/Os, an abort finds its
+            // target among them or asks the base for the child it sent.
+            IoType::Reset | IoType::Abort => true,
             _ => self.base.io_type_supported(t),
         }
     }
@@ -351,9 +350,10 @@ impl IoSink for ChanState {
     fn io_done(&self, child: IoHandle) {
         let status = child.status();
         let idx = child.ctx as usize;
+        let cdw0 = child.nvme_cdw0();
         drop(child);
         let entry = self.parents.borrow_mut().release(idx);
-        let Some((parent, corrupt)) = entry else {
+        let Some((mut parent, corrupt)) = entry else {
             log::error!("error bdev: completion for unknown I/O {idx}");
             return;
         };
@@ -362,6 +362,9 @@ impl IoSink for ChanState {
             if let Some((offset, value)) = corrupt {
                 corrupt_read(&parent, offset, value);
             }
+        }
+        if parent.nvme_cmd().is_some() {
+            parent.set_nvme_cdw0(cdw0);
         }
         // No borrow is held here: the callback may submit to this channel again.
         parent.complete(status);
@@ -415,6 +418,47 @@ impl ErrorChannel {
             {
                 Ok(_) => return Some(cfg),
                 Err(now) => n = now,
+            }
+        }
+    }
+
+    /// Aborts the I/O `abort` names: one held pending completes as aborted here; one with the base is
+    /// aborted there, through the child sent for it.
+    fn abort(&mut self, abort: IoHandle) {
+        let Some(target) = abort.abort_target() else {
+            abort.complete(IoStatus::Failed(libc::EINVAL));
+            return;
+        };
+        if let Some(i) = self.pending.iter().position(|p| p.id() == target) {
+            if let Some(io) = self.pending.remove(i) {
+                io.complete(IoStatus::Aborted);
+            }
+            abort.complete(IoStatus::Success);
+            return;
+        }
+        let child = self
+            .st
+            .parents
+            .borrow()
+            .slots
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|(io, _)| io.id() == target));
+        let (Some(idx), Some(base)) = (child, &self.base) else {
+            abort.complete(IoStatus::Failed(libc::ENOENT));
+            return;
+        };
+        // The abort waits for the base's answer (an abort is rare: the allocations do not matter).
+        let waiting = Rc::new(Cell::new(Some(abort)));
+        let w = waiting.clone();
+        let done = move |a: IoHandle| {
+            if let Some(abort) = w.take() {
+                abort.complete(a.status());
+            }
+        };
+        if let Err(e) = base.abort(idx as u64, Completion::Closure(Box::new(done)), 0) {
+            log::debug!("error bdev: abort through the base: {e}");
+            if let Some(abort) = waiting.take() {
+                abort.complete(IoStatus::Failed(e.errno()));
             }
         }
     }
@@ -478,6 +522,10 @@ impl ModuleChannel for ErrorChannel {
             self.fail_pending();
             self.shared.abort_gen.fetch_add(1, Ordering::Relaxed);
             io.complete(IoStatus::Success);
+            return;
+        }
+        if t == IoType::Abort {
+            self.abort(io);
             return;
         }
         match self.injection(t) {

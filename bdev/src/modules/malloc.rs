@@ -164,6 +164,8 @@ impl BdevOps for Malloc {
                 | IoType::Reset
                 | IoType::WriteZeroes
                 | IoType::Compare
+                | IoType::Abort
+                | IoType::Copy
         )
     }
 
@@ -261,8 +263,18 @@ impl ModuleChannel for MallocChannel {
                     IoStatus::Miscompare
                 }
             }
+            IoType::Copy => {
+                let src = io.copy_source() as usize * io.block_size() as usize;
+                debug_assert!(src + len <= self.mem.len);
+                // SAFETY: the bdev layer checked the source range against num_blocks too, so `src..src + len`
+                // and `at..at + len` are both inside the writable mapping; `ptr::copy` allows them to overlap.
+                unsafe { std::ptr::copy(self.mem.ptr.as_ptr().add(src), at, len) };
+                IoStatus::Success
+            }
             IoType::Flush | IoType::Reset => IoStatus::Success,
-            IoType::Abort => IoStatus::Failed(libc::ENOTSUP),
+            // Every I/O completes within its submission: none is ever left to abort (SPDK's malloc answers so).
+            IoType::Abort => IoStatus::Failed(libc::ENOENT),
+            IoType::NvmeAdmin | IoType::NvmeIo => IoStatus::Failed(libc::ENOTSUP),
         };
         io.complete(status);
     }

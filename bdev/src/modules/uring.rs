@@ -388,7 +388,9 @@ impl BdevOps for UringBdev {
             IoType::Write => !self.opts.readonly,
             IoType::Unmap => self.unmap,
             IoType::WriteZeroes => self.write_zeroes,
-            IoType::Compare | IoType::Abort => false,
+            IoType::Compare | IoType::Abort | IoType::NvmeAdmin | IoType::NvmeIo | IoType::Copy => {
+                false
+            }
         }
     }
 
@@ -931,7 +933,9 @@ impl ModuleChannel for UringChannel {
                     self.resets.push_back(io);
                 }
             }
-            IoType::Compare | IoType::Abort => io.complete(IoStatus::Failed(libc::ENOTSUP)),
+            IoType::Compare | IoType::Abort | IoType::NvmeAdmin | IoType::NvmeIo | IoType::Copy => {
+                io.complete(IoStatus::Failed(libc::ENOTSUP))
+            }
         }
     }
 
