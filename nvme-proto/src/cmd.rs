@@ -325,6 +325,10 @@ impl Sqe {
     pub fn cdw(&self, n: usize) -> u32 {
         le32(&self.0, n * 4)
     }
+    /// The sixteen command dwords.
+    pub fn dwords(&self) -> [u32; 16] {
+        std::array::from_fn(|n| self.cdw(n))
+    }
     /// Sets command dword `n` (2..=15; 0 and 1 are opcode/flags/cid and nsid).
     #[inline]
     pub fn set_cdw(&mut self, n: usize, v: u32) {
@@ -424,6 +428,35 @@ impl Cqe {
             status: Status::from_field(st),
             phase: st & 1 != 0,
         }
+    }
+}
+
+/// Copy source range, descriptor format 0 (32 bytes each; NR + 1 of them in a Copy's data).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyRange {
+    /// Starting LBA.
+    pub slba: u64,
+    /// Number of logical blocks, 0's based.
+    pub nlb: u16,
+}
+
+impl CopyRange {
+    /// Encoded size.
+    pub const SIZE: usize = 32;
+
+    /// Decodes one range from `b` (32 bytes).
+    pub fn decode(b: &[u8]) -> CopyRange {
+        CopyRange {
+            slba: le64(b, 8),
+            nlb: u16::from_le_bytes([b[16], b[17]]),
+        }
+    }
+
+    /// Encodes into `b` (32 bytes; the fields this type does not carry are zero).
+    pub fn encode(&self, b: &mut [u8]) {
+        b[..Self::SIZE].fill(0);
+        put64(b, 8, self.slba);
+        b[16..18].copy_from_slice(&self.nlb.to_le_bytes());
     }
 }
 

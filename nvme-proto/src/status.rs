@@ -109,6 +109,8 @@ pub mod specific {
     pub const FEATURE_NOT_NAMESPACE_SPECIFIC: u8 = 0x0f;
     /// Conflicting attributes (I/O command set).
     pub const CONFLICTING_ATTRIBUTES: u8 = 0x80;
+    /// Command size limit exceeded (Copy: more source ranges or blocks than allowed).
+    pub const COMMAND_SIZE_LIMIT_EXCEEDED: u8 = 0x83;
     /// Fabrics: incompatible format (Connect).
     pub const FABRIC_INCOMPATIBLE_FORMAT: u8 = 0x80;
     /// Fabrics: controller busy (Connect).

@@ -92,6 +92,8 @@ struct Req {
     /// Bdev I/Os outstanding.
     pending: u16,
     status: Status,
+    /// Completion dword 0 an NVMe bdev answered a passed-through command with.
+    dw0: u32,
 }
 
 impl Req {
@@ -110,6 +112,7 @@ impl Req {
             wrs: 0,
             pending: 0,
             status: Status::SUCCESS,
+            dw0: 0,
         }
     }
 }
@@ -978,25 +981,44 @@ impl Conn {
 }
 
 impl Qpair for Conn {
-    fn abort(&self, cid: u16) -> bool {
+    fn abort(&self, cid: u16, done: Box<dyn FnOnce(bool)>) {
         let Some(g) = self.pg.upgrade().and_then(|pg| pg.group::<RdmaGroup>()) else {
-            return false;
+            return done(false);
         };
         let mut s = self.s.borrow_mut();
+        if s.phase != Phase::Ready {
+            drop(s);
+            return done(false);
+        }
         let waiting = s.wait_buf.iter().position(|&slot| {
             let r = &s.reqs[slot as usize];
             r.state == ReqState::NeedBuf && r.sqe.cid() == cid
         });
-        match waiting {
-            Some(i) if s.phase == Phase::Ready => {
-                let slot = s.wait_buf.remove(i).expect("position found");
-                // Completed like a command that ran (the response path frees the slot).
-                s.reqs[slot as usize].state = ReqState::Executing;
-                let st = Status::generic(nvme_proto::status::generic::ABORTED_BY_REQUEST);
-                self.complete(&mut s, &g, slot, st, 0, 0);
-                true
+        if let Some(i) = waiting {
+            let slot = s.wait_buf.remove(i).expect("position found");
+            // Completed like a command that ran (the response path frees the slot).
+            s.reqs[slot as usize].state = ReqState::Executing;
+            let st = Status::generic(nvme_proto::status::generic::ABORTED_BY_REQUEST);
+            self.complete(&mut s, &g, slot, st, 0, 0);
+            drop(s);
+            return done(true);
+        }
+        // At the bdev: the bdev layer aborts it if the bdev can.
+        let at_bdev = s
+            .reqs
+            .iter()
+            .position(|r| r.state == ReqState::Executing && r.pending > 0 && r.sqe.cid() == cid);
+        let left = match at_bdev {
+            Some(slot) => {
+                let sqe = s.reqs[slot].sqe;
+                s.sess
+                    .abort_at_bdev(self.key.get(), slot as u16, &sqe, done)
             }
-            _ => false,
+            None => Some(done),
+        };
+        drop(s);
+        if let Some(done) = left {
+            done(false);
         }
     }
 
@@ -1015,6 +1037,7 @@ impl Qpair for Conn {
 
     fn io_done(&self, slot: u16, io: IoHandle) {
         let st = nvmf::io::status_of(io.status());
+        let dw0 = io.nvme_cdw0();
         // The descriptor goes back to the pool before the response is built.
         drop(io);
         let Some(g) = self.pg.upgrade().and_then(|pg| pg.group::<RdmaGroup>()) else {
@@ -1025,11 +1048,12 @@ impl Qpair for Conn {
             s.outstanding = s.outstanding.saturating_sub(1);
             let r = &mut s.reqs[slot as usize];
             r.pending = r.pending.saturating_sub(1);
+            r.dw0 |= dw0;
             if !st.is_success() && r.status.is_success() {
                 r.status = st;
             }
             if r.pending == 0 && r.state == ReqState::Executing {
-                let st = r.status;
+                let (st, dw0) = (r.status, r.dw0);
                 // The Write of a fused pair answers for its Compare too.
                 let (st, first) = match s.sess.fused_done(slot, st) {
                     Some((first, fst, sst)) => (sst, Some((first, fst))),
@@ -1039,7 +1063,7 @@ impl Qpair for Conn {
                     if let Some((f, fst)) = first {
                         self.complete(&mut s, &g, f, fst, 0, 0);
                     }
-                    self.complete(&mut s, &g, slot, st, 0, 0);
+                    self.complete(&mut s, &g, slot, st, dw0, 0);
                 } else {
                     self.release(&mut s, &g, slot);
                     if let Some((f, _)) = first {

@@ -34,6 +34,9 @@ const DISC_KATO_MS: u32 = 120_000;
 const MIN_KATO_MS: u32 = 10_000;
 /// NVMe version 1.3.
 const VERSION: u32 = 0x0001_0300;
+/// SPDK's large iobuf buffer (`iobuf_opts.large_bufsize`), which bounds the blocks of an emulated copy.
+const COPY_EMULATION_BYTES: u32 = 132 * 1024;
+
 /// Abort command limit, 0-based (SPDK's `NVMF_ABORT_COMMAND_LIMIT`).
 const ACL: u8 = 3;
 /// Asynchronous event configuration bits.
@@ -737,8 +740,9 @@ impl Ctrlr {
     }
 
     /// Abort (SPDK's `nvmf_ctrlr_abort`): an AER on the admin queue, or a command of one of this controller's
-    /// queues that has not reached the bdev, completes with "aborted by request"; dword 0 bit 0 of the Abort's
-    /// answer says whether it was not aborted. Commands already at the bdev run to completion.
+    /// queues that has not reached the bdev, completes with "aborted by request"; one at the bdev is aborted
+    /// through the bdev layer when the bdev supports aborts (SPDK's `spdk_nvmf_bdev_ctrlr_abort_cmd`). Dword 0
+    /// bit 0 of the Abort's answer says whether it was not aborted.
     fn abort(self: &Arc<Self>, sqe: &Sqe, slot: u16) -> Admin {
         let (sqid, cid) = (sqe.cdw(10) as u16, (sqe.cdw(10) >> 16) as u16);
         let found = {
@@ -765,14 +769,17 @@ impl Ctrlr {
         // The queue pair may be on another poll group: ask it there, answer the Abort here when it replied.
         let (admin_thread, admin_key) = (self.admin_thread.clone(), self.admin_key);
         q.thread.send(move || {
-            let aborted = pg::current()
-                .and_then(|pg| pg.qpair(q.key))
-                .is_some_and(|qp| qp.abort(cid));
-            admin_thread.send(move || {
-                if let Some(a) = pg::current().and_then(|pg| pg.qpair(admin_key)) {
-                    a.complete_async(slot, !aborted as u32, Status::SUCCESS);
-                }
-            });
+            let answer = move |aborted: bool| {
+                admin_thread.send(move || {
+                    if let Some(a) = pg::current().and_then(|pg| pg.qpair(admin_key)) {
+                        a.complete_async(slot, !aborted as u32, Status::SUCCESS);
+                    }
+                });
+            };
+            match pg::current().and_then(|pg| pg.qpair(q.key)) {
+                Some(qp) => qp.abort(cid, Box::new(answer)),
+                None => answer(false),
+            }
         });
         Admin::Parked
     }
@@ -1026,6 +1033,9 @@ impl Ctrlr {
         if all(bdev::IoType::WriteZeroes) {
             oncs |= 1 << 3;
         }
+        // Copy (one source range, format 0), native or emulated by the bdev layer: always, as SPDK.
+        oncs |= nvme_proto::identify::oncs::COPY;
+        d.ocfs = nvme_proto::identify::ocfs::FORMAT0;
         d.oncs = oncs;
         if ss.ana_reporting {
             d.cmic |= 1 << 3;
@@ -1088,6 +1098,21 @@ impl Ctrlr {
         let max_blocks = (self.opts.max_io_size >> lbads).min(u16::MAX as u32 + 1);
         d.noiob = p.optimal_io_boundary.min(max_blocks) as u16;
         d.nows = (max_blocks - 1) as u16;
+        // One source range per Copy (MSRC 0-based); the length limits are SPDK's: unlimited (FFFFh) for a bdev
+        // that copies itself, else what its emulation moves through one large buffer (132 KiB).
+        d.msrc = 0;
+        let max_copy = if b.io_type_supported(bdev::IoType::Copy) {
+            0
+        } else {
+            (COPY_EMULATION_BYTES / b.block_size().max(1)).max(1)
+        };
+        let mcl = if max_copy == 0 || max_copy > u16::MAX as u32 {
+            u16::MAX as u32
+        } else {
+            max_copy
+        };
+        d.mcl = mcl;
+        d.mssrl = mcl as u16;
         if ss.ana_reporting {
             d.anagrpid = ns.anagrpid;
             let st = ss.ana_state(&self.listen, ns.anagrpid);

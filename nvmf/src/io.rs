@@ -1,10 +1,10 @@
 //! NVM I/O commands onto bdev I/O (SPDK's `ctrlr_bdev.c`): Read, Write, Compare, Write Zeroes, Flush, Dataset
-//! Management (deallocate). Runs on the poll group's thread with the poll group's channel; the bdev I/O carries
+//! Management (deallocate), Copy; other opcodes pass through to an NVMe bdev. Runs on the poll group's thread with the poll group's channel; the bdev I/O carries
 //! the queue pair key and command slot in its context word and completes through [`crate::pg::io_done`].
 
 use bdev::{Completion, IoStatus, IoType, IoVec};
-use nvme_proto::cmd::{io as opc, DsmRange, Sqe};
-use nvme_proto::status::{generic, path, sct, Status};
+use nvme_proto::cmd::{io as opc, CopyRange, DsmRange, Sqe};
+use nvme_proto::status::{generic, path, sct, specific, Status};
 
 use crate::pg::{AnaTable, PgNs, PgSubsys};
 
@@ -97,7 +97,59 @@ pub unsafe fn exec(
             // SAFETY: forwarded from the caller.
             unsafe { dsm(&ns, sqe, buf, buf_len, ctx) }
         }
+        opc::COPY => {
+            // SAFETY: forwarded from the caller.
+            unsafe { copy(&ns, sqe, buf, buf_len, ctx) }
+        }
+        _ if ns.nvme_io => {
+            // An NVMe bdev runs what this target does not (SPDK's `nvmf_bdev_ctrlr_nvme_passthru_io`).
+            let iov = [IoVec {
+                base: buf,
+                len: buf_len as usize,
+            }];
+            let iovs: &[IoVec] = if buf.is_null() { &[] } else { &iov };
+            let cmd = bdev::NvmeCmd(sqe.dwords());
+            let cb = Completion::Fn(crate::pg::io_done);
+            // SAFETY: the caller keeps `buf` alive and untouched until the completion.
+            match unsafe { ns.ch.nvme_io_passthru(&cmd, iovs, cb, ctx) } {
+                Ok(()) => Start::Submitted(1),
+                Err(_) => Start::Done(Status::generic(generic::INVALID_OPCODE).dnr()),
+            }
+        }
         _ => Start::Done(Status::generic(generic::INVALID_OPCODE).dnr()),
+    }
+}
+
+/// Copy (SPDK's `nvmf_bdev_ctrlr_copy_cmd`): one source range of descriptor format 0 to SDLBA, by the bdev's
+/// copy or the bdev layer's emulation.
+///
+/// # Safety
+/// As [`exec`]; the range is read from `buf` before this returns.
+unsafe fn copy(ns: &PgNs, sqe: &Sqe, buf: *mut u8, buf_len: u32, ctx: u64) -> Start {
+    let sdlba = sqe.cdw(10) as u64 | (sqe.cdw(11) as u64) << 32;
+    let cdw12 = sqe.cdw(12);
+    let (nr, format) = (cdw12 & 0xff, (cdw12 >> 8) & 0xf);
+    if buf.is_null() || buf_len as usize != (nr as usize + 1) * CopyRange::SIZE {
+        return Start::Done(Status::generic(generic::DATA_SGL_LENGTH_INVALID).dnr());
+    }
+    if nr > 0 {
+        let limit = specific::COMMAND_SIZE_LIMIT_EXCEEDED;
+        return Start::Done(Status::new(sct::COMMAND_SPECIFIC, limit).dnr());
+    }
+    if format != 0 {
+        return Start::Done(Status::generic(generic::INVALID_FIELD).dnr());
+    }
+    // SAFETY: the caller guarantees `buf_len` (here exactly one range) readable bytes at `buf`.
+    let bytes = unsafe { std::slice::from_raw_parts(buf as *const u8, CopyRange::SIZE) };
+    let r = CopyRange::decode(bytes);
+    let nlb = r.nlb as u64 + 1;
+    if let Some(s) = range_check(ns, r.slba, nlb).or_else(|| range_check(ns, sdlba, nlb)) {
+        return Start::Done(s);
+    }
+    let cb = Completion::Fn(crate::pg::io_done);
+    match ns.ch.copy(sdlba, r.slba, nlb, cb, ctx) {
+        Ok(()) => Start::Submitted(1),
+        Err(_) => Start::Done(Status::generic(generic::INTERNAL_DEVICE_ERROR)),
     }
 }
 
@@ -291,11 +343,12 @@ pub fn is_h2c(opc: u8) -> bool {
 }
 
 /// The I/O opcodes this target runs, for the Commands Supported and Effects log.
-pub const SUPPORTED: [u8; 6] = [
+pub const SUPPORTED: [u8; 7] = [
     opc::FLUSH,
     opc::WRITE,
     opc::READ,
     opc::COMPARE,
     opc::WRITE_ZEROES,
     opc::DATASET_MANAGEMENT,
+    opc::COPY,
 ];

@@ -34,6 +34,8 @@ pub struct PgNs {
     pub flush: bool,
     /// Compare supported.
     pub compare: bool,
+    /// NVMe I/O commands pass through to the bdev (an NVMe bdev): opcodes this target does not run go there.
+    pub nvme_io: bool,
     /// Created `no_auto_visible`: only the hosts in `hosts` may use it.
     pub restricted: bool,
     /// Hosts that may use a restricted namespace.
@@ -53,6 +55,7 @@ impl PgNs {
             write_zeroes: b.io_type_supported(IoType::WriteZeroes),
             flush: b.io_type_supported(IoType::Flush),
             compare: b.io_type_supported(IoType::Compare),
+            nvme_io: b.io_type_supported(IoType::NvmeIo),
             restricted,
             hosts: RefCell::new(Vec::new()),
         }
@@ -109,9 +112,10 @@ pub trait Qpair {
     fn disconnect(&self);
     /// `nvmf_subsystem_get_qpairs` entry, with its subsystem's NQN (none before Connect).
     fn info(&self) -> Option<(String, crate::params::QpairInfo)>;
-    /// Aborts command `cid` if it has not reached the bdev yet (waiting for a data buffer): it completes with
-    /// "aborted by request". Whether it was aborted.
-    fn abort(&self, cid: u16) -> bool;
+    /// Aborts command `cid`: one waiting for a data buffer completes with "aborted by request" at once; one at
+    /// the bdev is aborted there if the bdev can (it then completes with "aborted by request"). `done` is told
+    /// whether it was aborted.
+    fn abort(&self, cid: u16, done: Box<dyn FnOnce(bool)>);
 }
 
 /// A transport's part of a poll group (SPDK's `spdk_nvmf_transport_poll_group`): its connections, queues and

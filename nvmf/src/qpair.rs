@@ -88,6 +88,40 @@ fn sequence_error() -> Outcome {
 }
 
 impl Session {
+    /// Asks the bdev to abort the I/O of the command `sqe` in `slot` of queue pair `key` (SPDK's
+    /// `spdk_nvmf_bdev_ctrlr_abort_cmd`); `done` is told whether every I/O of it was aborted. Gives `done` back
+    /// when the abort cannot even start (no namespace, no abort in the bdev).
+    pub fn abort_at_bdev(
+        &self,
+        key: QpKey,
+        slot: u16,
+        sqe: &Sqe,
+        done: Box<dyn FnOnce(bool)>,
+    ) -> Option<Box<dyn FnOnce(bool)>> {
+        let ns = self.sub.as_ref().and_then(|sub| {
+            let t = sub.ns.borrow();
+            sqe.nsid()
+                .checked_sub(1)
+                .and_then(|i| t.get(i as usize).cloned().flatten())
+        });
+        let Some(ns) = ns else { return Some(done) };
+        if !ns.ch.bdev().io_type_supported(bdev::IoType::Abort) {
+            return Some(done);
+        }
+        // The callback is needed back if the abort cannot be submitted: shared until one side takes it.
+        let cell = Rc::new(std::cell::Cell::new(Some(done)));
+        let c = cell.clone();
+        let cb = bdev::Completion::Closure(Box::new(move |io: bdev::IoHandle| {
+            if let Some(done) = c.take() {
+                done(io.success());
+            }
+        }));
+        match ns.ch.abort(pg::io_ctx(key, slot), cb, 0) {
+            Ok(()) => None,
+            Err(_) => cell.take(),
+        }
+    }
+
     /// Runs the command in `slot`. `buf[..len]` holds its data (host to controller), or is the place for the
     /// answer when `c2h` (zeroed here for admin commands, as SPDK does).
     ///

@@ -2696,3 +2696,182 @@ fn abort_aer_and_unknown_commands() {
     let c = a.cmd(abort_cmd(9, 1));
     assert_eq!(c.dw0 & 1, 1, "no such queue");
 }
+
+/// Copy (one source range, format 0), opcodes no bdev here runs, and Abort of a command the bdev holds: on a
+/// subsystem of its own whose namespace is an error bdev over malloc (the error bdev holds reads on demand).
+#[test]
+fn copy_abort_and_unknown_opcodes() {
+    use bdev::modules::error::{self, ErrorType, InjectOpts};
+    use nvme_proto::cmd::CopyRange;
+    use nvme_proto::identify::{ocfs, oncs};
+    const NQN_ABORT: &str = "nqn.2016-06.io.spdk:forged-abort";
+    let _g = shared();
+    on_app(|tx| {
+        let made = malloc::create(MallocOpts {
+            name: Some("ForgedAbortBase".into()),
+            num_blocks: AEN_NS_BLOCKS,
+            block_size: BS as u32,
+            ..Default::default()
+        })
+        .and_then(|_| error::create("ForgedAbortBase", None));
+        if let Err(e) = made {
+            let _ = tx.send(Err(e.to_string()));
+            return;
+        }
+        let mut o = NvmfCreateSubsystem::new(NQN_ABORT);
+        o.serial_number = SERIAL.into();
+        if let Err(e) = o.normalize(false, 4, 1024) {
+            let _ = tx.send(Err(format!("{e:?}")));
+            return;
+        }
+        mgmt::create_subsystem(o);
+        // Only for the other host, so that the discovery log [`HOSTNQN`] reads stays as the other tests expect.
+        let host: NvmfSubsystemAddHost =
+            serde_json::from_value(serde_json::json!({ "nqn": NQN_ABORT, "host": ALLOWED_HOST }))
+                .expect("add_host parameters");
+        if let Err(e) = mgmt::add_host(host) {
+            let _ = tx.send(Err(e.to_string()));
+            return;
+        }
+        let trid = Trid::tcp("127.0.0.1", &target().port.to_string());
+        let config = ListenerConfig {
+            nqn: NQN_ABORT.into(),
+            listen_address: trid.clone(),
+            secure_channel: false,
+            sock_impl: None,
+        };
+        if let Err(e) = mgmt::add_listener(NQN_ABORT, trid, AnaState::Optimized, config) {
+            let _ = tx.send(Err(e.to_string()));
+            return;
+        }
+        mgmt::add_ns(
+            NQN_ABORT,
+            NamespaceParams::new("EE_ForgedAbortBase"),
+            move |r| {
+                let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+            },
+        );
+    })
+    .expect("abort subsystem");
+    let (mut a, cntlid) = controller_as(NQN_ABORT, ALLOWED_HOST, false, 0);
+    let (c, d) = a.cmd_in(identify(cns::CTRLR, 0), 4096);
+    assert_ok(&c, "Identify Controller");
+    let cd = CtrlrData::decode(&d).unwrap();
+    assert!(cd.oncs & oncs::COPY != 0, "Copy in ONCS");
+    assert_eq!(cd.ocfs, ocfs::FORMAT0, "copy format 0");
+    let (_, d) = a.cmd_in(identify(cns::NS, 1), 4096);
+    let nd = NsData::decode(&d).unwrap();
+    // malloc copies itself: no length limit (SPDK's FFFFh), one source range.
+    assert_eq!((nd.msrc, nd.mcl, nd.mssrl), (0, 0xffff, 0xffff));
+
+    let mut q = io_queue_as(NQN_ABORT, ALLOWED_HOST, cntlid, 1, false);
+    let data = pattern(0x5c, 8 * BS);
+    assert_ok(&q.cmd_icd(rw(opc::WRITE, 1, 0, 8), &data), "Write");
+    let copy = |sdlba: u64, nr: u32, format: u32| {
+        let mut s = Sqe::new(opc::COPY, 0);
+        s.set_nsid(1);
+        s.set_cdw(10, sdlba as u32);
+        s.set_cdw(11, (sdlba >> 32) as u32);
+        s.set_cdw(12, nr | format << 8);
+        s
+    };
+    let range = |slba: u64, blocks: u16| {
+        let mut b = vec![0u8; CopyRange::SIZE];
+        CopyRange {
+            slba,
+            nlb: blocks - 1,
+        }
+        .encode(&mut b);
+        b
+    };
+    assert_ok(
+        &q.cmd_icd(copy(100, 0, 0), &range(0, 8)),
+        "Copy 0..8 to 100",
+    );
+    assert_eq!(read(&mut q, 100, 8), data, "copied blocks");
+    // Bad copies: two ranges (one is the limit), the data not the ranges' size, another descriptor format,
+    // a range off the end; none touches the namespace.
+    let two = [range(0, 1), range(1, 1)].concat();
+    let c = q.cmd_icd(copy(200, 1, 0), &two);
+    assert_status(
+        &c,
+        sct::COMMAND_SPECIFIC,
+        specific::COMMAND_SIZE_LIMIT_EXCEEDED,
+        "two ranges",
+    );
+    let c = q.cmd_icd(copy(200, 0, 0), &two);
+    assert_status(
+        &c,
+        sct::GENERIC,
+        generic::DATA_SGL_LENGTH_INVALID,
+        "data length",
+    );
+    let c = q.cmd_icd(copy(200, 0, 1), &range(0, 1));
+    assert_status(&c, sct::GENERIC, generic::INVALID_FIELD, "format 1");
+    let c = q.cmd_icd(copy(AEN_NS_BLOCKS - 2, 0, 0), &range(0, 8));
+    assert_status(
+        &c,
+        sct::GENERIC,
+        generic::LBA_OUT_OF_RANGE,
+        "destination off the end",
+    );
+    let c = q.cmd_icd(copy(0, 0, 0), &range(AEN_NS_BLOCKS, 1));
+    assert_status(
+        &c,
+        sct::GENERIC,
+        generic::LBA_OUT_OF_RANGE,
+        "source off the end",
+    );
+    assert_eq!(
+        read(&mut q, 200, 1),
+        vec![0u8; BS],
+        "nothing written by refused copies"
+    );
+    // An opcode no bdev here runs (this bdev passes no NVMe commands through).
+    let mut s = Sqe::new(0x7c, 0);
+    s.set_nsid(1);
+    assert_status(
+        &q.cmd(s),
+        sct::GENERIC,
+        generic::INVALID_OPCODE,
+        "unknown opcode",
+    );
+
+    // Abort of a read the error bdev holds: the read completes "aborted by request", the Abort says done.
+    on_app(|tx| {
+        let o = InjectOpts {
+            num: 1,
+            ..InjectOpts::new("read", ErrorType::Pending)
+        };
+        let _ = tx.send(error::inject_error("EE_ForgedAbortBase", o).map_err(|e| e.to_string()));
+    })
+    .expect("inject pending");
+    let cid = q.cid();
+    let mut s = rw(opc::READ, 1, 0, 8);
+    s.set_cid(cid);
+    s.set_flags(0, psdt::SGL_MPTR_CONTIG);
+    s.set_sgl1(&sgl_transport(8 * BS as u32));
+    let b = q.capsule_bytes(&s, &[], false);
+    q.send(&b);
+    std::thread::sleep(Duration::from_millis(50));
+    let abort = |cid: u16| {
+        let mut s = Sqe::new(admin::ABORT, 0);
+        s.set_cdw(10, 1 | (cid as u32) << 16);
+        s
+    };
+    let c = a.cmd(abort(cid));
+    assert_ok(&c, "Abort");
+    assert_eq!(c.dw0 & 1, 0, "the read was aborted");
+    let c = q.resp(cid);
+    assert_status(
+        &c,
+        sct::GENERIC,
+        generic::ABORTED_BY_REQUEST,
+        "aborted read",
+    );
+    // Nothing with that command identifier any more: not aborted.
+    let c = a.cmd(abort(cid));
+    assert_ok(&c, "second Abort");
+    assert_eq!(c.dw0 & 1, 1, "nothing to abort");
+    assert_eq!(read(&mut q, 0, 8), data, "the queue serves on");
+}

@@ -1477,28 +1477,44 @@ impl Conn {
 }
 
 impl Qpair for Conn {
-    fn abort(&self, cid: u16) -> bool {
-        let Some(g) = self.group() else { return false };
-        let aborted = {
-            let mut s = self.s.borrow_mut();
-            let waiting = s.wait_buf.iter().position(|&slot| {
-                let r = &s.reqs[slot as usize];
-                r.state == ReqState::NeedBuf && r.sqe.cid() == cid
-            });
-            match waiting {
-                Some(i) if s.phase == Phase::Ready => {
-                    let slot = s.wait_buf.remove(i).expect("position found");
-                    let st = Status::generic(generic::ABORTED_BY_REQUEST);
-                    self.complete(&mut s, &g, slot, st, 0);
-                    true
-                }
-                _ => false,
-            }
+    fn abort(&self, cid: u16, done: Box<dyn FnOnce(bool)>) {
+        let Some(g) = self.group() else {
+            return done(false);
         };
-        if aborted {
-            self.wake();
+        let mut s = self.s.borrow_mut();
+        if s.phase != Phase::Ready {
+            drop(s);
+            return done(false);
         }
-        aborted
+        let waiting = s.wait_buf.iter().position(|&slot| {
+            let r = &s.reqs[slot as usize];
+            r.state == ReqState::NeedBuf && r.sqe.cid() == cid
+        });
+        if let Some(i) = waiting {
+            let slot = s.wait_buf.remove(i).expect("position found");
+            let st = Status::generic(generic::ABORTED_BY_REQUEST);
+            self.complete(&mut s, &g, slot, st, 0);
+            drop(s);
+            self.wake();
+            return done(true);
+        }
+        // At the bdev: the bdev layer aborts it if the bdev can.
+        let at_bdev = s
+            .reqs
+            .iter()
+            .position(|r| r.state == ReqState::Executing && r.pending > 0 && r.sqe.cid() == cid);
+        let left = match at_bdev {
+            Some(slot) => {
+                let sqe = s.reqs[slot].sqe;
+                s.sess
+                    .abort_at_bdev(self.key.get(), slot as u16, &sqe, done)
+            }
+            None => Some(done),
+        };
+        drop(s);
+        if let Some(done) = left {
+            done(false);
+        }
     }
 
     fn complete_async(&self, slot: u16, dw0: u32, status: Status) {
@@ -1517,6 +1533,7 @@ impl Qpair for Conn {
 
     fn io_done(&self, slot: u16, io: IoHandle) {
         let st = crate::io::status_of(io.status());
+        let dw0 = io.nvme_cdw0();
         // The descriptor goes back to the pool before the response is built.
         drop(io);
         let Some(g) = self.group() else { return };
@@ -1525,6 +1542,7 @@ impl Qpair for Conn {
             s.outstanding = s.outstanding.saturating_sub(1);
             let r = &mut s.reqs[slot as usize];
             r.pending = r.pending.saturating_sub(1);
+            r.dw0 |= dw0;
             if !st.is_success() && r.status.is_success() {
                 r.status = st;
             }
@@ -1545,7 +1563,8 @@ impl Qpair for Conn {
                     if let Some((f, fst)) = first {
                         self.complete(&mut s, &g, f, fst, 0);
                     }
-                    self.complete(&mut s, &g, slot, st, 0);
+                    let dw0 = s.reqs[slot as usize].dw0;
+                    self.complete(&mut s, &g, slot, st, dw0);
                 }
             }
             s.phase == Phase::Closing && s.outstanding == 0
