@@ -255,6 +255,8 @@ impl AbortState {
 
 /// [`InFlight::flags`]: the I/O is served in pieces by the layer, not by the module.
 const SPLIT_PARENT: u8 = 0x80;
+/// [`InFlight::flags`]: the module said the I/O's data is where it goes ([`IoHandle::settled`]).
+const SETTLED: u8 = 0x40;
 
 /// A slab of [`InFlight`] entries: a submission takes the free entry last given back (likely still in cache),
 /// a completion gives it back; neither allocates once the table has grown to the channel's queue depth.
@@ -464,11 +466,18 @@ impl ChannelCore {
     /// Whether the module has no I/O of this channel that range `r` must wait for (the holder's own aside;
     /// an I/O served in pieces counts as a whole, since its later pieces go on without looking at locks).
     pub(crate) fn drained(&self, r: &LockedRange) -> bool {
-        !self
-            .inflight
-            .borrow()
-            .live()
-            .any(|e| e.flags & io::LOCK_OWNER == 0 && r.blocks(e.io_type, e.offset, e.len()))
+        !self.inflight.borrow().live().any(|e| {
+            e.flags & (io::LOCK_OWNER | SETTLED) == 0 && r.blocks(e.io_type, e.offset, e.len())
+        })
+    }
+
+    /// Marks entry `slot` settled (see [`IoHandle::settled`]).
+    pub(crate) fn settle(&self, slot: u32) {
+        if let Some(e) = self.inflight.borrow_mut().entries.get_mut(slot as usize) {
+            if e.live() {
+                e.flags |= SETTLED;
+            }
+        }
     }
 
     /// Notes that the module (or the split machinery, for `parent`) now has `io`.

@@ -590,6 +590,14 @@ impl IoHandle {
         crate::channel::complete(self);
     }
 
+    /// Tells the layer that this I/O's data is where it goes and the I/O only waits to report (a mirror's write
+    /// held until a member's failure is on disk): range locks being taken on the bdev no longer wait for it.
+    pub fn settled(&self) {
+        if let Some(ch) = &self.ch {
+            ch.settle(self.slot);
+        }
+    }
+
     /// Completes an NVMe passthrough I/O with the device's completion: dword 0 and status (SPDK's
     /// `spdk_bdev_io_complete_nvme_status`).
     pub fn complete_nvme(mut self, cdw0: u32, status: NvmeStatus) {

@@ -2,7 +2,7 @@
 //!
 //! A channel holds this thread's channels on the members, a slab of in-flight parent I/Os (a parent waits in
 //! its slot until its children complete; a slot is just the handle, 8 per cache line), per-member outstanding
-//! counters for read balancing, and queues for I/O held back by a quiesce or by the rebuild window. The state of
+//! counters for read balancing, and queues for I/O held back by a quiesce (the rebuild window is the bdev layer's range lock). The state of
 //! an I/O in flight (kind, children outstanding, member masks) lives in the parent's `driver_ctx`, which the bdev
 //! layer reserves for the module handling the I/O and which completion touches anyway. Everything is per thread
 //! in a `RefCell`: no lock, no shared atomic, and after warm-up no allocation per I/O (children come from the
@@ -150,8 +150,6 @@ pub(crate) struct ChanState {
     pub active: usize,
     /// Hold every new I/O (quiesce).
     pub quiesced: bool,
-    /// Hold new writes into this range (the rebuild window being copied).
-    pub lock: Option<(u64, u64)>,
     waiting: VecDeque<IoHandle>,
     parked: Vec<Parked>,
     /// Last generation reported failed, per member.
@@ -172,15 +170,6 @@ pub(crate) struct ChanHandle(pub Rc<RaidChan>);
 /// Initial number of slots; the slab grows (once) if more I/O is in flight.
 const INITIAL_SLOTS: usize = 256;
 
-fn is_write(t: IoType) -> bool {
-    matches!(t, IoType::Write | IoType::Unmap | IoType::WriteZeroes)
-}
-
-fn overlaps(io: &BdevIo, r: (u64, u64)) -> bool {
-    let end = io.offset_blocks() + io.num_blocks();
-    io.offset_blocks() < r.1 && r.0 < end
-}
-
 type Done = Option<(IoHandle, IoStatus)>;
 
 impl RaidChan {
@@ -189,7 +178,6 @@ impl RaidChan {
         layout: Arc<Layout>,
         bases: Vec<BaseCh>,
         quiesced: bool,
-        lock: Option<(u64, u64)>,
     ) -> ChanHandle {
         let n = bases.len();
         let mut slots = Vec::with_capacity(INITIAL_SLOTS);
@@ -203,7 +191,6 @@ impl RaidChan {
             free,
             active: 0,
             quiesced,
-            lock,
             waiting: VecDeque::with_capacity(64),
             parked: Vec::new(),
             reported: vec![None; n],
@@ -224,7 +211,7 @@ impl RaidChan {
     /// Starts (or holds) a parent I/O. Returns a completion to deliver once no borrow is held.
     fn start(&self, st: &mut ChanState, sink: &Rc<dyn IoSink>, io: IoHandle) -> Done {
         let t = io.io_type();
-        if st.quiesced || (is_write(t) && st.lock.is_some_and(|r| overlaps(&io, r))) {
+        if st.quiesced {
             st.waiting.push_back(io);
             return None;
         }
@@ -570,6 +557,11 @@ impl RaidChan {
                 }
             }
             let parent = st.slots[i].take();
+            // Its data is on every member still in use: a rebuild window need not wait for it (it waits for
+            // the failed member's removal, which may wait for the rebuild to stop).
+            if let Some(p) = &parent {
+                p.settled();
+            }
             st.free_slot(idx);
             st.parked.push(Parked {
                 parent,
@@ -747,16 +739,6 @@ impl RaidChan {
         for (io, s) in out {
             io.complete(s);
         }
-    }
-
-    /// Whether a write overlapping `r` is in flight here. (Forwarded I/O are raid1 reads or raid0/concat
-    /// pieces, neither of which a rebuild waits for.)
-    pub(crate) fn writes_in_range(&self, r: (u64, u64)) -> bool {
-        let st = self.st.borrow();
-        st.slots
-            .iter()
-            .flatten()
-            .any(|p| is_write(p.io_type()) && overlaps(p, r))
     }
 }
 

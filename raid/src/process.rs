@@ -4,7 +4,8 @@
 //! reaches it too. Each window `[w, w + size)` is then copied from an in-sync member:
 //!
 //! 1. every channel holds new writes into the window (reads are unaffected: they never go to the target),
-//! 2. writes into the window that were already in flight drain,
+//! 2. writes into the window that were already in flight drain
+//!    (1 and 2 are the bdev layer's LBA range lock on the raid bdev),
 //! 3. the window is read from an in-sync member and written to the target,
 //! 4. the hold is lifted and the process moves on.
 //!
@@ -23,7 +24,7 @@ use reactor::dma::DmaBuf;
 
 use crate::channel::BaseCh;
 use crate::error::{err, ErrorKind, Result};
-use crate::raid::{self, later, wait_all, walk, Raid, RaidState};
+use crate::raid::{self, later, walk, Raid, RaidState};
 use crate::sb::BaseState;
 
 /// Bandwidth limit state.
@@ -42,8 +43,8 @@ pub(crate) struct Process {
     /// Blocks copied so far (the start of the next window).
     pub offset: u64,
     window: u64,
-    /// The window being copied, while writes into it are held.
-    pub lock: Option<(u64, u64)>,
+    /// The bdev layer's lock on the window being copied (writes into it are held meanwhile).
+    lock: Option<u64>,
     stop: Option<i32>,
     /// Run once the process stopped (successfully or not).
     pub finish_actions: Vec<Box<dyn FnOnce() + Send>>,
@@ -156,17 +157,13 @@ fn run(raid: Arc<Raid>) {
                     q.available = (q.available + dt * q.bytes_per_sec).min(q.max);
                     if q.available > 0.0 {
                         q.available -= size as f64 * bs;
-                        p.lock = Some((p.offset, p.offset + size));
                         Step::Lock(p.offset, p.offset + size)
                     } else {
                         let us = (-q.available / q.bytes_per_sec * 1e6) as u64 + 1;
                         Step::Wait(us)
                     }
                 }
-                None => {
-                    p.lock = Some((p.offset, p.offset + size));
-                    Step::Lock(p.offset, p.offset + size)
-                }
+                None => Step::Lock(p.offset, p.offset + size),
             }
         }
     };
@@ -176,19 +173,18 @@ fn run(raid: Arc<Raid>) {
             reactor::timer(us, move || run(raid)).detach();
         }
         Step::Lock(a, b) => {
+            // The bdev layer holds new writes into the window on every channel and waits for those in flight
+            // (a mirror write parked until a failed member is recorded does not count: its data is in place).
+            let Some(bdev) = raid.lock().bdev.clone() else {
+                return finish(raid, libc::ENODEV);
+            };
             let r = raid.clone();
-            walk(
-                &raid,
-                move |ch| ch.st.borrow_mut().lock = Some((a, b)),
-                move || {
-                    let r2 = r.clone();
-                    wait_all(
-                        &r,
-                        Arc::new(move |ch: &crate::channel::RaidChan| !ch.writes_in_range((a, b))),
-                        move || copy(r2, (a, b), 0),
-                    );
-                },
-            );
+            bdev.lock_lba_range(a, b - a, move |id| {
+                if let Some(p) = r.lock().process.as_mut() {
+                    p.lock = Some(id);
+                }
+                copy(r, (a, b), 0)
+            });
         }
     }
 }
@@ -279,24 +275,24 @@ fn write_target(raid: Arc<Raid>, range: (u64, u64), tgt: Arc<Desc>, toff: u64, b
 
 /// Lifts the hold on the window (advancing past it when copied) and continues.
 fn unlock(raid: Arc<Raid>, range: (u64, u64), advance: bool, error: Option<i32>) {
-    {
+    let held = {
         let mut st = raid.lock();
-        if let Some(p) = st.process.as_mut() {
-            p.lock = None;
+        let id = st.process.as_mut().and_then(|p| {
             if advance {
                 p.offset = range.1;
             }
             if let Some(e) = error {
                 p.request_stop(e);
             }
-        }
-    }
+            p.lock.take()
+        });
+        id.zip(st.bdev.clone())
+    };
     let r = raid.clone();
-    walk(
-        &raid,
-        |ch| ch.st.borrow_mut().lock = None,
-        move || later(move || run(r)),
-    );
+    match held {
+        Some((id, bdev)) => bdev.unlock_lba_range(id, move || later(move || run(r))),
+        None => later(move || run(r)),
+    }
 }
 
 /// Ends the process: on success the target becomes readable everywhere and is recorded in the superblock; on

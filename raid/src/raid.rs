@@ -1141,8 +1141,7 @@ fn new_channel(raid: &Arc<Raid>) -> ChanHandle {
             }
         })
         .collect();
-    let lock = st.process.as_ref().and_then(|p| p.lock);
-    RaidChan::create(Arc::downgrade(raid), layout, bases, st.quiesced, lock)
+    RaidChan::create(Arc::downgrade(raid), layout, bases, st.quiesced)
 }
 
 struct RaidOps {
