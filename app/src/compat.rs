@@ -174,10 +174,24 @@ impl bdev::BdevModule for KeptBdevModule {
         self.name
     }
     fn config_json(&self) -> Vec<Value> {
-        self.entries
+        let mut v = self
+            .entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        if self.name == "nvme" {
+            // The attached controllers go between bdev_nvme_set_options and bdev_nvme_set_hotplug, as SPDK
+            // writes them.
+            let at = v.len().min(1);
+            v.splice(at..at, bdev_nvme::config_entries());
+        }
+        v
+    }
+    fn fini(&self, done: subsystems::framework::FiniDone) {
+        if self.name == "nvme" {
+            bdev_nvme::detach_all();
+        }
+        done()
     }
 }
 
@@ -198,6 +212,8 @@ pub fn register(reg: &mut Registry, store: Rc<RefCell<KeptOptions>>) {
     for m in &modules {
         bdev::register_module(m.clone());
     }
+    // The controller methods of the nvme module (its option methods stay kept here until it takes them).
+    bdev_nvme::register_rpcs(reg);
     for &(name, state) in KEPT_METHODS {
         // A linked subsystem that implements the method (the NVMe-oF target's option methods) owns it.
         if reg.state_mask(name).is_some() {

@@ -1,0 +1,632 @@
+//! `bdev_nvme` (SPDK's `module/bdev/nvme`), first part: NVMe-oF/TCP controllers attached by RPC, each active
+//! namespace a bdev `<name>n<nsid>`, with SPDK's RPC names, parameters and answers for attach, detach and
+//! listing, and `save_config` entries that attach them again at the next start.
+//!
+//! A controller lives on the app thread (its admin queue and keep alive are polled there); each thread that
+//! opens one of its bdevs gets its own I/O queue ([`channel`]).
+//!
+//! Not here yet (SPDK has them): multipath (a second path under one name), reconnect / fast-fail / loss
+//! timeouts, resets, RDMA and PCIe transports, digests, namespace change handling, discovery services, and the
+//! rest of the module's RPCs.
+
+mod channel;
+
+use std::cell::RefCell;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bdev::{Bdev, BdevOps, BdevParams, IoType, ModuleChannel};
+use errors::{Error, ErrorKind, Result};
+use jsonrpc::{Registry, Responder, RpcError, STATE_RUNTIME, STATE_STARTUP};
+use nvme_host::{Controller, CtrlrInfo, CtrlrOpts, NsInfo};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// The bdevs' module name, as SPDK reports it.
+pub const MODULE: &str = "nvme";
+
+/// SPDK's default keep alive timeout (`bdev_nvme_set_options keep_alive_timeout_ms`).
+const KATO_MS: u32 = 10_000;
+/// Entries per I/O queue.
+const IO_QUEUE_SIZE: u16 = 128;
+/// I/O queues asked for (SPDK's default controller option).
+const NUM_IO_QUEUES: u16 = 1024;
+/// Bring-up time limit when the caller gives none.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `bdev_nvme_attach_controller` parameters, every one SPDK's client may send.
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct AttachParams {
+    /// Controller name, prefix of its bdevs' names.
+    pub name: String,
+    /// Transport: `TCP` (`RDMA`, `PCIe` not yet).
+    pub trtype: String,
+    /// Target address.
+    pub traddr: String,
+    /// `IPv4` or `IPv6`.
+    #[serde(default)]
+    pub adrfam: Option<String>,
+    /// Target port.
+    #[serde(default)]
+    pub trsvcid: Option<String>,
+    /// Transport priority.
+    #[serde(default)]
+    pub priority: Option<String>,
+    /// Subsystem NQN.
+    #[serde(default)]
+    pub subnqn: Option<String>,
+    /// Host NQN.
+    #[serde(default)]
+    pub hostnqn: Option<String>,
+    /// Local address to connect from.
+    #[serde(default)]
+    pub hostaddr: Option<String>,
+    /// Local port to connect from.
+    #[serde(default)]
+    pub hostsvcid: Option<String>,
+    /// Check the reference tag (protection information).
+    #[serde(default)]
+    pub prchk_reftag: Option<bool>,
+    /// Check the guard (protection information).
+    #[serde(default)]
+    pub prchk_guard: Option<bool>,
+    /// TCP header digest.
+    #[serde(default)]
+    pub hdgst: Option<bool>,
+    /// TCP data digest.
+    #[serde(default)]
+    pub ddgst: Option<bool>,
+    /// Fabrics Connect timeout, µs.
+    #[serde(default)]
+    pub fabrics_connect_timeout_us: Option<u64>,
+    /// `disable`, `failover` or `multipath`.
+    #[serde(default)]
+    pub multipath: Option<String>,
+    /// I/O queues to ask for.
+    #[serde(default)]
+    pub num_io_queues: Option<u32>,
+    /// Seconds before a lost controller is deleted (-1: never).
+    #[serde(default)]
+    pub ctrlr_loss_timeout_sec: Option<i32>,
+    /// Seconds between reconnect attempts.
+    #[serde(default)]
+    pub reconnect_delay_sec: Option<u32>,
+    /// Seconds before I/O fails while the controller is unreachable.
+    #[serde(default)]
+    pub fast_io_fail_timeout_sec: Option<u32>,
+    /// TLS pre-shared key.
+    #[serde(default)]
+    pub psk: Option<String>,
+    /// Most bdevs to create.
+    #[serde(default)]
+    pub max_bdevs: Option<u32>,
+    /// DH-HMAC-CHAP key name.
+    #[serde(default)]
+    pub dhchap_key: Option<String>,
+    /// DH-HMAC-CHAP controller key name.
+    #[serde(default)]
+    pub dhchap_ctrlr_key: Option<String>,
+    /// Attach namespaces with unrecognized command set identifiers.
+    #[serde(default)]
+    pub allow_unrecognized_csi: Option<bool>,
+    /// Multipath policy (newer clients).
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Multipath selector (newer clients).
+    #[serde(default)]
+    pub selector: Option<String>,
+    /// Round-robin minimum I/O (newer clients).
+    #[serde(default)]
+    pub min_io: Option<u32>,
+    /// Disable SQ flow control (newer clients).
+    #[serde(default)]
+    pub disable_sq_flow_control: Option<bool>,
+}
+
+/// An attached controller (app thread).
+struct Attached {
+    name: String,
+    params: AttachParams,
+    ctrlr: Controller,
+    bdevs: Vec<String>,
+}
+
+thread_local! {
+    /// Attached controllers, and names being attached (refused meanwhile), on the app thread.
+    static CTRLRS: RefCell<(Vec<Attached>, Vec<String>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// This process's host identifier, and the host NQN made from it (SPDK's default).
+fn host_id() -> &'static (Uuid, String) {
+    static ID: OnceLock<(Uuid, String)> = OnceLock::new();
+    ID.get_or_init(|| {
+        let u = Uuid::new_v4();
+        (u, format!("nqn.2014-08.org.nvmexpress:uuid:{u}"))
+    })
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Invalid, msg.into())
+}
+
+/// The controller options an attach asks for, after SPDK's checks.
+fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
+    if !p.trtype.eq_ignore_ascii_case("tcp") {
+        return Err(Error::new(
+            ErrorKind::NotSupported,
+            format!("trtype {} is not supported yet (TCP is)", p.trtype),
+        ));
+    }
+    if p.hdgst == Some(true) || p.ddgst == Some(true) {
+        return Err(Error::new(
+            ErrorKind::NotSupported,
+            "TCP digests are not supported yet",
+        ));
+    }
+    if p.psk.is_some() || p.dhchap_key.is_some() {
+        return Err(Error::new(
+            ErrorKind::NotSupported,
+            "TLS and DH-HMAC-CHAP are not supported yet",
+        ));
+    }
+    let ip: IpAddr = p
+        .traddr
+        .parse()
+        .map_err(|_| invalid(format!("Invalid traddr {}", p.traddr)))?;
+    match p.adrfam.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None => {}
+        Some("ipv4") if ip.is_ipv4() => {}
+        Some("ipv6") if ip.is_ipv6() => {}
+        Some(a) => return Err(invalid(format!("adrfam {a} does not match traddr {ip}"))),
+    }
+    let port: u16 = match p.trsvcid.as_deref() {
+        None => 4420,
+        Some(s) => s
+            .parse()
+            .map_err(|_| invalid(format!("Invalid trsvcid {s}")))?,
+    };
+    let subnqn = p
+        .subnqn
+        .clone()
+        .ok_or_else(|| invalid("subnqn is required for a fabrics controller"))?;
+    if subnqn.len() > 223 {
+        return Err(invalid("subnqn is longer than 223 bytes"));
+    }
+    let (hostid, default_nqn) = host_id();
+    Ok(CtrlrOpts {
+        addr: SocketAddr::new(ip, port),
+        subnqn,
+        hostnqn: p.hostnqn.clone().unwrap_or_else(|| default_nqn.clone()),
+        hostid: *hostid.as_bytes(),
+        kato_ms: KATO_MS,
+        num_io_queues: p
+            .num_io_queues
+            .map_or(NUM_IO_QUEUES, |n| n.clamp(1, u16::MAX as u32) as u16),
+        io_queue_size: IO_QUEUE_SIZE,
+        connect_timeout: p
+            .fabrics_connect_timeout_us
+            .filter(|&us| us > 0)
+            .map_or(CONNECT_TIMEOUT, Duration::from_micros),
+    })
+}
+
+/// Attaches the controller `p` names; `done` gets its bdevs' names (app thread).
+pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static) {
+    let opts = match ctrlr_opts(&p) {
+        Ok(o) => o,
+        Err(e) => return done(Err(e)),
+    };
+    let busy = CTRLRS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0.iter().any(|a| a.name == p.name) {
+            // A second path under the same name is multipath, not here yet; `disable` refuses as SPDK does.
+            return Some(match p.multipath.as_deref() {
+                None | Some("disable") => Error::new(
+                    ErrorKind::Already,
+                    format!(
+                        "A controller named {} already exists and multipath is disabled",
+                        p.name
+                    ),
+                ),
+                Some(_) => Error::new(
+                    ErrorKind::NotSupported,
+                    "a second path to a controller is not supported yet",
+                ),
+            });
+        }
+        if c.1.contains(&p.name) {
+            return Some(Error::new(
+                ErrorKind::Busy,
+                format!("controller {} is being attached", p.name),
+            ));
+        }
+        c.1.push(p.name.clone());
+        None
+    });
+    if let Some(e) = busy {
+        return done(Err(e));
+    }
+    nvme_host::connect(opts, move |res| {
+        CTRLRS.with(|c| c.borrow_mut().1.retain(|n| *n != p.name));
+        let ctrlr = match res {
+            Ok(c) => c,
+            Err(e) => return done(Err(e)),
+        };
+        let mut bdevs = Vec::new();
+        let max = p.max_bdevs.unwrap_or(u32::MAX) as usize;
+        for ns in ctrlr.info.namespaces.iter().take(max) {
+            match register_ns(&p.name, &ctrlr.info, ns) {
+                Ok(b) => bdevs.push(b.name().to_string()),
+                Err(e) => {
+                    // Undo: nothing half made stays.
+                    for n in &bdevs {
+                        if let Some(b) = bdev::get(n) {
+                            b.unregister(|_| {});
+                        }
+                    }
+                    ctrlr.close();
+                    return done(Err(e));
+                }
+            }
+        }
+        log::info!(
+            "nvme: controller {} attached ({} at {}), bdevs {bdevs:?}",
+            p.name,
+            ctrlr.info.opts.subnqn,
+            ctrlr.info.opts.addr
+        );
+        CTRLRS.with(|c| {
+            c.borrow_mut().0.push(Attached {
+                name: p.name.clone(),
+                params: p,
+                ctrlr,
+                bdevs: bdevs.clone(),
+            })
+        });
+        done(Ok(bdevs));
+    });
+}
+
+/// Detaches controller `name`: its bdevs are unregistered (their users see them go), then it disconnects.
+pub fn detach(name: &str, done: impl FnOnce(Result<()>) + 'static) {
+    let Some(a) = CTRLRS.with(|c| {
+        let mut c = c.borrow_mut();
+        let i = c.0.iter().position(|a| a.name == name)?;
+        Some(c.0.remove(i))
+    }) else {
+        return done(Err(Error::new(
+            ErrorKind::NotFound,
+            format!("Failed to find NVMe controller {name}"),
+        )));
+    };
+    let d = std::rc::Rc::new(Detaching {
+        left: std::cell::Cell::new(a.bdevs.len() + 1),
+        fin: RefCell::new(Some((a.ctrlr, Box::new(done)))),
+    });
+    for n in &a.bdevs {
+        match bdev::get(n) {
+            Some(b) => {
+                let d = d.clone();
+                let step = reactor::OnThread::new(move |_: ()| d.one());
+                b.unregister(move |_| step.with(|s| s(())));
+            }
+            None => d.one(),
+        }
+    }
+    d.one();
+}
+
+/// A detach waiting for its bdevs to be unregistered.
+struct Detaching {
+    left: std::cell::Cell<usize>,
+    fin: RefCell<Option<(Controller, DetachDone)>>,
+}
+
+/// Where a detach reports.
+type DetachDone = Box<dyn FnOnce(Result<()>)>;
+
+impl Detaching {
+    /// One bdev went (or the walk that unregisters them ended): the last one disconnects and answers.
+    fn one(&self) {
+        self.left.set(self.left.get() - 1);
+        if self.left.get() == 0 {
+            if let Some((ctrlr, done)) = self.fin.borrow_mut().take() {
+                ctrlr.close();
+                done(Ok(()));
+            }
+        }
+    }
+}
+
+/// Registers the bdev of namespace `ns`.
+fn register_ns(ctrlr: &str, info: &Arc<CtrlrInfo>, ns: &NsInfo) -> Result<Bdev> {
+    let mut p = BdevParams::new(&format!("{ctrlr}n{}", ns.nsid), ns.block_size, ns.blocks);
+    p.product_name = "NVMe disk".into();
+    if ns.nguid != [0; 16] {
+        let u = Uuid::from_bytes(ns.nguid);
+        // The namespace's own bdev is in this process (a target exporting to itself): keep its UUID to it.
+        if bdev::get(&u.to_string()).is_some() {
+            log::warn!(
+                "{ctrlr}n{}: UUID {u} is taken here, a new one is used",
+                ns.nsid
+            );
+        } else {
+            p.uuid = Some(u);
+        }
+    }
+    // Read/Write carry a 16-bit block count, and the controller caps a transfer (MDTS).
+    let blocks_per_cmd = (info.max_xfer / ns.block_size).clamp(1, 65536);
+    p.max_rw_size = blocks_per_cmd;
+    p.max_write_zeroes = 65536;
+    p.max_unmap = u32::MAX as u64;
+    p.write_cache = info.cdata.vwc & 1 != 0;
+    bdev::register(
+        p,
+        Box::new(NsOps {
+            info: info.clone(),
+            nsid: ns.nsid,
+        }),
+    )
+    .map_err(|e| Error::wrap(e, format!("register {ctrlr}n{}", ns.nsid)))
+}
+
+/// One namespace's bdev.
+struct NsOps {
+    info: Arc<CtrlrInfo>,
+    nsid: u32,
+}
+
+impl BdevOps for NsOps {
+    fn module_name(&self) -> &'static str {
+        MODULE
+    }
+
+    fn io_type_supported(&self, t: IoType) -> bool {
+        use nvme_proto::identify::oncs;
+        let o = self.info.cdata.oncs;
+        match t {
+            IoType::Read | IoType::Write | IoType::Flush | IoType::NvmeIo => true,
+            IoType::Unmap => o & oncs::DSM != 0,
+            IoType::WriteZeroes => o & oncs::WRITE_ZEROES != 0,
+            IoType::Compare => o & oncs::COMPARE != 0,
+            _ => false,
+        }
+    }
+
+    fn create_channel(&self, _bdev: &Bdev) -> Box<dyn ModuleChannel> {
+        Box::new(channel::NvmeChannel::new(self.info.clone(), self.nsid))
+    }
+
+    fn dump_info(&self, _bdev: &Bdev, out: &mut serde_json::Map<String, Value>) {
+        let o = &self.info.opts;
+        out.insert(
+            "nvme".into(),
+            json!([{
+                "trid": {
+                    "trtype": "TCP",
+                    "adrfam": if o.addr.is_ipv4() { "IPv4" } else { "IPv6" },
+                    "traddr": o.addr.ip().to_string(),
+                    "trsvcid": o.addr.port().to_string(),
+                    "subnqn": o.subnqn,
+                },
+                "ctrlr_data": {
+                    "cntlid": self.info.cntlid,
+                    "vendor_id": format!("0x{:04x}", self.info.cdata.vid),
+                    "model_number": nvme_proto::identify::padded_str(&self.info.cdata.mn).unwrap_or_default().trim(),
+                    "serial_number": nvme_proto::identify::padded_str(&self.info.cdata.sn).unwrap_or_default().trim(),
+                    "firmware_revision": nvme_proto::identify::padded_str(&self.info.cdata.fr).unwrap_or_default().trim(),
+                    "subnqn": o.subnqn,
+                },
+                "ns_data": { "id": self.nsid },
+            }]),
+        );
+    }
+}
+
+/// SPDK's `trid` object of a controller.
+fn trid_json(o: &CtrlrOpts) -> serde_json::Map<String, Value> {
+    let v = json!({
+        "trtype": "TCP",
+        "adrfam": if o.addr.is_ipv4() { "IPv4" } else { "IPv6" },
+        "traddr": o.addr.ip().to_string(),
+        "trsvcid": o.addr.port().to_string(),
+        "subnqn": o.subnqn,
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// `bdev_nvme_get_controllers` entries (all, or the one named).
+pub fn controllers_json(name: Option<&str>) -> Result<Value> {
+    let v: Vec<Value> = CTRLRS.with(|c| {
+        c.borrow()
+            .0
+            .iter()
+            .filter(|a| name.is_none_or(|n| n == a.name))
+            .map(|a| {
+                let o = &a.ctrlr.info.opts;
+                json!({
+                    "name": a.name,
+                    "ctrlrs": [{
+                        "state": if a.ctrlr.alive() { "enabled" } else { "failed" },
+                        "trid": trid_json(o),
+                        "cntlid": a.ctrlr.info.cntlid,
+                        "host": {
+                            "nqn": o.hostnqn,
+                            "addr": a.params.hostaddr.clone().unwrap_or_default(),
+                            "svcid": a.params.hostsvcid.clone().unwrap_or_default(),
+                        },
+                    }],
+                })
+            })
+            .collect()
+    });
+    if let Some(n) = name {
+        if v.is_empty() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("Controller {n} does not exist"),
+            ));
+        }
+    }
+    Ok(Value::Array(v))
+}
+
+/// The `bdev_nvme_attach_controller` entries `save_config` writes (between `bdev_nvme_set_options` and
+/// `bdev_nvme_set_hotplug`, as SPDK does).
+pub fn config_entries() -> Vec<Value> {
+    CTRLRS.with(|c| {
+        c.borrow()
+            .0
+            .iter()
+            .map(|a| {
+                let o = &a.ctrlr.info.opts;
+                let mut params = serde_json::Map::new();
+                params.insert("name".into(), json!(a.name));
+                params.extend(trid_json(o));
+                let p = &a.params;
+                params.insert(
+                    "prchk_reftag".into(),
+                    json!(p.prchk_reftag.unwrap_or(false)),
+                );
+                params.insert("prchk_guard".into(), json!(p.prchk_guard.unwrap_or(false)));
+                params.insert(
+                    "ctrlr_loss_timeout_sec".into(),
+                    json!(p.ctrlr_loss_timeout_sec.unwrap_or(0)),
+                );
+                params.insert(
+                    "reconnect_delay_sec".into(),
+                    json!(p.reconnect_delay_sec.unwrap_or(0)),
+                );
+                params.insert(
+                    "fast_io_fail_timeout_sec".into(),
+                    json!(p.fast_io_fail_timeout_sec.unwrap_or(0)),
+                );
+                params.insert("hostnqn".into(), json!(o.hostnqn));
+                params.insert("hdgst".into(), json!(false));
+                params.insert("ddgst".into(), json!(false));
+                if let Some(a) = &p.hostaddr {
+                    params.insert("hostaddr".into(), json!(a));
+                }
+                if let Some(s) = &p.hostsvcid {
+                    params.insert("hostsvcid".into(), json!(s));
+                }
+                json!({"method": "bdev_nvme_attach_controller", "params": params})
+            })
+            .collect()
+    })
+}
+
+/// Detaches every controller (module fini: their bdevs are already gone).
+pub fn detach_all() {
+    let all: Vec<Attached> = CTRLRS.with(|c| std::mem::take(&mut c.borrow_mut().0));
+    for a in all {
+        a.ctrlr.close();
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetachParams {
+    name: String,
+    #[serde(default)]
+    trtype: Option<String>,
+    #[serde(default)]
+    traddr: Option<String>,
+    #[serde(default)]
+    adrfam: Option<String>,
+    #[serde(default)]
+    trsvcid: Option<String>,
+    #[serde(default)]
+    subnqn: Option<String>,
+    #[serde(default)]
+    hostaddr: Option<String>,
+    #[serde(default)]
+    hostsvcid: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetParams {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// Registers `bdev_nvme_attach_controller`, `bdev_nvme_detach_controller` and `bdev_nvme_get_controllers`.
+pub fn register_rpcs(reg: &mut Registry) {
+    bdev::rpc::method(
+        reg,
+        "bdev_nvme_attach_controller",
+        STATE_STARTUP | STATE_RUNTIME,
+        |p: AttachParams, r: Responder| {
+            attach(p, move |res| match res {
+                Ok(names) => r.ok(json!(names)),
+                Err(e) => r.err(RpcError::from(e)),
+            })
+        },
+    );
+    bdev::rpc::method(
+        reg,
+        "bdev_nvme_detach_controller",
+        STATE_RUNTIME,
+        |p: DetachParams, r: Responder| {
+            // A path filter that names another path than the controller's one: nothing to detach.
+            let wrong_path = CTRLRS.with(|c| {
+                c.borrow()
+                    .0
+                    .iter()
+                    .find(|a| a.name == p.name)
+                    .is_some_and(|a| {
+                        let o = &a.ctrlr.info.opts;
+                        p.traddr
+                            .as_ref()
+                            .is_some_and(|t| *t != o.addr.ip().to_string())
+                            || p.trsvcid
+                                .as_ref()
+                                .is_some_and(|s| *s != o.addr.port().to_string())
+                            || p.subnqn.as_ref().is_some_and(|s| *s != o.subnqn)
+                            || p.trtype
+                                .as_ref()
+                                .is_some_and(|t| !t.eq_ignore_ascii_case("tcp"))
+                            || p.hostaddr
+                                .as_ref()
+                                .is_some_and(|h| Some(h) != a.params.hostaddr.as_ref())
+                            || p.hostsvcid
+                                .as_ref()
+                                .is_some_and(|h| Some(h) != a.params.hostsvcid.as_ref())
+                            || p.adrfam.as_ref().is_some_and(|f| {
+                                !f.eq_ignore_ascii_case(if o.addr.is_ipv4() {
+                                    "ipv4"
+                                } else {
+                                    "ipv6"
+                                })
+                            })
+                    })
+            });
+            if wrong_path {
+                return r.err(RpcError::from(Error::new(
+                    ErrorKind::NotFound,
+                    format!("Failed to find NVMe controller {} with that path", p.name),
+                )));
+            }
+            detach(&p.name, move |res| match res {
+                Ok(()) => r.ok(json!(true)),
+                Err(e) => r.err(RpcError::from(e)),
+            })
+        },
+    );
+    bdev::rpc::method(
+        reg,
+        "bdev_nvme_get_controllers",
+        STATE_RUNTIME,
+        |p: GetParams, r: Responder| match controllers_json(p.name.as_deref()) {
+            Ok(v) => r.ok(v),
+            Err(e) => r.err(RpcError::from(e)),
+        },
+    );
+}

@@ -1,0 +1,253 @@
+//! `bdev_nvme` against this project's own NVMe-oF/TCP target, in one process over loopback: attach (one bdev per
+//! namespace), data written through the NVMe bdev checked on the target's malloc bdevs and back, unmap and write
+//! zeroes, the RPC answers, detach and attach again, and refused attaches.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bdev::modules::malloc::{self, MallocOpts};
+use bdev::{Completion, IoHandle, IoStatus, IoType};
+use bdev_nvme::AttachParams;
+use nvmf::mgmt;
+use nvmf::params::{
+    AnaState, ListenerConfig, NamespaceParams, NvmfCreateSubsystem, TransportKind, TransportOpts,
+    Trid,
+};
+use reactor::dma::DmaBuf;
+use reactor::testing::{app, on_app};
+
+const NQN: &str = "nqn.2016-06.io.spdk:bdev-nvme-own";
+const BS: u32 = 512;
+const BLOCKS: u64 = 16384;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// On the app thread: two malloc bdevs exported as namespaces 1 and 2 of [`NQN`] on a free port.
+fn target() -> u16 {
+    on_app(|reply| {
+        for n in ["OwnM0", "OwnM1"] {
+            malloc::create(MallocOpts {
+                name: Some(n.into()),
+                num_blocks: BLOCKS,
+                block_size: BS,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let topts = TransportOpts::defaults(TransportKind::Tcp);
+        mgmt::create_transport(topts, None, move |r| {
+            r.unwrap();
+            let mut o = NvmfCreateSubsystem::new(NQN);
+            o.allow_any_host = true;
+            o.normalize(false, 1, 1024).unwrap();
+            mgmt::create_subsystem(o);
+            let port = free_port();
+            let trid = Trid::tcp("127.0.0.1", &port.to_string());
+            let config = ListenerConfig {
+                nqn: NQN.into(),
+                listen_address: trid.clone(),
+                secure_channel: false,
+                sock_impl: None,
+            };
+            mgmt::add_listener(NQN, trid, AnaState::Optimized, config).unwrap();
+            mgmt::add_ns(NQN, NamespaceParams::new("OwnM0"), move |r| {
+                r.unwrap();
+                mgmt::add_ns(NQN, NamespaceParams::new("OwnM1"), move |r| {
+                    r.unwrap();
+                    reply(port);
+                });
+            });
+        });
+    })
+}
+
+fn params(name: &str, port: u16) -> AttachParams {
+    serde_json::from_value(serde_json::json!({
+        "name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
+        "trsvcid": port.to_string(), "subnqn": NQN,
+        // What spdk-rpc's newer client adds.
+        "prchk_reftag": false, "prchk_guard": false, "max_bdevs": 128,
+    }))
+    .unwrap()
+}
+
+fn attach(p: AttachParams) -> Result<Vec<String>, String> {
+    on_app(move |reply| bdev_nvme::attach(p, move |r| reply(r.map_err(|e| e.to_string()))))
+}
+
+/// One I/O on `name` on the app thread: (status, data read).
+fn io(
+    name: &str,
+    t: IoType,
+    offset: u64,
+    blocks: u64,
+    data: Option<Vec<u8>>,
+) -> (IoStatus, Vec<u8>) {
+    let name = name.to_string();
+    on_app(move |reply| {
+        let desc = bdev::open(&name, t.is_write() || t == IoType::Flush, None).unwrap();
+        let ch = desc.channel();
+        let keep = std::cell::RefCell::new(Some((desc, ch.clone())));
+        let cb = Completion::Closure(Box::new(move |mut io: IoHandle| {
+            let d = io
+                .take_buf()
+                .map(|b| b.as_slice().to_vec())
+                .unwrap_or_default();
+            let st = io.status();
+            drop(io);
+            keep.borrow_mut().take();
+            reply((st, d));
+        }));
+        let len = (blocks * BS as u64) as usize;
+        let r = match t {
+            IoType::Read => ch.read(DmaBuf::alloc(len).unwrap(), offset, blocks, cb, 0),
+            IoType::Write => {
+                let mut b = DmaBuf::alloc(len).unwrap();
+                b.as_mut_slice().copy_from_slice(&data.unwrap());
+                ch.write(b, offset, blocks, cb, 0)
+            }
+            t => ch.submit_nodata(t, offset, blocks, cb, 0),
+        };
+        r.unwrap();
+    })
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn attach_io_detach_against_own_target() {
+    let (tx, rx) = mpsc::channel();
+    reactor::testing::run("0x3", Duration::from_secs(120), move || {
+        std::thread::spawn(move || {
+            let res = std::panic::catch_unwind(body);
+            reactor::stop();
+            let _ = tx.send(res.is_ok());
+        });
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        "test body failed"
+    );
+}
+
+fn body() {
+    let port = target();
+    let names = attach(params("Nvme0", port)).expect("attach");
+    assert_eq!(names, vec!["Nvme0n1", "Nvme0n2"]);
+    let info =
+        app(|| bdev::get("Nvme0n1").map(|b| (b.block_size(), b.num_blocks(), b.module_name())));
+    assert_eq!(info, Some((BS, BLOCKS, "nvme")));
+
+    // Data: a 64 KiB write (R2T path) and a 4 KiB one (in-capsule), read back through NVMe and on the target's
+    // malloc bdev itself.
+    let big = pattern(7, 128 * BS as usize);
+    assert_eq!(
+        io("Nvme0n1", IoType::Write, 100, 128, Some(big.clone())).0,
+        IoStatus::Success
+    );
+    let small = pattern(9, 8 * BS as usize);
+    assert_eq!(
+        io("Nvme0n2", IoType::Write, 5, 8, Some(small.clone())).0,
+        IoStatus::Success
+    );
+    assert_eq!(
+        io("Nvme0n1", IoType::Read, 100, 128, None),
+        (IoStatus::Success, big.clone())
+    );
+    assert_eq!(
+        io("OwnM0", IoType::Read, 100, 128, None).1,
+        big,
+        "on the target's bdev"
+    );
+    assert_eq!(
+        io("OwnM1", IoType::Read, 5, 8, None).1,
+        small,
+        "namespace 2"
+    );
+    // Unmap and write zeroes reach the target (malloc reads zeroes after either).
+    assert_eq!(
+        io("Nvme0n1", IoType::Unmap, 100, 8, None).0,
+        IoStatus::Success
+    );
+    assert_eq!(
+        io("Nvme0n1", IoType::WriteZeroes, 108, 8, None).0,
+        IoStatus::Success
+    );
+    let after = io("OwnM0", IoType::Read, 100, 24, None).1;
+    assert!(after[..16 * BS as usize].iter().all(|&b| b == 0));
+    assert_eq!(
+        after[16 * BS as usize..],
+        big[16 * BS as usize..24 * BS as usize]
+    );
+    assert_eq!(
+        io("Nvme0n1", IoType::Flush, 0, BLOCKS, None).0,
+        IoStatus::Success
+    );
+    // Out of range: the bdev layer refuses it before the wire.
+    assert_eq!(
+        io("Nvme0n1", IoType::Read, BLOCKS, 1, None).0,
+        IoStatus::Failed(libc::EINVAL)
+    );
+
+    // RPC answers.
+    let c = app(|| bdev_nvme::controllers_json(None).unwrap());
+    let c0 = &c[0];
+    assert_eq!(c0["name"], "Nvme0");
+    let ctrlr = &c0["ctrlrs"][0];
+    assert_eq!(ctrlr["state"], "enabled");
+    assert_eq!(ctrlr["trid"]["trtype"], "TCP");
+    assert_eq!(ctrlr["trid"]["adrfam"], "IPv4");
+    assert_eq!(ctrlr["trid"]["trsvcid"], port.to_string());
+    assert_eq!(ctrlr["trid"]["subnqn"], NQN);
+    assert!(ctrlr["cntlid"].as_u64().unwrap() > 0);
+    assert!(app(|| bdev_nvme::controllers_json(Some("Nope")).is_err()));
+    let cfg = app(bdev_nvme::config_entries);
+    assert_eq!(cfg[0]["method"], "bdev_nvme_attach_controller");
+    assert_eq!(cfg[0]["params"]["name"], "Nvme0");
+    assert_eq!(cfg[0]["params"]["traddr"], "127.0.0.1");
+    // The saved entry attaches again (parameters SPDK's decoder would take).
+    let again: AttachParams = serde_json::from_value(cfg[0]["params"].clone()).unwrap();
+
+    // Refusals: the same name again (multipath disabled), nobody listening, an unknown subsystem.
+    let e = attach(params("Nvme0", port)).unwrap_err();
+    assert!(e.contains("already exists"), "{e}");
+    let e = attach(params("Nvme1", free_port())).unwrap_err();
+    assert!(!e.is_empty());
+    let mut p = params("Nvme2", port);
+    p.subnqn = Some("nqn.2016-06.io.spdk:nobody".into());
+    let e = attach(p).unwrap_err();
+    assert!(e.contains("Connect"), "{e}");
+    assert_eq!(
+        app(|| bdev_nvme::controllers_json(None).unwrap())
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Detach: the bdevs go; attach again from the saved entry and the data is still there.
+    let r: Result<(), String> =
+        on_app(|reply| bdev_nvme::detach("Nvme0", move |r| reply(r.map_err(|e| e.to_string()))));
+    r.unwrap();
+    assert!(app(
+        || bdev::get("Nvme0n1").is_none() && bdev::get("Nvme0n2").is_none()
+    ));
+    assert_eq!(attach(again).unwrap(), vec!["Nvme0n1", "Nvme0n2"]);
+    assert_eq!(
+        io("Nvme0n2", IoType::Read, 5, 8, None),
+        (IoStatus::Success, small)
+    );
+    let r: Result<(), String> =
+        on_app(|reply| bdev_nvme::detach("Nvme0", move |r| reply(r.map_err(|e| e.to_string()))));
+    r.unwrap();
+}

@@ -1,0 +1,711 @@
+//! An NVMe-oF controller seen from the host (SPDK's `nvme_ctrlr.c` for fabrics): bring-up on the admin queue,
+//! keep alive, and the connection of I/O queues.
+//!
+//! Bring-up is SPDK's sequence, every step a command on the admin queue polled by the thread that asked for the
+//! controller (never a blocking wait): TCP connect and ICReq, Fabrics Connect (dynamic controller id, KATO),
+//! Property Get CAP, Property Set CC.EN, Property Get CSTS until RDY (bounded by CAP.TO), Identify Controller,
+//! Set Features Number of Queues, Identify Active Namespace List, Identify Namespace for each. Keep Alive is
+//! sent every half KATO from then on. An I/O queue is its own TCP connection with its own Fabrics Connect, made
+//! by the thread that will use it ([`IoQueue`]).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use errors::{Error, ErrorKind, Result};
+use nvme_proto::cmd::{admin, feat, Cqe, Sqe};
+use nvme_proto::fabrics::{cc, csts, reg, Cap, Connect, ConnectData, Property};
+use nvme_proto::identify::{cns, decode_ns_list, CtrlrData, NsData};
+use reactor::Poller;
+
+use crate::tcp::{Dir, Iov, TcpQpair};
+
+/// Admin queue entries (SPDK's default admin queue size is 32).
+const ADMIN_DEPTH: u16 = 32;
+/// In-capsule data the admin queue always takes (NVMe/TCP requires 8 KiB).
+const ADMIN_ICD: u32 = 8192;
+/// Largest admin transfer (Identify: 4 KiB).
+const ADMIN_XFER: u32 = 8192;
+/// Largest I/O transfer asked of a controller whose MDTS is unlimited.
+const MAX_XFER_DEFAULT: u32 = 128 * 1024;
+
+/// How to reach a controller and what to ask of it (`bdev_nvme_attach_controller`'s parameters).
+#[derive(Clone, Debug)]
+pub struct CtrlrOpts {
+    /// Where the controller listens.
+    pub addr: SocketAddr,
+    /// Subsystem NQN.
+    pub subnqn: String,
+    /// Host NQN.
+    pub hostnqn: String,
+    /// Host identifier.
+    pub hostid: [u8; 16],
+    /// Keep alive timeout asked for, ms (0: none).
+    pub kato_ms: u32,
+    /// I/O queues asked for.
+    pub num_io_queues: u16,
+    /// Entries per I/O queue.
+    pub io_queue_size: u16,
+    /// How long bring-up (and each I/O queue's connect) may take.
+    pub connect_timeout: Duration,
+}
+
+/// A namespace as Identify Namespace describes it.
+#[derive(Clone, Debug)]
+pub struct NsInfo {
+    /// Namespace id.
+    pub nsid: u32,
+    /// Size in blocks.
+    pub blocks: u64,
+    /// Block size in bytes.
+    pub block_size: u32,
+    /// NGUID (zero when none).
+    pub nguid: [u8; 16],
+}
+
+/// What bring-up learned; shared with the threads that open I/O queues.
+#[derive(Debug)]
+pub struct CtrlrInfo {
+    /// The options it was reached with.
+    pub opts: CtrlrOpts,
+    /// Controller id the Connect gave.
+    pub cntlid: u16,
+    /// Identify Controller.
+    pub cdata: CtrlrData,
+    /// Active namespaces.
+    pub namespaces: Vec<NsInfo>,
+    /// I/O queues granted (Set Features Number of Queues).
+    pub io_queues: u16,
+    /// Largest transfer per command (MDTS).
+    pub max_xfer: u32,
+    /// Largest write carried in the command capsule (IOCCSZ).
+    pub icd_max: u32,
+    next_qid: AtomicU16,
+}
+
+impl CtrlrInfo {
+    /// A queue id for a new I/O queue, while any is left.
+    pub fn take_qid(&self) -> Option<u16> {
+        let q = self.next_qid.fetch_add(1, Ordering::Relaxed);
+        (q >= 1 && q <= self.io_queues).then_some(q)
+    }
+}
+
+type AdminCb = Box<dyn FnOnce(&Cqe, &[u8])>;
+/// An admin command waiting to be submitted: command, direction, data buffer, callback.
+type QueuedCmd = (Sqe, Dir, Vec<u8>, AdminCb);
+/// Where a bring-up reports.
+type BringupDone = Box<dyn FnOnce(Result<Controller>)>;
+
+/// The admin queue: commands with callbacks, submitted once the connection is up, polled by a poller.
+struct Admin {
+    qp: RefCell<TcpQpair>,
+    /// Commands not submitted yet (connection not up, or every slot busy).
+    queued: RefCell<VecDeque<QueuedCmd>>,
+    /// Submitted: token -> (data buffer, callback).
+    waiting: RefCell<HashMap<u64, (Vec<u8>, AdminCb)>>,
+    next: Cell<u64>,
+}
+
+impl Admin {
+    /// Queues an admin command with `data` (sent for [`Dir::ToCtrl`], the place for the answer for
+    /// [`Dir::FromCtrl`]).
+    fn cmd(&self, sqe: Sqe, dir: Dir, data: Vec<u8>, cb: impl FnOnce(&Cqe, &[u8]) + 'static) {
+        self.queued
+            .borrow_mut()
+            .push_back((sqe, dir, data, Box::new(cb)));
+        self.submit_queued();
+    }
+
+    fn submit_queued(&self) {
+        let mut qp = self.qp.borrow_mut();
+        if !qp.ready() {
+            return;
+        }
+        loop {
+            let Some((sqe, dir, mut data, cb)) = self.queued.borrow_mut().pop_front() else {
+                return;
+            };
+            let token = self.next.get();
+            self.next.set(token + 1);
+            let iov = [Iov {
+                base: data.as_mut_ptr(),
+                len: data.len(),
+            }];
+            let iovs: &[Iov] = if dir == Dir::None { &[] } else { &iov };
+            // SAFETY: `data` moves into `waiting` below and stays there (its heap buffer does not move) until
+            // the command completes or the queue pair is dropped with the Admin.
+            match unsafe { qp.submit(sqe, iovs, dir, token) } {
+                Ok(()) => {
+                    self.waiting.borrow_mut().insert(token, (data, cb));
+                }
+                Err(crate::tcp::SubmitError::Full) => {
+                    self.queued.borrow_mut().push_front((sqe, dir, data, cb));
+                    return;
+                }
+                Err(e) => {
+                    drop(qp);
+                    let c = Cqe {
+                        status: nvme_proto::status::Status::generic(
+                            nvme_proto::status::generic::INTERNAL_DEVICE_ERROR,
+                        ),
+                        ..Default::default()
+                    };
+                    log::error!("nvme admin command: {e:?}");
+                    cb(&c, &[]);
+                    qp = self.qp.borrow_mut();
+                }
+            }
+        }
+    }
+
+    /// Polls the connection; runs the callbacks of completed commands. Whether anything happened.
+    fn poll(&self) -> bool {
+        let mut done = Vec::new();
+        let did = self
+            .qp
+            .borrow_mut()
+            .poll(&mut |token, cqe| done.push((token, cqe)));
+        for (token, cqe) in done {
+            let entry = self.waiting.borrow_mut().remove(&token);
+            if let Some((data, cb)) = entry {
+                cb(&cqe, &data);
+            }
+        }
+        self.submit_queued();
+        did
+    }
+}
+
+/// A controller, on the thread that brought it up.
+pub struct Controller {
+    /// What bring-up learned.
+    pub info: Arc<CtrlrInfo>,
+    admin: Rc<Admin>,
+    _poller: Poller,
+    _keep_alive: Option<Poller>,
+    /// Set when the admin connection failed (keep alive or a command saw it).
+    failed: Rc<Cell<bool>>,
+}
+
+impl Controller {
+    /// Whether the admin connection is still up.
+    pub fn alive(&self) -> bool {
+        !self.failed.get() && self.admin.qp.borrow().error().is_none()
+    }
+
+    /// Closes the admin connection (the controller goes away on the target once its I/O queues are gone
+    /// too).
+    pub fn close(&self) {
+        self.admin.qp.borrow_mut().close(&mut |_, _| {});
+    }
+}
+
+/// Bring-up in progress.
+struct Bringup {
+    opts: CtrlrOpts,
+    admin: Rc<Admin>,
+    started: Instant,
+    cntlid: Cell<u16>,
+    cap: Cell<u64>,
+    cdata: RefCell<Option<CtrlrData>>,
+    io_queues: Cell<u16>,
+    namespaces: RefCell<Vec<NsInfo>>,
+    done: RefCell<Option<BringupDone>>,
+    poller: RefCell<Option<Poller>>,
+}
+
+/// Brings a controller up; `done` runs on this thread with it, or with why it could not be reached.
+pub fn connect(opts: CtrlrOpts, done: impl FnOnce(Result<Controller>) + 'static) {
+    let qp = match TcpQpair::connect(opts.addr, ADMIN_DEPTH, ADMIN_ICD, ADMIN_XFER) {
+        Ok(q) => q,
+        Err(e) => return done(Err(Error::os(e, format!("connect to {}", opts.addr)))),
+    };
+    let admin = Rc::new(Admin {
+        qp: RefCell::new(qp),
+        queued: RefCell::new(VecDeque::new()),
+        waiting: RefCell::new(HashMap::new()),
+        next: Cell::new(1),
+    });
+    let b = Rc::new(Bringup {
+        opts,
+        admin: admin.clone(),
+        started: Instant::now(),
+        cntlid: Cell::new(0),
+        cap: Cell::new(0),
+        cdata: RefCell::new(None),
+        io_queues: Cell::new(0),
+        namespaces: RefCell::new(Vec::new()),
+        done: RefCell::new(Some(Box::new(done))),
+        poller: RefCell::new(None),
+    });
+    let b2 = b.clone();
+    let poller = Poller::register("nvme_ctrlr_bringup", 0, move || {
+        let did = b2.admin.poll();
+        let err = b2.admin.qp.borrow().error().map(str::to_string);
+        if let Some(e) = err {
+            b2.fail(ErrorKind::Io(libc::ECONNREFUSED), e);
+        } else if b2.started.elapsed() > b2.opts.connect_timeout {
+            b2.fail(
+                ErrorKind::Io(libc::ETIMEDOUT),
+                "controller bring-up timed out".into(),
+            );
+        }
+        did
+    });
+    *b.poller.borrow_mut() = Some(poller);
+    b.fabrics_connect();
+}
+
+fn ok(c: &Cqe) -> bool {
+    c.status.is_success()
+}
+
+impl Bringup {
+    fn fail(self: &Rc<Self>, kind: ErrorKind, why: String) {
+        let Some(done) = self.done.borrow_mut().take() else {
+            return;
+        };
+        self.poller.borrow_mut().take();
+        self.admin.qp.borrow_mut().close(&mut |_, _| {});
+        done(Err(Error::new(
+            kind,
+            format!(
+                "controller {} at {}: {why}",
+                self.opts.subnqn, self.opts.addr
+            ),
+        )));
+    }
+
+    /// A step's command failed: the bring-up ends with its status.
+    fn step_failed(self: &Rc<Self>, what: &str, c: &Cqe) {
+        self.fail(ErrorKind::Io(libc::EIO), format!("{what}: {}", c.status));
+    }
+
+    fn fabrics_connect(self: &Rc<Self>) {
+        let sqe = Connect {
+            recfmt: 0,
+            qid: 0,
+            sqsize: ADMIN_DEPTH - 1,
+            cattr: 0,
+            kato: self.opts.kato_ms,
+        }
+        .to_sqe(0);
+        let data = connect_data(&self.opts, ConnectData::CNTLID_DYNAMIC);
+        let me = self.clone();
+        self.admin.cmd(sqe, Dir::ToCtrl, data, move |c, _| {
+            if !ok(c) {
+                return me.step_failed("Connect", c);
+            }
+            me.cntlid.set(c.dw0 as u16);
+            me.get_cap();
+        });
+    }
+
+    fn get_cap(self: &Rc<Self>) {
+        let me = self.clone();
+        self.admin.cmd(
+            prop(reg::CAP, true, None),
+            Dir::None,
+            Vec::new(),
+            move |c, _| {
+                if !ok(c) {
+                    return me.step_failed("Property Get CAP", c);
+                }
+                me.cap.set(c.dw0 as u64 | (c.dw1 as u64) << 32);
+                me.enable();
+            },
+        );
+    }
+
+    fn enable(self: &Rc<Self>) {
+        let v = cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT;
+        let me = self.clone();
+        self.admin.cmd(
+            prop(reg::CC, false, Some(v as u64)),
+            Dir::None,
+            Vec::new(),
+            move |c, _| {
+                if !ok(c) {
+                    return me.step_failed("Property Set CC", c);
+                }
+                me.wait_ready();
+            },
+        );
+    }
+
+    fn wait_ready(self: &Rc<Self>) {
+        let me = self.clone();
+        self.admin.cmd(
+            prop(reg::CSTS, false, None),
+            Dir::None,
+            Vec::new(),
+            move |c, _| {
+                if !ok(c) {
+                    return me.step_failed("Property Get CSTS", c);
+                }
+                if c.dw0 & csts::CFS != 0 {
+                    return me.fail(ErrorKind::Io(libc::EIO), "controller fatal status".into());
+                }
+                if c.dw0 & csts::RDY != 0 {
+                    return me.identify();
+                }
+                // CAP.TO in 500 ms units bounds the wait (the bring-up timeout bounds it too).
+                let to = Duration::from_millis(Cap::from_u64(me.cap.get()).to as u64 * 500);
+                if me.started.elapsed() > to.max(Duration::from_millis(500)) {
+                    return me.fail(ErrorKind::Io(libc::ETIMEDOUT), "CSTS.RDY never set".into());
+                }
+                let again = me.clone();
+                reactor::timer(1000, move || again.wait_ready()).detach();
+            },
+        );
+    }
+
+    fn identify(self: &Rc<Self>) {
+        let me = self.clone();
+        self.admin.cmd(
+            identify_sqe(cns::CTRLR, 0),
+            Dir::FromCtrl,
+            vec![0; 4096],
+            move |c, d| {
+                if !ok(c) {
+                    return me.step_failed("Identify Controller", c);
+                }
+                match CtrlrData::decode(d) {
+                    Ok(cd) => *me.cdata.borrow_mut() = Some(cd),
+                    Err(e) => {
+                        return me.fail(
+                            ErrorKind::Io(libc::EIO),
+                            format!("Identify Controller: {e}"),
+                        )
+                    }
+                }
+                me.set_queues();
+            },
+        );
+    }
+
+    fn set_queues(self: &Rc<Self>) {
+        let n = self.opts.num_io_queues.max(1) as u32 - 1;
+        let mut sqe = Sqe::new(admin::SET_FEATURES, 0);
+        sqe.set_cdw(10, feat::NUMBER_OF_QUEUES as u32);
+        sqe.set_cdw(11, n | n << 16);
+        let me = self.clone();
+        self.admin.cmd(sqe, Dir::None, Vec::new(), move |c, _| {
+            if !ok(c) {
+                return me.step_failed("Set Features Number of Queues", c);
+            }
+            // Both counts 0-based; the smaller of what was asked and what is granted.
+            let granted = (c.dw0 & 0xffff).min(c.dw0 >> 16) as u16 + 1;
+            me.io_queues.set(granted.min(me.opts.num_io_queues.max(1)));
+            me.ns_list();
+        });
+    }
+
+    fn ns_list(self: &Rc<Self>) {
+        let me = self.clone();
+        self.admin.cmd(
+            identify_sqe(cns::ACTIVE_NS_LIST, 0),
+            Dir::FromCtrl,
+            vec![0; 4096],
+            move |c, d| {
+                if !ok(c) {
+                    return me.step_failed("Identify Active Namespace List", c);
+                }
+                match decode_ns_list(d) {
+                    Ok(list) => me.identify_ns(list, 0),
+                    Err(e) => me.fail(ErrorKind::Io(libc::EIO), format!("namespace list: {e}")),
+                }
+            },
+        );
+    }
+
+    fn identify_ns(self: &Rc<Self>, list: Vec<u32>, i: usize) {
+        let Some(&nsid) = list.get(i) else {
+            return self.finish();
+        };
+        let me = self.clone();
+        self.admin.cmd(
+            identify_sqe(cns::NS, nsid),
+            Dir::FromCtrl,
+            vec![0; 4096],
+            move |c, d| {
+                if !ok(c) {
+                    return me.step_failed("Identify Namespace", c);
+                }
+                match NsData::decode(d) {
+                    Ok(n) => {
+                        let bs = n.lbaf[n.format_index()].data_size();
+                        match bs.filter(|b| (512..=65536).contains(b)) {
+                            Some(bs) if n.nsze > 0 => me.namespaces.borrow_mut().push(NsInfo {
+                                nsid,
+                                blocks: n.nsze,
+                                block_size: bs as u32,
+                                nguid: n.nguid,
+                            }),
+                            // Inactive or unusable: no bdev for it (as SPDK skips it).
+                            _ => log::warn!(
+                                "namespace {nsid}: size {} block size {bs:?}: skipped",
+                                n.nsze
+                            ),
+                        }
+                    }
+                    Err(e) => log::warn!("namespace {nsid}: {e}: skipped"),
+                }
+                me.identify_ns(list, i + 1);
+            },
+        );
+    }
+
+    fn finish(self: &Rc<Self>) {
+        let Some(done) = self.done.borrow_mut().take() else {
+            return;
+        };
+        let poller = self.poller.borrow_mut().take();
+        drop(poller);
+        let cdata = self
+            .cdata
+            .borrow_mut()
+            .take()
+            .unwrap_or_else(|| CtrlrData::decode(&[0u8; 4096]).expect("zeroes decode"));
+        // MDTS in units of the minimum page size (2^(12 + MPSMIN)); 0: no limit.
+        let page = 4096u64 << Cap::from_u64(self.cap.get()).mpsmin;
+        let max_xfer = match cdata.mdts {
+            0 => MAX_XFER_DEFAULT as u64,
+            m => (page << m).min(MAX_XFER_DEFAULT as u64),
+        } as u32;
+        let icd_max = (cdata.ioccsz * 16).saturating_sub(64);
+        let info = Arc::new(CtrlrInfo {
+            opts: self.opts.clone(),
+            cntlid: self.cntlid.get(),
+            cdata,
+            namespaces: std::mem::take(&mut *self.namespaces.borrow_mut()),
+            io_queues: self.io_queues.get(),
+            max_xfer,
+            icd_max,
+            next_qid: AtomicU16::new(1),
+        });
+        let admin = self.admin.clone();
+        let failed = Rc::new(Cell::new(false));
+        let a = admin.clone();
+        let f = failed.clone();
+        let poller = Poller::register("nvme_ctrlr_admin", 1000, move || {
+            let did = a.poll();
+            if a.qp.borrow().error().is_some() {
+                f.set(true);
+            }
+            did
+        });
+        let keep_alive = (self.opts.kato_ms > 0).then(|| {
+            let a = admin.clone();
+            let f = failed.clone();
+            Poller::register(
+                "nvme_ctrlr_keep_alive",
+                self.opts.kato_ms as u64 * 1000 / 2,
+                move || {
+                    let f = f.clone();
+                    a.cmd(
+                        Sqe::new(admin::KEEP_ALIVE, 0),
+                        Dir::None,
+                        Vec::new(),
+                        move |c, _| {
+                            if !c.status.is_success() {
+                                log::error!("keep alive failed: {}", c.status);
+                                f.set(true);
+                            }
+                        },
+                    );
+                    true
+                },
+            )
+        });
+        done(Ok(Controller {
+            info,
+            admin,
+            _poller: poller,
+            _keep_alive: keep_alive,
+            failed,
+        }));
+    }
+}
+
+fn connect_data(opts: &CtrlrOpts, cntlid: u16) -> Vec<u8> {
+    let mut d = vec![0u8; ConnectData::SIZE];
+    ConnectData {
+        hostid: opts.hostid,
+        cntlid,
+        subnqn: opts.subnqn.clone(),
+        hostnqn: opts.hostnqn.clone(),
+    }
+    .encode(&mut d);
+    d
+}
+
+fn prop(offset: u32, size8: bool, set: Option<u64>) -> Sqe {
+    Property {
+        size8,
+        offset,
+        value: set.unwrap_or(0),
+    }
+    .to_sqe(set.is_some(), 0)
+}
+
+fn identify_sqe(cns_: u8, nsid: u32) -> Sqe {
+    let mut s = Sqe::new(admin::IDENTIFY, 0);
+    s.set_nsid(nsid);
+    s.set_cdw(10, cns_ as u32);
+    s
+}
+
+/// Token of an I/O queue's own Fabrics Connect (callers' tokens are below it).
+const CONNECT_TOKEN: u64 = u64::MAX;
+
+/// An I/O queue pair of a controller, on the thread that uses it: its own connection and Fabrics Connect,
+/// then commands.
+pub struct IoQueue {
+    qp: TcpQpair,
+    info: Arc<CtrlrInfo>,
+    qid: u16,
+    state: IoState,
+    started: Instant,
+    connect_data: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IoState {
+    Connecting,
+    ConnectSent,
+    Ready,
+    Failed,
+}
+
+impl IoQueue {
+    /// Starts an I/O queue of the controller `info` describes; ready once [`IoQueue::poll`] got it connected.
+    pub fn connect(info: Arc<CtrlrInfo>) -> Result<IoQueue> {
+        let qid = info.take_qid().ok_or_else(|| {
+            Error::new(
+                ErrorKind::NoMemory,
+                format!("controller {}: no I/O queue left", info.opts.subnqn),
+            )
+        })?;
+        let depth = info.opts.io_queue_size.max(2);
+        let qp = TcpQpair::connect(info.opts.addr, depth, info.icd_max, info.max_xfer)
+            .map_err(|e| Error::os(e, "I/O queue connect"))?;
+        let connect_data = connect_data(&info.opts, info.cntlid);
+        Ok(IoQueue {
+            qp,
+            info,
+            qid,
+            state: IoState::Connecting,
+            started: Instant::now(),
+            connect_data,
+        })
+    }
+
+    /// Ready for commands.
+    pub fn ready(&self) -> bool {
+        self.state == IoState::Ready
+    }
+
+    /// Failed (connection lost, Connect refused, or timed out): commands complete with errors and new ones are
+    /// refused.
+    pub fn failed(&self) -> bool {
+        self.state == IoState::Failed
+    }
+
+    /// Commands outstanding.
+    pub fn outstanding(&self) -> usize {
+        self.qp.outstanding()
+    }
+
+    /// The queue id.
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+
+    /// The controller.
+    pub fn info(&self) -> &Arc<CtrlrInfo> {
+        &self.info
+    }
+
+    /// Sends an I/O command (see [`TcpQpair::submit`]).
+    ///
+    /// # Safety
+    /// As [`TcpQpair::submit`].
+    pub unsafe fn submit(
+        &mut self,
+        sqe: Sqe,
+        iovs: &[Iov],
+        dir: Dir,
+        token: u64,
+    ) -> std::result::Result<(), crate::tcp::SubmitError> {
+        if self.state != IoState::Ready {
+            return Err(crate::tcp::SubmitError::NotReady);
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.qp.submit(sqe, iovs, dir, token) }
+    }
+
+    /// Moves the queue on (connecting, then completions to `done`); whether anything happened.
+    pub fn poll(&mut self, done: &mut dyn FnMut(u64, Cqe)) -> bool {
+        let mut connect_result = None;
+        let did = self.qp.poll(&mut |token, cqe| {
+            if token == CONNECT_TOKEN {
+                connect_result = Some(cqe);
+            } else {
+                done(token, cqe);
+            }
+        });
+        if let Some(c) = connect_result {
+            if c.status.is_success() {
+                self.state = IoState::Ready;
+            } else {
+                log::error!("I/O queue {} Connect: {}", self.qid, c.status);
+                self.state = IoState::Failed;
+            }
+        }
+        if self.qp.error().is_some() {
+            self.state = IoState::Failed;
+        }
+        if self.state == IoState::Connecting && self.qp.ready() {
+            let sqe = Connect {
+                recfmt: 0,
+                qid: self.qid,
+                sqsize: self.info.opts.io_queue_size.max(2) - 1,
+                cattr: 0,
+                kato: 0,
+            }
+            .to_sqe(0);
+            let iov = [Iov {
+                base: self.connect_data.as_mut_ptr(),
+                len: self.connect_data.len(),
+            }];
+            // SAFETY: `connect_data` lives in this IoQueue, alongside the queue pair, until both are dropped.
+            match unsafe { self.qp.submit(sqe, &iov, Dir::ToCtrl, CONNECT_TOKEN) } {
+                Ok(()) => self.state = IoState::ConnectSent,
+                Err(e) => {
+                    log::error!("I/O queue {} Connect: {e:?}", self.qid);
+                    self.state = IoState::Failed;
+                }
+            }
+        }
+        if matches!(self.state, IoState::Connecting | IoState::ConnectSent)
+            && self.started.elapsed() > self.info.opts.connect_timeout
+        {
+            log::error!("I/O queue {}: connect timed out", self.qid);
+            self.qp.close(done);
+            self.state = IoState::Failed;
+        }
+        did
+    }
+
+    /// Closes the queue; commands still in it complete through `done` with "aborted, SQ deleted".
+    pub fn close(&mut self, done: &mut dyn FnMut(u64, Cqe)) {
+        self.qp.close(done);
+        self.state = IoState::Failed;
+    }
+}

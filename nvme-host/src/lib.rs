@@ -1,0 +1,10 @@
+//! The NVMe host library (SPDK's `lib/nvme`), fabrics side: queue pairs over NVMe/TCP ([`tcp`]), controllers
+//! brought up through their admin queue with keep alive, and I/O queues one per thread that uses the controller
+//! ([`ctrlr`]). Everything is polled by the reactor thread that owns it; nothing blocks.
+
+pub mod ctrlr;
+mod sock;
+pub mod tcp;
+
+pub use ctrlr::{connect, Controller, CtrlrInfo, CtrlrOpts, IoQueue, NsInfo};
+pub use tcp::{Dir, Iov, SubmitError, TcpQpair};

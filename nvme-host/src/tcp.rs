@@ -1,0 +1,564 @@
+//! An NVMe/TCP queue pair, host side (SPDK's `nvme_tcp.c`): one non-blocking socket, polled.
+//!
+//! Commands sit in fixed slots (the command identifier is the slot), each with the caller's token and data
+//! buffers. Writes up to the in-capsule limit travel in the command capsule; larger ones wait for the
+//! controller's R2T and go out in H2C data PDUs; read data arrives in C2H data PDUs and is copied into the
+//! command's buffers at the offset the PDU names, after checking it against the command. Everything the
+//! controller sends is checked before use: a PDU that breaks the protocol fails the queue pair (its commands
+//! complete with "aborted, SQ deleted") rather than touching memory it should not.
+//!
+//! The receive buffer holds one whole PDU of the largest transfer the host asks for, the send buffer grows to the
+//! largest burst once; after that, nothing on this path allocates.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use nvme_proto::cmd::{psdt, sgl, Cqe, SglDesc, Sqe};
+use nvme_proto::status::{generic, Status};
+use nvme_proto::tcp::{
+    flags, pdu_type, Ch, DataHdr, IcReq, IcResp, CAPSULE_CMD_HLEN, CAPSULE_RESP_HLEN, CH_LEN,
+    DATA_HLEN, IC_HLEN,
+};
+
+use crate::sock;
+
+/// One piece of a command's data buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct Iov {
+    /// Start.
+    pub base: *mut u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// Which way a command's data moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// No data.
+    None,
+    /// Host to controller (writes).
+    ToCtrl,
+    /// Controller to host (reads).
+    FromCtrl,
+}
+
+/// Why a command was not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// Every slot is in use: submit again once one completes.
+    Full,
+    /// The queue pair is not connected (yet, or any more).
+    NotReady,
+    /// The buffers are larger than this queue pair moves in one command.
+    TooLarge,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    AwaitIcResp,
+    Ready,
+    Failed,
+}
+
+struct Slot {
+    busy: bool,
+    token: u64,
+    iovs: Vec<Iov>,
+    len: u32,
+    dir: Dir,
+    /// C2H data received so far (in order).
+    recv: u32,
+}
+
+/// An NVMe/TCP queue pair.
+pub struct TcpQpair {
+    sock: TcpStream,
+    phase: Phase,
+    rx: Box<[u8]>,
+    rx_start: usize,
+    rx_end: usize,
+    tx: Vec<u8>,
+    tx_off: usize,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    /// Largest write sent in the capsule.
+    icd_max: u32,
+    /// Controller PDU data alignment (0's based dwords), from ICResp.
+    cpda: u8,
+    /// Largest H2C data PDU the controller takes, from ICResp.
+    maxh2cdata: u32,
+    /// Largest transfer of one command.
+    max_xfer: u32,
+    error: Option<String>,
+}
+
+impl TcpQpair {
+    /// Starts connecting to `addr`: `depth` command slots, writes up to `icd_max` bytes in the capsule, at most
+    /// `max_xfer` bytes per command. The connection (and ICReq/ICResp) completes in [`TcpQpair::poll`].
+    pub fn connect(
+        addr: SocketAddr,
+        depth: u16,
+        icd_max: u32,
+        max_xfer: u32,
+    ) -> std::io::Result<TcpQpair> {
+        let sock = sock::start_connect(addr)?;
+        let slots = (0..depth)
+            .map(|_| Slot {
+                busy: false,
+                token: 0,
+                iovs: Vec::with_capacity(4),
+                len: 0,
+                dir: Dir::None,
+                recv: 0,
+            })
+            .collect();
+        Ok(TcpQpair {
+            sock,
+            phase: Phase::Connecting,
+            // A whole C2H data PDU of the largest transfer, plus headers and padding.
+            rx: vec![0u8; max_xfer as usize + 4096].into_boxed_slice(),
+            rx_start: 0,
+            rx_end: 0,
+            tx: Vec::with_capacity(64 * 1024),
+            tx_off: 0,
+            slots,
+            free: (0..depth).rev().collect(),
+            icd_max,
+            cpda: 0,
+            maxh2cdata: 0,
+            max_xfer,
+            error: None,
+        })
+    }
+
+    /// Connected and past ICResp: commands may go.
+    pub fn ready(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    /// Why the queue pair failed, once it has.
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    /// Commands submitted and not completed.
+    pub fn outstanding(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Sends command `sqe` (its command identifier and data pointer are set here) with data `iovs` moving as
+    /// `dir`; its completion is reported by [`TcpQpair::poll`] with `token`.
+    ///
+    /// # Safety
+    /// The iovecs must stay valid (writable for [`Dir::FromCtrl`]) and not be otherwise accessed until the
+    /// command completes or the queue pair is dropped.
+    pub unsafe fn submit(
+        &mut self,
+        mut sqe: Sqe,
+        iovs: &[Iov],
+        dir: Dir,
+        token: u64,
+    ) -> Result<(), SubmitError> {
+        if self.phase != Phase::Ready {
+            return Err(SubmitError::NotReady);
+        }
+        let len: usize = if dir == Dir::None {
+            0
+        } else {
+            iovs.iter().map(|v| v.len).sum()
+        };
+        if len > self.max_xfer as usize {
+            return Err(SubmitError::TooLarge);
+        }
+        let Some(cid) = self.free.pop() else {
+            return Err(SubmitError::Full);
+        };
+        let in_capsule = dir == Dir::ToCtrl && len <= self.icd_max as usize && len > 0;
+        sqe.set_cid(cid);
+        sqe.set_flags(sqe.fuse(), psdt::SGL_MPTR_CONTIG);
+        sqe.set_sgl1(&SglDesc {
+            addr: 0,
+            len: len as u32,
+            key: 0,
+            ty: if in_capsule {
+                sgl::TYPE_DATA_BLOCK
+            } else {
+                sgl::TYPE_TRANSPORT_DATA_BLOCK
+            },
+            subtype: if in_capsule {
+                sgl::SUBTYPE_OFFSET
+            } else {
+                sgl::SUBTYPE_TRANSPORT
+            },
+        });
+        let s = &mut self.slots[cid as usize];
+        s.busy = true;
+        s.token = token;
+        s.iovs.clear();
+        if dir != Dir::None {
+            s.iovs.extend_from_slice(iovs);
+        }
+        s.len = len as u32;
+        s.dir = dir;
+        s.recv = 0;
+        // The capsule: header, then (aligned as the controller asked) in-capsule data.
+        let pdo = if in_capsule {
+            CAPSULE_CMD_HLEN.next_multiple_of((self.cpda as usize + 1) * 4)
+        } else {
+            0
+        };
+        let plen = if in_capsule {
+            pdo + len
+        } else {
+            CAPSULE_CMD_HLEN
+        };
+        let at = self.tx.len();
+        self.tx.resize(at + plen, 0);
+        let b = &mut self.tx[at..];
+        Ch {
+            ty: pdu_type::CAPSULE_CMD,
+            flags: 0,
+            hlen: CAPSULE_CMD_HLEN as u8,
+            pdo: pdo as u8,
+            plen: plen as u32,
+        }
+        .encode(b);
+        b[CH_LEN..CAPSULE_CMD_HLEN].copy_from_slice(&sqe.0);
+        if in_capsule {
+            // SAFETY: the caller keeps the iovecs valid for reads (submit contract).
+            unsafe { gather(&self.slots[cid as usize].iovs, 0, &mut b[pdo..pdo + len]) };
+        }
+        self.flush();
+        Ok(())
+    }
+
+    /// Moves the queue pair on: finishes connecting, reads and handles what the controller sent (completions
+    /// go to `done` with their tokens), writes what is queued. Returns whether anything happened. When the
+    /// queue pair fails, every command still in it completes with "aborted, SQ deleted".
+    pub fn poll(&mut self, done: &mut dyn FnMut(u64, Cqe)) -> bool {
+        match self.phase {
+            Phase::Failed => false,
+            Phase::Connecting => match sock::connected(&self.sock) {
+                Ok(false) => false,
+                Ok(true) => {
+                    let mut b = [0u8; IC_HLEN];
+                    IcReq {
+                        pfv: 0,
+                        hpda: 0,
+                        hdgst: false,
+                        ddgst: false,
+                        maxr2t: 0,
+                    }
+                    .encode(&mut b);
+                    self.tx.extend_from_slice(&b);
+                    self.phase = Phase::AwaitIcResp;
+                    self.flush();
+                    true
+                }
+                Err(e) => {
+                    self.fail(format!("connect: {e}"), done);
+                    true
+                }
+            },
+            Phase::AwaitIcResp | Phase::Ready => {
+                let mut did = self.flush();
+                match self.read_pdus(done) {
+                    Ok(d) => did |= d,
+                    Err(e) => {
+                        self.fail(e, done);
+                        return true;
+                    }
+                }
+                did | self.flush()
+            }
+        }
+    }
+
+    /// Closes the connection; commands still in it complete with "aborted, SQ deleted".
+    pub fn close(&mut self, done: &mut dyn FnMut(u64, Cqe)) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.fail("closed by the host".into(), done);
+    }
+
+    fn fail(&mut self, why: String, done: &mut dyn FnMut(u64, Cqe)) {
+        if self.phase == Phase::Failed {
+            return;
+        }
+        log::debug!("nvme_tcp qpair: {why}");
+        self.phase = Phase::Failed;
+        self.error = Some(why);
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        for cid in 0..self.slots.len() {
+            if self.slots[cid].busy {
+                let token = self.slots[cid].token;
+                self.release(cid as u16);
+                done(token, aborted(cid as u16));
+            }
+        }
+    }
+
+    fn release(&mut self, cid: u16) {
+        let s = &mut self.slots[cid as usize];
+        s.busy = false;
+        s.iovs.clear();
+        self.free.push(cid);
+    }
+
+    /// Writes what is queued; whether anything went out.
+    fn flush(&mut self) -> bool {
+        let mut did = false;
+        while self.tx_off < self.tx.len() {
+            match (&self.sock).write(&self.tx[self.tx_off..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.tx_off += n;
+                    did = true;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.error = Some(format!("send: {e}"));
+                    break;
+                }
+            }
+        }
+        if self.tx_off == self.tx.len() {
+            self.tx.clear();
+            self.tx_off = 0;
+        }
+        did
+    }
+
+    /// Reads and handles whole PDUs.
+    fn read_pdus(&mut self, done: &mut dyn FnMut(u64, Cqe)) -> Result<bool, String> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        let mut did = false;
+        loop {
+            // Handle every whole PDU in the buffer.
+            while self.rx_end - self.rx_start >= CH_LEN {
+                let ch = Ch::decode(&self.rx[self.rx_start..]);
+                let plen = ch.plen as usize;
+                if plen < CH_LEN || plen > self.rx.len() {
+                    return Err(format!("PDU length {plen} (type {:#x})", ch.ty));
+                }
+                if self.rx_end - self.rx_start < plen {
+                    break;
+                }
+                let start = self.rx_start;
+                self.rx_start += plen;
+                self.handle(ch, start, done)?;
+                did = true;
+            }
+            // Room for the rest of a partial PDU: move it to the front.
+            if self.rx_start > 0 {
+                self.rx.copy_within(self.rx_start..self.rx_end, 0);
+                self.rx_end -= self.rx_start;
+                self.rx_start = 0;
+            }
+            match (&self.sock).read(&mut self.rx[self.rx_end..]) {
+                Ok(0) => return Err("the controller closed the connection".into()),
+                Ok(n) => self.rx_end += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(did),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("receive: {e}")),
+            }
+        }
+    }
+
+    /// Handles one PDU of `ch.plen` bytes at `rx[at..]`.
+    fn handle(&mut self, ch: Ch, at: usize, done: &mut dyn FnMut(u64, Cqe)) -> Result<(), String> {
+        let plen = ch.plen as usize;
+        let hlen = ch.hlen as usize;
+        if ch.flags & (flags::HDGSTF | flags::DDGSTF) != 0 {
+            return Err("digest in a PDU: none was negotiated".into());
+        }
+        let pdu = &self.rx[at..at + plen];
+        match (self.phase, ch.ty) {
+            (Phase::AwaitIcResp, pdu_type::IC_RESP) => {
+                if (hlen, plen) != (IC_HLEN, IC_HLEN) {
+                    return Err(format!("ICResp hlen {hlen} plen {plen}"));
+                }
+                let r = IcResp::decode(pdu);
+                if r.pfv != 0 || r.hdgst || r.ddgst || r.cpda > 31 || r.maxh2cdata < 4096 {
+                    return Err(format!("ICResp not as asked: {r:?}"));
+                }
+                self.cpda = r.cpda;
+                self.maxh2cdata = r.maxh2cdata;
+                self.phase = Phase::Ready;
+                Ok(())
+            }
+            (Phase::Ready, pdu_type::CAPSULE_RESP) => {
+                if (hlen, plen) != (CAPSULE_RESP_HLEN, CAPSULE_RESP_HLEN) {
+                    return Err(format!("CapsuleResp hlen {hlen} plen {plen}"));
+                }
+                let mut c = [0u8; 16];
+                c.copy_from_slice(&pdu[CH_LEN..CH_LEN + 16]);
+                let cqe = Cqe::decode(&c);
+                let token = self.busy_slot(cqe.cid)?.token;
+                self.release(cqe.cid);
+                done(token, cqe);
+                Ok(())
+            }
+            (Phase::Ready, pdu_type::C2H_DATA) => {
+                let d = DataHdr::decode(pdu);
+                let pdo = ch.pdo as usize;
+                if hlen != DATA_HLEN || pdo < hlen || pdo + d.len as usize != plen {
+                    return Err(format!(
+                        "C2HData layout hlen {hlen} pdo {pdo} plen {plen} {d:?}"
+                    ));
+                }
+                let s = self.busy_slot(d.cccid)?;
+                if s.dir != Dir::FromCtrl
+                    || d.offset != s.recv
+                    || d.offset as u64 + d.len as u64 > s.len as u64
+                {
+                    return Err(format!(
+                        "C2HData {d:?} for a command of {} bytes ({:?}, {} received)",
+                        s.len, s.dir, s.recv
+                    ));
+                }
+                // SAFETY: the slot's iovecs are writable until its command completes (submit contract), and
+                // offset + len is within them (checked above).
+                unsafe { scatter(&s.iovs, d.offset as usize, &pdu[pdo..pdo + d.len as usize]) };
+                let s = &mut self.slots[d.cccid as usize];
+                s.recv += d.len;
+                if ch.flags & flags::SUCCESS != 0 {
+                    if ch.flags & flags::LAST_PDU == 0 || s.recv != s.len {
+                        return Err("C2HData SUCCESS before the last data".into());
+                    }
+                    let token = s.token;
+                    self.release(d.cccid);
+                    done(
+                        token,
+                        Cqe {
+                            cid: d.cccid,
+                            ..Default::default()
+                        },
+                    );
+                }
+                Ok(())
+            }
+            (Phase::Ready, pdu_type::R2T) => {
+                if (hlen, plen) != (DATA_HLEN, DATA_HLEN) {
+                    return Err(format!("R2T hlen {hlen} plen {plen}"));
+                }
+                let d = DataHdr::decode(pdu);
+                let s = self.busy_slot(d.cccid)?;
+                if s.dir != Dir::ToCtrl
+                    || d.len == 0
+                    || d.offset as u64 + d.len as u64 > s.len as u64
+                {
+                    return Err(format!("R2T {d:?} for a command of {} bytes", s.len));
+                }
+                self.send_h2c(d);
+                Ok(())
+            }
+            (_, pdu_type::C2H_TERM_REQ) => {
+                let (fes, fei) = nvme_proto::tcp::decode_term_req(pdu);
+                Err(format!(
+                    "the controller ended the connection: FES {fes:#x} FEI {fei:#x}"
+                ))
+            }
+            (p, t) => Err(format!("unexpected PDU type {t:#x} in phase {p:?}")),
+        }
+    }
+
+    fn busy_slot(&self, cid: u16) -> Result<&Slot, String> {
+        match self.slots.get(cid as usize) {
+            Some(s) if s.busy => Ok(s),
+            _ => Err(format!("PDU for command {cid}, which is not outstanding")),
+        }
+    }
+
+    /// Queues the data an R2T asked for, in H2C data PDUs of at most MAXH2CDATA bytes.
+    fn send_h2c(&mut self, r2t: DataHdr) {
+        let (mut off, end) = (r2t.offset, r2t.offset + r2t.len);
+        while off < end {
+            let n = (end - off).min(self.maxh2cdata);
+            let last = off + n == end;
+            let plen = DATA_HLEN + n as usize;
+            let at = self.tx.len();
+            self.tx.resize(at + plen, 0);
+            let b = &mut self.tx[at..];
+            DataHdr {
+                cccid: r2t.cccid,
+                ttag: r2t.ttag,
+                offset: off,
+                len: n,
+            }
+            .encode(
+                pdu_type::H2C_DATA,
+                if last { flags::LAST_PDU } else { 0 },
+                DATA_HLEN as u8,
+                plen as u32,
+                b,
+            );
+            // SAFETY: the slot's iovecs are readable until its command completes (submit contract); the range
+            // was checked against the command's length.
+            unsafe {
+                gather(
+                    &self.slots[r2t.cccid as usize].iovs,
+                    off as usize,
+                    &mut b[DATA_HLEN..],
+                )
+            };
+            off += n;
+        }
+    }
+}
+
+/// The completion a command gets when its queue pair goes away under it.
+fn aborted(cid: u16) -> Cqe {
+    Cqe {
+        cid,
+        status: Status::generic(generic::ABORTED_SQ_DELETION),
+        ..Default::default()
+    }
+}
+
+/// Copies `out.len()` bytes starting `off` bytes into `iovs` into `out`.
+///
+/// # Safety
+/// The iovecs must be valid for reads and hold at least `off + out.len()` bytes.
+unsafe fn gather(iovs: &[Iov], mut off: usize, out: &mut [u8]) {
+    let mut got = 0;
+    for v in iovs {
+        if got == out.len() {
+            break;
+        }
+        if off >= v.len {
+            off -= v.len;
+            continue;
+        }
+        let n = (v.len - off).min(out.len() - got);
+        // SAFETY: `off + n <= v.len` and the iovec is readable (caller's contract); `out` is a distinct slice.
+        unsafe { std::ptr::copy_nonoverlapping(v.base.add(off), out[got..].as_mut_ptr(), n) };
+        got += n;
+        off = 0;
+    }
+}
+
+/// Copies `data` into `iovs` starting `off` bytes in.
+///
+/// # Safety
+/// The iovecs must be valid for writes and hold at least `off + data.len()` bytes.
+unsafe fn scatter(iovs: &[Iov], mut off: usize, data: &[u8]) {
+    let mut put = 0;
+    for v in iovs {
+        if put == data.len() {
+            break;
+        }
+        if off >= v.len {
+            off -= v.len;
+            continue;
+        }
+        let n = (v.len - off).min(data.len() - put);
+        // SAFETY: `off + n <= v.len` and the iovec is writable (caller's contract); `data` is a distinct slice.
+        unsafe { std::ptr::copy_nonoverlapping(data[put..].as_ptr(), v.base.add(off), n) };
+        put += n;
+        off = 0;
+    }
+}
