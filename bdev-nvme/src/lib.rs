@@ -530,6 +530,35 @@ pub fn detach_all() {
     }
 }
 
+/// The attach refusals SPDK answers with its own code and text (checked before anything starts).
+fn spdk_refusal(p: &AttachParams) -> Option<RpcError> {
+    let einval = |m: String| Some(RpcError::new(-libc::EINVAL, m));
+    if !["tcp", "rdma", "pcie", "fc", "vfiouser", "custom"]
+        .contains(&p.trtype.to_ascii_lowercase().as_str())
+    {
+        return einval(format!("Failed to parse trtype: {}", p.trtype));
+    }
+    if let Some(a) = &p.adrfam {
+        if !["ipv4", "ipv6", "ib", "fc", "intra_host"].contains(&a.to_ascii_lowercase().as_str()) {
+            return einval(format!("Failed to parse adrfam: {a}"));
+        }
+    }
+    if p.max_bdevs == Some(0) {
+        return einval("max_bdevs cannot be zero".into());
+    }
+    let exists = CTRLRS.with(|c| c.borrow().0.iter().any(|a| a.name == p.name));
+    if exists && matches!(p.multipath.as_deref(), None | Some("disable")) {
+        return Some(RpcError::new(
+            -libc::EALREADY,
+            format!(
+                "A controller named {} already exists and multipath is disabled\n",
+                p.name
+            ),
+        ));
+    }
+    None
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DetachParams {
@@ -564,6 +593,9 @@ pub fn register_rpcs(reg: &mut Registry) {
         "bdev_nvme_attach_controller",
         STATE_STARTUP | STATE_RUNTIME,
         |p: AttachParams, r: Responder| {
+            if let Some(e) = spdk_refusal(&p) {
+                return r.err(e);
+            }
             attach(p, move |res| match res {
                 Ok(names) => r.ok(json!(names)),
                 Err(e) => r.err(RpcError::from(e)),
@@ -626,7 +658,11 @@ pub fn register_rpcs(reg: &mut Registry) {
         STATE_RUNTIME,
         |p: GetParams, r: Responder| match controllers_json(p.name.as_deref()) {
             Ok(v) => r.ok(v),
-            Err(e) => r.err(RpcError::from(e)),
+            // SPDK answers this one with a positive EINVAL.
+            Err(_) => r.err(RpcError::new(
+                libc::EINVAL,
+                format!("Controller {} does not exist", p.name.unwrap_or_default()),
+            )),
         },
     );
 }

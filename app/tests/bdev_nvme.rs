@@ -1,0 +1,209 @@
+//! `bdev_nvme` through SPDK's own client between two processes, the way a compute node attaches a storage node:
+//! a storage node (ours, and SPDK v24.05's `spdk_tgt` when the peer build is present) exports a malloc bdev over
+//! NVMe/TCP; the compute node (ours) attaches it with `bdev_nvme_attach_controller`, builds an lvstore and an
+//! lvol on the NVMe bdev (its metadata travels over the wire), detaches, attaches again and finds them (read
+//! back over the wire), saves its config and restarts from it. SPDK's error answers are checked on the way.
+
+mod common;
+
+use common::{write_file, Tgt};
+use serde_json::{json, Value};
+
+const NQN: &str = "nqn.2016-06.io.spdk:storage1";
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port().to_string()
+}
+
+/// The storage node's exports, as JSON-RPC calls (for ours and for SPDK's).
+fn export_calls(port: &str) -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "bdev_malloc_create",
+            json!({"name": "Malloc0", "num_blocks": 65536, "block_size": 512}),
+        ),
+        ("nvmf_create_transport", json!({"trtype": "TCP"})),
+        (
+            "nvmf_create_subsystem",
+            json!({"nqn": NQN, "allow_any_host": true}),
+        ),
+        (
+            "nvmf_subsystem_add_ns",
+            json!({"nqn": NQN, "namespace": {"bdev_name": "Malloc0"}}),
+        ),
+        (
+            "nvmf_subsystem_add_listener",
+            json!({"nqn": NQN, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port}}),
+        ),
+    ]
+}
+
+fn attach_args(port: &str) -> Vec<String> {
+    [
+        "bdev_nvme_attach_controller",
+        "-b",
+        "Nvme0",
+        "-t",
+        "tcp",
+        "-a",
+        "127.0.0.1",
+        "-f",
+        "ipv4",
+        "-s",
+        port,
+        "-n",
+        NQN,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// What the compute node does against a storage node listening on `port`.
+fn compute_node_drill(port: &str, tag: &str) {
+    let c = Tgt::start(tag, &[]);
+    let args = attach_args(port);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.rpc(&argv);
+    assert!(out.status.success(), "attach: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Nvme0n1");
+
+    let b = c.ok(&["bdev_get_bdevs", "-b", "Nvme0n1"]);
+    assert_eq!(b[0]["product_name"], "NVMe disk");
+    assert_eq!(b[0]["block_size"], 512);
+    assert_eq!(b[0]["num_blocks"], 65536);
+    assert_eq!(b[0]["driver_specific"]["nvme"][0]["trid"]["trsvcid"], port);
+    let ctrlrs = c.ok(&["bdev_nvme_get_controllers"]);
+    assert_eq!(ctrlrs[0]["name"], "Nvme0");
+    assert_eq!(ctrlrs[0]["ctrlrs"][0]["state"], "enabled");
+    assert_eq!(ctrlrs[0]["ctrlrs"][0]["trid"]["subnqn"], NQN);
+
+    // SPDK's refusals, code and text.
+    let e = c.err(&argv);
+    assert_eq!(e["code"], -libc::EALREADY, "{e}");
+    assert_eq!(
+        e["message"],
+        "A controller named Nvme0 already exists and multipath is disabled\n"
+    );
+    let e = c.err(&["bdev_nvme_get_controllers", "-n", "Nvme9"]);
+    assert_eq!(
+        (e["code"].as_i64(), e["message"].as_str()),
+        (Some(22), Some("Controller Nvme9 does not exist"))
+    );
+    let e = c.err(&["bdev_nvme_detach_controller", "Nvme9"]);
+    assert_eq!(e["code"], -libc::ENODEV, "{e}");
+    let r = c.call(
+        "bdev_nvme_attach_controller",
+        json!({"name": "Nvme1", "trtype": "carrier-pigeon", "traddr": "127.0.0.1", "subnqn": NQN}),
+    );
+    assert_eq!(
+        r["error"]["message"], "Failed to parse trtype: carrier-pigeon",
+        "{r}"
+    );
+    // Nobody listening: a clear error, nothing left behind, the target serves on.
+    let r = c.call(
+        "bdev_nvme_attach_controller",
+        json!({"name": "Nvme1", "trtype": "TCP", "traddr": "127.0.0.1", "trsvcid": free_port(), "subnqn": NQN}),
+    );
+    assert!(r["error"]["code"].as_i64().unwrap() < 0, "{r}");
+    assert_eq!(
+        c.ok(&["bdev_nvme_get_controllers"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Metadata written over the wire, then read back over it after a detach and a second attach.
+    let lvs = c.ok(&["bdev_lvol_create_lvstore", "Nvme0n1", "lvs0"]);
+    c.ok(&["bdev_lvol_create", "-l", "lvs0", "lv0", "8"]);
+    c.ok(&["bdev_nvme_detach_controller", "Nvme0"]);
+    assert_eq!(c.ok(&["bdev_lvol_get_lvstores"]), json!([]));
+    let out = c.rpc(&argv);
+    assert!(out.status.success(), "attach again: {out:?}");
+    c.ok(&["bdev_wait_for_examine"]);
+    let stores = c.ok(&["bdev_lvol_get_lvstores"]);
+    assert_eq!(
+        stores[0]["uuid"], lvs,
+        "the lvstore came back over the wire"
+    );
+    assert_eq!(
+        c.ok(&["bdev_get_bdevs", "-b", "lvs0/lv0"])[0]["num_blocks"],
+        16384
+    );
+
+    // save_config has the attach entry in SPDK's place; a restart from it attaches and loads again.
+    let cfg = c.ok(&["save_config"]);
+    let bdev_cfg = cfg["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["subsystem"] == "bdev")
+        .unwrap()["config"]
+        .clone();
+    let methods: Vec<&str> = bdev_cfg
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["method"].as_str().unwrap())
+        .collect();
+    let at = |m: &str| methods.iter().position(|x| *x == m).unwrap();
+    assert!(at("bdev_nvme_set_options") < at("bdev_nvme_attach_controller"));
+    assert!(at("bdev_nvme_attach_controller") < at("bdev_nvme_set_hotplug"));
+    let (st, _) = c.stop();
+    assert!(st.success());
+    let dir = std::env::temp_dir().join(format!("bdev-nvme-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = write_file(&dir, "config.json", &cfg.to_string());
+    let c = Tgt::start(&format!("{tag}-again"), &["-c", file.to_str().unwrap()]);
+    c.ok(&["bdev_wait_for_examine"]);
+    assert_eq!(c.ok(&["bdev_lvol_get_lvstores"])[0]["uuid"], lvs);
+    c.ok(&["bdev_lvol_delete_lvstore", "-l", "lvs0"]);
+    c.ok(&["bdev_nvme_detach_controller", "Nvme0"]);
+    let (st, _) = c.stop();
+    assert!(st.success());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn compute_node_attaches_our_storage_node() {
+    let s = Tgt::start("nvme-storage", &[]);
+    let port = free_port();
+    for (m, p) in export_calls(&port) {
+        let r = s.call(m, p);
+        assert!(r.get("error").is_none(), "{m}: {r}");
+    }
+    compute_node_drill(&port, "nvme-compute");
+    let (st, _) = s.stop();
+    assert!(st.success());
+}
+
+#[test]
+fn compute_node_attaches_spdk_storage_node() {
+    if lab::target::spdk_peer().is_none() {
+        eprintln!("skipped: no SPDK peer build");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("bdev-nvme-spdk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let config: Vec<Value> = export_calls(&port)
+        .into_iter()
+        .filter(|(m, _)| m.starts_with("bdev_"))
+        .map(|(m, p)| json!({"method": m, "params": p}))
+        .collect();
+    let nvmf: Vec<Value> = export_calls(&port)
+        .into_iter()
+        .filter(|(m, _)| m.starts_with("nvmf_"))
+        .map(|(m, p)| json!({"method": m, "params": p}))
+        .collect();
+    let cfg = json!({"subsystems": [
+        {"subsystem": "bdev", "config": config},
+        {"subsystem": "nvmf", "config": nvmf},
+    ]});
+    write_file(&dir, "config.json", &cfg.to_string());
+    let s = lab::target::SpdkTgt::start(&dir, "spdk");
+    compute_node_drill(&port, "nvme-compute-spdk");
+    s.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
