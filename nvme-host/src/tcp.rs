@@ -229,7 +229,8 @@ impl TcpQpair {
             // SAFETY: the caller keeps the iovecs valid for reads (submit contract).
             unsafe { gather(&self.slots[cid as usize].iovs, 0, &mut b[pdo..pdo + len]) };
         }
-        self.flush();
+        // Sent by the next poll, with whatever else is submitted before it: one send per batch, not per
+        // command.
         Ok(())
     }
 
@@ -337,35 +338,50 @@ impl TcpQpair {
         }
         let mut did = false;
         loop {
-            // Handle every whole PDU in the buffer.
-            while self.rx_end - self.rx_start >= CH_LEN {
-                let ch = Ch::decode(&self.rx[self.rx_start..]);
-                let plen = ch.plen as usize;
-                if plen < CH_LEN || plen > self.rx.len() {
-                    return Err(format!("PDU length {plen} (type {:#x})", ch.ty));
-                }
-                if self.rx_end - self.rx_start < plen {
-                    break;
-                }
-                let start = self.rx_start;
-                self.rx_start += plen;
-                self.handle(ch, start, done)?;
-                did = true;
-            }
+            did |= self.handle_buffered(done)?;
             // Room for the rest of a partial PDU: move it to the front.
             if self.rx_start > 0 {
                 self.rx.copy_within(self.rx_start..self.rx_end, 0);
                 self.rx_end -= self.rx_start;
                 self.rx_start = 0;
             }
+            let room = self.rx.len() - self.rx_end;
             match (&self.sock).read(&mut self.rx[self.rx_end..]) {
                 Ok(0) => return Err("the controller closed the connection".into()),
-                Ok(n) => self.rx_end += n,
+                Ok(n) => {
+                    self.rx_end += n;
+                    did = true;
+                    if n < room {
+                        // Less than the room: the socket is drained for now (no second call to hear EAGAIN).
+                        self.handle_buffered(done)?;
+                        return Ok(true);
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(did),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(format!("receive: {e}")),
             }
         }
+    }
+
+    /// Handles every whole PDU in the receive buffer; whether there was one.
+    fn handle_buffered(&mut self, done: &mut dyn FnMut(u64, Cqe)) -> Result<bool, String> {
+        let mut did = false;
+        while self.rx_end - self.rx_start >= CH_LEN {
+            let ch = Ch::decode(&self.rx[self.rx_start..]);
+            let plen = ch.plen as usize;
+            if plen < CH_LEN || plen > self.rx.len() {
+                return Err(format!("PDU length {plen} (type {:#x})", ch.ty));
+            }
+            if self.rx_end - self.rx_start < plen {
+                break;
+            }
+            let start = self.rx_start;
+            self.rx_start += plen;
+            self.handle(ch, start, done)?;
+            did = true;
+        }
+        Ok(did)
     }
 
     /// Handles one PDU of `ch.plen` bytes at `rx[at..]`.

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The NVMe-oF/TCP initiator (bdev_nvme) side by side with SPDK v24.05's, same run: each bdevperf (ours and SPDK's)
+# attaches the same target with bdev_nvme_attach_controller in its JSON config and drives Nvme0n1, 4 KiB, the
+# target on core 0 and the initiator on core 1. The target is ours or SPDK's nvmf_tgt (TARGET=ours|spdk), so all
+# four pairings can be run. Runs alternate between the two initiators and the best of ROUNDS is kept for each;
+# the ratio is ours / SPDK's.
+# SPDK's binaries come from ../shared/tools/spdk-peer/build.sh (default /root/spdk-peer).
+# Usage: [TARGET=ours|spdk] bash benches/nvme_tcp_host.sh [seconds per run] [rounds] [case ...]
+#   case: BDEV-WORKLOAD-QD, BDEV in null, malloc; e.g. null-randread-128 malloc-randwrite-128 null-randread-1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=${1:-3}
+ROUNDS=${2:-3}
+shift $(( $# < 2 ? $# : 2 ))
+cases=("$@")
+[ ${#cases[@]} -gt 0 ] || cases=(null-randread-128 null-randwrite-128 null-randread-1)
+TARGET=${TARGET:-ours}
+PEER=${SPDK_PEER:-/root/spdk-peer}
+SPDK_BDEVPERF=$PEER/build/examples/bdevperf
+SPDK_TGT=$PEER/build/bin/nvmf_tgt
+if [ ! -x "$SPDK_BDEVPERF" ] || [ ! -x "$SPDK_TGT" ]; then
+  echo "SPDK peer not built at $PEER (../shared/tools/spdk-peer/build.sh): nothing to compare against" >&2
+  exit 1
+fi
+if [ -w /proc/sys/vm/nr_hugepages ] && [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 1280 ]; then
+  echo 1280 > /proc/sys/vm/nr_hugepages || true
+fi
+cargo build --release -q --bin spdk_tgt -p spdk-tgt
+cargo build --release -q -p benches
+dir=$(mktemp -d /var/tmp/spdk-rs-nvme-host-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
+trap cleanup EXIT
+cp target/release/spdk_tgt "$dir/spdk_tgt"
+cp target/release/bdevperf "$dir/bdevperf"
+NQN=nqn.2016-06.io.spdk:bench
+PORT=14430
+target_config() { # bdev
+  local b
+  case $1 in
+    null) b='{"method":"bdev_null_create","params":{"name":"ns0","num_blocks":65536,"block_size":4096}}' ;;
+    malloc) b='{"method":"bdev_malloc_create","params":{"name":"ns0","num_blocks":65536,"block_size":4096}}' ;;
+  esac
+  cat <<JSON
+{"subsystems":[{"subsystem":"bdev","config":[$b]},
+{"subsystem":"nvmf","config":[{"method":"nvmf_create_transport","params":{"trtype":"TCP"}},
+{"method":"nvmf_create_subsystem","params":{"nqn":"$NQN","allow_any_host":true}},
+{"method":"nvmf_subsystem_add_ns","params":{"nqn":"$NQN","namespace":{"bdev_name":"ns0"}}},
+{"method":"nvmf_subsystem_add_listener","params":{"nqn":"$NQN","listen_address":{"trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"$PORT"}}}]}]}
+JSON
+}
+cat > "$dir/host.json" <<JSON
+{"subsystems":[{"subsystem":"bdev","config":[
+{"method":"bdev_nvme_attach_controller","params":{"name":"Nvme0","trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"$PORT","subnqn":"$NQN"}},
+{"method":"bdev_wait_for_examine"}]}]}
+JSON
+case $TARGET in
+  ours) TGT=$dir/spdk_tgt ;;
+  spdk) TGT=$SPDK_TGT ;;
+  *) echo "TARGET must be ours or spdk" >&2; exit 1 ;;
+esac
+run() { # bdevperf workload qd -> IOPS
+  "$1" -c "$dir/host.json" -q "$3" -o 4096 -w "$2" -t "$T" -m 0x2 2>/dev/null |
+    sed -n 's/^.*Total *: *\([0-9.]*\).*/\1/p' | head -1
+}
+best() { awk -v a="$1" -v b="$2" 'BEGIN{print (a+0 > b+0) ? a : b}'; }
+printf "target %s\n%-8s %-10s %4s %12s %12s %7s\n" "$TARGET" bdev workload qd ours spdk ratio
+for c in "${cases[@]}"; do
+  IFS=- read -r b w q <<<"$c"
+  target_config "$b" > "$dir/target-$b.json"
+  "$TGT" -m 0x1 -r "$dir/tgt.sock" --json "$dir/target-$b.json" > "$dir/tgt.log" 2>&1 &
+  tpid=$!; pids+=("$tpid")
+  for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+  mine=0 theirs=0
+  for _ in $(seq "$ROUNDS"); do
+    mine=$(best "$mine" "$(run "$dir/bdevperf" "$w" "$q")")
+    theirs=$(best "$theirs" "$(run "$SPDK_BDEVPERF" "$w" "$q")")
+  done
+  kill "$tpid" 2>/dev/null || true
+  wait "$tpid" 2>/dev/null || true
+  ratio=$(awk -v a="$mine" -v b="$theirs" 'BEGIN{ if (b > 0) printf "%.2fx", a/b; else print "-" }')
+  printf "%-8s %-10s %4s %12s %12s %7s\n" "$b" "$w" "$q" "$mine" "$theirs" "$ratio"
+done
