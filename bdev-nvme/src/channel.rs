@@ -1,12 +1,21 @@
 //! The I/O path of an NVMe namespace bdev: one I/O queue per thread (SPDK's controller channel), bdev I/O
 //! turned into NVMe commands, completions polled in batches.
+//!
+//! The channel follows its controller's state ([`Shared`]): when its queue fails it asks for a reset and keeps
+//! the I/O (new, and what the dead queue gave back) waiting; once the controller is connected again (a new
+//! generation) it opens a new queue and sends what waited; when the controller is set to fail I/O fast, or is
+//! deleted, what waits fails.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bdev::{IoHandle, IoStatus, IoType, ModuleChannel, NvmeStatus};
-use nvme_host::{CtrlrInfo, Dir, IoQueue, Iov, SubmitError};
+use nvme_host::{Dir, IoQueue, Iov, SubmitError};
 use nvme_proto::cmd::{io as opc, Cqe, DsmRange, Sqe};
+use nvme_proto::status::{generic, sct};
+
+use crate::{Shared, ST_ENABLED, ST_FAIL_FAST};
 
 /// Bytes of Dataset Management ranges a slot keeps (one range per unmap; the bdev layer cuts larger ones).
 const DSM_BYTES: usize = DsmRange::SIZE;
@@ -14,6 +23,9 @@ const DSM_BYTES: usize = DsmRange::SIZE;
 /// A thread's I/O queue to the controller, and the bdev I/O in it.
 pub(crate) struct NvmeChannel {
     nsid: u32,
+    shared: Arc<Shared>,
+    /// The controller generation `q` belongs to.
+    gen: u64,
     q: Result<IoQueue, i32>,
     /// I/O in the queue, by token.
     slots: Vec<Option<IoHandle>>,
@@ -27,14 +39,15 @@ pub(crate) struct NvmeChannel {
 }
 
 impl NvmeChannel {
-    pub(crate) fn new(info: Arc<CtrlrInfo>, nsid: u32) -> NvmeChannel {
+    pub(crate) fn new(shared: Arc<Shared>, nsid: u32) -> NvmeChannel {
+        let info = shared.info.load_full();
         let depth = info.opts.io_queue_size.max(2) as usize;
-        let q = IoQueue::connect(info).map_err(|e| {
-            log::error!("nvme: I/O queue: {e}");
-            e.errno()
-        });
+        let gen = shared.gen.load(Ordering::Acquire);
+        let q = open_queue(&shared);
         NvmeChannel {
             nsid,
+            shared,
+            gen,
             q,
             slots: (0..depth).map(|_| None).collect(),
             free: (0..depth as u32).rev().collect(),
@@ -45,18 +58,58 @@ impl NvmeChannel {
         }
     }
 
-    /// Starts `io` on the queue, or gives it back when no slot is free.
-    fn start(&mut self, io: IoHandle) -> Option<IoHandle> {
-        let q = match &mut self.q {
-            Ok(q) if q.failed() => {
-                io.complete(IoStatus::Failed(libc::ENXIO));
-                return None;
+    /// Whether I/O that cannot go now should fail rather than wait (the controller fails I/O fast, or is gone).
+    fn failing(&self) -> bool {
+        self.shared.state.load(Ordering::Acquire) >= ST_FAIL_FAST
+    }
+
+    /// Follows the controller: a queue that died asks for a reset; a new generation gets a new queue.
+    fn follow(&mut self) {
+        let gen = self.shared.gen.load(Ordering::Acquire);
+        let enabled = self.shared.state.load(Ordering::Acquire) == ST_ENABLED;
+        let dead = matches!(&self.q, Ok(q) if q.failed());
+        if dead && gen == self.gen && enabled {
+            self.shared.reset_wanted.store(true, Ordering::Release);
+        }
+        if gen != self.gen && enabled {
+            // The controller is back (a new connection): this thread's queue is made again.
+            if let Ok(q) = &mut self.q {
+                let slots = &mut self.slots;
+                let waiting = &mut self.waiting;
+                let free = &mut self.free;
+                q.close(&mut |token, _| {
+                    if let Some(io) = slots.get_mut(token as usize).and_then(Option::take) {
+                        free.push(token as u32);
+                        waiting.push_back(io);
+                    }
+                });
             }
-            Ok(q) => q,
+            self.q = open_queue(&self.shared);
+            self.gen = gen;
+        }
+        if self.failing() {
+            for io in self.waiting.drain(..) {
+                io.complete(IoStatus::Failed(libc::ENXIO));
+            }
+        }
+    }
+
+    /// Starts `io` on the queue, or gives it back when it cannot go now.
+    fn start(&mut self, io: IoHandle) -> Option<IoHandle> {
+        let failing = self.failing();
+        let q = match &mut self.q {
+            Ok(q) if q.ready() => q,
+            // No queue could be made here (no queue id left): this thread cannot use the controller.
             Err(e) => {
                 io.complete(IoStatus::Failed(*e));
                 return None;
             }
+            _ if failing => {
+                io.complete(IoStatus::Failed(libc::ENXIO));
+                return None;
+            }
+            // Connecting, or waiting for the controller to come back.
+            _ => return Some(io),
         };
         let Some(slot) = self.free.pop() else {
             return Some(io);
@@ -151,10 +204,6 @@ impl NvmeChannel {
 
     /// Starts what waits, while the queue takes it.
     fn start_waiting(&mut self) {
-        let ready = matches!(&self.q, Ok(q) if q.ready() || q.failed()) || self.q.is_err();
-        if !ready {
-            return;
-        }
         while let Some(io) = self.waiting.pop_front() {
             if let Some(io) = self.start(io) {
                 self.waiting.push_front(io);
@@ -166,7 +215,7 @@ impl NvmeChannel {
 
 impl ModuleChannel for NvmeChannel {
     fn submit(&mut self, io: IoHandle) {
-        if !self.waiting.is_empty() || matches!(&self.q, Ok(q) if !q.ready() && !q.failed()) {
+        if !self.waiting.is_empty() {
             self.waiting.push_back(io);
             return;
         }
@@ -176,6 +225,7 @@ impl ModuleChannel for NvmeChannel {
     }
 
     fn poll(&mut self) -> bool {
+        self.follow();
         let Ok(q) = &mut self.q else {
             self.start_waiting();
             return false;
@@ -190,6 +240,13 @@ impl ModuleChannel for NvmeChannel {
                 continue;
             };
             self.free.push(token as u32);
+            // Given back by a queue that died: sent again once the controller is back (or failed then).
+            if (cqe.status.sct, cqe.status.sc) == (sct::GENERIC, generic::ABORTED_SQ_DELETION)
+                && !self.failing()
+            {
+                self.waiting.push_back(io);
+                continue;
+            }
             let st = NvmeStatus {
                 sct: cqe.status.sct,
                 sc: cqe.status.sc,
@@ -211,6 +268,14 @@ impl ModuleChannel for NvmeChannel {
         !self.waiting.is_empty()
             || matches!(&self.q, Ok(q) if !q.ready() && !q.failed() || q.outstanding() > 0)
     }
+}
+
+/// A new I/O queue to the controller's current connection.
+fn open_queue(shared: &Shared) -> Result<IoQueue, i32> {
+    IoQueue::connect(shared.info.load_full()).map_err(|e| {
+        log::error!("nvme: I/O queue: {e}");
+        e.errno()
+    })
 }
 
 impl Drop for NvmeChannel {

@@ -5,16 +5,24 @@
 //! A controller lives on the app thread (its admin queue and keep alive are polled there); each thread that
 //! opens one of its bdevs gets its own I/O queue ([`channel`]).
 //!
-//! Not here yet (SPDK has them): multipath (a second path under one name), reconnect / fast-fail / loss
-//! timeouts, resets, RDMA and PCIe transports, digests, namespace change handling, discovery services, and the
-//! rest of the module's RPCs.
+//! A lost controller (its admin connection, or an I/O queue, fails) is reconnected as SPDK's three knobs say:
+//! an attempt at once and then every `reconnect_delay_sec`, I/O kept meanwhile and failed once
+//! `fast_io_fail_timeout_sec` has passed, the controller and its bdevs deleted once `ctrlr_loss_timeout_sec` has
+//! passed (0: after the first failed attempt; -1: never). Channels follow through [`Shared`].
+//!
+//! Not here yet (SPDK has them): multipath (a second path under one name), RDMA and PCIe transports, digests,
+//! namespace change handling, discovery services, and the rest of the module's RPCs.
 
 mod channel;
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use reactor::Poller;
 
 use bdev::{Bdev, BdevOps, BdevParams, IoType, ModuleChannel};
 use errors::{Error, ErrorKind, Result};
@@ -126,12 +134,42 @@ pub struct AttachParams {
     pub disable_sq_flow_control: Option<bool>,
 }
 
+/// [`Shared::state`]: connected.
+pub(crate) const ST_ENABLED: u8 = 0;
+/// [`Shared::state`]: lost, being reconnected; I/O waits.
+pub(crate) const ST_RESETTING: u8 = 1;
+/// [`Shared::state`]: lost for longer than `fast_io_fail_timeout_sec`; I/O fails while reconnecting goes on.
+pub(crate) const ST_FAIL_FAST: u8 = 2;
+/// [`Shared::state`]: deleted; I/O fails.
+pub(crate) const ST_DELETED: u8 = 3;
+
+/// What a controller's channels on every thread read: the current connection and its state.
+pub(crate) struct Shared {
+    /// The current connection's description (replaced by a reconnect).
+    pub(crate) info: ArcSwap<CtrlrInfo>,
+    /// Bumped when a new connection is in place: channels make new queues.
+    pub(crate) gen: AtomicU64,
+    /// `ST_*`.
+    pub(crate) state: AtomicU8,
+    /// A channel saw its queue die.
+    pub(crate) reset_wanted: AtomicBool,
+}
+
 /// An attached controller (app thread).
 struct Attached {
     name: String,
     params: AttachParams,
     ctrlr: Controller,
+    shared: Arc<Shared>,
     bdevs: Vec<String>,
+    /// Watches the connection and runs reconnects.
+    _supervisor: Poller,
+    /// When it was lost (while not enabled).
+    lost_at: Option<Instant>,
+    /// When the next reconnect may start.
+    next_attempt: Instant,
+    /// A reconnect is in progress.
+    attempting: bool,
 }
 
 thread_local! {
@@ -188,6 +226,7 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
             .parse()
             .map_err(|_| invalid(format!("Invalid trsvcid {s}")))?,
     };
+    check_knobs(p)?;
     let subnqn = p
         .subnqn
         .clone()
@@ -211,6 +250,29 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
             .filter(|&us| us > 0)
             .map_or(CONNECT_TIMEOUT, Duration::from_micros),
     })
+}
+
+/// SPDK's rules for the three reconnect knobs (`bdev_nvme_check_io_error_resiliency_params`).
+fn check_knobs(p: &AttachParams) -> Result<()> {
+    let loss = p.ctrlr_loss_timeout_sec.unwrap_or(0);
+    let delay = p.reconnect_delay_sec.unwrap_or(0);
+    let fast = p.fast_io_fail_timeout_sec.unwrap_or(0);
+    let ok = match loss {
+        l if l < -1 => false,
+        -1 => delay > 0 && (fast == 0 || fast >= delay),
+        0 => delay == 0 && fast == 0,
+        l => {
+            let l = l as u32;
+            delay > 0 && delay <= l && (fast == 0 || (fast >= delay && fast <= l))
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "ctrlr_loss_timeout_sec {loss}, reconnect_delay_sec {delay}, fast_io_fail_timeout_sec {fast} do not fit together"
+        )))
+    }
 }
 
 /// Attaches the controller `p` names; `done` gets its bdevs' names (app thread).
@@ -255,10 +317,16 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
             Ok(c) => c,
             Err(e) => return done(Err(e)),
         };
+        let shared = Arc::new(Shared {
+            info: ArcSwap::new(ctrlr.info.clone()),
+            gen: AtomicU64::new(0),
+            state: AtomicU8::new(ST_ENABLED),
+            reset_wanted: AtomicBool::new(false),
+        });
         let mut bdevs = Vec::new();
         let max = p.max_bdevs.unwrap_or(u32::MAX) as usize;
         for ns in ctrlr.info.namespaces.iter().take(max) {
-            match register_ns(&p.name, &ctrlr.info, ns) {
+            match register_ns(&p.name, &shared, ns) {
                 Ok(b) => bdevs.push(b.name().to_string()),
                 Err(e) => {
                     // Undo: nothing half made stays.
@@ -278,16 +346,115 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
             ctrlr.info.opts.subnqn,
             ctrlr.info.opts.addr
         );
+        let watched = p.name.clone();
+        let supervisor = Poller::register("bdev_nvme_ctrlr_supervisor", 10_000, move || {
+            supervise(&watched);
+            false
+        });
         CTRLRS.with(|c| {
             c.borrow_mut().0.push(Attached {
                 name: p.name.clone(),
                 params: p,
                 ctrlr,
+                shared,
                 bdevs: bdevs.clone(),
+                _supervisor: supervisor,
+                lost_at: None,
+                next_attempt: Instant::now(),
+                attempting: false,
             })
         });
         done(Ok(bdevs));
     });
+}
+
+/// What the supervisor decided, done outside the controller table's borrow.
+enum Step {
+    Nothing,
+    Reconnect(CtrlrOpts),
+}
+
+/// Watches controller `name`: a lost connection starts the reconnect cycle; fast-fail and loss timeouts are
+/// applied as time passes.
+fn supervise(name: &str) {
+    let step = CTRLRS.with(|c| {
+        let mut c = c.borrow_mut();
+        let Some(a) = c.0.iter_mut().find(|a| a.name == name) else {
+            return Step::Nothing;
+        };
+        let now = Instant::now();
+        let st = a.shared.state.load(Ordering::Acquire);
+        if st == ST_ENABLED {
+            if a.ctrlr.alive() && !a.shared.reset_wanted.load(Ordering::Acquire) {
+                return Step::Nothing;
+            }
+            log::warn!("nvme: controller {} lost, reconnecting", a.name);
+            a.shared.state.store(ST_RESETTING, Ordering::Release);
+            a.ctrlr.close();
+            a.lost_at = Some(now);
+            a.next_attempt = now;
+        }
+        let lost = a.lost_at.map_or(Duration::ZERO, |t| now - t);
+        let fast = a.params.fast_io_fail_timeout_sec.unwrap_or(0);
+        if fast > 0
+            && lost >= Duration::from_secs(fast as u64)
+            && a.shared.state.load(Ordering::Acquire) == ST_RESETTING
+        {
+            log::warn!("nvme: controller {}: failing I/O fast", a.name);
+            a.shared.state.store(ST_FAIL_FAST, Ordering::Release);
+        }
+        if a.attempting || now < a.next_attempt {
+            return Step::Nothing;
+        }
+        a.attempting = true;
+        Step::Reconnect(a.shared.info.load().opts.clone())
+    });
+    if let Step::Reconnect(opts) = step {
+        let name = name.to_string();
+        nvme_host::connect(opts, move |res| reconnected(&name, res));
+    }
+}
+
+/// A reconnect attempt of controller `name` ended.
+fn reconnected(name: &str, res: Result<Controller>) {
+    let delete = CTRLRS.with(|c| {
+        let mut c = c.borrow_mut();
+        let Some(a) = c.0.iter_mut().find(|a| a.name == name) else {
+            if let Ok(ctrlr) = &res {
+                ctrlr.close();
+            }
+            return false;
+        };
+        a.attempting = false;
+        match res {
+            Ok(ctrlr) => {
+                log::info!("nvme: controller {} reconnected", a.name);
+                a.shared.info.store(ctrlr.info.clone());
+                a.ctrlr = ctrlr;
+                a.lost_at = None;
+                a.shared.reset_wanted.store(false, Ordering::Release);
+                a.shared.gen.fetch_add(1, Ordering::AcqRel);
+                a.shared.state.store(ST_ENABLED, Ordering::Release);
+                false
+            }
+            Err(e) => {
+                let lost = a.lost_at.map_or(Duration::ZERO, |t| t.elapsed());
+                let loss = a.params.ctrlr_loss_timeout_sec.unwrap_or(0);
+                log::warn!("nvme: controller {}: reconnect failed: {e}", a.name);
+                if loss == 0 || (loss > 0 && lost >= Duration::from_secs(loss as u64)) {
+                    true
+                } else {
+                    let delay = a.params.reconnect_delay_sec.unwrap_or(0) as u64;
+                    a.next_attempt = Instant::now() + Duration::from_secs(delay);
+                    false
+                }
+            }
+        }
+    });
+    if delete {
+        log::error!("nvme: controller {name} lost for good: deleted with its bdevs");
+        detach(name, |_| {});
+    }
 }
 
 /// Detaches controller `name`: its bdevs are unregistered (their users see them go), then it disconnects.
@@ -302,6 +469,8 @@ pub fn detach(name: &str, done: impl FnOnce(Result<()>) + 'static) {
             format!("Failed to find NVMe controller {name}"),
         )));
     };
+    // Channels fail what waits from now on.
+    a.shared.state.store(ST_DELETED, Ordering::Release);
     let d = std::rc::Rc::new(Detaching {
         left: std::cell::Cell::new(a.bdevs.len() + 1),
         fin: RefCell::new(Some((a.ctrlr, Box::new(done)))),
@@ -342,7 +511,8 @@ impl Detaching {
 }
 
 /// Registers the bdev of namespace `ns`.
-fn register_ns(ctrlr: &str, info: &Arc<CtrlrInfo>, ns: &NsInfo) -> Result<Bdev> {
+fn register_ns(ctrlr: &str, shared: &Arc<Shared>, ns: &NsInfo) -> Result<Bdev> {
+    let info = shared.info.load_full();
     let mut p = BdevParams::new(&format!("{ctrlr}n{}", ns.nsid), ns.block_size, ns.blocks);
     p.product_name = "NVMe disk".into();
     if ns.nguid != [0; 16] {
@@ -366,7 +536,7 @@ fn register_ns(ctrlr: &str, info: &Arc<CtrlrInfo>, ns: &NsInfo) -> Result<Bdev> 
     bdev::register(
         p,
         Box::new(NsOps {
-            info: info.clone(),
+            shared: shared.clone(),
             nsid: ns.nsid,
         }),
     )
@@ -375,7 +545,7 @@ fn register_ns(ctrlr: &str, info: &Arc<CtrlrInfo>, ns: &NsInfo) -> Result<Bdev> 
 
 /// One namespace's bdev.
 struct NsOps {
-    info: Arc<CtrlrInfo>,
+    shared: Arc<Shared>,
     nsid: u32,
 }
 
@@ -386,7 +556,7 @@ impl BdevOps for NsOps {
 
     fn io_type_supported(&self, t: IoType) -> bool {
         use nvme_proto::identify::oncs;
-        let o = self.info.cdata.oncs;
+        let o = self.shared.info.load().cdata.oncs;
         match t {
             IoType::Read | IoType::Write | IoType::Flush | IoType::NvmeIo => true,
             IoType::Unmap => o & oncs::DSM != 0,
@@ -397,11 +567,12 @@ impl BdevOps for NsOps {
     }
 
     fn create_channel(&self, _bdev: &Bdev) -> Box<dyn ModuleChannel> {
-        Box::new(channel::NvmeChannel::new(self.info.clone(), self.nsid))
+        Box::new(channel::NvmeChannel::new(self.shared.clone(), self.nsid))
     }
 
     fn dump_info(&self, _bdev: &Bdev, out: &mut serde_json::Map<String, Value>) {
-        let o = &self.info.opts;
+        let info = self.shared.info.load();
+        let o = &info.opts;
         out.insert(
             "nvme".into(),
             json!([{
@@ -413,11 +584,11 @@ impl BdevOps for NsOps {
                     "subnqn": o.subnqn,
                 },
                 "ctrlr_data": {
-                    "cntlid": self.info.cntlid,
-                    "vendor_id": format!("0x{:04x}", self.info.cdata.vid),
-                    "model_number": nvme_proto::identify::padded_str(&self.info.cdata.mn).unwrap_or_default().trim(),
-                    "serial_number": nvme_proto::identify::padded_str(&self.info.cdata.sn).unwrap_or_default().trim(),
-                    "firmware_revision": nvme_proto::identify::padded_str(&self.info.cdata.fr).unwrap_or_default().trim(),
+                    "cntlid": info.cntlid,
+                    "vendor_id": format!("0x{:04x}", info.cdata.vid),
+                    "model_number": nvme_proto::identify::padded_str(&info.cdata.mn).unwrap_or_default().trim(),
+                    "serial_number": nvme_proto::identify::padded_str(&info.cdata.sn).unwrap_or_default().trim(),
+                    "firmware_revision": nvme_proto::identify::padded_str(&info.cdata.fr).unwrap_or_default().trim(),
                     "subnqn": o.subnqn,
                 },
                 "ns_data": { "id": self.nsid },
@@ -449,13 +620,21 @@ pub fn controllers_json(name: Option<&str>) -> Result<Value> {
             .iter()
             .filter(|a| name.is_none_or(|n| n == a.name))
             .map(|a| {
-                let o = &a.ctrlr.info.opts;
+                let info = a.shared.info.load();
+                let o = &info.opts;
+                // SPDK's state names (`nvme_ctrlr_get_state_str`).
+                let state = match a.shared.state.load(Ordering::Acquire) {
+                    ST_ENABLED if a.ctrlr.alive() => "enabled",
+                    ST_ENABLED | ST_RESETTING | ST_FAIL_FAST if a.attempting => "resetting",
+                    ST_ENABLED | ST_RESETTING | ST_FAIL_FAST => "reconnect_is_delayed",
+                    _ => "deleting",
+                };
                 json!({
                     "name": a.name,
                     "ctrlrs": [{
-                        "state": if a.ctrlr.alive() { "enabled" } else { "failed" },
+                        "state": state,
                         "trid": trid_json(o),
-                        "cntlid": a.ctrlr.info.cntlid,
+                        "cntlid": info.cntlid,
                         "host": {
                             "nqn": o.hostnqn,
                             "addr": a.params.hostaddr.clone().unwrap_or_default(),
@@ -485,7 +664,8 @@ pub fn config_entries() -> Vec<Value> {
             .0
             .iter()
             .map(|a| {
-                let o = &a.ctrlr.info.opts;
+                let info = a.shared.info.load();
+                let o = &info.opts;
                 let mut params = serde_json::Map::new();
                 params.insert("name".into(), json!(a.name));
                 params.extend(trid_json(o));
@@ -526,6 +706,7 @@ pub fn config_entries() -> Vec<Value> {
 pub fn detach_all() {
     let all: Vec<Attached> = CTRLRS.with(|c| std::mem::take(&mut c.borrow_mut().0));
     for a in all {
+        a.shared.state.store(ST_DELETED, Ordering::Release);
         a.ctrlr.close();
     }
 }

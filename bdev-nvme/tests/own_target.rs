@@ -141,6 +141,7 @@ fn attach_io_detach_against_own_target() {
 }
 
 fn body() {
+    let started = std::time::Instant::now();
     let port = target();
     let names = attach(params("Nvme0", port)).expect("attach");
     assert_eq!(names, vec!["Nvme0n1", "Nvme0n2"]);
@@ -236,9 +237,7 @@ fn body() {
     );
 
     // Detach: the bdevs go; attach again from the saved entry and the data is still there.
-    let r: Result<(), String> =
-        on_app(|reply| bdev_nvme::detach("Nvme0", move |r| reply(r.map_err(|e| e.to_string()))));
-    r.unwrap();
+    detach("Nvme0");
     assert!(app(
         || bdev::get("Nvme0n1").is_none() && bdev::get("Nvme0n2").is_none()
     ));
@@ -247,7 +246,113 @@ fn body() {
         io("Nvme0n2", IoType::Read, 5, 8, None),
         (IoStatus::Success, small)
     );
+    detach("Nvme0");
+    eprintln!("attach/io/detach done in {:?}", started.elapsed());
+
+    // The path goes away and comes back within ctrlr_loss_timeout_sec: I/O issued meanwhile waits and then
+    // succeeds, no error reaches the submitter, and the controller reads enabled again.
+    let mut p = params("Nvme0", port);
+    p.ctrlr_loss_timeout_sec = Some(20);
+    p.reconnect_delay_sec = Some(1);
+    assert_eq!(attach(p).unwrap(), vec!["Nvme0n1", "Nvme0n2"]);
+    listener(port, false);
+    let during = pattern(3, 16 * BS as usize);
+    let d = during.clone();
+    let writer = std::thread::spawn(move || io("Nvme0n1", IoType::Write, 300, 16, Some(d)).0);
+    wait_state("Nvme0", &["resetting", "reconnect_is_delayed"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!writer.is_finished(), "the write waits for the controller");
+    listener(port, true);
+    assert_eq!(writer.join().unwrap(), IoStatus::Success);
+    wait_state("Nvme0", &["enabled"]);
+    assert_eq!(io("OwnM0", IoType::Read, 300, 16, None).1, during);
+    assert_eq!(io("Nvme0n1", IoType::Read, 300, 16, None).1, during);
+    detach("Nvme0");
+
+    // Gone for longer: I/O fails once fast_io_fail_timeout_sec has passed, and after ctrlr_loss_timeout_sec
+    // the controller and its bdevs are deleted (a RAID above would see its base go).
+    let mut p = params("Nvme0", port);
+    p.ctrlr_loss_timeout_sec = Some(3);
+    p.reconnect_delay_sec = Some(1);
+    p.fast_io_fail_timeout_sec = Some(1);
+    assert_eq!(attach(p).unwrap(), vec!["Nvme0n1", "Nvme0n2"]);
+    listener(port, false);
+    let t0 = std::time::Instant::now();
+    assert_eq!(
+        io("Nvme0n1", IoType::Read, 0, 8, None).0,
+        IoStatus::Failed(libc::ENXIO)
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "failed fast, not at once: {:?}",
+        t0.elapsed()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while app(|| bdev::get("Nvme0n1").is_some()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "controller never deleted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_secs(3),
+        "deleted before the loss timeout"
+    );
+    assert!(app(|| bdev_nvme::controllers_json(None).unwrap())
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // A bad knob combination is refused as SPDK refuses it.
+    let mut p = params("Nvme0", port);
+    p.ctrlr_loss_timeout_sec = Some(5);
+    assert!(attach(p).unwrap_err().contains("do not fit"));
+    listener(port, true);
+    eprintln!("body done in {:?}", started.elapsed());
+}
+
+fn detach(name: &str) {
+    let name = name.to_string();
     let r: Result<(), String> =
-        on_app(|reply| bdev_nvme::detach("Nvme0", move |r| reply(r.map_err(|e| e.to_string()))));
+        on_app(move |reply| bdev_nvme::detach(&name, move |r| reply(r.map_err(|e| e.to_string()))));
     r.unwrap();
+}
+
+/// Adds or removes the target's listener (removing it drops its connections, as SPDK's does).
+fn listener(port: u16, add: bool) {
+    app(move || {
+        let trid = Trid::tcp("127.0.0.1", &port.to_string());
+        if add {
+            let config = ListenerConfig {
+                nqn: NQN.into(),
+                listen_address: trid.clone(),
+                secure_channel: false,
+                sock_impl: None,
+            };
+            mgmt::add_listener(NQN, trid, AnaState::Optimized, config).unwrap();
+        } else {
+            mgmt::remove_listener(NQN, &trid).unwrap();
+        }
+    });
+}
+
+/// Waits until controller `name` reads one of `states` in `bdev_nvme_get_controllers`.
+fn wait_state(name: &str, states: &[&str]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let name2 = name.to_string();
+        let v = app(move || bdev_nvme::controllers_json(Some(&name2)).unwrap());
+        let st = v[0]["ctrlrs"][0]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if states.contains(&st.as_str()) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} still {st}, wanted {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
