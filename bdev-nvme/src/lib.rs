@@ -346,6 +346,7 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
             ctrlr.info.opts.subnqn,
             ctrlr.info.opts.addr
         );
+        watch_namespaces(&p.name, &ctrlr);
         let watched = p.name.clone();
         let supervisor = Poller::register("bdev_nvme_ctrlr_supervisor", 10_000, move || {
             supervise(&watched);
@@ -365,6 +366,58 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
             })
         });
         done(Ok(bdevs));
+    });
+}
+
+/// Namespaces added or removed on controller `name` (an Asynchronous Event and a rescan) become bdevs, or stop
+/// being ones, as SPDK's namespace change handling does.
+fn watch_namespaces(name: &str, ctrlr: &Controller) {
+    let name = name.to_string();
+    ctrlr.on_ns_change(move |list| {
+        let (gone, shared, prefix) = {
+            let found = CTRLRS.with(|c| {
+                c.borrow()
+                    .0
+                    .iter()
+                    .find(|a| a.name == name)
+                    .map(|a| (a.bdevs.clone(), a.shared.clone()))
+            });
+            let Some((bdevs, shared)) = found else { return };
+            let prefix = format!("{name}n");
+            let gone: Vec<String> = bdevs
+                .into_iter()
+                .filter(|b| {
+                    let nsid = b.strip_prefix(&prefix).and_then(|n| n.parse::<u32>().ok());
+                    !list.iter().any(|ns| Some(ns.nsid) == nsid)
+                })
+                .collect();
+            (gone, shared, prefix)
+        };
+        let mut added = Vec::new();
+        for ns in &list {
+            let b = format!("{prefix}{}", ns.nsid);
+            if bdev::get(&b).is_none() {
+                match register_ns(&name, &shared, ns) {
+                    Ok(_) => added.push(b),
+                    Err(e) => log::error!("nvme: namespace {} of {name}: {e}", ns.nsid),
+                }
+            }
+        }
+        for b in &gone {
+            log::info!("nvme: namespace of {b} removed from the controller: bdev unregistered");
+            if let Some(bd) = bdev::get(b) {
+                bd.unregister(|_| {});
+            }
+        }
+        if !added.is_empty() {
+            log::info!("nvme: {name}: new namespaces, bdevs {added:?}");
+        }
+        CTRLRS.with(|c| {
+            if let Some(a) = c.borrow_mut().0.iter_mut().find(|a| a.name == name) {
+                a.bdevs.retain(|b| !gone.contains(b));
+                a.bdevs.extend(added);
+            }
+        });
     });
 }
 
@@ -429,6 +482,7 @@ fn reconnected(name: &str, res: Result<Controller>) {
         match res {
             Ok(ctrlr) => {
                 log::info!("nvme: controller {} reconnected", a.name);
+                watch_namespaces(&a.name, &ctrlr);
                 a.shared.info.store(ctrlr.info.clone());
                 a.ctrlr = ctrlr;
                 a.lost_at = None;

@@ -31,7 +31,7 @@ fn free_port() -> u16 {
 /// On the app thread: two malloc bdevs exported as namespaces 1 and 2 of [`NQN`] on a free port.
 fn target() -> u16 {
     on_app(|reply| {
-        for n in ["OwnM0", "OwnM1"] {
+        for n in ["OwnM0", "OwnM1", "OwnM2"] {
             malloc::create(MallocOpts {
                 name: Some(n.into()),
                 num_blocks: BLOCKS,
@@ -308,7 +308,49 @@ fn body() {
     p.ctrlr_loss_timeout_sec = Some(5);
     assert!(attach(p).unwrap_err().contains("do not fit"));
     listener(port, true);
+
+    // A namespace added on the target later becomes a bdev (Asynchronous Event, rescan); one removed stops
+    // being one.
+    assert_eq!(
+        attach(params("Nvme0", port)).unwrap(),
+        vec!["Nvme0n1", "Nvme0n2"]
+    );
+    let nsid: Result<u32, String> = on_app(|reply| {
+        mgmt::add_ns(NQN, NamespaceParams::new("OwnM2"), move |r| {
+            reply(r.map_err(|e| e.to_string()))
+        })
+    });
+    assert_eq!(nsid.unwrap(), 3);
+    wait_bdev("Nvme0n3", true);
+    let big = pattern(11, 64 * BS as usize);
+    assert_eq!(
+        io("Nvme0n3", IoType::Write, 0, 64, Some(big.clone())).0,
+        IoStatus::Success
+    );
+    assert_eq!(io("OwnM2", IoType::Read, 0, 64, None).1, big);
+    let r: Result<(), String> =
+        on_app(|reply| mgmt::remove_ns(NQN, 3, move |r| reply(r.map_err(|e| e.to_string()))));
+    r.unwrap();
+    wait_bdev("Nvme0n3", false);
+    assert!(app(|| bdev::get("Nvme0n1").is_some()));
+    detach("Nvme0");
     eprintln!("body done in {:?}", started.elapsed());
+}
+
+/// Waits until bdev `name` exists (or is gone).
+fn wait_bdev(name: &str, present: bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = name.to_string();
+        if app(move || bdev::get(&n).is_some()) == present {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} present: never {present}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn detach(name: &str) {

@@ -190,12 +190,18 @@ pub struct Controller {
     _keep_alive: Option<Poller>,
     /// Set when the admin connection failed (keep alive or a command saw it).
     failed: Rc<Cell<bool>>,
+    ns_hook: NsChangeHook,
 }
 
 impl Controller {
     /// Whether the admin connection is still up.
     pub fn alive(&self) -> bool {
         !self.failed.get() && self.admin.qp.borrow().error().is_none()
+    }
+
+    /// Sets what hears of namespace changes (the new active namespace list, after an Asynchronous Event).
+    pub fn on_ns_change(&self, f: impl Fn(Vec<NsInfo>) + 'static) {
+        *self.ns_hook.borrow_mut() = Some(Box::new(f));
     }
 
     /// Closes the admin connection (the controller goes away on the target once its I/O queues are gone
@@ -408,57 +414,13 @@ impl Bringup {
 
     fn ns_list(self: &Rc<Self>) {
         let me = self.clone();
-        self.admin.cmd(
-            identify_sqe(cns::ACTIVE_NS_LIST, 0),
-            Dir::FromCtrl,
-            vec![0; 4096],
-            move |c, d| {
-                if !ok(c) {
-                    return me.step_failed("Identify Active Namespace List", c);
-                }
-                match decode_ns_list(d) {
-                    Ok(list) => me.identify_ns(list, 0),
-                    Err(e) => me.fail(ErrorKind::Io(libc::EIO), format!("namespace list: {e}")),
-                }
-            },
-        );
-    }
-
-    fn identify_ns(self: &Rc<Self>, list: Vec<u32>, i: usize) {
-        let Some(&nsid) = list.get(i) else {
-            return self.finish();
-        };
-        let me = self.clone();
-        self.admin.cmd(
-            identify_sqe(cns::NS, nsid),
-            Dir::FromCtrl,
-            vec![0; 4096],
-            move |c, d| {
-                if !ok(c) {
-                    return me.step_failed("Identify Namespace", c);
-                }
-                match NsData::decode(d) {
-                    Ok(n) => {
-                        let bs = n.lbaf[n.format_index()].data_size();
-                        match bs.filter(|b| (512..=65536).contains(b)) {
-                            Some(bs) if n.nsze > 0 => me.namespaces.borrow_mut().push(NsInfo {
-                                nsid,
-                                blocks: n.nsze,
-                                block_size: bs as u32,
-                                nguid: n.nguid,
-                            }),
-                            // Inactive or unusable: no bdev for it (as SPDK skips it).
-                            _ => log::warn!(
-                                "namespace {nsid}: size {} block size {bs:?}: skipped",
-                                n.nsze
-                            ),
-                        }
-                    }
-                    Err(e) => log::warn!("namespace {nsid}: {e}: skipped"),
-                }
-                me.identify_ns(list, i + 1);
-            },
-        );
+        scan_namespaces(&self.admin, move |res| match res {
+            Ok(list) => {
+                *me.namespaces.borrow_mut() = list;
+                me.finish();
+            }
+            Err(e) => me.fail(ErrorKind::Io(libc::EIO), e),
+        });
     }
 
     fn finish(self: &Rc<Self>) {
@@ -523,14 +485,138 @@ impl Bringup {
                 },
             )
         });
+        // Namespace attribute notices on, and one event request outstanding (SPDK's init does both).
+        let mut aec = Sqe::new(admin::SET_FEATURES, 0);
+        aec.set_cdw(10, feat::ASYNC_EVENT_CONFIGURATION as u32);
+        aec.set_cdw(11, 1 << 8);
+        admin.cmd(aec, Dir::None, Vec::new(), |c, _| {
+            if !c.status.is_success() {
+                log::warn!("nvme: Set Features Async Event Configuration: {}", c.status);
+            }
+        });
+        let ns_hook: NsChangeHook = Rc::new(RefCell::new(None));
+        arm_aer(admin.clone(), ns_hook.clone());
         done(Ok(Controller {
             info,
             admin,
             _poller: poller,
             _keep_alive: keep_alive,
             failed,
+            ns_hook,
         }));
     }
+}
+
+/// Reads the active namespace list and Identify Namespace of each (SPDK's namespace scan); `done` gets the
+/// usable ones, or the step that failed.
+fn scan_namespaces(
+    admin: &Rc<Admin>,
+    done: impl FnOnce(std::result::Result<Vec<NsInfo>, String>) + 'static,
+) {
+    let a = admin.clone();
+    admin.cmd(
+        identify_sqe(cns::ACTIVE_NS_LIST, 0),
+        Dir::FromCtrl,
+        vec![0; 4096],
+        move |c, d| {
+            if !ok(c) {
+                return done(Err(format!("Identify Active Namespace List: {}", c.status)));
+            }
+            match decode_ns_list(d) {
+                Ok(list) => identify_each(a, list, Vec::new(), Box::new(done)),
+                Err(e) => done(Err(format!("namespace list: {e}"))),
+            }
+        },
+    );
+}
+
+type ScanDone = Box<dyn FnOnce(std::result::Result<Vec<NsInfo>, String>)>;
+
+/// Identify Namespace for each of `left`, collecting the usable ones into `got`.
+fn identify_each(admin: Rc<Admin>, mut left: Vec<u32>, mut got: Vec<NsInfo>, done: ScanDone) {
+    if left.is_empty() {
+        return done(Ok(got));
+    }
+    let nsid = left.remove(0);
+    let a = admin.clone();
+    admin.cmd(
+        identify_sqe(cns::NS, nsid),
+        Dir::FromCtrl,
+        vec![0; 4096],
+        move |c, d| {
+            if !ok(c) {
+                return done(Err(format!("Identify Namespace {nsid}: {}", c.status)));
+            }
+            match NsData::decode(d) {
+                Ok(n) => {
+                    let bs = n.lbaf[n.format_index()].data_size();
+                    match bs.filter(|b| (512..=65536).contains(b)) {
+                        Some(bs) if n.nsze > 0 => got.push(NsInfo {
+                            nsid,
+                            blocks: n.nsze,
+                            block_size: bs as u32,
+                            nguid: n.nguid,
+                        }),
+                        // Inactive or unusable: no bdev for it (as SPDK skips it).
+                        _ => log::warn!(
+                            "namespace {nsid}: size {} block size {bs:?}: skipped",
+                            n.nsze
+                        ),
+                    }
+                }
+                Err(e) => log::warn!("namespace {nsid}: {e}: skipped"),
+            }
+            identify_each(a, left, got, done);
+        },
+    );
+}
+
+/// What a controller's user hears of namespace changes: the new active list.
+pub type NsChangeHook = Rc<RefCell<Option<Box<dyn Fn(Vec<NsInfo>)>>>>;
+
+/// Keeps one Asynchronous Event Request outstanding: a namespace attribute notice reads the Changed Namespace
+/// List (which also re-arms the event) and rescans, then tells `hook`; any other event's log page is read so
+/// the controller sends the next one. Stops when the admin queue goes.
+fn arm_aer(admin: Rc<Admin>, hook: NsChangeHook) {
+    let a = admin.clone();
+    admin.cmd(
+        Sqe::new(admin::ASYNC_EVENT_REQUEST, 0),
+        Dir::None,
+        Vec::new(),
+        move |c, _| {
+            if !ok(c) {
+                // Aborted with the queue (or refused): nothing more to wait for.
+                return;
+            }
+            let (ty, info, lid) = (c.dw0 & 7, (c.dw0 >> 8) & 0xff, (c.dw0 >> 16) & 0xff);
+            log::info!("nvme: async event type {ty} info {info:#x} log {lid:#x}");
+            let notice_ns = ty == 2 && info == 0;
+            let (a2, h2) = (a.clone(), hook.clone());
+            let after_log = move || {
+                if notice_ns {
+                    let h = h2.clone();
+                    scan_namespaces(&a2, move |res| match res {
+                        Ok(list) => {
+                            if let Some(f) = h.borrow().as_ref() {
+                                f(list);
+                            }
+                        }
+                        Err(e) => log::error!("nvme: namespace rescan: {e}"),
+                    });
+                }
+                arm_aer(a2, h2);
+            };
+            if lid != 0 {
+                let mut s = Sqe::new(admin::GET_LOG_PAGE, 0);
+                s.set_nsid(0xffff_ffff);
+                let numd = 4096 / 4 - 1;
+                s.set_cdw(10, lid | (numd & 0xffff) << 16);
+                a.cmd(s, Dir::FromCtrl, vec![0; 4096], move |_, _| after_log());
+            } else {
+                after_log();
+            }
+        },
+    );
 }
 
 fn connect_data(opts: &CtrlrOpts, cntlid: u16) -> Vec<u8> {
