@@ -170,6 +170,8 @@ struct Attached {
     next_attempt: Instant,
     /// A reconnect is in progress.
     attempting: bool,
+    /// `bdev_nvme_reset_controller` calls waiting for the reset's outcome.
+    reset_waiters: Vec<DetachDone>,
 }
 
 thread_local! {
@@ -363,6 +365,7 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
                 lost_at: None,
                 next_attempt: Instant::now(),
                 attempting: false,
+                reset_waiters: Vec::new(),
             })
         });
         done(Ok(bdevs));
@@ -468,8 +471,41 @@ fn supervise(name: &str) {
     }
 }
 
+/// Resets controller `name` (`bdev_nvme_reset_controller`): its connection is dropped and made again, as when it
+/// is lost; `done` hears how the first attempt went.
+pub fn reset(name: &str, done: impl FnOnce(Result<()>) + 'static) {
+    let mut done: Option<DetachDone> = Some(Box::new(done));
+    let refused = CTRLRS.with(|c| {
+        let mut c = c.borrow_mut();
+        let Some(a) = c.0.iter_mut().find(|a| a.name == name) else {
+            return Some(Error::new(
+                ErrorKind::NotFound,
+                format!("Controller {name} does not exist"),
+            ));
+        };
+        if a.shared.state.load(Ordering::Acquire) != ST_ENABLED || !a.reset_waiters.is_empty() {
+            return Some(Error::new(
+                ErrorKind::Busy,
+                format!("controller {name} is being reset"),
+            ));
+        }
+        a.reset_waiters.extend(done.take());
+        a.shared.reset_wanted.store(true, Ordering::Release);
+        None
+    });
+    match (refused, done) {
+        (Some(e), Some(done)) => done(Err(e)),
+        _ => supervise(name),
+    }
+}
+
 /// A reconnect attempt of controller `name` ended.
 fn reconnected(name: &str, res: Result<Controller>) {
+    let mut waiters = Vec::new();
+    let outcome = match &res {
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.kind),
+    };
     let delete = CTRLRS.with(|c| {
         let mut c = c.borrow_mut();
         let Some(a) = c.0.iter_mut().find(|a| a.name == name) else {
@@ -479,6 +515,7 @@ fn reconnected(name: &str, res: Result<Controller>) {
             return false;
         };
         a.attempting = false;
+        waiters = std::mem::take(&mut a.reset_waiters);
         match res {
             Ok(ctrlr) => {
                 log::info!("nvme: controller {} reconnected", a.name);
@@ -505,6 +542,9 @@ fn reconnected(name: &str, res: Result<Controller>) {
             }
         }
     });
+    for w in waiters {
+        w(outcome.map_err(|k| Error::new(k, format!("reset of controller {name} failed"))));
+    }
     if delete {
         log::error!("nvme: controller {name} lost for good: deleted with its bdevs");
         detach(name, |_| {});
@@ -816,12 +856,21 @@ struct DetachParams {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ResetParams {
+    name: String,
+    #[serde(default)]
+    cntlid: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct GetParams {
     #[serde(default)]
     name: Option<String>,
 }
 
-/// Registers `bdev_nvme_attach_controller`, `bdev_nvme_detach_controller` and `bdev_nvme_get_controllers`.
+/// Registers `bdev_nvme_attach_controller`, `bdev_nvme_detach_controller`, `bdev_nvme_reset_controller` and
+/// `bdev_nvme_get_controllers`.
 pub fn register_rpcs(reg: &mut Registry) {
     bdev::rpc::method(
         reg,
@@ -882,6 +931,30 @@ pub fn register_rpcs(reg: &mut Registry) {
                 )));
             }
             detach(&p.name, move |res| match res {
+                Ok(()) => r.ok(json!(true)),
+                Err(e) => r.err(RpcError::from(e)),
+            })
+        },
+    );
+    bdev::rpc::method(
+        reg,
+        "bdev_nvme_reset_controller",
+        STATE_RUNTIME,
+        |p: ResetParams, r: Responder| {
+            // A controller id that is not this controller's: no such controller, as SPDK answers.
+            let other = p.cntlid.filter(|&id| id != 0).is_some_and(|id| {
+                CTRLRS.with(|c| {
+                    c.borrow()
+                        .0
+                        .iter()
+                        .find(|a| a.name == p.name)
+                        .is_some_and(|a| a.shared.info.load().cntlid != id)
+                })
+            });
+            if other {
+                return r.err(RpcError::errno(libc::ENODEV));
+            }
+            reset(&p.name, move |res| match res {
                 Ok(()) => r.ok(json!(true)),
                 Err(e) => r.err(RpcError::from(e)),
             })

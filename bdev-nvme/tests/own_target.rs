@@ -219,6 +219,28 @@ fn body() {
     // The saved entry attaches again (parameters SPDK's decoder would take).
     let again: AttachParams = serde_json::from_value(cfg[0]["params"].clone()).unwrap();
 
+    // A reset: the connection is made again, a second reset meanwhile is refused, I/O goes on after it.
+    let (first, second): (Result<(), String>, Result<(), String>) = on_app(|reply| {
+        let got = std::rc::Rc::new(std::cell::RefCell::new(None));
+        let g = got.clone();
+        bdev_nvme::reset("Nvme0", move |r| {
+            let second = g.borrow_mut().take().unwrap_or(Ok(()));
+            reply((r.map_err(|e| e.to_string()), second));
+        });
+        bdev_nvme::reset("Nvme0", move |r| {
+            *got.borrow_mut() = Some(r.map_err(|e| e.to_string()));
+        });
+    });
+    first.unwrap();
+    assert!(second.unwrap_err().contains("being reset"));
+    assert_eq!(
+        io("Nvme0n1", IoType::Read, 120, 8, None).1,
+        big[20 * BS as usize..28 * BS as usize]
+    );
+    let r: Result<(), String> =
+        on_app(|reply| bdev_nvme::reset("Nope", move |r| reply(r.map_err(|e| e.to_string()))));
+    assert!(r.is_err());
+
     // Refusals: the same name again (multipath disabled), nobody listening, an unknown subsystem.
     let e = attach(params("Nvme0", port)).unwrap_err();
     assert!(e.contains("already exists"), "{e}");

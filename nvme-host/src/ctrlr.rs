@@ -469,6 +469,11 @@ impl Bringup {
                 "nvme_ctrlr_keep_alive",
                 self.opts.kato_ms as u64 * 1000 / 2,
                 move || {
+                    // A dead connection gets no more keep alives (they would only pile up).
+                    if f.get() || a.qp.borrow().error().is_some() {
+                        f.set(true);
+                        return false;
+                    }
                     let f = f.clone();
                     a.cmd(
                         Sqe::new(admin::KEEP_ALIVE, 0),
