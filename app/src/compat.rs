@@ -225,8 +225,17 @@ pub fn register(reg: &mut Registry, store: Rc<RefCell<KeptOptions>>) {
             name,
             state,
             Rc::new(move |params: Option<Value>, r: Responder| {
+                if name == "bdev_nvme_set_options" && bdev_nvme::has_controllers() {
+                    return r.err(RpcError::new(
+                        -libc::EPERM,
+                        "RPC not permitted with nvme controllers already attached",
+                    ));
+                }
                 let res = store.borrow_mut().call(name, params);
                 if res.is_ok() {
+                    if name == "bdev_nvme_set_options" {
+                        bdev_nvme::set_options(&store.borrow().nvme);
+                    }
                     for m in &modules {
                         *m.entries.lock().unwrap_or_else(|e| e.into_inner()) =
                             store.borrow().kept_module_entries(m.name);

@@ -62,6 +62,13 @@ fn attach_args(port: &str) -> Vec<String> {
 /// What the compute node does against a storage node listening on `port`.
 fn compute_node_drill(port: &str, tag: &str) {
     let c = Tgt::start(tag, &[]);
+    // Module options set before any controller are the attaches' defaults; once one is attached they are
+    // refused, as SPDK refuses them.
+    let r = c.call(
+        "bdev_nvme_set_options",
+        json!({"ctrlr_loss_timeout_sec": 30, "reconnect_delay_sec": 2, "fast_io_fail_timeout_sec": 10}),
+    );
+    assert_eq!(r["result"], true, "{r}");
     let args = attach_args(port);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = c.rpc(&argv);
@@ -73,6 +80,15 @@ fn compute_node_drill(port: &str, tag: &str) {
     assert_eq!(b[0]["block_size"], 512);
     assert_eq!(b[0]["num_blocks"], 65536);
     assert_eq!(b[0]["driver_specific"]["nvme"][0]["trid"]["trsvcid"], port);
+    let r = c.call(
+        "bdev_nvme_set_options",
+        json!({"keep_alive_timeout_ms": 5000}),
+    );
+    assert_eq!(r["error"]["code"], -libc::EPERM, "{r}");
+    assert_eq!(
+        r["error"]["message"],
+        "RPC not permitted with nvme controllers already attached"
+    );
     let ctrlrs = c.ok(&["bdev_nvme_get_controllers"]);
     assert_eq!(ctrlrs[0]["name"], "Nvme0");
     assert_eq!(ctrlrs[0]["ctrlrs"][0]["state"], "enabled");
@@ -149,6 +165,10 @@ fn compute_node_drill(port: &str, tag: &str) {
         .collect();
     let at = |m: &str| methods.iter().position(|x| *x == m).unwrap();
     assert!(at("bdev_nvme_set_options") < at("bdev_nvme_attach_controller"));
+    let attach_entry = &bdev_cfg[at("bdev_nvme_attach_controller")]["params"];
+    assert_eq!(attach_entry["ctrlr_loss_timeout_sec"], 30, "{attach_entry}");
+    assert_eq!(attach_entry["reconnect_delay_sec"], 2);
+    assert_eq!(attach_entry["fast_io_fail_timeout_sec"], 10);
     assert!(at("bdev_nvme_attach_controller") < at("bdev_nvme_set_hotplug"));
     let (st, _) = c.stop();
     assert!(st.success());

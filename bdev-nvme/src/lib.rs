@@ -35,8 +35,25 @@ use uuid::Uuid;
 /// The bdevs' module name, as SPDK reports it.
 pub const MODULE: &str = "nvme";
 
-/// SPDK's default keep alive timeout (`bdev_nvme_set_options keep_alive_timeout_ms`).
-const KATO_MS: u32 = 10_000;
+/// The module options attaches take their defaults from (`bdev_nvme_set_options`; SPDK's defaults until set).
+fn options() -> std::sync::MutexGuard<'static, subsystems::bdev_nvme::NvmeOptions> {
+    static O: OnceLock<std::sync::Mutex<subsystems::bdev_nvme::NvmeOptions>> = OnceLock::new();
+    reactor::lock(O.get_or_init(Default::default))
+}
+
+/// Takes the options `bdev_nvme_set_options` set (the kept option store validated them): KATO, the reconnect
+/// knobs' defaults, the TCP connect timeout.
+pub fn set_options(o: &subsystems::bdev_nvme::NvmeOptions) {
+    *options() = o.clone();
+}
+
+/// Whether any controller is attached (SPDK refuses `bdev_nvme_set_options` then).
+pub fn has_controllers() -> bool {
+    CTRLRS.with(|c| {
+        let c = c.borrow();
+        !c.0.is_empty() || !c.1.is_empty()
+    })
+}
 /// Entries per I/O queue.
 const IO_QUEUE_SIZE: u16 = 128;
 /// I/O queues asked for (SPDK's default controller option).
@@ -237,12 +254,17 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
         return Err(invalid("subnqn is longer than 223 bytes"));
     }
     let (hostid, default_nqn) = host_id();
+    // Read once: a second lock within one expression would wait for the first.
+    let (kato_ms, tcp_connect_ms) = {
+        let o = options();
+        (o.keep_alive_timeout_ms, o.tcp_connect_timeout_ms)
+    };
     Ok(CtrlrOpts {
         addr: SocketAddr::new(ip, port),
         subnqn,
         hostnqn: p.hostnqn.clone().unwrap_or_else(|| default_nqn.clone()),
         hostid: *hostid.as_bytes(),
-        kato_ms: KATO_MS,
+        kato_ms,
         num_io_queues: p
             .num_io_queues
             .map_or(NUM_IO_QUEUES, |n| n.clamp(1, u16::MAX as u32) as u16),
@@ -250,8 +272,25 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
         connect_timeout: p
             .fabrics_connect_timeout_us
             .filter(|&us| us > 0)
-            .map_or(CONNECT_TIMEOUT, Duration::from_micros),
+            .map(Duration::from_micros)
+            .or_else(|| {
+                tcp_connect_ms
+                    .filter(|&ms| ms > 0)
+                    .map(|ms| Duration::from_millis(ms as u64))
+            })
+            .unwrap_or(CONNECT_TIMEOUT),
     })
+}
+
+/// Fills what the attach leaves out from the module options, as SPDK's attach starts from its global options.
+fn with_defaults(mut p: AttachParams) -> AttachParams {
+    let o = options();
+    p.ctrlr_loss_timeout_sec
+        .get_or_insert(o.ctrlr_loss_timeout_sec);
+    p.reconnect_delay_sec.get_or_insert(o.reconnect_delay_sec);
+    p.fast_io_fail_timeout_sec
+        .get_or_insert(o.fast_io_fail_timeout_sec);
+    p
 }
 
 /// SPDK's rules for the three reconnect knobs (`bdev_nvme_check_io_error_resiliency_params`).
@@ -279,6 +318,7 @@ fn check_knobs(p: &AttachParams) -> Result<()> {
 
 /// Attaches the controller `p` names; `done` gets its bdevs' names (app thread).
 pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static) {
+    let p = with_defaults(p);
     let opts = match ctrlr_opts(&p) {
         Ok(o) => o,
         Err(e) => return done(Err(e)),
