@@ -133,6 +133,25 @@ fn compute_node_drill(port: &str, tag: &str) {
     // Metadata written over the wire, then read back over it after a detach and a second attach.
     let lvs = c.ok(&["bdev_lvol_create_lvstore", "Nvme0n1", "lvs0"]);
     c.ok(&["bdev_lvol_create", "-l", "lvs0", "lv0", "8"]);
+    // The lvstore's metadata I/O opened a channel: one path, connected and current.
+    let paths = c.ok(&["bdev_nvme_get_io_paths"]);
+    let p0 = &paths["poll_groups"][0]["io_paths"][0];
+    assert_eq!(p0["bdev_name"], "Nvme0n1", "{paths}");
+    assert_eq!(
+        (p0["connected"].as_bool(), p0["current"].as_bool()),
+        (Some(true), Some(true)),
+        "{paths}"
+    );
+    assert_eq!(p0["transport"]["trsvcid"], port);
+    assert_eq!(p0["transport"]["adrfam"], "IPv4");
+    let none = c.ok(&["bdev_nvme_get_io_paths", "-n", "Nvme7n1"]);
+    assert!(
+        none["poll_groups"][0]["io_paths"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{none}"
+    );
     c.ok(&["bdev_nvme_detach_controller", "Nvme0"]);
     assert_eq!(c.ok(&["bdev_lvol_get_lvstores"]), json!([]));
     let out = c.rpc(&argv);

@@ -15,7 +15,7 @@ use nvme_host::{Dir, IoQueue, Iov, SubmitError};
 use nvme_proto::cmd::{io as opc, Cqe, DsmRange, Sqe};
 use nvme_proto::status::{generic, sct};
 
-use crate::{Shared, ST_ENABLED, ST_FAIL_FAST};
+use crate::{PathEntry, Shared, ST_ENABLED, ST_FAIL_FAST};
 
 /// Bytes of Dataset Management ranges a slot keeps (one range per unmap; the bdev layer cuts larger ones).
 const DSM_BYTES: usize = DsmRange::SIZE;
@@ -23,6 +23,8 @@ const DSM_BYTES: usize = DsmRange::SIZE;
 /// A thread's I/O queue to the controller, and the bdev I/O in it.
 pub(crate) struct NvmeChannel {
     nsid: u32,
+    /// This channel's entry in `bdev_nvme_get_io_paths`.
+    path: Arc<PathEntry>,
     shared: Arc<Shared>,
     /// The controller generation `q` belongs to.
     gen: u64,
@@ -39,13 +41,15 @@ pub(crate) struct NvmeChannel {
 }
 
 impl NvmeChannel {
-    pub(crate) fn new(shared: Arc<Shared>, nsid: u32) -> NvmeChannel {
+    pub(crate) fn new(shared: Arc<Shared>, nsid: u32, bdev: &str) -> NvmeChannel {
         let info = shared.info.load_full();
         let depth = info.opts.io_queue_size.max(2) as usize;
         let gen = shared.gen.load(Ordering::Acquire);
         let q = open_queue(&shared);
+        let path = crate::add_path(bdev, &shared);
         NvmeChannel {
             nsid,
+            path,
             shared,
             gen,
             q,
@@ -261,6 +265,10 @@ impl ModuleChannel for NvmeChannel {
         }
         self.done.clear();
         self.start_waiting();
+        let connected = matches!(&self.q, Ok(q) if q.ready());
+        if self.path.connected.load(Ordering::Relaxed) != connected {
+            self.path.connected.store(connected, Ordering::Relaxed);
+        }
         did || n > 0
     }
 
@@ -280,6 +288,7 @@ fn open_queue(shared: &Shared) -> Result<IoQueue, i32> {
 
 impl Drop for NvmeChannel {
     fn drop(&mut self) {
+        crate::remove_path(&self.path);
         if let Ok(q) = &mut self.q {
             let slots = &mut self.slots;
             q.close(&mut |token, _| {

@@ -700,8 +700,12 @@ impl BdevOps for NsOps {
         }
     }
 
-    fn create_channel(&self, _bdev: &Bdev) -> Box<dyn ModuleChannel> {
-        Box::new(channel::NvmeChannel::new(self.shared.clone(), self.nsid))
+    fn create_channel(&self, bdev: &Bdev) -> Box<dyn ModuleChannel> {
+        Box::new(channel::NvmeChannel::new(
+            self.shared.clone(),
+            self.nsid,
+            bdev.name(),
+        ))
     }
 
     fn dump_info(&self, _bdev: &Bdev, out: &mut serde_json::Map<String, Value>) {
@@ -729,6 +733,82 @@ impl BdevOps for NsOps {
             }]),
         );
     }
+}
+
+/// One I/O path: a bdev's channel on one thread (`bdev_nvme_get_io_paths`).
+pub(crate) struct PathEntry {
+    thread: String,
+    bdev: String,
+    shared: Arc<Shared>,
+    /// The channel's queue is connected.
+    pub(crate) connected: AtomicBool,
+}
+
+/// Every channel's path, in creation order (control path only: channels come and go, the RPC reads).
+fn paths() -> std::sync::MutexGuard<'static, Vec<Arc<PathEntry>>> {
+    static P: OnceLock<std::sync::Mutex<Vec<Arc<PathEntry>>>> = OnceLock::new();
+    reactor::lock(P.get_or_init(Default::default))
+}
+
+/// Records a new channel's path.
+pub(crate) fn add_path(bdev: &str, shared: &Arc<Shared>) -> Arc<PathEntry> {
+    let thread = reactor::thread::current().map_or_else(String::new, |t| t.name().to_string());
+    let p = Arc::new(PathEntry {
+        thread,
+        bdev: bdev.to_string(),
+        shared: shared.clone(),
+        connected: AtomicBool::new(false),
+    });
+    paths().push(p.clone());
+    p
+}
+
+/// Forgets a channel's path.
+pub(crate) fn remove_path(p: &Arc<PathEntry>) {
+    paths().retain(|x| !Arc::ptr_eq(x, p));
+}
+
+/// `bdev_nvme_get_io_paths`: per thread that has NVMe channels, its paths (those of bdev `name` only, when
+/// given), as SPDK lists them.
+pub fn io_paths_json(name: Option<&str>) -> Value {
+    let all = paths().clone();
+    let mut threads: Vec<&str> = Vec::new();
+    for p in &all {
+        if !threads.contains(&p.thread.as_str()) {
+            threads.push(&p.thread);
+        }
+    }
+    let groups: Vec<Value> = threads
+        .iter()
+        .map(|t| {
+            let io_paths: Vec<Value> = all
+                .iter()
+                .filter(|p| p.thread == *t && name.is_none_or(|n| n == p.bdev))
+                .map(|p| {
+                    let info = p.shared.info.load();
+                    let o = &info.opts;
+                    let connected = p.connected.load(Ordering::Relaxed)
+                        && p.shared.state.load(Ordering::Acquire) == ST_ENABLED;
+                    json!({
+                        "bdev_name": p.bdev,
+                        "cntlid": info.cntlid,
+                        // One path per bdev: it is current whenever it can carry I/O.
+                        "current": connected,
+                        "connected": connected,
+                        "accessible": true,
+                        "transport": {
+                            "trtype": "TCP",
+                            "traddr": o.addr.ip().to_string(),
+                            "trsvcid": o.addr.port().to_string(),
+                            "adrfam": if o.addr.is_ipv4() { "IPv4" } else { "IPv6" },
+                        },
+                    })
+                })
+                .collect();
+            json!({"thread": t, "io_paths": io_paths})
+        })
+        .collect();
+    json!({ "poll_groups": groups })
 }
 
 /// SPDK's `trid` object of a controller.
@@ -909,8 +989,8 @@ struct GetParams {
     name: Option<String>,
 }
 
-/// Registers `bdev_nvme_attach_controller`, `bdev_nvme_detach_controller`, `bdev_nvme_reset_controller` and
-/// `bdev_nvme_get_controllers`.
+/// Registers `bdev_nvme_attach_controller`, `bdev_nvme_detach_controller`, `bdev_nvme_reset_controller`,
+/// `bdev_nvme_get_controllers` and `bdev_nvme_get_io_paths`.
 pub fn register_rpcs(reg: &mut Registry) {
     bdev::rpc::method(
         reg,
@@ -975,6 +1055,12 @@ pub fn register_rpcs(reg: &mut Registry) {
                 Err(e) => r.err(RpcError::from(e)),
             })
         },
+    );
+    bdev::rpc::method(
+        reg,
+        "bdev_nvme_get_io_paths",
+        STATE_RUNTIME,
+        |p: GetParams, r: Responder| r.ok(io_paths_json(p.name.as_deref())),
     );
     bdev::rpc::method(
         reg,
