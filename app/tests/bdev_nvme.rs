@@ -246,3 +246,112 @@ fn compute_node_attaches_spdk_storage_node() {
     s.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Eight clients attach and detach the same two controller names as fast as they can while two more read
+/// `bdev_get_bdevs`, `bdev_nvme_get_controllers` and `bdev_nvme_get_io_paths`: every answer is a result or an
+/// error object, nothing crashes, and at the end what the compute node lists is exactly what exists (bdevs for
+/// listed controllers only, as many controllers on the storage node as the compute node lists).
+#[test]
+fn attach_detach_races_leave_consistent_state() {
+    let s = Tgt::start("nvme-race-storage", &[]);
+    let port = free_port();
+    for (m, p) in export_calls(&port) {
+        let r = s.call(m, p);
+        assert!(r.get("error").is_none(), "{m}: {r}");
+    }
+    let c = std::sync::Arc::new(Tgt::start("nvme-race-compute", &[]));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let (c, port) = (c.clone(), port.clone());
+        workers.push(std::thread::spawn(move || {
+            for i in 0..12 {
+                let name = format!("Race{}", (w + i) % 2);
+                let r = if (w + i) % 3 == 0 {
+                    c.call("bdev_nvme_detach_controller", json!({"name": name}))
+                } else {
+                    c.call(
+                        "bdev_nvme_attach_controller",
+                        json!({"name": name, "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1",
+                               "trsvcid": port, "subnqn": NQN}),
+                    )
+                };
+                assert!(
+                    r.get("result").is_some() || r["error"]["code"].is_i64(),
+                    "malformed answer {r}"
+                );
+            }
+        }));
+    }
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let (c, stop) = (c.clone(), stop.clone());
+        readers.push(std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for m in [
+                    "bdev_get_bdevs",
+                    "bdev_nvme_get_controllers",
+                    "bdev_nvme_get_io_paths",
+                ] {
+                    let r = c.call(m, json!({}));
+                    assert!(r.get("result").is_some(), "{m}: {r}");
+                    n += 1;
+                }
+            }
+            n
+        }));
+    }
+    for w in workers {
+        w.join().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    // Settled: what is listed exists, and nothing else does.
+    let listed: Vec<String> = c
+        .ok(&["bdev_nvme_get_controllers"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap().to_string())
+        .collect();
+    let bdevs: Vec<String> = c
+        .ok(&["bdev_get_bdevs"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    for k in 0..2 {
+        let name = format!("Race{k}");
+        assert_eq!(
+            listed.contains(&name),
+            bdevs.contains(&format!("{name}n1")),
+            "{name}: listed {listed:?}, bdevs {bdevs:?}"
+        );
+    }
+    // The storage node holds one controller per attached one (none leaked by a lost race).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let ctrlrs = s.call("nvmf_subsystem_get_controllers", json!({"nqn": NQN}));
+        let n = ctrlrs["result"].as_array().map_or(usize::MAX, Vec::len);
+        if n == listed.len() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "storage node has {n} controllers, compute node lists {listed:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for name in &listed {
+        c.ok(&["bdev_nvme_detach_controller", name]);
+    }
+    let c = std::sync::Arc::try_unwrap(c).ok().unwrap();
+    let (st, _) = c.stop();
+    assert!(st.success());
+    let (st, _) = s.stop();
+    assert!(st.success());
+}
