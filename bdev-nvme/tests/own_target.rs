@@ -48,14 +48,7 @@ fn target() -> u16 {
             o.normalize(false, 1, 1024).unwrap();
             mgmt::create_subsystem(o);
             let port = free_port();
-            let trid = Trid::tcp("127.0.0.1", &port.to_string());
-            let config = ListenerConfig {
-                nqn: NQN.into(),
-                listen_address: trid.clone(),
-                secure_channel: false,
-                sock_impl: None,
-            };
-            mgmt::add_listener(NQN, trid, AnaState::Optimized, config).unwrap();
+            set_listener(port, true);
             mgmt::add_ns(NQN, NamespaceParams::new("OwnM0"), move |r| {
                 r.unwrap();
                 mgmt::add_ns(NQN, NamespaceParams::new("OwnM1"), move |r| {
@@ -382,22 +375,25 @@ fn detach(name: &str) {
     r.unwrap();
 }
 
-/// Adds or removes the target's listener (removing it drops its connections, as SPDK's does).
+/// Adds or removes the target's listener (removing it drops its connections, as SPDK's does), from the test.
 fn listener(port: u16, add: bool) {
-    app(move || {
-        let trid = Trid::tcp("127.0.0.1", &port.to_string());
-        if add {
-            let config = ListenerConfig {
-                nqn: NQN.into(),
-                listen_address: trid.clone(),
-                secure_channel: false,
-                sock_impl: None,
-            };
-            mgmt::add_listener(NQN, trid, AnaState::Optimized, config).unwrap();
-        } else {
-            mgmt::remove_listener(NQN, &trid).unwrap();
-        }
-    });
+    app(move || set_listener(port, add));
+}
+
+/// [`listener`] on the app thread.
+fn set_listener(port: u16, add: bool) {
+    let trid = Trid::tcp("127.0.0.1", &port.to_string());
+    if add {
+        let config = ListenerConfig {
+            nqn: NQN.into(),
+            listen_address: trid.clone(),
+            secure_channel: false,
+            sock_impl: None,
+        };
+        mgmt::add_listener(NQN, trid, AnaState::Optimized, config).unwrap();
+    } else {
+        mgmt::remove_listener(NQN, &trid).unwrap();
+    }
 }
 
 /// Waits until controller `name` reads one of `states` in `bdev_nvme_get_controllers`.
