@@ -59,9 +59,27 @@ fn attach_args(port: &str) -> Vec<String> {
     .to_vec()
 }
 
-/// What the compute node does against a storage node listening on `port`.
-fn compute_node_drill(port: &str, tag: &str) {
-    let c = Tgt::start(tag, &[]);
+/// The namespace the storage nodes export: (block size, blocks).
+const NS_512: (u64, u64) = (512, 65536);
+
+/// What the compute node does against a storage node listening on `port` whose namespace is `ns`.
+fn compute_node_drill(port: &str, tag: &str, ns: (u64, u64)) {
+    let c = std::cell::RefCell::new(Some(Tgt::start(tag, &[])));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drill_steps(&c, port, tag, ns)
+    }));
+    if let Err(p) = r {
+        // The compute node's log says what went wrong on its side.
+        if let Some(c) = c.borrow_mut().take() {
+            eprintln!("compute node log:\n{}", c.stop().1);
+        }
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn drill_steps(cell: &std::cell::RefCell<Option<Tgt>>, port: &str, tag: &str, ns: (u64, u64)) {
+    let guard = cell.borrow();
+    let c = guard.as_ref().unwrap();
     // Module options set before any controller are the attaches' defaults; once one is attached they are
     // refused, as SPDK refuses them.
     let r = c.call(
@@ -77,8 +95,8 @@ fn compute_node_drill(port: &str, tag: &str) {
 
     let b = c.ok(&["bdev_get_bdevs", "-b", "Nvme0n1"]);
     assert_eq!(b[0]["product_name"], "NVMe disk");
-    assert_eq!(b[0]["block_size"], 512);
-    assert_eq!(b[0]["num_blocks"], 65536);
+    assert_eq!(b[0]["block_size"], ns.0);
+    assert_eq!(b[0]["num_blocks"], ns.1);
     assert_eq!(b[0]["driver_specific"]["nvme"][0]["trid"]["trsvcid"], port);
     let r = c.call(
         "bdev_nvme_set_options",
@@ -189,6 +207,8 @@ fn compute_node_drill(port: &str, tag: &str) {
     assert_eq!(attach_entry["reconnect_delay_sec"], 2);
     assert_eq!(attach_entry["fast_io_fail_timeout_sec"], 10);
     assert!(at("bdev_nvme_attach_controller") < at("bdev_nvme_set_hotplug"));
+    drop(guard);
+    let c = cell.borrow_mut().take().unwrap();
     let (st, _) = c.stop();
     assert!(st.success());
     let dir = std::env::temp_dir().join(format!("bdev-nvme-{tag}-{}", std::process::id()));
@@ -212,9 +232,73 @@ fn compute_node_attaches_our_storage_node() {
         let r = s.call(m, p);
         assert!(r.get("error").is_none(), "{m}: {r}");
     }
-    compute_node_drill(&port, "nvme-compute");
+    compute_node_drill(&port, "nvme-compute", NS_512);
     let (st, _) = s.stop();
     assert!(st.success());
+}
+
+/// The Linux kernel's NVMe-oF/TCP target (nvmet, configured through configfs in a lab guest, a memory-backed
+/// null_blk namespace of 1 GiB) as the storage node, reached through a forwarded port. (A file on tmpfs will not
+/// do: its write zeroes fails, and the blobstore zeroes its metadata area.)
+#[test]
+fn compute_node_attaches_kernel_storage_node() {
+    const TEST: &str = "compute_node_attaches_kernel_storage_node";
+    let Some(lab) = lab::Lab::get_or_skip(TEST) else {
+        return;
+    };
+    let spec = lab::ImageSpec::default().with_modules(&["nvmet", "nvmet_tcp", "null_blk"]);
+    if lab.image_or_skip(TEST, &spec).is_none() {
+        return;
+    }
+    let port: u16 = free_port().parse().unwrap();
+    let script = format!(
+        r#"
+. /lab/lib.sh
+step nvmet
+# Loaded at boot with its defaults (not memory backed): again, keeping what is written.
+rmmod null_blk
+modprobe null_blk nr_devices=1 gb=1 bs=512 memory_backed=1 || fail "null_blk"
+cd /sys/kernel/config/nvmet || fail "no nvmet configfs"
+mkdir subsystems/{NQN}
+echo 1 > subsystems/{NQN}/attr_allow_any_host
+mkdir subsystems/{NQN}/namespaces/1
+echo -n /dev/nullb0 > subsystems/{NQN}/namespaces/1/device_path
+echo 1 > subsystems/{NQN}/namespaces/1/enable || fail "namespace enable"
+mkdir ports/1
+echo tcp > ports/1/addr_trtype
+echo ipv4 > ports/1/addr_adrfam
+echo 0.0.0.0 > ports/1/addr_traddr
+echo 4420 > ports/1/addr_trsvcid
+ln -s /sys/kernel/config/nvmet/subsystems/{NQN} ports/1/subsystems/{NQN} || fail "port link"
+echo "nvmet ready"
+sleep 600
+"#
+    );
+    let mut cfg = lab::GuestConfig::new("bdev-nvme-kernel-target", &script);
+    cfg.image = spec;
+    cfg.net = true;
+    cfg.host_forwards.push((port, 4420));
+    cfg.timeout = std::time::Duration::from_secs(600);
+    let g = lab.spawn(&cfg).unwrap();
+    if let Err(e) = g.wait_for("nvmet ready", std::time::Duration::from_secs(180)) {
+        panic!(
+            "{e}
+{}",
+            g.console()
+        );
+    }
+    let drill = std::panic::catch_unwind(|| {
+        compute_node_drill(
+            &port.to_string(),
+            "nvme-compute-kernel",
+            (512, 2 * 1024 * 1024),
+        )
+    });
+    let out = g.kill();
+    if let Err(p) = drill {
+        eprintln!("{}", out.console);
+        std::panic::resume_unwind(p);
+    }
 }
 
 #[test]
@@ -242,7 +326,7 @@ fn compute_node_attaches_spdk_storage_node() {
     ]});
     write_file(&dir, "config.json", &cfg.to_string());
     let s = lab::target::SpdkTgt::start(&dir, "spdk");
-    compute_node_drill(&port, "nvme-compute-spdk");
+    compute_node_drill(&port, "nvme-compute-spdk", NS_512);
     s.stop();
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -257,6 +257,17 @@ impl ModuleChannel for NvmeChannel {
                 dnr: cqe.status.dnr,
                 crd: cqe.status.crd,
             };
+            if !cqe.status.is_success() {
+                // As SPDK prints a failed command and its completion.
+                log::warn!(
+                    "nvme: {} nsid {} lba {} blocks {}: {}",
+                    io.io_type().name(),
+                    self.nsid,
+                    io.offset_blocks(),
+                    io.num_blocks(),
+                    cqe.status
+                );
+            }
             if io.io_type() == IoType::NvmeIo {
                 io.complete_nvme(cqe.dw0, st);
             } else {

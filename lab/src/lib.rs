@@ -89,6 +89,8 @@ pub struct GuestConfig {
     pub shared_memory: bool,
     /// Give the guest a user-mode NIC (10.0.2.15; the host is 10.0.2.2).
     pub net: bool,
+    /// TCP ports of the guest reachable from the host: (host port on 127.0.0.1, guest port). Needs `net`.
+    pub host_forwards: Vec<(u16, u16)>,
     /// Extra QEMU arguments (devices, chardevs, ...).
     pub qemu_args: Vec<String>,
     /// Extra kernel command line.
@@ -112,6 +114,7 @@ impl GuestConfig {
             smp: 2,
             shared_memory: false,
             net: false,
+            host_forwards: vec![],
             qemu_args: vec![],
             append: String::new(),
             allow_reboot: false,

@@ -223,9 +223,13 @@ pub(crate) fn spawn(
         args.push("-no-reboot".into());
     }
     if cfg.net {
+        let mut netdev = "user,id=n0".to_string();
+        for (host, guest) in &cfg.host_forwards {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
         args.extend([
             "-netdev".into(),
-            "user,id=n0".into(),
+            netdev,
             "-device".into(),
             "virtio-net-pci,netdev=n0".into(),
         ]);
