@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The NVMe-oF/TCP initiator (bdev_nvme) side by side with SPDK v24.05's, same run: each bdevperf (ours and SPDK's)
-# attaches the same target with bdev_nvme_attach_controller in its JSON config and drives Nvme0n1, 4 KiB, the
-# target on core 0 and the initiator on core 1. The target is ours or SPDK's nvmf_tgt (TARGET=ours|spdk), so all
-# four pairings can be run. Runs alternate between the two initiators and the best of ROUNDS is kept for each;
-# the ratio is ours / SPDK's.
+# The NVMe-oF/TCP initiator side by side with SPDK v24.05's, same run, the target on core 0 and the initiator
+# on core 1, 4 KiB. TOOL=bdevperf (default): each bdevperf (ours and SPDK's) attaches the target with
+# bdev_nvme_attach_controller in its JSON config and drives Nvme0n1 (bdev_nvme). TOOL=perf: our nvme_perf against
+# SPDK's spdk_nvme_perf, same flags (the host libraries alone). The target is ours or SPDK's nvmf_tgt
+# (TARGET=ours|spdk), so all four pairings can be run. Runs alternate between the two initiators and the best of
+# ROUNDS is kept for each; the ratio is ours / SPDK's.
 # SPDK's binaries come from ../shared/tools/spdk-peer/build.sh (default /root/spdk-peer).
-# Usage: [TARGET=ours|spdk] bash benches/nvme_tcp_host.sh [seconds per run] [rounds] [case ...]
+# Usage: [TARGET=ours|spdk] [TOOL=bdevperf|perf] bash benches/nvme_tcp_host.sh [seconds per run] [rounds] [case ...]
 #   case: BDEV-WORKLOAD-QD, BDEV in null, malloc; e.g. null-randread-128 malloc-randwrite-128 null-randread-1
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,9 @@ shift $(( $# < 2 ? $# : 2 ))
 cases=("$@")
 [ ${#cases[@]} -gt 0 ] || cases=(null-randread-128 null-randwrite-128 null-randread-1)
 TARGET=${TARGET:-ours}
+TOOL=${TOOL:-bdevperf}
 PEER=${SPDK_PEER:-/root/spdk-peer}
+SPDK_PERF=$PEER/build/bin/spdk_nvme_perf
 SPDK_BDEVPERF=$PEER/build/examples/bdevperf
 SPDK_TGT=$PEER/build/bin/nvmf_tgt
 if [ ! -x "$SPDK_BDEVPERF" ] || [ ! -x "$SPDK_TGT" ]; then
@@ -33,6 +36,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 cp target/release/spdk_tgt "$dir/spdk_tgt"
 cp target/release/bdevperf "$dir/bdevperf"
+cp target/release/nvme_perf "$dir/nvme_perf"
 NQN=nqn.2016-06.io.spdk:bench
 PORT=14430
 target_config() { # bdev
@@ -59,12 +63,23 @@ case $TARGET in
   spdk) TGT=$SPDK_TGT ;;
   *) echo "TARGET must be ours or spdk" >&2; exit 1 ;;
 esac
-run() { # bdevperf workload qd -> IOPS
-  "$1" -c "$dir/host.json" -q "$3" -o 4096 -w "$2" -t "$T" -m 0x2 2>/dev/null |
-    sed -n 's/^.*Total *: *\([0-9.]*\).*/\1/p' | head -1
+run() { # tool workload qd -> IOPS
+  if [ "$TOOL" = perf ]; then
+    "$1" -q "$3" -o 4096 -w "$2" -t "$T" -c 0x2 \
+      -r "trtype:tcp adrfam:ipv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$NQN" 2>/dev/null |
+      awk '/^Total/ {print $3; exit}'
+  else
+    "$1" -c "$dir/host.json" -q "$3" -o 4096 -w "$2" -t "$T" -m 0x2 2>/dev/null |
+      sed -n 's/^.*Total *: *\([0-9.]*\).*/\1/p' | head -1
+  fi
 }
+case $TOOL in
+  bdevperf) OURS=$dir/bdevperf THEIRS=$SPDK_BDEVPERF ;;
+  perf) OURS=$dir/nvme_perf THEIRS=$SPDK_PERF ;;
+  *) echo "TOOL must be bdevperf or perf" >&2; exit 1 ;;
+esac
 best() { awk -v a="$1" -v b="$2" 'BEGIN{print (a+0 > b+0) ? a : b}'; }
-printf "target %s\n%-8s %-10s %4s %12s %12s %7s\n" "$TARGET" bdev workload qd ours spdk ratio
+printf "target %s, tool %s\n%-8s %-10s %4s %12s %12s %7s\n" "$TARGET" "$TOOL" bdev workload qd ours spdk ratio
 for c in "${cases[@]}"; do
   IFS=- read -r b w q <<<"$c"
   target_config "$b" > "$dir/target-$b.json"
@@ -73,8 +88,8 @@ for c in "${cases[@]}"; do
   for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
   mine=0 theirs=0
   for _ in $(seq "$ROUNDS"); do
-    mine=$(best "$mine" "$(run "$dir/bdevperf" "$w" "$q")")
-    theirs=$(best "$theirs" "$(run "$SPDK_BDEVPERF" "$w" "$q")")
+    mine=$(best "$mine" "$(run "$OURS" "$w" "$q")")
+    theirs=$(best "$theirs" "$(run "$THEIRS" "$w" "$q")")
   done
   kill "$tpid" 2>/dev/null || true
   wait "$tpid" 2>/dev/null || true

@@ -1,0 +1,374 @@
+//! `nvme_perf`: a load generator on the NVMe host library with `spdk_nvme_perf`'s main flags and summary table,
+//! so operators' scripts keep working: `-q` queue depth, `-o` I/O size, `-w` workload (read, write, randread,
+//! randwrite, rw, randrw), `-M` read percentage for the mixed ones, `-t` seconds, `-c` core mask (the first core
+//! runs the queue), `-r 'trtype:tcp adrfam:ipv4 traddr:... trsvcid:... subnqn:...'`.
+//!
+//! Per I/O it does what SPDK's perf does: pick the offset (sequential, or random from a per-run generator), take
+//! the submit tick, submit; on completion add the latency to the total, min and max, and submit the next. One
+//! namespace (the first), one queue, on the first core of the mask.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nvme_host::{CtrlrOpts, Dir, IoQueue, Iov};
+use nvme_proto::cmd::{io as opc, Sqe};
+use reactor::dma::DmaBuf;
+use reactor::{ticks, Poller};
+
+struct Args {
+    qd: usize,
+    size: usize,
+    workload: String,
+    read_pct: u32,
+    secs: u64,
+    mask: String,
+    trid: HashMap<String, String>,
+}
+
+fn usage(e: &str) -> ExitCode {
+    eprintln!("nvme_perf: {e}");
+    eprintln!(
+        "usage: nvme_perf -q DEPTH -o BYTES -w read|write|randread|randwrite|rw|randrw [-M READ_PCT] -t SECS \
+         [-c MASK] -r 'trtype:tcp adrfam:ipv4 traddr:A trsvcid:P subnqn:NQN'"
+    );
+    ExitCode::from(1)
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        qd: 0,
+        size: 0,
+        workload: String::new(),
+        read_pct: 50,
+        secs: 0,
+        mask: "0x1".into(),
+        trid: HashMap::new(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        let num = |v: String| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{flag}: not a number: {v}"))
+        };
+        match flag.as_str() {
+            "-q" => a.qd = num(val()?)? as usize,
+            "-o" => a.size = num(val()?)? as usize,
+            "-w" => a.workload = val()?,
+            "-M" => a.read_pct = num(val()?)?.min(100) as u32,
+            "-t" => a.secs = num(val()?)?,
+            "-c" => a.mask = val()?,
+            "-r" => {
+                for kv in val()?.split_whitespace() {
+                    let (k, v) = kv
+                        .split_once(':')
+                        .ok_or_else(|| format!("-r: {kv} is not key:value"))?;
+                    a.trid.insert(k.to_ascii_lowercase(), v.to_string());
+                }
+            }
+            f => return Err(format!("unknown flag {f}")),
+        }
+    }
+    if a.qd == 0 || a.size == 0 || a.secs == 0 || a.workload.is_empty() {
+        return Err("-q, -o, -w and -t are required".into());
+    }
+    if !["read", "write", "randread", "randwrite", "rw", "randrw"].contains(&a.workload.as_str()) {
+        return Err(format!("unknown workload {}", a.workload));
+    }
+    match a.trid.get("trtype").map(|s| s.to_ascii_lowercase()) {
+        Some(t) if t == "tcp" => Ok(a),
+        t => Err(format!("trtype {t:?}: only tcp is supported")),
+    }
+}
+
+/// The run's counters.
+#[derive(Default)]
+struct Stats {
+    ios: u64,
+    errors: u64,
+    total_ticks: u64,
+    min_ticks: u64,
+    max_ticks: u64,
+}
+
+/// The job: queue, buffers (one per slot), offsets, submit ticks.
+struct Job {
+    q: IoQueue,
+    bufs: Vec<DmaBuf>,
+    submitted_at: Vec<u64>,
+    blocks_per_io: u64,
+    ns_blocks: u64,
+    nsid: u32,
+    random: bool,
+    read_pct: u32,
+    write_only: bool,
+    read_only: bool,
+    next_seq: u64,
+    seed: u64,
+    stats: Stats,
+    stopping: bool,
+}
+
+impl Job {
+    fn rand(&mut self) -> u64 {
+        // xorshift64*: cheap, as SPDK perf's rand_r.
+        self.seed ^= self.seed >> 12;
+        self.seed ^= self.seed << 25;
+        self.seed ^= self.seed >> 27;
+        self.seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn submit(&mut self, slot: usize) {
+        let span = self.ns_blocks / self.blocks_per_io;
+        let lba = if self.random {
+            (self.rand() % span) * self.blocks_per_io
+        } else {
+            let l = self.next_seq;
+            self.next_seq = (self.next_seq + self.blocks_per_io) % (span * self.blocks_per_io);
+            l
+        };
+        let read = if self.read_only {
+            true
+        } else if self.write_only {
+            false
+        } else {
+            (self.rand() % 100) < self.read_pct as u64
+        };
+        let mut s = Sqe::new(if read { opc::READ } else { opc::WRITE }, 0);
+        s.set_nsid(self.nsid);
+        s.set_cdw(10, lba as u32);
+        s.set_cdw(11, (lba >> 32) as u32);
+        s.set_cdw(12, self.blocks_per_io as u32 - 1);
+        let b = &self.bufs[slot];
+        let iov = [Iov {
+            base: b.as_ptr(),
+            len: b.len(),
+        }];
+        self.submitted_at[slot] = ticks::now();
+        let dir = if read { Dir::FromCtrl } else { Dir::ToCtrl };
+        // SAFETY: the slot's buffer lives in the job for the whole run; a slot has one command at a time.
+        if let Err(e) = unsafe { self.q.submit(s, &iov, dir, slot as u64) } {
+            eprintln!("nvme_perf: submit: {e:?}");
+            self.stats.errors += 1;
+        }
+    }
+
+    fn poll(&mut self) -> bool {
+        let mut done = Vec::new();
+        let did = self
+            .q
+            .poll(&mut |token, cqe| done.push((token as usize, cqe)));
+        if self.q.ready() && self.submitted_at.iter().all(|&t| t == 0) && !self.stopping {
+            for slot in 0..self.bufs.len() {
+                self.submit(slot);
+            }
+        }
+        let now = ticks::now();
+        for (slot, cqe) in done {
+            let t = now.saturating_sub(self.submitted_at[slot]);
+            let s = &mut self.stats;
+            if cqe.status.is_success() {
+                s.ios += 1;
+                s.total_ticks += t;
+                s.min_ticks = if s.min_ticks == 0 {
+                    t
+                } else {
+                    s.min_ticks.min(t)
+                };
+                s.max_ticks = s.max_ticks.max(t);
+            } else {
+                s.errors += 1;
+            }
+            if !self.stopping {
+                self.submit(slot);
+            }
+        }
+        did
+    }
+}
+
+/// What a run hands back to `main`: its counters and the device line, or why it could not run.
+type RunResult = Result<(Stats, String), String>;
+
+fn main() -> ExitCode {
+    let a = match parse() {
+        Ok(a) => a,
+        Err(e) => return usage(&e),
+    };
+    let ip: IpAddr = match a.trid.get("traddr").map(|s| s.parse()) {
+        Some(Ok(ip)) => ip,
+        _ => return usage("-r needs traddr:<ip address>"),
+    };
+    let port: u16 = a
+        .trid
+        .get("trsvcid")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(4420);
+    let Some(subnqn) = a.trid.get("subnqn").cloned() else {
+        return usage("-r needs subnqn:<nqn>");
+    };
+    let Ok(cpumask) = reactor::CpuMask::parse(&a.mask) else {
+        return usage("-c: not a core mask");
+    };
+    let result: Arc<Mutex<Option<RunResult>>> = Arc::default();
+    let r2 = result.clone();
+    let opts = reactor::Options {
+        cpumask,
+        main_core: None,
+        idle_backoff: false,
+        pin: true,
+    };
+    let host = uuid_like();
+    let ctrlr_opts = CtrlrOpts {
+        addr: SocketAddr::new(ip, port),
+        subnqn: subnqn.clone(),
+        hostnqn: format!("nqn.2014-08.org.nvmexpress:uuid:{host}"),
+        hostid: [0x5a; 16],
+        kato_ms: 10_000,
+        num_io_queues: 1,
+        // As SPDK perf: as many queue entries as the depth (the target caps the queue size; ask for no more).
+        io_queue_size: (a.qd.min(u16::MAX as usize) as u16).max(2),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let (qd, size, secs, workload, read_pct) =
+        (a.qd, a.size, a.secs, a.workload.clone(), a.read_pct);
+    let run = reactor::run(opts, move || {
+        nvme_host::connect(ctrlr_opts, move |res| {
+            let ctrlr = match res {
+                Ok(c) => c,
+                Err(e) => {
+                    *r2.lock().unwrap() = Some(Err(e.to_string()));
+                    return reactor::stop();
+                }
+            };
+            let Some(ns) = ctrlr.info.namespaces.first().cloned() else {
+                *r2.lock().unwrap() = Some(Err("no active namespace".into()));
+                return reactor::stop();
+            };
+            let bs = ns.block_size as usize;
+            if size % bs != 0 || size > ctrlr.info.max_xfer as usize {
+                *r2.lock().unwrap() = Some(Err(format!(
+                    "-o {size}: not a multiple of the block size {bs} or over the transfer limit {}",
+                    ctrlr.info.max_xfer
+                )));
+                return reactor::stop();
+            }
+            let q = match IoQueue::connect(ctrlr.info.clone()) {
+                Ok(q) => q,
+                Err(e) => {
+                    *r2.lock().unwrap() = Some(Err(e.to_string()));
+                    return reactor::stop();
+                }
+            };
+            let job = Rc::new(RefCell::new(Job {
+                q,
+                bufs: (0..qd)
+                    .map(|_| DmaBuf::alloc(size).expect("I/O buffers"))
+                    .collect(),
+                submitted_at: vec![0; qd],
+                blocks_per_io: (size / bs) as u64,
+                ns_blocks: ns.blocks,
+                nsid: ns.nsid,
+                random: workload.starts_with("rand"),
+                read_pct,
+                write_only: workload.ends_with("write"),
+                read_only: workload.ends_with("read"),
+                next_seq: 0,
+                seed: 0x9e37_79b9_7f4a_7c15,
+                stats: Stats::default(),
+                stopping: false,
+            }));
+            let j = job.clone();
+            let poller = Rc::new(RefCell::new(Some(Poller::register(
+                "nvme_perf",
+                0,
+                move || j.borrow_mut().poll(),
+            ))));
+            let desc = format!("TCP (addr:{ip} subnqn:{subnqn}) NSID {}", ns.nsid);
+            let ctrlr = Rc::new(ctrlr);
+            reactor::timer(secs * 1_000_000, move || {
+                let mut j = job.borrow_mut();
+                j.stopping = true;
+                let stats = std::mem::take(&mut j.stats);
+                let failed = j.q.failed();
+                drop(j);
+                poller.borrow_mut().take();
+                *r2.lock().unwrap() = Some(if failed {
+                    Err("the I/O queue failed (see the target's log)".into())
+                } else {
+                    Ok((stats, desc.clone()))
+                });
+                ctrlr.close();
+                reactor::stop();
+            })
+            .detach();
+        });
+    });
+    if let Err(e) = run {
+        return usage(&format!("reactors: {e}"));
+    }
+    let out = result.lock().unwrap().take();
+    match out {
+        Some(Ok((s, desc))) => {
+            let hz = ticks::rate() as f64;
+            let iops = s.ios as f64 / a.secs as f64;
+            let mibs = iops * a.size as f64 / (1024.0 * 1024.0);
+            let us = |t: u64| t as f64 * 1e6 / hz;
+            let avg = if s.ios > 0 {
+                us(s.total_ticks) / s.ios as f64
+            } else {
+                0.0
+            };
+            let core = a.mask.trim_start_matches("0x");
+            let core = u64::from_str_radix(core, 16).map_or(0, |m| m.trailing_zeros());
+            println!("========================================================");
+            println!("{:>104}", "Latency(us)");
+            println!(
+                "{:<71}: {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "Device Information", "IOPS", "MiB/s", "Average", "min", "max"
+            );
+            let row = |name: &str| {
+                println!(
+                    "{:<71}: {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+                    name,
+                    iops,
+                    mibs,
+                    avg,
+                    us(s.min_ticks),
+                    us(s.max_ticks)
+                )
+            };
+            row(&format!("{desc} from core {core:2}"));
+            println!("========================================================");
+            row("Total");
+            if s.errors > 0 {
+                eprintln!("nvme_perf: {} I/O errors", s.errors);
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
+        Some(Err(e)) => usage(&e),
+        None => usage("the run ended without a result"),
+    }
+}
+
+/// A host identifier for this run (random, as SPDK perf's default host NQN).
+fn uuid_like() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let p = std::process::id() as u64;
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        t as u32,
+        (t >> 32) as u16,
+        p & 0xfff,
+        (t >> 48) & 0xfff,
+        t ^ p
+    )
+}

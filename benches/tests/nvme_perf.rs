@@ -1,0 +1,112 @@
+//! `nvme_perf` against this project's NVMe-oF/TCP target (in this test process): a mixed run completes with
+//! `spdk_nvme_perf`'s summary table and no errors; bad flags and an unknown subsystem exit non-zero with a
+//! message.
+
+use std::process::Command;
+use std::time::Duration;
+
+use bdev::modules::malloc::{self, MallocOpts};
+use nvmf::mgmt;
+use nvmf::params::{
+    AnaState, ListenerConfig, NamespaceParams, NvmfCreateSubsystem, TransportKind, TransportOpts,
+    Trid,
+};
+use reactor::testing::on_app;
+
+const NQN: &str = "nqn.2016-06.io.spdk:nvme-perf";
+
+fn target() -> u16 {
+    on_app(|reply| {
+        malloc::create(MallocOpts {
+            name: Some("PerfM0".into()),
+            num_blocks: 16384,
+            block_size: 512,
+            ..Default::default()
+        })
+        .unwrap();
+        mgmt::create_transport(
+            TransportOpts::defaults(TransportKind::Tcp),
+            None,
+            move |r| {
+                r.unwrap();
+                let mut o = NvmfCreateSubsystem::new(NQN);
+                o.allow_any_host = true;
+                o.normalize(false, 1, 1024).unwrap();
+                mgmt::create_subsystem(o);
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                let trid = Trid::tcp("127.0.0.1", &port.to_string());
+                let config = ListenerConfig {
+                    nqn: NQN.into(),
+                    listen_address: trid.clone(),
+                    secure_channel: false,
+                    sock_impl: None,
+                };
+                mgmt::add_listener(NQN, trid, AnaState::Optimized, config).unwrap();
+                mgmt::add_ns(NQN, NamespaceParams::new("PerfM0"), move |r| {
+                    r.unwrap();
+                    reply(port);
+                });
+            },
+        );
+    })
+}
+
+fn perf(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nvme_perf"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn nvme_perf_runs_against_our_target() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    reactor::testing::run("0x1", Duration::from_secs(120), move || {
+        std::thread::spawn(move || {
+            let res = std::panic::catch_unwind(body);
+            reactor::stop();
+            let _ = tx.send(res);
+        });
+    });
+    if let Err(p) = rx.recv_timeout(Duration::from_secs(5)).unwrap() {
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn body() {
+    let port = target();
+    let r = format!("trtype:tcp adrfam:ipv4 traddr:127.0.0.1 trsvcid:{port} subnqn:{NQN}");
+    let (ok, out, err) = perf(&[
+        "-q", "8", "-o", "4096", "-w", "randrw", "-M", "50", "-t", "1", "-r", &r,
+    ]);
+    assert!(ok, "{out}{err}");
+    let total = out
+        .lines()
+        .find(|l| l.starts_with("Total"))
+        .expect("a Total line");
+    let iops: f64 = total.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(iops > 0.0, "{out}");
+    assert!(out.contains("Device Information"), "{out}");
+    assert!(out.contains(&format!("subnqn:{NQN}) NSID 1")), "{out}");
+    // Refusals: a flag it does not know, a size that is not whole blocks, nobody at that subsystem.
+    let (ok, _, err) = perf(&[
+        "-q", "8", "-o", "4096", "-w", "randread", "-t", "1", "-Z", "-r", &r,
+    ]);
+    assert!(!ok && err.contains("unknown flag -Z"), "{err}");
+    let (ok, _, err) = perf(&[
+        "-q", "8", "-o", "1000", "-w", "randread", "-t", "1", "-r", &r,
+    ]);
+    assert!(!ok && err.contains("block size"), "{err}");
+    let bad = r.replace(NQN, "nqn.2016-06.io.spdk:nobody");
+    let (ok, _, err) = perf(&["-q", "8", "-o", "4096", "-w", "read", "-t", "1", "-r", &bad]);
+    assert!(!ok && err.contains("Connect"), "{err}");
+}
