@@ -788,15 +788,19 @@ impl IoQueue {
             && self.started.elapsed() > self.info.opts.connect_timeout
         {
             log::error!("I/O queue {}: connect timed out", self.qid);
-            self.qp.close(done);
-            self.state = IoState::Failed;
+            self.close(done);
         }
         did
     }
 
     /// Closes the queue; commands still in it complete through `done` with "aborted, SQ deleted".
     pub fn close(&mut self, done: &mut dyn FnMut(u64, Cqe)) {
-        self.qp.close(done);
+        // The queue's own Connect is not the caller's to hear about.
+        self.qp.close(&mut |token, cqe| {
+            if token != CONNECT_TOKEN {
+                done(token, cqe)
+            }
+        });
         self.state = IoState::Failed;
     }
 }
