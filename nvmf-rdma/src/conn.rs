@@ -1004,22 +1004,12 @@ impl Qpair for Conn {
             return done(true);
         }
         // At the bdev: the bdev layer aborts it if the bdev can.
-        let at_bdev = s
+        let target = s
             .reqs
             .iter()
-            .position(|r| r.state == ReqState::Executing && r.pending > 0 && r.sqe.cid() == cid);
-        let left = match at_bdev {
-            Some(slot) => {
-                let sqe = s.reqs[slot].sqe;
-                s.sess
-                    .abort_at_bdev(self.key.get(), slot as u16, &sqe, done)
-            }
-            None => Some(done),
-        };
-        drop(s);
-        if let Some(done) = left {
-            done(false);
-        }
+            .position(|r| r.state == ReqState::Executing && r.pending > 0 && r.sqe.cid() == cid)
+            .map(|slot| (slot as u16, s.reqs[slot].sqe));
+        s.sess.abort_at_bdev(self.key.get(), target, done);
     }
 
     fn complete_async(&self, slot: u16, dw0: u32, status: Status) {

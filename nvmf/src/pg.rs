@@ -114,7 +114,7 @@ pub trait Qpair {
     fn info(&self) -> Option<(String, crate::params::QpairInfo)>;
     /// Aborts command `cid`: one waiting for a data buffer completes with "aborted by request" at once; one at
     /// the bdev is aborted there if the bdev can (it then completes with "aborted by request"). `done` is told
-    /// whether it was aborted.
+    /// whether it was aborted, possibly before this returns.
     fn abort(&self, cid: u16, done: Box<dyn FnOnce(bool)>);
 }
 

@@ -88,25 +88,27 @@ fn sequence_error() -> Outcome {
 }
 
 impl Session {
-    /// Asks the bdev to abort the I/O of the command `sqe` in `slot` of queue pair `key` (SPDK's
-    /// `spdk_nvmf_bdev_ctrlr_abort_cmd`); `done` is told whether every I/O of it was aborted. Gives `done` back
-    /// when the abort cannot even start (no namespace, no abort in the bdev).
+    /// Asks the bdev to abort the I/O of `target`, the command in that slot of queue pair `key` (SPDK's
+    /// `spdk_nvmf_bdev_ctrlr_abort_cmd`); `done` is told whether every I/O of it was aborted. When there is no
+    /// target, or the abort cannot start (no namespace, no abort in the bdev), `done(false)` runs before this
+    /// returns, so it must not touch the queue pair's state.
     pub fn abort_at_bdev(
         &self,
         key: QpKey,
-        slot: u16,
-        sqe: &Sqe,
+        target: Option<(u16, Sqe)>,
         done: Box<dyn FnOnce(bool)>,
-    ) -> Option<Box<dyn FnOnce(bool)>> {
-        let ns = self.sub.as_ref().and_then(|sub| {
-            let t = sub.ns.borrow();
+    ) {
+        let ns = target.and_then(|(_, sqe)| {
+            let t = self.sub.as_ref()?.ns.borrow();
             sqe.nsid()
                 .checked_sub(1)
                 .and_then(|i| t.get(i as usize).cloned().flatten())
         });
-        let Some(ns) = ns else { return Some(done) };
+        let (Some((slot, _)), Some(ns)) = (target, ns) else {
+            return done(false);
+        };
         if !ns.ch.bdev().io_type_supported(bdev::IoType::Abort) {
-            return Some(done);
+            return done(false);
         }
         // The callback is needed back if the abort cannot be submitted: shared until one side takes it.
         let cell = Rc::new(std::cell::Cell::new(Some(done)));
@@ -116,9 +118,10 @@ impl Session {
                 done(io.success());
             }
         }));
-        match ns.ch.abort(pg::io_ctx(key, slot), cb, 0) {
-            Ok(()) => None,
-            Err(_) => cell.take(),
+        if ns.ch.abort(pg::io_ctx(key, slot), cb, 0).is_err() {
+            if let Some(done) = cell.take() {
+                done(false);
+            }
         }
     }
 
