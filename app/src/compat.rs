@@ -167,7 +167,14 @@ pub const KEPT_ALIASES: &[(&str, &str)] = &[
 struct KeptBdevModule {
     name: &'static str,
     entries: Mutex<Vec<Value>>,
+    /// The part of the module that has an engine already: its entries go after the first kept one (the nvme
+    /// module's attached controllers, between `bdev_nvme_set_options` and `bdev_nvme_set_hotplug`, as SPDK
+    /// writes them), and its fini runs with the module's.
+    engine: Option<Engine>,
 }
+
+/// What a kept module's engine adds: its `save_config` entries, and its fini.
+type Engine = (fn() -> Vec<Value>, fn());
 
 impl bdev::BdevModule for KeptBdevModule {
     fn name(&self) -> &'static str {
@@ -179,17 +186,15 @@ impl bdev::BdevModule for KeptBdevModule {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if self.name == "nvme" {
-            // The attached controllers go between bdev_nvme_set_options and bdev_nvme_set_hotplug, as SPDK
-            // writes them.
+        if let Some((entries, _)) = self.engine {
             let at = v.len().min(1);
-            v.splice(at..at, bdev_nvme::config_entries());
+            v.splice(at..at, entries());
         }
         v
     }
     fn fini(&self, done: subsystems::framework::FiniDone) {
-        if self.name == "nvme" {
-            bdev_nvme::detach_all();
+        if let Some((_, fini)) = self.engine {
+            fini();
         }
         done()
     }
@@ -206,6 +211,10 @@ pub fn register(reg: &mut Registry, store: Rc<RefCell<KeptOptions>>) {
             Arc::new(KeptBdevModule {
                 name,
                 entries: Mutex::new(store.borrow().kept_module_entries(name)),
+                engine: (name == "nvme").then_some((
+                    bdev_nvme::config_entries as fn() -> Vec<Value>,
+                    bdev_nvme::detach_all as fn(),
+                )),
             })
         })
         .collect();
