@@ -176,7 +176,9 @@ impl TcpQpair {
         };
         let in_capsule = dir == Dir::ToCtrl && len <= self.icd_max as usize && len > 0;
         sqe.set_cid(cid);
-        sqe.set_flags(sqe.fuse(), psdt::SGL_MPTR_CONTIG);
+        // No fused pairs here: a command passed through from elsewhere must not carry a FUSE bit whose partner
+        // never comes. The data pointer is this queue pair's own.
+        sqe.set_flags(0, psdt::SGL_MPTR_CONTIG);
         sqe.set_sgl1(&SglDesc {
             addr: 0,
             len: len as u32,
