@@ -97,7 +97,7 @@ impl EventChannel {
     /// address belongs to no RDMA device (no verbs context after binding), as SPDK's listen does.
     pub fn listen(self: &Arc<Self>, addr: SocketAddr, backlog: i32) -> io::Result<CmId> {
         let id = CmId::create(self)?;
-        let mut sa = SockAddr::from(addr);
+        let mut sa = reactor::net::SockAddr::from(addr);
         // SAFETY: the id is live; `sa` is a sockaddr of the family's length, valid for the call.
         let rc = unsafe { sys::rdma_bind_addr(id.raw(), sa.as_mut_ptr()) };
         check(rc, "rdma_bind_addr")?;
@@ -118,50 +118,6 @@ impl Drop for EventChannel {
     fn drop(&mut self) {
         // SAFETY: every id made on the channel holds an `Arc` of it, so none is left; the channel is ours.
         unsafe { sys::rdma_destroy_event_channel(self.0.as_ptr()) };
-    }
-}
-
-/// A socket address in the C layout.
-struct SockAddr(libc::sockaddr_storage);
-
-impl From<SocketAddr> for SockAddr {
-    fn from(a: SocketAddr) -> SockAddr {
-        // SAFETY: sockaddr_storage is plain data; all zero is a valid (AF_UNSPEC) value.
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        match a {
-            SocketAddr::V4(a) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(a.ip().octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
-            }
-            SocketAddr::V6(a) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: a.port().to_be(),
-                    sin6_flowinfo: a.flowinfo(),
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.ip().octets(),
-                    },
-                    sin6_scope_id: a.scope_id(),
-                };
-                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
-            }
-        }
-        SockAddr(ss)
-    }
-}
-
-impl SockAddr {
-    fn as_mut_ptr(&mut self) -> *mut libc::sockaddr {
-        &mut self.0 as *mut _ as *mut libc::sockaddr
     }
 }
 

@@ -11,6 +11,7 @@ pub mod bound;
 pub mod cpumask;
 pub mod dma;
 pub mod memmap;
+pub mod net;
 mod reactor;
 mod sync;
 mod sys;
