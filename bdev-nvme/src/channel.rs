@@ -1,10 +1,12 @@
-//! The I/O path of an NVMe namespace bdev: one I/O queue per thread (SPDK's controller channel), bdev I/O
-//! turned into NVMe commands, completions polled in batches.
+//! The I/O path of an NVMe namespace bdev: on each thread, one I/O queue per path (controller) to the namespace
+//! (SPDK's controller channels under one bdev channel), bdev I/O turned into NVMe commands, completions polled in
+//! batches.
 //!
-//! The channel follows its controller's state ([`Shared`]): when its queue fails it asks for a reset and keeps
-//! the I/O (new, and what the dead queue gave back) waiting; once the controller is connected again (a new
-//! generation) it opens a new queue and sends what waited; when the controller is set to fail I/O fast, or is
-//! deleted, what waits fails.
+//! Each path follows its controller's state ([`Shared`]): when its queue fails it asks for a reset; once the
+//! controller is connected again (a new generation) it opens a new queue. An I/O goes to a path the bdev's
+//! multipath policy picks among those that can take it now; an I/O that fails for a path reason (its queue
+//! died, a path status) is sent again on another path, as SPDK retries it. With no path usable now, I/O waits
+//! while some path may come back, and fails (ENXIO) when none can.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -15,113 +17,254 @@ use nvme_host::{Dir, IoQueue, Iov, SubmitError};
 use nvme_proto::cmd::{io as opc, Cqe, DsmRange, Sqe};
 use nvme_proto::status::{generic, sct};
 
-use crate::{PathEntry, Shared, ST_ENABLED, ST_FAIL_FAST};
+use crate::{NsPaths, PathEntry, Policy, Shared, ST_ENABLED, ST_FAIL_FAST};
 
 /// Bytes of Dataset Management ranges a slot keeps (one range per unmap; the bdev layer cuts larger ones).
 const DSM_BYTES: usize = DsmRange::SIZE;
 
-/// A thread's I/O queue to the controller, and the bdev I/O in it.
-pub(crate) struct NvmeChannel {
-    nsid: u32,
-    /// This channel's entry in `bdev_nvme_get_io_paths`.
-    path: Arc<PathEntry>,
+/// The `driver_ctx` word that counts an I/O's retries.
+const RETRIES: usize = 3;
+
+/// This thread's queue on one path.
+struct PathQ {
     shared: Arc<Shared>,
     /// The controller generation `q` belongs to.
     gen: u64,
-    q: Result<IoQueue, i32>,
-    /// I/O in the queue, by token.
-    slots: Vec<Option<IoHandle>>,
-    free: Vec<u32>,
-    /// Each slot's Dataset Management range buffer.
-    dsm: Vec<[u8; DSM_BYTES]>,
-    /// Waiting for the queue to connect, or for a free slot.
-    waiting: VecDeque<IoHandle>,
-    iovs: Vec<Iov>,
-    done: Vec<(u64, Cqe)>,
+    q: std::result::Result<IoQueue, i32>,
+    /// This path's entry in `bdev_nvme_get_io_paths`.
+    entry: Arc<PathEntry>,
+    /// Commands of this channel in `q`.
+    outstanding: u32,
 }
 
-impl NvmeChannel {
-    pub(crate) fn new(shared: Arc<Shared>, nsid: u32, bdev: &str) -> NvmeChannel {
-        let info = shared.info.load_full();
-        let depth = info.opts.io_queue_size.max(2) as usize;
+impl PathQ {
+    fn new(shared: Arc<Shared>, bdev: &str) -> PathQ {
         let gen = shared.gen.load(Ordering::Acquire);
         let q = open_queue(&shared);
-        let path = crate::add_path(bdev, &shared);
-        NvmeChannel {
-            nsid,
-            path,
+        let entry = crate::add_path(bdev, &shared);
+        PathQ {
             shared,
             gen,
             q,
-            slots: (0..depth).map(|_| None).collect(),
-            free: (0..depth as u32).rev().collect(),
-            dsm: vec![[0; DSM_BYTES]; depth],
+            entry,
+            outstanding: 0,
+        }
+    }
+
+    /// Can take an I/O now.
+    #[inline]
+    fn available(&self) -> bool {
+        matches!(&self.q, Ok(q) if q.ready()) && self.shared.state.load(Ordering::Acquire) == ST_ENABLED
+    }
+
+    /// Not usable now, but may be soon: its controller is connected or being reconnected (not failing fast,
+    /// not deleted) and a queue could be made for it.
+    fn may_come_back(&self) -> bool {
+        self.q.is_ok() && self.shared.state.load(Ordering::Acquire) < ST_FAIL_FAST
+    }
+}
+
+/// A thread's queues to the namespace's paths, and the bdev I/O in them.
+pub(crate) struct NvmeChannel {
+    ns: Arc<NsPaths>,
+    bdev: String,
+    /// The path list version `paths` follows.
+    version: u64,
+    policy: Policy,
+    paths: Vec<PathQ>,
+    /// The path I/O goes to while it can (active-passive; round-robin's turn).
+    current: Option<usize>,
+    /// I/Os sent on `current` since round-robin moved to it.
+    rr_count: u32,
+    /// I/O in a queue, by token, with the path it went to.
+    slots: Vec<Option<(IoHandle, usize)>>,
+    free: Vec<u32>,
+    /// Each slot's Dataset Management range buffer.
+    dsm: Vec<[u8; DSM_BYTES]>,
+    /// Waiting for a path, or for a free slot.
+    waiting: VecDeque<IoHandle>,
+    iovs: Vec<Iov>,
+    done: Vec<(usize, u64, Cqe)>,
+    /// Times a failed I/O is sent again (SPDK's `bdev_retry_count`; -1: no limit).
+    retry_limit: i32,
+}
+
+impl NvmeChannel {
+    pub(crate) fn new(ns: Arc<NsPaths>, bdev: &str, retry_limit: i32) -> NvmeChannel {
+        let mut ch = NvmeChannel {
+            ns,
+            bdev: bdev.to_string(),
+            version: u64::MAX,
+            policy: Policy::default(),
+            paths: Vec::new(),
+            current: None,
+            rr_count: 0,
+            slots: Vec::new(),
+            free: Vec::new(),
+            dsm: Vec::new(),
             waiting: VecDeque::new(),
             iovs: Vec::with_capacity(16),
-            done: Vec::with_capacity(depth),
-        }
+            done: Vec::new(),
+            retry_limit,
+        };
+        ch.follow_paths();
+        ch
     }
 
-    /// Whether I/O that cannot go now should fail rather than wait (the controller fails I/O fast, or is gone).
-    fn failing(&self) -> bool {
-        self.shared.state.load(Ordering::Acquire) >= ST_FAIL_FAST
-    }
-
-    /// Follows the controller: a queue that died asks for a reset; a new generation gets a new queue.
-    fn follow(&mut self) {
-        let gen = self.shared.gen.load(Ordering::Acquire);
-        let enabled = self.shared.state.load(Ordering::Acquire) == ST_ENABLED;
-        let dead = matches!(&self.q, Ok(q) if q.failed());
-        if dead && gen == self.gen && enabled {
-            self.shared.reset_wanted.store(true, Ordering::Release);
+    /// Takes the bdev's current path list and policy when they changed: queues to new paths are opened, those of
+    /// removed paths closed (what was in them is sent again on another path).
+    fn follow_paths(&mut self) {
+        let v = self.ns.version.load(Ordering::Acquire);
+        if v == self.version {
+            return;
         }
-        if gen != self.gen && enabled {
-            // The controller is back (a new connection): this thread's queue is made again.
-            if let Ok(q) = &mut self.q {
-                let slots = &mut self.slots;
-                let waiting = &mut self.waiting;
-                let free = &mut self.free;
+        self.version = v;
+        let (list, policy) = self.ns.snapshot();
+        self.policy = policy;
+        // The new list in the bdev's order (the preferred path first): kept queues move, new paths get one.
+        let mut old: Vec<Option<PathQ>> = std::mem::take(&mut self.paths).into_iter().map(Some).collect();
+        let mut remap = vec![usize::MAX; old.len()];
+        for s in &list {
+            let found = old
+                .iter()
+                .position(|p| p.as_ref().is_some_and(|p| Arc::ptr_eq(&p.shared, s)));
+            match found.and_then(|i| old[i].take().map(|p| (i, p))) {
+                Some((i, p)) => {
+                    remap[i] = self.paths.len();
+                    self.paths.push(p);
+                }
+                None => self.paths.push(PathQ::new(s.clone(), &self.bdev)),
+            }
+        }
+        // Removed paths: their queues close and what was in them is sent again on another path.
+        for mut p in old.into_iter().flatten() {
+            if let Ok(q) = &mut p.q {
+                let (slots, free, waiting) = (&mut self.slots, &mut self.free, &mut self.waiting);
                 q.close(&mut |token, _| {
-                    if let Some(io) = slots.get_mut(token as usize).and_then(Option::take) {
+                    if let Some((io, _)) = slots.get_mut(token as usize).and_then(Option::take) {
                         free.push(token as u32);
                         waiting.push_back(io);
                     }
                 });
             }
-            self.q = open_queue(&self.shared);
-            self.gen = gen;
+            crate::remove_path(&p.entry);
         }
-        if self.failing() {
+        for slot in self.slots.iter_mut().flatten() {
+            slot.1 = remap.get(slot.1).copied().unwrap_or(usize::MAX);
+        }
+        // Room for a full queue on every path.
+        let depth = self
+            .paths
+            .iter()
+            .map(|p| p.shared.info.load().opts.io_queue_size.max(2) as usize)
+            .sum::<usize>()
+            .max(2);
+        while self.slots.len() < depth {
+            self.free.push(self.slots.len() as u32);
+            self.slots.push(None);
+            self.dsm.push([0; DSM_BYTES]);
+        }
+        self.done.reserve(depth.saturating_sub(self.done.capacity()));
+        self.current = None;
+        self.rr_count = 0;
+    }
+
+    /// Follows each path's controller: a queue that died asks for a reset; a new generation gets a new queue.
+    fn follow(&mut self) {
+        self.follow_paths();
+        for p in &mut self.paths {
+            let gen = p.shared.gen.load(Ordering::Acquire);
+            let enabled = p.shared.state.load(Ordering::Acquire) == ST_ENABLED;
+            let dead = matches!(&p.q, Ok(q) if q.failed());
+            if dead && gen == p.gen && enabled {
+                p.shared.reset_wanted.store(true, Ordering::Release);
+            }
+            if gen != p.gen && enabled {
+                // The controller is back (a new connection): this thread's queue to it is made again.
+                if let Ok(q) = &mut p.q {
+                    let (slots, free, waiting) = (&mut self.slots, &mut self.free, &mut self.waiting);
+                    q.close(&mut |token, _| {
+                        if let Some((io, _)) = slots.get_mut(token as usize).and_then(Option::take) {
+                            free.push(token as u32);
+                            waiting.push_back(io);
+                        }
+                    });
+                }
+                p.q = open_queue(&p.shared);
+                p.gen = gen;
+                p.outstanding = 0;
+                // Back on a path: the policy picks again (SPDK's failback to the preferred path).
+                self.current = None;
+            }
+        }
+        if !self.waiting.is_empty() && !self.paths.iter().any(PathQ::may_come_back) {
+            let errno = self.no_path_errno();
             for io in self.waiting.drain(..) {
-                io.complete(IoStatus::Failed(libc::ENXIO));
+                io.complete(IoStatus::Failed(errno));
             }
         }
     }
 
-    /// Starts `io` on the queue, or gives it back when it cannot go now.
+    /// Why I/O fails when no path can take it: no queue could be made (that errno), or none is connected.
+    fn no_path_errno(&self) -> i32 {
+        match self.paths.iter().find_map(|p| p.q.as_ref().err()) {
+            Some(&e) if self.paths.iter().all(|p| p.q.is_err()) => e,
+            _ => libc::ENXIO,
+        }
+    }
+
+    /// The path for the next I/O, as SPDK's `bdev_nvme_find_io_path` picks it.
+    #[inline]
+    fn pick(&mut self) -> Option<usize> {
+        if let Some(c) = self.current {
+            if self.paths[c].available() {
+                if !self.policy.active_active {
+                    return Some(c);
+                }
+                if !self.policy.queue_depth {
+                    self.rr_count += 1;
+                    if self.rr_count < self.policy.rr_min_io {
+                        return Some(c);
+                    }
+                }
+            }
+            self.rr_count = 0;
+        }
+        let n = self.paths.len();
+        if self.policy.active_active && self.policy.queue_depth {
+            // The least busy path; not remembered.
+            return (0..n)
+                .filter(|&i| self.paths[i].available())
+                .min_by_key(|&i| self.paths[i].outstanding);
+        }
+        // Active-passive: the first usable path in the bdev's order. Round-robin: the next one after the current.
+        let start = match (self.policy.active_active, self.current) {
+            (true, Some(c)) => c + 1,
+            _ => 0,
+        };
+        let found = (0..n).map(|k| (start + k) % n).find(|&i| self.paths[i].available());
+        self.current = found;
+        found
+    }
+
+    /// Starts `io` on a path, or gives it back when it cannot go now.
     fn start(&mut self, io: IoHandle) -> Option<IoHandle> {
-        let failing = self.failing();
-        let q = match &mut self.q {
-            Ok(q) if q.ready() => q,
-            // No queue could be made here (no queue id left): this thread cannot use the controller.
-            Err(e) => {
-                io.complete(IoStatus::Failed(*e));
-                return None;
+        let Some(path) = self.pick() else {
+            if self.paths.iter().any(PathQ::may_come_back) {
+                // Connecting, or waiting for a controller to come back.
+                return Some(io);
             }
-            _ if failing => {
-                io.complete(IoStatus::Failed(libc::ENXIO));
-                return None;
-            }
-            // Connecting, or waiting for the controller to come back.
-            _ => return Some(io),
+            io.complete(IoStatus::Failed(self.no_path_errno()));
+            return None;
         };
         let Some(slot) = self.free.pop() else {
             return Some(io);
         };
+        let nsid = self.ns.nsid;
         let (slba, nlb) = (io.offset_blocks(), io.num_blocks());
         let rw = |op: u8| {
             let mut s = Sqe::new(op, 0);
-            s.set_nsid(self.nsid);
+            s.set_nsid(nsid);
             s.set_cdw(10, slba as u32);
             s.set_cdw(11, (slba >> 32) as u32);
             s.set_cdw(12, (nlb as u32).saturating_sub(1));
@@ -135,12 +278,12 @@ impl NvmeChannel {
             IoType::WriteZeroes => (rw(opc::WRITE_ZEROES), Dir::None),
             IoType::Flush => {
                 let mut s = Sqe::new(opc::FLUSH, 0);
-                s.set_nsid(self.nsid);
+                s.set_nsid(nsid);
                 (s, Dir::None)
             }
             IoType::Unmap => {
                 let mut s = Sqe::new(opc::DATASET_MANAGEMENT, 0);
-                s.set_nsid(self.nsid);
+                s.set_nsid(nsid);
                 s.set_cdw(10, 0);
                 s.set_cdw(11, DsmRange::AD);
                 let buf = &mut self.dsm[slot as usize];
@@ -185,18 +328,23 @@ impl NvmeChannel {
                 len: v.len,
             }));
         }
+        let p = &mut self.paths[path];
+        let Ok(q) = &mut p.q else {
+            self.free.push(slot);
+            return Some(io);
+        };
         // SAFETY: the iovecs are the I/O's buffers, valid until it completes (the bdev layer's submit
         // contract), or this slot's own range buffer; the I/O is kept in `slots` until its completion.
         match unsafe { q.submit(sqe, &self.iovs, dir, slot as u64) } {
             Ok(()) => {
-                self.slots[slot as usize] = Some(io);
+                p.outstanding += 1;
+                self.slots[slot as usize] = Some((io, path));
                 None
             }
             Err(e) => {
                 self.free.push(slot);
                 match e {
-                    SubmitError::Full => Some(io),
-                    SubmitError::NotReady => Some(io),
+                    SubmitError::Full | SubmitError::NotReady => Some(io),
                     SubmitError::TooLarge => {
                         io.complete(IoStatus::Failed(libc::EINVAL));
                         None
@@ -206,7 +354,7 @@ impl NvmeChannel {
         }
     }
 
-    /// Starts what waits, while the queue takes it.
+    /// Starts what waits, while a path takes it.
     fn start_waiting(&mut self) {
         while let Some(io) = self.waiting.pop_front() {
             if let Some(io) = self.start(io) {
@@ -215,10 +363,34 @@ impl NvmeChannel {
             }
         }
     }
+
+    /// Whether a failed command is sent again rather than completed, as SPDK's
+    /// `bdev_nvme_io_complete_nvme_status` decides: never with Do Not Retry or when aborted on request; on
+    /// another path after a path error (the path is dropped from use until its controller is back, as an ANA
+    /// or path status says it cannot serve now); otherwise up to `bdev_retry_count` times.
+    fn retry(&mut self, io: &mut IoHandle, path: usize, cqe: &Cqe) -> bool {
+        let s = &cqe.status;
+        if s.dnr || (s.sct, s.sc) == (sct::GENERIC, generic::ABORTED_BY_REQUEST) {
+            return false;
+        }
+        let count = io.driver_ctx[RETRIES];
+        if self.retry_limit >= 0 && count >= self.retry_limit as u64 {
+            return false;
+        }
+        io.driver_ctx[RETRIES] = count + 1;
+        if s.sct == sct::PATH && self.current == Some(path) {
+            self.current = None;
+        }
+        self.paths.iter().any(PathQ::may_come_back)
+    }
 }
 
 impl ModuleChannel for NvmeChannel {
-    fn submit(&mut self, io: IoHandle) {
+    fn submit(&mut self, mut io: IoHandle) {
+        io.driver_ctx[RETRIES] = 0;
+        if self.version != self.ns.version.load(Ordering::Relaxed) {
+            self.follow_paths();
+        }
         if !self.waiting.is_empty() {
             self.waiting.push_back(io);
             return;
@@ -230,44 +402,62 @@ impl ModuleChannel for NvmeChannel {
 
     fn poll(&mut self) -> bool {
         self.follow();
-        let Ok(q) = &mut self.q else {
-            self.start_waiting();
-            return false;
-        };
-        let done = &mut self.done;
-        let did = q.poll(&mut |token, cqe| done.push((token, cqe)));
+        let mut did = false;
+        for (i, p) in self.paths.iter_mut().enumerate() {
+            if let Ok(q) = &mut p.q {
+                let done = &mut self.done;
+                did |= q.poll(&mut |token, cqe| done.push((i, token, cqe)));
+            }
+        }
         let n = self.done.len();
-        for i in 0..n {
-            let (token, cqe) = self.done[i];
-            let Some(io) = self.slots.get_mut(token as usize).and_then(Option::take) else {
+        for k in 0..n {
+            let (path, token, cqe) = self.done[k];
+            let Some((mut io, _)) = self.slots.get_mut(token as usize).and_then(Option::take) else {
                 log::error!("nvme: completion for unknown token {token}");
                 continue;
             };
             self.free.push(token as u32);
-            // Given back by a queue that died: sent again once the controller is back (or failed then).
-            if (cqe.status.sct, cqe.status.sc) == (sct::GENERIC, generic::ABORTED_SQ_DELETION)
-                && !self.failing()
-            {
+            if let Some(p) = self.paths.get_mut(path) {
+                p.outstanding = p.outstanding.saturating_sub(1);
+            }
+            if cqe.status.is_success() {
+                if io.io_type() == IoType::NvmeIo {
+                    io.complete_nvme(cqe.dw0, nvme_status(&cqe));
+                } else {
+                    io.complete(IoStatus::Success);
+                }
+                continue;
+            }
+            // Given back by a queue that died: sent again on a path that works, or once one is back.
+            if (cqe.status.sct, cqe.status.sc) == (sct::GENERIC, generic::ABORTED_SQ_DELETION) {
+                if self.current == Some(path) {
+                    self.current = None;
+                }
+                if self.paths.iter().any(PathQ::may_come_back) {
+                    self.waiting.push_back(io);
+                    continue;
+                }
+            } else if self.retry(&mut io, path, &cqe) {
+                log::info!(
+                    "nvme: {} nsid {} lba {}: {}; sent again",
+                    io.io_type().name(),
+                    self.ns.nsid,
+                    io.offset_blocks(),
+                    cqe.status
+                );
                 self.waiting.push_back(io);
                 continue;
             }
-            let st = NvmeStatus {
-                sct: cqe.status.sct,
-                sc: cqe.status.sc,
-                dnr: cqe.status.dnr,
-                crd: cqe.status.crd,
-            };
-            if !cqe.status.is_success() {
-                // As SPDK prints a failed command and its completion.
-                log::warn!(
-                    "nvme: {} nsid {} lba {} blocks {}: {}",
-                    io.io_type().name(),
-                    self.nsid,
-                    io.offset_blocks(),
-                    io.num_blocks(),
-                    cqe.status
-                );
-            }
+            // As SPDK prints a failed command and its completion.
+            log::warn!(
+                "nvme: {} nsid {} lba {} blocks {}: {}",
+                io.io_type().name(),
+                self.ns.nsid,
+                io.offset_blocks(),
+                io.num_blocks(),
+                cqe.status
+            );
+            let st = nvme_status(&cqe);
             if io.io_type() == IoType::NvmeIo {
                 io.complete_nvme(cqe.dw0, st);
             } else {
@@ -276,21 +466,54 @@ impl ModuleChannel for NvmeChannel {
         }
         self.done.clear();
         self.start_waiting();
-        let connected = matches!(&self.q, Ok(q) if q.ready());
-        if self.path.connected.load(Ordering::Relaxed) != connected {
-            self.path.connected.store(connected, Ordering::Relaxed);
-        }
+        self.publish();
         did || n > 0
     }
 
     fn wants_poll(&self) -> bool {
         !self.waiting.is_empty()
-            || matches!(&self.q, Ok(q) if !q.ready() && !q.failed() || q.outstanding() > 0)
+            || self.version != self.ns.version.load(Ordering::Relaxed)
+            || self.paths.iter().any(|p| {
+                matches!(&p.q, Ok(q) if !q.ready() && !q.failed() || q.outstanding() > 0)
+            })
+    }
+}
+
+impl NvmeChannel {
+    /// Tells `bdev_nvme_get_io_paths` what changed: each path's connected state and which is current (one
+    /// relaxed store per change).
+    fn publish(&self) {
+        for (i, p) in self.paths.iter().enumerate() {
+            let connected = matches!(&p.q, Ok(q) if q.ready());
+            let current = if self.policy.active_active {
+                p.available()
+            } else {
+                match self.current {
+                    Some(c) => c == i,
+                    None => self.paths.iter().position(PathQ::available) == Some(i),
+                }
+            };
+            if p.entry.connected.load(Ordering::Relaxed) != connected {
+                p.entry.connected.store(connected, Ordering::Relaxed);
+            }
+            if p.entry.current.load(Ordering::Relaxed) != current {
+                p.entry.current.store(current, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn nvme_status(cqe: &Cqe) -> NvmeStatus {
+    NvmeStatus {
+        sct: cqe.status.sct,
+        sc: cqe.status.sc,
+        dnr: cqe.status.dnr,
+        crd: cqe.status.crd,
     }
 }
 
 /// A new I/O queue to the controller's current connection.
-fn open_queue(shared: &Shared) -> Result<IoQueue, i32> {
+fn open_queue(shared: &Shared) -> std::result::Result<IoQueue, i32> {
     IoQueue::connect(shared.info.load_full()).map_err(|e| {
         log::error!("nvme: I/O queue: {e}");
         e.errno()
@@ -299,14 +522,16 @@ fn open_queue(shared: &Shared) -> Result<IoQueue, i32> {
 
 impl Drop for NvmeChannel {
     fn drop(&mut self) {
-        crate::remove_path(&self.path);
-        if let Ok(q) = &mut self.q {
-            let slots = &mut self.slots;
-            q.close(&mut |token, _| {
-                if let Some(io) = slots.get_mut(token as usize).and_then(Option::take) {
-                    io.complete(IoStatus::Aborted);
-                }
-            });
+        for p in &mut self.paths {
+            crate::remove_path(&p.entry);
+            if let Ok(q) = &mut p.q {
+                let slots = &mut self.slots;
+                q.close(&mut |token, _| {
+                    if let Some((io, _)) = slots.get_mut(token as usize).and_then(Option::take) {
+                        io.complete(IoStatus::Aborted);
+                    }
+                });
+            }
         }
         for io in self.waiting.drain(..) {
             io.complete(IoStatus::Aborted);

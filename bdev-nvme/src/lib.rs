@@ -10,8 +10,12 @@
 //! `fast_io_fail_timeout_sec` has passed, the controller and its bdevs deleted once `ctrlr_loss_timeout_sec` has
 //! passed (0: after the first failed attempt; -1: never). Channels follow through [`Shared`].
 //!
-//! Not here yet (SPDK has them): multipath (a second path under one name), RDMA and PCIe transports, digests,
-//! namespace change handling, discovery services, and the rest of the module's RPCs.
+//! Several controllers may share a name (multipath, SPDK's `nvme_bdev_ctrlr`): each one that reaches the same
+//! subsystem adds a path to the same bdevs, used as the bdev's multipath policy says ([`NsPaths`]); or a
+//! second address is kept as an alternate the controller fails over to when it reconnects (`failover`).
+//!
+//! Not here yet (SPDK has them): ANA states, RDMA and PCIe transports, digests, discovery services, and the
+//! rest of the module's RPCs.
 
 mod channel;
 
@@ -137,6 +141,9 @@ pub struct AttachParams {
     /// Attach namespaces with unrecognized command set identifiers.
     #[serde(default)]
     pub allow_unrecognized_csi: Option<bool>,
+    /// Multipath defaults for the bdevs this attach creates (SPDK 25.01+ clients group them so).
+    #[serde(default)]
+    pub multipath_opts: Option<subsystems::bdev_nvme::MultipathOpts>,
     /// Multipath policy (newer clients).
     #[serde(default)]
     pub policy: Option<String>,
@@ -172,13 +179,99 @@ pub(crate) struct Shared {
     pub(crate) reset_wanted: AtomicBool,
 }
 
-/// An attached controller (app thread).
+/// How a bdev's I/O picks among its paths (`bdev_nvme_set_multipath_policy`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Policy {
+    /// Every usable path takes I/O (else the first usable one in the bdev's order).
+    pub(crate) active_active: bool,
+    /// Active-active picks the path with the fewest commands out (else round robin).
+    pub(crate) queue_depth: bool,
+    /// Round robin: I/Os per path before moving on.
+    pub(crate) rr_min_io: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            active_active: false,
+            queue_depth: false,
+            rr_min_io: 1,
+        }
+    }
+}
+
+impl Policy {
+    fn names(&self) -> (&'static str, &'static str) {
+        (
+            if self.active_active {
+                "active_active"
+            } else {
+                "active_passive"
+            },
+            if self.queue_depth {
+                "queue_depth"
+            } else {
+                "round_robin"
+            },
+        )
+    }
+}
+
+/// A namespace bdev's paths: the controllers that reach it, in preference order, and its multipath policy.
+/// Channels on every thread take a copy when `version` moves (control path: the I/O path reads one atomic).
+pub(crate) struct NsPaths {
+    pub(crate) nsid: u32,
+    pub(crate) version: AtomicU64,
+    inner: std::sync::Mutex<(Vec<Arc<Shared>>, Policy)>,
+}
+
+impl NsPaths {
+    /// The current paths and policy.
+    pub(crate) fn snapshot(&self) -> (Vec<Arc<Shared>>, Policy) {
+        let g = reactor::lock(&self.inner);
+        (g.0.clone(), g.1)
+    }
+
+    /// Changes paths or policy; channels follow.
+    fn change<R>(&self, f: impl FnOnce(&mut Vec<Arc<Shared>>, &mut Policy) -> R) -> R {
+        let r = {
+            let mut g = reactor::lock(&self.inner);
+            let (list, policy) = &mut *g;
+            f(list, policy)
+        };
+        self.version.fetch_add(1, Ordering::AcqRel);
+        r
+    }
+}
+
+/// A namespace bdev of a controller name (app thread).
+struct NsBdev {
+    /// The controller name.
+    group: String,
+    name: String,
+    /// The namespace's NGUID: a path to another namespace is refused.
+    nguid: [u8; 16],
+    paths: Arc<NsPaths>,
+}
+
+/// An attached controller (app thread); several may share a name, one per path.
 struct Attached {
+    id: u64,
     name: String,
     params: AttachParams,
     ctrlr: Controller,
     shared: Arc<Shared>,
+    /// The bdevs it is a path of.
     bdevs: Vec<String>,
+    /// Where it connects (the attach's address, or an alternate it failed over to).
+    target: CtrlrOpts,
+    /// Alternate addresses it fails over to when it reconnects (`-x failover`), in order.
+    alternates: Vec<CtrlrOpts>,
+    /// Attached as an added path (`-x multipath`).
+    multipath: bool,
+    /// The next reconnect stays on `target` (a detach or reset chose it), rather than moving to the next
+    /// alternate.
+    keep_target: bool,
     /// Watches the connection and runs reconnects.
     _supervisor: Poller,
     /// When it was lost (while not enabled).
@@ -194,6 +287,14 @@ struct Attached {
 thread_local! {
     /// Attached controllers, and names being attached (refused meanwhile), on the app thread.
     static CTRLRS: RefCell<(Vec<Attached>, Vec<String>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Namespace bdevs, on the app thread.
+    static NSBDEVS: RefCell<Vec<NsBdev>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A new controller id.
+fn next_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// This process's host identifier, and the host NQN made from it (SPDK's default).
@@ -316,30 +417,106 @@ fn check_knobs(p: &AttachParams) -> Result<()> {
     }
 }
 
-/// Attaches the controller `p` names; `done` gets its bdevs' names (app thread).
+/// How an attach under a name already in use is taken (`multipath`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Disable,
+    Failover,
+    Multipath,
+}
+
+fn mode(p: &AttachParams) -> Mode {
+    match p.multipath.as_deref() {
+        Some("disable") => Mode::Disable,
+        Some("failover") => Mode::Failover,
+        // SPDK 25.05 and later add a path by default (v24.05 kept the address as a failover alternate).
+        _ => Mode::Multipath,
+    }
+}
+
+/// Whether `o` is the network path of `opts`/`p` (address, port and local address), as SPDK compares them.
+fn same_path(o: &CtrlrOpts, a: &AttachParams, opts: &CtrlrOpts, p: &AttachParams) -> bool {
+    o.addr == opts.addr && a.hostaddr == p.hostaddr && a.hostsvcid == p.hostsvcid
+}
+
+/// SPDK's refusals of an attach under a name already in use (errno and text), checked before connecting.
+fn second_path_refusal(p: &AttachParams, opts: &CtrlrOpts) -> Option<(i32, String)> {
+    CTRLRS.with(|c| {
+        let c = c.borrow();
+        let mut same = c.0.iter().filter(|a| a.name == p.name).peekable();
+        let first = same.peek()?;
+        let name = &p.name;
+        if mode(p) == Mode::Disable {
+            return Some((
+                libc::EALREADY,
+                format!("A controller named {name} already exists and multipath is disabled\n"),
+            ));
+        }
+        let taken = c.0.iter().filter(|a| a.name == p.name).any(|a| {
+            same_path(&a.target, &a.params, opts, p)
+                || a.alternates.iter().any(|o| o.addr == opts.addr)
+        });
+        if taken {
+            return Some((
+                libc::EALREADY,
+                format!("A controller named {name} already exists with the specified network path\n"),
+            ));
+        }
+        if first.target.subnqn != opts.subnqn {
+            return Some((
+                libc::EINVAL,
+                format!(
+                    "A controller named {name} already exists, but uses a different subnqn ({})\n",
+                    first.target.subnqn
+                ),
+            ));
+        }
+        if first.target.hostnqn != opts.hostnqn {
+            return Some((
+                libc::EINVAL,
+                format!(
+                    "A controller named {name} already exists, but uses a different hostnqn ({})\n",
+                    first.target.hostnqn
+                ),
+            ));
+        }
+        if p.prchk_reftag == Some(true) || p.prchk_guard == Some(true) {
+            return Some((
+                libc::EINVAL,
+                format!("A controller named {name} already exists. To add a path, do not specify PI options.\n"),
+            ));
+        }
+        None
+    })
+}
+
+/// Attaches the controller `p` names; `done` gets its bdevs' names (app thread). Under a name already in use it
+/// adds a path to the same bdevs (`multipath`), or keeps the address as an alternate (`failover`: no names).
 pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static) {
     let p = with_defaults(p);
     let opts = match ctrlr_opts(&p) {
         Ok(o) => o,
         Err(e) => return done(Err(e)),
     };
+    if let Some((errno, msg)) = second_path_refusal(&p, &opts) {
+        return done(Err(Error::new(
+            ErrorKind::from_errno(errno),
+            msg.trim_end().to_string(),
+        )));
+    }
     let busy = CTRLRS.with(|c| {
         let mut c = c.borrow_mut();
-        if c.0.iter().any(|a| a.name == p.name) {
-            // A second path under the same name is multipath, not here yet; `disable` refuses as SPDK does.
-            return Some(match p.multipath.as_deref() {
-                None | Some("disable") => Error::new(
-                    ErrorKind::Already,
-                    format!(
-                        "A controller named {} already exists and multipath is disabled",
-                        p.name
-                    ),
+        // Another name on the same subsystem path: SPDK refuses a second controller with one transport id.
+        if c.0.iter().any(|a| {
+            a.name != p.name && a.target.addr == opts.addr && a.target.subnqn == opts.subnqn
+        }) {
+            return Some(Error::new(
+                ErrorKind::Exists,
+                format!(
+                    "A controller with the provided trid (traddr: {}) already exists",
+                    opts.addr.ip()
                 ),
-                Some(_) => Error::new(
-                    ErrorKind::NotSupported,
-                    "a second path to a controller is not supported yet",
-                ),
-            });
+            ));
         }
         if c.1.contains(&p.name) {
             return Some(Error::new(
@@ -353,12 +530,18 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
     if let Some(e) = busy {
         return done(Err(e));
     }
-    nvme_host::connect(opts, move |res| {
+    let failover = mode(&p) == Mode::Failover
+        && CTRLRS.with(|c| c.borrow().0.iter().any(|a| a.name == p.name));
+    nvme_host::connect(opts.clone(), move |res| {
         CTRLRS.with(|c| c.borrow_mut().1.retain(|n| *n != p.name));
         let ctrlr = match res {
             Ok(c) => c,
             Err(e) => return done(Err(e)),
         };
+        if failover {
+            return done(add_alternate(&p.name, ctrlr, opts).map(|()| Vec::new()));
+        }
+        let id = next_id();
         let shared = Arc::new(Shared {
             info: ArcSwap::new(ctrlr.info.clone()),
             gen: AtomicU64::new(0),
@@ -367,15 +550,15 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
         });
         let mut bdevs = Vec::new();
         let max = p.max_bdevs.unwrap_or(u32::MAX) as usize;
+        let policy = attach_policy(&p);
         for ns in ctrlr.info.namespaces.iter().take(max) {
-            match register_ns(&p.name, &shared, ns) {
-                Ok(b) => bdevs.push(b.name().to_string()),
+            match add_ns_path(&p.name, &shared, ns, policy) {
+                Ok(b) => bdevs.push(b),
                 Err(e) => {
                     // Undo: nothing half made stays.
-                    for n in &bdevs {
-                        if let Some(b) = bdev::get(n) {
-                            b.unregister(|_| {});
-                        }
+                    shared.state.store(ST_DELETED, Ordering::Release);
+                    for b in &bdevs {
+                        remove_ns_path(b, &shared, |_| {});
                     }
                     ctrlr.close();
                     return done(Err(e));
@@ -388,19 +571,25 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
             ctrlr.info.opts.subnqn,
             ctrlr.info.opts.addr
         );
-        watch_namespaces(&p.name, &ctrlr);
-        let watched = p.name.clone();
+        watch_namespaces(id, &ctrlr);
         let supervisor = Poller::register("bdev_nvme_ctrlr_supervisor", 10_000, move || {
-            supervise(&watched);
+            supervise(id);
             false
         });
+        let multipath = p.multipath.as_deref() == Some("multipath")
+            || CTRLRS.with(|c| c.borrow().0.iter().any(|a| a.name == p.name));
         CTRLRS.with(|c| {
             c.borrow_mut().0.push(Attached {
+                id,
                 name: p.name.clone(),
                 params: p,
                 ctrlr,
                 shared,
                 bdevs: bdevs.clone(),
+                target: opts,
+                alternates: Vec::new(),
+                multipath,
+                keep_target: false,
                 _supervisor: supervisor,
                 lost_at: None,
                 next_attempt: Instant::now(),
@@ -412,51 +601,165 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
     });
 }
 
-/// Namespaces added or removed on controller `name` (an Asynchronous Event and a rescan) become bdevs, or stop
-/// being ones, as SPDK's namespace change handling does.
-fn watch_namespaces(name: &str, ctrlr: &Controller) {
-    let name = name.to_string();
-    ctrlr.on_ns_change(move |list| {
-        let (gone, shared, prefix) = {
-            let found = CTRLRS.with(|c| {
-                c.borrow()
-                    .0
-                    .iter()
-                    .find(|a| a.name == name)
-                    .map(|a| (a.bdevs.clone(), a.shared.clone()))
-            });
-            let Some((bdevs, shared)) = found else { return };
-            let prefix = format!("{name}n");
-            let gone: Vec<String> = bdevs
-                .into_iter()
-                .filter(|b| {
-                    let nsid = b.strip_prefix(&prefix).and_then(|n| n.parse::<u32>().ok());
-                    !list.iter().any(|ns| Some(ns.nsid) == nsid)
-                })
-                .collect();
-            (gone, shared, prefix)
+/// The policy new bdevs of attach `p` start with: the attach's `multipath_opts` (or its flat members), else the
+/// module's (`bdev_nvme_set_options`), else active-passive.
+fn attach_policy(p: &AttachParams) -> Policy {
+    use subsystems::bdev_nvme::{MultipathPolicy, MultipathSelector};
+    let module = options().multipath_opts.clone().unwrap_or_default();
+    let given = p.multipath_opts.clone().unwrap_or_default();
+    let policy = given.policy.or(module.policy);
+    let selector = given.selector.or(module.selector);
+    let active_active = match p.policy.as_deref() {
+        Some(s) => s == "active_active",
+        None => policy == Some(MultipathPolicy::ActiveActive),
+    };
+    let queue_depth = match p.selector.as_deref() {
+        Some(s) => s == "queue_depth",
+        None => selector == Some(MultipathSelector::QueueDepth),
+    };
+    Policy {
+        active_active,
+        queue_depth: active_active && queue_depth,
+        rr_min_io: p
+            .min_io
+            .or(given.min_io)
+            .or(module.min_io)
+            .filter(|&n| n > 0)
+            .unwrap_or(1),
+    }
+}
+
+/// A failover attach reached its address: the controller behind it must show the same namespaces, and the
+/// address becomes an alternate of the controller already under that name (the connection is closed until a
+/// failover needs it, as SPDK does).
+fn add_alternate(name: &str, probe: Controller, opts: CtrlrOpts) -> Result<()> {
+    let res = CTRLRS.with(|c| {
+        let mut c = c.borrow_mut();
+        let Some(a) = c.0.iter_mut().find(|a| a.name == name) else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("controller {name} went away during the attach"),
+            ));
         };
+        let mine = a.shared.info.load();
+        let differs = mine.namespaces.iter().any(|ns| {
+            !probe
+                .info
+                .namespaces
+                .iter()
+                .any(|n| n.nsid == ns.nsid && n.nguid == ns.nguid)
+        });
+        if differs {
+            return Err(invalid(format!(
+                "{}: the namespaces behind {} are not those of controller {name}",
+                opts.subnqn, opts.addr
+            )));
+        }
+        log::info!("nvme: controller {name}: {} added as a failover address", opts.addr);
+        a.alternates.push(opts);
+        Ok(())
+    });
+    probe.close();
+    res
+}
+
+/// Makes controller `shared` a path of its namespace `ns` under controller name `group`: the bdev
+/// `<group>n<nsid>` is registered with it as its only path, or gets it as one more path. Gives the bdev's name.
+fn add_ns_path(group: &str, shared: &Arc<Shared>, ns: &NsInfo, policy: Policy) -> Result<String> {
+    let name = format!("{group}n{}", ns.nsid);
+    let known = NSBDEVS.with(|b| {
+        b.borrow()
+            .iter()
+            .find(|b| b.group == group && b.paths.nsid == ns.nsid)
+            .map(|b| (b.nguid, b.paths.clone()))
+    });
+    if let Some((nguid, paths)) = known {
+        if nguid != ns.nguid {
+            return Err(invalid(format!(
+                "{name}: namespace {} behind {} is not the same namespace (NGUID differs)",
+                ns.nsid,
+                shared.info.load().opts.addr
+            )));
+        }
+        paths.change(|list, _| list.push(shared.clone()));
+        return Ok(name);
+    }
+    let paths = Arc::new(NsPaths {
+        nsid: ns.nsid,
+        version: AtomicU64::new(0),
+        inner: std::sync::Mutex::new((vec![shared.clone()], policy)),
+    });
+    register_ns(&name, shared, ns, paths.clone())?;
+    NSBDEVS.with(|b| {
+        b.borrow_mut().push(NsBdev {
+            group: group.to_string(),
+            name: name.clone(),
+            nguid: ns.nguid,
+            paths,
+        })
+    });
+    Ok(name)
+}
+
+/// Takes controller `shared` out of bdev `name`'s paths; the bdev is unregistered with its last path (then
+/// `done` runs once it is gone, else at once).
+fn remove_ns_path(name: &str, shared: &Arc<Shared>, done: impl FnOnce(()) + 'static) {
+    let last = NSBDEVS.with(|b| {
+        let mut b = b.borrow_mut();
+        let i = b.iter().position(|b| b.name == name)?;
+        let empty = b[i].paths.change(|list, _| {
+            list.retain(|s| !Arc::ptr_eq(s, shared));
+            list.is_empty()
+        });
+        empty.then(|| b.remove(i))
+    });
+    match last.and_then(|_| bdev::get(name)) {
+        Some(bd) => {
+            let step = reactor::OnThread::new(done);
+            bd.unregister(move |_| step.with(|s| s(())));
+        }
+        None => done(()),
+    }
+}
+
+/// Namespaces added or removed on controller `id` (an Asynchronous Event and a rescan): new ones become bdevs
+/// or paths of them, removed ones stop being paths (a bdev goes with its last path), as SPDK's namespace change
+/// handling does.
+fn watch_namespaces(id: u64, ctrlr: &Controller) {
+    ctrlr.on_ns_change(move |list| {
+        let found = CTRLRS.with(|c| {
+            c.borrow()
+                .0
+                .iter()
+                .find(|a| a.id == id)
+                .map(|a| (a.name.clone(), a.bdevs.clone(), a.shared.clone()))
+        });
+        let Some((name, bdevs, shared)) = found else { return };
+        let prefix = format!("{name}n");
+        let nsid_of = |b: &str| b.strip_prefix(&prefix).and_then(|n| n.parse::<u32>().ok());
+        let gone: Vec<String> = bdevs
+            .iter()
+            .filter(|b| !list.iter().any(|ns| Some(ns.nsid) == nsid_of(b)))
+            .cloned()
+            .collect();
         let mut added = Vec::new();
         for ns in &list {
-            let b = format!("{prefix}{}", ns.nsid);
-            if bdev::get(&b).is_none() {
-                match register_ns(&name, &shared, ns) {
-                    Ok(_) => added.push(b),
+            if !bdevs.iter().any(|b| nsid_of(b) == Some(ns.nsid)) {
+                match add_ns_path(&name, &shared, ns, Policy::default()) {
+                    Ok(b) => added.push(b),
                     Err(e) => log::error!("nvme: namespace {} of {name}: {e}", ns.nsid),
                 }
             }
         }
         for b in &gone {
-            log::info!("nvme: namespace of {b} removed from the controller: bdev unregistered");
-            if let Some(bd) = bdev::get(b) {
-                bd.unregister(|_| {});
-            }
+            log::info!("nvme: namespace of {b} removed from controller {name}");
+            remove_ns_path(b, &shared, |_| {});
         }
         if !added.is_empty() {
             log::info!("nvme: {name}: new namespaces, bdevs {added:?}");
         }
         CTRLRS.with(|c| {
-            if let Some(a) = c.borrow_mut().0.iter_mut().find(|a| a.name == name) {
+            if let Some(a) = c.borrow_mut().0.iter_mut().find(|a| a.id == id) {
                 a.bdevs.retain(|b| !gone.contains(b));
                 a.bdevs.extend(added);
             }
@@ -470,12 +773,12 @@ enum Step {
     Reconnect(CtrlrOpts),
 }
 
-/// Watches controller `name`: a lost connection starts the reconnect cycle; fast-fail and loss timeouts are
-/// applied as time passes.
-fn supervise(name: &str) {
+/// Watches controller `id`: a lost connection starts the reconnect cycle; fast-fail and loss timeouts are
+/// applied as time passes. With failover addresses, each attempt goes to the next address in turn.
+fn supervise(id: u64) {
     let step = CTRLRS.with(|c| {
         let mut c = c.borrow_mut();
-        let Some(a) = c.0.iter_mut().find(|a| a.name == name) else {
+        let Some(a) = c.0.iter_mut().find(|a| a.id == id) else {
             return Step::Nothing;
         };
         let now = Instant::now();
@@ -484,7 +787,7 @@ fn supervise(name: &str) {
             if a.ctrlr.alive() && !a.shared.reset_wanted.load(Ordering::Acquire) {
                 return Step::Nothing;
             }
-            log::warn!("nvme: controller {} lost, reconnecting", a.name);
+            log::warn!("nvme: controller {} ({}) lost, reconnecting", a.name, a.target.addr);
             a.shared.state.store(ST_RESETTING, Ordering::Release);
             a.ctrlr.close();
             a.lost_at = Some(now);
@@ -503,63 +806,120 @@ fn supervise(name: &str) {
             return Step::Nothing;
         }
         a.attempting = true;
-        Step::Reconnect(a.shared.info.load().opts.clone())
+        if !std::mem::take(&mut a.keep_target) && !a.alternates.is_empty() {
+            // SPDK's failover: the failed address goes to the end, the next one is tried.
+            let next = a.alternates.remove(0);
+            let failed = std::mem::replace(&mut a.target, next);
+            log::warn!(
+                "nvme: controller {}: failing over from {} to {}",
+                a.name,
+                failed.addr,
+                a.target.addr
+            );
+            a.alternates.push(failed);
+        }
+        Step::Reconnect(a.target.clone())
     });
     if let Step::Reconnect(opts) = step {
-        let name = name.to_string();
-        nvme_host::connect(opts, move |res| reconnected(&name, res));
+        nvme_host::connect(opts, move |res| reconnected(id, res));
     }
 }
 
-/// Resets controller `name` (`bdev_nvme_reset_controller`): its connection is dropped and made again, as when it
-/// is lost; `done` hears how the first attempt went.
-pub fn reset(name: &str, done: impl FnOnce(Result<()>) + 'static) {
-    let mut done: Option<DetachDone> = Some(Box::new(done));
-    let refused = CTRLRS.with(|c| {
-        let mut c = c.borrow_mut();
-        let Some(a) = c.0.iter_mut().find(|a| a.name == name) else {
-            return Some(Error::new(
-                ErrorKind::NotFound,
-                format!("Controller {name} does not exist"),
-            ));
-        };
-        if a.shared.state.load(Ordering::Acquire) != ST_ENABLED || !a.reset_waiters.is_empty() {
-            return Some(Error::new(
-                ErrorKind::Busy,
-                format!("controller {name} is being reset"),
-            ));
-        }
-        a.reset_waiters.extend(done.take());
-        a.shared.reset_wanted.store(true, Ordering::Release);
-        None
+/// Resets the controllers under `name` (`bdev_nvme_reset_controller`; only the one with controller id `cntlid`
+/// when given): each connection is dropped and made again, as when it is lost; `done` hears how the first
+/// attempts went.
+pub fn reset(name: &str, cntlid: Option<u16>, done: impl FnOnce(Result<()>) + 'static) {
+    let ids: Vec<u64> = CTRLRS.with(|c| {
+        c.borrow()
+            .0
+            .iter()
+            .filter(|a| a.name == name && cntlid.is_none_or(|id| a.shared.info.load().cntlid == id))
+            .map(|a| a.id)
+            .collect()
     });
-    match (refused, done) {
-        (Some(e), Some(done)) => done(Err(e)),
-        _ => supervise(name),
+    if ids.is_empty() {
+        return done(Err(Error::new(
+            ErrorKind::NotFound,
+            format!("Controller {name} does not exist"),
+        )));
+    }
+    let gather = Gather::new(ids.len(), Box::new(done));
+    for id in ids {
+        let g = gather.clone();
+        let refused = CTRLRS.with(|c| {
+            let mut c = c.borrow_mut();
+            let a = c.0.iter_mut().find(|a| a.id == id)?;
+            if a.shared.state.load(Ordering::Acquire) != ST_ENABLED || !a.reset_waiters.is_empty() {
+                return Some(Error::new(
+                    ErrorKind::Busy,
+                    format!("controller {name} is being reset"),
+                ));
+            }
+            let g = g.clone();
+            a.reset_waiters.push(Box::new(move |r| g.one(r)));
+            a.keep_target = true;
+            a.shared.reset_wanted.store(true, Ordering::Release);
+            None
+        });
+        match refused {
+            Some(e) => g.one(Err(e)),
+            None => supervise(id),
+        }
     }
 }
 
-/// A reconnect attempt of controller `name` ended.
-fn reconnected(name: &str, res: Result<Controller>) {
+/// Several outcomes reported as one: the first error, or success once all are in.
+struct Gather {
+    left: std::cell::Cell<usize>,
+    err: RefCell<Option<Error>>,
+    done: RefCell<Option<DetachDone>>,
+}
+
+impl Gather {
+    fn new(n: usize, done: DetachDone) -> std::rc::Rc<Gather> {
+        std::rc::Rc::new(Gather {
+            left: std::cell::Cell::new(n),
+            err: RefCell::new(None),
+            done: RefCell::new(Some(done)),
+        })
+    }
+
+    fn one(&self, r: Result<()>) {
+        if let Err(e) = r {
+            self.err.borrow_mut().get_or_insert(e);
+        }
+        self.left.set(self.left.get() - 1);
+        if self.left.get() == 0 {
+            if let Some(done) = self.done.borrow_mut().take() {
+                done(self.err.borrow_mut().take().map_or(Ok(()), Err));
+            }
+        }
+    }
+}
+
+/// A reconnect attempt of controller `id` ended.
+fn reconnected(id: u64, res: Result<Controller>) {
     let mut waiters = Vec::new();
     let outcome = match &res {
         Ok(_) => Ok(()),
         Err(e) => Err(e.kind),
     };
+    let mut name = String::new();
     let delete = CTRLRS.with(|c| {
         let mut c = c.borrow_mut();
-        let Some(a) = c.0.iter_mut().find(|a| a.name == name) else {
+        let Some(a) = c.0.iter_mut().find(|a| a.id == id) else {
             if let Ok(ctrlr) = &res {
                 ctrlr.close();
             }
             return false;
         };
+        name = a.name.clone();
         a.attempting = false;
         waiters = std::mem::take(&mut a.reset_waiters);
         match res {
             Ok(ctrlr) => {
-                log::info!("nvme: controller {} reconnected", a.name);
-                watch_namespaces(&a.name, &ctrlr);
+                log::info!("nvme: controller {} reconnected ({})", a.name, a.target.addr);
+                watch_namespaces(a.id, &ctrlr);
                 a.shared.info.store(ctrlr.info.clone());
                 a.ctrlr = ctrlr;
                 a.lost_at = None;
@@ -586,38 +946,118 @@ fn reconnected(name: &str, res: Result<Controller>) {
         w(outcome.map_err(|k| Error::new(k, format!("reset of controller {name} failed"))));
     }
     if delete {
-        log::error!("nvme: controller {name} lost for good: deleted with its bdevs");
-        detach(name, |_| {});
+        log::error!("nvme: controller {name} lost for good: deleted (bdevs go with their last path)");
+        remove_controller(id, Box::new(|_| {}));
     }
 }
 
-/// Detaches controller `name`: its bdevs are unregistered (their users see them go), then it disconnects.
-pub fn detach(name: &str, done: impl FnOnce(Result<()>) + 'static) {
-    let Some(a) = CTRLRS.with(|c| {
+/// Which paths a detach names (`bdev_nvme_detach_controller`'s transport fields; unset ones match any).
+#[derive(Default, Clone)]
+pub struct PathFilter {
+    /// Transport type.
+    pub trtype: Option<String>,
+    /// Target address.
+    pub traddr: Option<String>,
+    /// Address family.
+    pub adrfam: Option<String>,
+    /// Target port.
+    pub trsvcid: Option<String>,
+    /// Subsystem NQN.
+    pub subnqn: Option<String>,
+    /// Local address.
+    pub hostaddr: Option<String>,
+    /// Local port.
+    pub hostsvcid: Option<String>,
+}
+
+impl PathFilter {
+    fn matches(&self, o: &CtrlrOpts, a: &AttachParams) -> bool {
+        let fam = if o.addr.is_ipv4() { "ipv4" } else { "ipv6" };
+        self.traddr.as_ref().is_none_or(|t| *t == o.addr.ip().to_string())
+            && self.trsvcid.as_ref().is_none_or(|s| *s == o.addr.port().to_string())
+            && self.subnqn.as_ref().is_none_or(|s| *s == o.subnqn)
+            && self.trtype.as_ref().is_none_or(|t| t.eq_ignore_ascii_case("tcp"))
+            && self.adrfam.as_ref().is_none_or(|f| f.eq_ignore_ascii_case(fam))
+            && self.hostaddr.as_ref().is_none_or(|h| Some(h) == a.hostaddr.as_ref())
+            && self.hostsvcid.as_ref().is_none_or(|h| Some(h) == a.hostsvcid.as_ref())
+    }
+}
+
+/// Detaches the paths under `name` that `filter` names (all of them without one): a controller's bdevs lose
+/// it as a path and go with their last one (their users see them go), then it disconnects. A failover
+/// address named is dropped; the address a controller is on, when it has alternates, makes it fail over.
+pub fn detach(name: &str, filter: Option<PathFilter>, done: impl FnOnce(Result<()>) + 'static) {
+    let filter = filter.unwrap_or_default();
+    let mut remove = Vec::new();
+    let mut failover = Vec::new();
+    let mut matched = false;
+    let known = CTRLRS.with(|c| {
         let mut c = c.borrow_mut();
-        let i = c.0.iter().position(|a| a.name == name)?;
-        Some(c.0.remove(i))
-    }) else {
+        let mut known = false;
+        for a in c.0.iter_mut().filter(|a| a.name == name) {
+            known = true;
+            let before = a.alternates.len();
+            let params = a.params.clone();
+            a.alternates.retain(|o| !filter.matches(o, &params));
+            matched |= before != a.alternates.len();
+            if !filter.matches(&a.target, &a.params) {
+                continue;
+            }
+            matched = true;
+            if a.alternates.is_empty() {
+                remove.push(a.id);
+            } else {
+                // The controller leaves this address for its next alternate.
+                a.target = a.alternates.remove(0);
+                a.keep_target = true;
+                a.shared.reset_wanted.store(true, Ordering::Release);
+                failover.push(a.id);
+            }
+        }
+        known
+    });
+    if !known {
         return done(Err(Error::new(
             ErrorKind::NotFound,
             format!("Failed to find NVMe controller {name}"),
         )));
+    }
+    if !matched {
+        return done(Err(Error::new(
+            ErrorKind::NotFound,
+            format!("Failed to find NVMe controller {name} with that path"),
+        )));
+    }
+    for id in failover {
+        supervise(id);
+    }
+    let gather = Gather::new(remove.len() + 1, Box::new(done));
+    for id in remove {
+        let g = gather.clone();
+        remove_controller(id, Box::new(move |r| g.one(r)));
+    }
+    gather.one(Ok(()));
+}
+
+/// Deletes controller `id`: it stops being a path of its bdevs (a bdev with no path left is unregistered), then
+/// it disconnects and `done` runs.
+fn remove_controller(id: u64, done: DetachDone) {
+    let Some(a) = CTRLRS.with(|c| {
+        let mut c = c.borrow_mut();
+        let i = c.0.iter().position(|a| a.id == id)?;
+        Some(c.0.remove(i))
+    }) else {
+        return done(Ok(()));
     };
-    // Channels fail what waits from now on.
+    // Channels stop using it and send what it had on another path (or fail it when none is left).
     a.shared.state.store(ST_DELETED, Ordering::Release);
     let d = std::rc::Rc::new(Detaching {
         left: std::cell::Cell::new(a.bdevs.len() + 1),
-        fin: RefCell::new(Some((a.ctrlr, Box::new(done)))),
+        fin: RefCell::new(Some((a.ctrlr, done))),
     });
     for n in &a.bdevs {
-        match bdev::get(n) {
-            Some(b) => {
-                let d = d.clone();
-                let step = reactor::OnThread::new(move |_: ()| d.one());
-                b.unregister(move |_| step.with(|s| s(())));
-            }
-            None => d.one(),
-        }
+        let d = d.clone();
+        remove_ns_path(n, &a.shared, move |_| d.one());
     }
     d.one();
 }
@@ -644,19 +1084,16 @@ impl Detaching {
     }
 }
 
-/// Registers the bdev of namespace `ns`.
-fn register_ns(ctrlr: &str, shared: &Arc<Shared>, ns: &NsInfo) -> Result<Bdev> {
+/// Registers bdev `name` of namespace `ns`, with `paths` (its first one, `shared`).
+fn register_ns(name: &str, shared: &Arc<Shared>, ns: &NsInfo, paths: Arc<NsPaths>) -> Result<Bdev> {
     let info = shared.info.load_full();
-    let mut p = BdevParams::new(&format!("{ctrlr}n{}", ns.nsid), ns.block_size, ns.blocks);
+    let mut p = BdevParams::new(name, ns.block_size, ns.blocks);
     p.product_name = "NVMe disk".into();
     if ns.nguid != [0; 16] {
         let u = Uuid::from_bytes(ns.nguid);
         // The namespace's own bdev is in this process (a target exporting to itself): keep its UUID to it.
         if bdev::get(&u.to_string()).is_some() {
-            log::warn!(
-                "{ctrlr}n{}: UUID {u} is taken here, a new one is used",
-                ns.nsid
-            );
+            log::warn!("{name}: UUID {u} is taken here, a new one is used");
         } else {
             p.uuid = Some(u);
         }
@@ -670,17 +1107,18 @@ fn register_ns(ctrlr: &str, shared: &Arc<Shared>, ns: &NsInfo) -> Result<Bdev> {
     bdev::register(
         p,
         Box::new(NsOps {
-            shared: shared.clone(),
-            nsid: ns.nsid,
+            oncs: info.cdata.oncs,
+            paths,
         }),
     )
-    .map_err(|e| Error::wrap(e, format!("register {ctrlr}n{}", ns.nsid)))
+    .map_err(|e| Error::wrap(e, format!("register {name}")))
 }
 
 /// One namespace's bdev.
 struct NsOps {
-    shared: Arc<Shared>,
-    nsid: u32,
+    /// Optional commands of the first path's controller.
+    oncs: u16,
+    paths: Arc<NsPaths>,
 }
 
 impl BdevOps for NsOps {
@@ -690,7 +1128,7 @@ impl BdevOps for NsOps {
 
     fn io_type_supported(&self, t: IoType) -> bool {
         use nvme_proto::identify::oncs;
-        let o = self.shared.info.load().cdata.oncs;
+        let o = self.oncs;
         match t {
             IoType::Read | IoType::Write | IoType::Flush | IoType::NvmeIo => true,
             IoType::Unmap => o & oncs::DSM != 0,
@@ -701,37 +1139,44 @@ impl BdevOps for NsOps {
     }
 
     fn create_channel(&self, bdev: &Bdev) -> Box<dyn ModuleChannel> {
+        let retries = options().bdev_retry_count;
         Box::new(channel::NvmeChannel::new(
-            self.shared.clone(),
-            self.nsid,
+            self.paths.clone(),
             bdev.name(),
+            retries,
         ))
     }
 
     fn dump_info(&self, _bdev: &Bdev, out: &mut serde_json::Map<String, Value>) {
-        let info = self.shared.info.load();
-        let o = &info.opts;
-        out.insert(
-            "nvme".into(),
-            json!([{
-                "trid": {
-                    "trtype": "TCP",
-                    "adrfam": if o.addr.is_ipv4() { "IPv4" } else { "IPv6" },
-                    "traddr": o.addr.ip().to_string(),
-                    "trsvcid": o.addr.port().to_string(),
-                    "subnqn": o.subnqn,
-                },
-                "ctrlr_data": {
-                    "cntlid": info.cntlid,
-                    "vendor_id": format!("0x{:04x}", info.cdata.vid),
-                    "model_number": nvme_proto::identify::padded_str(&info.cdata.mn).unwrap_or_default().trim(),
-                    "serial_number": nvme_proto::identify::padded_str(&info.cdata.sn).unwrap_or_default().trim(),
-                    "firmware_revision": nvme_proto::identify::padded_str(&info.cdata.fr).unwrap_or_default().trim(),
-                    "subnqn": o.subnqn,
-                },
-                "ns_data": { "id": self.nsid },
-            }]),
-        );
+        let (list, policy) = self.paths.snapshot();
+        let entries: Vec<Value> = list
+            .iter()
+            .map(|s| {
+                let info = s.info.load();
+                let o = &info.opts;
+                json!({
+                    "trid": trid_json(o),
+                    "ctrlr_data": {
+                        "cntlid": info.cntlid,
+                        "vendor_id": format!("0x{:04x}", info.cdata.vid),
+                        "model_number": nvme_proto::identify::padded_str(&info.cdata.mn).unwrap_or_default().trim(),
+                        "serial_number": nvme_proto::identify::padded_str(&info.cdata.sn).unwrap_or_default().trim(),
+                        "firmware_revision": nvme_proto::identify::padded_str(&info.cdata.fr).unwrap_or_default().trim(),
+                        "subnqn": o.subnqn,
+                    },
+                    "ns_data": { "id": self.paths.nsid },
+                })
+            })
+            .collect();
+        out.insert("nvme".into(), Value::Array(entries));
+        let (p, sel) = policy.names();
+        out.insert("mp_policy".into(), json!(p));
+        if policy.active_active {
+            out.insert("selector".into(), json!(sel));
+            if !policy.queue_depth {
+                out.insert("rr_min_io".into(), json!(policy.rr_min_io));
+            }
+        }
     }
 }
 
@@ -742,6 +1187,8 @@ pub(crate) struct PathEntry {
     shared: Arc<Shared>,
     /// The channel's queue is connected.
     pub(crate) connected: AtomicBool,
+    /// The channel sends I/O on this path now.
+    pub(crate) current: AtomicBool,
 }
 
 /// Every channel's path, in creation order (control path only: channels come and go, the RPC reads).
@@ -758,6 +1205,7 @@ pub(crate) fn add_path(bdev: &str, shared: &Arc<Shared>) -> Arc<PathEntry> {
         bdev: bdev.to_string(),
         shared: shared.clone(),
         connected: AtomicBool::new(false),
+        current: AtomicBool::new(false),
     });
     paths().push(p.clone());
     p
@@ -792,8 +1240,7 @@ pub fn io_paths_json(name: Option<&str>) -> Value {
                     json!({
                         "bdev_name": p.bdev,
                         "cntlid": info.cntlid,
-                        // One path per bdev: it is current whenever it can carry I/O.
-                        "current": connected,
+                        "current": connected && p.current.load(Ordering::Relaxed),
                         "connected": connected,
                         "accessible": true,
                         "transport": {
@@ -826,36 +1273,54 @@ fn trid_json(o: &CtrlrOpts) -> serde_json::Map<String, Value> {
     }
 }
 
-/// `bdev_nvme_get_controllers` entries (all, or the one named).
+/// SPDK's controller entry (`nvme_ctrlr_info_json`).
+fn ctrlr_json(a: &Attached) -> Value {
+    let info = a.shared.info.load();
+    // SPDK's state names (`nvme_ctrlr_get_state_str`).
+    let state = match a.shared.state.load(Ordering::Acquire) {
+        ST_ENABLED if a.ctrlr.alive() => "enabled",
+        ST_ENABLED | ST_RESETTING | ST_FAIL_FAST if a.attempting => "resetting",
+        ST_ENABLED | ST_RESETTING | ST_FAIL_FAST => "reconnect_is_delayed",
+        _ => "deleting",
+    };
+    let mut v = serde_json::Map::new();
+    v.insert("state".into(), json!(state));
+    v.insert("trid".into(), Value::Object(trid_json(&a.target)));
+    if !a.alternates.is_empty() {
+        let alt: Vec<Value> = a
+            .alternates
+            .iter()
+            .map(|o| Value::Object(trid_json(o)))
+            .collect();
+        v.insert("alternate_trids".into(), Value::Array(alt));
+    }
+    v.insert("cntlid".into(), json!(info.cntlid));
+    v.insert(
+        "host".into(),
+        json!({
+            "nqn": a.target.hostnqn,
+            "addr": a.params.hostaddr.clone().unwrap_or_default(),
+            "svcid": a.params.hostsvcid.clone().unwrap_or_default(),
+        }),
+    );
+    Value::Object(v)
+}
+
+/// `bdev_nvme_get_controllers` entries (all, or the one named): one per name, with each of its controllers.
 pub fn controllers_json(name: Option<&str>) -> Result<Value> {
     let v: Vec<Value> = CTRLRS.with(|c| {
-        c.borrow()
-            .0
+        let c = c.borrow();
+        let mut names: Vec<&str> = Vec::new();
+        for a in c.0.iter().filter(|a| name.is_none_or(|n| n == a.name)) {
+            if !names.contains(&a.name.as_str()) {
+                names.push(&a.name);
+            }
+        }
+        names
             .iter()
-            .filter(|a| name.is_none_or(|n| n == a.name))
-            .map(|a| {
-                let info = a.shared.info.load();
-                let o = &info.opts;
-                // SPDK's state names (`nvme_ctrlr_get_state_str`).
-                let state = match a.shared.state.load(Ordering::Acquire) {
-                    ST_ENABLED if a.ctrlr.alive() => "enabled",
-                    ST_ENABLED | ST_RESETTING | ST_FAIL_FAST if a.attempting => "resetting",
-                    ST_ENABLED | ST_RESETTING | ST_FAIL_FAST => "reconnect_is_delayed",
-                    _ => "deleting",
-                };
-                json!({
-                    "name": a.name,
-                    "ctrlrs": [{
-                        "state": state,
-                        "trid": trid_json(o),
-                        "cntlid": info.cntlid,
-                        "host": {
-                            "nqn": o.hostnqn,
-                            "addr": a.params.hostaddr.clone().unwrap_or_default(),
-                            "svcid": a.params.hostsvcid.clone().unwrap_or_default(),
-                        },
-                    }],
-                })
+            .map(|n| {
+                let ctrlrs: Vec<Value> = c.0.iter().filter(|a| a.name == *n).map(ctrlr_json).collect();
+                json!({"name": n, "ctrlrs": ctrlrs})
             })
             .collect()
     });
@@ -871,15 +1336,16 @@ pub fn controllers_json(name: Option<&str>) -> Result<Value> {
 }
 
 /// The `bdev_nvme_attach_controller` entries `save_config` writes (between `bdev_nvme_set_options` and
-/// `bdev_nvme_set_hotplug`, as SPDK does).
+/// `bdev_nvme_set_hotplug`, as SPDK does): one per controller, with the address it is on; an added path says
+/// `"multipath": "multipath"` (as SPDK 24.09 and later write it) so a restart adds it again. Failover
+/// alternates are not written, as SPDK writes none.
 pub fn config_entries() -> Vec<Value> {
     CTRLRS.with(|c| {
         c.borrow()
             .0
             .iter()
             .map(|a| {
-                let info = a.shared.info.load();
-                let o = &info.opts;
+                let o = &a.target;
                 let mut params = serde_json::Map::new();
                 params.insert("name".into(), json!(a.name));
                 params.extend(trid_json(o));
@@ -910,6 +1376,9 @@ pub fn config_entries() -> Vec<Value> {
                 if let Some(s) = &p.hostsvcid {
                     params.insert("hostsvcid".into(), json!(s));
                 }
+                if a.multipath {
+                    params.insert("multipath".into(), json!("multipath"));
+                }
                 json!({"method": "bdev_nvme_attach_controller", "params": params})
             })
             .collect()
@@ -919,6 +1388,7 @@ pub fn config_entries() -> Vec<Value> {
 /// Detaches every controller (module fini: their bdevs are already gone).
 pub fn detach_all() {
     let all: Vec<Attached> = CTRLRS.with(|c| std::mem::take(&mut c.borrow_mut().0));
+    NSBDEVS.with(|b| b.borrow_mut().clear());
     for a in all {
         a.shared.state.store(ST_DELETED, Ordering::Release);
         a.ctrlr.close();
@@ -941,17 +1411,19 @@ fn spdk_refusal(p: &AttachParams) -> Option<RpcError> {
     if p.max_bdevs == Some(0) {
         return einval("max_bdevs cannot be zero".into());
     }
-    let exists = CTRLRS.with(|c| c.borrow().0.iter().any(|a| a.name == p.name));
-    if exists && matches!(p.multipath.as_deref(), None | Some("disable")) {
+    if p
+        .multipath
+        .as_deref()
+        .is_some_and(|m| !["disable", "failover", "multipath"].contains(&m))
+    {
         return Some(RpcError::new(
-            -libc::EALREADY,
-            format!(
-                "A controller named {} already exists and multipath is disabled\n",
-                p.name
-            ),
+            jsonrpc::INTERNAL_ERROR,
+            "spdk_json_decode_object failed",
         ));
     }
-    None
+    // Under a name in use, SPDK's own refusals (checked once the address is known to parse).
+    let opts = ctrlr_opts(&with_defaults(p.clone())).ok()?;
+    second_path_refusal(p, &opts).map(|(errno, msg)| RpcError::new(-errno, msg))
 }
 
 #[derive(Deserialize)]
@@ -989,8 +1461,86 @@ struct GetParams {
     name: Option<String>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyParams {
+    name: String,
+    policy: String,
+    #[serde(default)]
+    selector: Option<String>,
+    #[serde(default)]
+    rr_min_io: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreferredParams {
+    name: String,
+    cntlid: u16,
+}
+
+/// The paths of NVMe bdev `name`, or SPDK's answer when it is not one (-ENODEV).
+fn ns_paths(name: &str) -> std::result::Result<Arc<NsPaths>, RpcError> {
+    let canonical = bdev::get(name).map(|b| b.name().to_string());
+    NSBDEVS
+        .with(|b| {
+            b.borrow()
+                .iter()
+                .find(|b| Some(&b.name) == canonical.as_ref())
+                .map(|b| b.paths.clone())
+        })
+        .ok_or_else(|| RpcError::errno(libc::ENODEV))
+}
+
+/// `bdev_nvme_set_multipath_policy`: SPDK's checks and answers (a selector without active-active, or an
+/// unknown policy or selector: the decode failure; round robin with `rr_min_io` 0: -EINVAL).
+fn set_multipath_policy(p: PolicyParams) -> std::result::Result<(), RpcError> {
+    let decode = || RpcError::new(jsonrpc::INTERNAL_ERROR, "spdk_json_decode_object failed");
+    let active_active = match p.policy.as_str() {
+        "active_passive" => false,
+        "active_active" => true,
+        _ => return Err(decode()),
+    };
+    let queue_depth = match p.selector.as_deref() {
+        None => false,
+        Some("round_robin") if active_active => false,
+        Some("queue_depth") if active_active => true,
+        // SPDK: "selector only works in active_active mode" (round_robin is selector 0 and passes).
+        Some("round_robin") => false,
+        _ => return Err(decode()),
+    };
+    let rr_min_io = match p.rr_min_io {
+        Some(0) if active_active && !queue_depth => return Err(RpcError::errno(libc::EINVAL)),
+        Some(n) => n,
+        None => 1,
+    };
+    let paths = ns_paths(&p.name)?;
+    paths.change(|_, pol| {
+        *pol = Policy {
+            active_active,
+            queue_depth,
+            rr_min_io,
+        }
+    });
+    Ok(())
+}
+
+/// `bdev_nvme_set_preferred_path`: the path through controller `cntlid` goes first (-ENODEV when the bdev has
+/// none).
+fn set_preferred_path(p: PreferredParams) -> std::result::Result<(), RpcError> {
+    let paths = ns_paths(&p.name)?;
+    let moved = paths.change(|list, _| {
+        let i = list.iter().position(|s| s.info.load().cntlid == p.cntlid)?;
+        let s = list.remove(i);
+        list.insert(0, s);
+        Some(())
+    });
+    moved.ok_or_else(|| RpcError::errno(libc::ENODEV))
+}
+
 /// Registers `bdev_nvme_attach_controller`, `bdev_nvme_detach_controller`, `bdev_nvme_reset_controller`,
-/// `bdev_nvme_get_controllers` and `bdev_nvme_get_io_paths`.
+/// `bdev_nvme_get_controllers`, `bdev_nvme_get_io_paths`, `bdev_nvme_set_multipath_policy` and
+/// `bdev_nvme_set_preferred_path`.
 pub fn register_rpcs(reg: &mut Registry) {
     bdev::rpc::method(
         reg,
@@ -1011,46 +1561,16 @@ pub fn register_rpcs(reg: &mut Registry) {
         "bdev_nvme_detach_controller",
         STATE_RUNTIME,
         |p: DetachParams, r: Responder| {
-            // A path filter that names another path than the controller's one: nothing to detach.
-            let wrong_path = CTRLRS.with(|c| {
-                c.borrow()
-                    .0
-                    .iter()
-                    .find(|a| a.name == p.name)
-                    .is_some_and(|a| {
-                        let o = &a.ctrlr.info.opts;
-                        p.traddr
-                            .as_ref()
-                            .is_some_and(|t| *t != o.addr.ip().to_string())
-                            || p.trsvcid
-                                .as_ref()
-                                .is_some_and(|s| *s != o.addr.port().to_string())
-                            || p.subnqn.as_ref().is_some_and(|s| *s != o.subnqn)
-                            || p.trtype
-                                .as_ref()
-                                .is_some_and(|t| !t.eq_ignore_ascii_case("tcp"))
-                            || p.hostaddr
-                                .as_ref()
-                                .is_some_and(|h| Some(h) != a.params.hostaddr.as_ref())
-                            || p.hostsvcid
-                                .as_ref()
-                                .is_some_and(|h| Some(h) != a.params.hostsvcid.as_ref())
-                            || p.adrfam.as_ref().is_some_and(|f| {
-                                !f.eq_ignore_ascii_case(if o.addr.is_ipv4() {
-                                    "ipv4"
-                                } else {
-                                    "ipv6"
-                                })
-                            })
-                    })
-            });
-            if wrong_path {
-                return r.err(RpcError::from(Error::new(
-                    ErrorKind::NotFound,
-                    format!("Failed to find NVMe controller {} with that path", p.name),
-                )));
-            }
-            detach(&p.name, move |res| match res {
+            let filter = PathFilter {
+                trtype: p.trtype,
+                traddr: p.traddr,
+                adrfam: p.adrfam,
+                trsvcid: p.trsvcid,
+                subnqn: p.subnqn,
+                hostaddr: p.hostaddr,
+                hostsvcid: p.hostsvcid,
+            };
+            detach(&p.name, Some(filter), move |res| match res {
                 Ok(()) => r.ok(json!(true)),
                 Err(e) => r.err(RpcError::from(e)),
             })
@@ -1067,20 +1587,17 @@ pub fn register_rpcs(reg: &mut Registry) {
         "bdev_nvme_reset_controller",
         STATE_RUNTIME,
         |p: ResetParams, r: Responder| {
-            // A controller id that is not this controller's: no such controller, as SPDK answers.
-            let other = p.cntlid.filter(|&id| id != 0).is_some_and(|id| {
-                CTRLRS.with(|c| {
-                    c.borrow()
-                        .0
-                        .iter()
-                        .find(|a| a.name == p.name)
-                        .is_some_and(|a| a.shared.info.load().cntlid != id)
+            // A controller id that none under the name has: no such controller, as SPDK answers.
+            let cntlid = p.cntlid.filter(|&id| id != 0);
+            let known = CTRLRS.with(|c| {
+                c.borrow().0.iter().any(|a| {
+                    a.name == p.name && cntlid.is_none_or(|id| a.shared.info.load().cntlid == id)
                 })
             });
-            if other {
+            if !known {
                 return r.err(RpcError::errno(libc::ENODEV));
             }
-            reset(&p.name, move |res| match res {
+            reset(&p.name, cntlid, move |res| match res {
                 Ok(()) => r.ok(json!(true)),
                 Err(e) => r.err(RpcError::from(e)),
             })
@@ -1097,6 +1614,24 @@ pub fn register_rpcs(reg: &mut Registry) {
                 libc::EINVAL,
                 format!("Controller {} does not exist", p.name.unwrap_or_default()),
             )),
+        },
+    );
+    bdev::rpc::method(
+        reg,
+        "bdev_nvme_set_multipath_policy",
+        STATE_RUNTIME,
+        |p: PolicyParams, r: Responder| match set_multipath_policy(p) {
+            Ok(()) => r.ok(json!(true)),
+            Err(e) => r.err(e),
+        },
+    );
+    bdev::rpc::method(
+        reg,
+        "bdev_nvme_set_preferred_path",
+        STATE_RUNTIME,
+        |p: PreferredParams, r: Responder| match set_preferred_path(p) {
+            Ok(()) => r.ok(json!(true)),
+            Err(e) => r.err(e),
         },
     );
 }

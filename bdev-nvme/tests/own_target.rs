@@ -216,11 +216,11 @@ fn body() {
     let (first, second): (Result<(), String>, Result<(), String>) = on_app(|reply| {
         let got = std::rc::Rc::new(std::cell::RefCell::new(None));
         let g = got.clone();
-        bdev_nvme::reset("Nvme0", move |r| {
+        bdev_nvme::reset("Nvme0", None, move |r| {
             let second = g.borrow_mut().take().unwrap_or(Ok(()));
             reply((r.map_err(|e| e.to_string()), second));
         });
-        bdev_nvme::reset("Nvme0", move |r| {
+        bdev_nvme::reset("Nvme0", None, move |r| {
             *got.borrow_mut() = Some(r.map_err(|e| e.to_string()));
         });
     });
@@ -231,7 +231,7 @@ fn body() {
         big[20 * BS as usize..28 * BS as usize]
     );
     let r: Result<(), String> =
-        on_app(|reply| bdev_nvme::reset("Nope", move |r| reply(r.map_err(|e| e.to_string()))));
+        on_app(|reply| bdev_nvme::reset("Nope", None, move |r| reply(r.map_err(|e| e.to_string()))));
     assert!(r.is_err());
 
     // Refusals: the same name again (multipath disabled), nobody listening, an unknown subsystem.
@@ -371,7 +371,7 @@ fn wait_bdev(name: &str, present: bool) {
 fn detach(name: &str) {
     let name = name.to_string();
     let r: Result<(), String> =
-        on_app(move |reply| bdev_nvme::detach(&name, move |r| reply(r.map_err(|e| e.to_string()))));
+        on_app(move |reply| bdev_nvme::detach(&name, None, move |r| reply(r.map_err(|e| e.to_string()))));
     r.unwrap();
 }
 
