@@ -54,7 +54,8 @@ impl PathQ {
     /// Can take an I/O now.
     #[inline]
     fn available(&self) -> bool {
-        matches!(&self.q, Ok(q) if q.ready()) && self.shared.state.load(Ordering::Acquire) == ST_ENABLED
+        matches!(&self.q, Ok(q) if q.ready())
+            && self.shared.state.load(Ordering::Acquire) == ST_ENABLED
     }
 
     /// Not usable now, but may be soon: its controller is connected or being reconnected (not failing fast,
@@ -122,7 +123,10 @@ impl NvmeChannel {
         let (list, policy) = self.ns.snapshot();
         self.policy = policy;
         // The new list in the bdev's order (the preferred path first): kept queues move, new paths get one.
-        let mut old: Vec<Option<PathQ>> = std::mem::take(&mut self.paths).into_iter().map(Some).collect();
+        let mut old: Vec<Option<PathQ>> = std::mem::take(&mut self.paths)
+            .into_iter()
+            .map(Some)
+            .collect();
         let mut remap = vec![usize::MAX; old.len()];
         for s in &list {
             let found = old
@@ -164,7 +168,8 @@ impl NvmeChannel {
             self.slots.push(None);
             self.dsm.push([0; DSM_BYTES]);
         }
-        self.done.reserve(depth.saturating_sub(self.done.capacity()));
+        self.done
+            .reserve(depth.saturating_sub(self.done.capacity()));
         self.current = None;
         self.rr_count = 0;
     }
@@ -182,9 +187,11 @@ impl NvmeChannel {
             if gen != p.gen && enabled {
                 // The controller is back (a new connection): this thread's queue to it is made again.
                 if let Ok(q) = &mut p.q {
-                    let (slots, free, waiting) = (&mut self.slots, &mut self.free, &mut self.waiting);
+                    let (slots, free, waiting) =
+                        (&mut self.slots, &mut self.free, &mut self.waiting);
                     q.close(&mut |token, _| {
-                        if let Some((io, _)) = slots.get_mut(token as usize).and_then(Option::take) {
+                        if let Some((io, _)) = slots.get_mut(token as usize).and_then(Option::take)
+                        {
                             free.push(token as u32);
                             waiting.push_back(io);
                         }
@@ -242,7 +249,9 @@ impl NvmeChannel {
             (true, Some(c)) => c + 1,
             _ => 0,
         };
-        let found = (0..n).map(|k| (start + k) % n).find(|&i| self.paths[i].available());
+        let found = (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| self.paths[i].available());
         self.current = found;
         found
     }
@@ -412,7 +421,8 @@ impl ModuleChannel for NvmeChannel {
         let n = self.done.len();
         for k in 0..n {
             let (path, token, cqe) = self.done[k];
-            let Some((mut io, _)) = self.slots.get_mut(token as usize).and_then(Option::take) else {
+            let Some((mut io, _)) = self.slots.get_mut(token as usize).and_then(Option::take)
+            else {
                 log::error!("nvme: completion for unknown token {token}");
                 continue;
             };
@@ -473,9 +483,10 @@ impl ModuleChannel for NvmeChannel {
     fn wants_poll(&self) -> bool {
         !self.waiting.is_empty()
             || self.version != self.ns.version.load(Ordering::Relaxed)
-            || self.paths.iter().any(|p| {
-                matches!(&p.q, Ok(q) if !q.ready() && !q.failed() || q.outstanding() > 0)
-            })
+            || self
+                .paths
+                .iter()
+                .any(|p| matches!(&p.q, Ok(q) if !q.ready() && !q.failed() || q.outstanding() > 0))
     }
 }
 

@@ -655,7 +655,10 @@ fn add_alternate(name: &str, probe: Controller, opts: CtrlrOpts) -> Result<()> {
                 opts.subnqn, opts.addr
             )));
         }
-        log::info!("nvme: controller {name}: {} added as a failover address", opts.addr);
+        log::info!(
+            "nvme: controller {name}: {} added as a failover address",
+            opts.addr
+        );
         a.alternates.push(opts);
         Ok(())
     });
@@ -734,7 +737,9 @@ fn watch_namespaces(id: u64, ctrlr: &Controller) {
                 .find(|a| a.id == id)
                 .map(|a| (a.name.clone(), a.bdevs.clone(), a.shared.clone()))
         });
-        let Some((name, bdevs, shared)) = found else { return };
+        let Some((name, bdevs, shared)) = found else {
+            return;
+        };
         let prefix = format!("{name}n");
         let nsid_of = |b: &str| b.strip_prefix(&prefix).and_then(|n| n.parse::<u32>().ok());
         let gone: Vec<String> = bdevs
@@ -787,7 +792,11 @@ fn supervise(id: u64) {
             if a.ctrlr.alive() && !a.shared.reset_wanted.load(Ordering::Acquire) {
                 return Step::Nothing;
             }
-            log::warn!("nvme: controller {} ({}) lost, reconnecting", a.name, a.target.addr);
+            log::warn!(
+                "nvme: controller {} ({}) lost, reconnecting",
+                a.name,
+                a.target.addr
+            );
             a.shared.state.store(ST_RESETTING, Ordering::Release);
             a.ctrlr.close();
             a.lost_at = Some(now);
@@ -918,7 +927,11 @@ fn reconnected(id: u64, res: Result<Controller>) {
         waiters = std::mem::take(&mut a.reset_waiters);
         match res {
             Ok(ctrlr) => {
-                log::info!("nvme: controller {} reconnected ({})", a.name, a.target.addr);
+                log::info!(
+                    "nvme: controller {} reconnected ({})",
+                    a.name,
+                    a.target.addr
+                );
                 watch_namespaces(a.id, &ctrlr);
                 a.shared.info.store(ctrlr.info.clone());
                 a.ctrlr = ctrlr;
@@ -946,7 +959,9 @@ fn reconnected(id: u64, res: Result<Controller>) {
         w(outcome.map_err(|k| Error::new(k, format!("reset of controller {name} failed"))));
     }
     if delete {
-        log::error!("nvme: controller {name} lost for good: deleted (bdevs go with their last path)");
+        log::error!(
+            "nvme: controller {name} lost for good: deleted (bdevs go with their last path)"
+        );
         remove_controller(id, Box::new(|_| {}));
     }
 }
@@ -973,13 +988,30 @@ pub struct PathFilter {
 impl PathFilter {
     fn matches(&self, o: &CtrlrOpts, a: &AttachParams) -> bool {
         let fam = if o.addr.is_ipv4() { "ipv4" } else { "ipv6" };
-        self.traddr.as_ref().is_none_or(|t| *t == o.addr.ip().to_string())
-            && self.trsvcid.as_ref().is_none_or(|s| *s == o.addr.port().to_string())
+        self.traddr
+            .as_ref()
+            .is_none_or(|t| *t == o.addr.ip().to_string())
+            && self
+                .trsvcid
+                .as_ref()
+                .is_none_or(|s| *s == o.addr.port().to_string())
             && self.subnqn.as_ref().is_none_or(|s| *s == o.subnqn)
-            && self.trtype.as_ref().is_none_or(|t| t.eq_ignore_ascii_case("tcp"))
-            && self.adrfam.as_ref().is_none_or(|f| f.eq_ignore_ascii_case(fam))
-            && self.hostaddr.as_ref().is_none_or(|h| Some(h) == a.hostaddr.as_ref())
-            && self.hostsvcid.as_ref().is_none_or(|h| Some(h) == a.hostsvcid.as_ref())
+            && self
+                .trtype
+                .as_ref()
+                .is_none_or(|t| t.eq_ignore_ascii_case("tcp"))
+            && self
+                .adrfam
+                .as_ref()
+                .is_none_or(|f| f.eq_ignore_ascii_case(fam))
+            && self
+                .hostaddr
+                .as_ref()
+                .is_none_or(|h| Some(h) == a.hostaddr.as_ref())
+            && self
+                .hostsvcid
+                .as_ref()
+                .is_none_or(|h| Some(h) == a.hostsvcid.as_ref())
     }
 }
 
@@ -1319,7 +1351,11 @@ pub fn controllers_json(name: Option<&str>) -> Result<Value> {
         names
             .iter()
             .map(|n| {
-                let ctrlrs: Vec<Value> = c.0.iter().filter(|a| a.name == *n).map(ctrlr_json).collect();
+                let ctrlrs: Vec<Value> =
+                    c.0.iter()
+                        .filter(|a| a.name == *n)
+                        .map(ctrlr_json)
+                        .collect();
                 json!({"name": n, "ctrlrs": ctrlrs})
             })
             .collect()
@@ -1411,8 +1447,7 @@ fn spdk_refusal(p: &AttachParams) -> Option<RpcError> {
     if p.max_bdevs == Some(0) {
         return einval("max_bdevs cannot be zero".into());
     }
-    if p
-        .multipath
+    if p.multipath
         .as_deref()
         .is_some_and(|m| !["disable", "failover", "multipath"].contains(&m))
     {
@@ -1514,12 +1549,25 @@ fn set_multipath_policy(p: PolicyParams) -> std::result::Result<(), RpcError> {
         Some(n) => n,
         None => 1,
     };
-    let paths = ns_paths(&p.name)?;
+    set_policy(&p.name, active_active, queue_depth, rr_min_io)
+        .map_err(|_| RpcError::errno(libc::ENODEV))
+}
+
+/// Sets NVMe bdev `bdev`'s multipath policy: active-active (else active-passive), the queue-depth selector
+/// (else round robin) and round robin's I/Os per path. Every channel takes it at its next I/O or poll.
+pub fn set_policy(
+    bdev: &str,
+    active_active: bool,
+    queue_depth: bool,
+    rr_min_io: u32,
+) -> Result<()> {
+    let paths = ns_paths(bdev)
+        .map_err(|_| Error::new(ErrorKind::NotFound, format!("{bdev} is not an NVMe bdev")))?;
     paths.change(|_, pol| {
         *pol = Policy {
             active_active,
-            queue_depth,
-            rr_min_io,
+            queue_depth: active_active && queue_depth,
+            rr_min_io: rr_min_io.max(1),
         }
     });
     Ok(())
@@ -1528,14 +1576,25 @@ fn set_multipath_policy(p: PolicyParams) -> std::result::Result<(), RpcError> {
 /// `bdev_nvme_set_preferred_path`: the path through controller `cntlid` goes first (-ENODEV when the bdev has
 /// none).
 fn set_preferred_path(p: PreferredParams) -> std::result::Result<(), RpcError> {
-    let paths = ns_paths(&p.name)?;
+    set_preferred(&p.name, p.cntlid).map_err(|_| RpcError::errno(libc::ENODEV))
+}
+
+/// Puts the path of NVMe bdev `bdev` through controller `cntlid` first (active-passive uses it while it can).
+pub fn set_preferred(bdev: &str, cntlid: u16) -> Result<()> {
+    let missing = || {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("{bdev} has no path through controller {cntlid}"),
+        )
+    };
+    let paths = ns_paths(bdev).map_err(|_| missing())?;
     let moved = paths.change(|list, _| {
-        let i = list.iter().position(|s| s.info.load().cntlid == p.cntlid)?;
+        let i = list.iter().position(|s| s.info.load().cntlid == cntlid)?;
         let s = list.remove(i);
         list.insert(0, s);
         Some(())
     });
-    moved.ok_or_else(|| RpcError::errno(libc::ENODEV))
+    moved.ok_or_else(missing)
 }
 
 /// Registers `bdev_nvme_attach_controller`, `bdev_nvme_detach_controller`, `bdev_nvme_reset_controller`,

@@ -2,135 +2,20 @@
 //! namespace), data written through the NVMe bdev checked on the target's malloc bdevs and back, unmap and write
 //! zeroes, the RPC answers, detach and attach again, and refused attaches.
 
-use std::sync::mpsc;
+mod common;
+
 use std::time::Duration;
 
-use bdev::modules::malloc::{self, MallocOpts};
-use bdev::{Completion, IoHandle, IoStatus, IoType};
+use bdev::{IoStatus, IoType};
 use bdev_nvme::AttachParams;
+use common::*;
 use nvmf::mgmt;
-use nvmf::params::{
-    AnaState, ListenerConfig, NamespaceParams, NvmfCreateSubsystem, TransportKind, TransportOpts,
-    Trid,
-};
-use reactor::dma::DmaBuf;
+use nvmf::params::NamespaceParams;
 use reactor::testing::{app, on_app};
-
-const NQN: &str = "nqn.2016-06.io.spdk:bdev-nvme-own";
-const BS: u32 = 512;
-const BLOCKS: u64 = 16384;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// On the app thread: two malloc bdevs exported as namespaces 1 and 2 of [`NQN`] on a free port.
-fn target() -> u16 {
-    on_app(|reply| {
-        for n in ["OwnM0", "OwnM1", "OwnM2"] {
-            malloc::create(MallocOpts {
-                name: Some(n.into()),
-                num_blocks: BLOCKS,
-                block_size: BS,
-                ..Default::default()
-            })
-            .unwrap();
-        }
-        let topts = TransportOpts::defaults(TransportKind::Tcp);
-        mgmt::create_transport(topts, None, move |r| {
-            r.unwrap();
-            let mut o = NvmfCreateSubsystem::new(NQN);
-            o.allow_any_host = true;
-            o.normalize(false, 1, 1024).unwrap();
-            mgmt::create_subsystem(o);
-            let port = free_port();
-            set_listener(port, true);
-            mgmt::add_ns(NQN, NamespaceParams::new("OwnM0"), move |r| {
-                r.unwrap();
-                mgmt::add_ns(NQN, NamespaceParams::new("OwnM1"), move |r| {
-                    r.unwrap();
-                    reply(port);
-                });
-            });
-        });
-    })
-}
-
-fn params(name: &str, port: u16) -> AttachParams {
-    serde_json::from_value(serde_json::json!({
-        "name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
-        "trsvcid": port.to_string(), "subnqn": NQN,
-        // What spdk-rpc's newer client adds.
-        "prchk_reftag": false, "prchk_guard": false, "max_bdevs": 128,
-    }))
-    .unwrap()
-}
-
-fn attach(p: AttachParams) -> Result<Vec<String>, String> {
-    on_app(move |reply| bdev_nvme::attach(p, move |r| reply(r.map_err(|e| e.to_string()))))
-}
-
-/// One I/O on `name` on the app thread: (status, data read).
-fn io(
-    name: &str,
-    t: IoType,
-    offset: u64,
-    blocks: u64,
-    data: Option<Vec<u8>>,
-) -> (IoStatus, Vec<u8>) {
-    let name = name.to_string();
-    on_app(move |reply| {
-        let desc = bdev::open(&name, t.is_write() || t == IoType::Flush, None).unwrap();
-        let ch = desc.channel();
-        let keep = std::cell::RefCell::new(Some((desc, ch.clone())));
-        let cb = Completion::Closure(Box::new(move |mut io: IoHandle| {
-            let d = io
-                .take_buf()
-                .map(|b| b.as_slice().to_vec())
-                .unwrap_or_default();
-            let st = io.status();
-            drop(io);
-            keep.borrow_mut().take();
-            reply((st, d));
-        }));
-        let len = (blocks * BS as u64) as usize;
-        let r = match t {
-            IoType::Read => ch.read(DmaBuf::alloc(len).unwrap(), offset, blocks, cb, 0),
-            IoType::Write => {
-                let mut b = DmaBuf::alloc(len).unwrap();
-                b.as_mut_slice().copy_from_slice(&data.unwrap());
-                ch.write(b, offset, blocks, cb, 0)
-            }
-            t => ch.submit_nodata(t, offset, blocks, cb, 0),
-        };
-        r.unwrap();
-    })
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 #[test]
 fn attach_io_detach_against_own_target() {
-    let (tx, rx) = mpsc::channel();
-    reactor::testing::run("0x3", Duration::from_secs(120), move || {
-        std::thread::spawn(move || {
-            let res = std::panic::catch_unwind(body);
-            reactor::stop();
-            let _ = tx.send(res.is_ok());
-        });
-    });
-    assert!(
-        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
-        "test body failed"
-    );
+    run(body);
 }
 
 fn body() {
@@ -230,8 +115,9 @@ fn body() {
         io("Nvme0n1", IoType::Read, 120, 8, None).1,
         big[20 * BS as usize..28 * BS as usize]
     );
-    let r: Result<(), String> =
-        on_app(|reply| bdev_nvme::reset("Nope", None, move |r| reply(r.map_err(|e| e.to_string()))));
+    let r: Result<(), String> = on_app(|reply| {
+        bdev_nvme::reset("Nope", None, move |r| reply(r.map_err(|e| e.to_string())))
+    });
     assert!(r.is_err());
 
     // Refusals: the same name again (multipath disabled), nobody listening, an unknown subsystem.
@@ -350,69 +236,4 @@ fn body() {
     assert!(app(|| bdev::get("Nvme0n1").is_some()));
     detach("Nvme0");
     eprintln!("body done in {:?}", started.elapsed());
-}
-
-/// Waits until bdev `name` exists (or is gone).
-fn wait_bdev(name: &str, present: bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = name.to_string();
-        if app(move || bdev::get(&n).is_some()) == present {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} present: never {present}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn detach(name: &str) {
-    let name = name.to_string();
-    let r: Result<(), String> =
-        on_app(move |reply| bdev_nvme::detach(&name, None, move |r| reply(r.map_err(|e| e.to_string()))));
-    r.unwrap();
-}
-
-/// Adds or removes the target's listener (removing it drops its connections, as SPDK's does), from the test.
-fn listener(port: u16, add: bool) {
-    app(move || set_listener(port, add));
-}
-
-/// [`listener`] on the app thread.
-fn set_listener(port: u16, add: bool) {
-    let trid = Trid::tcp("127.0.0.1", &port.to_string());
-    if add {
-        let config = ListenerConfig {
-            nqn: NQN.into(),
-            listen_address: trid.clone(),
-            secure_channel: false,
-            sock_impl: None,
-        };
-        mgmt::add_listener(NQN, trid, AnaState::Optimized, config).unwrap();
-    } else {
-        mgmt::remove_listener(NQN, &trid).unwrap();
-    }
-}
-
-/// Waits until controller `name` reads one of `states` in `bdev_nvme_get_controllers`.
-fn wait_state(name: &str, states: &[&str]) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let name2 = name.to_string();
-        let v = app(move || bdev_nvme::controllers_json(Some(&name2)).unwrap());
-        let st = v[0]["ctrlrs"][0]["state"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        if states.contains(&st.as_str()) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} still {st}, wanted {states:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
