@@ -16,9 +16,16 @@ fn free_port() -> String {
     l.local_addr().unwrap().port().to_string()
 }
 
-/// The storage node's exports, as JSON-RPC calls (for ours and for SPDK's).
-fn export_calls(port: &str) -> Vec<(&'static str, Value)> {
-    vec![
+/// The storage node's exports, as JSON-RPC calls (for ours and for SPDK's): the subsystem on `port`, and on
+/// `port2` too when given (a second path).
+fn export_calls(port: &str, port2: Option<&str>) -> Vec<(&'static str, Value)> {
+    let listener = |p: &str| {
+        (
+            "nvmf_subsystem_add_listener",
+            json!({"nqn": NQN, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": p}}),
+        )
+    };
+    let mut calls = vec![
         (
             "bdev_malloc_create",
             json!({"name": "Malloc0", "num_blocks": 65536, "block_size": 512}),
@@ -32,11 +39,10 @@ fn export_calls(port: &str) -> Vec<(&'static str, Value)> {
             "nvmf_subsystem_add_ns",
             json!({"nqn": NQN, "namespace": {"bdev_name": "Malloc0"}}),
         ),
-        (
-            "nvmf_subsystem_add_listener",
-            json!({"nqn": NQN, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port}}),
-        ),
-    ]
+        listener(port),
+    ];
+    calls.extend(port2.map(listener));
+    calls
 }
 
 fn attach_args(port: &str) -> Vec<String> {
@@ -62,11 +68,12 @@ fn attach_args(port: &str) -> Vec<String> {
 /// The namespace the storage nodes export: (block size, blocks).
 const NS_512: (u64, u64) = (512, 65536);
 
-/// What the compute node does against a storage node listening on `port` whose namespace is `ns`.
-fn compute_node_drill(port: &str, tag: &str, ns: (u64, u64)) {
+/// What the compute node does against a storage node listening on `port` (and on `port2`, a second path, when
+/// given) whose namespace is `ns`.
+fn compute_node_drill(port: &str, port2: Option<&str>, tag: &str, ns: (u64, u64)) {
     let c = std::cell::RefCell::new(Some(Tgt::start(tag, &[])));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        drill_steps(&c, port, tag, ns)
+        drill_steps(&c, port, port2, tag, ns)
     }));
     if let Err(p) = r {
         // The compute node's log says what went wrong on its side.
@@ -77,7 +84,13 @@ fn compute_node_drill(port: &str, tag: &str, ns: (u64, u64)) {
     }
 }
 
-fn drill_steps(cell: &std::cell::RefCell<Option<Tgt>>, port: &str, tag: &str, ns: (u64, u64)) {
+fn drill_steps(
+    cell: &std::cell::RefCell<Option<Tgt>>,
+    port: &str,
+    port2: Option<&str>,
+    tag: &str,
+    ns: (u64, u64),
+) {
     let guard = cell.borrow();
     let c = guard.as_ref().unwrap();
     // Module options set before any controller are the attaches' defaults; once one is attached they are
@@ -112,8 +125,16 @@ fn drill_steps(cell: &std::cell::RefCell<Option<Tgt>>, port: &str, tag: &str, ns
     assert_eq!(ctrlrs[0]["ctrlrs"][0]["state"], "enabled");
     assert_eq!(ctrlrs[0]["ctrlrs"][0]["trid"]["subnqn"], NQN);
 
-    // SPDK's refusals, code and text.
+    // SPDK's refusals, code and text: the same path again, and another one with multipath disabled.
     let e = c.err(&argv);
+    assert_eq!(e["code"], -libc::EALREADY, "{e}");
+    assert_eq!(
+        e["message"],
+        "A controller named Nvme0 already exists with the specified network path\n"
+    );
+    let mut disabled = argv.clone();
+    disabled.extend(["-s", "1", "-x", "disable"]);
+    let e = c.err(&disabled);
     assert_eq!(e["code"], -libc::EALREADY, "{e}");
     assert_eq!(
         e["message"],
@@ -170,6 +191,9 @@ fn drill_steps(cell: &std::cell::RefCell<Option<Tgt>>, port: &str, tag: &str, ns
             .is_empty(),
         "{none}"
     );
+    if let Some(p2) = port2 {
+        multipath_steps(c, port, p2);
+    }
     c.ok(&["bdev_nvme_detach_controller", "Nvme0"]);
     assert_eq!(c.ok(&["bdev_lvol_get_lvstores"]), json!([]));
     let out = c.rpc(&argv);
@@ -224,15 +248,101 @@ fn drill_steps(cell: &std::cell::RefCell<Option<Tgt>>, port: &str, tag: &str, ns
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A second path to the storage node under the same name, through `spdk-rpc`: the same bdev, two controllers,
+/// SPDK's policy RPCs, the first path detached while the lvstore on the bdev stays and takes metadata writes
+/// through the second.
+fn multipath_steps(c: &Tgt, port: &str, port2: &str) {
+    let mut args = attach_args(port2);
+    args.extend(["-x", "multipath"].map(String::from));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.rpc(&argv);
+    assert!(out.status.success(), "second path: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Nvme0n1");
+    let ctrlrs = c.ok(&["bdev_nvme_get_controllers", "-n", "Nvme0"]);
+    let list = ctrlrs[0]["ctrlrs"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{ctrlrs}");
+    let cntlid2 = list.iter().find(|x| x["trid"]["trsvcid"] == port2).unwrap()["cntlid"]
+        .as_u64()
+        .unwrap();
+    let b = c.ok(&["bdev_get_bdevs", "-b", "Nvme0n1"]);
+    assert_eq!(
+        b[0]["driver_specific"]["nvme"].as_array().unwrap().len(),
+        2,
+        "{b}"
+    );
+    assert_eq!(b[0]["driver_specific"]["mp_policy"], "active_passive");
+    c.ok(&[
+        "bdev_nvme_set_preferred_path",
+        "-b",
+        "Nvme0n1",
+        "-c",
+        &cntlid2.to_string(),
+    ]);
+    let e = c.err(&[
+        "bdev_nvme_set_preferred_path",
+        "-b",
+        "Nvme0n1",
+        "-c",
+        "4000",
+    ]);
+    assert_eq!(e["code"], -libc::ENODEV, "{e}");
+    // Not in the 26.x client's command line any more; SPDK's targets still answer it.
+    let r = c.call(
+        "bdev_nvme_set_multipath_policy",
+        json!({"name": "Nvme0n1", "policy": "active_active", "selector": "round_robin", "rr_min_io": 2}),
+    );
+    assert_eq!(r["result"], true, "{r}");
+    let b = c.ok(&["bdev_get_bdevs", "-b", "Nvme0n1"]);
+    assert_eq!(b[0]["driver_specific"]["mp_policy"], "active_active");
+    assert_eq!(b[0]["driver_specific"]["rr_min_io"], 2);
+    let r = c.call(
+        "bdev_nvme_set_multipath_policy",
+        json!({"name": "Nvme0n1", "policy": "sometimes"}),
+    );
+    assert_eq!(r["error"]["code"], -32603, "{r}");
+    let r = c.call(
+        "bdev_nvme_set_multipath_policy",
+        json!({"name": "Malloc9", "policy": "active_passive"}),
+    );
+    assert_eq!(r["error"]["code"], -libc::ENODEV, "{r}");
+    c.ok(&["bdev_lvol_create", "-l", "lvs0", "lv1", "4"]);
+    // The first path goes: the bdev, its lvstore and their metadata writes go on through the second.
+    c.ok(&[
+        "bdev_nvme_detach_controller",
+        "Nvme0",
+        "-t",
+        "tcp",
+        "-a",
+        "127.0.0.1",
+        "-f",
+        "ipv4",
+        "-s",
+        port,
+        "-n",
+        NQN,
+    ]);
+    let ctrlrs = c.ok(&["bdev_nvme_get_controllers", "-n", "Nvme0"]);
+    assert_eq!(ctrlrs[0]["ctrlrs"].as_array().unwrap().len(), 1, "{ctrlrs}");
+    assert_eq!(ctrlrs[0]["ctrlrs"][0]["trid"]["trsvcid"], port2);
+    c.ok(&["bdev_lvol_create", "-l", "lvs0", "lv2", "4"]);
+    c.ok(&["bdev_lvol_delete", "lvs0/lv1"]);
+    c.ok(&["bdev_lvol_delete", "lvs0/lv2"]);
+    let paths = c.ok(&["bdev_nvme_get_io_paths", "-n", "Nvme0n1"]);
+    let p = &paths["poll_groups"][0]["io_paths"];
+    assert_eq!(p.as_array().unwrap().len(), 1, "{paths}");
+    assert_eq!(p[0]["transport"]["trsvcid"], port2, "{paths}");
+    assert_eq!(p[0]["current"], true, "{paths}");
+}
+
 #[test]
 fn compute_node_attaches_our_storage_node() {
     let s = Tgt::start("nvme-storage", &[]);
-    let port = free_port();
-    for (m, p) in export_calls(&port) {
+    let (port, port2) = (free_port(), free_port());
+    for (m, p) in export_calls(&port, Some(&port2)) {
         let r = s.call(m, p);
         assert!(r.get("error").is_none(), "{m}: {r}");
     }
-    compute_node_drill(&port, "nvme-compute", NS_512);
+    compute_node_drill(&port, Some(&port2), "nvme-compute", NS_512);
     let (st, _) = s.stop();
     assert!(st.success());
 }
@@ -290,6 +400,7 @@ sleep 600
     let drill = std::panic::catch_unwind(|| {
         compute_node_drill(
             &port.to_string(),
+            None,
             "nvme-compute-kernel",
             (512, 2 * 1024 * 1024),
         )
@@ -309,13 +420,13 @@ fn compute_node_attaches_spdk_storage_node() {
     }
     let dir = std::env::temp_dir().join(format!("bdev-nvme-spdk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
-    let config: Vec<Value> = export_calls(&port)
+    let (port, port2) = (free_port(), free_port());
+    let config: Vec<Value> = export_calls(&port, Some(&port2))
         .into_iter()
         .filter(|(m, _)| m.starts_with("bdev_"))
         .map(|(m, p)| json!({"method": m, "params": p}))
         .collect();
-    let nvmf: Vec<Value> = export_calls(&port)
+    let nvmf: Vec<Value> = export_calls(&port, Some(&port2))
         .into_iter()
         .filter(|(m, _)| m.starts_with("nvmf_"))
         .map(|(m, p)| json!({"method": m, "params": p}))
@@ -326,7 +437,7 @@ fn compute_node_attaches_spdk_storage_node() {
     ]});
     write_file(&dir, "config.json", &cfg.to_string());
     let s = lab::target::SpdkTgt::start(&dir, "spdk");
-    compute_node_drill(&port, "nvme-compute-spdk", NS_512);
+    compute_node_drill(&port, Some(&port2), "nvme-compute-spdk", NS_512);
     s.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -339,7 +450,7 @@ fn compute_node_attaches_spdk_storage_node() {
 fn attach_detach_races_leave_consistent_state() {
     let s = Tgt::start("nvme-race-storage", &[]);
     let port = free_port();
-    for (m, p) in export_calls(&port) {
+    for (m, p) in export_calls(&port, None) {
         let r = s.call(m, p);
         assert!(r.get("error").is_none(), "{m}: {r}");
     }
