@@ -209,8 +209,11 @@ struct Load {
     failed: std::cell::Cell<u64>,
     stop: std::cell::Cell<bool>,
     inflight: std::cell::Cell<u32>,
-    done: std::cell::RefCell<Option<Box<dyn FnOnce(LoadResult)>>>,
+    done: std::cell::RefCell<Option<LoadDone>>,
 }
+
+/// Where a stopped load reports.
+type LoadDone = Box<dyn FnOnce(LoadResult)>;
 
 /// What a write load did.
 #[derive(Debug, Clone)]
