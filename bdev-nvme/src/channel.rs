@@ -15,6 +15,7 @@ use std::sync::Arc;
 use bdev::{IoHandle, IoStatus, IoType, ModuleChannel, NvmeStatus};
 use nvme_host::{Dir, IoQueue, Iov, SubmitError};
 use nvme_proto::cmd::{io as opc, Cqe, DsmRange, Sqe};
+use nvme_proto::log::ana_state;
 use nvme_proto::status::{generic, sct};
 
 use crate::{NsPaths, PathEntry, Policy, Shared, ST_ENABLED, ST_FAIL_FAST};
@@ -24,6 +25,10 @@ const DSM_BYTES: usize = DsmRange::SIZE;
 
 /// The `driver_ctx` word that counts an I/O's retries.
 const RETRIES: usize = 3;
+
+/// Path status codes of ANA states (Asymmetric Access Persistent Loss, Inaccessible, Transition).
+const ANA_PERSISTENT_LOSS: u8 = 0x01;
+const ANA_TRANSITION: u8 = 0x03;
 
 /// This thread's queue on one path.
 struct PathQ {
@@ -35,33 +40,66 @@ struct PathQ {
     entry: Arc<PathEntry>,
     /// Commands of this channel in `q`.
     outstanding: u32,
+    /// The namespace's ANA group on this controller (0: none).
+    anagrpid: u32,
 }
 
 impl PathQ {
-    fn new(shared: Arc<Shared>, bdev: &str) -> PathQ {
+    fn new(shared: Arc<Shared>, bdev: &str, nsid: u32) -> PathQ {
         let gen = shared.gen.load(Ordering::Acquire);
         let q = open_queue(&shared);
         let entry = crate::add_path(bdev, &shared);
-        PathQ {
+        let mut p = PathQ {
             shared,
             gen,
             q,
             entry,
             outstanding: 0,
+            anagrpid: 0,
+        };
+        p.find_group(nsid);
+        p
+    }
+
+    /// Looks up the namespace's ANA group on the controller's current connection.
+    fn find_group(&mut self, nsid: u32) {
+        let info = self.shared.info.load();
+        self.anagrpid = info
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == nsid)
+            .map_or(0, |n| n.anagrpid);
+    }
+
+    /// The namespace's ANA state through this path (optimized without ANA reporting).
+    #[inline]
+    fn ana(&self) -> u8 {
+        match &self.q {
+            Ok(q) => q.info().ana.get(self.anagrpid),
+            Err(_) => ana_state::OPTIMIZED,
         }
     }
 
-    /// Can take an I/O now.
+    /// Can take an I/O now: connected, and the namespace accessible through it (ANA optimized or not).
     #[inline]
     fn available(&self) -> bool {
         matches!(&self.q, Ok(q) if q.ready())
             && self.shared.state.load(Ordering::Acquire) == ST_ENABLED
+            && matches!(self.ana(), ana_state::OPTIMIZED | ana_state::NON_OPTIMIZED)
+    }
+
+    /// Usable now, and ANA-optimized.
+    #[inline]
+    fn optimized(&self) -> bool {
+        self.available() && self.ana() == ana_state::OPTIMIZED
     }
 
     /// Not usable now, but may be soon: its controller is connected or being reconnected (not failing fast,
-    /// not deleted) and a queue could be made for it.
+    /// not deleted), a queue could be made for it, and its ANA state is not a persistent loss.
     fn may_come_back(&self) -> bool {
-        self.q.is_ok() && self.shared.state.load(Ordering::Acquire) < ST_FAIL_FAST
+        self.q.is_ok()
+            && self.shared.state.load(Ordering::Acquire) < ST_FAIL_FAST
+            && self.ana() != ana_state::PERSISTENT_LOSS
     }
 }
 
@@ -88,6 +126,8 @@ pub(crate) struct NvmeChannel {
     done: Vec<(usize, u64, Cqe)>,
     /// Times a failed I/O is sent again (SPDK's `bdev_retry_count`; -1: no limit).
     retry_limit: i32,
+    /// The paths' ANA log page counts last seen: when one moves, the path is picked again (failback).
+    ana_seen: u64,
 }
 
 impl NvmeChannel {
@@ -107,6 +147,7 @@ impl NvmeChannel {
             iovs: Vec::with_capacity(16),
             done: Vec::new(),
             retry_limit,
+            ana_seen: 0,
         };
         ch.follow_paths();
         ch
@@ -137,7 +178,9 @@ impl NvmeChannel {
                     remap[i] = self.paths.len();
                     self.paths.push(p);
                 }
-                None => self.paths.push(PathQ::new(s.clone(), &self.bdev)),
+                None => self
+                    .paths
+                    .push(PathQ::new(s.clone(), &self.bdev, self.ns.nsid)),
             }
         }
         // Removed paths: their queues close and what was in them is sent again on another path.
@@ -200,9 +243,19 @@ impl NvmeChannel {
                 p.q = open_queue(&p.shared);
                 p.gen = gen;
                 p.outstanding = 0;
+                p.find_group(self.ns.nsid);
                 // Back on a path: the policy picks again (SPDK's failback to the preferred path).
                 self.current = None;
             }
+        }
+        let ana: u64 = self
+            .paths
+            .iter()
+            .filter_map(|p| p.q.as_ref().ok().map(|q| q.info().ana.changes()))
+            .sum();
+        if ana != self.ana_seen {
+            self.ana_seen = ana;
+            self.current = None;
         }
         if !self.waiting.is_empty() && !self.paths.iter().any(PathQ::may_come_back) {
             let errno = self.no_path_errno();
@@ -220,7 +273,8 @@ impl NvmeChannel {
         }
     }
 
-    /// The path for the next I/O, as SPDK's `bdev_nvme_find_io_path` picks it.
+    /// The path for the next I/O, as SPDK's `bdev_nvme_find_io_path` picks it: ANA-optimized paths first,
+    /// a non-optimized one only when no optimized path is usable.
     #[inline]
     fn pick(&mut self) -> Option<usize> {
         if let Some(c) = self.current {
@@ -240,19 +294,25 @@ impl NvmeChannel {
         let n = self.paths.len();
         if self.policy.active_active && self.policy.queue_depth {
             // The least busy path; not remembered.
-            return (0..n)
-                .filter(|&i| self.paths[i].available())
-                .min_by_key(|&i| self.paths[i].outstanding);
+            let least = |ok: &dyn Fn(&PathQ) -> bool| {
+                (0..n)
+                    .filter(|&i| ok(&self.paths[i]))
+                    .min_by_key(|&i| self.paths[i].outstanding)
+            };
+            return least(&PathQ::optimized).or_else(|| least(&PathQ::available));
         }
         // Active-passive: the first usable path in the bdev's order. Round-robin: the next one after the current.
         let start = match (self.policy.active_active, self.current) {
             (true, Some(c)) => c + 1,
             _ => 0,
         };
-        let found = (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&i| self.paths[i].available());
-        self.current = found;
+        let order = (0..n).map(|k| (start + k) % n);
+        let found = order
+            .clone()
+            .find(|&i| self.paths[i].optimized())
+            .or_else(|| order.clone().find(|&i| self.paths[i].available()));
+        // An active-passive channel on a non-optimized path looks for an optimized one again next time.
+        self.current = found.filter(|&i| self.policy.active_active || self.paths[i].optimized());
         found
     }
 
@@ -382,14 +442,25 @@ impl NvmeChannel {
         if s.dnr || (s.sct, s.sc) == (sct::GENERIC, generic::ABORTED_BY_REQUEST) {
             return false;
         }
+        if s.sct == sct::PATH && self.current == Some(path) {
+            self.current = None;
+        }
+        if s.sct == sct::PATH && (ANA_PERSISTENT_LOSS..=ANA_TRANSITION).contains(&s.sc) {
+            // The path's ANA state changed: not used until the log page says it is accessible again (asked
+            // for now; an ANA change notice may bring it first). Not counted as a retry, as SPDK counts none.
+            if let Some(p) = self.paths.get(path) {
+                if let Ok(q) = &p.q {
+                    q.info().ana.set(p.anagrpid, ana_state::INACCESSIBLE);
+                }
+                p.shared.ana_stale.store(true, Ordering::Release);
+            }
+            return self.paths.iter().any(PathQ::may_come_back);
+        }
         let count = io.driver_ctx[RETRIES];
         if self.retry_limit >= 0 && count >= self.retry_limit as u64 {
             return false;
         }
         io.driver_ctx[RETRIES] = count + 1;
-        if s.sct == sct::PATH && self.current == Some(path) {
-            self.current = None;
-        }
         self.paths.iter().any(PathQ::may_come_back)
     }
 }
@@ -494,10 +565,13 @@ impl NvmeChannel {
     /// Tells `bdev_nvme_get_io_paths` what changed: each path's connected state and which is current (one
     /// relaxed store per change).
     fn publish(&self) {
+        let any_optimized = self.paths.iter().any(PathQ::optimized);
         for (i, p) in self.paths.iter().enumerate() {
             let connected = matches!(&p.q, Ok(q) if q.ready());
+            let accessible = matches!(p.ana(), ana_state::OPTIMIZED | ana_state::NON_OPTIMIZED);
             let current = if self.policy.active_active {
-                p.available()
+                // A non-optimized path is current only when no optimized one is usable (SPDK's view).
+                p.optimized() || (p.available() && !any_optimized)
             } else {
                 match self.current {
                     Some(c) => c == i,
@@ -509,6 +583,9 @@ impl NvmeChannel {
             }
             if p.entry.current.load(Ordering::Relaxed) != current {
                 p.entry.current.store(current, Ordering::Relaxed);
+            }
+            if p.entry.accessible.load(Ordering::Relaxed) != accessible {
+                p.entry.accessible.store(accessible, Ordering::Relaxed);
             }
         }
     }

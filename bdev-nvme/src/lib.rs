@@ -14,7 +14,7 @@
 //! subsystem adds a path to the same bdevs, used as the bdev's multipath policy says ([`NsPaths`]); or a
 //! second address is kept as an alternate the controller fails over to when it reconnects (`failover`).
 //!
-//! Not here yet (SPDK has them): ANA states, RDMA and PCIe transports, digests, discovery services, and the
+//! Not here yet (SPDK has them): RDMA and PCIe transports, digests, discovery services, and the
 //! rest of the module's RPCs.
 
 mod channel;
@@ -177,6 +177,8 @@ pub(crate) struct Shared {
     pub(crate) state: AtomicU8,
     /// A channel saw its queue die.
     pub(crate) reset_wanted: AtomicBool,
+    /// A channel saw an ANA status: the ANA log page is read again.
+    pub(crate) ana_stale: AtomicBool,
 }
 
 /// How a bdev's I/O picks among its paths (`bdev_nvme_set_multipath_policy`).
@@ -547,6 +549,7 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
             gen: AtomicU64::new(0),
             state: AtomicU8::new(ST_ENABLED),
             reset_wanted: AtomicBool::new(false),
+            ana_stale: AtomicBool::new(false),
         });
         let mut bdevs = Vec::new();
         let max = p.max_bdevs.unwrap_or(u32::MAX) as usize;
@@ -789,6 +792,9 @@ fn supervise(id: u64) {
         let now = Instant::now();
         let st = a.shared.state.load(Ordering::Acquire);
         if st == ST_ENABLED {
+            if a.shared.ana_stale.swap(false, Ordering::AcqRel) {
+                a.ctrlr.refresh_ana();
+            }
             if a.ctrlr.alive() && !a.shared.reset_wanted.load(Ordering::Acquire) {
                 return Step::Nothing;
             }
@@ -1196,7 +1202,7 @@ impl BdevOps for NsOps {
                         "firmware_revision": nvme_proto::identify::padded_str(&info.cdata.fr).unwrap_or_default().trim(),
                         "subnqn": o.subnqn,
                     },
-                    "ns_data": { "id": self.paths.nsid },
+                    "ns_data": ns_data(&info, self.paths.nsid),
                 })
             })
             .collect();
@@ -1212,6 +1218,25 @@ impl BdevOps for NsOps {
     }
 }
 
+/// SPDK's `ns_data` of a namespace through one controller: its id, and its ANA state when the controller
+/// reports them.
+fn ns_data(info: &CtrlrInfo, nsid: u32) -> Value {
+    let mut v = serde_json::Map::new();
+    v.insert("id".into(), json!(nsid));
+    if info.ana.reporting() {
+        let grp = info
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == nsid)
+            .map_or(0, |n| n.anagrpid);
+        v.insert(
+            "ana_state".into(),
+            json!(nvme_host::ana_state_name(info.ana.get(grp))),
+        );
+    }
+    Value::Object(v)
+}
+
 /// One I/O path: a bdev's channel on one thread (`bdev_nvme_get_io_paths`).
 pub(crate) struct PathEntry {
     thread: String,
@@ -1221,6 +1246,8 @@ pub(crate) struct PathEntry {
     pub(crate) connected: AtomicBool,
     /// The channel sends I/O on this path now.
     pub(crate) current: AtomicBool,
+    /// The namespace is accessible through it (ANA optimized or non-optimized).
+    pub(crate) accessible: AtomicBool,
 }
 
 /// Every channel's path, in creation order (control path only: channels come and go, the RPC reads).
@@ -1238,6 +1265,7 @@ pub(crate) fn add_path(bdev: &str, shared: &Arc<Shared>) -> Arc<PathEntry> {
         shared: shared.clone(),
         connected: AtomicBool::new(false),
         current: AtomicBool::new(false),
+        accessible: AtomicBool::new(true),
     });
     paths().push(p.clone());
     p
@@ -1274,7 +1302,7 @@ pub fn io_paths_json(name: Option<&str>) -> Value {
                         "cntlid": info.cntlid,
                         "current": connected && p.current.load(Ordering::Relaxed),
                         "connected": connected,
-                        "accessible": true,
+                        "accessible": p.accessible.load(Ordering::Relaxed),
                         "transport": {
                             "trtype": "TCP",
                             "traddr": o.addr.ip().to_string(),

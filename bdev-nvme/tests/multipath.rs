@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use nvmf::params::AnaState;
 use reactor::testing::{app, on_app};
 use serde_json::Value;
 
@@ -45,6 +46,7 @@ fn paths_of(bdev: &str) -> Vec<(String, bool, bool)> {
 }
 
 /// Waits until `bdev`'s paths on the app thread read `want` (in any order).
+#[track_caller]
 fn wait_paths(bdev: &str, want: &[(String, bool, bool)]) {
     let mut want = want.to_vec();
     want.sort();
@@ -151,6 +153,61 @@ fn body() {
         &[(pa.clone(), true, true), (pb.clone(), false, true)],
     );
     assert!(app(|| bdev_nvme::set_preferred("Nvme0n1", 0xfff0).is_err()));
+
+    // ANA: path a inaccessible (the target's change notice): the load moves to b, no write fails, the views
+    // say so; a non-optimized path a stays unused while b is optimized; optimized again, a is current again.
+    ana(a, AnaState::Inaccessible);
+    load_runs(200);
+    wait_paths(
+        "Nvme0n1",
+        &[(pa.clone(), false, true), (pb.clone(), true, true)],
+    );
+    let accessible = |port: &str| {
+        let v = app(|| bdev_nvme::io_paths_json(Some("Nvme0n1")));
+        v["poll_groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["io_paths"].as_array().unwrap().clone())
+            .find(|p| p["transport"]["trsvcid"] == port)
+            .unwrap()["accessible"]
+            .clone()
+    };
+    assert_eq!(accessible(&pa), false);
+    assert_eq!(accessible(&pb), true);
+    let info = app(|| bdev::get("Nvme0n1").unwrap().info_json());
+    let states: Vec<(String, String)> = info["driver_specific"]["nvme"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["trid"]["trsvcid"].as_str().unwrap().to_string(),
+                n["ns_data"]["ana_state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        states.contains(&(pa.clone(), "inaccessible".into())),
+        "{states:?}"
+    );
+    assert!(
+        states.contains(&(pb.clone(), "optimized".into())),
+        "{states:?}"
+    );
+    ana(a, AnaState::NonOptimized);
+    load_runs(200);
+    wait_paths(
+        "Nvme0n1",
+        &[(pa.clone(), false, true), (pb.clone(), true, true)],
+    );
+    ana(a, AnaState::Optimized);
+    load_runs(200);
+    wait_paths(
+        "Nvme0n1",
+        &[(pa.clone(), true, true), (pb.clone(), false, true)],
+    );
+    assert_eq!(load_progress().1, 0, "a write failed across ANA changes");
     app(|| bdev_nvme::set_policy("Nvme0n1", true, false, 4).unwrap());
     load_runs(200);
     wait_paths(

@@ -12,7 +12,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use errors::{Error, ErrorKind, Result};
 use nvme_proto::cmd::{admin, feat, Cqe, Sqe};
 use nvme_proto::fabrics::{cc, csts, reg, Cap, Connect, ConnectData, Property};
 use nvme_proto::identify::{cns, decode_ns_list, CtrlrData, NsData};
+use nvme_proto::log::{ana_state, decode_ana_log, lid};
 use reactor::Poller;
 
 use crate::tcp::{Dir, Iov, TcpQpair};
@@ -65,6 +66,110 @@ pub struct NsInfo {
     pub block_size: u32,
     /// NGUID (zero when none).
     pub nguid: [u8; 16],
+    /// ANA group (0: none).
+    pub anagrpid: u32,
+}
+
+/// ANA groups tracked at most (a controller announcing more is followed for the first ones only).
+const MAX_ANA_GROUPS: u32 = 4096;
+
+/// A controller's ANA group states (Asymmetric Namespace Access), kept current from the ANA log page (read at
+/// bring-up, on an ANA change notice, on request), read by the threads that send I/O.
+#[derive(Debug)]
+pub struct AnaStates {
+    reporting: bool,
+    groups: Vec<AtomicU8>,
+    /// Bumped when a log page was taken (users re-pick their paths, as SPDK clears its path caches).
+    changes: AtomicU64,
+}
+
+impl AnaStates {
+    fn new(reporting: bool, groups: u32) -> AnaStates {
+        let n = if reporting {
+            groups.min(MAX_ANA_GROUPS)
+        } else {
+            0
+        };
+        AnaStates {
+            reporting,
+            groups: (0..n)
+                .map(|_| AtomicU8::new(ana_state::OPTIMIZED))
+                .collect(),
+            changes: AtomicU64::new(0),
+        }
+    }
+
+    /// How many ANA log pages were taken so far.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    /// Whether the controller reports ANA states.
+    pub fn reporting(&self) -> bool {
+        self.reporting
+    }
+
+    /// The state ([`ana_state`]) of group `grp`: optimized when the controller reports none or the group is
+    /// not one it announced.
+    #[inline]
+    pub fn get(&self, grp: u32) -> u8 {
+        match grp.checked_sub(1).and_then(|i| self.groups.get(i as usize)) {
+            Some(s) => s.load(Ordering::Relaxed),
+            None => ana_state::OPTIMIZED,
+        }
+    }
+
+    /// Records group `grp`'s state (e.g. inaccessible, as an I/O's status said, until the log page says more).
+    pub fn set(&self, grp: u32, state: u8) {
+        if let Some(s) = grp.checked_sub(1).and_then(|i| self.groups.get(i as usize)) {
+            s.store(state, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the states an ANA log page gives.
+    fn apply(&self, page: &[u8]) -> std::result::Result<(), String> {
+        let log = decode_ana_log(page).map_err(|e| format!("ANA log page: {e}"))?;
+        for g in &log.groups {
+            self.set(g.anagrpid, g.state & 0x0f);
+        }
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+/// SPDK's name of an ANA state (`optimized`, `non_optimized`, ...).
+pub fn ana_state_name(state: u8) -> &'static str {
+    match state {
+        ana_state::OPTIMIZED => "optimized",
+        ana_state::NON_OPTIMIZED => "non_optimized",
+        ana_state::INACCESSIBLE => "inaccessible",
+        ana_state::PERSISTENT_LOSS => "persistent_loss",
+        _ => "change",
+    }
+}
+
+/// Reads the ANA log page into `ana`; `done` hears whether it worked.
+fn read_ana(
+    admin: &Rc<Admin>,
+    ana: Arc<AnaStates>,
+    done: impl FnOnce(std::result::Result<(), String>) + 'static,
+) {
+    let mut s = Sqe::new(admin::GET_LOG_PAGE, 0);
+    s.set_nsid(0xffff_ffff);
+    let numd = ADMIN_XFER / 4 - 1;
+    s.set_cdw(10, lid::ANA as u32 | (numd & 0xffff) << 16);
+    s.set_cdw(11, numd >> 16);
+    admin.cmd(
+        s,
+        Dir::FromCtrl,
+        vec![0; ADMIN_XFER as usize],
+        move |c, d| {
+            if !ok(c) {
+                return done(Err(format!("Get Log Page ANA: {}", c.status)));
+            }
+            done(ana.apply(d))
+        },
+    );
 }
 
 /// What bring-up learned; shared with the threads that open I/O queues.
@@ -84,6 +189,8 @@ pub struct CtrlrInfo {
     pub max_xfer: u32,
     /// Largest write carried in the command capsule (IOCCSZ).
     pub icd_max: u32,
+    /// ANA group states.
+    pub ana: Arc<AnaStates>,
     next_qid: AtomicU16,
 }
 
@@ -194,6 +301,19 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// Reads the ANA log page again (an I/O saw an ANA status); the states change when it is in.
+    pub fn refresh_ana(&self) {
+        if self.info.ana.reporting() {
+            read_ana(&self.admin, self.info.ana.clone(), |r| {
+                if let Err(e) = r {
+                    log::warn!("nvme: {e}");
+                }
+            });
+        }
+    }
+}
+
+impl Controller {
     /// Whether the admin connection is still up.
     pub fn alive(&self) -> bool {
         !self.failed.get() && self.admin.qp.borrow().error().is_none()
@@ -221,6 +341,7 @@ struct Bringup {
     cdata: RefCell<Option<CtrlrData>>,
     io_queues: Cell<u16>,
     namespaces: RefCell<Vec<NsInfo>>,
+    ana: RefCell<Option<Arc<AnaStates>>>,
     done: RefCell<Option<BringupDone>>,
     poller: RefCell<Option<Poller>>,
 }
@@ -246,6 +367,7 @@ pub fn connect(opts: CtrlrOpts, done: impl FnOnce(Result<Controller>) + 'static)
         cdata: RefCell::new(None),
         io_queues: Cell::new(0),
         namespaces: RefCell::new(Vec::new()),
+        ana: RefCell::new(None),
         done: RefCell::new(Some(Box::new(done))),
         poller: RefCell::new(None),
     });
@@ -417,8 +539,27 @@ impl Bringup {
         scan_namespaces(&self.admin, move |res| match res {
             Ok(list) => {
                 *me.namespaces.borrow_mut() = list;
-                me.finish();
+                me.ana_log();
             }
+            Err(e) => me.fail(ErrorKind::Io(libc::EIO), e),
+        });
+    }
+
+    /// With ANA reporting, the groups' states before the first I/O (SPDK's init reads the log page too).
+    fn ana_log(self: &Rc<Self>) {
+        let (reporting, groups) = self
+            .cdata
+            .borrow()
+            .as_ref()
+            .map_or((false, 0), |c| (c.cmic & (1 << 3) != 0, c.nanagrpid));
+        let ana = Arc::new(AnaStates::new(reporting, groups));
+        *self.ana.borrow_mut() = Some(ana.clone());
+        if !reporting {
+            return self.finish();
+        }
+        let me = self.clone();
+        read_ana(&self.admin, ana, move |r| match r {
+            Ok(()) => me.finish(),
             Err(e) => me.fail(ErrorKind::Io(libc::EIO), e),
         });
     }
@@ -441,6 +582,11 @@ impl Bringup {
             m => (page << m).min(MAX_XFER_DEFAULT as u64),
         } as u32;
         let icd_max = (cdata.ioccsz * 16).saturating_sub(64);
+        let ana = self
+            .ana
+            .borrow_mut()
+            .take()
+            .unwrap_or_else(|| Arc::new(AnaStates::new(false, 0)));
         let info = Arc::new(CtrlrInfo {
             opts: self.opts.clone(),
             cntlid: self.cntlid.get(),
@@ -449,6 +595,7 @@ impl Bringup {
             io_queues: self.io_queues.get(),
             max_xfer,
             icd_max,
+            ana: ana.clone(),
             next_qid: AtomicU16::new(1),
         });
         let admin = self.admin.clone();
@@ -490,17 +637,18 @@ impl Bringup {
                 },
             )
         });
-        // Namespace attribute notices on, and one event request outstanding (SPDK's init does both).
+        // Namespace attribute (and ANA change) notices on, and one event request outstanding (SPDK's init does
+        // both).
         let mut aec = Sqe::new(admin::SET_FEATURES, 0);
         aec.set_cdw(10, feat::ASYNC_EVENT_CONFIGURATION as u32);
-        aec.set_cdw(11, 1 << 8);
+        aec.set_cdw(11, 1 << 8 | if ana.reporting() { 1 << 11 } else { 0 });
         admin.cmd(aec, Dir::None, Vec::new(), |c, _| {
             if !c.status.is_success() {
                 log::warn!("nvme: Set Features Async Event Configuration: {}", c.status);
             }
         });
         let ns_hook: NsChangeHook = Rc::new(RefCell::new(None));
-        arm_aer(admin.clone(), ns_hook.clone());
+        arm_aer(admin.clone(), ns_hook.clone(), ana);
         done(Ok(Controller {
             info,
             admin,
@@ -561,6 +709,7 @@ fn identify_each(admin: Rc<Admin>, mut left: Vec<u32>, mut got: Vec<NsInfo>, don
                             blocks: n.nsze,
                             block_size: bs as u32,
                             nguid: n.nguid,
+                            anagrpid: n.anagrpid,
                         }),
                         // Inactive or unusable: no bdev for it (as SPDK skips it).
                         _ => log::warn!(
@@ -580,9 +729,10 @@ fn identify_each(admin: Rc<Admin>, mut left: Vec<u32>, mut got: Vec<NsInfo>, don
 pub type NsChangeHook = Rc<RefCell<Option<Box<dyn Fn(Vec<NsInfo>)>>>>;
 
 /// Keeps one Asynchronous Event Request outstanding: a namespace attribute notice reads the Changed Namespace
-/// List (which also re-arms the event) and rescans, then tells `hook`; any other event's log page is read so
-/// the controller sends the next one. Stops when the admin queue goes.
-fn arm_aer(admin: Rc<Admin>, hook: NsChangeHook) {
+/// List (which also re-arms the event) and rescans, then tells `hook`; an ANA change notice reads the ANA log
+/// page into `ana`; any other event's log page is read so the controller sends the next one. Stops when the
+/// admin queue goes.
+fn arm_aer(admin: Rc<Admin>, hook: NsChangeHook, ana: Arc<AnaStates>) {
     let a = admin.clone();
     admin.cmd(
         Sqe::new(admin::ASYNC_EVENT_REQUEST, 0),
@@ -596,7 +746,7 @@ fn arm_aer(admin: Rc<Admin>, hook: NsChangeHook) {
             let (ty, info, lid) = (c.dw0 & 7, (c.dw0 >> 8) & 0xff, (c.dw0 >> 16) & 0xff);
             log::info!("nvme: async event type {ty} info {info:#x} log {lid:#x}");
             let notice_ns = ty == 2 && info == 0;
-            let (a2, h2) = (a.clone(), hook.clone());
+            let (a2, h2, ana2) = (a.clone(), hook.clone(), ana.clone());
             let after_log = move || {
                 if notice_ns {
                     let h = h2.clone();
@@ -609,9 +759,17 @@ fn arm_aer(admin: Rc<Admin>, hook: NsChangeHook) {
                         Err(e) => log::error!("nvme: namespace rescan: {e}"),
                     });
                 }
-                arm_aer(a2, h2);
+                arm_aer(a2, h2, ana2);
             };
-            if lid != 0 {
+            if ty == 2 && info == 3 && ana.reporting() {
+                // ANA change: the log page read both updates the states and re-arms the notice.
+                read_ana(&a, ana.clone(), move |r| {
+                    if let Err(e) = r {
+                        log::warn!("nvme: {e}");
+                    }
+                    after_log();
+                });
+            } else if lid != 0 {
                 let mut s = Sqe::new(admin::GET_LOG_PAGE, 0);
                 s.set_nsid(0xffff_ffff);
                 let numd = 4096 / 4 - 1;

@@ -6,5 +6,7 @@ pub mod ctrlr;
 mod sock;
 pub mod tcp;
 
-pub use ctrlr::{connect, Controller, CtrlrInfo, CtrlrOpts, IoQueue, NsInfo};
+pub use ctrlr::{
+    ana_state_name, connect, AnaStates, Controller, CtrlrInfo, CtrlrOpts, IoQueue, NsInfo,
+};
 pub use tcp::{Dir, Iov, SubmitError, TcpQpair};

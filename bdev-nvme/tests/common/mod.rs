@@ -44,6 +44,8 @@ pub fn target() -> u16 {
             r.unwrap();
             let mut o = NvmfCreateSubsystem::new(NQN);
             o.allow_any_host = true;
+            // ANA states reported, as multipath setups run it (the multipath test moves them).
+            o.ana_reporting = true;
             o.normalize(false, 1, 1024).unwrap();
             mgmt::create_subsystem(o);
             let port = free_port();
@@ -327,4 +329,11 @@ pub fn check_acked(name: &str, acked: &[Option<u8>]) {
             );
         }
     }
+}
+
+/// Sets the ANA state of the target's listener on `port` (all groups), from the test.
+pub fn ana(port: u16, state: AnaState) {
+    app(move || {
+        mgmt::set_ana_state(NQN, &Trid::tcp("127.0.0.1", &port.to_string()), state, 0).unwrap()
+    });
 }
