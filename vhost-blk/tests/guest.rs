@@ -109,6 +109,14 @@ impl Tgt {
         )
     }
 
+    /// Kills the target at once (a storage node losing power).
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     fn alive(&mut self) -> bool {
         self.child
             .as_mut()
@@ -418,6 +426,197 @@ ok "second guest"
     t.stop();
 }
 
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port().to_string()
+}
+
+/// A storage node exporting bdev `bdev` (made by `make`) as the only namespace of `nqn` on `port`.
+fn storage_node(tag: &str, nqn: &str, port: &str, make: &[&[&str]], bdev: &str) -> Tgt {
+    let s = Tgt::start(tag, &[]);
+    for args in make {
+        s.ok(args);
+    }
+    s.ok(&["nvmf_create_transport", "-t", "TCP"]);
+    s.ok(&["nvmf_create_subsystem", nqn, "-a"]);
+    s.ok(&["nvmf_subsystem_add_ns", nqn, bdev]);
+    s.ok(&[
+        "nvmf_subsystem_add_listener",
+        nqn,
+        "-t",
+        "tcp",
+        "-a",
+        "127.0.0.1",
+        "-f",
+        "ipv4",
+        "-s",
+        port,
+    ]);
+    s
+}
+
+/// The whole write path of the two node kinds, each process our `spdk_tgt`: two storage nodes (one exports an
+/// lvol on an lvstore on a malloc bdev, the other an io_uring file bdev) reached over NVMe/TCP by a compute
+/// node, which builds a RAID1 over the two NVMe bdevs and serves it to a guest over vhost-user-blk. The guest
+/// writes a pattern and runs fio verify; the file replica holds the pattern byte for byte; then the file's
+/// storage node is killed, the RAID1 goes on degraded, and a second guest reads everything back from the lvol
+/// replica across the fabric and writes more.
+fn guest_on_raid1_over_two_storage_nodes() {
+    let Some(lab) = lab::Lab::get_or_skip("guest_on_raid1_over_two_storage_nodes") else {
+        return;
+    };
+    let (port_a, port_b) = (free_port(), free_port());
+    let (nqn_a, nqn_b) = (
+        "nqn.2016-06.io.spdk:replica-a",
+        "nqn.2016-06.io.spdk:replica-b",
+    );
+    let a = storage_node(
+        "storage-a",
+        nqn_a,
+        &port_a,
+        &[
+            &["bdev_malloc_create", "-b", "Malloc0", "48", "512"],
+            &["bdev_lvol_create_lvstore", "Malloc0", "lvs0"],
+            &["bdev_lvol_create", "-l", "lvs0", "replica", "32"],
+        ],
+        "lvs0/replica",
+    );
+    let file_dir = std::env::temp_dir().join(format!("vhost-blk-replica-{}", std::process::id()));
+    std::fs::create_dir_all(&file_dir).unwrap();
+    let img = file_dir.join("replica-b.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 * MIB as u64)
+        .unwrap();
+    let img_s = img.to_str().unwrap().to_string();
+    let mut b = storage_node(
+        "storage-b",
+        nqn_b,
+        &port_b,
+        &[&["bdev_uring_create", &img_s, "Replica", "512"]],
+        "Replica",
+    );
+
+    let c = Tgt::start("compute", &[]);
+    for (name, port, nqn) in [("NvmeA", &port_a, nqn_a), ("NvmeB", &port_b, nqn_b)] {
+        let out = c.ok(&[
+            "bdev_nvme_attach_controller",
+            "-b",
+            name,
+            "-t",
+            "tcp",
+            "-a",
+            "127.0.0.1",
+            "-f",
+            "ipv4",
+            "-s",
+            port,
+            "-n",
+            nqn,
+        ]);
+        assert_eq!(out, Value::String(format!("{name}n1")));
+    }
+    c.ok(&[
+        "bdev_raid_create",
+        "-n",
+        "Raid1",
+        "-r",
+        "raid1",
+        "-b",
+        "NvmeAn1 NvmeBn1",
+    ]);
+    c.ok(&["vhost_create_blk_controller", "vhost.0", "Raid1"]);
+    let sock = c.dir.join("vhost.0");
+    let pat_path = c.dir.join("pat");
+    let pat = random_file(&pat_path, 4 * MIB);
+
+    let script1 = r#"
+. /lab/lib.sh
+[ -b /dev/vda ] || fail "no /dev/vda"
+echo "VDA_SECTORS=$(cat /sys/block/vda/size)"
+step "pattern through raid1 and the fabric"
+dd if=/opt/pat of=/dev/vda bs=1M seek=4 oflag=direct conv=notrunc,fsync 2>/tmp/err || { cat /tmp/err; fail "write"; }
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda of=/tmp/back bs=1M skip=4 count=4 iflag=direct 2>/dev/null || fail "read"
+cmp /tmp/back /opt/pat || fail "data mismatch"
+ok "pattern"
+step "fio verify"
+fio --name=v --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=16     --size=4M --offset=16M --verify=crc32c --do_verify=1 --output-format=terse > /tmp/fio 2>&1     || { cat /tmp/fio; fail "fio"; }
+ok "fio"
+sync
+"#;
+    let mut cfg = lab::GuestConfig::new("vhost-raid1-nvmf", script1);
+    cfg.image = lab::ImageSpec::default().with_binaries(&["/usr/bin/fio"]);
+    cfg.files.push((pat_path.clone(), "/opt/pat".into()));
+    cfg.vhost_user_blk("c0", &sock, "num-queues=2");
+    let out = lab.run(&cfg).unwrap();
+    if !out.success() {
+        panic!(
+            "{}
+compute log:
+{}
+storage a log:
+{}",
+            out.console,
+            c.logs(),
+            a.logs()
+        );
+    }
+    assert!(out.console.contains("VDA_SECTORS=65536"), "{}", out.console);
+    wait_sessions_gone(&c, "vhost.0");
+    // The file replica holds what the guest wrote, at the same offset (RAID1 without a superblock).
+    let file = std::fs::read(&img).unwrap();
+    assert_eq!(&file[4 * MIB..8 * MIB], &pat[..], "file replica");
+
+    // Storage node b dies: the compute node loses its controller, the RAID1 goes on with one base.
+    b.kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c.ok(&["bdev_raid_get_bdevs", "online"]);
+        let ok = r[0]["num_base_bdevs_operational"] == 1;
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "raid never degraded: {r}
+{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let script2 = r#"
+. /lab/lib.sh
+dd if=/dev/vda of=/tmp/back bs=1M skip=4 count=4 iflag=direct 2>/dev/null || fail "read"
+cmp /tmp/back /opt/pat || fail "the lvol replica lost the pattern"
+dd if=/opt/pat of=/dev/vda bs=1M seek=24 oflag=direct conv=notrunc,fsync 2>/dev/null || fail "degraded write"
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda of=/tmp/back bs=1M skip=24 count=4 iflag=direct 2>/dev/null || fail "read 2"
+cmp /tmp/back /opt/pat || fail "degraded readback"
+ok "degraded"
+"#;
+    let mut cfg2 = lab::GuestConfig::new("vhost-raid1-degraded", script2);
+    cfg2.files.push((pat_path, "/opt/pat".into()));
+    cfg2.vhost_user_blk("c0", &sock, "");
+    let out2 = lab.run(&cfg2).unwrap();
+    if !out2.success() {
+        panic!(
+            "{}
+compute log:
+{}",
+            out2.console,
+            c.logs()
+        );
+    }
+    wait_sessions_gone(&c, "vhost.0");
+    c.ok(&["vhost_delete_controller", "vhost.0"]);
+    c.ok(&["bdev_raid_delete", "Raid1"]);
+    c.ok(&["bdev_nvme_detach_controller", "NvmeA"]);
+    c.stop();
+    a.stop();
+    let _ = std::fs::remove_dir_all(file_dir);
+}
+
 fn main() {
     if std::env::var_os(TGT_ENV).is_some() {
         tgt_main();
@@ -431,6 +630,10 @@ fn main() {
         (
             "guest_reboot_kill_and_second_guest",
             guest_reboot_kill_and_second_guest,
+        ),
+        (
+            "guest_on_raid1_over_two_storage_nodes",
+            guest_on_raid1_over_two_storage_nodes,
         ),
     ];
     let filter: Vec<String> = std::env::args()
