@@ -120,6 +120,32 @@ fn drill_steps(
         r["error"]["message"],
         "RPC not permitted with nvme controllers already attached"
     );
+    // The controller's health log page, in SPDK's fields.
+    let h = c.ok(&["bdev_nvme_get_controller_health_info", "-c", "Nvme0"]);
+    assert_eq!(h["traddr"], "127.0.0.1", "{h}");
+    for k in [
+        "model_number",
+        "serial_number",
+        "critical_warning",
+        "temperature_celsius",
+        "available_spare_percentage",
+        "percentage_used",
+        "data_units_read",
+        "data_units_written",
+        "host_read_commands",
+        "host_write_commands",
+        "power_on_hours",
+        "unsafe_shutdowns",
+        "media_errors",
+        "num_err_log_entries",
+    ] {
+        assert!(h.get(k).is_some(), "{k} missing: {h}");
+    }
+    let e = c.err(&["bdev_nvme_get_controller_health_info", "-c", "Nvme9"]);
+    assert_eq!(
+        (e["code"].as_i64(), e["message"].as_str()),
+        (Some(-32603), Some("Device not found"))
+    );
     let ctrlrs = c.ok(&["bdev_nvme_get_controllers"]);
     assert_eq!(ctrlrs[0]["name"], "Nvme0");
     assert_eq!(ctrlrs[0]["ctrlrs"][0]["state"], "enabled");

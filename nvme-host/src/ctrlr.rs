@@ -301,6 +301,29 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// Reads log page `lid` (the controller-wide one, up to `len` bytes, at most the admin transfer size);
+    /// `done` gets the data or the failed status.
+    pub fn get_log_page(
+        &self,
+        lid: u8,
+        len: usize,
+        done: impl FnOnce(std::result::Result<Vec<u8>, String>) + 'static,
+    ) {
+        let len = len.clamp(4, ADMIN_XFER as usize) & !3;
+        let mut s = Sqe::new(admin::GET_LOG_PAGE, 0);
+        s.set_nsid(0xffff_ffff);
+        let numd = (len / 4 - 1) as u32;
+        s.set_cdw(10, lid as u32 | (numd & 0xffff) << 16);
+        s.set_cdw(11, numd >> 16);
+        self.admin.cmd(s, Dir::FromCtrl, vec![0; len], move |c, d| {
+            if ok(c) {
+                done(Ok(d.to_vec()))
+            } else {
+                done(Err(format!("Get Log Page {lid:#04x}: {}", c.status)))
+            }
+        });
+    }
+
     /// Reads the ANA log page again (an I/O saw an ANA status); the states change when it is in.
     pub fn refresh_ana(&self) {
         if self.info.ana.reporting() {
