@@ -14,7 +14,7 @@
 //! subsystem adds a path to the same bdevs, used as the bdev's multipath policy says ([`NsPaths`]); or a
 //! second address is kept as an alternate the controller fails over to when it reconnects (`failover`).
 //!
-//! Not here yet (SPDK has them): RDMA and PCIe transports, digests, discovery services, and the
+//! Not here yet (SPDK has them): RDMA and PCIe transports, TLS, discovery services, and the
 //! rest of the module's RPCs.
 
 mod channel;
@@ -320,12 +320,6 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
             format!("trtype {} is not supported yet (TCP is)", p.trtype),
         ));
     }
-    if p.hdgst == Some(true) || p.ddgst == Some(true) {
-        return Err(Error::new(
-            ErrorKind::NotSupported,
-            "TCP digests are not supported yet",
-        ));
-    }
     if p.psk.is_some() || p.dhchap_key.is_some() {
         return Err(Error::new(
             ErrorKind::NotSupported,
@@ -382,6 +376,7 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
                     .map(|ms| Duration::from_millis(ms as u64))
             })
             .unwrap_or(CONNECT_TIMEOUT),
+        digests: (p.hdgst.unwrap_or(false), p.ddgst.unwrap_or(false)),
     })
 }
 
@@ -1432,8 +1427,8 @@ pub fn config_entries() -> Vec<Value> {
                     json!(p.fast_io_fail_timeout_sec.unwrap_or(0)),
                 );
                 params.insert("hostnqn".into(), json!(o.hostnqn));
-                params.insert("hdgst".into(), json!(false));
-                params.insert("ddgst".into(), json!(false));
+                params.insert("hdgst".into(), json!(o.digests.0));
+                params.insert("ddgst".into(), json!(o.digests.1));
                 if let Some(a) = &p.hostaddr {
                     params.insert("hostaddr".into(), json!(a));
                 }

@@ -88,7 +88,11 @@ fn body() {
     // Two paths under one name: the second attach answers with the same bdevs.
     let names = attach(params("Nvme0", a)).expect("attach path a");
     assert_eq!(names, vec!["Nvme0n1", "Nvme0n2"]);
-    let names = attach(with_mode("Nvme0", b, Some("multipath"))).expect("attach path b");
+    // Path b with TCP header and data digests.
+    let mut pb_params = with_mode("Nvme0", b, Some("multipath"));
+    pb_params.hdgst = Some(true);
+    pb_params.ddgst = Some(true);
+    let names = attach(pb_params).expect("attach path b");
     assert_eq!(names, vec!["Nvme0n1", "Nvme0n2"]);
     let c = ctrlrs("Nvme0");
     assert_eq!(c.as_array().unwrap().len(), 2, "{c}");

@@ -1,7 +1,8 @@
 //! `nvme_perf`: a load generator on the NVMe host library with `spdk_nvme_perf`'s main flags and summary table,
 //! so operators' scripts keep working: `-q` queue depth, `-o` I/O size, `-w` workload (read, write, randread,
 //! randwrite, rw, randrw), `-M` read percentage for the mixed ones, `-t` seconds, `-c` core mask (the first core
-//! runs the queue), `-r 'trtype:tcp adrfam:ipv4 traddr:... trsvcid:... subnqn:...'`.
+//! runs the queue), `-H`/`-I` TCP header/data digests, `-r 'trtype:tcp adrfam:ipv4 traddr:... trsvcid:...
+//! subnqn:...'`.
 //!
 //! Per I/O it does what SPDK's perf does: pick the offset (sequential, or random from a per-run generator), take
 //! the submit tick, submit; on completion add the latency to the total, min and max, and submit the next. One
@@ -28,13 +29,15 @@ struct Args {
     secs: u64,
     mask: String,
     trid: HashMap<String, String>,
+    /// TCP header and data digests (`-H`, `-I`).
+    digests: (bool, bool),
 }
 
 fn usage(e: &str) -> ExitCode {
     eprintln!("nvme_perf: {e}");
     eprintln!(
         "usage: nvme_perf -q DEPTH -o BYTES -w read|write|randread|randwrite|rw|randrw [-M READ_PCT] -t SECS \
-         [-c MASK] -r 'trtype:tcp adrfam:ipv4 traddr:A trsvcid:P subnqn:NQN'"
+         [-c MASK] [-H] [-I] -r 'trtype:tcp adrfam:ipv4 traddr:A trsvcid:P subnqn:NQN'"
     );
     ExitCode::from(1)
 }
@@ -48,6 +51,7 @@ fn parse() -> Result<Args, String> {
         secs: 0,
         mask: "0x1".into(),
         trid: HashMap::new(),
+        digests: (false, false),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -58,6 +62,8 @@ fn parse() -> Result<Args, String> {
         };
         match flag.as_str() {
             "-q" => a.qd = num(val()?)? as usize,
+            "-H" => a.digests.0 = true,
+            "-I" => a.digests.1 = true,
             "-o" => a.size = num(val()?)? as usize,
             "-w" => a.workload = val()?,
             "-M" => a.read_pct = num(val()?)?.min(100) as u32,
@@ -234,6 +240,7 @@ fn main() -> ExitCode {
         // As SPDK perf: as many queue entries as the depth (the target caps the queue size; ask for no more).
         io_queue_size: (a.qd.min(u16::MAX as usize) as u16).max(2),
         connect_timeout: Duration::from_secs(10),
+        digests: a.digests,
     };
     let (qd, size, secs, workload, read_pct) =
         (a.qd, a.size, a.secs, a.workload.clone(), a.read_pct);

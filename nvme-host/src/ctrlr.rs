@@ -53,6 +53,8 @@ pub struct CtrlrOpts {
     pub io_queue_size: u16,
     /// How long bring-up (and each I/O queue's connect) may take.
     pub connect_timeout: Duration,
+    /// TCP header and data digests asked for (`hdgst`, `ddgst`): each is used when the controller grants it.
+    pub digests: (bool, bool),
 }
 
 /// A namespace as Identify Namespace describes it.
@@ -371,7 +373,7 @@ struct Bringup {
 
 /// Brings a controller up; `done` runs on this thread with it, or with why it could not be reached.
 pub fn connect(opts: CtrlrOpts, done: impl FnOnce(Result<Controller>) + 'static) {
-    let qp = match TcpQpair::connect(opts.addr, ADMIN_DEPTH, ADMIN_ICD, ADMIN_XFER) {
+    let qp = match TcpQpair::connect(opts.addr, ADMIN_DEPTH, ADMIN_ICD, ADMIN_XFER, opts.digests) {
         Ok(q) => q,
         Err(e) => return done(Err(Error::os(e, format!("connect to {}", opts.addr)))),
     };
@@ -865,8 +867,14 @@ impl IoQueue {
             )
         })?;
         let depth = info.opts.io_queue_size.max(2);
-        let qp = TcpQpair::connect(info.opts.addr, depth, info.icd_max, info.max_xfer)
-            .map_err(|e| Error::os(e, "I/O queue connect"))?;
+        let qp = TcpQpair::connect(
+            info.opts.addr,
+            depth,
+            info.icd_max,
+            info.max_xfer,
+            info.opts.digests,
+        )
+        .map_err(|e| Error::os(e, "I/O queue connect"))?;
         let connect_data = connect_data(&info.opts, info.cntlid);
         Ok(IoQueue {
             qp,

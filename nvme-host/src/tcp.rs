@@ -14,10 +14,11 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
 use nvme_proto::cmd::{psdt, sgl, Cqe, SglDesc, Sqe};
+use nvme_proto::crc32c::crc32c;
 use nvme_proto::status::{generic, Status};
 use nvme_proto::tcp::{
-    flags, pdu_type, Ch, DataHdr, IcReq, IcResp, CAPSULE_CMD_HLEN, CAPSULE_RESP_HLEN, CH_LEN,
-    DATA_HLEN, IC_HLEN,
+    check_header, flags, pdu_type, Ch, DataHdr, IcReq, IcResp, CAPSULE_CMD_HLEN, CH_LEN, DATA_HLEN,
+    DIGEST_LEN, IC_HLEN,
 };
 
 use crate::sock;
@@ -69,6 +70,8 @@ struct Slot {
     dir: Dir,
     /// C2H data received so far (in order).
     recv: u32,
+    /// Some of its C2H data failed the data digest: it completes with a transient transport error.
+    digest_error: bool,
 }
 
 /// An NVMe/TCP queue pair.
@@ -90,17 +93,25 @@ pub struct TcpQpair {
     maxh2cdata: u32,
     /// Largest transfer of one command.
     max_xfer: u32,
+    /// Digests asked for (header, data).
+    want_digests: (bool, bool),
+    /// Header digests in use (granted by ICResp).
+    hdgst: bool,
+    /// Data digests in use.
+    ddgst: bool,
     error: Option<String>,
 }
 
 impl TcpQpair {
     /// Starts connecting to `addr`: `depth` command slots, writes up to `icd_max` bytes in the capsule, at most
-    /// `max_xfer` bytes per command. The connection (and ICReq/ICResp) completes in [`TcpQpair::poll`].
+    /// `max_xfer` bytes per command, header and data digests as `digests` asks (when the controller grants
+    /// them). The connection (and ICReq/ICResp) completes in [`TcpQpair::poll`].
     pub fn connect(
         addr: SocketAddr,
         depth: u16,
         icd_max: u32,
         max_xfer: u32,
+        digests: (bool, bool),
     ) -> std::io::Result<TcpQpair> {
         let sock = sock::start_connect(addr)?;
         let slots = (0..depth)
@@ -111,6 +122,7 @@ impl TcpQpair {
                 len: 0,
                 dir: Dir::None,
                 recv: 0,
+                digest_error: false,
             })
             .collect();
         Ok(TcpQpair {
@@ -128,6 +140,9 @@ impl TcpQpair {
             cpda: 0,
             maxh2cdata: 0,
             max_xfer,
+            want_digests: digests,
+            hdgst: false,
+            ddgst: false,
             error: None,
         })
     }
@@ -204,23 +219,23 @@ impl TcpQpair {
         s.len = len as u32;
         s.dir = dir;
         s.recv = 0;
-        // The capsule: header, then (aligned as the controller asked) in-capsule data.
-        let pdo = if in_capsule {
-            CAPSULE_CMD_HLEN.next_multiple_of((self.cpda as usize + 1) * 4)
+        s.digest_error = false;
+        // The capsule: header (and its digest), then (aligned as the controller asked) in-capsule data (and its
+        // digest).
+        let hend = CAPSULE_CMD_HLEN + self.hdgst_len();
+        let (pdo, plen) = if in_capsule {
+            let pdo = hend.next_multiple_of((self.cpda as usize + 1) * 4);
+            (pdo, pdo + len + self.ddgst_len())
         } else {
-            0
+            (0, hend)
         };
-        let plen = if in_capsule {
-            pdo + len
-        } else {
-            CAPSULE_CMD_HLEN
-        };
+        let fl = self.pdu_flags(in_capsule);
         let at = self.tx.len();
         self.tx.resize(at + plen, 0);
-        let b = &mut self.tx[at..];
+        let b = &mut self.tx[at..at + plen];
         Ch {
             ty: pdu_type::CAPSULE_CMD,
-            flags: 0,
+            flags: fl,
             hlen: CAPSULE_CMD_HLEN as u8,
             pdo: pdo as u8,
             plen: plen as u32,
@@ -231,6 +246,7 @@ impl TcpQpair {
             // SAFETY: the caller keeps the iovecs valid for reads (submit contract).
             unsafe { gather(&self.slots[cid as usize].iovs, 0, &mut b[pdo..pdo + len]) };
         }
+        self.seal(at, CAPSULE_CMD_HLEN, in_capsule.then_some((pdo, len)));
         // Sent by the next poll, with whatever else is submitted before it: one send per batch, not per
         // command.
         Ok(())
@@ -249,8 +265,8 @@ impl TcpQpair {
                     IcReq {
                         pfv: 0,
                         hpda: 0,
-                        hdgst: false,
-                        ddgst: false,
+                        hdgst: self.want_digests.0,
+                        ddgst: self.want_digests.1,
                         maxr2t: 0,
                     }
                     .encode(&mut b);
@@ -389,44 +405,78 @@ impl TcpQpair {
     /// Handles one PDU of `ch.plen` bytes at `rx[at..]`.
     fn handle(&mut self, ch: Ch, at: usize, done: &mut dyn FnMut(u64, Cqe)) -> Result<(), String> {
         let plen = ch.plen as usize;
-        let hlen = ch.hlen as usize;
-        if ch.flags & (flags::HDGSTF | flags::DDGSTF) != 0 {
-            return Err("digest in a PDU: none was negotiated".into());
-        }
+        let allowed: &[u8] = match self.phase {
+            Phase::AwaitIcResp => &[pdu_type::IC_RESP, pdu_type::C2H_TERM_REQ],
+            _ => &[
+                pdu_type::CAPSULE_RESP,
+                pdu_type::C2H_DATA,
+                pdu_type::R2T,
+                pdu_type::C2H_TERM_REQ,
+            ],
+        };
+        let l =
+            check_header(&ch, allowed, self.hdgst, self.ddgst, 0, self.rx.len()).map_err(|e| {
+                format!(
+                    "PDU type {:#x} flags {:#x} hlen {} pdo {} plen {plen}: bad header ({e:?})",
+                    ch.ty, ch.flags, ch.hlen, ch.pdo
+                )
+            })?;
         let pdu = &self.rx[at..at + plen];
+        if l.hdgst {
+            let want = crc32c(&pdu[..l.hlen]);
+            let got = u32::from_le_bytes(
+                pdu[l.hlen..l.hlen + DIGEST_LEN]
+                    .try_into()
+                    .unwrap_or_default(),
+            );
+            if got != want {
+                return Err(format!("header digest {got:#010x}, expected {want:#010x}"));
+            }
+        }
+        // A data digest that fails spoils only its command (completed with a transient transport error, which
+        // the bdev layer above retries), not the connection.
+        let data_ok = !l.ddgst || {
+            let end = l.data_off + l.data_len;
+            crc32c(&pdu[l.data_off..end])
+                == u32::from_le_bytes(pdu[end..end + DIGEST_LEN].try_into().unwrap_or_default())
+        };
         match (self.phase, ch.ty) {
             (Phase::AwaitIcResp, pdu_type::IC_RESP) => {
-                if (hlen, plen) != (IC_HLEN, IC_HLEN) {
-                    return Err(format!("ICResp hlen {hlen} plen {plen}"));
-                }
                 let r = IcResp::decode(pdu);
-                if r.pfv != 0 || r.hdgst || r.ddgst || r.cpda > 31 || r.maxh2cdata < 4096 {
+                // A digest granted that was not asked for breaks the negotiation; one refused is simply off.
+                if r.pfv != 0
+                    || (r.hdgst && !self.want_digests.0)
+                    || (r.ddgst && !self.want_digests.1)
+                    || r.cpda > 31
+                    || r.maxh2cdata < 4096
+                {
                     return Err(format!("ICResp not as asked: {r:?}"));
                 }
                 self.cpda = r.cpda;
                 self.maxh2cdata = r.maxh2cdata;
+                self.hdgst = r.hdgst;
+                self.ddgst = r.ddgst;
                 self.phase = Phase::Ready;
                 Ok(())
             }
             (Phase::Ready, pdu_type::CAPSULE_RESP) => {
-                if (hlen, plen) != (CAPSULE_RESP_HLEN, CAPSULE_RESP_HLEN) {
-                    return Err(format!("CapsuleResp hlen {hlen} plen {plen}"));
-                }
                 let mut c = [0u8; 16];
                 c.copy_from_slice(&pdu[CH_LEN..CH_LEN + 16]);
-                let cqe = Cqe::decode(&c);
-                let token = self.busy_slot(cqe.cid)?.token;
+                let mut cqe = Cqe::decode(&c);
+                let s = self.busy_slot(cqe.cid)?;
+                let token = s.token;
+                if s.digest_error && cqe.status.is_success() {
+                    cqe.status = transient(cqe.cid).status;
+                }
                 self.release(cqe.cid);
                 done(token, cqe);
                 Ok(())
             }
             (Phase::Ready, pdu_type::C2H_DATA) => {
                 let d = DataHdr::decode(pdu);
-                let pdo = ch.pdo as usize;
-                if hlen != DATA_HLEN || pdo < hlen || pdo + d.len as usize != plen {
-                    return Err(format!(
-                        "C2HData layout hlen {hlen} pdo {pdo} plen {plen} {d:?}"
-                    ));
+                let pdo = l.data_off;
+                if d.len as usize != l.data_len {
+                    return Err(format!("C2HData {d:?} with {} data bytes", l.data_len));
                 }
                 let s = self.busy_slot(d.cccid)?;
                 if s.dir != Dir::FromCtrl
@@ -443,26 +493,29 @@ impl TcpQpair {
                 unsafe { scatter(&s.iovs, d.offset as usize, &pdu[pdo..pdo + d.len as usize]) };
                 let s = &mut self.slots[d.cccid as usize];
                 s.recv += d.len;
+                if !data_ok {
+                    log::warn!("nvme_tcp: C2H data digest error on command {}", d.cccid);
+                    s.digest_error = true;
+                }
                 if ch.flags & flags::SUCCESS != 0 {
                     if ch.flags & flags::LAST_PDU == 0 || s.recv != s.len {
                         return Err("C2HData SUCCESS before the last data".into());
                     }
                     let token = s.token;
-                    self.release(d.cccid);
-                    done(
-                        token,
+                    let cqe = if s.digest_error {
+                        transient(d.cccid)
+                    } else {
                         Cqe {
                             cid: d.cccid,
                             ..Default::default()
-                        },
-                    );
+                        }
+                    };
+                    self.release(d.cccid);
+                    done(token, cqe);
                 }
                 Ok(())
             }
             (Phase::Ready, pdu_type::R2T) => {
-                if (hlen, plen) != (DATA_HLEN, DATA_HLEN) {
-                    return Err(format!("R2T hlen {hlen} plen {plen}"));
-                }
                 let d = DataHdr::decode(pdu);
                 let s = self.busy_slot(d.cccid)?;
                 if s.dir != Dir::ToCtrl
@@ -494,38 +547,87 @@ impl TcpQpair {
     /// Queues the data an R2T asked for, in H2C data PDUs of at most MAXH2CDATA bytes.
     fn send_h2c(&mut self, r2t: DataHdr) {
         let (mut off, end) = (r2t.offset, r2t.offset + r2t.len);
+        let pdo = (DATA_HLEN + self.hdgst_len()).next_multiple_of((self.cpda as usize + 1) * 4);
         while off < end {
             let n = (end - off).min(self.maxh2cdata);
             let last = off + n == end;
-            let plen = DATA_HLEN + n as usize;
+            let plen = pdo + n as usize + self.ddgst_len();
             let at = self.tx.len();
             self.tx.resize(at + plen, 0);
-            let b = &mut self.tx[at..];
+            let fl = self.pdu_flags(true) | if last { flags::LAST_PDU } else { 0 };
+            let b = &mut self.tx[at..at + plen];
             DataHdr {
                 cccid: r2t.cccid,
                 ttag: r2t.ttag,
                 offset: off,
                 len: n,
             }
-            .encode(
-                pdu_type::H2C_DATA,
-                if last { flags::LAST_PDU } else { 0 },
-                DATA_HLEN as u8,
-                plen as u32,
-                b,
-            );
+            .encode(pdu_type::H2C_DATA, fl, pdo as u8, plen as u32, b);
             // SAFETY: the slot's iovecs are readable until its command completes (submit contract); the range
             // was checked against the command's length.
             unsafe {
                 gather(
                     &self.slots[r2t.cccid as usize].iovs,
                     off as usize,
-                    &mut b[DATA_HLEN..],
+                    &mut b[pdo..pdo + n as usize],
                 )
             };
+            self.seal(at, DATA_HLEN, Some((pdo, n as usize)));
             off += n;
         }
     }
+
+    /// Bytes of a header digest on this connection.
+    fn hdgst_len(&self) -> usize {
+        if self.hdgst {
+            DIGEST_LEN
+        } else {
+            0
+        }
+    }
+
+    /// Bytes of a data digest on this connection.
+    fn ddgst_len(&self) -> usize {
+        if self.ddgst {
+            DIGEST_LEN
+        } else {
+            0
+        }
+    }
+
+    /// The digest flags of a PDU sent here (`data`: it carries data).
+    fn pdu_flags(&self, data: bool) -> u8 {
+        (if self.hdgst { flags::HDGSTF } else { 0 })
+            | (if self.ddgst && data { flags::DDGSTF } else { 0 })
+    }
+
+    /// Writes the digests of the PDU queued at `tx[at..]` with an `hlen`-byte header and `data` (offset in
+    /// the PDU, length), as this connection negotiated them.
+    fn seal(&mut self, at: usize, hlen: usize, data: Option<(usize, usize)>) {
+        let b = &mut self.tx[at..];
+        if self.hdgst {
+            let d = crc32c(&b[..hlen]);
+            b[hlen..hlen + DIGEST_LEN].copy_from_slice(&d.to_le_bytes());
+        }
+        if let Some((off, len)) = data.filter(|_| self.ddgst) {
+            let d = crc32c(&b[off..off + len]);
+            b[off + len..off + len + DIGEST_LEN].copy_from_slice(&d.to_le_bytes());
+        }
+    }
+}
+
+/// The completion of a command whose data failed its digest (SPDK's transient transport error).
+fn transient(cid: u16) -> Cqe {
+    let mut c = Cqe {
+        cid,
+        ..Default::default()
+    };
+    c.status = Status {
+        sct: nvme_proto::status::sct::GENERIC,
+        sc: generic::TRANSIENT_TRANSPORT_ERROR,
+        ..Default::default()
+    };
+    c
 }
 
 /// The completion a command gets when its queue pair goes away under it.
