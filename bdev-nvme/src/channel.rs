@@ -11,6 +11,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use subsystems::bdev_nvme::ActionOnTimeout;
 
 use bdev::{IoHandle, IoStatus, IoType, ModuleChannel, NvmeStatus};
 use nvme_host::{Dir, IoQueue, Iov, SubmitError};
@@ -45,9 +48,9 @@ struct PathQ {
 }
 
 impl PathQ {
-    fn new(shared: Arc<Shared>, bdev: &str, nsid: u32) -> PathQ {
+    fn new(shared: Arc<Shared>, bdev: &str, nsid: u32, timeout: Option<Duration>) -> PathQ {
         let gen = shared.gen.load(Ordering::Acquire);
-        let q = open_queue(&shared);
+        let q = open_queue(&shared, timeout);
         let entry = crate::add_path(bdev, &shared);
         let mut p = PathQ {
             shared,
@@ -128,10 +131,17 @@ pub(crate) struct NvmeChannel {
     retry_limit: i32,
     /// The paths' ANA log page counts last seen: when one moves, the path is picked again (failback).
     ana_seen: u64,
+    /// Command timeout and what to do then (`bdev_nvme_set_options`' `timeout_us` and `action_on_timeout`).
+    timeout: Option<(Duration, ActionOnTimeout)>,
 }
 
 impl NvmeChannel {
-    pub(crate) fn new(ns: Arc<NsPaths>, bdev: &str, retry_limit: i32) -> NvmeChannel {
+    pub(crate) fn new(
+        ns: Arc<NsPaths>,
+        bdev: &str,
+        retry_limit: i32,
+        timeout: Option<(Duration, ActionOnTimeout)>,
+    ) -> NvmeChannel {
         let mut ch = NvmeChannel {
             ns,
             bdev: bdev.to_string(),
@@ -148,6 +158,7 @@ impl NvmeChannel {
             done: Vec::new(),
             retry_limit,
             ana_seen: 0,
+            timeout,
         };
         ch.follow_paths();
         ch
@@ -178,9 +189,12 @@ impl NvmeChannel {
                     remap[i] = self.paths.len();
                     self.paths.push(p);
                 }
-                None => self
-                    .paths
-                    .push(PathQ::new(s.clone(), &self.bdev, self.ns.nsid)),
+                None => self.paths.push(PathQ::new(
+                    s.clone(),
+                    &self.bdev,
+                    self.ns.nsid,
+                    self.timeout.map(|t| t.0),
+                )),
             }
         }
         // Removed paths: their queues close and what was in them is sent again on another path.
@@ -240,7 +254,7 @@ impl NvmeChannel {
                         }
                     });
                 }
-                p.q = open_queue(&p.shared);
+                p.q = open_queue(&p.shared, self.timeout.map(|t| t.0));
                 p.gen = gen;
                 p.outstanding = 0;
                 p.find_group(self.ns.nsid);
@@ -482,6 +496,9 @@ impl ModuleChannel for NvmeChannel {
 
     fn poll(&mut self) -> bool {
         self.follow();
+        if self.timeout.is_some() {
+            self.check_timeouts();
+        }
         let mut did = false;
         for (i, p) in self.paths.iter_mut().enumerate() {
             if let Ok(q) = &mut p.q {
@@ -562,6 +579,31 @@ impl ModuleChannel for NvmeChannel {
 }
 
 impl NvmeChannel {
+    /// Commands out longer than `timeout_us`: SPDK's warning, then its action — abort the command (the
+    /// controller's thread sends the Abort; a failed Abort resets the controller) or reset the controller.
+    fn check_timeouts(&mut self) {
+        let Some((_, action)) = self.timeout else {
+            return;
+        };
+        let now = Instant::now();
+        for p in &mut self.paths {
+            let Ok(q) = &mut p.q else { continue };
+            let qid = q.qid();
+            let shared = &p.shared;
+            q.expired(now, &mut |cid, _| {
+                log::warn!(
+                    "nvme: timeout of command {cid} on I/O queue {qid} of {}",
+                    shared.info.load().opts.addr
+                );
+                match action {
+                    ActionOnTimeout::Abort => reactor::lock(&shared.aborts).push((qid, cid)),
+                    ActionOnTimeout::Reset => shared.reset_wanted.store(true, Ordering::Release),
+                    ActionOnTimeout::None => {}
+                }
+            });
+        }
+    }
+
     /// Tells `bdev_nvme_get_io_paths` what changed: each path's connected state and which is current (one
     /// relaxed store per change).
     fn publish(&self) {
@@ -600,12 +642,14 @@ fn nvme_status(cqe: &Cqe) -> NvmeStatus {
     }
 }
 
-/// A new I/O queue to the controller's current connection.
-fn open_queue(shared: &Shared) -> std::result::Result<IoQueue, i32> {
-    IoQueue::connect(shared.info.load_full()).map_err(|e| {
+/// A new I/O queue to the controller's current connection, its commands timing out after `timeout`.
+fn open_queue(shared: &Shared, timeout: Option<Duration>) -> std::result::Result<IoQueue, i32> {
+    let mut q = IoQueue::connect(shared.info.load_full()).map_err(|e| {
         log::error!("nvme: I/O queue: {e}");
         e.errno()
-    })
+    })?;
+    q.set_timeout(timeout);
+    Ok(q)
 }
 
 impl Drop for NvmeChannel {

@@ -179,6 +179,8 @@ pub(crate) struct Shared {
     pub(crate) reset_wanted: AtomicBool,
     /// A channel saw an ANA status: the ANA log page is read again.
     pub(crate) ana_stale: AtomicBool,
+    /// Timed-out commands (queue id, command id) the supervisor sends an Abort for.
+    pub(crate) aborts: std::sync::Mutex<Vec<(u16, u16)>>,
 }
 
 /// How a bdev's I/O picks among its paths (`bdev_nvme_set_multipath_policy`).
@@ -291,6 +293,17 @@ thread_local! {
     static CTRLRS: RefCell<(Vec<Attached>, Vec<String>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     /// Namespace bdevs, on the app thread.
     static NSBDEVS: RefCell<Vec<NsBdev>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How long an admin command may take (`timeout_admin_us`, else `timeout_us`; none when both are 0).
+fn admin_timeout() -> Option<Duration> {
+    let o = options();
+    let us = if o.timeout_admin_us > 0 {
+        o.timeout_admin_us
+    } else {
+        o.timeout_us
+    };
+    (us > 0).then(|| Duration::from_micros(us))
 }
 
 /// A new controller id.
@@ -545,6 +558,7 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
             state: AtomicU8::new(ST_ENABLED),
             reset_wanted: AtomicBool::new(false),
             ana_stale: AtomicBool::new(false),
+            aborts: std::sync::Mutex::new(Vec::new()),
         });
         let mut bdevs = Vec::new();
         let max = p.max_bdevs.unwrap_or(u32::MAX) as usize;
@@ -570,6 +584,7 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
             ctrlr.info.opts.addr
         );
         watch_namespaces(id, &ctrlr);
+        ctrlr.set_admin_timeout(admin_timeout());
         let supervisor = Poller::register("bdev_nvme_ctrlr_supervisor", 10_000, move || {
             supervise(id);
             false
@@ -790,6 +805,7 @@ fn supervise(id: u64) {
             if a.shared.ana_stale.swap(false, Ordering::AcqRel) {
                 a.ctrlr.refresh_ana();
             }
+            timeouts(a);
             if a.ctrlr.alive() && !a.shared.reset_wanted.load(Ordering::Acquire) {
                 return Step::Nothing;
             }
@@ -832,6 +848,27 @@ fn supervise(id: u64) {
     });
     if let Step::Reconnect(opts) = step {
         nvme_host::connect(opts, move |res| reconnected(id, res));
+    }
+}
+
+/// The supervisor's part of command timeouts: Aborts for the I/O commands channels found timed out (a failed
+/// Abort resets the controller, as SPDK's `bdev_nvme_abort_cpl`); an admin command timed out resets it unless
+/// the action is `none`.
+fn timeouts(a: &Attached) {
+    let aborts = std::mem::take(&mut *reactor::lock(&a.shared.aborts));
+    for (sqid, cid) in aborts {
+        let shared = a.shared.clone();
+        a.ctrlr.abort(sqid, cid, move |ok| {
+            if !ok {
+                shared.reset_wanted.store(true, Ordering::Release);
+            }
+        });
+    }
+    if a.ctrlr.admin_expired() {
+        log::warn!("nvme: controller {}: an admin command timed out", a.name);
+        if options().action_on_timeout != subsystems::bdev_nvme::ActionOnTimeout::None {
+            a.shared.reset_wanted.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -934,6 +971,7 @@ fn reconnected(id: u64, res: Result<Controller>) {
                     a.target.addr
                 );
                 watch_namespaces(a.id, &ctrlr);
+                ctrlr.set_admin_timeout(admin_timeout());
                 a.shared.info.store(ctrlr.info.clone());
                 a.ctrlr = ctrlr;
                 a.lost_at = None;
@@ -1172,11 +1210,17 @@ impl BdevOps for NsOps {
     }
 
     fn create_channel(&self, bdev: &Bdev) -> Box<dyn ModuleChannel> {
-        let retries = options().bdev_retry_count;
+        let (retries, timeout) = {
+            let o = options();
+            let t = (o.timeout_us > 0)
+                .then(|| (Duration::from_micros(o.timeout_us), o.action_on_timeout));
+            (o.bdev_retry_count, t)
+        };
         Box::new(channel::NvmeChannel::new(
             self.paths.clone(),
             bdev.name(),
             retries,
+            timeout,
         ))
     }
 

@@ -156,22 +156,32 @@ fn read_ana(
     ana: Arc<AnaStates>,
     done: impl FnOnce(std::result::Result<(), String>) + 'static,
 ) {
+    log_page(admin, lid::ANA, ADMIN_XFER as usize, move |r| {
+        done(r.and_then(|d| ana.apply(d)))
+    });
+}
+
+/// Reads the controller-wide log page `lid` (up to `len` bytes, at most the admin transfer size); `done` gets
+/// the data or the failed status.
+fn log_page(
+    admin: &Rc<Admin>,
+    lid: u8,
+    len: usize,
+    done: impl FnOnce(std::result::Result<&[u8], String>) + 'static,
+) {
+    let len = len.clamp(4, ADMIN_XFER as usize) & !3;
     let mut s = Sqe::new(admin::GET_LOG_PAGE, 0);
     s.set_nsid(0xffff_ffff);
-    let numd = ADMIN_XFER / 4 - 1;
-    s.set_cdw(10, lid::ANA as u32 | (numd & 0xffff) << 16);
+    let numd = (len / 4 - 1) as u32;
+    s.set_cdw(10, lid as u32 | (numd & 0xffff) << 16);
     s.set_cdw(11, numd >> 16);
-    admin.cmd(
-        s,
-        Dir::FromCtrl,
-        vec![0; ADMIN_XFER as usize],
-        move |c, d| {
-            if !ok(c) {
-                return done(Err(format!("Get Log Page ANA: {}", c.status)));
-            }
-            done(ana.apply(d))
-        },
-    );
+    admin.cmd(s, Dir::FromCtrl, vec![0; len], move |c, d| {
+        if ok(c) {
+            done(Ok(d))
+        } else {
+            done(Err(format!("Get Log Page {lid:#04x}: {}", c.status)))
+        }
+    });
 }
 
 /// What bring-up learned; shared with the threads that open I/O queues.
@@ -311,19 +321,38 @@ impl Controller {
         len: usize,
         done: impl FnOnce(std::result::Result<Vec<u8>, String>) + 'static,
     ) {
-        let len = len.clamp(4, ADMIN_XFER as usize) & !3;
-        let mut s = Sqe::new(admin::GET_LOG_PAGE, 0);
-        s.set_nsid(0xffff_ffff);
-        let numd = (len / 4 - 1) as u32;
-        s.set_cdw(10, lid as u32 | (numd & 0xffff) << 16);
-        s.set_cdw(11, numd >> 16);
-        self.admin.cmd(s, Dir::FromCtrl, vec![0; len], move |c, d| {
-            if ok(c) {
-                done(Ok(d.to_vec()))
-            } else {
-                done(Err(format!("Get Log Page {lid:#04x}: {}", c.status)))
+        log_page(&self.admin, lid, len, move |r| done(r.map(<[u8]>::to_vec)));
+    }
+
+    /// Asks the controller to abort command `cid` of queue `sqid` (SPDK's `spdk_nvme_ctrlr_cmd_abort`); `done`
+    /// hears whether the Abort itself succeeded (the aborted command completes on its own queue).
+    pub fn abort(&self, sqid: u16, cid: u16, done: impl FnOnce(bool) + 'static) {
+        let mut s = Sqe::new(admin::ABORT, 0);
+        s.set_cdw(10, sqid as u32 | (cid as u32) << 16);
+        self.admin.cmd(s, Dir::None, Vec::new(), move |c, _| {
+            if !ok(c) {
+                log::warn!("nvme: Abort of command {cid} on queue {sqid}: {}", c.status);
             }
+            done(ok(c))
         });
+    }
+
+    /// Sets how long an admin command may take before [`Controller::admin_expired`] says so.
+    pub fn set_admin_timeout(&self, t: Option<Duration>) {
+        self.admin
+            .qp
+            .borrow_mut()
+            .set_timeout(t, Some(admin::ASYNC_EVENT_REQUEST));
+    }
+
+    /// Whether an admin command has been outstanding past the admin timeout (each reported once).
+    pub fn admin_expired(&self) -> bool {
+        let mut any = false;
+        self.admin
+            .qp
+            .borrow_mut()
+            .expired(Instant::now(), &mut |_, _| any = true);
+        any
     }
 
     /// Reads the ANA log page again (an I/O saw an ANA status); the states change when it is in.
@@ -795,11 +824,7 @@ fn arm_aer(admin: Rc<Admin>, hook: NsChangeHook, ana: Arc<AnaStates>) {
                     after_log();
                 });
             } else if lid != 0 {
-                let mut s = Sqe::new(admin::GET_LOG_PAGE, 0);
-                s.set_nsid(0xffff_ffff);
-                let numd = 4096 / 4 - 1;
-                s.set_cdw(10, lid | (numd & 0xffff) << 16);
-                a.cmd(s, Dir::FromCtrl, vec![0; 4096], move |_, _| after_log());
+                log_page(&a, lid as u8, 4096, move |_| after_log());
             } else {
                 after_log();
             }
@@ -980,6 +1005,20 @@ impl IoQueue {
             self.close(done);
         }
         did
+    }
+
+    /// Sets the command timeout [`IoQueue::expired`] reports against (`None`: none).
+    pub fn set_timeout(&mut self, t: Option<Duration>) {
+        self.qp.set_timeout(t, None);
+    }
+
+    /// Reports, once each, the commands outstanding past the timeout at `now`: (command id, token).
+    pub fn expired(&mut self, now: Instant, f: &mut dyn FnMut(u16, u64)) {
+        self.qp.expired(now, &mut |cid, token| {
+            if token != CONNECT_TOKEN {
+                f(cid, token)
+            }
+        });
     }
 
     /// Closes the queue; commands still in it complete through `done` with "aborted, SQ deleted".

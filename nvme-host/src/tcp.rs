@@ -12,6 +12,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use nvme_proto::cmd::{psdt, sgl, Cqe, SglDesc, Sqe};
 use nvme_proto::crc32c::crc32c;
@@ -72,6 +73,8 @@ struct Slot {
     recv: u32,
     /// Some of its C2H data failed the data digest: it completes with a transient transport error.
     digest_error: bool,
+    /// When it times out (commands timeouts on), until reported once.
+    deadline: Option<Instant>,
 }
 
 /// An NVMe/TCP queue pair.
@@ -99,6 +102,10 @@ pub struct TcpQpair {
     hdgst: bool,
     /// Data digests in use.
     ddgst: bool,
+    /// How long a command may stay outstanding before [`TcpQpair::expired`] reports it (`None`: no limit).
+    timeout: Option<Duration>,
+    /// An opcode whose commands never time out (the admin queue's Asynchronous Event Requests).
+    untimed_opc: Option<u8>,
     error: Option<String>,
 }
 
@@ -123,6 +130,7 @@ impl TcpQpair {
                 dir: Dir::None,
                 recv: 0,
                 digest_error: false,
+                deadline: None,
             })
             .collect();
         Ok(TcpQpair {
@@ -143,6 +151,8 @@ impl TcpQpair {
             want_digests: digests,
             hdgst: false,
             ddgst: false,
+            timeout: None,
+            untimed_opc: None,
             error: None,
         })
     }
@@ -220,6 +230,10 @@ impl TcpQpair {
         s.dir = dir;
         s.recv = 0;
         s.digest_error = false;
+        s.deadline = self
+            .timeout
+            .filter(|_| Some(sqe.opc()) != self.untimed_opc)
+            .map(|t| Instant::now() + t);
         // The capsule: header (and its digest), then (aligned as the controller asked) in-capsule data (and its
         // digest).
         let hend = CAPSULE_CMD_HLEN + self.hdgst_len();
@@ -290,6 +304,24 @@ impl TcpQpair {
                     }
                 }
                 did | self.flush()
+            }
+        }
+    }
+
+    /// Sets how long a command may be outstanding before [`TcpQpair::expired`] reports it (commands sent from
+    /// now on); commands of opcode `untimed_opc` are never reported (an admin queue's Asynchronous Event
+    /// Requests wait for events, as long as it takes).
+    pub fn set_timeout(&mut self, t: Option<Duration>, untimed_opc: Option<u8>) {
+        self.timeout = t.filter(|t| !t.is_zero());
+        self.untimed_opc = untimed_opc;
+    }
+
+    /// Reports, once each, the commands outstanding past their deadline at `now`: (command id, token).
+    pub fn expired(&mut self, now: Instant, f: &mut dyn FnMut(u16, u64)) {
+        for (cid, s) in self.slots.iter_mut().enumerate() {
+            if s.busy && s.deadline.is_some_and(|d| d <= now) {
+                s.deadline = None;
+                f(cid as u16, s.token);
             }
         }
     }
