@@ -224,8 +224,18 @@ fn drill_steps(
     if let Some(p2) = port2 {
         multipath_steps(c, port, p2);
     }
+    // Transport counters of the thread that did the I/O, SPDK's names.
+    let st = c.ok(&["bdev_nvme_get_transport_statistics"]);
+    let tr = &st["poll_groups"][0]["transports"][0];
+    assert_eq!(tr["trname"], "TCP", "{st}");
+    assert!(tr["submitted_requests"].as_u64().unwrap() > 0, "{st}");
+    assert!(tr["nvme_completions"].as_u64().unwrap() > 0, "{st}");
+    assert!(tr["polls"].as_u64().unwrap() >= tr["idle_polls"].as_u64().unwrap());
     c.ok(&["bdev_nvme_detach_controller", "Nvme0"]);
     assert_eq!(c.ok(&["bdev_lvol_get_lvstores"]), json!([]));
+    if let Some(p2) = port2 {
+        discovery_steps(c, port, p2);
+    }
     let out = c.rpc(&argv);
     assert!(out.status.success(), "attach again: {out:?}");
     c.ok(&["bdev_wait_for_examine"]);
@@ -363,6 +373,75 @@ fn multipath_steps(c: &Tgt, port: &str, port2: &str) {
     assert_eq!(p.as_array().unwrap().len(), 1, "{paths}");
     assert_eq!(p[0]["transport"]["trsvcid"], port2, "{paths}");
     assert_eq!(p[0]["current"], true, "{paths}");
+}
+
+/// A discovery service on the storage node's port, through `spdk-rpc`: the subsystem it lists is attached as
+/// `Disc0` with a path per listener (the lvstore on it is found), listed by `bdev_nvme_get_discovery_info`, and
+/// detached when the service stops.
+fn discovery_steps(c: &Tgt, port: &str, port2: &str) {
+    // (The client prints nothing for it.)
+    c.ok(&[
+        "bdev_nvme_start_discovery",
+        "-b",
+        "Disc",
+        "-t",
+        "tcp",
+        "-a",
+        "127.0.0.1",
+        "-f",
+        "ipv4",
+        "-s",
+        port,
+        "-w",
+    ]);
+    let b = c.ok(&["bdev_get_bdevs", "-b", "Disc0n1"]);
+    assert_eq!(
+        b[0]["driver_specific"]["nvme"].as_array().unwrap().len(),
+        2,
+        "a path per listener: {b}"
+    );
+    let mut ports: Vec<String> = b[0]["driver_specific"]["nvme"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["trid"]["trsvcid"].as_str().unwrap().to_string())
+        .collect();
+    ports.sort();
+    let mut want = vec![port.to_string(), port2.to_string()];
+    want.sort();
+    assert_eq!(ports, want);
+    let info = c.ok(&["bdev_nvme_get_discovery_info"]);
+    assert_eq!(info[0]["name"], "Disc", "{info}");
+    assert_eq!(info[0]["trid"]["trsvcid"], port, "{info}");
+    let e = c.err(&[
+        "bdev_nvme_start_discovery",
+        "-b",
+        "Disc",
+        "-t",
+        "tcp",
+        "-a",
+        "127.0.0.1",
+        "-f",
+        "ipv4",
+        "-s",
+        port,
+    ]);
+    assert_eq!(e["code"], -libc::EEXIST, "{e}");
+    c.ok(&["bdev_wait_for_examine"]);
+    assert_eq!(c.ok(&["bdev_lvol_get_lvstores"])[0]["name"], "lvs0");
+    c.ok(&["bdev_nvme_stop_discovery", "-b", "Disc"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while c
+        .call("bdev_get_bdevs", json!({"name": "Disc0n1"}))
+        .get("result")
+        .is_some()
+    {
+        assert!(std::time::Instant::now() < deadline, "Disc0n1 stayed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(c.ok(&["bdev_nvme_get_discovery_info"]), json!([]));
+    let e = c.err(&["bdev_nvme_stop_discovery", "-b", "Disc"]);
+    assert_eq!(e["code"], -libc::ENOENT, "{e}");
 }
 
 #[test]

@@ -21,7 +21,7 @@ use nvme_proto::cmd::{io as opc, Cqe, DsmRange, Sqe};
 use nvme_proto::log::ana_state;
 use nvme_proto::status::{generic, sct};
 
-use crate::{NsPaths, PathEntry, Policy, Shared, ST_ENABLED, ST_FAIL_FAST};
+use crate::{NsPaths, PathEntry, Policy, Shared, TcpStats, ST_ENABLED, ST_FAIL_FAST};
 
 /// Bytes of Dataset Management ranges a slot keeps (one range per unmap; the bdev layer cuts larger ones).
 const DSM_BYTES: usize = DsmRange::SIZE;
@@ -133,6 +133,20 @@ pub(crate) struct NvmeChannel {
     ana_seen: u64,
     /// Command timeout and what to do then (`bdev_nvme_set_options`' `timeout_us` and `action_on_timeout`).
     timeout: Option<(Duration, ActionOnTimeout)>,
+    /// This channel's transport counters, counted here and published once per poll.
+    counts: Counts,
+    stats: Arc<TcpStats>,
+}
+
+/// SPDK's TCP poll group counters (`bdev_nvme_get_transport_statistics`).
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    polls: u64,
+    idle_polls: u64,
+    socket_completions: u64,
+    nvme_completions: u64,
+    submitted_requests: u64,
+    queued_requests: u64,
 }
 
 impl NvmeChannel {
@@ -159,6 +173,8 @@ impl NvmeChannel {
             retry_limit,
             ana_seen: 0,
             timeout,
+            counts: Counts::default(),
+            stats: crate::add_stats(),
         };
         ch.follow_paths();
         ch
@@ -421,6 +437,7 @@ impl NvmeChannel {
         match unsafe { q.submit(sqe, &self.iovs, dir, slot as u64) } {
             Ok(()) => {
                 p.outstanding += 1;
+                self.counts.submitted_requests += 1;
                 self.slots[slot as usize] = Some((io, path));
                 None
             }
@@ -486,10 +503,12 @@ impl ModuleChannel for NvmeChannel {
             self.follow_paths();
         }
         if !self.waiting.is_empty() {
+            self.counts.queued_requests += 1;
             self.waiting.push_back(io);
             return;
         }
         if let Some(io) = self.start(io) {
+            self.counts.queued_requests += 1;
             self.waiting.push_back(io);
         }
     }
@@ -503,10 +522,18 @@ impl ModuleChannel for NvmeChannel {
         for (i, p) in self.paths.iter_mut().enumerate() {
             if let Ok(q) = &mut p.q {
                 let done = &mut self.done;
-                did |= q.poll(&mut |token, cqe| done.push((i, token, cqe)));
+                if q.poll(&mut |token, cqe| done.push((i, token, cqe))) {
+                    did = true;
+                    self.counts.socket_completions += 1;
+                }
             }
         }
         let n = self.done.len();
+        self.counts.polls += 1;
+        self.counts.nvme_completions += n as u64;
+        if n == 0 {
+            self.counts.idle_polls += 1;
+        }
         for k in 0..n {
             let (path, token, cqe) = self.done[k];
             let Some((mut io, _)) = self.slots.get_mut(token as usize).and_then(Option::take)
@@ -565,6 +592,14 @@ impl ModuleChannel for NvmeChannel {
         self.done.clear();
         self.start_waiting();
         self.publish();
+        self.stats.store(&[
+            self.counts.polls,
+            self.counts.idle_polls,
+            self.counts.socket_completions,
+            self.counts.nvme_completions,
+            self.counts.submitted_requests,
+            self.counts.queued_requests,
+        ]);
         did || n > 0
     }
 
@@ -654,6 +689,7 @@ fn open_queue(shared: &Shared, timeout: Option<Duration>) -> std::result::Result
 
 impl Drop for NvmeChannel {
     fn drop(&mut self) {
+        crate::remove_stats(&self.stats);
         for p in &mut self.paths {
             crate::remove_path(&p.entry);
             if let Ok(q) = &mut p.q {

@@ -14,10 +14,12 @@
 //! subsystem adds a path to the same bdevs, used as the bdev's multipath policy says ([`NsPaths`]); or a
 //! second address is kept as an alternate the controller fails over to when it reconnects (`failover`).
 //!
-//! Not here yet (SPDK has them): RDMA and PCIe transports, TLS, discovery services, and the
-//! rest of the module's RPCs.
+//! Discovery services ([`discovery`]) attach what a discovery controller's log lists and follow its changes.
+//!
+//! Not here yet (SPDK has them): RDMA and PCIe transports, TLS, and the rest of the module's RPCs.
 
 mod channel;
+pub mod discovery;
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
@@ -156,6 +158,9 @@ pub struct AttachParams {
     /// Disable SQ flow control (newer clients).
     #[serde(default)]
     pub disable_sq_flow_control: Option<bool>,
+    /// Made by a discovery service (not written by `save_config`: the service makes it again).
+    #[serde(skip)]
+    pub from_discovery: bool,
 }
 
 /// [`Shared::state`]: connected.
@@ -1289,6 +1294,95 @@ pub(crate) struct PathEntry {
     pub(crate) accessible: AtomicBool,
 }
 
+/// A channel's TCP transport counters (SPDK's poll group statistics), written by its thread once per poll and
+/// summed per thread by `bdev_nvme_get_transport_statistics`; counts of channels gone stay with their thread.
+pub(crate) struct TcpStats {
+    thread: String,
+    counts: [AtomicU64; 6],
+}
+
+/// The counters' names, in [`TcpStats`] order (SPDK's).
+const TCP_STAT_NAMES: [&str; 6] = [
+    "polls",
+    "idle_polls",
+    "socket_completions",
+    "nvme_completions",
+    "submitted_requests",
+    "queued_requests",
+];
+
+impl TcpStats {
+    /// Publishes the channel's counts.
+    pub(crate) fn store(&self, v: &[u64; 6]) {
+        for (c, v) in self.counts.iter().zip(v) {
+            c.store(*v, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Live channels' counters, and per thread the counts of channels gone.
+#[allow(clippy::type_complexity)]
+fn stats() -> std::sync::MutexGuard<'static, (Vec<Arc<TcpStats>>, Vec<(String, [u64; 6])>)> {
+    static S: OnceLock<std::sync::Mutex<(Vec<Arc<TcpStats>>, Vec<(String, [u64; 6])>)>> =
+        OnceLock::new();
+    reactor::lock(S.get_or_init(Default::default))
+}
+
+/// A new channel's counters.
+pub(crate) fn add_stats() -> Arc<TcpStats> {
+    let thread = reactor::thread::current().map_or_else(String::new, |t| t.name().to_string());
+    let s = Arc::new(TcpStats {
+        thread,
+        counts: Default::default(),
+    });
+    stats().0.push(s.clone());
+    s
+}
+
+/// A channel goes: its counts stay with its thread.
+pub(crate) fn remove_stats(s: &Arc<TcpStats>) {
+    let mut g = stats();
+    g.0.retain(|x| !Arc::ptr_eq(x, s));
+    let v: Vec<u64> = s.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    match g.1.iter_mut().find(|(t, _)| *t == s.thread) {
+        Some((_, acc)) => acc.iter_mut().zip(&v).for_each(|(a, v)| *a += v),
+        None => {
+            let mut acc = [0; 6];
+            acc.iter_mut().zip(&v).for_each(|(a, v)| *a = *v);
+            g.1.push((s.thread.clone(), acc));
+        }
+    }
+}
+
+/// `bdev_nvme_get_transport_statistics`: per thread that has had NVMe channels, its TCP counters.
+pub fn transport_stats_json() -> Value {
+    let g = stats();
+    let mut threads: Vec<(String, [u64; 6])> = g.1.clone();
+    for s in &g.0 {
+        let v: Vec<u64> = s.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        match threads.iter_mut().find(|(t, _)| *t == s.thread) {
+            Some((_, acc)) => acc.iter_mut().zip(&v).for_each(|(a, v)| *a += v),
+            None => {
+                let mut acc = [0; 6];
+                acc.iter_mut().zip(&v).for_each(|(a, v)| *a = *v);
+                threads.push((s.thread.clone(), acc));
+            }
+        }
+    }
+    let groups: Vec<Value> = threads
+        .iter()
+        .map(|(t, v)| {
+            let mut tr = serde_json::Map::new();
+            tr.insert("trname".into(), json!("TCP"));
+            for (k, v) in TCP_STAT_NAMES.iter().zip(v) {
+                tr.insert((*k).into(), json!(v));
+            }
+            json!({"thread": t, "transports": [tr]})
+        })
+        .collect();
+    json!({ "poll_groups": groups })
+}
+
 /// Every channel's path, in creation order (control path only: channels come and go, the RPC reads).
 fn paths() -> std::sync::MutexGuard<'static, Vec<Arc<PathEntry>>> {
     static P: OnceLock<std::sync::Mutex<Vec<Arc<PathEntry>>>> = OnceLock::new();
@@ -1447,6 +1541,7 @@ pub fn config_entries() -> Vec<Value> {
         c.borrow()
             .0
             .iter()
+            .filter(|a| !a.params.from_discovery)
             .map(|a| {
                 let o = &a.target;
                 let mut params = serde_json::Map::new();
@@ -1484,12 +1579,14 @@ pub fn config_entries() -> Vec<Value> {
                 }
                 json!({"method": "bdev_nvme_attach_controller", "params": params})
             })
+            .chain(discovery::config_entries())
             .collect()
     })
 }
 
 /// Detaches every controller (module fini: their bdevs are already gone).
 pub fn detach_all() {
+    discovery::stop_all();
     let all: Vec<Attached> = CTRLRS.with(|c| std::mem::take(&mut c.borrow_mut().0));
     NSBDEVS.with(|b| b.borrow_mut().clear());
     for a in all {
@@ -1574,9 +1671,10 @@ struct PolicyParams {
     rr_min_io: Option<u32>,
 }
 
+/// Parameters that are only a name (`bdev_nvme_get_controller_health_info`, `bdev_nvme_stop_discovery`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct HealthParams {
+struct NameParams {
     name: String,
 }
 
@@ -1853,11 +1951,53 @@ pub fn register_rpcs(reg: &mut Registry) {
             Err(e) => r.err(e),
         },
     );
+    reg.register(
+        "bdev_nvme_get_transport_statistics",
+        STATE_RUNTIME,
+        std::rc::Rc::new(|params: Option<Value>, r: Responder| {
+            // SPDK refuses any params, even an empty object.
+            if params.is_some_and(|p| !p.is_null()) {
+                return r.err(RpcError::new(
+                    jsonrpc::INVALID_PARAMS,
+                    "'bdev_nvme_get_transport_statistics' requires no arguments",
+                ));
+            }
+            r.ok(transport_stats_json())
+        }),
+    );
+    bdev::rpc::method(
+        reg,
+        "bdev_nvme_start_discovery",
+        STATE_RUNTIME,
+        |p: discovery::StartParams, r: Responder| {
+            discovery::start(p, move |res| match res {
+                Ok(()) => r.ok(json!(true)),
+                Err(e) => r.err(e),
+            })
+        },
+    );
+    bdev::rpc::method(
+        reg,
+        "bdev_nvme_stop_discovery",
+        STATE_RUNTIME,
+        |p: NameParams, r: Responder| {
+            discovery::stop(&p.name, move |res| match res {
+                Ok(()) => r.ok(json!(true)),
+                Err(e) => r.err(e),
+            })
+        },
+    );
+    bdev::rpc::method(
+        reg,
+        "bdev_nvme_get_discovery_info",
+        STATE_RUNTIME,
+        |_: GetParams, r: Responder| r.ok(discovery::info_json()),
+    );
     bdev::rpc::method(
         reg,
         "bdev_nvme_get_controller_health_info",
         STATE_RUNTIME,
-        |p: HealthParams, r: Responder| {
+        |p: NameParams, r: Responder| {
             health_info(&p.name, move |res| match res {
                 Ok(v) => r.ok(v),
                 Err(e) => r.err(e),

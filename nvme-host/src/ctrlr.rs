@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use errors::{Error, ErrorKind, Result};
 use nvme_proto::cmd::{admin, feat, Cqe, Sqe};
-use nvme_proto::fabrics::{cc, csts, reg, Cap, Connect, ConnectData, Property};
+use nvme_proto::fabrics::{cc, csts, reg, Cap, Connect, ConnectData, Property, DISCOVERY_NQN};
 use nvme_proto::identify::{cns, decode_ns_list, CtrlrData, NsData};
-use nvme_proto::log::{ana_state, decode_ana_log, lid};
+use nvme_proto::log::{ana_state, decode_ana_log, lid, DiscoveryEntry, DiscoveryLogHeader};
 use reactor::Poller;
 
 use crate::tcp::{Dir, Iov, TcpQpair};
@@ -169,12 +169,25 @@ fn log_page(
     len: usize,
     done: impl FnOnce(std::result::Result<&[u8], String>) + 'static,
 ) {
+    log_page_at(admin, lid, len, 0, done)
+}
+
+/// [`log_page`] from byte `offset` of the page.
+fn log_page_at(
+    admin: &Rc<Admin>,
+    lid: u8,
+    len: usize,
+    offset: u64,
+    done: impl FnOnce(std::result::Result<&[u8], String>) + 'static,
+) {
     let len = len.clamp(4, ADMIN_XFER as usize) & !3;
     let mut s = Sqe::new(admin::GET_LOG_PAGE, 0);
     s.set_nsid(0xffff_ffff);
     let numd = (len / 4 - 1) as u32;
     s.set_cdw(10, lid as u32 | (numd & 0xffff) << 16);
     s.set_cdw(11, numd >> 16);
+    s.set_cdw(12, offset as u32);
+    s.set_cdw(13, (offset >> 32) as u32);
     admin.cmd(s, Dir::FromCtrl, vec![0; len], move |c, d| {
         if ok(c) {
             done(Ok(d))
@@ -310,6 +323,7 @@ pub struct Controller {
     /// Set when the admin connection failed (keep alive or a command saw it).
     failed: Rc<Cell<bool>>,
     ns_hook: NsChangeHook,
+    event_hook: EventHook,
 }
 
 impl Controller {
@@ -371,6 +385,21 @@ impl Controller {
     /// Whether the admin connection is still up.
     pub fn alive(&self) -> bool {
         !self.failed.get() && self.admin.qp.borrow().error().is_none()
+    }
+
+    /// Sets what hears of every Asynchronous Event (type, information, log page), once its log page was read
+    /// (e.g. a discovery log change).
+    pub fn on_event(&self, f: impl Fn(u8, u8, u8) + 'static) {
+        *self.event_hook.borrow_mut() = Some(Box::new(f));
+    }
+
+    /// Reads the whole discovery log page (a discovery controller's), in pieces of the admin transfer size,
+    /// again from the start when its generation changed meanwhile (up to three times); `done` gets the entries.
+    pub fn discovery_log(
+        &self,
+        done: impl FnOnce(std::result::Result<Vec<DiscoveryEntry>, String>) + 'static,
+    ) {
+        read_discovery(self.admin.clone(), 3, Box::new(done));
     }
 
     /// Sets what hears of namespace changes (the new active namespace list, after an Asynchronous Event).
@@ -566,6 +595,10 @@ impl Bringup {
                         )
                     }
                 }
+                if me.opts.subnqn == DISCOVERY_NQN {
+                    // A discovery controller has no I/O queues and no namespaces: its log page is all there is.
+                    return me.finish();
+                }
                 me.set_queues();
             },
         );
@@ -695,14 +728,21 @@ impl Bringup {
         // both).
         let mut aec = Sqe::new(admin::SET_FEATURES, 0);
         aec.set_cdw(10, feat::ASYNC_EVENT_CONFIGURATION as u32);
-        aec.set_cdw(11, 1 << 8 | if ana.reporting() { 1 << 11 } else { 0 });
+        let notices = if self.opts.subnqn == DISCOVERY_NQN {
+            // Discovery log page change notices.
+            1 << 31
+        } else {
+            1 << 8 | if ana.reporting() { 1 << 11 } else { 0 }
+        };
+        aec.set_cdw(11, notices);
         admin.cmd(aec, Dir::None, Vec::new(), |c, _| {
             if !c.status.is_success() {
                 log::warn!("nvme: Set Features Async Event Configuration: {}", c.status);
             }
         });
         let ns_hook: NsChangeHook = Rc::new(RefCell::new(None));
-        arm_aer(admin.clone(), ns_hook.clone(), ana);
+        let event_hook: EventHook = Rc::new(RefCell::new(None));
+        arm_aer(admin.clone(), ns_hook.clone(), event_hook.clone(), ana);
         done(Ok(Controller {
             info,
             admin,
@@ -710,6 +750,7 @@ impl Bringup {
             _keep_alive: keep_alive,
             failed,
             ns_hook,
+            event_hook,
         }));
     }
 }
@@ -779,6 +820,84 @@ fn identify_each(admin: Rc<Admin>, mut left: Vec<u32>, mut got: Vec<NsInfo>, don
     );
 }
 
+/// What hears of every Asynchronous Event: (type, information, log page).
+type EventHook = Rc<RefCell<Option<Box<dyn Fn(u8, u8, u8)>>>>;
+
+/// Where a discovery log read reports.
+type DiscoveryDone = Box<dyn FnOnce(std::result::Result<Vec<DiscoveryEntry>, String>)>;
+
+/// Discovery log entries read at most (a larger log is cut, with a warning).
+const MAX_DISCOVERY_ENTRIES: u64 = 1024;
+
+/// Reads the discovery log: the header and first entries, then the rest in pieces; starts over (up to `tries`
+/// times) when the generation counter moved while reading.
+fn read_discovery(admin: Rc<Admin>, tries: u32, done: DiscoveryDone) {
+    let a = admin.clone();
+    log_page_at(&admin, lid::DISCOVERY, ADMIN_XFER as usize, 0, move |r| {
+        let first = match r {
+            Ok(d) => d.to_vec(),
+            Err(e) => return done(Err(e)),
+        };
+        let hdr = match DiscoveryLogHeader::decode(&first) {
+            Ok(h) => h,
+            Err(e) => return done(Err(format!("discovery log: {e}"))),
+        };
+        let mut numrec = hdr.numrec;
+        if numrec > MAX_DISCOVERY_ENTRIES {
+            log::warn!(
+                "discovery log: {numrec} entries, only the first {MAX_DISCOVERY_ENTRIES} are used"
+            );
+            numrec = MAX_DISCOVERY_ENTRIES;
+        }
+        let total = nvme_proto::log::discovery_log_len(numrec) as usize;
+        more_discovery(a, tries, hdr.genctr, total, first, done);
+    });
+}
+
+/// Reads the discovery log from `got.len()` on until `total` bytes are in, then checks the generation.
+fn more_discovery(
+    admin: Rc<Admin>,
+    tries: u32,
+    genctr: u64,
+    total: usize,
+    mut got: Vec<u8>,
+    done: DiscoveryDone,
+) {
+    if got.len() >= total {
+        got.truncate(total);
+        // The generation read last must be the one read first, or the pieces may not fit together.
+        let a = admin.clone();
+        return log_page_at(&admin, lid::DISCOVERY, 16, 0, move |r| {
+            let now = r
+                .ok()
+                .and_then(|d| DiscoveryLogHeader::decode(d).ok().map(|h| h.genctr));
+            if now != Some(genctr) && tries > 1 {
+                return read_discovery(a, tries - 1, done);
+            }
+            let entries = got[DiscoveryLogHeader::SIZE..]
+                .chunks_exact(DiscoveryEntry::SIZE)
+                .filter_map(|c| DiscoveryEntry::decode(c).ok())
+                .collect();
+            done(Ok(entries))
+        });
+    }
+    let at = got.len();
+    let a = admin.clone();
+    log_page_at(
+        &admin,
+        lid::DISCOVERY,
+        ADMIN_XFER as usize,
+        at as u64,
+        move |r| match r {
+            Ok(d) => {
+                got.extend_from_slice(d);
+                more_discovery(a, tries, genctr, total, got, done)
+            }
+            Err(e) => done(Err(e)),
+        },
+    );
+}
+
 /// What a controller's user hears of namespace changes: the new active list.
 pub type NsChangeHook = Rc<RefCell<Option<Box<dyn Fn(Vec<NsInfo>)>>>>;
 
@@ -786,7 +905,7 @@ pub type NsChangeHook = Rc<RefCell<Option<Box<dyn Fn(Vec<NsInfo>)>>>>;
 /// List (which also re-arms the event) and rescans, then tells `hook`; an ANA change notice reads the ANA log
 /// page into `ana`; any other event's log page is read so the controller sends the next one. Stops when the
 /// admin queue goes.
-fn arm_aer(admin: Rc<Admin>, hook: NsChangeHook, ana: Arc<AnaStates>) {
+fn arm_aer(admin: Rc<Admin>, hook: NsChangeHook, events: EventHook, ana: Arc<AnaStates>) {
     let a = admin.clone();
     admin.cmd(
         Sqe::new(admin::ASYNC_EVENT_REQUEST, 0),
@@ -800,7 +919,7 @@ fn arm_aer(admin: Rc<Admin>, hook: NsChangeHook, ana: Arc<AnaStates>) {
             let (ty, info, lid) = (c.dw0 & 7, (c.dw0 >> 8) & 0xff, (c.dw0 >> 16) & 0xff);
             log::info!("nvme: async event type {ty} info {info:#x} log {lid:#x}");
             let notice_ns = ty == 2 && info == 0;
-            let (a2, h2, ana2) = (a.clone(), hook.clone(), ana.clone());
+            let (a2, h2, e2, ana2) = (a.clone(), hook.clone(), events.clone(), ana.clone());
             let after_log = move || {
                 if notice_ns {
                     let h = h2.clone();
@@ -813,7 +932,10 @@ fn arm_aer(admin: Rc<Admin>, hook: NsChangeHook, ana: Arc<AnaStates>) {
                         Err(e) => log::error!("nvme: namespace rescan: {e}"),
                     });
                 }
-                arm_aer(a2, h2, ana2);
+                if let Some(f) = e2.borrow().as_ref() {
+                    f(ty as u8, info as u8, lid as u8);
+                }
+                arm_aer(a2, h2, e2, ana2);
             };
             if ty == 2 && info == 3 && ana.reporting() {
                 // ANA change: the log page read both updates the states and re-arms the notice.

@@ -149,17 +149,22 @@ pub fn listener(port: u16, add: bool) {
 
 /// [`listener`] on the app thread.
 pub fn set_listener(port: u16, add: bool) {
+    set_listener_of(NQN, port, add);
+}
+
+/// [`set_listener`] for subsystem `nqn`.
+pub fn set_listener_of(nqn: &str, port: u16, add: bool) {
     let trid = Trid::tcp("127.0.0.1", &port.to_string());
     if add {
         let config = ListenerConfig {
-            nqn: NQN.into(),
+            nqn: nqn.into(),
             listen_address: trid.clone(),
             secure_channel: false,
             sock_impl: None,
         };
-        mgmt::add_listener(NQN, trid, AnaState::Optimized, config).unwrap();
+        mgmt::add_listener(nqn, trid, AnaState::Optimized, config).unwrap();
     } else {
-        mgmt::remove_listener(NQN, &trid).unwrap();
+        mgmt::remove_listener(nqn, &trid).unwrap();
     }
 }
 
