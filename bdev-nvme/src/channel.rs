@@ -216,13 +216,7 @@ impl NvmeChannel {
         // Removed paths: their queues close and what was in them is sent again on another path.
         for mut p in old.into_iter().flatten() {
             if let Ok(q) = &mut p.q {
-                let (slots, free, waiting) = (&mut self.slots, &mut self.free, &mut self.waiting);
-                q.close(&mut |token, _| {
-                    if let Some((io, _)) = slots.get_mut(token as usize).and_then(Option::take) {
-                        free.push(token as u32);
-                        waiting.push_back(io);
-                    }
-                });
+                requeue(q, &mut self.slots, &mut self.free, &mut self.waiting);
             }
             crate::remove_path(&p.entry);
         }
@@ -257,18 +251,21 @@ impl NvmeChannel {
             if dead && gen == p.gen && enabled {
                 p.shared.reset_wanted.store(true, Ordering::Release);
             }
+            if !enabled && gen == p.gen {
+                // The controller is lost (its admin connection or a queue failed, or it is being reset): this
+                // queue is closed now, so what it had goes on another path at once rather than when the
+                // controller is back, as SPDK disconnects a resetting controller's queues.
+                if let Ok(q) = &mut p.q {
+                    if !q.failed() {
+                        requeue(q, &mut self.slots, &mut self.free, &mut self.waiting);
+                        p.outstanding = 0;
+                    }
+                }
+            }
             if gen != p.gen && enabled {
                 // The controller is back (a new connection): this thread's queue to it is made again.
                 if let Ok(q) = &mut p.q {
-                    let (slots, free, waiting) =
-                        (&mut self.slots, &mut self.free, &mut self.waiting);
-                    q.close(&mut |token, _| {
-                        if let Some((io, _)) = slots.get_mut(token as usize).and_then(Option::take)
-                        {
-                            free.push(token as u32);
-                            waiting.push_back(io);
-                        }
-                    });
+                    requeue(q, &mut self.slots, &mut self.free, &mut self.waiting);
                 }
                 p.q = open_queue(&p.shared, self.timeout.map(|t| t.0));
                 p.gen = gen;
@@ -675,6 +672,21 @@ fn nvme_status(cqe: &Cqe) -> NvmeStatus {
         dnr: cqe.status.dnr,
         crd: cqe.status.crd,
     }
+}
+
+/// Closes `q`; what was in it goes back to `waiting`, to be sent again on a path that works.
+fn requeue(
+    q: &mut IoQueue,
+    slots: &mut [Option<(IoHandle, usize)>],
+    free: &mut Vec<u32>,
+    waiting: &mut VecDeque<IoHandle>,
+) {
+    q.close(&mut |token, _| {
+        if let Some((io, _)) = slots.get_mut(token as usize).and_then(Option::take) {
+            free.push(token as u32);
+            waiting.push_back(io);
+        }
+    });
 }
 
 /// A new I/O queue to the controller's current connection, its commands timing out after `timeout`.

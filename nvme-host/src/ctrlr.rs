@@ -699,6 +699,9 @@ impl Bringup {
         let keep_alive = (self.opts.kato_ms > 0).then(|| {
             let a = admin.clone();
             let f = failed.clone();
+            // Ticks (half the keep alive timeout each) the last keep alive has gone unanswered; `None`: answered.
+            let unanswered: Rc<Cell<Option<u32>>> = Rc::new(Cell::new(None));
+            let addr = self.opts.addr;
             Poller::register(
                 "nvme_ctrlr_keep_alive",
                 self.opts.kato_ms as u64 * 1000 / 2,
@@ -708,12 +711,25 @@ impl Bringup {
                         f.set(true);
                         return false;
                     }
-                    let f = f.clone();
+                    if let Some(n) = unanswered.get() {
+                        // A connection that silently stopped carrying anything (a network cut that drops
+                        // packets): no answer within the keep alive timeout means the controller is lost.
+                        if n + 1 >= 2 {
+                            log::error!("nvme: {addr}: keep alive not answered within the keep alive timeout");
+                            f.set(true);
+                        } else {
+                            unanswered.set(Some(n + 1));
+                        }
+                        return false;
+                    }
+                    unanswered.set(Some(0));
+                    let (f, u) = (f.clone(), unanswered.clone());
                     a.cmd(
                         Sqe::new(admin::KEEP_ALIVE, 0),
                         Dir::None,
                         Vec::new(),
                         move |c, _| {
+                            u.set(None);
                             if !c.status.is_success() {
                                 log::error!("keep alive failed: {}", c.status);
                                 f.set(true);

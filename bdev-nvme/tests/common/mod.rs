@@ -342,3 +342,59 @@ pub fn ana(port: u16, state: AnaState) {
         mgmt::set_ana_state(NQN, &Trid::tcp("127.0.0.1", &port.to_string()), state, 0).unwrap()
     });
 }
+
+/// A TCP proxy in front of a target port that can cut the network without closing anything: while cut, what
+/// either side sends is read and thrown away (a partition that drops packets), and connections stay open.
+pub struct Blackhole {
+    /// The port hosts connect to.
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Blackhole {
+    /// Starts forwarding from a free port to `target` on loopback.
+    pub fn start(target: u16) -> Blackhole {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = cut.clone();
+        std::thread::spawn(move || {
+            for host in l.incoming() {
+                let Ok(host) = host else { return };
+                let Ok(tgt) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (host.try_clone().unwrap(), tgt.try_clone().unwrap()),
+                    (tgt, host),
+                ] {
+                    let c = c.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 256 * 1024];
+                        loop {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if !c.load(Ordering::Relaxed)
+                                        && to.write_all(&buf[..n]).is_err()
+                                    {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Blackhole { port, cut }
+    }
+
+    /// Cuts (`true`) or restores the network through the proxy.
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
+    }
+}
