@@ -124,10 +124,31 @@ impl GuestConfig {
 
     /// Adds a vhost-user-blk disk on `socket` (needs [`shared_memory`](Self::shared_memory), which this sets).
     pub fn vhost_user_blk(&mut self, id: &str, socket: &Path, extra: &str) -> &mut Self {
+        self.vhost_user_blk_chardev(id, socket, "", extra)
+    }
+
+    /// [`vhost_user_blk`](Self::vhost_user_blk) whose connection QEMU makes again every second when the back end
+    /// goes away (`reconnect=1`, as operators run it so that a back end can be restarted under a live guest).
+    pub fn vhost_user_blk_reconnecting(
+        &mut self,
+        id: &str,
+        socket: &Path,
+        extra: &str,
+    ) -> &mut Self {
+        self.vhost_user_blk_chardev(id, socket, ",reconnect=1", extra)
+    }
+
+    fn vhost_user_blk_chardev(
+        &mut self,
+        id: &str,
+        socket: &Path,
+        chardev: &str,
+        extra: &str,
+    ) -> &mut Self {
         self.shared_memory = true;
         self.qemu_args.push("-chardev".into());
         self.qemu_args
-            .push(format!("socket,id={id},path={}", socket.display()));
+            .push(format!("socket,id={id},path={}{chardev}", socket.display()));
         self.qemu_args.push("-device".into());
         let mut dev = format!("vhost-user-blk-pci,chardev={id}");
         if !extra.is_empty() {

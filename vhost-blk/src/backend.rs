@@ -26,8 +26,12 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, Mmap
 use crate::config::{bits, MAX_QUEUES};
 use crate::controller::{Ctrlr, Session};
 use crate::device::{with_dev, QueueStart};
+use crate::inflight::InflightRegion;
 use crate::mem::MemTable;
 use crate::vring::{RingConfig, MAX_QUEUE_SIZE};
+
+/// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`.
+const INFLIGHT_SHMFD: u64 = 1 << 12;
 
 /// How long a stop may wait for in-flight I/O before the front end gets an answer anyway.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -63,6 +67,8 @@ pub struct Backend {
     mem: Option<Arc<MemTable>>,
     regions: Vec<VaRegion>,
     vrings: Vec<Vring>,
+    /// The inflight tracking area the front end gave (`SET_INFLIGHT_FD`).
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 fn bad(why: &'static str) -> VuError {
@@ -79,6 +85,7 @@ impl Backend {
             mem: None,
             regions: vec![],
             vrings: (0..MAX_QUEUES).map(|_| Vring::default()).collect(),
+            inflight: None,
         }
     }
 
@@ -146,6 +153,11 @@ impl Backend {
             },
             kick: v.kick.as_ref().and_then(|f| f.try_clone().ok()),
             call: v.call.as_ref().and_then(|f| f.try_clone().ok()),
+            inflight: self
+                .inflight
+                .as_ref()
+                .filter(|_| !packed && self.proto & INFLIGHT_SHMFD != 0)
+                .and_then(|r| r.queue(index as u16, v.num)),
         };
         let id = self.ctrlr.id;
         let idx = index as u16;
@@ -210,6 +222,7 @@ impl Backend {
         self.vrings.iter_mut().for_each(|v| *v = Vring::default());
         self.mem = None;
         self.regions.clear();
+        self.inflight = None;
         let id = self.ctrlr.id;
         self.on_thread(move || with_dev(id, |d| d.clear_mem()));
     }
@@ -386,7 +399,9 @@ impl VhostUserBackendReqHandlerMut for Backend {
     }
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG)
+        Ok(VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -445,13 +460,35 @@ impl VhostUserBackendReqHandlerMut for Backend {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        Err(bad("GET_INFLIGHT_FD not supported"))
+        let (nq, qs) = (inflight.num_queues, inflight.queue_size);
+        if nq == 0 || nq > MAX_QUEUES || qs == 0 || qs > MAX_QUEUE_SIZE {
+            return Err(bad("GET_INFLIGHT_FD: queue count or size out of range"));
+        }
+        let (region, file) = InflightRegion::create(nq, qs).map_err(|e| {
+            log::error!("vhost {}: inflight area: {e}", self.ctrlr.name);
+            VuError::InvalidOperation("cannot create the inflight area")
+        })?;
+        self.inflight = Some(Arc::new(region));
+        let size = crate::inflight::queue_area(qs) * nq as u64;
+        Ok((VhostUserInflight::new(size, 0, nq, qs), file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(bad("SET_INFLIGHT_FD not supported"))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let r = InflightRegion::map(
+            file,
+            inflight.mmap_offset,
+            inflight.mmap_size,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(|e| {
+            log::error!("vhost {}: SET_INFLIGHT_FD: {e}", self.ctrlr.name);
+            VuError::InvalidParam
+        })?;
+        self.inflight = Some(Arc::new(r));
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

@@ -38,6 +38,8 @@ pub struct QueueStart {
     pub kick: Option<File>,
     /// Call eventfd (the interrupt).
     pub call: Option<File>,
+    /// The queue's inflight tracking area, when the front end gave one (split rings).
+    pub inflight: Option<crate::inflight::InflightQueue>,
 }
 
 struct Task {
@@ -68,6 +70,12 @@ struct Queue {
     irq_delay: u64,
     next_event: u64,
     next_check: u64,
+    /// Inflight tracking (see [`crate::inflight`]): the area, the next request's counter, the requests of an
+    /// earlier run to run again (oldest first), and the buffer ids completed since the last publication.
+    track: Option<crate::inflight::InflightQueue>,
+    counter: u64,
+    resubmit: VecDeque<u16>,
+    batch: Vec<u16>,
 }
 
 /// Per-controller state on its thread.
@@ -251,6 +259,10 @@ impl Dev {
                 return Err(format!("queue {idx} already running"));
             }
             let mut ring = Ring::new(&qs.cfg, mem).map_err(|e| e.to_string())?;
+            let (track, resubmit, counter) = match qs.inflight {
+                Some(t) => recover(t, &mut ring, mem, idx)?,
+                None => (None, VecDeque::new(), 0),
+            };
             ring.set_notification(mem, interrupt);
             if let Some(k) = &qs.kick {
                 let _ = crate::sys::set_nonblocking(k.as_raw_fd());
@@ -288,6 +300,10 @@ impl Dev {
                 irq_delay: 0,
                 next_event: 0,
                 next_check: 0,
+                track,
+                counter,
+                resubmit,
+                batch: Vec::with_capacity(size),
             };
             if i.queues.len() <= idx as usize {
                 i.queues.resize_with(idx as usize + 1, || None);
@@ -417,6 +433,52 @@ impl Inner {
     }
 }
 
+/// Takes up queue `idx`'s inflight area when it starts: a fresh area starts tracking; one an earlier run left
+/// gives the requests to run again (see [`crate::inflight`]) and where the available ring resumes.
+#[allow(clippy::type_complexity)]
+fn recover(
+    t: crate::inflight::InflightQueue,
+    ring: &mut Ring,
+    fast: &FastMem,
+    idx: u16,
+) -> Result<(Option<crate::inflight::InflightQueue>, VecDeque<u16>, u64), String> {
+    let Some(used) = ring.next_used() else {
+        log::warn!("vhost queue {idx}: inflight tracking is not kept for packed rings");
+        return Ok((None, VecDeque::new(), 0));
+    };
+    if !t.in_use() {
+        t.init(used);
+        return Ok((Some(t), VecDeque::new(), 0));
+    }
+    // Completions published by the run that died before it cleared them.
+    let mut i = t.used_idx();
+    if used.wrapping_sub(i) > ring.size() {
+        // Not this ring's history (the driver set the ring up again): nothing in it can be run again.
+        log::warn!(
+            "vhost queue {idx}: inflight area does not match the ring (used {used}, recorded {i}): started afresh"
+        );
+        t.init(used);
+        return Ok((Some(t), VecDeque::new(), 0));
+    }
+    while i != used {
+        if let Some(id) = ring.used_id(fast, i).filter(|&id| id < ring.size()) {
+            t.clear(id);
+        }
+        i = i.wrapping_add(1);
+    }
+    t.set_used_idx(used);
+    let pending = t.pending();
+    let counter = pending.last().map_or(0, |p| p.0 + 1);
+    ring.set_next_avail(used.wrapping_add(pending.len() as u16));
+    if !pending.is_empty() {
+        log::warn!(
+            "vhost queue {idx}: {} request(s) of the previous run are run again",
+            pending.len()
+        );
+    }
+    Ok((Some(t), pending.into_iter().map(|p| p.1).collect(), counter))
+}
+
 impl Queue {
     #[allow(clippy::too_many_arguments)]
     fn poll(
@@ -465,7 +527,21 @@ impl Queue {
         }
         if !self.broken && self.stop.is_none() {
             for _ in 0..BATCH {
-                let popped = self.ring.pop(fast);
+                let popped = match self.resubmit.pop_front() {
+                    // A request an earlier run took and did not finish: run again first.
+                    Some(head) => match self.ring.chain_at(fast, head) {
+                        Some(c) => Ok(Some((head, 1, c))),
+                        None => Err("inflight request out of range"),
+                    },
+                    None => {
+                        let p = self.ring.pop(fast);
+                        if let (Ok(Some((head, _, _))), Some(t)) = (&p, &self.track) {
+                            t.mark(*head, self.counter);
+                            self.counter += 1;
+                        }
+                        p
+                    }
+                };
                 let (id, ndescs, chain) = match popped {
                     Err(why) => {
                         self.mark_broken(why);
@@ -544,7 +620,7 @@ impl Queue {
             }
         }
         // Completions become visible to a polling driver at once; only the interrupt may be delayed.
-        self.ring.publish(fast);
+        self.publish(fast);
         if now >= self.next_check {
             self.update_coalescing(now, coalesce);
         }
@@ -579,12 +655,29 @@ impl Queue {
         self.next_check = now + ticks::from_us(STATS_INTERVAL_US);
     }
 
+    /// Publishes the used entries written so far; with inflight tracking, their requests are cleared then.
+    fn publish(&mut self, fast: &FastMem) {
+        self.ring.publish(fast);
+        if let Some(t) = &self.track {
+            if !self.batch.is_empty() {
+                for &id in &self.batch {
+                    t.clear(id);
+                }
+                self.batch.clear();
+                if let Some(u) = self.ring.next_used() {
+                    t.set_used_idx(u);
+                }
+            }
+        }
+    }
+
     /// Signals the driver if it asked for it (event idx / flags) and something was completed.
     fn signal(&mut self, fast: &FastMem) {
         if !self.notify_pending {
             return;
         }
         self.notify_pending = false;
+        self.publish(fast);
         if self.ring.needs_notification(fast) {
             if let Some(c) = &self.call {
                 let _ = (&*c).write(&1u64.to_ne_bytes());
@@ -605,6 +698,9 @@ impl Queue {
         fast.write_u8(status.0, code);
         if let Err(why) = self.ring.push_used(fast, id, ndescs, len) {
             self.mark_broken(why);
+        }
+        if self.track.is_some() {
+            self.batch.push(id);
         }
         self.notify_pending = true;
         self.req_cnt += 1;

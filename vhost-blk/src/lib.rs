@@ -15,6 +15,7 @@ pub mod config;
 pub mod controller;
 mod device;
 mod error;
+mod inflight;
 mod io;
 pub mod mem;
 pub mod request;

@@ -421,6 +421,53 @@ impl Ring {
         }
     }
 
+    /// Split rings: the used index written so far (published or not).
+    pub fn next_used(&self) -> Option<u16> {
+        match self {
+            Ring::Split(s) => Some(s.next_used),
+            Ring::Packed(_) => None,
+        }
+    }
+
+    /// Split rings: the buffer id of used entry `i` (as written in guest memory).
+    pub fn used_id(&self, fast: &FastMem, i: u16) -> Option<u16> {
+        match self {
+            Ring::Split(s) => {
+                let at = s.used + 4 + (i % s.size) as u64 * 8;
+                fast.read::<4>(at).map(|b| u32::from_le_bytes(b) as u16)
+            }
+            Ring::Packed(_) => None,
+        }
+    }
+
+    /// Split rings: where the next request is taken from the available ring (after a restart that runs the
+    /// unfinished requests again, past them).
+    pub fn set_next_avail(&mut self, idx: u16) {
+        if let Ring::Split(s) = self {
+            s.next_avail = idx;
+            s.avail_end = idx;
+        }
+    }
+
+    /// Split rings: the chain whose head is `head` (a request run again after a restart), as [`Ring::pop`]
+    /// gives it.
+    pub fn chain_at<'m>(&self, fast: &'m FastMem, head: u16) -> Option<Chain<'m>> {
+        match self {
+            Ring::Split(s) if head < s.size => Some(Chain::Split(SplitChain {
+                mem: fast,
+                table: s.desc,
+                len: s.size,
+                next: head,
+                ttl: s.size,
+                count: 0,
+                indirect: false,
+                done: false,
+                failed: false,
+            })),
+            _ => None,
+        }
+    }
+
     /// The state `GET_VRING_BASE` reports: next available index (packed: with the wrap counter in bit 15).
     pub fn base(&self) -> u32 {
         match self {
