@@ -401,7 +401,8 @@ impl VhostUserBackendReqHandlerMut for Backend {
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
         Ok(VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -573,7 +574,16 @@ fn session(ctrlr: &Arc<Ctrlr>, stream: UnixStream) {
     *lock(&ctrlr.conn) = stream.try_clone().ok();
     log::info!("vhost {}: front end connected (vid {vid})", ctrlr.name);
     let backend = Arc::new(Mutex::new(Backend::new(ctrlr.clone())));
-    let mut h = BackendReqHandler::from_stream(stream, backend.clone());
+    let inner = match relay(ctrlr, stream) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("vhost {}: {e}", ctrlr.name);
+            *lock(&ctrlr.conn) = None;
+            *lock(&ctrlr.session) = None;
+            return;
+        }
+    };
+    let mut h = BackendReqHandler::from_stream(inner, backend.clone());
     loop {
         match h.handle_request() {
             Ok(()) => {}
@@ -593,6 +603,85 @@ fn session(ctrlr: &Arc<Ctrlr>, stream: UnixStream) {
         }
     }
     lock(&backend).disconnect();
-    *lock(&ctrlr.conn) = None;
+    if let Some(c) = lock(&ctrlr.conn).take() {
+        // Ends the relay threads too.
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    }
+    *lock(&ctrlr.backend_req) = None;
     *lock(&ctrlr.session) = None;
+}
+
+/// vhost-user message header bytes (request, flags, payload size).
+const HDR_LEN: usize = 12;
+/// Largest payload relayed (a memory table of the most regions is far smaller).
+const MAX_PAYLOAD: usize = 64 * 1024;
+/// `VHOST_USER_SET_BACKEND_REQ_FD`.
+const SET_BACKEND_REQ_FD: u32 = 21;
+
+/// Reads one whole vhost-user message (header, payload, the descriptors sent with it) from `fd`; `None` at the
+/// end of the stream.
+fn read_msg(fd: std::os::unix::io::RawFd) -> std::io::Result<Option<(Vec<u8>, Vec<File>)>> {
+    let mut msg = vec![0u8; HDR_LEN];
+    let mut fds = Vec::new();
+    let mut at = 0;
+    while at < msg.len() {
+        let (n, more) = crate::sys::recv_with_fds(fd, &mut msg[at..])?;
+        if n == 0 {
+            return Ok(None);
+        }
+        fds.extend(more);
+        at += n;
+        if at == HDR_LEN {
+            let size = u32::from_le_bytes([msg[8], msg[9], msg[10], msg[11]]) as usize;
+            if size > MAX_PAYLOAD {
+                return Err(std::io::Error::other(format!(
+                    "vhost-user message of {size} bytes"
+                )));
+            }
+            msg.resize(HDR_LEN + size, 0);
+        }
+    }
+    Ok(Some((msg, fds)))
+}
+
+/// Copies whole messages with their descriptors from `from` to `to` until either side ends; `seen` looks at
+/// each message first.
+fn pump(from: UnixStream, to: UnixStream, seen: impl Fn(&[u8], &[File])) {
+    use std::os::unix::io::AsRawFd;
+    while let Ok(Some((msg, fds))) = read_msg(from.as_raw_fd()) {
+        seen(&msg, &fds);
+        let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        if crate::sys::send_with_fds(to.as_raw_fd(), &msg, &raw).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}
+
+/// Puts a relay between the front end's connection and the `vhost` crate's handler, which gets the returned
+/// end: messages and descriptors pass unchanged both ways, and the back-end request channel the front end
+/// hands over (`SET_BACKEND_REQ_FD`) is kept for [`Ctrlr::notify_config_change`] (the crate keeps that channel
+/// to itself and cannot send a configuration change).
+fn relay(ctrlr: &Arc<Ctrlr>, front: UnixStream) -> std::io::Result<UnixStream> {
+    let (ours, theirs) = UnixStream::pair()?;
+    let (front2, ours2) = (front.try_clone()?, ours.try_clone()?);
+    let c = ctrlr.clone();
+    std::thread::Builder::new()
+        .name(format!("vhost-relay-{}", ctrlr.name))
+        .spawn(move || {
+            pump(front, ours, |msg, fds| {
+                let req = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
+                if req == SET_BACKEND_REQ_FD {
+                    *lock(&c.backend_req) = fds
+                        .first()
+                        .and_then(|f| f.try_clone().ok())
+                        .map(|f| UnixStream::from(std::os::fd::OwnedFd::from(f)));
+                }
+            })
+        })?;
+    std::thread::Builder::new()
+        .name(format!("vhost-relay-{}", ctrlr.name))
+        .spawn(move || pump(ours2, front2, |_, _| {}))?;
+    Ok(theirs)
 }

@@ -65,6 +65,9 @@ pub struct Ctrlr {
     pub shutdown: AtomicBool,
     /// The current connection (to cut it on delete).
     pub conn: Mutex<Option<UnixStream>>,
+    /// The back-end request channel the front end gave (`SET_BACKEND_REQ_FD`): where a configuration change
+    /// (a resize) is announced.
+    pub backend_req: Mutex<Option<UnixStream>>,
     pub(crate) next_vid: AtomicU32,
 }
 
@@ -85,6 +88,33 @@ impl Ctrlr {
             }
         }
         crate::config::config_space(&info)
+    }
+
+    /// Tells the front end the configuration space changed (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the
+    /// back-end request channel): QEMU reads it again and interrupts the guest, which sees the new capacity.
+    /// Written from a thread of its own: the channel is QEMU's, and a reactor must never wait on it.
+    pub fn notify_config_change(self: &Arc<Self>) {
+        let Some(ch) = lock(&self.backend_req)
+            .as_ref()
+            .and_then(|c| c.try_clone().ok())
+        else {
+            log::info!(
+                "vhost {}: configuration changed; no front end to tell",
+                self.name
+            );
+            return;
+        };
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            // Request 2, flags: version 1, no reply asked, no payload.
+            let mut msg = [0u8; 12];
+            msg[0..4].copy_from_slice(&2u32.to_le_bytes());
+            msg[4..8].copy_from_slice(&1u32.to_le_bytes());
+            match std::io::Write::write_all(&mut &ch, &msg) {
+                Ok(()) => log::info!("vhost {name}: configuration change sent to the front end"),
+                Err(e) => log::warn!("vhost {name}: configuration change not sent: {e}"),
+            }
+        });
     }
 
     /// Whether a front end is connected.
@@ -268,6 +298,7 @@ fn prepare(opts: &CreateOpts) -> Result<(Arc<Ctrlr>, UnixListener)> {
         inflight: AtomicU64::new(0),
         shutdown: AtomicBool::new(false),
         conn: Mutex::new(None),
+        backend_req: Mutex::new(None),
         next_vid: AtomicU32::new(0),
     });
     reg.push(ctrlr.clone());

@@ -218,6 +218,7 @@ impl Dev {
             }
             BdevEvent::Resize => {
                 self.inner.borrow_mut().geo.num_blocks = b.num_blocks();
+                self.ctrlr.notify_config_change();
             }
         }
     }

@@ -714,6 +714,52 @@ target log:
     let _ = std::fs::remove_dir_all(data);
 }
 
+/// A bdev resized under a running guest: the guest sees the new capacity without a reboot (the configuration
+/// change message on the back-end request channel, QEMU reading the configuration again).
+fn guest_sees_resize() {
+    let Some(lab) = lab::Lab::get_or_skip("guest_sees_resize") else {
+        return;
+    };
+    let t = Tgt::start("resize", &[]);
+    t.ok(&["bdev_null_create", "Null0", "64", "512"]);
+    t.ok(&["vhost_create_blk_controller", "vhost.0", "Null0"]);
+    let script = r#"
+. /lab/lib.sh
+[ -b /dev/vda ] || fail "no /dev/vda"
+s0=$(cat /sys/block/vda/size)
+echo "SIZE0=$s0"
+n=0
+while [ "$(cat /sys/block/vda/size)" = "$s0" ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done
+echo "SIZE1=$(cat /sys/block/vda/size)"
+dd if=/dev/vda of=/dev/null bs=1M skip=100 count=1 iflag=direct 2>/dev/null || fail "read past the old end"
+ok "resize"
+"#;
+    let mut cfg = lab::GuestConfig::new("vhost-blk-resize", script);
+    cfg.vhost_user_blk("c0", &t.dir.join("vhost.0"), "");
+    let g = lab.spawn(&cfg).unwrap();
+    g.wait_for("SIZE0=", Duration::from_secs(240))
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.console()));
+    t.ok(&["bdev_null_resize", "Null0", "128"]);
+    let out = g.wait().unwrap();
+    if !out.success() {
+        panic!("{}\ntarget log:\n{}", out.console, t.logs());
+    }
+    assert_eq!(
+        out.value("SIZE0").as_deref(),
+        Some("131072"),
+        "{}",
+        out.console
+    );
+    assert_eq!(
+        out.value("SIZE1").as_deref(),
+        Some("262144"),
+        "{}",
+        out.console
+    );
+    wait_sessions_gone(&t, "vhost.0");
+    t.stop();
+}
+
 fn main() {
     if std::env::var_os(TGT_ENV).is_some() {
         tgt_main();
@@ -736,6 +782,7 @@ fn main() {
             "guest_survives_backend_restart",
             guest_survives_backend_restart,
         ),
+        ("guest_sees_resize", guest_sees_resize),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
