@@ -125,6 +125,9 @@ pub(crate) struct NvmeChannel {
     dsm: Vec<[u8; DSM_BYTES]>,
     /// Waiting for a path, or for a free slot.
     waiting: VecDeque<IoHandle>,
+    /// Writes taken back from a lost path, held until the controller behind it can no longer run them (see
+    /// [`NvmeChannel::take_back`]), oldest first.
+    held: VecDeque<(Instant, IoHandle)>,
     iovs: Vec<Iov>,
     done: Vec<(usize, u64, Cqe)>,
     /// Times a failed I/O is sent again (SPDK's `bdev_retry_count`; -1: no limit).
@@ -168,6 +171,7 @@ impl NvmeChannel {
             free: Vec::new(),
             dsm: Vec::new(),
             waiting: VecDeque::new(),
+            held: VecDeque::new(),
             iovs: Vec::with_capacity(16),
             done: Vec::new(),
             retry_limit,
@@ -216,7 +220,9 @@ impl NvmeChannel {
         // Removed paths: their queues close and what was in them is sent again on another path.
         for mut p in old.into_iter().flatten() {
             if let Ok(q) = &mut p.q {
-                requeue(q, &mut self.slots, &mut self.free, &mut self.waiting);
+                let back = close_queue(q, &mut self.slots, &mut self.free);
+                let until = loss_deadline(&p.shared);
+                self.take_back(back, until);
             }
             crate::remove_path(&p.entry);
         }
@@ -257,15 +263,27 @@ impl NvmeChannel {
                 // controller is back, as SPDK disconnects a resetting controller's queues.
                 if let Ok(q) = &mut p.q {
                     if !q.failed() {
-                        requeue(q, &mut self.slots, &mut self.free, &mut self.waiting);
+                        let back = close_queue(q, &mut self.slots, &mut self.free);
                         p.outstanding = 0;
+                        Self::hold(
+                            &mut self.waiting,
+                            &mut self.held,
+                            back,
+                            loss_deadline(&p.shared),
+                        );
                     }
                 }
             }
             if gen != p.gen && enabled {
                 // The controller is back (a new connection): this thread's queue to it is made again.
                 if let Ok(q) = &mut p.q {
-                    requeue(q, &mut self.slots, &mut self.free, &mut self.waiting);
+                    let back = close_queue(q, &mut self.slots, &mut self.free);
+                    Self::hold(
+                        &mut self.waiting,
+                        &mut self.held,
+                        back,
+                        loss_deadline(&p.shared),
+                    );
                 }
                 p.q = open_queue(&p.shared, self.timeout.map(|t| t.0));
                 p.gen = gen;
@@ -284,9 +302,16 @@ impl NvmeChannel {
             self.ana_seen = ana;
             self.current = None;
         }
-        if !self.waiting.is_empty() && !self.paths.iter().any(PathQ::may_come_back) {
+        self.release_held();
+        if (!self.waiting.is_empty() || !self.held.is_empty())
+            && !self.paths.iter().any(PathQ::may_come_back)
+        {
             let errno = self.no_path_errno();
-            for io in self.waiting.drain(..) {
+            for io in self
+                .waiting
+                .drain(..)
+                .chain(self.held.drain(..).map(|h| h.1))
+            {
                 io.complete(IoStatus::Failed(errno));
             }
         }
@@ -550,13 +575,20 @@ impl ModuleChannel for NvmeChannel {
                 }
                 continue;
             }
-            // Given back by a queue that died: sent again on a path that works, or once one is back.
+            // Given back by a queue that died: sent again on a path that works (a write once the old path can
+            // no longer run it), or once one is back.
             if (cqe.status.sct, cqe.status.sc) == (sct::GENERIC, generic::ABORTED_SQ_DELETION) {
                 if self.current == Some(path) {
                     self.current = None;
                 }
                 if self.paths.iter().any(PathQ::may_come_back) {
-                    self.waiting.push_back(io);
+                    let until = self.paths.get(path).map(|p| loss_deadline(&p.shared));
+                    Self::hold(
+                        &mut self.waiting,
+                        &mut self.held,
+                        vec![io],
+                        until.unwrap_or_else(Instant::now),
+                    );
                     continue;
                 }
             } else if self.retry(&mut io, path, &cqe) {
@@ -602,6 +634,7 @@ impl ModuleChannel for NvmeChannel {
 
     fn wants_poll(&self) -> bool {
         !self.waiting.is_empty()
+            || !self.held.is_empty()
             || self.version != self.ns.version.load(Ordering::Relaxed)
             || self
                 .paths
@@ -611,6 +644,42 @@ impl ModuleChannel for NvmeChannel {
 }
 
 impl NvmeChannel {
+    /// Takes back what a lost path had: see [`NvmeChannel::hold`].
+    fn take_back(&mut self, back: Vec<IoHandle>, until: Instant) {
+        Self::hold(&mut self.waiting, &mut self.held, back, until);
+    }
+
+    /// Queues commands a lost path gave back. Reads go again at once; a command that changes data waits until
+    /// `until`, when the controller behind the lost path can no longer run it (SPDK #3593: NVMe's communication
+    /// loss handling; the old path's copy landing after a newer write through another path would undo it).
+    fn hold(
+        waiting: &mut VecDeque<IoHandle>,
+        held: &mut VecDeque<(Instant, IoHandle)>,
+        back: Vec<IoHandle>,
+        until: Instant,
+    ) {
+        for io in back {
+            if changes_data(io.io_type()) && until > Instant::now() {
+                held.push_back((until, io));
+            } else {
+                waiting.push_back(io);
+            }
+        }
+    }
+
+    /// Moves the held commands whose time has come to the waiting ones.
+    fn release_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        while self.held.front().is_some_and(|(t, _)| *t <= now) {
+            if let Some((_, io)) = self.held.pop_front() {
+                self.waiting.push_back(io);
+            }
+        }
+    }
+
     /// Commands out longer than `timeout_us`: SPDK's warning, then its action — abort the command (the
     /// controller's thread sends the Abort; a failed Abort resets the controller) or reset the controller.
     fn check_timeouts(&mut self) {
@@ -674,19 +743,25 @@ fn nvme_status(cqe: &Cqe) -> NvmeStatus {
     }
 }
 
-/// Closes `q`; what was in it goes back to `waiting`, to be sent again on a path that works.
-fn requeue(
+/// Closes `q` and gives back what was in it.
+fn close_queue(
     q: &mut IoQueue,
     slots: &mut [Option<(IoHandle, usize)>],
     free: &mut Vec<u32>,
-    waiting: &mut VecDeque<IoHandle>,
-) {
+) -> Vec<IoHandle> {
+    let mut back = Vec::new();
     q.close(&mut |token, _| {
         if let Some((io, _)) = slots.get_mut(token as usize).and_then(Option::take) {
             free.push(token as u32);
-            waiting.push_back(io);
+            back.push(io);
         }
     });
+    back
+}
+
+/// Whether a command may change data (a replay after a newer write would undo it).
+fn changes_data(t: IoType) -> bool {
+    t.is_write() || t == IoType::NvmeIo
 }
 
 /// A new I/O queue to the controller's current connection, its commands timing out after `timeout`.
@@ -713,8 +788,25 @@ impl Drop for NvmeChannel {
                 });
             }
         }
-        for io in self.waiting.drain(..) {
+        for io in self
+            .waiting
+            .drain(..)
+            .chain(self.held.drain(..).map(|h| h.1))
+        {
             io.complete(IoStatus::Aborted);
         }
     }
+}
+
+/// When a command the controller behind `shared` was given before it was lost can no longer run there: its keep
+/// alive timeout (after which a controller that lost its host stops, SPDK's default 10 s when none was asked)
+/// plus the command quiesce time it reports, from now (the loss is seen after the last contact, so this is
+/// never early).
+fn loss_deadline(shared: &Shared) -> Instant {
+    let info = shared.info.load();
+    let kato = match info.opts.kato_ms {
+        0 => 10_000,
+        k => k as u64,
+    };
+    Instant::now() + Duration::from_millis(kato + info.cdata.cqt as u64)
 }

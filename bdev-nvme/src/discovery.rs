@@ -67,6 +67,19 @@ struct NvmEntry {
     ctrlr: String,
 }
 
+impl NvmEntry {
+    /// Detaches this path of its controller (the controller goes with its last path).
+    fn detach(self) {
+        let f = PathFilter {
+            traddr: Some(self.traddr),
+            trsvcid: Some(self.trsvcid),
+            subnqn: Some(self.subnqn),
+            ..Default::default()
+        };
+        detach(&self.ctrlr, Some(f), |_| {});
+    }
+}
+
 /// A running discovery service (app thread).
 struct Discovery {
     params: StartParams,
@@ -384,13 +397,7 @@ fn apply(name: &str, entries: Vec<DiscoveryEntry>, done: Option<StartDone>) {
             g.traddr,
             g.trsvcid
         );
-        let f = PathFilter {
-            traddr: Some(g.traddr),
-            trsvcid: Some(g.trsvcid),
-            subnqn: Some(g.subnqn),
-            ..Default::default()
-        };
-        detach(&g.ctrlr, Some(f), |_| {});
+        g.detach();
     }
     attach_each(name.to_string(), params, new.into(), done);
 }
@@ -469,13 +476,7 @@ pub fn stop(name: &str, done: impl FnOnce(std::result::Result<(), RpcError>)) {
         return done(Err(RpcError::errno(libc::ENOENT)));
     };
     for n in d.nvm {
-        let f = PathFilter {
-            traddr: Some(n.traddr),
-            trsvcid: Some(n.trsvcid),
-            subnqn: Some(n.subnqn),
-            ..Default::default()
-        };
-        detach(&n.ctrlr, Some(f), |_| {});
+        n.detach();
     }
     if let Some(c) = d.ctrlr {
         c.close();

@@ -80,6 +80,13 @@ fn load_runs(more: u64) {
 }
 
 fn body() {
+    // A short keep alive timeout: writes a lost path gave back wait for it before going on another path.
+    app(|| {
+        bdev_nvme::set_options(&subsystems::bdev_nvme::NvmeOptions {
+            keep_alive_timeout_ms: 1000,
+            ..Default::default()
+        })
+    });
     let a = target();
     let b = free_port();
     listener(b, true);
@@ -121,8 +128,15 @@ fn body() {
 
     // Path a's listener goes (its connections dropped): writes go on over b, none fails, and path a's
     // controller is deleted after its failed reconnect (ctrlr_loss_timeout_sec 0) while the bdev stays.
+    let t0 = std::time::Instant::now();
     listener(a, false);
     load_runs(500);
+    // The writes path a had were not sent again before its controller's keep alive timeout (SPDK #3593).
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "writes moved after {:?}",
+        t0.elapsed()
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while ctrlrs("Nvme0").as_array().unwrap().len() != 1 {
         assert!(std::time::Instant::now() < deadline, "path a never deleted");
@@ -142,14 +156,7 @@ fn body() {
         "Nvme0n1",
         &[(pa.clone(), false, true), (pb.clone(), true, true)],
     );
-    let cntlid_a = ctrlrs("Nvme0")
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["trid"]["trsvcid"] == pa)
-        .unwrap()["cntlid"]
-        .as_u64()
-        .unwrap() as u16;
+    let cntlid_a = cntlid_of("Nvme0", &pa);
     app(move || bdev_nvme::set_preferred("Nvme0n1", cntlid_a).unwrap());
     load_runs(200);
     wait_paths(

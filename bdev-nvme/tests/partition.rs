@@ -59,15 +59,7 @@ fn body() {
     load_runs(300, Duration::from_secs(10));
     // The load runs on the proxy's path (the preferred one).
     let port = proxy.port.to_string();
-    let v = app(|| bdev_nvme::controllers_json(Some("Nvme0")).unwrap());
-    let cntlid = v[0]["ctrlrs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["trid"]["trsvcid"] == port)
-        .unwrap()["cntlid"]
-        .as_u64()
-        .unwrap() as u16;
+    let cntlid = cntlid_of("Nvme0", &port);
     app(move || bdev_nvme::set_preferred("Nvme0n1", cntlid).unwrap());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

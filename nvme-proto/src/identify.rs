@@ -616,6 +616,8 @@ layout! {
         domainid: u16 = 356,
         /// Max Endurance Group Capacity (bytes).
         megcap: u128 = 368,
+        /// Command Quiesce Time (ms; 0: not reported), NVMe 2.0 communication loss handling.
+        cqt: u16 = 386,
         /// Submission Queue Entry Size ([`queue_entry_sizes`]); 0x66 for 64-byte entries.
         sqes: u8 = 512,
         /// Completion Queue Entry Size; 0x44 for 16-byte entries.

@@ -398,3 +398,17 @@ impl Blackhole {
         self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// The controller id of the path of controller `name` through port `port` (`bdev_nvme_get_controllers`).
+pub fn cntlid_of(name: &str, port: &str) -> u16 {
+    let n = name.to_string();
+    let v = app(move || bdev_nvme::controllers_json(Some(&n)).unwrap());
+    v[0]["ctrlrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["trid"]["trsvcid"] == port)
+        .unwrap_or_else(|| panic!("no path of {name} through port {port}: {v}"))["cntlid"]
+        .as_u64()
+        .unwrap() as u16
+}
