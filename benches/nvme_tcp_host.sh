@@ -5,7 +5,8 @@
 # SPDK's spdk_nvme_perf, same flags (the host libraries alone). The target is ours or SPDK's nvmf_tgt
 # (TARGET=ours|spdk), so all four pairings can be run. Runs alternate between the two initiators and the best of
 # ROUNDS is kept for each; the ratio is ours / SPDK's.
-# SPDK's binaries come from ../shared/tools/spdk-peer/build.sh (default /root/spdk-peer).
+# SPDK's binaries come from ../shared/tools/spdk-peer/build.sh (default /root/spdk-peer); SPDK_BDEVPERF=<binary>
+# compares another bdevperf instead (e.g. ours from an earlier commit, to see what a change cost).
 # Usage: [TARGET=ours|spdk] [TOOL=bdevperf|perf] bash benches/nvme_tcp_host.sh [seconds per run] [rounds] [case ...]
 #   case: BDEV-WORKLOAD-QD, BDEV in null, malloc; e.g. null-randread-128 malloc-randwrite-128 null-randread-1
 set -euo pipefail
@@ -19,7 +20,7 @@ TARGET=${TARGET:-ours}
 TOOL=${TOOL:-bdevperf}
 PEER=${SPDK_PEER:-/root/spdk-peer}
 SPDK_PERF=$PEER/build/bin/spdk_nvme_perf
-SPDK_BDEVPERF=$PEER/build/examples/bdevperf
+SPDK_BDEVPERF=${SPDK_BDEVPERF:-$PEER/build/examples/bdevperf}
 SPDK_TGT=$PEER/build/bin/nvmf_tgt
 if [ ! -x "$SPDK_BDEVPERF" ] || [ ! -x "$SPDK_TGT" ]; then
   echo "SPDK peer not built at $PEER (../shared/tools/spdk-peer/build.sh): nothing to compare against" >&2
