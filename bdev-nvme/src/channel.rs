@@ -599,7 +599,23 @@ impl ModuleChannel for NvmeChannel {
                     io.offset_blocks(),
                     cqe.status
                 );
-                self.waiting.push_back(io);
+                // The retry delay the completion asks for (CRD picks one of the controller's CRDT, 100 ms units).
+                let delay = match (cqe.status.crd, self.paths.get(path)) {
+                    (crd @ 1..=3, Some(p)) => {
+                        let cd = &p.shared.info.load().cdata;
+                        [cd.crdt1, cd.crdt2, cd.crdt3][crd as usize - 1] as u64 * 100
+                    }
+                    _ => 0,
+                };
+                if delay == 0 {
+                    self.waiting.push_back(io);
+                } else {
+                    hold_until(
+                        &mut self.held,
+                        Instant::now() + Duration::from_millis(delay),
+                        io,
+                    );
+                }
                 continue;
             }
             // As SPDK prints a failed command and its completion.
@@ -660,7 +676,7 @@ impl NvmeChannel {
     ) {
         for io in back {
             if changes_data(io.io_type()) && until > Instant::now() {
-                held.push_back((until, io));
+                hold_until(held, until, io);
             } else {
                 waiting.push_back(io);
             }
@@ -757,6 +773,12 @@ fn close_queue(
         }
     });
     back
+}
+
+/// Holds `io` until `until`, in deadline order.
+fn hold_until(held: &mut VecDeque<(Instant, IoHandle)>, until: Instant, io: IoHandle) {
+    let at = held.partition_point(|(t, _)| *t <= until);
+    held.insert(at, (until, io));
 }
 
 /// Whether a command may change data (a replay after a newer write would undo it).
