@@ -458,8 +458,7 @@ fn same_path(o: &CtrlrOpts, a: &AttachParams, opts: &CtrlrOpts, p: &AttachParams
 fn second_path_refusal(p: &AttachParams, opts: &CtrlrOpts) -> Option<(i32, String)> {
     CTRLRS.with(|c| {
         let c = c.borrow();
-        let mut same = c.0.iter().filter(|a| a.name == p.name).peekable();
-        let first = same.peek()?;
+        let first = c.0.iter().find(|a| a.name == p.name)?;
         let name = &p.name;
         if mode(p) == Mode::Disable {
             return Some((
