@@ -1,12 +1,13 @@
 //! `nvme_perf`: a load generator on the NVMe host library with `spdk_nvme_perf`'s main flags and summary table,
 //! so operators' scripts keep working: `-q` queue depth, `-o` I/O size, `-w` workload (read, write, randread,
 //! randwrite, rw, randrw), `-M` read percentage for the mixed ones, `-t` seconds, `-c` core mask (the first core
-//! runs the queue), `-H`/`-I` TCP header/data digests, `-r 'trtype:tcp adrfam:ipv4 traddr:... trsvcid:...
+//! runs a job), `-H`/`-I` TCP header/data digests, `-r 'trtype:tcp adrfam:ipv4 traddr:... trsvcid:...
 //! subnqn:...'`.
 //!
 //! Per I/O it does what SPDK's perf does: pick the offset (sequential, or random from a per-run generator), take
 //! the submit tick, submit; on completion add the latency to the total, min and max, and submit the next. One
-//! namespace (the first), one queue, on the first core of the mask.
+//! namespace (the first); a job with its own I/O queue on each core of the mask (`-c`), a row per core and their
+//! total, as SPDK perf prints them.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -198,8 +199,9 @@ impl Job {
     }
 }
 
-/// What a run hands back to `main`: its counters and the device line, or why it could not run.
-type RunResult = Result<(Stats, String), String>;
+/// What a run hands back to `main`: each core's counters (or why its job failed) and the device line, or why
+/// the run could not start.
+type RunResult = Result<(Vec<(u32, Result<Stats, String>)>, String), String>;
 
 fn main() -> ExitCode {
     let a = match parse() {
@@ -221,6 +223,7 @@ fn main() -> ExitCode {
     let Ok(cpumask) = reactor::CpuMask::parse(&a.mask) else {
         return usage("-c: not a core mask");
     };
+    let cores: Vec<u32> = cpumask.cores().collect();
     let result: Arc<Mutex<Option<RunResult>>> = Arc::default();
     let r2 = result.clone();
     let opts = reactor::Options {
@@ -242,78 +245,122 @@ fn main() -> ExitCode {
         connect_timeout: Duration::from_secs(10),
         digests: a.digests,
     };
-    let (qd, size, secs, workload, read_pct) =
-        (a.qd, a.size, a.secs, a.workload.clone(), a.read_pct);
+    let ctrlr_opts = CtrlrOpts {
+        num_io_queues: cores.len().max(1) as u16,
+        ..ctrlr_opts
+    };
+    let w = Work {
+        qd: a.qd,
+        size: a.size,
+        random: a.workload.starts_with("rand"),
+        read_pct: a.read_pct,
+        write_only: a.workload.ends_with("write"),
+        read_only: a.workload.ends_with("read"),
+    };
+    let secs = a.secs;
     let run = reactor::run(opts, move || {
         nvme_host::connect(ctrlr_opts, move |res| {
+            let fail = |e: String| {
+                *r2.lock().unwrap() = Some(Err(e));
+                reactor::stop();
+            };
             let ctrlr = match res {
                 Ok(c) => c,
-                Err(e) => {
-                    *r2.lock().unwrap() = Some(Err(e.to_string()));
-                    return reactor::stop();
-                }
+                Err(e) => return fail(e.to_string()),
             };
             let Some(ns) = ctrlr.info.namespaces.first().cloned() else {
-                *r2.lock().unwrap() = Some(Err("no active namespace".into()));
-                return reactor::stop();
+                return fail("no active namespace".into());
             };
             let bs = ns.block_size as usize;
-            if size % bs != 0 || size > ctrlr.info.max_xfer as usize {
-                *r2.lock().unwrap() = Some(Err(format!(
-                    "-o {size}: not a multiple of the block size {bs} or over the transfer limit {}",
-                    ctrlr.info.max_xfer
-                )));
-                return reactor::stop();
+            if w.size % bs != 0 || w.size > ctrlr.info.max_xfer as usize {
+                return fail(format!(
+                    "-o {}: not a multiple of the block size {bs} or over the transfer limit {}",
+                    w.size, ctrlr.info.max_xfer
+                ));
             }
-            let q = match IoQueue::connect(ctrlr.info.clone()) {
-                Ok(q) => q,
-                Err(e) => {
-                    *r2.lock().unwrap() = Some(Err(e.to_string()));
-                    return reactor::stop();
-                }
-            };
-            let job = Rc::new(RefCell::new(Job {
-                q,
-                bufs: (0..qd)
-                    .map(|_| DmaBuf::alloc(size).expect("I/O buffers"))
-                    .collect(),
-                submitted_at: vec![0; qd],
-                blocks_per_io: (size / bs) as u64,
-                ns_blocks: ns.blocks,
-                nsid: ns.nsid,
-                random: workload.starts_with("rand"),
-                read_pct,
-                write_only: workload.ends_with("write"),
-                read_only: workload.ends_with("read"),
-                next_seq: 0,
-                seed: 0x9e37_79b9_7f4a_7c15,
-                stats: Stats::default(),
-                stopping: false,
-            }));
-            let j = job.clone();
-            let poller = Rc::new(RefCell::new(Some(Poller::register(
-                "nvme_perf",
-                0,
-                move || j.borrow_mut().poll(),
-            ))));
             let desc = format!("TCP (addr:{ip} subnqn:{subnqn}) NSID {}", ns.nsid);
-            let ctrlr = Rc::new(ctrlr);
-            reactor::timer(secs * 1_000_000, move || {
-                let mut j = job.borrow_mut();
-                j.stopping = true;
-                let stats = std::mem::take(&mut j.stats);
-                let failed = j.q.failed();
-                drop(j);
-                poller.borrow_mut().take();
-                *r2.lock().unwrap() = Some(if failed {
-                    Err("the I/O queue failed (see the target's log)".into())
-                } else {
-                    Ok((stats, desc.clone()))
+            // One job per core of the mask, each on its own I/O queue (as SPDK perf's workers); the main core
+            // collects their counters and ends the run once all are in.
+            let results: Arc<Mutex<Vec<(u32, Result<Stats, String>)>>> = Arc::default();
+            let n = cores.len();
+            let main = reactor::thread::current().expect("the main thread");
+            for &core in &cores {
+                let Some(t) = reactor::spawn_thread(
+                    &format!("nvme_perf_{core}"),
+                    Some(&reactor::CpuMask::single(core)),
+                ) else {
+                    return fail(format!("no reactor on core {core}"));
+                };
+                let (info, results, main, ctrlr_done) = (
+                    ctrlr.info.clone(),
+                    results.clone(),
+                    main.clone(),
+                    r2.clone(),
+                );
+                let (desc, nsid, ns_blocks) = (desc.clone(), ns.nsid, ns.blocks);
+                t.send(move || {
+                    let report = move |r: Result<Stats, String>| {
+                        let mut all = results.lock().unwrap();
+                        all.push((core, r));
+                        if all.len() == n {
+                            let mut v = std::mem::take(&mut *all);
+                            v.sort_by_key(|x| x.0);
+                            *ctrlr_done.lock().unwrap() = Some(Ok((v, desc)));
+                            // The controller lives on the main thread: it closes and the run ends there.
+                            main.send(|| {
+                                if let Some(c) = CTRLR.with(|c| c.borrow_mut().take()) {
+                                    c.close();
+                                }
+                                reactor::stop();
+                            });
+                        }
+                    };
+                    let q = match IoQueue::connect(info) {
+                        Ok(q) => q,
+                        Err(e) => return report(Err(e.to_string())),
+                    };
+                    let job = Rc::new(RefCell::new(Job {
+                        q,
+                        bufs: (0..w.qd)
+                            .map(|_| DmaBuf::alloc(w.size).expect("I/O buffers"))
+                            .collect(),
+                        submitted_at: vec![0; w.qd],
+                        blocks_per_io: (w.size / bs) as u64,
+                        ns_blocks,
+                        nsid,
+                        random: w.random,
+                        read_pct: w.read_pct,
+                        write_only: w.write_only,
+                        read_only: w.read_only,
+                        next_seq: 0,
+                        seed: 0x9e37_79b9_7f4a_7c15 ^ core as u64,
+                        stats: Stats::default(),
+                        stopping: false,
+                    }));
+                    let j = job.clone();
+                    let poller = Rc::new(RefCell::new(Some(Poller::register(
+                        "nvme_perf",
+                        0,
+                        move || j.borrow_mut().poll(),
+                    ))));
+                    reactor::timer(secs * 1_000_000, move || {
+                        let mut j = job.borrow_mut();
+                        j.stopping = true;
+                        let stats = std::mem::take(&mut j.stats);
+                        let failed = j.q.failed();
+                        drop(j);
+                        poller.borrow_mut().take();
+                        report(if failed {
+                            Err("the I/O queue failed (see the target's log)".into())
+                        } else {
+                            Ok(stats)
+                        });
+                    })
+                    .detach();
                 });
-                ctrlr.close();
-                reactor::stop();
-            })
-            .detach();
+            }
+            // Kept on the main thread until the jobs are done.
+            CTRLR.with(|slot| *slot.borrow_mut() = Some(ctrlr));
         });
     });
     if let Err(e) = run {
@@ -321,40 +368,59 @@ fn main() -> ExitCode {
     }
     let out = result.lock().unwrap().take();
     match out {
-        Some(Ok((s, desc))) => {
+        Some(Ok((per_core, desc))) => {
             let hz = ticks::rate() as f64;
-            let iops = s.ios as f64 / a.secs as f64;
-            let mibs = iops * a.size as f64 / (1024.0 * 1024.0);
             let us = |t: u64| t as f64 * 1e6 / hz;
-            let avg = if s.ios > 0 {
-                us(s.total_ticks) / s.ios as f64
-            } else {
-                0.0
-            };
-            let core = a.mask.trim_start_matches("0x");
-            let core = u64::from_str_radix(core, 16).map_or(0, |m| m.trailing_zeros());
+            let mut total = Stats::default();
+            let mut rows = Vec::new();
+            for (core, r) in per_core {
+                let s = match r {
+                    Ok(s) => s,
+                    Err(e) => return usage(&format!("core {core}: {e}")),
+                };
+                total.ios += s.ios;
+                total.errors += s.errors;
+                total.total_ticks += s.total_ticks;
+                if s.min_ticks > 0 {
+                    total.min_ticks = if total.min_ticks == 0 {
+                        s.min_ticks
+                    } else {
+                        total.min_ticks.min(s.min_ticks)
+                    };
+                }
+                total.max_ticks = total.max_ticks.max(s.max_ticks);
+                rows.push((format!("{desc} from core {core:2}"), s));
+            }
             println!("========================================================");
             println!("{:>104}", "Latency(us)");
             println!(
                 "{:<71}: {:>10} {:>10} {:>10} {:>10} {:>10}",
                 "Device Information", "IOPS", "MiB/s", "Average", "min", "max"
             );
-            let row = |name: &str| {
+            let row = |name: &str, s: &Stats| {
+                let iops = s.ios as f64 / a.secs as f64;
+                let avg = if s.ios > 0 {
+                    us(s.total_ticks) / s.ios as f64
+                } else {
+                    0.0
+                };
                 println!(
                     "{:<71}: {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
                     name,
                     iops,
-                    mibs,
+                    iops * a.size as f64 / (1024.0 * 1024.0),
                     avg,
                     us(s.min_ticks),
                     us(s.max_ticks)
                 )
             };
-            row(&format!("{desc} from core {core:2}"));
+            for (name, s) in &rows {
+                row(name, s);
+            }
             println!("========================================================");
-            row("Total");
-            if s.errors > 0 {
-                eprintln!("nvme_perf: {} I/O errors", s.errors);
+            row("Total", &total);
+            if total.errors > 0 {
+                eprintln!("nvme_perf: {} I/O errors", total.errors);
                 return ExitCode::from(1);
             }
             ExitCode::SUCCESS
@@ -362,6 +428,22 @@ fn main() -> ExitCode {
         Some(Err(e)) => usage(&e),
         None => usage("the run ended without a result"),
     }
+}
+
+thread_local! {
+    /// The controller, on the main thread while the jobs run.
+    static CTRLR: RefCell<Option<nvme_host::Controller>> = const { RefCell::new(None) };
+}
+
+/// What each core's job does (from the flags).
+#[derive(Clone, Copy)]
+struct Work {
+    qd: usize,
+    size: usize,
+    random: bool,
+    read_pct: u32,
+    write_only: bool,
+    read_only: bool,
 }
 
 /// A host identifier for this run (random, as SPDK perf's default host NQN).

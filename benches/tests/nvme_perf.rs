@@ -1,5 +1,5 @@
 //! `nvme_perf` against this project's NVMe-oF/TCP target (in this test process): a mixed run completes with
-//! `spdk_nvme_perf`'s summary table and no errors; bad flags and an unknown subsystem exit non-zero with a
+//! `spdk_nvme_perf`'s summary table and no errors, a two-core run with digests gives a row per core and their sum; bad flags and an unknown subsystem exit non-zero with a
 //! message.
 
 use std::process::Command;
@@ -97,6 +97,30 @@ fn body() {
     assert!(iops > 0.0, "{out}");
     assert!(out.contains("Device Information"), "{out}");
     assert!(out.contains(&format!("subnqn:{NQN}) NSID 1")), "{out}");
+    // Two cores: a job and a row per core, each on its own I/O queue, and their sum; with TCP digests.
+    let (ok, out, err) = perf(&[
+        "-q", "4", "-o", "4096", "-w", "randread", "-t", "1", "-c", "0x3", "-H", "-I", "-r", &r,
+    ]);
+    assert!(ok, "{out}{err}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains(" from core ")).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    let iops = |l: &str| -> f64 {
+        l.rsplit(':')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let total = out
+        .lines()
+        .find(|l| l.starts_with("Total"))
+        .expect("a Total line");
+    let sum: f64 = rows.iter().map(|l| iops(l)).sum();
+    assert!(rows.iter().all(|l| iops(l) > 0.0), "{out}");
+    assert!((iops(total) - sum).abs() < 1.0, "{out}");
     // Refusals: a flag it does not know, a size that is not whole blocks, nobody at that subsystem.
     let (ok, _, err) = perf(&[
         "-q", "8", "-o", "4096", "-w", "randread", "-t", "1", "-Z", "-r", &r,
