@@ -1,6 +1,6 @@
 //! `nvme_perf`: a load generator on the NVMe host library with `spdk_nvme_perf`'s main flags and summary table,
 //! so operators' scripts keep working: `-q` queue depth, `-o` I/O size, `-w` workload (read, write, randread,
-//! randwrite, rw, randrw), `-M` read percentage for the mixed ones, `-t` seconds, `-c` core mask (the first core
+//! randwrite, rw, randrw), `-M` read percentage for the mixed ones, `-t` seconds, `-c` core mask (each core
 //! runs a job), `-H`/`-I` TCP header/data digests, `-r 'trtype:tcp adrfam:ipv4 traddr:... trsvcid:...
 //! subnqn:...'`.
 //!
@@ -201,7 +201,10 @@ impl Job {
 
 /// What a run hands back to `main`: each core's counters (or why its job failed) and the device line, or why
 /// the run could not start.
-type RunResult = Result<(Vec<(u32, Result<Stats, String>)>, String), String>;
+type RunResult = Result<(Vec<CoreResult>, String), String>;
+
+/// One core's job: its core and its counters, or why it failed.
+type CoreResult = (u32, Result<Stats, String>);
 
 fn main() -> ExitCode {
     let a = match parse() {
@@ -272,7 +275,7 @@ fn main() -> ExitCode {
                 return fail("no active namespace".into());
             };
             let bs = ns.block_size as usize;
-            if w.size % bs != 0 || w.size > ctrlr.info.max_xfer as usize {
+            if !w.size.is_multiple_of(bs) || w.size > ctrlr.info.max_xfer as usize {
                 return fail(format!(
                     "-o {}: not a multiple of the block size {bs} or over the transfer limit {}",
                     w.size, ctrlr.info.max_xfer
@@ -281,7 +284,7 @@ fn main() -> ExitCode {
             let desc = format!("TCP (addr:{ip} subnqn:{subnqn}) NSID {}", ns.nsid);
             // One job per core of the mask, each on its own I/O queue (as SPDK perf's workers); the main core
             // collects their counters and ends the run once all are in.
-            let results: Arc<Mutex<Vec<(u32, Result<Stats, String>)>>> = Arc::default();
+            let results: Arc<Mutex<Vec<CoreResult>>> = Arc::default();
             let n = cores.len();
             let main = reactor::thread::current().expect("the main thread");
             for &core in &cores {
