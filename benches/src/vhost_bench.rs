@@ -277,6 +277,8 @@ fn drive_pinned(b: &Backend, rw: &str, qd: u16, secs: f64) -> Run {
             queue_size: QUEUE_SIZE,
             mem_size: 64 << 20,
             hugepages: b.huge,
+            // As QEMU's vhost-user-blk: every back end that offers inflight tracking keeps it.
+            inflight: true,
             ..Default::default()
         },
     )

@@ -72,7 +72,7 @@ struct Queue {
     next_check: u64,
     /// Inflight tracking (see [`crate::inflight`]): the area, the next request's counter, the requests of an
     /// earlier run to run again (oldest first), and the buffer ids completed since the last publication.
-    track: Option<crate::inflight::InflightQueue>,
+    track: Option<crate::inflight::Tracker>,
     counter: u64,
     resubmit: VecDeque<u16>,
     batch: Vec<u16>,
@@ -442,11 +442,12 @@ fn recover(
     ring: &mut Ring,
     fast: &FastMem,
     idx: u16,
-) -> Result<(Option<crate::inflight::InflightQueue>, VecDeque<u16>, u64), String> {
+) -> Result<(Option<crate::inflight::Tracker>, VecDeque<u16>, u64), String> {
     let Some(used) = ring.next_used() else {
         log::warn!("vhost queue {idx}: inflight tracking is not kept for packed rings");
         return Ok((None, VecDeque::new(), 0));
     };
+    let t = t.open();
     if !t.in_use() {
         t.init(used);
         return Ok((Some(t), VecDeque::new(), 0));

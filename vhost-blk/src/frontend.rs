@@ -14,7 +14,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -50,6 +50,8 @@ pub struct Options {
     /// Back the shared memory with hugepages (as QEMU with `memory-backend-memfd,hugetlb=on`): SPDK's own
     /// vhost target registers guest memory for DMA and needs it on 2 MiB pages.
     pub hugepages: bool,
+    /// Ask for an inflight tracking area (as QEMU's vhost-user-blk does) when the back end offers one.
+    pub inflight: bool,
 }
 
 impl Default for Options {
@@ -61,6 +63,7 @@ impl Default for Options {
             event_idx: false,
             mem_size: 64 << 20,
             hugepages: false,
+            inflight: false,
         }
     }
 }
@@ -124,6 +127,8 @@ pub struct Frontend {
     /// Features acked.
     pub features: u64,
     file: std::fs::File,
+    /// The inflight area the back end made (kept for as long as the connection, as QEMU keeps it).
+    _inflight: Option<std::fs::File>,
 }
 
 /// Errors are strings: this is test and benchmark support.
@@ -174,10 +179,13 @@ impl Frontend {
             let pf = fe
                 .get_protocol_features()
                 .map_err(e("GET_PROTOCOL_FEATURES"))?;
-            let use_pf = pf
-                & (VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK);
+            let mut wanted = VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::REPLY_ACK;
+            if opts.inflight {
+                wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            }
+            let use_pf = pf & wanted;
             fe.set_protocol_features(use_pf)
                 .map_err(e("SET_PROTOCOL_FEATURES"))?;
             if use_pf.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -193,12 +201,29 @@ impl Frontend {
             mmap_handle: file.as_raw_fd(),
         }])
         .map_err(e("SET_MEM_TABLE"))?;
+        // As QEMU: the back end makes the inflight area, and gets it back before the rings start.
+        let mut inflight = None;
+        let pf_acked = features & bits::VHOST_USER_F_PROTOCOL_FEATURES != 0;
+        if opts.inflight && pf_acked {
+            let ask = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: opts.queues,
+                queue_size: opts.queue_size,
+            };
+            if let Ok((info, area)) = fe.get_inflight_fd(&ask) {
+                fe.set_inflight_fd(&info, area.as_raw_fd())
+                    .map_err(e("SET_INFLIGHT_FD"))?;
+                inflight = Some(area);
+            }
+        }
         let mut f = Frontend {
             fe,
             mem,
             queues: vec![],
             features,
             file,
+            _inflight: inflight,
         };
         for q in 0..opts.queues {
             let area = GPA_BASE + q as u64 * (1 << 20);

@@ -15,13 +15,16 @@
 //!   whose flags a dead back end had not cleared: they are cleared; the requests still flagged are run again in
 //!   counter order, and the next available index is the used index plus their number.
 //!
-//! The memory is only ever accessed through `vm-memory` (volatile, bounds-checked), never as Rust references.
+//! The memory is never accessed through Rust references: `vm-memory` on the control path, and on the I/O path
+//! the same checked, volatile accessors as guest memory ([`FastMem`], built on the queue's thread).
 
 use std::fs::File;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::mem::FastMem;
 
 /// Header bytes of a queue's area.
 const HDR: u64 = 16;
@@ -41,7 +44,7 @@ pub fn queue_area(queue_size: u16) -> u64 {
 
 /// A connection's inflight area.
 pub struct InflightRegion {
-    mem: GuestMemoryMmap,
+    mem: Arc<GuestMemoryMmap>,
     num_queues: u16,
     queue_size: u16,
 }
@@ -82,7 +85,7 @@ impl InflightRegion {
             .ok_or_else(|| bad("inflight area: cannot map"))?;
         let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| bad(&format!("{e}")))?;
         Ok(InflightRegion {
-            mem,
+            mem: Arc::new(mem),
             num_queues,
             queue_size,
         })
@@ -100,18 +103,12 @@ impl InflightRegion {
         })
     }
 
-    fn load_u16(&self, at: u64) -> u16 {
-        self.mem
-            .load::<u16>(GuestAddress(at), Ordering::Acquire)
-            .unwrap_or(0)
-    }
-
     fn store_u16(&self, at: u64, v: u16) {
         let _ = self.mem.store(v, GuestAddress(at), Ordering::Release);
     }
 }
 
-/// One queue's inflight state.
+/// One queue's part of the area, handed to the queue's thread.
 pub struct InflightQueue {
     region: Arc<InflightRegion>,
     base: u64,
@@ -119,76 +116,78 @@ pub struct InflightQueue {
 }
 
 impl InflightQueue {
+    /// The queue's tracker, on the thread that runs the queue.
+    pub fn open(self) -> Tracker {
+        Tracker {
+            fast: FastMem::new(self.region.mem.clone()),
+            base: self.base,
+            size: self.size,
+        }
+    }
+}
+
+/// One queue's inflight state, on the queue's thread.
+pub struct Tracker {
+    fast: FastMem,
+    base: u64,
+    size: u16,
+}
+
+impl Tracker {
     fn desc(&self, head: u16) -> u64 {
         self.base + HDR + DESC * head as u64
     }
 
     /// Whether the area holds state of an earlier run of this queue (else it is fresh).
     pub fn in_use(&self) -> bool {
-        self.region.load_u16(self.base + VERSION) == LAYOUT_VERSION
+        self.fast.load_u16(self.base + VERSION) == Some(LAYOUT_VERSION)
     }
 
     /// Starts tracking on a fresh area: no request in flight, the used index where the ring is.
     pub fn init(&self, used_idx: u16) {
         for h in 0..self.size {
-            let _ = self
-                .region
-                .mem
-                .store(0u8, GuestAddress(self.desc(h)), Ordering::Relaxed);
+            self.fast.write_u8(self.desc(h), 0);
         }
         self.set_used_idx(used_idx);
-        self.region.store_u16(self.base + VERSION, LAYOUT_VERSION);
+        self.fast.store_u16(self.base + VERSION, LAYOUT_VERSION);
     }
 
     /// Records request `head` as taken, `counter` giving its order (before anything of it runs).
     #[inline]
     pub fn mark(&self, head: u16, counter: u64) {
         let d = self.desc(head);
-        let _ = self
-            .region
-            .mem
-            .store(counter, GuestAddress(d + 8), Ordering::Relaxed);
-        let _ = self
-            .region
-            .mem
-            .store(1u8, GuestAddress(d), Ordering::Release);
+        self.fast.write(d + 8, &counter.to_le_bytes());
+        // The counter before the flag: a flag found set always has its counter.
+        std::sync::atomic::compiler_fence(Ordering::Release);
+        self.fast.write_u8(d, 1);
     }
 
     /// Records request `head` as completed (after the used index that shows it was published).
     #[inline]
     pub fn clear(&self, head: u16) {
-        let _ = self
-            .region
-            .mem
-            .store(0u8, GuestAddress(self.desc(head)), Ordering::Release);
+        self.fast.write_u8(self.desc(head), 0);
     }
 
     /// The used index recorded after the last batch was cleared.
     pub fn used_idx(&self) -> u16 {
-        self.region.load_u16(self.base + USED_IDX)
+        self.fast.load_u16(self.base + USED_IDX).unwrap_or(0)
     }
 
     /// Records the used index whose completions are all cleared.
     #[inline]
     pub fn set_used_idx(&self, idx: u16) {
-        self.region.store_u16(self.base + USED_IDX, idx);
+        self.fast.store_u16(self.base + USED_IDX, idx);
     }
 
     /// The requests still flagged, oldest first: `(counter, head)`.
     pub fn pending(&self) -> Vec<(u64, u16)> {
         let mut v: Vec<(u64, u16)> = (0..self.size)
-            .filter(|&h| {
-                self.region
-                    .mem
-                    .load::<u8>(GuestAddress(self.desc(h)), Ordering::Acquire)
-                    .is_ok_and(|f| f == 1)
-            })
+            .filter(|&h| self.fast.read::<1>(self.desc(h)) == Some([1]))
             .map(|h| {
                 let c = self
-                    .region
-                    .mem
-                    .load::<u64>(GuestAddress(self.desc(h) + 8), Ordering::Acquire)
-                    .unwrap_or(0);
+                    .fast
+                    .read::<8>(self.desc(h) + 8)
+                    .map_or(0, u64::from_le_bytes);
                 (c, h)
             })
             .collect();
