@@ -258,8 +258,9 @@ struct NsBdev {
     /// The controller name.
     group: String,
     name: String,
-    /// The namespace's NGUID: a path to another namespace is refused.
+    /// The namespace's NGUID and EUI-64: a path to another namespace is refused.
     nguid: [u8; 16],
+    eui64: [u8; 8],
     paths: Arc<NsPaths>,
 }
 
@@ -664,7 +665,7 @@ fn add_alternate(name: &str, probe: Controller, opts: CtrlrOpts) -> Result<()> {
                 .info
                 .namespaces
                 .iter()
-                .any(|n| n.nsid == ns.nsid && n.nguid == ns.nguid)
+                .any(|n| n.nsid == ns.nsid && n.nguid == ns.nguid && n.eui64 == ns.eui64)
         });
         if differs {
             return Err(invalid(format!(
@@ -691,14 +692,21 @@ fn add_ns_path(group: &str, shared: &Arc<Shared>, ns: &NsInfo, policy: Policy) -
         b.borrow()
             .iter()
             .find(|b| b.group == group && b.paths.nsid == ns.nsid)
-            .map(|b| (b.nguid, b.paths.clone()))
+            .map(|b| (b.nguid, b.eui64, b.paths.clone()))
     });
-    if let Some((nguid, paths)) = known {
-        if nguid != ns.nguid {
+    if let Some((nguid, eui64, paths)) = known {
+        let addr = shared.info.load().opts.addr;
+        // SPDK's checks before adding a path (`nvme_bdev_add_ns`).
+        if !ns.shared {
             return Err(invalid(format!(
-                "{name}: namespace {} behind {} is not the same namespace (NGUID differs)",
-                ns.nsid,
-                shared.info.load().opts.addr
+                "{name}: namespace {} behind {addr} cannot be shared",
+                ns.nsid
+            )));
+        }
+        if (nguid, eui64) != (ns.nguid, ns.eui64) {
+            return Err(invalid(format!(
+                "{name}: namespace {} behind {addr} is not the same namespace (NGUID or EUI-64 differs)",
+                ns.nsid
             )));
         }
         paths.change(|list, _| list.push(shared.clone()));
@@ -715,6 +723,7 @@ fn add_ns_path(group: &str, shared: &Arc<Shared>, ns: &NsInfo, policy: Policy) -
             group: group.to_string(),
             name: name.clone(),
             nguid: ns.nguid,
+            eui64: ns.eui64,
             paths,
         })
     });

@@ -68,6 +68,11 @@ pub struct NsInfo {
     pub block_size: u32,
     /// NGUID (zero when none).
     pub nguid: [u8; 16],
+    /// EUI-64 (zero when none).
+    pub eui64: [u8; 8],
+    /// The namespace may be reached through several controllers (NMIC bit 0): it may be a path of a multipath
+    /// bdev.
+    pub shared: bool,
     /// ANA group (0: none).
     pub anagrpid: u32,
 }
@@ -820,6 +825,8 @@ fn identify_each(admin: Rc<Admin>, mut left: Vec<u32>, mut got: Vec<NsInfo>, don
                             blocks: n.nsze,
                             block_size: bs as u32,
                             nguid: n.nguid,
+                            eui64: n.eui64,
+                            shared: n.nmic & 1 != 0,
                             anagrpid: n.anagrpid,
                         }),
                         // Inactive or unusable: no bdev for it (as SPDK skips it).
