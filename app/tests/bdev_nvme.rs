@@ -251,19 +251,7 @@ fn drill_steps(
 
     // save_config has the attach entry in SPDK's place; a restart from it attaches and loads again.
     let cfg = c.ok(&["save_config"]);
-    let bdev_cfg = cfg["subsystems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["subsystem"] == "bdev")
-        .unwrap()["config"]
-        .clone();
-    let methods: Vec<&str> = bdev_cfg
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["method"].as_str().unwrap())
-        .collect();
+    let (bdev_cfg, methods) = common::subsystem_config(&cfg, "bdev");
     let at = |m: &str| methods.iter().position(|x| *x == m).unwrap();
     assert!(at("bdev_nvme_set_options") < at("bdev_nvme_attach_controller"));
     let attach_entry = &bdev_cfg[at("bdev_nvme_attach_controller")]["params"];

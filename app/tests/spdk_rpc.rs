@@ -240,21 +240,15 @@ fn save_config_restart_and_load_config_round_trip() {
         subs.contains(&"bdev") && subs.contains(&"iobuf") && subs.contains(&"sock"),
         "{subs:?}"
     );
-    let bdev_cfg = saved["subsystems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["subsystem"] == "bdev")
-        .unwrap()["config"]
-        .clone();
-    let methods: Vec<&str> = bdev_cfg
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["method"].as_str().unwrap())
-        .collect();
-    assert_eq!(methods.first(), Some(&"bdev_set_options"));
-    assert_eq!(methods.last(), Some(&"bdev_wait_for_examine"));
+    let (_, methods) = common::subsystem_config(&saved, "bdev");
+    assert_eq!(
+        methods.first().map(String::as_str),
+        Some("bdev_set_options")
+    );
+    assert_eq!(
+        methods.last().map(String::as_str),
+        Some("bdev_wait_for_examine")
+    );
     assert_eq!(
         methods
             .iter()

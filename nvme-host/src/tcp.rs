@@ -671,46 +671,45 @@ fn aborted(cid: u16) -> Cqe {
     }
 }
 
-/// Copies `out.len()` bytes starting `off` bytes into `iovs` into `out`.
-///
-/// # Safety
-/// The iovecs must be valid for reads and hold at least `off + out.len()` bytes.
-unsafe fn gather(iovs: &[Iov], mut off: usize, out: &mut [u8]) {
-    let mut got = 0;
+/// Calls `f(address, position in the range, length)` for each piece of the `len` bytes of `iovs` that start `off`
+/// bytes in (the walk [`gather`] and [`scatter`] share).
+fn pieces(iovs: &[Iov], mut off: usize, len: usize, mut f: impl FnMut(*mut u8, usize, usize)) {
+    let mut done = 0;
     for v in iovs {
-        if got == out.len() {
+        if done == len {
             break;
         }
         if off >= v.len {
             off -= v.len;
             continue;
         }
-        let n = (v.len - off).min(out.len() - got);
-        // SAFETY: `off + n <= v.len` and the iovec is readable (caller's contract); `out` is a distinct slice.
-        unsafe { std::ptr::copy_nonoverlapping(v.base.add(off), out[got..].as_mut_ptr(), n) };
-        got += n;
+        let n = (v.len - off).min(len - done);
+        f(v.base.wrapping_add(off), done, n);
+        done += n;
         off = 0;
     }
+}
+
+/// Copies `out.len()` bytes of `iovs`, starting `off` bytes in, into `out`.
+///
+/// # Safety
+/// The iovecs must be valid for reads and hold at least `off + out.len()` bytes.
+unsafe fn gather(iovs: &[Iov], off: usize, out: &mut [u8]) {
+    pieces(iovs, off, out.len(), |p, at, n| {
+        // SAFETY: `p` is `n` bytes inside a readable iovec (caller's contract); `out` is a distinct slice and
+        // `at + n <= out.len()`.
+        unsafe { std::ptr::copy_nonoverlapping(p, out[at..].as_mut_ptr(), n) }
+    });
 }
 
 /// Copies `data` into `iovs` starting `off` bytes in.
 ///
 /// # Safety
 /// The iovecs must be valid for writes and hold at least `off + data.len()` bytes.
-unsafe fn scatter(iovs: &[Iov], mut off: usize, data: &[u8]) {
-    let mut put = 0;
-    for v in iovs {
-        if put == data.len() {
-            break;
-        }
-        if off >= v.len {
-            off -= v.len;
-            continue;
-        }
-        let n = (v.len - off).min(data.len() - put);
-        // SAFETY: `off + n <= v.len` and the iovec is writable (caller's contract); `data` is a distinct slice.
-        unsafe { std::ptr::copy_nonoverlapping(data[put..].as_ptr(), v.base.add(off), n) };
-        put += n;
-        off = 0;
-    }
+unsafe fn scatter(iovs: &[Iov], off: usize, data: &[u8]) {
+    pieces(iovs, off, data.len(), |p, at, n| {
+        // SAFETY: `p` is `n` bytes inside a writable iovec (caller's contract); `data` is a distinct slice and
+        // `at + n <= data.len()`.
+        unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), p, n) }
+    });
 }

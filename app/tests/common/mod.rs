@@ -182,3 +182,21 @@ pub fn aio_image(dir: &Path) -> (PathBuf, Value) {
     let aio = serde_json::json!({"name": "aio0", "filename": image, "block_size": 512});
     (image, aio)
 }
+
+/// The `config` entries of `subsystem` in a saved config, and their method names in order.
+pub fn subsystem_config(cfg: &Value, subsystem: &str) -> (Value, Vec<String>) {
+    let entries = cfg["subsystems"]
+        .as_array()
+        .expect("a subsystems array")
+        .iter()
+        .find(|s| s["subsystem"] == subsystem)
+        .unwrap_or_else(|| panic!("no {subsystem} subsystem in {cfg}"))["config"]
+        .clone();
+    let methods = entries
+        .as_array()
+        .expect("a config array")
+        .iter()
+        .map(|e| e["method"].as_str().unwrap_or_default().to_string())
+        .collect();
+    (entries, methods)
+}
