@@ -351,6 +351,8 @@ pub fn run_with(
                 .display()
         )
     })?;
+    bdev_nvme::set_pci_policy(opts.no_pci, &opts.pci_allowed, &opts.pci_blocked)
+        .map_err(|e| format!("-A/-B: {e}"))?;
     let entries = match &opts.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)

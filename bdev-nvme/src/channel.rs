@@ -467,7 +467,7 @@ impl NvmeChannel {
                 self.free.push(slot);
                 match e {
                     SubmitError::Full | SubmitError::NotReady => Some(io),
-                    SubmitError::TooLarge => {
+                    SubmitError::TooLarge | SubmitError::BadBuffer => {
                         io.complete(IoStatus::Failed(libc::EINVAL));
                         None
                     }
@@ -710,7 +710,7 @@ impl NvmeChannel {
             q.expired(now, &mut |cid, _| {
                 log::warn!(
                     "nvme: timeout of command {cid} on I/O queue {qid} of {}",
-                    shared.info.load().opts.addr
+                    shared.info.load().opts.location()
                 );
                 match action {
                     ActionOnTimeout::Abort => reactor::lock(&shared.aborts).push((qid, cid)),

@@ -170,7 +170,7 @@ pub fn start(p: StartParams, done: impl FnOnce(std::result::Result<(), RpcError>
     let taken = DISCOVERIES.with(|d| {
         d.borrow().iter().any(|d| {
             d.params.name == p.name
-                || d.opts.addr == opts.addr
+                || d.opts.same_place(&opts)
                 || d.referrals
                     .iter()
                     .any(|r| r.1 == opts.addr.ip().to_string() && r.2 == port)

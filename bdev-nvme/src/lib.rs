@@ -331,12 +331,97 @@ fn invalid(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Invalid, msg.into())
 }
 
+/// Which PCI functions this process may take (`spdk_tgt -u`, `-A`, `-B`).
+#[derive(Default)]
+struct PciPolicy {
+    none: bool,
+    allowed: Vec<String>,
+    blocked: Vec<String>,
+}
+
+fn pci_policy() -> std::sync::MutexGuard<'static, PciPolicy> {
+    static P: OnceLock<std::sync::Mutex<PciPolicy>> = OnceLock::new();
+    reactor::lock(P.get_or_init(Default::default))
+}
+
+/// Sets which PCI functions attaches may take: none (`-u`/`--no-pci`), only `allowed` when it is not empty
+/// (`-A`), never `blocked` (`-B`). Addresses in any form [`pci_address`] takes; bad ones are refused.
+pub fn set_pci_policy(none: bool, allowed: &[String], blocked: &[String]) -> Result<()> {
+    let norm = |v: &[String]| -> Result<Vec<String>> {
+        v.iter()
+            .map(|a| pci_address(a).ok_or_else(|| invalid(format!("Invalid PCI address {a}"))))
+            .collect()
+    };
+    *pci_policy() = PciPolicy {
+        none,
+        allowed: norm(allowed)?,
+        blocked: norm(blocked)?,
+    };
+    Ok(())
+}
+
+/// A PCI address in SPDK's full form `dddd:bb:dd.f` (lower-case hex), from that form or `bb:dd.f` (domain 0).
+pub fn pci_address(s: &str) -> Option<String> {
+    let (dbd, func) = s.rsplit_once('.')?;
+    let parts: Vec<&str> = dbd.split(':').collect();
+    let (dom, bus, dev) = match parts[..] {
+        [d, b, v] => (u32::from_str_radix(d, 16).ok()?, b, v),
+        [b, v] => (0, b, v),
+        _ => return None,
+    };
+    let bus = u8::from_str_radix(bus, 16).ok()?;
+    let dev = u8::from_str_radix(dev, 16).ok().filter(|d| *d < 32)?;
+    let func = u8::from_str_radix(func, 16).ok().filter(|f| *f < 8)?;
+    Some(format!("{dom:04x}:{bus:02x}:{dev:02x}.{func:x}"))
+}
+
+/// The options of a PCIe attach: the function must be one this process may take.
+fn pcie_opts(p: &AttachParams) -> Result<CtrlrOpts> {
+    let bdf =
+        pci_address(&p.traddr).ok_or_else(|| invalid(format!("Invalid traddr {}", p.traddr)))?;
+    {
+        let pol = pci_policy();
+        if pol.none
+            || pol.blocked.contains(&bdf)
+            || (!pol.allowed.is_empty() && !pol.allowed.contains(&bdf))
+        {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("PCI device {bdf} is not allowed (-u, -A, -B)"),
+            ));
+        }
+    }
+    check_knobs(p)?;
+    let (hostid, default_nqn) = host_id();
+    Ok(CtrlrOpts {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        pci: Some(bdf),
+        subnqn: String::new(),
+        hostnqn: p.hostnqn.clone().unwrap_or_else(|| default_nqn.clone()),
+        hostid: *hostid.as_bytes(),
+        // Keep alive is a fabrics matter.
+        kato_ms: 0,
+        num_io_queues: p
+            .num_io_queues
+            .map_or(NUM_IO_QUEUES, |n| n.clamp(1, u16::MAX as u32) as u16),
+        io_queue_size: IO_QUEUE_SIZE,
+        connect_timeout: CONNECT_TIMEOUT,
+        digests: (false, false),
+    })
+}
+
 /// The controller options an attach asks for, after SPDK's checks.
 fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
+    if p.trtype.eq_ignore_ascii_case("pcie") {
+        return pcie_opts(p);
+    }
     if !p.trtype.eq_ignore_ascii_case("tcp") {
         return Err(Error::new(
             ErrorKind::NotSupported,
-            format!("trtype {} is not supported yet (TCP is)", p.trtype),
+            format!(
+                "trtype {} is not supported yet (TCP and PCIe are)",
+                p.trtype
+            ),
         ));
     }
     if p.psk.is_some() || p.dhchap_key.is_some() {
@@ -377,6 +462,7 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
     };
     Ok(CtrlrOpts {
         addr: SocketAddr::new(ip, port),
+        pci: None,
         subnqn,
         hostnqn: p.hostnqn.clone().unwrap_or_else(|| default_nqn.clone()),
         hostid: *hostid.as_bytes(),
@@ -452,7 +538,7 @@ fn mode(p: &AttachParams) -> Mode {
 
 /// Whether `o` is the network path of `opts`/`p` (address, port and local address), as SPDK compares them.
 fn same_path(o: &CtrlrOpts, a: &AttachParams, opts: &CtrlrOpts, p: &AttachParams) -> bool {
-    o.addr == opts.addr && a.hostaddr == p.hostaddr && a.hostsvcid == p.hostsvcid
+    o.same_place(opts) && a.hostaddr == p.hostaddr && a.hostsvcid == p.hostsvcid
 }
 
 /// SPDK's refusals of an attach under a name already in use (errno and text), checked before connecting.
@@ -469,7 +555,7 @@ fn second_path_refusal(p: &AttachParams, opts: &CtrlrOpts) -> Option<(i32, Strin
         }
         let taken = c.0.iter().filter(|a| a.name == p.name).any(|a| {
             same_path(&a.target, &a.params, opts, p)
-                || a.alternates.iter().any(|o| o.addr == opts.addr)
+                || a.alternates.iter().any(|o| o.same_place(opts))
         });
         if taken {
             return Some((
@@ -523,13 +609,15 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
         let mut c = c.borrow_mut();
         // Another name on the same subsystem path: SPDK refuses a second controller with one transport id.
         if c.0.iter().any(|a| {
-            a.name != p.name && a.target.addr == opts.addr && a.target.subnqn == opts.subnqn
+            a.name != p.name && a.target.same_place(&opts) && a.target.subnqn == opts.subnqn
         }) {
             return Some(Error::new(
                 ErrorKind::Exists,
                 format!(
                     "A controller with the provided trid (traddr: {}) already exists",
-                    opts.addr.ip()
+                    opts.pci
+                        .clone()
+                        .unwrap_or_else(|| opts.addr.ip().to_string())
                 ),
             ));
         }
@@ -586,7 +674,7 @@ pub fn attach(p: AttachParams, done: impl FnOnce(Result<Vec<String>>) + 'static)
             "nvme: controller {} attached ({} at {}), bdevs {bdevs:?}",
             p.name,
             ctrlr.info.opts.subnqn,
-            ctrlr.info.opts.addr
+            ctrlr.info.opts.location()
         );
         watch_namespaces(id, &ctrlr);
         ctrlr.set_admin_timeout(admin_timeout());
@@ -670,12 +758,13 @@ fn add_alternate(name: &str, probe: Controller, opts: CtrlrOpts) -> Result<()> {
         if differs {
             return Err(invalid(format!(
                 "{}: the namespaces behind {} are not those of controller {name}",
-                opts.subnqn, opts.addr
+                opts.subnqn,
+                opts.location()
             )));
         }
         log::info!(
             "nvme: controller {name}: {} added as a failover address",
-            opts.addr
+            opts.location()
         );
         a.alternates.push(opts);
         Ok(())
@@ -695,7 +784,7 @@ fn add_ns_path(group: &str, shared: &Arc<Shared>, ns: &NsInfo, policy: Policy) -
             .map(|b| (b.nguid, b.eui64, b.paths.clone()))
     });
     if let Some((nguid, eui64, paths)) = known {
-        let addr = shared.info.load().opts.addr;
+        let addr = shared.info.load().opts.location();
         // SPDK's checks before adding a path (`nvme_bdev_add_ns`).
         if !ns.shared {
             return Err(invalid(format!(
@@ -1040,9 +1129,11 @@ pub struct PathFilter {
 impl PathFilter {
     fn matches(&self, o: &CtrlrOpts, a: &AttachParams) -> bool {
         let fam = if o.addr.is_ipv4() { "ipv4" } else { "ipv6" };
-        self.traddr
-            .as_ref()
-            .is_none_or(|t| *t == o.addr.ip().to_string())
+        let (trtype, traddr) = match &o.pci {
+            Some(bdf) => ("pcie", bdf.clone()),
+            None => ("tcp", o.addr.ip().to_string()),
+        };
+        self.traddr.as_ref().is_none_or(|t| *t == traddr)
             && self
                 .trsvcid
                 .as_ref()
@@ -1051,7 +1142,7 @@ impl PathFilter {
             && self
                 .trtype
                 .as_ref()
-                .is_none_or(|t| t.eq_ignore_ascii_case("tcp"))
+                .is_none_or(|t| t.eq_ignore_ascii_case(trtype))
             && self
                 .adrfam
                 .as_ref()
@@ -1444,12 +1535,7 @@ pub fn io_paths_json(name: Option<&str>) -> Value {
                         "current": connected && p.current.load(Ordering::Relaxed),
                         "connected": connected,
                         "accessible": p.accessible.load(Ordering::Relaxed),
-                        "transport": {
-                            "trtype": "TCP",
-                            "traddr": o.addr.ip().to_string(),
-                            "trsvcid": o.addr.port().to_string(),
-                            "adrfam": if o.addr.is_ipv4() { "IPv4" } else { "IPv6" },
-                        },
+                        "transport": transport_json(o),
                     })
                 })
                 .collect();
@@ -1459,15 +1545,27 @@ pub fn io_paths_json(name: Option<&str>) -> Value {
     json!({ "poll_groups": groups })
 }
 
-/// SPDK's `trid` object of a controller.
+/// SPDK's `trid` object of a controller: the transport's address fields, and the subsystem NQN of a fabrics
+/// one (a PCIe controller has none, and SPDK leaves empty fields out).
 fn trid_json(o: &CtrlrOpts) -> serde_json::Map<String, Value> {
-    let v = json!({
-        "trtype": "TCP",
-        "adrfam": if o.addr.is_ipv4() { "IPv4" } else { "IPv6" },
-        "traddr": o.addr.ip().to_string(),
-        "trsvcid": o.addr.port().to_string(),
-        "subnqn": o.subnqn,
-    });
+    let mut m = transport_json(o);
+    if o.pci.is_none() {
+        m.insert("subnqn".into(), json!(o.subnqn));
+    }
+    m
+}
+
+/// The transport part of a controller's trid.
+fn transport_json(o: &CtrlrOpts) -> serde_json::Map<String, Value> {
+    let v = match &o.pci {
+        Some(bdf) => json!({"trtype": "PCIe", "traddr": bdf}),
+        None => json!({
+            "trtype": "TCP",
+            "adrfam": if o.addr.is_ipv4() { "IPv4" } else { "IPv6" },
+            "traddr": o.addr.ip().to_string(),
+            "trsvcid": o.addr.port().to_string(),
+        }),
+    };
     match v {
         Value::Object(m) => m,
         _ => serde_json::Map::new(),
@@ -1703,14 +1801,20 @@ pub fn health_info(name: &str, done: impl FnOnce(std::result::Result<Value, RpcE
         let Some(a) = c.0.iter().find(|a| a.name == name && a.ctrlr.alive()) else {
             return;
         };
-        let (info, addr) = (a.shared.info.load_full(), a.target.addr);
+        let info = a.shared.info.load_full();
+        // SPDK's `traddr`: the network address without the port, or the PCI address.
+        let addr = a
+            .target
+            .pci
+            .clone()
+            .unwrap_or_else(|| a.target.addr.ip().to_string());
         let Some(d) = done.take() else { return };
         a.ctrlr.get_log_page(
             nvme_proto::log::lid::HEALTH,
             nvme_proto::log::HealthLog::SIZE,
             move |page| {
                 d(page
-                    .and_then(|p| health_json(&info, addr, &p))
+                    .and_then(|p| health_json(&info, &addr, &p))
                     .map_err(|e| {
                         log::error!("nvme: health log of {addr}: {e}");
                         internal("Internal error.")
@@ -1724,11 +1828,7 @@ pub fn health_info(name: &str, done: impl FnOnce(std::result::Result<Value, RpcE
 }
 
 /// SPDK's health info object from a health log page.
-fn health_json(
-    info: &CtrlrInfo,
-    addr: SocketAddr,
-    page: &[u8],
-) -> std::result::Result<Value, String> {
+fn health_json(info: &CtrlrInfo, addr: &str, page: &[u8]) -> std::result::Result<Value, String> {
     let h = nvme_proto::log::HealthLog::decode(page).map_err(|e| e.to_string())?;
     let text = |b: &[u8]| {
         nvme_proto::identify::padded_str(b)
@@ -1742,7 +1842,7 @@ fn health_json(
     m.insert("model_number".into(), json!(text(&info.cdata.mn)));
     m.insert("serial_number".into(), json!(text(&info.cdata.sn)));
     m.insert("firmware_revision".into(), json!(text(&info.cdata.fr)));
-    m.insert("traddr".into(), json!(addr.ip().to_string()));
+    m.insert("traddr".into(), json!(addr));
     m.insert("critical_warning".into(), json!(h.critical_warning));
     m.insert(
         "temperature_celsius".into(),

@@ -237,6 +237,7 @@ fn main() -> ExitCode {
     };
     let host = uuid_like();
     let ctrlr_opts = CtrlrOpts {
+        pci: None,
         addr: SocketAddr::new(ip, port),
         subnqn: subnqn.clone(),
         hostnqn: format!("nqn.2014-08.org.nvmexpress:uuid:{host}"),
@@ -249,6 +250,7 @@ fn main() -> ExitCode {
         digests: a.digests,
     };
     let ctrlr_opts = CtrlrOpts {
+        pci: None,
         num_io_queues: cores.len().max(1) as u16,
         ..ctrlr_opts
     };

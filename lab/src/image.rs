@@ -15,6 +15,9 @@ const IMAGE_VERSION: &str = "lab-image-5";
 const INIT: &str = include_str!("../guest/init");
 const LIB_SH: &str = include_str!("../guest/lib.sh");
 const NVMF_SH: &str = include_str!("../guest/nvmf.sh");
+/// The repository's operator script (hugepages, vfio-pci binding), shipped as `/lab/setup.sh` so guest tests
+/// exercise the script operators run rather than a copy of it.
+const SETUP_SH: &str = include_str!("../../scripts/setup.sh");
 
 /// What goes into the guest image (cached by a hash of all of it).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +65,13 @@ impl ImageSpec {
     /// Adds modules loaded at boot.
     pub fn with_modules(mut self, mods: &[&str]) -> Self {
         self.modules.extend(mods.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// Adds modules copied in (with their dependencies) but not loaded at boot; a script loads them.
+    pub fn with_extra_modules(mut self, mods: &[&str]) -> Self {
+        self.extra_modules
+            .extend(mods.iter().map(|s| s.to_string()));
         self
     }
 
@@ -275,6 +285,7 @@ pub(crate) fn build(root: &Path, kver: &str, spec: &ImageSpec) -> Result<PathBuf
     h.add(INIT.as_bytes());
     h.add(LIB_SH.as_bytes());
     h.add(NVMF_SH.as_bytes());
+    h.add(SETUP_SH.as_bytes());
     h.add(kver.as_bytes());
     h.file(Path::new("/bin/busybox"));
     for m in spec.modules.iter().chain(&spec.extra_modules) {
@@ -413,6 +424,8 @@ fn write_cpio(r: &Path, out: &Path) -> Result<(), LabError> {
     w.file("lab/lib.sh", 0o644, LIB_SH.as_bytes())
         .map_err(err)?;
     w.file("lab/nvmf.sh", 0o644, NVMF_SH.as_bytes())
+        .map_err(err)?;
+    w.file("lab/setup.sh", 0o755, SETUP_SH.as_bytes())
         .map_err(err)?;
     w.finish().map_err(err)?;
     std::fs::rename(&tmp, out).map_err(|e| LabError::Build(e.to_string()))

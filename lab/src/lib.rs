@@ -23,6 +23,11 @@
 //! For NVMe-oF tests the kernel's NVMe/TCP host runs in the guest ([`ImageSpec::nvme_tcp_host`], the script helpers
 //! of `/lab/nvmf.sh`, the target's JSON config in [`nvmf`]) against a target process on the host ([`target`]).
 //!
+//! For the userspace NVMe (PCIe) driver, [`GuestConfig::vfio_nvme`] gives the guest QEMU's emulated NVMe controller
+//! at a known PCI address behind an emulated VT-d IOMMU ([`GuestConfig::iommu`]); every image carries the
+//! repository's `scripts/setup.sh` as `/lab/setup.sh`, which binds it to vfio-pci (`/dev/vfio/<group>`) as an
+//! operator would.
+//!
 //! A test that acts on the host while its guest runs ([`Lab::spawn`]) meets the script at named points with
 //! [`sync`] (`host_sync NAME` in the guest), and may freeze the whole guest meanwhile ([`RunningGuest::pause`]).
 
@@ -91,6 +96,12 @@ pub struct GuestConfig {
     pub net: bool,
     /// TCP ports of the guest reachable from the host: (host port on 127.0.0.1, guest port). Needs `net`.
     pub host_forwards: Vec<(u16, u16)>,
+    /// Puts the guest's PCI devices behind an emulated Intel VT-d IOMMU, as on a machine that hands devices to
+    /// vfio-pci: `-machine q35,kernel-irqchip=split`, `-device intel-iommu,intremap=on,caching-mode=on` ahead of
+    /// every other device (QEMU wires up only the devices created after it), and `intel_iommu=on iommu=pt` on the
+    /// kernel command line (`pt` leaves the kernel's own drivers untranslated; vfio still gets a translating
+    /// domain for the devices it takes). Set by [`vfio_nvme`](Self::vfio_nvme).
+    pub iommu: bool,
     /// Extra QEMU arguments (devices, chardevs, ...).
     pub qemu_args: Vec<String>,
     /// Extra kernel command line.
@@ -115,6 +126,7 @@ impl GuestConfig {
             shared_memory: false,
             net: false,
             host_forwards: vec![],
+            iommu: false,
             qemu_args: vec![],
             append: String::new(),
             allow_reboot: false,
@@ -136,6 +148,51 @@ impl GuestConfig {
         extra: &str,
     ) -> &mut Self {
         self.vhost_user_blk_chardev(id, socket, ",reconnect=1", extra)
+    }
+
+    /// Adds QEMU's emulated NVMe controller (PCI `1b36:0010`) with serial number `serial` and one namespace backed
+    /// by the raw file `backing`, at PCI slot `slot` of the root bus, behind the vIOMMU ([`iommu`](Self::iommu),
+    /// which this sets), for a userspace driver to take through vfio-pci in the guest. Returns the controller's
+    /// address in the guest, `0000:00:<slot>.0` (slot 4 gives `0000:00:04.0`). `extra` is appended to the
+    /// `-device nvme` properties (e.g. `max_ioqpairs=4,mdts=5`).
+    ///
+    /// The image gets `vfio_pci` (not loaded at boot: `/lab/setup.sh config`, the repository's
+    /// `scripts/setup.sh`, loads it and binds the controller, e.g. `HUGEMEM=0 PCI_ALLOWED=$BDF sh /lab/setup.sh`).
+    /// The kernel's `nvme` driver is not in the image unless the test adds it.
+    ///
+    /// Several controllers need distinct slots and serials. Use slots 4 to 0x1e: slot 0 is q35's host bridge, 0x1f
+    /// its LPC/SATA/SMBus functions, and devices without a fixed address (the NIC of [`net`](Self::net), then
+    /// those of [`qemu_args`](Self::qemu_args) in order) take the lowest free slots from 1 as QEMU creates them,
+    /// so a low slot can already be taken (QEMU then refuses to start: "slot N function 0 not available").
+    /// The backing file is opened with the host's page cache (`cache=writeback`: tmpfs has no `O_DIRECT`), so the
+    /// host sees the guest's writes in it once QEMU has exited.
+    pub fn vfio_nvme(&mut self, serial: &str, backing: &Path, slot: u8, extra: &str) -> String {
+        assert!(
+            (1..0x1f).contains(&slot),
+            "vfio_nvme: PCI slot {slot:#x} is not usable on q35's root bus (1..=0x1e)"
+        );
+        self.iommu = true;
+        if !self.image.extra_modules.iter().any(|m| m == "vfio_pci")
+            && !self.image.modules.iter().any(|m| m == "vfio_pci")
+        {
+            self.image.extra_modules.push("vfio_pci".into());
+        }
+        // QEMU's option syntax escapes a comma in a value by doubling it.
+        let esc = |s: &str| s.replace(',', ",,");
+        let drive = format!("vfio-nvme{slot:02x}");
+        self.qemu_args.push("-drive".into());
+        self.qemu_args.push(format!(
+            "file={},if=none,id={drive},format=raw,cache=writeback",
+            esc(&backing.display().to_string())
+        ));
+        self.qemu_args.push("-device".into());
+        let mut dev = format!("nvme,serial={},drive={drive},addr={slot:#04x}", esc(serial));
+        if !extra.is_empty() {
+            dev.push(',');
+            dev.push_str(extra);
+        }
+        self.qemu_args.push(dev);
+        format!("0000:00:{slot:02x}.0")
     }
 
     fn vhost_user_blk_chardev(

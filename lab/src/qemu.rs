@@ -185,9 +185,20 @@ pub(crate) fn spawn(
     let log = root.join("logs").join(format!("{}.log", cfg.name));
 
     let mem = format!("{}M", cfg.mem_mb);
+    // Interrupt remapping (intremap) wants the IOAPIC in QEMU, not in KVM: `kernel-irqchip=split` (TCG has
+    // neither, and takes the option either way).
+    let machine = if cfg.iommu {
+        "q35,kernel-irqchip=split"
+    } else {
+        "q35"
+    };
+    let mut append = String::from("console=ttyS0 quiet loglevel=1 panic=-1");
+    if cfg.iommu {
+        append.push_str(" intel_iommu=on iommu=pt");
+    }
     let mut args: Vec<String> = vec![
         "-machine".into(),
-        "q35".into(),
+        machine.into(),
         "-accel".into(),
         "tcg,thread=multi".into(),
         "-cpu".into(),
@@ -209,8 +220,16 @@ pub(crate) fn spawn(
         "-initrd".into(),
         initrd.display().to_string(),
         "-append".into(),
-        format!("console=ttyS0 quiet loglevel=1 panic=-1 {}", cfg.append),
+        format!("{append} {}", cfg.append),
     ];
+    if cfg.iommu {
+        // Before every PCI device: QEMU puts behind the IOMMU only the devices created after it. caching-mode
+        // makes the guest report new mappings too, which an assigned host device (QEMU's own vfio) needs.
+        args.extend([
+            "-device".into(),
+            "intel-iommu,intremap=on,caching-mode=on".into(),
+        ]);
+    }
     if cfg.shared_memory {
         args.extend([
             "-object".into(),

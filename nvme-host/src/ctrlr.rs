@@ -17,12 +17,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use errors::{Error, ErrorKind, Result};
+use nvme_pcie::{Bar, PcieCtrlr, PcieQpair, QueueMemory};
 use nvme_proto::cmd::{admin, feat, Cqe, Sqe};
 use nvme_proto::fabrics::{cc, csts, reg, Cap, Connect, ConnectData, Property, DISCOVERY_NQN};
 use nvme_proto::identify::{cns, decode_ns_list, CtrlrData, NsData};
 use nvme_proto::log::{ana_state, decode_ana_log, lid, DiscoveryEntry, DiscoveryLogHeader};
 use reactor::Poller;
 
+use crate::qpair::Qpair;
 use crate::tcp::{Dir, Iov, TcpQpair};
 
 /// Admin queue entries (SPDK's default admin queue size is 32).
@@ -37,8 +39,11 @@ const MAX_XFER_DEFAULT: u32 = 128 * 1024;
 /// How to reach a controller and what to ask of it (`bdev_nvme_attach_controller`'s parameters).
 #[derive(Clone, Debug)]
 pub struct CtrlrOpts {
-    /// Where the controller listens.
+    /// Where the controller listens (fabrics).
     pub addr: SocketAddr,
+    /// The PCI address (`0000:00:04.0`) of a PCIe controller, reached through VFIO; when set, `addr`, the NQNs,
+    /// the host id, keep alive and digests do not apply.
+    pub pci: Option<String>,
     /// Subsystem NQN.
     pub subnqn: String,
     /// Host NQN.
@@ -55,6 +60,21 @@ pub struct CtrlrOpts {
     pub connect_timeout: Duration,
     /// TCP header and data digests asked for (`hdgst`, `ddgst`): each is used when the controller grants it.
     pub digests: (bool, bool),
+}
+
+impl CtrlrOpts {
+    /// Where the controller is, as messages name it: its PCI address, or its network address.
+    pub fn location(&self) -> String {
+        match &self.pci {
+            Some(bdf) => bdf.clone(),
+            None => self.addr.to_string(),
+        }
+    }
+
+    /// Whether `other` reaches a controller at the same place (same PCI function, or same network address).
+    pub fn same_place(&self, other: &CtrlrOpts) -> bool {
+        self.pci == other.pci && (self.pci.is_some() || self.addr == other.addr)
+    }
 }
 
 /// A namespace as Identify Namespace describes it.
@@ -221,7 +241,59 @@ pub struct CtrlrInfo {
     pub icd_max: u32,
     /// ANA group states.
     pub ana: Arc<AnaStates>,
+    /// What I/O queues of a PCIe controller need (its registers, and the admin queue to create them on).
+    pub pcie: Option<Arc<PcieShared>>,
     next_qid: AtomicU16,
+}
+
+/// An admin command asked for from another thread, and what hears its completion (on the admin thread).
+type MailboxCmd = (Sqe, Box<dyn FnOnce(&Cqe) + Send>);
+
+/// What the I/O queues of a PCIe controller share with it: the registers, and a mailbox through which a thread
+/// opening or closing a queue has the controller's thread send Create/Delete I/O CQ/SQ on the admin queue.
+pub struct PcieShared {
+    bar: Arc<Bar>,
+    ctrlr_dev: Arc<nvme_pcie::vfio::Device>,
+    dstrd: u8,
+    /// Largest queue the controller takes (CAP.MQES + 1).
+    max_entries: u16,
+    /// `None` once the controller is closed: what is still posted is dropped (the controller is disabled by
+    /// then, so queue memory kept for it may go).
+    mailbox: std::sync::Mutex<Option<VecDeque<MailboxCmd>>>,
+}
+
+impl std::fmt::Debug for PcieShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PcieShared({:?})", self.ctrlr_dev)
+    }
+}
+
+impl PcieShared {
+    /// Posts an admin command for the controller's thread; false when the controller is closed.
+    fn post(&self, sqe: Sqe, cb: impl FnOnce(&Cqe) + Send + 'static) -> bool {
+        let mut m = self.mailbox.lock().unwrap_or_else(|e| e.into_inner());
+        match m.as_mut() {
+            Some(q) => {
+                q.push_back((sqe, Box::new(cb)));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn take_posted(&self) -> Vec<MailboxCmd> {
+        let mut m = self.mailbox.lock().unwrap_or_else(|e| e.into_inner());
+        m.as_mut()
+            .map(|q| q.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    fn close(&self) {
+        self.mailbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
 }
 
 impl CtrlrInfo {
@@ -240,7 +312,7 @@ type BringupDone = Box<dyn FnOnce(Result<Controller>)>;
 
 /// The admin queue: commands with callbacks, submitted once the connection is up, polled by a poller.
 struct Admin {
-    qp: RefCell<TcpQpair>,
+    qp: RefCell<Qpair>,
     /// Commands not submitted yet (connection not up, or every slot busy).
     queued: RefCell<VecDeque<QueuedCmd>>,
     /// Submitted: token -> (data buffer, callback).
@@ -280,7 +352,7 @@ impl Admin {
                 Ok(()) => {
                     self.waiting.borrow_mut().insert(token, (data, cb));
                 }
-                Err(crate::tcp::SubmitError::Full) => {
+                Err(nvme_proto::host::SubmitError::Full) => {
                     self.queued.borrow_mut().push_front((sqe, dir, data, cb));
                     return;
                 }
@@ -329,6 +401,8 @@ pub struct Controller {
     failed: Rc<Cell<bool>>,
     ns_hook: NsChangeHook,
     event_hook: EventHook,
+    /// The PCIe controller's registers (shutdown at close).
+    pcie: Option<PcieCtrlr>,
 }
 
 impl Controller {
@@ -416,6 +490,14 @@ impl Controller {
     /// too).
     pub fn close(&self) {
         self.admin.qp.borrow_mut().close(&mut |_, _| {});
+        if let Some(c) = &self.pcie {
+            if let Some(s) = &self.info.pcie {
+                s.close();
+            }
+            // The controller finishes what it holds and flushes its caches before the host lets go (SPDK's
+            // shutdown notification at detach); then it is disabled, so no queue memory is used any more.
+            c.shutdown(Duration::from_secs(5));
+        }
     }
 }
 
@@ -432,13 +514,28 @@ struct Bringup {
     ana: RefCell<Option<Arc<AnaStates>>>,
     done: RefCell<Option<BringupDone>>,
     poller: RefCell<Option<Poller>>,
+    /// A PCIe controller's registers, until they are handed to the [`Controller`].
+    pcie: RefCell<Option<PcieCtrlr>>,
+    /// Past the transport's own steps (Fabrics Connect and properties, or PCIe registers).
+    enabled: Cell<bool>,
 }
 
 /// Brings a controller up; `done` runs on this thread with it, or with why it could not be reached.
 pub fn connect(opts: CtrlrOpts, done: impl FnOnce(Result<Controller>) + 'static) {
-    let qp = match TcpQpair::connect(opts.addr, ADMIN_DEPTH, ADMIN_ICD, ADMIN_XFER, opts.digests) {
-        Ok(q) => q,
-        Err(e) => return done(Err(Error::os(e, format!("connect to {}", opts.addr)))),
+    let mut pcie = None;
+    let qp = if let Some(bdf) = &opts.pci {
+        match open_pcie(bdf) {
+            Ok((c, q)) => {
+                pcie = Some(c);
+                Qpair::Pcie(q)
+            }
+            Err(e) => return done(Err(e)),
+        }
+    } else {
+        match TcpQpair::connect(opts.addr, ADMIN_DEPTH, ADMIN_ICD, ADMIN_XFER, opts.digests) {
+            Ok(q) => Qpair::Tcp(q),
+            Err(e) => return done(Err(Error::os(e, format!("connect to {}", opts.addr)))),
+        }
     };
     let admin = Rc::new(Admin {
         qp: RefCell::new(qp),
@@ -458,9 +555,31 @@ pub fn connect(opts: CtrlrOpts, done: impl FnOnce(Result<Controller>) + 'static)
         ana: RefCell::new(None),
         done: RefCell::new(Some(Box::new(done))),
         poller: RefCell::new(None),
+        pcie: RefCell::new(pcie),
+        enabled: Cell::new(false),
     });
     let b2 = b.clone();
     let poller = Poller::register("nvme_ctrlr_bringup", 0, move || {
+        if !b2.enabled.get() {
+            // PCIe: the register steps to ready, then the admin commands as on fabrics.
+            let r = {
+                let mut c = b2.pcie.borrow_mut();
+                let q = b2.admin.qp.borrow();
+                match (c.as_mut(), &*q) {
+                    (Some(c), Qpair::Pcie(q)) => c.poll_enable(q),
+                    _ => Ok(false),
+                }
+            };
+            match r {
+                Ok(true) => {
+                    b2.enabled.set(true);
+                    b2.identify();
+                }
+                Ok(false) => {}
+                Err(e) => b2.fail(e.kind, e.to_string()),
+            }
+            return true;
+        }
         let did = b2.admin.poll();
         let err = b2.admin.qp.borrow().error().map(str::to_string);
         if let Some(e) = err {
@@ -474,7 +593,34 @@ pub fn connect(opts: CtrlrOpts, done: impl FnOnce(Result<Controller>) + 'static)
         did
     });
     *b.poller.borrow_mut() = Some(poller);
-    b.fabrics_connect();
+    let cap = b.pcie.borrow().as_ref().map(|c| c.cap().to_u64());
+    if let Some(cap) = cap {
+        b.cap.set(cap);
+    } else {
+        b.enabled.set(true);
+        b.fabrics_connect();
+    }
+}
+
+/// Opens the PCIe controller at `bdf` and its admin queue pair (not yet known to the controller).
+fn open_pcie(bdf: &str) -> Result<(PcieCtrlr, PcieQpair)> {
+    let c = PcieCtrlr::open(bdf)?;
+    let cache = c.translations().map(|t| t.cache()).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Io(libc::ENODEV),
+            format!("{bdf}: no VFIO device"),
+        )
+    })?;
+    let q = PcieQpair::new(
+        c.bar().clone(),
+        0,
+        ADMIN_DEPTH,
+        c.cap().dstrd,
+        ADMIN_XFER,
+        cache,
+    )
+    .map_err(|e| Error::os(e, format!("{bdf}: admin queue")))?;
+    Ok((c, q))
 }
 
 fn ok(c: &Cqe) -> bool {
@@ -488,13 +634,15 @@ impl Bringup {
         };
         self.poller.borrow_mut().take();
         self.admin.qp.borrow_mut().close(&mut |_, _| {});
-        done(Err(Error::new(
-            kind,
-            format!(
-                "controller {} at {}: {why}",
-                self.opts.subnqn, self.opts.addr
-            ),
-        )));
+        if let Some(c) = self.pcie.borrow().as_ref() {
+            // Before the admin queue's memory goes back to the pool.
+            c.disable();
+        }
+        let at = match &self.opts.pci {
+            Some(bdf) => format!("PCIe controller {bdf}"),
+            None => format!("controller {} at {}", self.opts.subnqn, self.opts.addr),
+        };
+        done(Err(Error::new(kind, format!("{at}: {why}"))));
     }
 
     /// A step's command failed: the bring-up ends with its status.
@@ -674,6 +822,21 @@ impl Bringup {
             m => (page << m).min(MAX_XFER_DEFAULT as u64),
         } as u32;
         let icd_max = (cdata.ioccsz * 16).saturating_sub(64);
+        let pcie_ctrlr = self.pcie.borrow_mut().take();
+        let max_xfer = if pcie_ctrlr.is_some() {
+            max_xfer.min(nvme_pcie::qpair::MAX_XFER_PRP)
+        } else {
+            max_xfer
+        };
+        let pcie = pcie_ctrlr.as_ref().and_then(|c| {
+            Some(Arc::new(PcieShared {
+                bar: c.bar().clone(),
+                ctrlr_dev: c.device()?.clone(),
+                dstrd: c.cap().dstrd,
+                max_entries: c.cap().mqes.saturating_add(1).max(2),
+                mailbox: std::sync::Mutex::new(Some(VecDeque::new())),
+            }))
+        });
         let ana = self
             .ana
             .borrow_mut()
@@ -688,16 +851,36 @@ impl Bringup {
             max_xfer,
             icd_max,
             ana: ana.clone(),
+            pcie: pcie.clone(),
             next_qid: AtomicU16::new(1),
         });
         let admin = self.admin.clone();
         let failed = Rc::new(Cell::new(false));
         let a = admin.clone();
         let f = failed.clone();
+        let regs = pcie_ctrlr.as_ref().map(|c| c.bar().clone());
         let poller = Poller::register("nvme_ctrlr_admin", 1000, move || {
-            let did = a.poll();
+            let mut did = false;
+            if let Some(p) = &pcie {
+                for (sqe, cb) in p.take_posted() {
+                    a.cmd(sqe, Dir::None, Vec::new(), move |c, _| cb(c));
+                    did = true;
+                }
+            }
+            did |= a.poll();
             if a.qp.borrow().error().is_some() {
                 f.set(true);
+            }
+            if let Some(bar) = &regs {
+                // A PCIe controller's loss shows in its status register: all ones when the device is gone
+                // (surprise removal), CFS when it failed.
+                let st = bar.read32(nvme_proto::fabrics::reg::CSTS as usize);
+                if st == u32::MAX || st & csts::CFS != 0 {
+                    if !f.get() {
+                        log::error!("nvme_pcie: controller lost (CSTS {st:#x})");
+                    }
+                    f.set(true);
+                }
             }
             did
         });
@@ -772,6 +955,7 @@ impl Bringup {
             failed,
             ns_hook,
             event_hook,
+            pcie: pcie_ctrlr,
         }));
     }
 }
@@ -1011,8 +1195,11 @@ const CONNECT_TOKEN: u64 = u64::MAX;
 /// An I/O queue pair of a controller, on the thread that uses it: its own connection and Fabrics Connect,
 /// then commands.
 pub struct IoQueue {
-    qp: TcpQpair,
+    qp: Qpair,
     info: Arc<CtrlrInfo>,
+    /// PCIe: the result of the Create I/O CQ or SQ in flight on the admin thread (0: none yet; else the status
+    /// field with bit 16 set).
+    created: Arc<std::sync::atomic::AtomicU32>,
     qid: u16,
     state: IoState,
     started: Instant,
@@ -1037,17 +1224,45 @@ impl IoQueue {
             )
         })?;
         let depth = info.opts.io_queue_size.max(2);
-        let qp = TcpQpair::connect(
-            info.opts.addr,
-            depth,
-            info.icd_max,
-            info.max_xfer,
-            info.opts.digests,
-        )
-        .map_err(|e| Error::os(e, "I/O queue connect"))?;
+        let created = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let qp = if let Some(p) = &info.pcie {
+            let q = PcieQpair::new(
+                p.bar.clone(),
+                qid,
+                depth.min(p.max_entries),
+                p.dstrd,
+                info.max_xfer,
+                p.ctrlr_dev.translations().cache(),
+            )
+            .map_err(|e| Error::os(e, "I/O queue memory"))?;
+            // Create I/O Completion Queue: physically contiguous, interrupts off (polled).
+            let mut sqe = Sqe::new(admin::CREATE_IO_CQ, 0);
+            sqe.set_prp(q.cq_iova(), 0);
+            sqe.set_cdw(10, qid as u32 | ((q.depth() as u32 - 1) << 16));
+            sqe.set_cdw(11, 1);
+            let c = created.clone();
+            if !p.post(sqe, move |cqe| {
+                c.store(1 << 16 | cqe.status.to_field() as u32, Ordering::Release)
+            }) {
+                return Err(Error::new(ErrorKind::Io(libc::ENXIO), "controller closed"));
+            }
+            Qpair::Pcie(q)
+        } else {
+            Qpair::Tcp(
+                TcpQpair::connect(
+                    info.opts.addr,
+                    depth,
+                    info.icd_max,
+                    info.max_xfer,
+                    info.opts.digests,
+                )
+                .map_err(|e| Error::os(e, "I/O queue connect"))?,
+            )
+        };
         let connect_data = connect_data(&info.opts, info.cntlid);
         Ok(IoQueue {
             qp,
+            created,
             info,
             qid,
             state: IoState::Connecting,
@@ -1082,19 +1297,19 @@ impl IoQueue {
         &self.info
     }
 
-    /// Sends an I/O command (see [`TcpQpair::submit`]).
+    /// Sends an I/O command (see [`Qpair::submit`]).
     ///
     /// # Safety
-    /// As [`TcpQpair::submit`].
+    /// As [`Qpair::submit`].
     pub unsafe fn submit(
         &mut self,
         sqe: Sqe,
         iovs: &[Iov],
         dir: Dir,
         token: u64,
-    ) -> std::result::Result<(), crate::tcp::SubmitError> {
+    ) -> std::result::Result<(), nvme_proto::host::SubmitError> {
         if self.state != IoState::Ready {
-            return Err(crate::tcp::SubmitError::NotReady);
+            return Err(nvme_proto::host::SubmitError::NotReady);
         }
         // SAFETY: forwarded contract.
         unsafe { self.qp.submit(sqe, iovs, dir, token) }
@@ -1121,7 +1336,9 @@ impl IoQueue {
         if self.qp.error().is_some() {
             self.state = IoState::Failed;
         }
-        if self.state == IoState::Connecting && self.qp.ready() {
+        if matches!(self.qp, Qpair::Pcie(_)) {
+            self.pcie_create();
+        } else if self.state == IoState::Connecting && self.qp.ready() {
             let sqe = Connect {
                 recfmt: 0,
                 qid: self.qid,
@@ -1152,6 +1369,50 @@ impl IoQueue {
         did
     }
 
+    /// PCIe: the queue exists once the controller's thread had Create I/O CQ, then Create I/O SQ, done.
+    fn pcie_create(&mut self) {
+        if !matches!(self.state, IoState::Connecting | IoState::ConnectSent) {
+            return;
+        }
+        let r = self.created.load(Ordering::Acquire);
+        if r == 0 {
+            return;
+        }
+        let status = nvme_proto::status::Status::from_field(r as u16);
+        let what = if self.state == IoState::Connecting {
+            "CQ"
+        } else {
+            "SQ"
+        };
+        if !status.is_success() {
+            log::error!("I/O queue {}: Create I/O {what}: {status}", self.qid);
+            self.state = IoState::Failed;
+            return;
+        }
+        if self.state == IoState::ConnectSent {
+            self.state = IoState::Ready;
+            return;
+        }
+        let (Some(p), Qpair::Pcie(q)) = (&self.info.pcie, &self.qp) else {
+            return;
+        };
+        // Create I/O Submission Queue on the completion queue of the same id, physically contiguous, medium
+        // priority (ignored under round robin).
+        let mut sqe = Sqe::new(admin::CREATE_IO_SQ, 0);
+        sqe.set_prp(q.sq_iova(), 0);
+        sqe.set_cdw(10, self.qid as u32 | ((q.depth() as u32 - 1) << 16));
+        sqe.set_cdw(11, 1 | (self.qid as u32) << 16);
+        self.created.store(0, Ordering::Release);
+        let c = self.created.clone();
+        if p.post(sqe, move |cqe| {
+            c.store(1 << 16 | cqe.status.to_field() as u32, Ordering::Release)
+        }) {
+            self.state = IoState::ConnectSent;
+        } else {
+            self.state = IoState::Failed;
+        }
+    }
+
     /// Sets the command timeout [`IoQueue::expired`] reports against (`None`: none).
     pub fn set_timeout(&mut self, t: Option<Duration>) {
         self.qp.set_timeout(t, None);
@@ -1168,6 +1429,9 @@ impl IoQueue {
 
     /// Closes the queue; commands still in it complete through `done` with "aborted, SQ deleted".
     pub fn close(&mut self, done: &mut dyn FnMut(u64, Cqe)) {
+        if matches!(self.qp, Qpair::Pcie(_)) {
+            return self.close_pcie(done);
+        }
         // The queue's own Connect is not the caller's to hear about.
         self.qp.close(&mut |token, cqe| {
             if token != CONNECT_TOKEN {
@@ -1175,5 +1439,57 @@ impl IoQueue {
             }
         });
         self.state = IoState::Failed;
+    }
+
+    /// PCIe: the device may still work on what it was given, into the callers' buffers: commands are given a
+    /// short while to complete for real (the device runs them on its own), the rest are failed, and the queue
+    /// is deleted on the controller's thread, which keeps the rings' memory until the device let go of them.
+    fn close_pcie(&mut self, done: &mut dyn FnMut(u64, Cqe)) {
+        if self.state == IoState::Failed && self.qp.error().is_some() {
+            return;
+        }
+        let alive = self.info.pcie.as_ref().is_some_and(|p| {
+            let st = p.bar.read32(nvme_proto::fabrics::reg::CSTS as usize);
+            st != u32::MAX && st & csts::CFS == 0 && st & csts::RDY != 0
+        });
+        let until = Instant::now() + Duration::from_millis(100);
+        while alive && self.qp.outstanding() > 0 && Instant::now() < until {
+            self.qp.poll(done);
+        }
+        if self.qp.outstanding() > 0 {
+            log::warn!(
+                "I/O queue {}: {} commands still at the device: failed",
+                self.qid,
+                self.qp.outstanding()
+            );
+        }
+        self.qp.close(done);
+        let existed =
+            self.state != IoState::Connecting || self.created.load(Ordering::Acquire) != 0;
+        self.state = IoState::Failed;
+        let (Some(p), true) = (self.info.pcie.clone(), existed) else {
+            return;
+        };
+        // The rings go to the controller's thread with the deletions; a placeholder stays here.
+        let q = std::mem::replace(&mut self.qp, Qpair::Closed);
+        let Qpair::Pcie(q) = q else { return };
+        let mem: QueueMemory = q.into_memory();
+        let qid = self.qid;
+        let mut del_sq = Sqe::new(admin::DELETE_IO_SQ, 0);
+        del_sq.set_cdw(10, qid as u32);
+        let p2 = p.clone();
+        p.post(del_sq, move |c| {
+            if !c.status.is_success() {
+                log::warn!("I/O queue {qid}: Delete I/O SQ: {}", c.status);
+            }
+            let mut del_cq = Sqe::new(admin::DELETE_IO_CQ, 0);
+            del_cq.set_cdw(10, qid as u32);
+            p2.post(del_cq, move |c| {
+                if !c.status.is_success() {
+                    log::warn!("I/O queue {qid}: Delete I/O CQ: {}", c.status);
+                }
+                drop(mem);
+            });
+        });
     }
 }

@@ -1,12 +1,15 @@
-//! The NVMe host library (SPDK's `lib/nvme`), fabrics side: queue pairs over NVMe/TCP ([`tcp`]), controllers
+//! The NVMe host library (SPDK's `lib/nvme`): queue pairs over NVMe/TCP ([`tcp`]) and PCIe (the `nvme-pcie`
+//! driver), one type over both ([`qpair`]), controllers
 //! brought up through their admin queue with keep alive, and I/O queues one per thread that uses the controller
 //! ([`ctrlr`]). Everything is polled by the reactor thread that owns it; nothing blocks.
 
 pub mod ctrlr;
+pub mod qpair;
 mod sock;
 pub mod tcp;
 
 pub use ctrlr::{
     ana_state_name, connect, AnaStates, Controller, CtrlrInfo, CtrlrOpts, IoQueue, NsInfo,
+    PcieShared,
 };
 pub use tcp::{Dir, Iov, SubmitError, TcpQpair};

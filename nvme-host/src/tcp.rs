@@ -24,36 +24,7 @@ use nvme_proto::tcp::{
 
 use crate::sock;
 
-/// One piece of a command's data buffer.
-#[derive(Clone, Copy, Debug)]
-pub struct Iov {
-    /// Start.
-    pub base: *mut u8,
-    /// Length in bytes.
-    pub len: usize,
-}
-
-/// Which way a command's data moves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dir {
-    /// No data.
-    None,
-    /// Host to controller (writes).
-    ToCtrl,
-    /// Controller to host (reads).
-    FromCtrl,
-}
-
-/// Why a command was not taken.
-#[derive(Debug, PartialEq, Eq)]
-pub enum SubmitError {
-    /// Every slot is in use: submit again once one completes.
-    Full,
-    /// The queue pair is not connected (yet, or any more).
-    NotReady,
-    /// The buffers are larger than this queue pair moves in one command.
-    TooLarge,
-}
+pub use nvme_proto::host::{Dir, Iov, SubmitError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {

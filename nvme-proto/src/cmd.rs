@@ -353,6 +353,12 @@ impl Sqe {
         d.encode(&mut b);
         self.0[24..40].copy_from_slice(&b);
     }
+    /// Sets PRP entries 1 and 2 (the data pointer of a PCIe command that uses PRPs).
+    #[inline]
+    pub fn set_prp(&mut self, prp1: u64, prp2: u64) {
+        self.0[24..32].copy_from_slice(&prp1.to_le_bytes());
+        self.0[32..40].copy_from_slice(&prp2.to_le_bytes());
+    }
     /// PRP entry 1.
     #[inline]
     pub fn prp1(&self) -> u64 {

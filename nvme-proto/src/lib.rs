@@ -11,6 +11,7 @@
 //! - [`fabrics`]: Fabrics commands (Connect, Property Get/Set), Connect data, controller registers.
 //! - [`identify`]: Identify controller / namespace / lists / descriptors.
 //! - [`log`]: log pages (error, SMART / health, firmware slot, changed namespaces, ANA, discovery).
+//! - [`host`]: what host-side queue pairs of every transport take (buffers, direction, refusals).
 //! - [`tcp`]: NVMe/TCP PDUs.
 //! - [`rdma`]: NVMe/RDMA connection private data and discovery TSAS.
 //! - [`crc32c`]: the CRC the TCP digests (and the blobstore) use.
@@ -18,6 +19,7 @@
 pub mod cmd;
 pub mod crc32c;
 pub mod fabrics;
+pub mod host;
 pub mod identify;
 pub mod log;
 pub mod rdma;
