@@ -147,6 +147,9 @@ in_use() {
 
 # load_vfio: loads vfio-pci unless it is there; explains why not when it cannot.
 load_vfio() {
+	# The type 1 IOMMU backend is only a soft dependency of vfio, which some modprobes (busybox's) do not follow:
+	# without it a userspace driver finds no IOMMU to set on its container.
+	[ -d /sys/module/vfio_iommu_type1 ] || modprobe vfio_iommu_type1 2>/dev/null
 	[ -d "$VFIO_DRV" ] && return 0
 	if ! _lv_e=$(modprobe vfio-pci 2>&1) || [ ! -d "$VFIO_DRV" ]; then
 		warn "cannot load vfio-pci: ${_lv_e:-no such driver after modprobe}"

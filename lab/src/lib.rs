@@ -177,6 +177,15 @@ impl GuestConfig {
         {
             self.image.extra_modules.push("vfio_pci".into());
         }
+        // A soft dependency of vfio that module dependencies do not list.
+        if !self
+            .image
+            .extra_modules
+            .iter()
+            .any(|m| m == "vfio_iommu_type1")
+        {
+            self.image.extra_modules.push("vfio_iommu_type1".into());
+        }
         // QEMU's option syntax escapes a comma in a value by doubling it.
         let esc = |s: &str| s.replace(',', ",,");
         let drive = format!("vfio-nvme{slot:02x}");

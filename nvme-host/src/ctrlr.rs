@@ -22,6 +22,7 @@ use nvme_proto::cmd::{admin, feat, Cqe, Sqe};
 use nvme_proto::fabrics::{cc, csts, reg, Cap, Connect, ConnectData, Property, DISCOVERY_NQN};
 use nvme_proto::identify::{cns, decode_ns_list, CtrlrData, NsData};
 use nvme_proto::log::{ana_state, decode_ana_log, lid, DiscoveryEntry, DiscoveryLogHeader};
+use reactor::dma::DmaBuf;
 use reactor::Poller;
 
 use crate::qpair::Qpair;
@@ -315,8 +316,8 @@ struct Admin {
     qp: RefCell<Qpair>,
     /// Commands not submitted yet (connection not up, or every slot busy).
     queued: RefCell<VecDeque<QueuedCmd>>,
-    /// Submitted: token -> (data buffer, callback).
-    waiting: RefCell<HashMap<u64, (Vec<u8>, AdminCb)>>,
+    /// Submitted: token -> (data buffer, its DMA copy for a PCIe controller, callback).
+    waiting: RefCell<HashMap<u64, (Vec<u8>, Option<DmaBuf>, AdminCb)>>,
     next: Cell<u64>,
 }
 
@@ -341,16 +342,34 @@ impl Admin {
             };
             let token = self.next.get();
             self.next.set(token + 1);
-            let iov = [Iov {
-                base: data.as_mut_ptr(),
-                len: data.len(),
+            // A PCIe controller reaches only memory in the memory map: the data goes through a DMA buffer
+            // (admin commands are few and small).
+            let mut dma = None;
+            if matches!(*qp, Qpair::Pcie(_)) && dir != Dir::None && !data.is_empty() {
+                match DmaBuf::alloc(data.len()) {
+                    Ok(mut b) => {
+                        b.as_mut_slice().copy_from_slice(&data);
+                        dma = Some(b);
+                    }
+                    Err(e) => log::error!("nvme admin command: DMA buffer: {e}"),
+                }
+            }
+            let iov = [match &dma {
+                Some(b) => Iov {
+                    base: b.as_ptr(),
+                    len: b.len(),
+                },
+                None => Iov {
+                    base: data.as_mut_ptr(),
+                    len: data.len(),
+                },
             }];
             let iovs: &[Iov] = if dir == Dir::None { &[] } else { &iov };
-            // SAFETY: `data` moves into `waiting` below and stays there (its heap buffer does not move) until
-            // the command completes or the queue pair is dropped with the Admin.
+            // SAFETY: `data` (or its DMA copy) moves into `waiting` below and stays there (its heap buffer does
+            // not move) until the command completes or the queue pair is dropped with the Admin.
             match unsafe { qp.submit(sqe, iovs, dir, token) } {
                 Ok(()) => {
-                    self.waiting.borrow_mut().insert(token, (data, cb));
+                    self.waiting.borrow_mut().insert(token, (data, dma, cb));
                 }
                 Err(nvme_proto::host::SubmitError::Full) => {
                     self.queued.borrow_mut().push_front((sqe, dir, data, cb));
@@ -381,7 +400,10 @@ impl Admin {
             .poll(&mut |token, cqe| done.push((token, cqe)));
         for (token, cqe) in done {
             let entry = self.waiting.borrow_mut().remove(&token);
-            if let Some((data, cb)) = entry {
+            if let Some((mut data, dma, cb)) = entry {
+                if let Some(b) = dma {
+                    data.copy_from_slice(b.as_slice());
+                }
                 cb(&cqe, &data);
             }
         }

@@ -200,9 +200,9 @@ impl PcieQpair {
         self.bogus
     }
 
-    /// Writes command `sqe` (its command identifier and data pointer are set here) with data `iovs` moving as
-    /// `dir` into the submission ring; the next [`PcieQpair::poll`] rings the doorbell, and reports the
-    /// completion with `token`.
+    /// Writes command `sqe` (its command identifier is set here, and its PRPs unless `dir` is [`Dir::None`]) with
+    /// data `iovs` moving as `dir` into the submission ring; the next [`PcieQpair::poll`] rings the doorbell, and
+    /// reports the completion with `token`.
     ///
     /// # Safety
     /// The iovecs must stay valid (writable for [`Dir::FromCtrl`]) and not be otherwise accessed until the
@@ -236,7 +236,11 @@ impl PcieQpair {
         // No fused pairs: a command passed through from elsewhere must not carry a FUSE bit whose partner never
         // comes.
         sqe.set_flags(0, psdt::PRP);
-        sqe.set_prp(prp1, prp2);
+        // A command without data keeps the pointer its caller put there (Create I/O CQ/SQ carry the ring's IOVA
+        // in PRP1).
+        if dir != Dir::None {
+            sqe.set_prp(prp1, prp2);
+        }
         let s = &mut self.slots[cid as usize];
         s.busy = true;
         s.token = token;
@@ -416,6 +420,8 @@ impl PcieQpair {
             log::debug!("nvme_pcie: queue {}: {why}", self.qid);
             self.error = Some(why.to_string());
         }
+        // Commands written since the last poll are reported aborted here: the device must never hear of them.
+        self.unrung = false;
         for cid in 0..self.slots.len() {
             if self.slots[cid].busy {
                 self.slots[cid].busy = false;
