@@ -308,6 +308,8 @@ impl CtrlrInfo {
 type AdminCb = Box<dyn FnOnce(&Cqe, &[u8])>;
 /// An admin command waiting to be submitted: command, direction, data buffer, callback.
 type QueuedCmd = (Sqe, Dir, Vec<u8>, AdminCb);
+/// A submitted admin command: its data buffer, the DMA copy a PCIe controller works on, its callback.
+type Waiting = (Vec<u8>, Option<DmaBuf>, AdminCb);
 /// Where a bring-up reports.
 type BringupDone = Box<dyn FnOnce(Result<Controller>)>;
 
@@ -317,7 +319,7 @@ struct Admin {
     /// Commands not submitted yet (connection not up, or every slot busy).
     queued: RefCell<VecDeque<QueuedCmd>>,
     /// Submitted: token -> (data buffer, its DMA copy for a PCIe controller, callback).
-    waiting: RefCell<HashMap<u64, (Vec<u8>, Option<DmaBuf>, AdminCb)>>,
+    waiting: RefCell<HashMap<u64, Waiting>>,
     next: Cell<u64>,
 }
 
