@@ -27,7 +27,7 @@ const SERIAL: &str = "SPDKRSPCIE0001";
 /// The emulated drive: 64 MiB, 512-byte blocks (QEMU's default format).
 const DRIVE: u64 = 64 << 20;
 /// Where the guest writes its pattern (MiB), and how much.
-const PAT_MIB: u64 = 3;
+const PAT_MIB: u64 = 48;
 const PAT_LEN: usize = 1 << 20;
 /// Guest PCI slot of the controller.
 const SLOT: u8 = 4;
@@ -36,7 +36,6 @@ const GUEST_RPC_PORT: u16 = 5260;
 const SCRIPT: &str = r#"
 . /lab/nvmf.sh
 nvmf_setup
-trap '[ -f /tmp/tgt.log ] && sed "s/^/TGT: /" /tmp/tgt.log' EXIT
 
 step "setup.sh binds $BDF to vfio-pci"
 HUGEMEM=0 PCI_ALLOWED=$BDF sh /lab/setup.sh config || fail "setup.sh config"
@@ -44,12 +43,14 @@ HUGEMEM=0 PCI_ALLOWED=$BDF sh /lab/setup.sh config || fail "setup.sh config"
 ok "$BDF on vfio-pci"
 
 # start_tgt NAME: spdk_tgt on two cores with the PCIe controller and the NVMe/TCP export of its namespace.
+# Its log goes to the console as it is written (TGT: lines), so a host-side failure shows it too.
 start_tgt() {
-  rm -f /tmp/tgt.log /tmp/spdk.sock
-  $SPDK_TGT -m 0x3 --no-huge -s 256 --json /opt/tgt.json -r /tmp/spdk.sock > /tmp/tgt.log 2>&1 &
+  rm -f /tmp/spdk.sock
+  $SPDK_TGT -m 0x3 --no-huge -s 256 --json /opt/tgt.json -r /tmp/spdk.sock > /tmp/tgt-$1.log 2>&1 &
   TGT=$!
+  tail -f /tmp/tgt-$1.log | sed "s/^/TGT: /" &
   _t=600
-  until grep -q "NVMe/TCP Target Listening" /tmp/tgt.log; do
+  until grep -q "NVMe/TCP Target Listening" /tmp/tgt-$1.log; do
     kill -0 $TGT 2>/dev/null || fail "$1: spdk_tgt exited"
     [ $_t -gt 0 ] || fail "$1: spdk_tgt is not listening after 60 s"
     sleep 0.1; _t=$((_t - 1))
@@ -70,13 +71,61 @@ io() {
   ok "$1: pattern read back"
 }
 
+# load MIB: writes the pattern at MIB MiB and reads it back, over and over until /tmp/stop (at least twice).
+load() {
+  _n=0
+  while [ ! -e /tmp/stop ] || [ $_n -lt 2 ]; do
+    dd if=/opt/pat of=/dev/$D bs=64k seek=$(($1 * 16)) oflag=direct conv=notrunc 2>/tmp/load.$1 \
+      || { cat /tmp/load.$1; echo "LOAD_ERROR_$1=write"; exit 1; }
+    dd if=/dev/$D of=/tmp/back.$1 bs=64k skip=$(($1 * 16)) count=16 iflag=direct 2>/tmp/load.$1 \
+      || { cat /tmp/load.$1; echo "LOAD_ERROR_$1=read"; exit 1; }
+    cmp -s /opt/pat /tmp/back.$1 || { echo "LOAD_ERROR_$1=compare"; exit 1; }
+    _n=$((_n + 1))
+  done
+  echo "LOAD_ROUNDS_$1=$_n"
+}
+
+# zeroed MIB: whether the MiB at MIB MiB reads back as zeroes.
+zeroed() {
+  echo 3 > /proc/sys/vm/drop_caches
+  dd if=/dev/$D of=/tmp/z bs=64k skip=$(($1 * 16)) count=16 iflag=direct 2>/dev/null || return 1
+  head -c 1048576 /dev/zero | cmp -s - /tmp/z
+}
+
 start_tgt first
 socat TCP-LISTEN:$RPC_PORT,fork,reuseaddr UNIX-CONNECT:/tmp/spdk.sock &
 SOCAT=$!
 host_sync rpc || fail "no answer from the host (rpc)"
 io first 1
+
+step "controller reset under a write/read load"
+nvmf_connect "$NVMF_NQN" --nr-io-queues=2 || fail "reset: nvme connect"
+D=$(nvmf_ns_dev 1) || fail "reset: no namespace block device"
+rm -f /tmp/stop
+load 8 & L1=$!
+load 16 & L2=$!
+host_sync reset || fail "no answer from the host (reset)"
+touch /tmp/stop
+wait $L1 || fail "the load at 8 MiB failed across the resets"
+wait $L2 || fail "the load at 16 MiB failed across the resets"
+ok "the load went on across the resets"
+
+step "flush, write zeroes, deallocate"
+nvme flush /dev/$D -n 1 || fail "nvme flush"
+nvmf_write /opt/pat $D 32 && nvmf_write /opt/pat $D 33 || fail "write before zeroing"
+# 2048 blocks of 512 bytes = 1 MiB at 32 MiB; the block count is 0-based.
+nvme write-zeroes /dev/$D -n 1 --start-block=65536 --block-count=2047 || fail "nvme write-zeroes"
+zeroed 32 && echo "WRITE_ZEROES=zeroed" || echo "WRITE_ZEROES=not zeroed"
+nvme dsm /dev/$D -n 1 --ad --slbs=67584 --blocks=2048 || fail "nvme dsm deallocate"
+zeroed 33 && echo "DEALLOCATE=zeroed" || echo "DEALLOCATE=not zeroed"
+nvmf_disconnect || fail "disconnect after the load"
+ok "flush, write zeroes, deallocate"
+
 host_sync detach || fail "no answer from the host (detach)"
 io reattached 0
+host_sync lvol || fail "no answer from the host (lvol)"
+# Creating the lvstore deallocated the whole namespace (SPDK's default clear method): the pattern again.
+io rewritten 1
 
 step "SIGKILL, then a new target on the same device"
 kill -9 $TGT; wait $TGT
@@ -87,7 +136,8 @@ kill $SOCAT 2>/dev/null
 "#;
 
 /// `spdk-rpc` against the guest's target through the forwarded port; the JSON it prints (Null when nothing).
-fn rpc(port: u16, args: &[&str]) -> Value {
+/// A failure panics with the guest's console so far (the target's log is in it).
+fn rpc(guest: &lab::RunningGuest, port: u16, args: &[&str]) -> Value {
     let out = Command::new("spdk-rpc")
         .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-t", "60"])
         .args(args)
@@ -96,9 +146,10 @@ fn rpc(port: u16, args: &[&str]) -> Value {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "spdk-rpc {args:?}: {}{}",
+        "spdk-rpc {args:?}: {}{}\nguest console:\n{}",
         text,
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        guest.console()
     );
     if text.trim().is_empty() {
         Value::Null
@@ -218,7 +269,7 @@ fn pcie_controller_over_vfio_in_guest() {
         .wait(&running, "rpc", Duration::from_secs(300))
         .unwrap_or_else(|e| panic!("{e}\n{}", running.console()));
     // What the target reports of the controller and its namespace.
-    let bdevs = rpc(rpc_port, &["bdev_get_bdevs", "-b", "Nvme0n1"]);
+    let bdevs = rpc(&running, rpc_port, &["bdev_get_bdevs", "-b", "Nvme0n1"]);
     let b = &bdevs[0];
     assert_eq!(b["block_size"], 512, "{bdevs:#}");
     assert_eq!(b["num_blocks"], DRIVE / 512, "{bdevs:#}");
@@ -226,7 +277,11 @@ fn pcie_controller_over_vfio_in_guest() {
     assert_eq!(nvme["trid"]["trtype"], "PCIe", "{bdevs:#}");
     assert_eq!(nvme["trid"]["traddr"], bdf.as_str(), "{bdevs:#}");
     assert_eq!(nvme["ctrlr_data"]["serial_number"], SERIAL, "{bdevs:#}");
-    let ctrlrs = rpc(rpc_port, &["bdev_nvme_get_controllers", "-n", "Nvme0"]);
+    let ctrlrs = rpc(
+        &running,
+        rpc_port,
+        &["bdev_nvme_get_controllers", "-n", "Nvme0"],
+    );
     let trid = &ctrlrs[0]["ctrlrs"][0]["trid"];
     assert_eq!(
         *trid,
@@ -234,6 +289,7 @@ fn pcie_controller_over_vfio_in_guest() {
         "{ctrlrs:#}"
     );
     let health = rpc(
+        &running,
         rpc_port,
         &["bdev_nvme_get_controller_health_info", "-c", "Nvme0"],
     );
@@ -243,7 +299,7 @@ fn pcie_controller_over_vfio_in_guest() {
         health["temperature_celsius"].as_u64().is_some(),
         "{health:#}"
     );
-    let saved = rpc(rpc_port, &["save_config"]);
+    let saved = rpc(&running, rpc_port, &["save_config"]);
     let entry = saved["subsystems"]
         .as_array()
         .unwrap()
@@ -262,13 +318,27 @@ fn pcie_controller_over_vfio_in_guest() {
     assert_eq!(entry["params"]["traddr"], bdf.as_str(), "{entry:#}");
     at.reply("go").unwrap();
 
+    // Two controller resets while the guest writes and reads: its I/O waits and goes on.
+    let at = hs
+        .wait(&running, "reset", Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}\n{}", running.console()));
+    for _ in 0..2 {
+        rpc(&running, rpc_port, &["bdev_nvme_reset_controller", "Nvme0"]);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    at.reply("go").unwrap();
+
     let at = hs
         .wait(&running, "detach", Duration::from_secs(300))
         .unwrap_or_else(|e| panic!("{e}\n{}", running.console()));
     // Detach (the controller is shut down and let go), attach again, and give the namespace back to the
     // subsystem (removing the bdev took it away).
-    rpc(rpc_port, &["bdev_nvme_detach_controller", "Nvme0"]);
-    let gone = rpc(rpc_port, &["bdev_get_bdevs"]);
+    rpc(
+        &running,
+        rpc_port,
+        &["bdev_nvme_detach_controller", "Nvme0"],
+    );
+    let gone = rpc(&running, rpc_port, &["bdev_get_bdevs"]);
     assert!(
         gone.as_array()
             .unwrap()
@@ -277,6 +347,7 @@ fn pcie_controller_over_vfio_in_guest() {
         "{gone:#}"
     );
     let names = rpc(
+        &running,
         rpc_port,
         &[
             "bdev_nvme_attach_controller",
@@ -291,6 +362,67 @@ fn pcie_controller_over_vfio_in_guest() {
     // spdk-rpc prints the bdev names one per line.
     assert_eq!(names, json!("Nvme0n1"));
     rpc(
+        &running,
+        rpc_port,
+        &["nvmf_subsystem_add_ns", NQN, "Nvme0n1", "-n", "1"],
+    );
+    at.reply("go").unwrap();
+
+    // An lvstore on the PCIe namespace (taken out of the subsystem first: a namespace claims its bdev, as in
+    // SPDK), with 1 MiB clusters (its lvol takes the first few, clear of the pattern); detached and attached
+    // again, the controller's namespace is examined and the lvstore and its lvol come back from the device.
+    let at = hs
+        .wait(&running, "lvol", Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}\n{}", running.console()));
+    rpc(&running, rpc_port, &["nvmf_subsystem_remove_ns", NQN, "1"]);
+    rpc(
+        &running,
+        rpc_port,
+        &[
+            "bdev_lvol_create_lvstore",
+            "Nvme0n1",
+            "lvs0",
+            "-c",
+            "1048576",
+        ],
+    );
+    rpc(
+        &running,
+        rpc_port,
+        &["bdev_lvol_create", "-l", "lvs0", "lv0", "4"],
+    );
+    rpc(
+        &running,
+        rpc_port,
+        &["bdev_nvme_detach_controller", "Nvme0"],
+    );
+    rpc(
+        &running,
+        rpc_port,
+        &[
+            "bdev_nvme_attach_controller",
+            "-b",
+            "Nvme0",
+            "-t",
+            "PCIe",
+            "-a",
+            &bdf,
+        ],
+    );
+    rpc(&running, rpc_port, &["bdev_wait_for_examine"]);
+    let lvs = rpc(&running, rpc_port, &["bdev_lvol_get_lvstores"]);
+    assert_eq!(lvs[0]["name"], "lvs0", "{lvs:#}");
+    assert_eq!(lvs[0]["base_bdev"], "Nvme0n1", "{lvs:#}");
+    assert_eq!(lvs[0]["cluster_size"], 1 << 20, "{lvs:#}");
+    let lv = rpc(&running, rpc_port, &["bdev_get_bdevs", "-b", "lvs0/lv0"]);
+    assert_eq!(lv[0]["num_blocks"], 4 * 2048, "{lv:#}");
+    rpc(
+        &running,
+        rpc_port,
+        &["bdev_lvol_delete_lvstore", "-l", "lvs0"],
+    );
+    rpc(
+        &running,
         rpc_port,
         &["nvmf_subsystem_add_ns", NQN, "Nvme0n1", "-n", "1"],
     );
@@ -299,7 +431,7 @@ fn pcie_controller_over_vfio_in_guest() {
     let out = running.wait().unwrap();
     let ctx = || format!("guest console ({}):\n{}", out.log.display(), out.console);
     assert!(out.success(), "guest script failed\n{}", ctx());
-    for run in ["first", "reattached", "restarted"] {
+    for run in ["first", "reattached", "rewritten", "restarted"] {
         assert_eq!(
             out.value(&format!("{run}_NS_NSZE")).as_deref(),
             Some(&*(DRIVE / 512).to_string()),
@@ -308,6 +440,25 @@ fn pcie_controller_over_vfio_in_guest() {
         );
     }
     assert_eq!(out.value("TGT_EXIT").as_deref(), Some("0"), "{}", ctx());
+    assert_eq!(
+        out.value("WRITE_ZEROES").as_deref(),
+        Some("zeroed"),
+        "{}",
+        ctx()
+    );
+    assert_eq!(
+        out.value("DEALLOCATE").as_deref(),
+        Some("zeroed"),
+        "{}",
+        ctx()
+    );
+    for mib in [8, 16] {
+        let rounds: u32 = out
+            .value(&format!("LOAD_ROUNDS_{mib}"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(rounds >= 2, "load at {mib} MiB: {rounds} rounds\n{}", ctx());
+    }
     // The pattern is in the drive's backing file, where the guest kernel put it through our driver.
     let img = std::fs::read(&drive).unwrap();
     let at = (PAT_MIB << 20) as usize;

@@ -20,11 +20,14 @@ use nvme_host::{Dir, IoQueue, Iov, SubmitError};
 use nvme_proto::cmd::{io as opc, Cqe, DsmRange, Sqe};
 use nvme_proto::log::ana_state;
 use nvme_proto::status::{generic, sct};
+use reactor::dma::DmaBuf;
 
 use crate::{NsPaths, PathEntry, Policy, Shared, TcpStats, ST_ENABLED, ST_FAIL_FAST};
 
 /// Bytes of Dataset Management ranges a slot keeps (one range per unmap; the bdev layer cuts larger ones).
 const DSM_BYTES: usize = DsmRange::SIZE;
+/// Slots whose ranges share one 4 KiB page of DMA memory.
+const DSM_PER_PAGE: usize = 4096 / DSM_BYTES;
 
 /// The `driver_ctx` word that counts an I/O's retries.
 const RETRIES: usize = 3;
@@ -121,8 +124,9 @@ pub(crate) struct NvmeChannel {
     /// I/O in a queue, by token, with the path it went to.
     slots: Vec<Option<(IoHandle, usize)>>,
     free: Vec<u32>,
-    /// Each slot's Dataset Management range buffer.
-    dsm: Vec<[u8; DSM_BYTES]>,
+    /// Each slot's Dataset Management range, in DMA memory (a PCIe controller reads it from there): pages of
+    /// [`DSM_PER_PAGE`] slots, added as slots are, never moved.
+    dsm: Vec<DmaBuf>,
     /// Waiting for a path, or for a free slot.
     waiting: VecDeque<IoHandle>,
     /// Writes taken back from a lost path, held until the controller behind it can no longer run them (see
@@ -237,9 +241,17 @@ impl NvmeChannel {
             .sum::<usize>()
             .max(2);
         while self.slots.len() < depth {
+            if self.slots.len() == self.dsm.len() * DSM_PER_PAGE {
+                match DmaBuf::alloc(4096) {
+                    Ok(b) => self.dsm.push(b),
+                    Err(e) => {
+                        log::error!("nvme: channel slots: {e}");
+                        break;
+                    }
+                }
+            }
             self.free.push(self.slots.len() as u32);
             self.slots.push(None);
-            self.dsm.push([0; DSM_BYTES]);
         }
         self.done
             .reserve(depth.saturating_sub(self.done.capacity()));
@@ -407,7 +419,9 @@ impl NvmeChannel {
                 s.set_nsid(nsid);
                 s.set_cdw(10, 0);
                 s.set_cdw(11, DsmRange::AD);
-                let buf = &mut self.dsm[slot as usize];
+                let page = &mut self.dsm[slot as usize / DSM_PER_PAGE];
+                let at = slot as usize % DSM_PER_PAGE * DSM_BYTES;
+                let buf = &mut page.as_mut_slice()[at..at + DSM_BYTES];
                 DsmRange {
                     attributes: 0,
                     nlb: nlb as u32,

@@ -914,7 +914,7 @@ fn supervise(id: u64) {
             log::warn!(
                 "nvme: controller {} ({}) lost, reconnecting",
                 a.name,
-                a.target.addr
+                a.target.location()
             );
             a.shared.state.store(ST_RESETTING, Ordering::Release);
             a.ctrlr.close();
@@ -1070,7 +1070,7 @@ fn reconnected(id: u64, res: Result<Controller>) {
                 log::info!(
                     "nvme: controller {} reconnected ({})",
                     a.name,
-                    a.target.addr
+                    a.target.location()
                 );
                 watch_namespaces(a.id, &ctrlr);
                 ctrlr.set_admin_timeout(admin_timeout());

@@ -491,8 +491,17 @@ pub(crate) async fn create_lvstore(
             format!("lvolstore with name {name} already exists"),
         ));
     }
-    let mut desc: Desc = bdev::open(base, true, Some(base_events(base.to_string())))
-        .map_err(|e| Error::new(ErrorKind::NoEntry, e.to_string()))?;
+    // SPDK's answers: no such bdev is -ENODEV, a bdev another module claimed (an NVMe-oF namespace, a raid
+    // member) -EPERM.
+    let mut desc: Desc =
+        bdev::open(base, true, Some(base_events(base.to_string()))).map_err(|e| {
+            let kind = if e.kind == ErrorKind::Claimed {
+                ErrorKind::NotPermitted
+            } else {
+                ErrorKind::NotFound
+            };
+            Error::new(kind, e.to_string())
+        })?;
     desc.claim(MODULE)
         .map_err(|e| Error::new(ErrorKind::NotPermitted, e.to_string()))?;
     let uuid = Uuid::new_v4();

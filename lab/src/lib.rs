@@ -165,7 +165,8 @@ impl GuestConfig {
     /// those of [`qemu_args`](Self::qemu_args) in order) take the lowest free slots from 1 as QEMU creates them,
     /// so a low slot can already be taken (QEMU then refuses to start: "slot N function 0 not available").
     /// The backing file is opened with the host's page cache (`cache=writeback`: tmpfs has no `O_DIRECT`), so the
-    /// host sees the guest's writes in it once QEMU has exited.
+    /// host sees the guest's writes in it once QEMU has exited. Deallocated blocks are punched out of it
+    /// (`discard=unmap`), so they read back as zeroes as a real drive's do.
     pub fn vfio_nvme(&mut self, serial: &str, backing: &Path, slot: u8, extra: &str) -> String {
         assert!(
             (1..0x1f).contains(&slot),
@@ -191,7 +192,7 @@ impl GuestConfig {
         let drive = format!("vfio-nvme{slot:02x}");
         self.qemu_args.push("-drive".into());
         self.qemu_args.push(format!(
-            "file={},if=none,id={drive},format=raw,cache=writeback",
+            "file={},if=none,id={drive},format=raw,cache=writeback,discard=unmap",
             esc(&backing.display().to_string())
         ));
         self.qemu_args.push("-device".into());

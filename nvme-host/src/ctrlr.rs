@@ -258,6 +258,9 @@ pub struct PcieShared {
     dstrd: u8,
     /// Largest queue the controller takes (CAP.MQES + 1).
     max_entries: u16,
+    /// Cleared when this controller instance closes (reset, detach): its queues stop touching the doorbells,
+    /// which a new instance's queues of the same ids use next.
+    live: Arc<std::sync::atomic::AtomicBool>,
     /// `None` once the controller is closed: what is still posted is dropped (the controller is disabled by
     /// then, so queue memory kept for it may go).
     mailbox: std::sync::Mutex<Option<VecDeque<MailboxCmd>>>,
@@ -290,6 +293,7 @@ impl PcieShared {
     }
 
     fn close(&self) {
+        self.live.store(false, Ordering::Release);
         self.mailbox
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -858,6 +862,7 @@ impl Bringup {
                 ctrlr_dev: c.device()?.clone(),
                 dstrd: c.cap().dstrd,
                 max_entries: c.cap().mqes.saturating_add(1).max(2),
+                live: Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 mailbox: std::sync::Mutex::new(Some(VecDeque::new())),
             }))
         });
@@ -1250,7 +1255,7 @@ impl IoQueue {
         let depth = info.opts.io_queue_size.max(2);
         let created = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let qp = if let Some(p) = &info.pcie {
-            let q = PcieQpair::new(
+            let mut q = PcieQpair::new(
                 p.bar.clone(),
                 qid,
                 depth.min(p.max_entries),
@@ -1259,6 +1264,7 @@ impl IoQueue {
                 p.ctrlr_dev.translations().cache(),
             )
             .map_err(|e| Error::os(e, "I/O queue memory"))?;
+            q.set_liveness(p.live.clone());
             // Create I/O Completion Queue: physically contiguous, interrupts off (polled).
             let mut sqe = Sqe::new(admin::CREATE_IO_CQ, 0);
             sqe.set_prp(q.cq_iova(), 0);
@@ -1473,6 +1479,9 @@ impl IoQueue {
             return;
         }
         let alive = self.info.pcie.as_ref().is_some_and(|p| {
+            if !p.live.load(Ordering::Acquire) {
+                return false;
+            }
             let st = p.bar.read32(nvme_proto::fabrics::reg::CSTS as usize);
             st != u32::MAX && st & csts::CFS == 0 && st & csts::RDY != 0
         });

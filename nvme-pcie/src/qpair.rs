@@ -10,7 +10,7 @@
 //! outstanding is logged and dropped (its slot is not touched), so a confused device can fail commands but not
 //! complete someone else's.
 
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,9 @@ pub struct PcieQpair {
     error: Option<String>,
     /// Completions dropped because they named no outstanding command.
     bogus: u64,
+    /// Cleared when the controller instance this queue was created on is gone (reset, detached): its queue id
+    /// and doorbells may belong to a new queue by then, so this one must not touch them.
+    live: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for PcieQpair {
@@ -157,7 +160,14 @@ impl PcieQpair {
             untimed_opc: None,
             error: None,
             bogus: 0,
+            live: None,
         })
+    }
+
+    /// Ties the queue to its controller instance: once `live` is false, polling fails the queue (its commands
+    /// complete with "aborted, SQ deleted") instead of ringing doorbells that may be another queue's by then.
+    pub fn set_liveness(&mut self, live: Arc<AtomicBool>) {
+        self.live = Some(live);
     }
 
     /// Queue id.
@@ -327,6 +337,17 @@ impl PcieQpair {
     /// Rings the tail doorbell for what was submitted, reaps completions (each to `done` with its token) and rings
     /// the head doorbell; whether anything happened.
     pub fn poll(&mut self, done: &mut dyn FnMut(u64, Cqe)) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        if self
+            .live
+            .as_ref()
+            .is_some_and(|l| !l.load(Ordering::Acquire))
+        {
+            self.fail("controller reset or detached", done);
+            return true;
+        }
         if self.unrung {
             // The entries must be in memory before the device hears of them.
             fence(Ordering::Release);
