@@ -277,6 +277,15 @@ fn pcie_controller_over_vfio_in_guest() {
     assert_eq!(nvme["trid"]["trtype"], "PCIe", "{bdevs:#}");
     assert_eq!(nvme["trid"]["traddr"], bdf.as_str(), "{bdevs:#}");
     assert_eq!(nvme["ctrlr_data"]["serial_number"], SERIAL, "{bdevs:#}");
+    assert_eq!(nvme["pci_address"], bdf.as_str(), "{bdevs:#}");
+    // QEMU names its controller's subsystem after the serial; VS 1.4.
+    assert_eq!(
+        nvme["ctrlr_data"]["subnqn"],
+        format!("nqn.2019-08.org.qemu:{SERIAL}").as_str(),
+        "{bdevs:#}"
+    );
+    assert_eq!(nvme["vs"]["nvme_version"], "1.4", "{bdevs:#}");
+    assert_eq!(nvme["ns_data"]["id"], 1, "{bdevs:#}");
     let ctrlrs = rpc(
         &running,
         rpc_port,

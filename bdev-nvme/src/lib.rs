@@ -1335,18 +1335,25 @@ impl BdevOps for NsOps {
             .map(|s| {
                 let info = s.info.load();
                 let o = &info.opts;
-                json!({
-                    "trid": trid_json(o),
-                    "ctrlr_data": {
-                        "cntlid": info.cntlid,
-                        "vendor_id": format!("0x{:04x}", info.cdata.vid),
-                        "model_number": nvme_proto::identify::padded_str(&info.cdata.mn).unwrap_or_default().trim(),
-                        "serial_number": nvme_proto::identify::padded_str(&info.cdata.sn).unwrap_or_default().trim(),
-                        "firmware_revision": nvme_proto::identify::padded_str(&info.cdata.fr).unwrap_or_default().trim(),
-                        "subnqn": o.subnqn,
-                    },
-                    "ns_data": ns_data(&info, self.paths.nsid),
-                })
+                let mut m = serde_json::Map::new();
+                if let Some(bdf) = &o.pci {
+                    m.insert("pci_address".into(), json!(bdf));
+                }
+                m.insert("trid".into(), Value::Object(trid_json(o)));
+                m.insert("ctrlr_data".into(), ctrlr_data_json(&info));
+                let v = info.cdata.ver;
+                let version = if v & 0xff != 0 {
+                    format!("{}.{}.{}", v >> 16, (v >> 8) & 0xff, v & 0xff)
+                } else {
+                    format!("{}.{}", v >> 16, (v >> 8) & 0xff)
+                };
+                m.insert("vs".into(), json!({ "nvme_version": version }));
+                m.insert("ns_data".into(), ns_data(&info, self.paths.nsid));
+                if info.cdata.oacs & nvme_proto::identify::oacs::SECURITY != 0 {
+                    // No Opal support here: SPDK says the same of a drive it does not run Opal on.
+                    m.insert("security".into(), json!({ "opal": false }));
+                }
+                Value::Object(m)
             })
             .collect();
         out.insert("nvme".into(), Value::Array(entries));
@@ -1361,22 +1368,58 @@ impl BdevOps for NsOps {
     }
 }
 
-/// SPDK's `ns_data` of a namespace through one controller: its id, and its ANA state when the controller
-/// reports them.
+/// SPDK's `ctrlr_data` of a controller (`nvme_namespace_info_json`): Identify Controller's names, the
+/// subsystem NQN it reports, and its admin command and multipath capabilities.
+fn ctrlr_data_json(info: &CtrlrInfo) -> Value {
+    use nvme_proto::identify::{oacs, padded_str};
+    let c = &info.cdata;
+    let text = |b: &[u8]| padded_str(b).unwrap_or_default().trim().to_string();
+    let mut m = serde_json::Map::new();
+    m.insert("cntlid".into(), json!(info.cntlid));
+    m.insert("vendor_id".into(), json!(format!("0x{:04x}", c.vid)));
+    m.insert("model_number".into(), json!(text(&c.mn)));
+    m.insert("serial_number".into(), json!(text(&c.sn)));
+    m.insert("firmware_revision".into(), json!(text(&c.fr)));
+    let end = c
+        .subnqn
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(c.subnqn.len());
+    if end > 0 {
+        m.insert(
+            "subnqn".into(),
+            json!(String::from_utf8_lossy(&c.subnqn[..end])),
+        );
+    }
+    let bit = |b: u16| u32::from(c.oacs & b != 0);
+    m.insert(
+        "oacs".into(),
+        json!({
+            "security": bit(oacs::SECURITY),
+            "format": bit(oacs::FORMAT),
+            "firmware": bit(oacs::FIRMWARE),
+            "ns_manage": bit(oacs::NS_MANAGEMENT),
+        }),
+    );
+    m.insert("multi_ctrlr".into(), json!(c.cmic & (1 << 1) != 0));
+    m.insert("ana_reporting".into(), json!(c.cmic & (1 << 3) != 0));
+    Value::Object(m)
+}
+
+/// SPDK's `ns_data` of a namespace through one controller: its id, its ANA state when the controller reports
+/// them, and whether it may be shared.
 fn ns_data(info: &CtrlrInfo, nsid: u32) -> Value {
     let mut v = serde_json::Map::new();
     v.insert("id".into(), json!(nsid));
+    let ns = info.namespaces.iter().find(|n| n.nsid == nsid);
     if info.ana.reporting() {
-        let grp = info
-            .namespaces
-            .iter()
-            .find(|n| n.nsid == nsid)
-            .map_or(0, |n| n.anagrpid);
+        let grp = ns.map_or(0, |n| n.anagrpid);
         v.insert(
             "ana_state".into(),
             json!(nvme_host::ana_state_name(info.ana.get(grp))),
         );
     }
+    v.insert("can_share".into(), json!(ns.is_some_and(|n| n.shared)));
     Value::Object(v)
 }
 

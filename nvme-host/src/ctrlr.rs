@@ -292,8 +292,13 @@ impl PcieShared {
             .unwrap_or_default()
     }
 
-    fn close(&self) {
+    /// The instance is going: its queues stop touching the doorbells.
+    fn stop(&self) {
         self.live.store(false, Ordering::Release);
+    }
+
+    /// Drops what is still posted, with the queue memory it keeps: only once the controller is disabled.
+    fn close(&self) {
         self.mailbox
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -515,16 +520,19 @@ impl Controller {
     }
 
     /// Closes the admin connection (the controller goes away on the target once its I/O queues are gone
-    /// too).
+    /// too). A PCIe controller is shut down (CC.SHN) and disabled first, which may take up to 5 s.
     pub fn close(&self) {
         self.admin.qp.borrow_mut().close(&mut |_, _| {});
         if let Some(c) = &self.pcie {
             if let Some(s) = &self.info.pcie {
-                s.close();
+                s.stop();
             }
             // The controller finishes what it holds and flushes its caches before the host lets go (SPDK's
             // shutdown notification at detach); then it is disabled, so no queue memory is used any more.
             c.shutdown(Duration::from_secs(5));
+            if let Some(s) = &self.info.pcie {
+                s.close();
+            }
         }
     }
 }
@@ -1229,6 +1237,8 @@ pub struct IoQueue {
     /// PCIe: the result of the Create I/O CQ or SQ in flight on the admin thread (0: none yet; else the status
     /// field with bit 16 set).
     created: Arc<std::sync::atomic::AtomicU32>,
+    /// PCIe: Create I/O SQ was asked for (so closing deletes the SQ before the CQ).
+    sq_posted: bool,
     qid: u16,
     state: IoState,
     started: Instant,
@@ -1293,6 +1303,7 @@ impl IoQueue {
         Ok(IoQueue {
             qp,
             created,
+            sq_posted: false,
             info,
             qid,
             state: IoState::Connecting,
@@ -1434,6 +1445,7 @@ impl IoQueue {
         sqe.set_cdw(11, 1 | (self.qid as u32) << 16);
         self.created.store(0, Ordering::Release);
         let c = self.created.clone();
+        self.sq_posted = true;
         if p.post(sqe, move |cqe| {
             c.store(1 << 16 | cqe.status.to_field() as u32, Ordering::Release)
         }) {
@@ -1508,13 +1520,8 @@ impl IoQueue {
         let Qpair::Pcie(q) = q else { return };
         let mem: QueueMemory = q.into_memory();
         let qid = self.qid;
-        let mut del_sq = Sqe::new(admin::DELETE_IO_SQ, 0);
-        del_sq.set_cdw(10, qid as u32);
         let p2 = p.clone();
-        p.post(del_sq, move |c| {
-            if !c.status.is_success() {
-                log::warn!("I/O queue {qid}: Delete I/O SQ: {}", c.status);
-            }
+        let delete_cq = move || {
             let mut del_cq = Sqe::new(admin::DELETE_IO_CQ, 0);
             del_cq.set_cdw(10, qid as u32);
             p2.post(del_cq, move |c| {
@@ -1523,6 +1530,17 @@ impl IoQueue {
                 }
                 drop(mem);
             });
+        };
+        if !self.sq_posted {
+            return delete_cq();
+        }
+        let mut del_sq = Sqe::new(admin::DELETE_IO_SQ, 0);
+        del_sq.set_cdw(10, qid as u32);
+        p.post(del_sq, move |c| {
+            if !c.status.is_success() {
+                log::warn!("I/O queue {qid}: Delete I/O SQ: {}", c.status);
+            }
+            delete_cq();
         });
     }
 }
