@@ -5,8 +5,10 @@
 //! the emulated drive, reads it back, and the host test finds it in the drive's backing file after the guest is
 //! gone. On the way, from the host through `spdk-rpc` (TCP, bridged to the target's socket by socat in the
 //! guest): `bdev_get_bdevs` (size, block size, PCI address), `bdev_nvme_get_controllers` (trid),
-//! `bdev_nvme_get_controller_health_info`, detach and re-attach, `save_config`; then the target is killed with
-//! SIGKILL and a new one takes the same device and reads the data back.
+//! `bdev_nvme_get_controller_health_info`, `save_config`, two controller resets under a write/read load, detach
+//! and re-attach, an lvstore created on the namespace and found again after a re-attach; flush, write zeroes and
+//! deallocate from the kernel host; `bdevperf -w verify` on every core (4 KiB, and 128 KiB through PRP lists);
+//! then the target is killed with SIGKILL and a new one takes the same device and reads the data back.
 //!
 //! ```text
 //! cargo test -p spdk-tgt --test nvme_pcie_guest -- --nocapture
@@ -92,9 +94,10 @@ zeroed() {
   head -c 1048576 /dev/zero | cmp -s - /tmp/z
 }
 
-start_tgt first
+# The RPC bridge first: it listens long before the host's first call (it connects to the target per call).
 socat TCP-LISTEN:$RPC_PORT,fork,reuseaddr UNIX-CONNECT:/tmp/spdk.sock &
 SOCAT=$!
+start_tgt first
 host_sync rpc || fail "no answer from the host (rpc)"
 io first 1
 
@@ -124,15 +127,31 @@ ok "flush, write zeroes, deallocate"
 host_sync detach || fail "no answer from the host (detach)"
 io reattached 0
 host_sync lvol || fail "no answer from the host (lvol)"
-# Creating the lvstore deallocated the whole namespace (SPDK's default clear method): the pattern again.
+kill $TGT; wait $TGT; echo "TGT_EXIT=$?"
+
+step "bdevperf -w verify on the namespace, every core (two I/O queues), 4 KiB and 128 KiB (PRP lists)"
+for bs in 4096 131072; do
+  $BDEVPERF -m 0x3 -C --no-huge -s 256 --json /opt/perf.json -q 16 -o $bs -w verify -t 3 > /tmp/perf.$bs 2>&1
+  echo "PERF_RC_$bs=$?"
+  sed "s/^/PERF: /" /tmp/perf.$bs | tail -6
+  # Total: IOPS, MiB/s, failures/s.
+  tr -d '\r' < /tmp/perf.$bs > /tmp/perf.txt
+  echo "PERF_IOPS_$bs=$(awk '$1 == "Total" && $2 == ":" {print $3}' /tmp/perf.txt)"
+  echo "PERF_FAILS_$bs=$(awk '$1 == "Total" && $2 == ":" {print $5}' /tmp/perf.txt)"
+done
+
+start_tgt again
+# Creating the lvstore deallocated the whole namespace (SPDK's default clear method) and bdevperf wrote all
+# over it: the pattern again.
 io rewritten 1
 
 step "SIGKILL, then a new target on the same device"
 kill -9 $TGT; wait $TGT
 start_tgt restarted
 io restarted 0
-kill $TGT; wait $TGT; echo "TGT_EXIT=$?"
+kill $TGT; wait $TGT; echo "TGT_EXIT_LAST=$?"
 kill $SOCAT 2>/dev/null
+
 "#;
 
 /// `spdk-rpc` against the guest's target through the forwarded port; the JSON it prints (Null when nothing).
@@ -170,15 +189,32 @@ fn random_bytes(n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The workspace's `bdevperf`, another package's binary: brought up to date here (a no-op when it is), so the
+/// guest never runs one older than the driver under test.
+fn bdevperf() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_spdk_tgt"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "-p", "benches", "--bin", "bdevperf"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()
+        .expect("cargo build");
+    assert!(st.success(), "building bdevperf failed");
+    dir.join("bdevperf")
+}
+
 /// `spdk_tgt` without its debug information, cached by size and time (the image is cached by content).
 fn stripped(binary: &Path, dir: &Path) -> PathBuf {
-    let m = std::fs::metadata(binary).expect("spdk_tgt");
+    let m = std::fs::metadata(binary).expect("binary to strip");
+    let name = binary.file_name().expect("file name").to_string_lossy();
     let mtime = m
         .modified()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
-    let out = dir.join(format!("spdk_tgt-{:x}-{mtime:x}", m.len()));
+    let out = dir.join(format!("{name}-{:x}-{mtime:x}", m.len()));
     if !out.exists() {
         let tmp = out.with_extension("tmp");
         let st = Command::new("strip")
@@ -233,6 +269,9 @@ fn pcie_controller_over_vfio_in_guest() {
     let mut s = Subsystem::new(NQN);
     s.namespaces.push((1, "Nvme0n1".into()));
     tc.subsystems.push(s);
+    let perf_json = scratch.join("perf.json");
+    let bdev_only = json!({"subsystems": [{"subsystem": "bdev", "config": [tc.bdevs[0].clone()]}]});
+    std::fs::write(&perf_json, bdev_only.to_string()).unwrap();
     let tgt_json = scratch.join("tgt.json");
     std::fs::write(&tgt_json, tc.to_json().to_string()).unwrap();
 
@@ -244,6 +283,8 @@ fn pcie_controller_over_vfio_in_guest() {
         .with_binaries(&["/usr/bin/socat", "/usr/bin/cmp"])
         .with_packages(&["socat"]);
     cfg.image.binaries.push(tgt.clone());
+    let perf = stripped(&bdevperf(), lab.root());
+    cfg.image.binaries.push(perf.clone());
     if lab.image_or_skip(TEST, &cfg.image).is_none() {
         return;
     }
@@ -253,12 +294,14 @@ fn pcie_controller_over_vfio_in_guest() {
     cfg.env.extend([
         ("NVMF_ADDR".to_string(), "127.0.0.1".to_string()),
         ("SPDK_TGT".to_string(), tgt.display().to_string()),
+        ("BDEVPERF".to_string(), perf.display().to_string()),
         ("BDF".to_string(), bdf.clone()),
         ("PAT_MIB".to_string(), PAT_MIB.to_string()),
         ("RPC_PORT".to_string(), GUEST_RPC_PORT.to_string()),
     ]);
     cfg.files.push((pat, "/opt/pat".into()));
     cfg.files.push((tgt_json, "/opt/tgt.json".into()));
+    cfg.files.push((perf_json, "/opt/perf.json".into()));
     cfg.mem_mb = 1024;
     cfg.timeout = Duration::from_secs(600);
     let hs = lab::sync::Handshake::new().expect("a port for the guest handshake");
@@ -449,6 +492,19 @@ fn pcie_controller_over_vfio_in_guest() {
         );
     }
     assert_eq!(out.value("TGT_EXIT").as_deref(), Some("0"), "{}", ctx());
+    assert_eq!(
+        out.value("TGT_EXIT_LAST").as_deref(),
+        Some("0"),
+        "{}",
+        ctx()
+    );
+    for bs in [4096, 131072] {
+        let v = |k: &str| out.value(&format!("PERF_{k}_{bs}")).unwrap_or_default();
+        assert_eq!(v("RC"), "0", "bdevperf -o {bs}\n{}", ctx());
+        assert_eq!(v("FAILS"), "0.00", "bdevperf -o {bs}\n{}", ctx());
+        let iops: f64 = v("IOPS").parse().unwrap_or(0.0);
+        assert!(iops > 0.0, "bdevperf -o {bs}: no I/O\n{}", ctx());
+    }
     assert_eq!(
         out.value("WRITE_ZEROES").as_deref(),
         Some("zeroed"),
