@@ -245,6 +245,10 @@ pub fn register(reg: &mut Registry, store: Rc<RefCell<KeptOptions>>) {
                     if name == "bdev_nvme_set_options" {
                         bdev_nvme::set_options(&store.borrow().nvme);
                     }
+                    if name == "bdev_nvme_set_hotplug" {
+                        let h = store.borrow().hotplug.clone();
+                        bdev_nvme::set_hotplug(h.enable, h.period_us);
+                    }
                     for m in &modules {
                         *m.entries.lock().unwrap_or_else(|e| e.into_inner()) =
                             store.borrow().kept_module_entries(m.name);

@@ -539,3 +539,96 @@ fn pcie_controller_over_vfio_in_guest() {
         t0.elapsed().as_secs_f64()
     );
 }
+
+/// Hotplug: the target runs with `bdev_nvme_set_hotplug` on and no controller; the controller is bound to
+/// vfio-pci afterwards and appears as `HotInNvme0n1`; given back to the kernel while attached (setup.sh reset),
+/// the target lets go when vfio-pci asks (the unbind would wait forever otherwise) and the kernel's nvme driver
+/// takes it; bound again, it comes back as `HotInNvme1`.
+const HOTPLUG_SCRIPT: &str = r#"
+. /lab/lib.sh
+$SPDK_TGT -m 0x1 --no-huge -s 256 --json /opt/hot.json -r /tmp/spdk.sock > /tmp/tgt.log 2>&1 &
+TGT=$!
+tail -f /tmp/tgt.log | sed "s/^/TGT: /" &
+# wait_log TEXT SECONDS: waits until the target logged TEXT.
+wait_log() {
+  _t=$(($2 * 10))
+  until grep -q "$1" /tmp/tgt.log; do [ $_t -gt 0 ] || return 1; sleep 0.1; _t=$((_t - 1)); done
+}
+drv() { basename "$(readlink /sys/bus/pci/devices/$BDF/driver)"; }
+wait_log "spdk_tgt is ready" 60 || fail "spdk_tgt not ready"
+
+step "bind the controller while the target runs: hotplug attaches it"
+HUGEMEM=0 PCI_ALLOWED=$BDF sh /lab/setup.sh config || fail "setup.sh config"
+wait_log 'HotInNvme0 (0000:00:04.0): bdevs \["HotInNvme0n1"\]' 30 || fail "not hot-attached"
+ok "HotInNvme0n1"
+
+step "give it back to the kernel while attached"
+(HUGEMEM=0 PCI_ALLOWED=$BDF sh /lab/setup.sh reset; echo $? > /tmp/reset.rc) &
+_t=300; until [ -e /tmp/reset.rc ] || [ $_t -eq 0 ]; do sleep 0.1; _t=$((_t - 1)); done
+if [ ! -e /tmp/reset.rc ]; then
+  tail -15 /tmp/tgt.log | sed "s/^/LOG: /"
+  ls -l /proc/$TGT/fd | grep -c vfio | sed "s/^/VFIO_FDS: /"
+  fail "the unbind still waits after 30 s"
+fi
+echo "RESET_RC=$(cat /tmp/reset.rc)"
+wait_log "removed: detaching" 10 || fail "the target did not let go"
+echo "DRIVER_AFTER_RESET=$(drv)"
+
+step "bind it again: attached again"
+HUGEMEM=0 PCI_ALLOWED=$BDF sh /lab/setup.sh config || fail "setup.sh config again"
+wait_log 'HotInNvme1 (0000:00:04.0): bdevs \["HotInNvme1n1"\]' 30 || fail "not hot-attached again"
+ok "HotInNvme1n1"
+kill $TGT; wait $TGT; echo "TGT_EXIT=$?"
+"#;
+
+#[test]
+fn pcie_hotplug_in_guest() {
+    const TEST: &str = "pcie_hotplug_in_guest";
+    let Some(lab) = lab::Lab::get_or_skip(TEST) else {
+        return;
+    };
+    let kmod = format!(
+        "/lib/modules/{}/kernel/drivers/vfio/pci",
+        lab.kernel_version()
+    );
+    if !Path::new(&kmod).exists() {
+        eprintln!("SKIPPED {TEST}: the guest kernel has no vfio-pci module");
+        return;
+    }
+    let tgt = stripped(Path::new(env!("CARGO_BIN_EXE_spdk_tgt")), lab.root());
+    let scratch = lab
+        .root()
+        .join(format!("nvme-hotplug-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let drive = scratch.join("drive.img");
+    std::fs::File::create(&drive)
+        .unwrap()
+        .set_len(DRIVE)
+        .unwrap();
+    let mut cfg = lab::GuestConfig::new("nvme-pcie-hotplug", HOTPLUG_SCRIPT);
+    let bdf = cfg.vfio_nvme(SERIAL, &drive, SLOT, "");
+    let conf = json!({"subsystems": [{"subsystem": "bdev", "config": [
+        {"method": "bdev_nvme_set_hotplug", "params": {"enable": true, "period_us": 100000}}]}]});
+    let conf_path = scratch.join("hot.json");
+    std::fs::write(&conf_path, conf.to_string()).unwrap();
+    cfg.image = cfg.image.clone().with_extra_modules(&["nvme"]);
+    cfg.image.binaries.push(tgt.clone());
+    cfg.files.push((conf_path, "/opt/hot.json".into()));
+    cfg.env.extend([
+        ("SPDK_TGT".to_string(), tgt.display().to_string()),
+        ("BDF".to_string(), bdf),
+    ]);
+    cfg.timeout = Duration::from_secs(300);
+    let out = lab.run(&cfg).unwrap();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let ctx = || format!("guest console ({}):\n{}", out.log.display(), out.console);
+    assert!(out.success(), "guest script failed\n{}", ctx());
+    assert_eq!(out.value("RESET_RC").as_deref(), Some("0"), "{}", ctx());
+    assert_eq!(
+        out.value("DRIVER_AFTER_RESET").as_deref(),
+        Some("nvme"),
+        "{}",
+        ctx()
+    );
+    assert_eq!(out.value("TGT_EXIT").as_deref(), Some("0"), "{}", ctx());
+}

@@ -24,14 +24,28 @@ fn attach(t: &Tgt, addr: &str) -> serde_json::Value {
 #[test]
 fn pcie_attach_refusals() {
     let t = Tgt::start("pcie-refusals", &[]);
-    for bad in ["0000:00:04", "00:20.0", "0000:00:04.8", "zz:00.0", "10.0.0.1"] {
+    for bad in [
+        "0000:00:04",
+        "00:20.0",
+        "0000:00:04.8",
+        "zz:00.0",
+        "10.0.0.1",
+    ] {
         let e = attach(&t, bad);
-        assert_eq!(e, serde_json::json!({"code": -22, "message": "Invalid argument"}), "{bad}");
+        assert_eq!(
+            e,
+            serde_json::json!({"code": -22, "message": "Invalid argument"}),
+            "{bad}"
+        );
     }
     // No such function: ENODEV, as SPDK's probe that finds nothing; the short form names the same function.
     for addr in [ABSENT, "7f:1f.7"] {
         let e = attach(&t, addr);
-        assert_eq!(e, serde_json::json!({"code": -19, "message": "No such device"}), "{addr}");
+        assert_eq!(
+            e,
+            serde_json::json!({"code": -19, "message": "No such device"}),
+            "{addr}"
+        );
     }
     // Still serving, nothing left behind.
     assert_eq!(t.ok(&["bdev_nvme_get_controllers"]), serde_json::json!([]));
@@ -41,7 +55,8 @@ fn pcie_attach_refusals() {
         assert!(log.contains(why), "{why}: {log}");
     }
     assert_eq!(
-        log.matches(&format!("PCI device {ABSENT} does not exist")).count(),
+        log.matches(&format!("PCI device {ABSENT} does not exist"))
+            .count(),
         2,
         "{log}"
     );

@@ -20,6 +20,9 @@
 
 mod channel;
 pub mod discovery;
+mod hotplug;
+
+pub use hotplug::set_hotplug;
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
@@ -375,21 +378,35 @@ pub fn pci_address(s: &str) -> Option<String> {
     Some(format!("{dom:04x}:{bus:02x}:{dev:02x}.{func:x}"))
 }
 
+/// Whether this process may take PCI function `bdf` (full form).
+pub(crate) fn pci_allowed(bdf: &str) -> bool {
+    let pol = pci_policy();
+    let bdf = bdf.to_string();
+    !pol.none
+        && !pol.blocked.contains(&bdf)
+        && (pol.allowed.is_empty() || pol.allowed.contains(&bdf))
+}
+
+/// The PCI functions of the controllers attached here.
+pub(crate) fn pcie_controllers() -> Vec<String> {
+    CTRLRS.with(|c| {
+        c.borrow()
+            .0
+            .iter()
+            .filter_map(|a| a.target.pci.clone())
+            .collect()
+    })
+}
+
 /// The options of a PCIe attach: the function must be one this process may take.
 fn pcie_opts(p: &AttachParams) -> Result<CtrlrOpts> {
     let bdf =
         pci_address(&p.traddr).ok_or_else(|| invalid(format!("Invalid traddr {}", p.traddr)))?;
-    {
-        let pol = pci_policy();
-        if pol.none
-            || pol.blocked.contains(&bdf)
-            || (!pol.allowed.is_empty() && !pol.allowed.contains(&bdf))
-        {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!("PCI device {bdf} is not allowed (-u, -A, -B)"),
-            ));
-        }
+    if !pci_allowed(&bdf) {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("PCI device {bdf} is not allowed (-u, -A, -B)"),
+        ));
     }
     check_knobs(p)?;
     let (hostid, default_nqn) = host_id();
@@ -891,6 +908,8 @@ fn watch_namespaces(id: u64, ctrlr: &Controller) {
 enum Step {
     Nothing,
     Reconnect(CtrlrOpts),
+    /// A PCIe function the kernel wants back: detach that path (name, PCI address).
+    Remove(String, String),
 }
 
 /// Watches controller `id`: a lost connection starts the reconnect cycle; fast-fail and loss timeouts are
@@ -902,6 +921,10 @@ fn supervise(id: u64) {
             return Step::Nothing;
         };
         let now = Instant::now();
+        if let (true, Some(bdf)) = (a.ctrlr.removed(), &a.target.pci) {
+            // Reconnecting cannot work, and holding the function would keep the kernel's unbind waiting.
+            return Step::Remove(a.name.clone(), bdf.clone());
+        }
         let st = a.shared.state.load(Ordering::Acquire);
         if st == ST_ENABLED {
             if a.shared.ana_stale.swap(false, Ordering::AcqRel) {
@@ -948,8 +971,23 @@ fn supervise(id: u64) {
         }
         Step::Reconnect(a.target.clone())
     });
-    if let Step::Reconnect(opts) = step {
-        nvme_host::connect(opts, move |res| reconnected(id, res));
+    match step {
+        Step::Reconnect(opts) => nvme_host::connect(opts, move |res| reconnected(id, res)),
+        Step::Remove(name, bdf) => {
+            log::warn!("nvme: controller {name}: PCI function {bdf} removed: detaching");
+            let filter = PathFilter {
+                trtype: Some("PCIe".into()),
+                traddr: Some(bdf),
+                ..Default::default()
+            };
+            let n = name.clone();
+            detach(&name, Some(filter), move |r| {
+                if let Err(e) = r {
+                    log::error!("nvme: detach of removed controller {n}: {e}");
+                }
+            });
+        }
+        Step::Nothing => {}
     }
 }
 

@@ -436,6 +436,8 @@ pub struct Controller {
     event_hook: EventHook,
     /// The PCIe controller's registers (shutdown at close).
     pcie: Option<PcieCtrlr>,
+    /// The kernel asked for the PCIe function back.
+    removed: Rc<Cell<bool>>,
 }
 
 impl Controller {
@@ -494,6 +496,12 @@ impl Controller {
 }
 
 impl Controller {
+    /// Whether the controller was removed (a PCIe function the kernel asked back, for an unbind or a hot removal):
+    /// it is not coming back; its user detaches it.
+    pub fn removed(&self) -> bool {
+        self.removed.get()
+    }
+
     /// Whether the admin connection is still up.
     pub fn alive(&self) -> bool {
         !self.failed.get() && self.admin.qp.borrow().error().is_none()
@@ -523,6 +531,12 @@ impl Controller {
     /// too). A PCIe controller is shut down (CC.SHN) and disabled first, which may take up to 5 s.
     pub fn close(&self) {
         self.admin.qp.borrow_mut().close(&mut |_, _| {});
+        // The callbacks still waiting (the outstanding Asynchronous Event Request's, commands never sent) hold
+        // the admin queue themselves: dropping them breaks that cycle, so the queue, and for PCIe the device it
+        // keeps open, go when the controller does.
+        let waiting = std::mem::take(&mut *self.admin.waiting.borrow_mut());
+        let queued = std::mem::take(&mut *self.admin.queued.borrow_mut());
+        drop((waiting, queued));
         if let Some(c) = &self.pcie {
             if let Some(s) = &self.info.pcie {
                 s.stop();
@@ -896,6 +910,9 @@ impl Bringup {
         let a = admin.clone();
         let f = failed.clone();
         let regs = pcie_ctrlr.as_ref().map(|c| c.bar().clone());
+        let dev = pcie_ctrlr.as_ref().and_then(|c| c.device().cloned());
+        let removed = Rc::new(Cell::new(false));
+        let rm = removed.clone();
         let poller = Poller::register("nvme_ctrlr_admin", 1000, move || {
             let mut did = false;
             if let Some(p) = &pcie {
@@ -906,6 +923,12 @@ impl Bringup {
             }
             did |= a.poll();
             if a.qp.borrow().error().is_some() {
+                f.set(true);
+            }
+            if dev.as_ref().is_some_and(|d| d.release_requested()) {
+                // The kernel wants the function back (unbind, hot removal): the controller is going.
+                log::warn!("nvme_pcie: the kernel asks for the device back: controller removed");
+                rm.set(true);
                 f.set(true);
             }
             if let Some(bar) = &regs {
@@ -993,6 +1016,7 @@ impl Bringup {
             ns_hook,
             event_hook,
             pcie: pcie_ctrlr,
+            removed,
         }));
     }
 }

@@ -2,10 +2,10 @@
 //! and DMA mapping of every region in the core's memory map.
 //!
 //! One container serves the whole process (one IOMMU domain, as SPDK's), so a region is mapped once for every
-//! device. Its groups stay attached for the life of the process: a group can be opened by one process at a time,
-//! and keeping it lets a controller be detached and attached again without a race with the kernel; the device
-//! file descriptor is what a controller holds, and closing it (detach, exit or crash) makes vfio-pci reset the
-//! function, so the next process finds it quiet.
+//! device. A group stays open while a device of it is open here; the last device's close closes it too (a group
+//! kept open across an unbind goes stale: the function, bound to vfio-pci again, is not found in it), and the
+//! last group's close ends the container's DMA mappings, which the next group sets up again. Closing the device
+//! file descriptor (detach, exit or crash) makes vfio-pci reset the function, so the next owner finds it quiet.
 //!
 //! DMA addresses (IOVAs) are handed out by this module rather than taken equal to virtual addresses: user space
 //! addresses use 47 bits while IOMMUs may translate fewer (QEMU's intel-iommu gives 39 by default). Each region of
@@ -39,6 +39,7 @@ const GROUP_SET_CONTAINER: libc::c_ulong = req(4);
 const GROUP_GET_DEVICE_FD: libc::c_ulong = req(6);
 const DEVICE_GET_INFO: libc::c_ulong = req(7);
 const DEVICE_GET_REGION_INFO: libc::c_ulong = req(8);
+const DEVICE_SET_IRQS: libc::c_ulong = req(10);
 const DEVICE_RESET: libc::c_ulong = req(11);
 const IOMMU_MAP_DMA: libc::c_ulong = req(13);
 const IOMMU_UNMAP_DMA: libc::c_ulong = req(14);
@@ -132,8 +133,8 @@ impl Dma {
 /// The process's container, its groups, and its subscription to the memory map.
 struct Container {
     fd: OwnedFd,
-    /// Open groups by number (kept for the life of the process, see the module notes).
-    groups: HashMap<u32, OwnedFd>,
+    /// Open groups by number, with how many open devices use each.
+    groups: HashMap<u32, (OwnedFd, usize)>,
     /// The memory map subscription: created when the first group gives the container an IOMMU.
     map: Option<Arc<MemMap>>,
 }
@@ -226,7 +227,8 @@ impl Container {
     /// Opens group `n` and puts it in the container (once); the first gives the container its IOMMU and starts
     /// the DMA mapping of the memory map.
     fn add_group(&mut self, n: u32) -> Result<RawFd> {
-        if let Some(g) = self.groups.get(&n) {
+        if let Some((g, users)) = self.groups.get_mut(&n) {
+            *users += 1;
             return Ok(g.as_raw_fd());
         }
         let g = open_rw(&format!("/dev/vfio/{n}"))?;
@@ -273,7 +275,7 @@ impl Container {
             self.map = Some(Arc::new(map));
         }
         let fd = g.as_raw_fd();
-        self.groups.insert(n, g);
+        self.groups.insert(n, (g, 1));
         Ok(fd)
     }
 }
@@ -286,7 +288,24 @@ pub struct Device {
     bar0: NonNull<u8>,
     bar0_len: usize,
     resettable: bool,
+    /// Signalled by vfio-pci when the kernel wants the device back (unbind, hot removal): `None` when the
+    /// kernel offers no request notification.
+    release_request: Option<OwnedFd>,
+    // Dropped in this order, after the device descriptor: the map (the last device's drop unmaps everything
+    // while its group still gives the container an IOMMU), then the group.
     map: Arc<MemMap>,
+    _group: GroupUse,
+}
+
+/// A device's use of its IOMMU group: released when the device goes.
+struct GroupUse(u32);
+
+impl Drop for GroupUse {
+    fn drop(&mut self) {
+        if let Some(c) = CONTAINER.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            c.release_group(self.0);
+        }
+    }
 }
 
 // SAFETY: the BAR mapping is device memory shared with the device anyway; every access to it goes through
@@ -315,6 +334,8 @@ impl Device {
             let gfd = c.add_group(group)?;
             (gfd, c.map.clone().expect("map set with the first group"))
         };
+        // From here on, an early return gives the group back.
+        let group = GroupUse(group);
         let name = CString::new(bdf)
             .map_err(|_| Error::new(ErrorKind::Io(libc::EINVAL), format!("PCI address {bdf:?}")))?;
         // SAFETY: GET_DEVICE_FD reads the NUL-terminated name through the pointer we pass.
@@ -365,7 +386,9 @@ impl Device {
             bar0: NonNull::new(p.cast()).expect("mmap succeeded"),
             bar0_len: bar.size as usize,
             resettable: info.flags & v::VFIO_DEVICE_FLAGS_RESET != 0,
+            release_request: request_notifier(fd),
             map,
+            _group: group,
         };
         // Memory space and bus master enable (PCI command register, bits 1 and 2).
         let cmd = dev.config_read16(4)?;
@@ -404,6 +427,18 @@ impl Device {
             .map_err(|e| os_err(e, format!("{}: config write at {off:#x}", self.bdf)))
     }
 
+    /// Whether the kernel asked for the device back (it is being unbound from vfio-pci or removed): the user must
+    /// let go of it, or the unbind waits. Reading clears the notification; callers keep the answer.
+    pub fn release_requested(&self) -> bool {
+        let Some(fd) = &self.release_request else {
+            return false;
+        };
+        let mut n = [0u8; 8];
+        // SAFETY: reads 8 bytes into our buffer from a non-blocking eventfd we own.
+        let r = unsafe { libc::read(fd.as_raw_fd(), n.as_mut_ptr().cast(), 8) };
+        r == 8
+    }
+
     /// Resets the function (VFIO_DEVICE_RESET), when the device supports a reset VFIO can do.
     pub fn reset(&self) -> Result<()> {
         if !self.resettable {
@@ -419,11 +454,68 @@ impl Device {
     }
 }
 
+impl Container {
+    /// A device of group `n` closed: the group closes with its last device, and the DMA mappings with the last
+    /// group (unmapped while a group still gives the container its IOMMU).
+    fn release_group(&mut self, n: u32) {
+        let Some((_, users)) = self.groups.get_mut(&n) else {
+            return;
+        };
+        *users -= 1;
+        if *users > 0 {
+            return;
+        }
+        if self.groups.len() == 1 {
+            self.map = None;
+        }
+        self.groups.remove(&n);
+    }
+}
+
 impl Drop for Device {
     fn drop(&mut self) {
         // SAFETY: unmaps the BAR mapping made in `open`; users of the BAR (queue pairs, the controller) hold the
         // device and are gone before it drops.
         unsafe { libc::munmap(self.bar0.as_ptr().cast(), self.bar0_len) };
+    }
+}
+
+/// VFIO_DEVICE_SET_IRQS with one eventfd (the request interrupt's).
+#[repr(C)]
+struct IrqSetOne {
+    argsz: u32,
+    flags: u32,
+    index: u32,
+    start: u32,
+    count: u32,
+    fd: i32,
+}
+
+/// An eventfd vfio-pci signals when the kernel wants the device back (VFIO_PCI_REQ_IRQ_INDEX), so that a
+/// user driver can let go instead of blocking the unbind.
+fn request_notifier(dev: RawFd) -> Option<OwnedFd> {
+    // SAFETY: creates a new eventfd; the flags are valid.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if efd < 0 {
+        return None;
+    }
+    // SAFETY: `efd` is a new descriptor nothing else owns.
+    let efd = unsafe { OwnedFd::from_raw_fd(efd) };
+    let set = IrqSetOne {
+        argsz: std::mem::size_of::<IrqSetOne>() as u32,
+        flags: v::VFIO_IRQ_SET_DATA_EVENTFD | v::VFIO_IRQ_SET_ACTION_TRIGGER,
+        index: v::VFIO_PCI_REQ_IRQ_INDEX,
+        start: 0,
+        count: 1,
+        fd: efd.as_raw_fd(),
+    };
+    // SAFETY: SET_IRQS reads the structure we pass (header plus one eventfd), sized by argsz.
+    match unsafe { ioctl(dev, DEVICE_SET_IRQS, &set as *const _ as usize) } {
+        Ok(_) => Some(efd),
+        Err(e) => {
+            log::debug!("vfio: no device request notification: {e}");
+            None
+        }
     }
 }
 

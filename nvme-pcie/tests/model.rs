@@ -1648,11 +1648,15 @@ fn fail_completes_outstanding_commands() {
         "a command reported aborted reached the device"
     );
     assert_eq!(r.model.sq_doorbell(1), 3);
-    // Completions the device posts afterwards complete nothing.
+    // Completions the device posts afterwards complete nothing, and a failed queue touches no doorbell (its id
+    // may belong to a new queue by then).
     r.model.hold_io = false;
     r.model.release();
+    let head = r.model.cq_doorbell(1);
     q.poll(&mut |t, c| panic!("completion {t} {c:?} after fail"));
-    assert_eq!(q.bogus_completions(), 3);
+    assert_eq!(q.bogus_completions(), 0);
+    assert_eq!(r.model.cq_doorbell(1), head);
+    assert_eq!(r.model.sq_doorbell(1), 3);
     r.check();
 }
 
@@ -1753,4 +1757,52 @@ fn shutdown_gives_up() {
         "{took:?}"
     );
     assert_eq!(r.model.regs.get(CC) & cc::EN, 0);
+}
+
+#[test]
+fn a_queue_of_a_gone_controller_instance_lets_go() {
+    let mut r = Rig::up();
+    let mut q = r.io_queue(1, 8, ADMIN_XFER);
+    let live = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    q.set_liveness(live.clone());
+    let b = dma(4096, 1);
+    r.model.hold_io = true;
+    submit(
+        &mut q,
+        rw(io::WRITE, 0, 4096),
+        &iovs(&[(&b, 0, 4096)]),
+        Dir::ToCtrl,
+        7,
+    )
+    .unwrap();
+    q.poll(&mut |_, _| panic!("not yet"));
+    r.model.step();
+    // Another write goes into the ring; then the instance goes (a reset): the queue must not ring for it.
+    submit(
+        &mut q,
+        rw(io::WRITE, 8, 4096),
+        &iovs(&[(&b, 0, 4096)]),
+        Dir::ToCtrl,
+        8,
+    )
+    .unwrap();
+    live.store(false, std::sync::atomic::Ordering::Release);
+    let (sq, cq) = (r.model.sq_doorbell(1), r.model.cq_doorbell(1));
+    let mut got = Vec::new();
+    assert!(q.poll(&mut |t, c| got.push((t, c.status))));
+    got.sort_by_key(|g| g.0);
+    assert_eq!(
+        got,
+        vec![
+            (7, Status::generic(generic::ABORTED_SQ_DELETION)),
+            (8, Status::generic(generic::ABORTED_SQ_DELETION))
+        ]
+    );
+    assert_eq!((r.model.sq_doorbell(1), r.model.cq_doorbell(1)), (sq, cq));
+    assert!(!q.ready());
+    r.model.hold_io = false;
+    r.model.release();
+    q.poll(&mut |t, c| panic!("completion {t} {c:?} after the instance went"));
+    assert_eq!((r.model.sq_doorbell(1), r.model.cq_doorbell(1)), (sq, cq));
+    r.check();
 }

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Informational: the PCIe driver on QEMU's emulated NVMe in a TCG guest, our bdevperf next to SPDK v24.05's
+# bdevperf (both over VFIO, when the peer is built) and next to fio on the guest kernel's nvme driver, same boot,
+# 4 KiB qd32 randread/randwrite, best of ROUNDS. Emulation-bound: compare the ratios, not the numbers.
+# Usage: bash benches/nvme_pcie_guest.sh [seconds per run] [rounds]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEER=${SPDK_PEER:-/root/spdk-peer}
+cargo build --release -q -p benches --bin bdevperf
+BENCH_BDEVPERF=$PWD/target/release/bdevperf \
+SPDK_BDEVPERF=${SPDK_BDEVPERF:-$PEER/build/examples/bdevperf} \
+BENCH_SECONDS=${1:-5} BENCH_ROUNDS=${2:-2} \
+  cargo test --release -q -p benches --test pcie_guest -- --ignored --nocapture
