@@ -17,7 +17,9 @@
 //! Prints `SKIPPED ...` and passes when QEMU cannot run or the guest kernel has no vfio-pci. Logs: the guest
 //! console (target output as `TGT:` lines) in `/var/tmp/spdk-rs-lab/logs/nvme-pcie-guest.log`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -189,49 +191,6 @@ fn random_bytes(n: usize) -> Vec<u8> {
         .collect()
 }
 
-/// The workspace's `bdevperf`, another package's binary: brought up to date here (a no-op when it is), so the
-/// guest never runs one older than the driver under test.
-fn bdevperf() -> PathBuf {
-    let dir = Path::new(env!("CARGO_BIN_EXE_spdk_tgt"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
-    let st = Command::new(env!("CARGO"))
-        .args(["build", "-p", "benches", "--bin", "bdevperf"])
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .status()
-        .expect("cargo build");
-    assert!(st.success(), "building bdevperf failed");
-    dir.join("bdevperf")
-}
-
-/// `spdk_tgt` without its debug information, cached by size and time (the image is cached by content).
-fn stripped(binary: &Path, dir: &Path) -> PathBuf {
-    let m = std::fs::metadata(binary).expect("binary to strip");
-    let name = binary.file_name().expect("file name").to_string_lossy();
-    let mtime = m
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let out = dir.join(format!("{name}-{:x}-{mtime:x}", m.len()));
-    if !out.exists() {
-        let tmp = out.with_extension("tmp");
-        let st = Command::new("strip")
-            .arg("--strip-debug")
-            .arg("-o")
-            .arg(&tmp)
-            .arg(binary)
-            .status();
-        if st.is_ok_and(|s| s.success()) {
-            std::fs::rename(&tmp, &out).unwrap();
-        } else {
-            std::fs::copy(binary, &out).unwrap();
-        }
-    }
-    out
-}
-
 #[test]
 fn pcie_controller_over_vfio_in_guest() {
     const TEST: &str = "pcie_controller_over_vfio_in_guest";
@@ -247,7 +206,7 @@ fn pcie_controller_over_vfio_in_guest() {
         eprintln!("SKIPPED {TEST}: the guest kernel has no vfio-pci module");
         return;
     }
-    let tgt = stripped(Path::new(env!("CARGO_BIN_EXE_spdk_tgt")), lab.root());
+    let tgt = lab::stripped(Path::new(env!("CARGO_BIN_EXE_spdk_tgt")), lab.root());
     let scratch = lab.root().join(format!("nvme-pcie-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
     let drive = scratch.join("drive.img");
@@ -283,7 +242,7 @@ fn pcie_controller_over_vfio_in_guest() {
         .with_binaries(&["/usr/bin/socat", "/usr/bin/cmp"])
         .with_packages(&["socat"]);
     cfg.image.binaries.push(tgt.clone());
-    let perf = stripped(&bdevperf(), lab.root());
+    let perf = lab::stripped(&common::bdevperf(), lab.root());
     cfg.image.binaries.push(perf.clone());
     if lab.image_or_skip(TEST, &cfg.image).is_none() {
         return;
@@ -595,7 +554,7 @@ fn pcie_hotplug_in_guest() {
         eprintln!("SKIPPED {TEST}: the guest kernel has no vfio-pci module");
         return;
     }
-    let tgt = stripped(Path::new(env!("CARGO_BIN_EXE_spdk_tgt")), lab.root());
+    let tgt = lab::stripped(Path::new(env!("CARGO_BIN_EXE_spdk_tgt")), lab.root());
     let scratch = lab
         .root()
         .join(format!("nvme-hotplug-{}", std::process::id()));

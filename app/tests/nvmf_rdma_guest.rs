@@ -18,7 +18,6 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lab::nvmf::NvmfGuest;
@@ -181,46 +180,6 @@ fn config(transport: Value) -> Value {
     ]})
 }
 
-/// The rxe provider libibverbs opens at run time (`librxe-rdmav*.so`).
-fn rxe_provider() -> Option<PathBuf> {
-    let dir = Path::new("/usr/lib/x86_64-linux-gnu/libibverbs");
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("librxe-") && n.ends_with(".so"))
-        })
-}
-
-/// `spdk_tgt` without debug info (the guest's initramfs stays small), made once per build of the binary.
-fn stripped(binary: &Path, dir: &Path) -> PathBuf {
-    let m = std::fs::metadata(binary).expect("spdk_tgt");
-    let mtime = m
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let out = dir.join(format!("spdk_tgt-{:x}-{mtime:x}", m.len()));
-    if !out.exists() {
-        let tmp = out.with_extension("tmp");
-        let st = Command::new("strip")
-            .arg("--strip-debug")
-            .arg("-o")
-            .arg(&tmp)
-            .arg(binary)
-            .status();
-        if st.is_ok_and(|s| s.success()) {
-            std::fs::rename(&tmp, &out).unwrap();
-        } else {
-            std::fs::copy(binary, &out).unwrap();
-        }
-    }
-    out
-}
-
 #[test]
 fn kernel_nvme_rdma_host_in_guest() {
     const TEST: &str = "kernel_nvme_rdma_host_in_guest";
@@ -242,11 +201,11 @@ fn kernel_nvme_rdma_host_in_guest() {
     if lab.image_or_skip(TEST, &probe).is_none() {
         return;
     }
-    let Some(provider) = rxe_provider() else {
+    let Some(provider) = lab::rxe_provider() else {
         eprintln!("SKIPPED {TEST}: no rxe provider for libibverbs (ibverbs-providers)");
         return;
     };
-    let tgt = stripped(&binary, lab.root());
+    let tgt = lab::stripped(&binary, lab.root());
 
     let guest = NvmfGuest::new(PORT, NQN);
     let mut cfg = lab::GuestConfig::new("nvmf-rdma-guest", SCRIPT);

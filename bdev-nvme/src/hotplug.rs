@@ -33,6 +33,11 @@ const RETRY: Duration = Duration::from_secs(10);
 
 /// Starts (or restarts with a new period) or stops the hotplug poller; on the app thread.
 pub fn set_hotplug(enable: bool, period_us: u64) {
+    if reactor::thread::current().is_none() {
+        // No reactor (option checks in unit tests): nothing to poll from.
+        log::debug!("nvme hotplug: no reactor thread, not polling");
+        return;
+    }
     POLLER.with(|p| {
         *p.borrow_mut() = enable.then(|| {
             let period = Duration::from_micros(period_us.max(1000));

@@ -412,6 +412,7 @@ fn pcie_opts(p: &AttachParams) -> Result<CtrlrOpts> {
     let (hostid, default_nqn) = host_id();
     Ok(CtrlrOpts {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        rdma: false,
         pci: Some(bdf),
         subnqn: String::new(),
         hostnqn: p.hostnqn.clone().unwrap_or_else(|| default_nqn.clone()),
@@ -432,11 +433,12 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
     if p.trtype.eq_ignore_ascii_case("pcie") {
         return pcie_opts(p);
     }
-    if !p.trtype.eq_ignore_ascii_case("tcp") {
+    let rdma = p.trtype.eq_ignore_ascii_case("rdma");
+    if !rdma && !p.trtype.eq_ignore_ascii_case("tcp") {
         return Err(Error::new(
             ErrorKind::NotSupported,
             format!(
-                "trtype {} is not supported yet (TCP and PCIe are)",
+                "trtype {} is not supported yet (TCP, RDMA and PCIe are)",
                 p.trtype
             ),
         ));
@@ -479,6 +481,7 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
     };
     Ok(CtrlrOpts {
         addr: SocketAddr::new(ip, port),
+        rdma,
         pci: None,
         subnqn,
         hostnqn: p.hostnqn.clone().unwrap_or_else(|| default_nqn.clone()),
@@ -1169,6 +1172,7 @@ impl PathFilter {
         let fam = if o.addr.is_ipv4() { "ipv4" } else { "ipv6" };
         let (trtype, traddr) = match &o.pci {
             Some(bdf) => ("pcie", bdf.clone()),
+            None if o.rdma => ("rdma", o.addr.ip().to_string()),
             None => ("tcp", o.addr.ip().to_string()),
         };
         self.traddr.as_ref().is_none_or(|t| *t == traddr)
@@ -1641,7 +1645,7 @@ fn transport_json(o: &CtrlrOpts) -> serde_json::Map<String, Value> {
     let v = match &o.pci {
         Some(bdf) => json!({"trtype": "PCIe", "traddr": bdf}),
         None => json!({
-            "trtype": "TCP",
+            "trtype": if o.rdma { "RDMA" } else { "TCP" },
             "adrfam": if o.addr.is_ipv4() { "IPv4" } else { "IPv6" },
             "traddr": o.addr.ip().to_string(),
             "trsvcid": o.addr.port().to_string(),

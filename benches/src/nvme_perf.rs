@@ -238,6 +238,7 @@ fn main() -> ExitCode {
     let host = uuid_like();
     let ctrlr_opts = CtrlrOpts {
         pci: None,
+        rdma: false,
         addr: SocketAddr::new(ip, port),
         subnqn: subnqn.clone(),
         hostnqn: format!("nqn.2014-08.org.nvmexpress:uuid:{host}"),
@@ -251,6 +252,7 @@ fn main() -> ExitCode {
     };
     let ctrlr_opts = CtrlrOpts {
         pci: None,
+        rdma: false,
         num_io_queues: cores.len().max(1) as u16,
         ..ctrlr_opts
     };

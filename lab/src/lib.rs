@@ -369,3 +369,48 @@ fn ensure_packages(pkgs: &[&str]) -> Result<(), LabError> {
         Err(e) => Err(LabError::Unavailable(format!("apt-get: {e}"))),
     }
 }
+
+/// A copy of `binary` without its debug information in `dir` (guest images stay small and their cache keys
+/// change only when the binary does), made once per build of the binary (named by its size and mtime).
+pub fn stripped(binary: &Path, dir: &Path) -> PathBuf {
+    let m = std::fs::metadata(binary).unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
+    let name = binary
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let out = dir.join(format!("{name}-{:x}-{mtime:x}", m.len()));
+    if !out.exists() {
+        let tmp = out.with_extension("tmp");
+        let st = Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&tmp)
+            .arg(binary)
+            .status();
+        if st.is_ok_and(|s| s.success()) {
+            std::fs::rename(&tmp, &out).expect("rename the stripped copy");
+        } else {
+            std::fs::copy(binary, &out).expect("copy the binary");
+        }
+    }
+    out
+}
+
+/// The Soft-RoCE provider libibverbs opens at run time (`librxe-rdmav*.so`, package ibverbs-providers), for
+/// [`ImageSpec::dlopen`] of guests that use RDMA from user space.
+pub fn rxe_provider() -> Option<PathBuf> {
+    let dir = Path::new("/usr/lib/x86_64-linux-gnu/libibverbs");
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("librxe-") && n.ends_with(".so"))
+        })
+}

@@ -26,6 +26,7 @@ use reactor::dma::DmaBuf;
 use reactor::Poller;
 
 use crate::qpair::Qpair;
+use crate::rdma::RdmaQpair;
 use crate::tcp::{Dir, Iov, TcpQpair};
 
 /// Admin queue entries (SPDK's default admin queue size is 32).
@@ -42,6 +43,8 @@ const MAX_XFER_DEFAULT: u32 = 128 * 1024;
 pub struct CtrlrOpts {
     /// Where the controller listens (fabrics).
     pub addr: SocketAddr,
+    /// NVMe/RDMA rather than NVMe/TCP (fabrics; digests do not apply).
+    pub rdma: bool,
     /// The PCI address (`0000:00:04.0`) of a PCIe controller, reached through VFIO; when set, `addr`, the NQNs,
     /// the host id, keep alive and digests do not apply.
     pub pci: Option<String>,
@@ -74,7 +77,8 @@ impl CtrlrOpts {
 
     /// Whether `other` reaches a controller at the same place (same PCI function, or same network address).
     pub fn same_place(&self, other: &CtrlrOpts) -> bool {
-        self.pci == other.pci && (self.pci.is_some() || self.addr == other.addr)
+        self.pci == other.pci
+            && (self.pci.is_some() || (self.addr == other.addr && self.rdma == other.rdma))
     }
 }
 
@@ -353,10 +357,10 @@ impl Admin {
             };
             let token = self.next.get();
             self.next.set(token + 1);
-            // A PCIe controller reaches only memory in the memory map: the data goes through a DMA buffer
-            // (admin commands are few and small).
+            // A PCIe controller, and an RDMA adapter, reach only memory in the memory map: the data goes
+            // through a DMA buffer (admin commands are few and small).
             let mut dma = None;
-            if matches!(*qp, Qpair::Pcie(_)) && dir != Dir::None && !data.is_empty() {
+            if !matches!(*qp, Qpair::Tcp(_)) && dir != Dir::None && !data.is_empty() {
                 match DmaBuf::alloc(data.len()) {
                     Ok(mut b) => {
                         b.as_mut_slice().copy_from_slice(&data);
@@ -580,6 +584,11 @@ pub fn connect(opts: CtrlrOpts, done: impl FnOnce(Result<Controller>) + 'static)
                 Qpair::Pcie(q)
             }
             Err(e) => return done(Err(e)),
+        }
+    } else if opts.rdma {
+        match RdmaQpair::connect(opts.addr, 0, ADMIN_DEPTH, ADMIN_XFER, opts.connect_timeout) {
+            Ok(q) => Qpair::Rdma(q),
+            Err(e) => return done(Err(Error::os(e, format!("connect to {}", opts.addr)))),
         }
     } else {
         match TcpQpair::connect(opts.addr, ADMIN_DEPTH, ADMIN_ICD, ADMIN_XFER, opts.digests) {
@@ -1266,7 +1275,8 @@ pub struct IoQueue {
     qid: u16,
     state: IoState,
     started: Instant,
-    connect_data: Vec<u8>,
+    /// The Connect command's data, in DMA memory (an RDMA controller reads it from there).
+    connect_data: DmaBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1311,6 +1321,17 @@ impl IoQueue {
                 return Err(Error::new(ErrorKind::Io(libc::ENXIO), "controller closed"));
             }
             Qpair::Pcie(q)
+        } else if info.opts.rdma {
+            Qpair::Rdma(
+                RdmaQpair::connect(
+                    info.opts.addr,
+                    qid,
+                    depth,
+                    info.max_xfer,
+                    info.opts.connect_timeout,
+                )
+                .map_err(|e| Error::os(e, "I/O queue connect"))?,
+            )
         } else {
             Qpair::Tcp(
                 TcpQpair::connect(
@@ -1323,7 +1344,10 @@ impl IoQueue {
                 .map_err(|e| Error::os(e, "I/O queue connect"))?,
             )
         };
-        let connect_data = connect_data(&info.opts, info.cntlid);
+        let data = connect_data(&info.opts, info.cntlid);
+        let mut connect_data =
+            DmaBuf::alloc(data.len()).map_err(|e| Error::os(e, "I/O queue connect data"))?;
+        connect_data.as_mut_slice().copy_from_slice(&data);
         Ok(IoQueue {
             qp,
             created,
@@ -1413,7 +1437,7 @@ impl IoQueue {
             }
             .to_sqe(0);
             let iov = [Iov {
-                base: self.connect_data.as_mut_ptr(),
+                base: self.connect_data.as_ptr(),
                 len: self.connect_data.len(),
             }];
             // SAFETY: `connect_data` lives in this IoQueue, alongside the queue pair, until both are dropped.

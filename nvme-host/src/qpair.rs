@@ -8,12 +8,15 @@ use nvme_pcie::PcieQpair;
 use nvme_proto::cmd::{Cqe, Sqe};
 use nvme_proto::host::{Dir, Iov, SubmitError};
 
+use crate::rdma::RdmaQpair;
 use crate::tcp::TcpQpair;
 
-/// A host queue pair: NVMe/TCP or PCIe.
+/// A host queue pair: NVMe/TCP, NVMe/RDMA or PCIe.
 pub enum Qpair {
     /// Over a TCP connection.
     Tcp(TcpQpair),
+    /// Over an RDMA reliable connection.
+    Rdma(RdmaQpair),
     /// Rings in host memory and doorbells in BAR0.
     Pcie(PcieQpair),
     /// Gone: its rings were handed over to be freed once the controller deleted the queue.
@@ -25,6 +28,7 @@ impl Qpair {
     pub fn ready(&self) -> bool {
         match self {
             Qpair::Tcp(q) => q.ready(),
+            Qpair::Rdma(q) => q.ready(),
             Qpair::Pcie(q) => q.ready(),
             Qpair::Closed => false,
         }
@@ -34,6 +38,7 @@ impl Qpair {
     pub fn error(&self) -> Option<&str> {
         match self {
             Qpair::Tcp(q) => q.error(),
+            Qpair::Rdma(q) => q.error(),
             Qpair::Pcie(q) => q.error(),
             Qpair::Closed => Some("closed"),
         }
@@ -43,6 +48,7 @@ impl Qpair {
     pub fn outstanding(&self) -> usize {
         match self {
             Qpair::Tcp(q) => q.outstanding(),
+            Qpair::Rdma(q) => q.outstanding(),
             Qpair::Pcie(q) => q.outstanding(),
             Qpair::Closed => 0,
         }
@@ -64,6 +70,7 @@ impl Qpair {
         unsafe {
             match self {
                 Qpair::Tcp(q) => q.submit(sqe, iovs, dir, token),
+                Qpair::Rdma(q) => q.submit(sqe, iovs, dir, token),
                 Qpair::Pcie(q) => q.submit(sqe, iovs, dir, token),
                 Qpair::Closed => Err(SubmitError::NotReady),
             }
@@ -75,6 +82,7 @@ impl Qpair {
     pub fn poll(&mut self, done: &mut dyn FnMut(u64, Cqe)) -> bool {
         match self {
             Qpair::Tcp(q) => q.poll(done),
+            Qpair::Rdma(q) => q.poll(done),
             Qpair::Pcie(q) => q.poll(done),
             Qpair::Closed => false,
         }
@@ -84,6 +92,7 @@ impl Qpair {
     pub fn set_timeout(&mut self, t: Option<Duration>, untimed_opc: Option<u8>) {
         match self {
             Qpair::Tcp(q) => q.set_timeout(t, untimed_opc),
+            Qpair::Rdma(q) => q.set_timeout(t, untimed_opc),
             Qpair::Pcie(q) => q.set_timeout(t, untimed_opc),
             Qpair::Closed => {}
         }
@@ -93,6 +102,7 @@ impl Qpair {
     pub fn expired(&mut self, now: Instant, f: &mut dyn FnMut(u16, u64)) {
         match self {
             Qpair::Tcp(q) => q.expired(now, f),
+            Qpair::Rdma(q) => q.expired(now, f),
             Qpair::Pcie(q) => q.expired(now, f),
             Qpair::Closed => {}
         }
@@ -102,6 +112,7 @@ impl Qpair {
     pub fn close(&mut self, done: &mut dyn FnMut(u64, Cqe)) {
         match self {
             Qpair::Tcp(q) => q.close(done),
+            Qpair::Rdma(q) => q.close(done),
             Qpair::Pcie(q) => q.fail("closed by the host", done),
             Qpair::Closed => {}
         }

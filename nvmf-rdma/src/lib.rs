@@ -18,7 +18,8 @@
 mod conn;
 mod group;
 mod transport;
-pub mod verbs;
+/// The verbs layer, shared with the host side (the `rdma` crate).
+pub use rdma as verbs;
 
 pub use group::RdmaGroup;
 pub use transport::RdmaTransport;

@@ -200,3 +200,15 @@ pub fn subsystem_config(cfg: &Value, subsystem: &str) -> (Value, Vec<String>) {
         .collect();
     (entries, methods)
 }
+
+/// The workspace's `bdevperf` (the benches package's binary, which this package's tests cannot name), brought up
+/// to date first so a guest never runs one older than the code under test.
+pub fn bdevperf() -> PathBuf {
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "-p", "benches", "--bin", "bdevperf"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()
+        .expect("cargo build");
+    assert!(st.success(), "building bdevperf failed");
+    Path::new(bin()).with_file_name("bdevperf")
+}

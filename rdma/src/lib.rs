@@ -1,6 +1,8 @@
-//! The crate's one unsafe module: safe owners of the librdmacm / libibverbs objects the transport uses (event
-//! channel, CM ids, devices with their protection domain and memory regions, completion queues, shared receive
-//! queues) and the few calls on them (post receive / send work requests, poll completions).
+//! Safe owners of the librdmacm / libibverbs objects NVMe-oF over RDMA uses, on both sides (the target's
+//! transport in `nvmf-rdma`, the host's queue pairs in `nvme-host`): event channel, CM ids, devices with their
+//! protection domain and memory regions, completion queues, shared receive queues, and the few calls on them
+//! (listen or resolve and connect, post receive / send work requests, poll completions). The workspace's one
+//! unsafe module for RDMA.
 //!
 //! Ownership rules, each kept by a type here:
 //! - A [`CmId`] holds its [`EventChannel`] (an `Arc`), so the channel outlives every id created on it.
@@ -11,7 +13,7 @@
 //!   protection domain for every region of I/O memory the process registers (DMA buffers, malloc bdevs, ...) and
 //!   records `lkey | rkey << 32` as its translation; the map goes (deregistering every MR) before the domain.
 //! - Queue pairs are created on their CM id and destroyed with it; completion queues and shared receive queues
-//!   are owned by the poll group part, which outlives its connections.
+//!   are owned by whoever polls them, which outlives its connections.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -112,6 +114,47 @@ impl EventChannel {
         check(rc, "rdma_listen")?;
         Ok(id)
     }
+}
+
+impl EventChannel {
+    /// An id for a connection to `dst`, its address resolution started (`rdma_create_id`, `rdma_resolve_addr`);
+    /// the channel then reports [`event::ADDR_RESOLVED`] (go on with [`CmId::resolve_route`]) or an error.
+    pub fn resolve(self: &Arc<Self>, dst: SocketAddr, timeout_ms: i32) -> io::Result<CmId> {
+        let id = CmId::create(self)?;
+        let mut sa = reactor::net::SockAddr::from(dst);
+        // SAFETY: the id is live; `sa` is a sockaddr of the family's length, valid for the call; no source
+        // address (the route decides).
+        let rc = unsafe {
+            sys::rdma_resolve_addr(id.raw(), std::ptr::null_mut(), sa.as_mut_ptr(), timeout_ms)
+        };
+        check(rc, "rdma_resolve_addr")?;
+        Ok(id)
+    }
+}
+
+/// The CM event types a connection goes through (`rdma_cm_event_type`).
+pub mod event {
+    use rdma_sys::rdma_cm_event_type as t;
+    /// The destination's address resolved to a device.
+    pub const ADDR_RESOLVED: u32 = t::RDMA_CM_EVENT_ADDR_RESOLVED;
+    /// Address resolution failed.
+    pub const ADDR_ERROR: u32 = t::RDMA_CM_EVENT_ADDR_ERROR;
+    /// The route resolved.
+    pub const ROUTE_RESOLVED: u32 = t::RDMA_CM_EVENT_ROUTE_RESOLVED;
+    /// Route resolution failed.
+    pub const ROUTE_ERROR: u32 = t::RDMA_CM_EVENT_ROUTE_ERROR;
+    /// The peer accepted: the connection is up.
+    pub const ESTABLISHED: u32 = t::RDMA_CM_EVENT_ESTABLISHED;
+    /// The peer refused (its private data says why).
+    pub const REJECTED: u32 = t::RDMA_CM_EVENT_REJECTED;
+    /// Connecting failed.
+    pub const CONNECT_ERROR: u32 = t::RDMA_CM_EVENT_CONNECT_ERROR;
+    /// The peer did not answer.
+    pub const UNREACHABLE: u32 = t::RDMA_CM_EVENT_UNREACHABLE;
+    /// The connection went down.
+    pub const DISCONNECTED: u32 = t::RDMA_CM_EVENT_DISCONNECTED;
+    /// The device went away.
+    pub const DEVICE_REMOVAL: u32 = t::RDMA_CM_EVENT_DEVICE_REMOVAL;
 }
 
 impl Drop for EventChannel {
@@ -424,6 +467,38 @@ impl CmId {
         // SAFETY: the id is live with its queue pair; `p` and the private data are valid for the call.
         let rc = unsafe { sys::rdma_accept(self.raw(), &mut p) };
         check(rc, "rdma_accept")
+    }
+
+    /// Resolves the route of an id whose address resolved; [`event::ROUTE_RESOLVED`] follows.
+    pub fn resolve_route(&self, timeout_ms: i32) -> io::Result<()> {
+        // SAFETY: the id is live and its address resolved.
+        let rc = unsafe { sys::rdma_resolve_route(self.raw(), timeout_ms) };
+        check(rc, "rdma_resolve_route")
+    }
+
+    /// Connects (the queue pair created) with `private_data`, letting the peer issue up to
+    /// `responder_resources` RDMA READs against us and us `initiator_depth` against it; [`event::ESTABLISHED`]
+    /// or a refusal follows. RNR retries are infinite, as SPDK's host asks.
+    pub fn connect(
+        &self,
+        private_data: &[u8],
+        responder_resources: u8,
+        initiator_depth: u8,
+    ) -> io::Result<()> {
+        let mut p = sys::rdma_conn_param {
+            private_data: private_data.as_ptr() as *const c_void,
+            private_data_len: private_data.len() as u8,
+            responder_resources,
+            initiator_depth,
+            flow_control: 1,
+            retry_count: 7,
+            rnr_retry_count: 7,
+            srq: 0,
+            qp_num: 0,
+        };
+        // SAFETY: the id is live with its queue pair; `p` and the private data are valid for the call.
+        let rc = unsafe { sys::rdma_connect(self.raw(), &mut p) };
+        check(rc, "rdma_connect")
     }
 
     /// Moves the queue pair to the error state (outstanding work requests complete, flushed) and sends a
@@ -880,7 +955,7 @@ impl Device {
                         // Memory the device cannot register stays usable by everyone else; the transport
                         // refuses commands whose buffer has no translation.
                         None => log::warn!(
-                            "nvmf_rdma: {dev_name}: ibv_reg_mr {addr:#x}+{len:#x}: {}",
+                            "rdma: {dev_name}: ibv_reg_mr {addr:#x}+{len:#x}: {}",
                             io::Error::last_os_error()
                         ),
                     }
