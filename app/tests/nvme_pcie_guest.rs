@@ -191,29 +191,54 @@ fn random_bytes(n: usize) -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn pcie_controller_over_vfio_in_guest() {
-    const TEST: &str = "pcie_controller_over_vfio_in_guest";
-    let t0 = Instant::now();
-    let Some(lab) = lab::Lab::get_or_skip(TEST) else {
-        return;
-    };
+/// What both guests start from: the lab (None after printing SKIPPED when it, or vfio-pci in the guest kernel,
+/// is missing), a stripped `spdk_tgt`, a scratch directory, and the emulated drive's backing file in it.
+struct Setup {
+    lab: lab::Lab,
+    tgt: std::path::PathBuf,
+    scratch: std::path::PathBuf,
+    drive: std::path::PathBuf,
+}
+
+fn setup(test: &str, tag: &str) -> Option<Setup> {
+    let lab = lab::Lab::get_or_skip(test)?;
     let kmod = format!(
         "/lib/modules/{}/kernel/drivers/vfio/pci",
         lab.kernel_version()
     );
     if !Path::new(&kmod).exists() {
-        eprintln!("SKIPPED {TEST}: the guest kernel has no vfio-pci module");
-        return;
+        eprintln!("SKIPPED {test}: the guest kernel has no vfio-pci module");
+        return None;
     }
     let tgt = lab::stripped(Path::new(env!("CARGO_BIN_EXE_spdk_tgt")), lab.root());
-    let scratch = lab.root().join(format!("nvme-pcie-{}", std::process::id()));
+    let scratch = lab.root().join(format!("{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
     let drive = scratch.join("drive.img");
     std::fs::File::create(&drive)
         .unwrap()
         .set_len(DRIVE)
         .unwrap();
+    Some(Setup {
+        lab,
+        tgt,
+        scratch,
+        drive,
+    })
+}
+
+#[test]
+fn pcie_controller_over_vfio_in_guest() {
+    const TEST: &str = "pcie_controller_over_vfio_in_guest";
+    let t0 = Instant::now();
+    let Some(Setup {
+        lab,
+        tgt,
+        scratch,
+        drive,
+    }) = setup(TEST, "nvme-pcie")
+    else {
+        return;
+    };
     let pat = scratch.join("pat");
     let pattern = random_bytes(PAT_LEN);
     std::fs::write(&pat, &pattern).unwrap();
@@ -543,27 +568,15 @@ kill $TGT; wait $TGT; echo "TGT_EXIT=$?"
 #[test]
 fn pcie_hotplug_in_guest() {
     const TEST: &str = "pcie_hotplug_in_guest";
-    let Some(lab) = lab::Lab::get_or_skip(TEST) else {
+    let Some(Setup {
+        lab,
+        tgt,
+        scratch,
+        drive,
+    }) = setup(TEST, "nvme-hotplug")
+    else {
         return;
     };
-    let kmod = format!(
-        "/lib/modules/{}/kernel/drivers/vfio/pci",
-        lab.kernel_version()
-    );
-    if !Path::new(&kmod).exists() {
-        eprintln!("SKIPPED {TEST}: the guest kernel has no vfio-pci module");
-        return;
-    }
-    let tgt = lab::stripped(Path::new(env!("CARGO_BIN_EXE_spdk_tgt")), lab.root());
-    let scratch = lab
-        .root()
-        .join(format!("nvme-hotplug-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).unwrap();
-    let drive = scratch.join("drive.img");
-    std::fs::File::create(&drive)
-        .unwrap()
-        .set_len(DRIVE)
-        .unwrap();
     let mut cfg = lab::GuestConfig::new("nvme-pcie-hotplug", HOTPLUG_SCRIPT);
     let bdf = cfg.vfio_nvme(SERIAL, &drive, SLOT, "");
     let conf = json!({"subsystems": [{"subsystem": "bdev", "config": [

@@ -27,7 +27,6 @@ const KERNEL: u16 = 4421;
 const SCRIPT: &str = r#"
 . /lab/lib.sh
 step "Soft-RoCE: rxe0 on eth0"
-modprobe crc32_generic
 rdma link add rxe0 type rxe netdev eth0 || fail "rdma link add"
 
 step "the kernel's nvmet-rdma target on port $KERNEL"
@@ -103,20 +102,7 @@ fn bdev_nvme_over_rdma_in_guest() {
     let Some(lab) = lab::Lab::get_or_skip(TEST) else {
         return;
     };
-    let kmod = format!(
-        "/lib/modules/{}/kernel/drivers/infiniband/sw/rxe",
-        lab.kernel_version()
-    );
-    if !Path::new(&kmod).exists() {
-        eprintln!("SKIPPED {TEST}: the guest kernel has no Soft-RoCE (rdma_rxe) module");
-        return;
-    }
-    let probe = lab::ImageSpec::default().with_packages(&["iproute2", "ibverbs-providers"]);
-    if lab.image_or_skip(TEST, &probe).is_none() {
-        return;
-    }
-    let Some(provider) = lab::rxe_provider() else {
-        eprintln!("SKIPPED {TEST}: no rxe provider for libibverbs (ibverbs-providers)");
+    let Some(rdma) = lab.soft_roce_or_skip(TEST) else {
         return;
     };
     let tgt = lab::stripped(Path::new(env!("CARGO_BIN_EXE_spdk_tgt")), lab.root());
@@ -126,24 +112,8 @@ fn bdev_nvme_over_rdma_in_guest() {
         .join(format!("nvme-rdma-host-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
     let mut cfg = lab::GuestConfig::new("nvme-rdma-host", SCRIPT);
-    cfg.image = lab::ImageSpec::default()
-        .with_modules(&[
-            "crc32_generic",
-            "rdma_rxe",
-            "ib_uverbs",
-            "rdma_ucm",
-            "nvmet",
-            "nvmet_rdma",
-            "null_blk",
-        ])
-        .with_binaries(&["/usr/bin/rdma"])
-        .with_packages(&["iproute2", "ibverbs-providers"]);
+    cfg.image = rdma.with_modules(&["nvmet", "nvmet_rdma", "null_blk"]);
     cfg.image.binaries.extend([tgt.clone(), perf.clone()]);
-    cfg.image.dlopen.push(provider);
-    cfg.image.files.push((
-        "/etc/libibverbs.d/rxe.driver".into(),
-        "/etc/libibverbs.d/rxe.driver".into(),
-    ));
     for (name, v) in [
         ("tgt.json", target_config()),
         ("perf-ours.json", perf_config(OURS)),

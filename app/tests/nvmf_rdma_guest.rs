@@ -17,7 +17,7 @@
 //! lines) in `/var/tmp/spdk-rs-lab/logs/nvmf-rdma-guest.log`.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use lab::nvmf::NvmfGuest;
@@ -188,43 +188,18 @@ fn kernel_nvme_rdma_host_in_guest() {
     let Some(lab) = lab::Lab::get_or_skip(TEST) else {
         return;
     };
-    let kmod = format!(
-        "/lib/modules/{}/kernel/drivers/infiniband/sw/rxe",
-        lab.kernel_version()
-    );
-    if !Path::new(&kmod).exists() {
-        eprintln!("SKIPPED {TEST}: the guest kernel has no Soft-RoCE (rdma_rxe) module");
-        return;
-    }
-    // The RDMA user space the guest needs: iproute2's `rdma`, and the rxe provider (ibverbs-providers).
-    let probe = lab::ImageSpec::default().with_packages(&["iproute2", "ibverbs-providers"]);
-    if lab.image_or_skip(TEST, &probe).is_none() {
-        return;
-    }
-    let Some(provider) = lab::rxe_provider() else {
-        eprintln!("SKIPPED {TEST}: no rxe provider for libibverbs (ibverbs-providers)");
+    // Soft-RoCE and the RDMA user space the guest needs (iproute2's `rdma`, the rxe provider).
+    let Some(rdma) = lab.soft_roce_or_skip(TEST) else {
         return;
     };
     let tgt = lab::stripped(&binary, lab.root());
 
     let guest = NvmfGuest::new(PORT, NQN);
     let mut cfg = lab::GuestConfig::new("nvmf-rdma-guest", SCRIPT);
-    cfg.image = lab::ImageSpec::nvme_tcp_host()
-        .with_modules(&[
-            "crc32_generic",
-            "rdma_rxe",
-            "ib_uverbs",
-            "rdma_ucm",
-            "nvme_rdma",
-        ])
-        .with_binaries(&["/usr/bin/rdma", "/usr/bin/cmp"])
-        .with_packages(&["iproute2", "ibverbs-providers"]);
+    cfg.image = rdma
+        .with_modules(&["nvme_rdma"])
+        .with_binaries(&["/usr/bin/cmp"]);
     cfg.image.binaries.push(tgt.clone());
-    cfg.image.dlopen.push(provider);
-    cfg.image.files.push((
-        "/etc/libibverbs.d/rxe.driver".into(),
-        "/etc/libibverbs.d/rxe.driver".into(),
-    ));
     guest.apply(&mut cfg);
     if lab.image_or_skip(TEST, &cfg.image).is_none() {
         return;

@@ -50,6 +50,25 @@ fn sized(p: &Path, len: u64) {
     std::fs::File::create(p).unwrap().set_len(len).unwrap();
 }
 
+/// A `--json` config in `d`: an aio bdev (512-byte blocks) per (name, file), then `extra`.
+fn config(d: &Path, aio: &[(&str, &Path)], extra: Option<serde_json::Value>) -> PathBuf {
+    let mut entries: Vec<serde_json::Value> = aio
+        .iter()
+        .map(|(name, f)| {
+            json!({"method": "bdev_aio_create",
+                   "params": {"name": name, "filename": s(f), "block_size": 512}})
+        })
+        .collect();
+    entries.extend(extra);
+    let p = d.join("cfg.json");
+    std::fs::write(
+        &p,
+        json!({"subsystems": [{"subsystem": "bdev", "config": entries}]}).to_string(),
+    )
+    .unwrap();
+    p
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -62,15 +81,7 @@ fn file_to_bdev_and_back() {
     std::fs::write(&a, &data).unwrap();
     let disk = d.join("disk");
     sized(&disk, 4 * MIB as u64);
-    let cfg = d.join("cfg.json");
-    std::fs::write(
-        &cfg,
-        json!({"subsystems": [{"subsystem": "bdev", "config": [
-            {"method": "bdev_aio_create", "params": {"name": "Aio0", "filename": s(&disk), "block_size": 512}}
-        ]}]})
-        .to_string(),
-    )
-    .unwrap();
+    let cfg = config(&d, &[("Aio0", &disk)], None);
     let o = dd(&[
         "--if",
         s(&a),
@@ -128,18 +139,9 @@ fn through_a_raid1_and_out_again() {
     let (m0, m1) = (d.join("m0"), d.join("m1"));
     sized(&m0, 8 * MIB as u64);
     sized(&m1, 8 * MIB as u64);
-    let cfg = d.join("cfg.json");
-    std::fs::write(
-        &cfg,
-        json!({"subsystems": [{"subsystem": "bdev", "config": [
-            {"method": "bdev_aio_create", "params": {"name": "A0", "filename": s(&m0), "block_size": 512}},
-            {"method": "bdev_aio_create", "params": {"name": "A1", "filename": s(&m1), "block_size": 512}},
-            {"method": "bdev_raid_create", "params": {"name": "R1", "raid_level": "raid1",
-                "base_bdevs": ["A0", "A1"]}}
-        ]}]})
-        .to_string(),
-    )
-    .unwrap();
+    let raid = json!({"method": "bdev_raid_create", "params": {"name": "R1", "raid_level": "raid1",
+        "base_bdevs": ["A0", "A1"]}});
+    let cfg = config(&d, &[("A0", &m0), ("A1", &m1)], Some(raid));
     let data = pattern(5 * MIB, 7);
     let a = d.join("a");
     std::fs::write(&a, &data).unwrap();
@@ -227,15 +229,7 @@ fn bad_flags_and_targets_get_spdk_answers() {
     std::fs::write(&a, pattern(8192, 5)).unwrap();
     let disk = d.join("disk");
     sized(&disk, MIB as u64);
-    let cfg = d.join("cfg.json");
-    std::fs::write(
-        &cfg,
-        json!({"subsystems": [{"subsystem": "bdev", "config": [
-            {"method": "bdev_aio_create", "params": {"name": "Aio0", "filename": s(&disk), "block_size": 512}}
-        ]}]})
-        .to_string(),
-    )
-    .unwrap();
+    let cfg = config(&d, &[("Aio0", &disk)], None);
     let out = s(&d).to_string() + "/out";
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (vec![], 22, "You must specify either --if or --ib"),

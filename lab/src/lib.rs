@@ -319,6 +319,38 @@ impl Lab {
         }
     }
 
+    /// An image with Soft-RoCE (`rdma_rxe` and the RDMA CM modules, iproute2's `rdma`, libibverbs' rxe provider
+    /// and its driver file), for guests that use RDMA from user space and the kernel (`rdma link add rxe0 type
+    /// rxe netdev eth0`; it needs a NIC). `None`, after printing `SKIPPED <test>: ...`, when the guest kernel has
+    /// no Soft-RoCE or the user space cannot be installed.
+    pub fn soft_roce_or_skip(&self, test: &str) -> Option<ImageSpec> {
+        let kmod = format!(
+            "/lib/modules/{}/kernel/drivers/infiniband/sw/rxe",
+            self.kernel_version()
+        );
+        if !Path::new(&kmod).exists() {
+            eprintln!("SKIPPED {test}: the guest kernel has no Soft-RoCE (rdma_rxe) module");
+            return None;
+        }
+        let probe = ImageSpec::default().with_packages(&["iproute2", "ibverbs-providers"]);
+        self.image_or_skip(test, &probe)?;
+        let Some(provider) = rxe_provider() else {
+            eprintln!("SKIPPED {test}: no rxe provider for libibverbs (ibverbs-providers)");
+            return None;
+        };
+        // crc32_generic: `rdma link add` fails with ENOENT without it (not a listed dependency).
+        let mut spec = ImageSpec::default()
+            .with_modules(&["crc32_generic", "rdma_rxe", "ib_uverbs", "rdma_ucm"])
+            .with_binaries(&["/usr/bin/rdma"])
+            .with_packages(&["iproute2", "ibverbs-providers"]);
+        spec.dlopen.push(provider);
+        spec.files.push((
+            "/etc/libibverbs.d/rxe.driver".into(),
+            "/etc/libibverbs.d/rxe.driver".into(),
+        ));
+        Some(spec)
+    }
+
     /// Boots a guest and returns once it powered off (or the time limit killed it).
     pub fn run(&self, cfg: &GuestConfig) -> Result<GuestOutput, LabError> {
         self.spawn(cfg)?.wait()
@@ -400,9 +432,8 @@ pub fn stripped(binary: &Path, dir: &Path) -> PathBuf {
     out
 }
 
-/// The Soft-RoCE provider libibverbs opens at run time (`librxe-rdmav*.so`, package ibverbs-providers), for
-/// [`ImageSpec::dlopen`] of guests that use RDMA from user space.
-pub fn rxe_provider() -> Option<PathBuf> {
+/// The Soft-RoCE provider libibverbs opens at run time (`librxe-rdmav*.so`, package ibverbs-providers).
+fn rxe_provider() -> Option<PathBuf> {
     let dir = Path::new("/usr/lib/x86_64-linux-gnu/libibverbs");
     std::fs::read_dir(dir)
         .ok()?

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nvme_proto::cmd::{psdt, sgl, Cqe, SglDesc, Sqe};
-use nvme_proto::host::{Dir, Iov, SubmitError};
+use nvme_proto::host::{report_expired, CmdTimeout, Dir, Iov, SubmitError};
 use nvme_proto::rdma::{CmAccept, CmRequest, PRIVATE_DATA_LEN};
 use nvme_proto::status::{generic, Status};
 use rdma::{event, CmEvent, CmId, Cq, Device, EventChannel, Op, QpCaps, SendWr, Sge, Wc};
@@ -85,8 +85,8 @@ pub struct RdmaQpair {
     max_xfer: u32,
     started: Instant,
     connect_timeout: Duration,
-    timeout: Option<Duration>,
-    untimed_opc: Option<u8>,
+    /// The command timeout.
+    timeout: CmdTimeout,
     error: Option<String>,
     wcs: Vec<Wc>,
 }
@@ -123,8 +123,7 @@ impl RdmaQpair {
             max_xfer,
             started: Instant::now(),
             connect_timeout,
-            timeout: None,
-            untimed_opc: None,
+            timeout: CmdTimeout::default(),
             error: None,
             wcs: vec![Wc::default(); 32],
         })
@@ -222,10 +221,7 @@ impl RdmaQpair {
         s.token = token;
         s.sent = false;
         s.rsp = None;
-        s.deadline = self
-            .timeout
-            .filter(|_| Some(sqe.opc()) != self.untimed_opc)
-            .map(|t| Instant::now() + t);
+        s.deadline = self.timeout.deadline(sqe.opc());
         Ok(())
     }
 
@@ -441,18 +437,16 @@ impl RdmaQpair {
     /// Sets how long a command may be outstanding before [`RdmaQpair::expired`] reports it; commands of opcode
     /// `untimed_opc` are never reported.
     pub fn set_timeout(&mut self, t: Option<Duration>, untimed_opc: Option<u8>) {
-        self.timeout = t.filter(|t| !t.is_zero());
-        self.untimed_opc = untimed_opc;
+        self.timeout.set(t, untimed_opc);
     }
 
     /// Reports, once each, the commands outstanding past their deadline at `now`: (command id, token).
     pub fn expired(&mut self, now: Instant, f: &mut dyn FnMut(u16, u64)) {
-        for (cid, s) in self.slots.iter_mut().enumerate() {
-            if s.busy && s.deadline.is_some_and(|d| d <= now) {
-                s.deadline = None;
-                f(cid as u16, s.token);
-            }
-        }
+        let slots = self
+            .slots
+            .iter_mut()
+            .map(|s| (s.busy, &mut s.deadline, s.token));
+        report_expired(slots, now, f);
     }
 
     /// Closes the connection; commands still in it complete with "aborted, SQ deleted".

@@ -24,6 +24,7 @@ use nvme_proto::tcp::{
 
 use crate::sock;
 
+use nvme_proto::host::{report_expired, CmdTimeout};
 pub use nvme_proto::host::{Dir, Iov, SubmitError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,10 +74,8 @@ pub struct TcpQpair {
     hdgst: bool,
     /// Data digests in use.
     ddgst: bool,
-    /// How long a command may stay outstanding before [`TcpQpair::expired`] reports it (`None`: no limit).
-    timeout: Option<Duration>,
-    /// An opcode whose commands never time out (the admin queue's Asynchronous Event Requests).
-    untimed_opc: Option<u8>,
+    /// The command timeout.
+    timeout: CmdTimeout,
     error: Option<String>,
 }
 
@@ -122,8 +121,7 @@ impl TcpQpair {
             want_digests: digests,
             hdgst: false,
             ddgst: false,
-            timeout: None,
-            untimed_opc: None,
+            timeout: CmdTimeout::default(),
             error: None,
         })
     }
@@ -201,10 +199,7 @@ impl TcpQpair {
         s.dir = dir;
         s.recv = 0;
         s.digest_error = false;
-        s.deadline = self
-            .timeout
-            .filter(|_| Some(sqe.opc()) != self.untimed_opc)
-            .map(|t| Instant::now() + t);
+        s.deadline = self.timeout.deadline(sqe.opc());
         // The capsule: header (and its digest), then (aligned as the controller asked) in-capsule data (and its
         // digest).
         let hend = CAPSULE_CMD_HLEN + self.hdgst_len();
@@ -283,18 +278,16 @@ impl TcpQpair {
     /// now on); commands of opcode `untimed_opc` are never reported (an admin queue's Asynchronous Event
     /// Requests wait for events, as long as it takes).
     pub fn set_timeout(&mut self, t: Option<Duration>, untimed_opc: Option<u8>) {
-        self.timeout = t.filter(|t| !t.is_zero());
-        self.untimed_opc = untimed_opc;
+        self.timeout.set(t, untimed_opc);
     }
 
     /// Reports, once each, the commands outstanding past their deadline at `now`: (command id, token).
     pub fn expired(&mut self, now: Instant, f: &mut dyn FnMut(u16, u64)) {
-        for (cid, s) in self.slots.iter_mut().enumerate() {
-            if s.busy && s.deadline.is_some_and(|d| d <= now) {
-                s.deadline = None;
-                f(cid as u16, s.token);
-            }
-        }
+        let slots = self
+            .slots
+            .iter_mut()
+            .map(|s| (s.busy, &mut s.deadline, s.token));
+        report_expired(slots, now, f);
     }
 
     /// Closes the connection; commands still in it complete with "aborted, SQ deleted".

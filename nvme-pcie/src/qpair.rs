@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvme_proto::cmd::{psdt, Cqe, Sqe};
-use nvme_proto::host::{Dir, Iov, SubmitError};
+use nvme_proto::host::{report_expired, CmdTimeout, Dir, Iov, SubmitError};
 use nvme_proto::status::{generic, Status};
 use reactor::dma::DmaBuf;
 use reactor::memmap::TranslationCache;
@@ -83,8 +83,8 @@ pub struct PcieQpair {
     free: Vec<u16>,
     xl: TranslationCache,
     max_xfer: u32,
-    timeout: Option<Duration>,
-    untimed_opc: Option<u8>,
+    /// The command timeout.
+    timeout: CmdTimeout,
     error: Option<String>,
     /// Completions dropped because they named no outstanding command.
     bogus: u64,
@@ -156,8 +156,7 @@ impl PcieQpair {
             free: (0..n as u16 - 1).rev().collect(),
             xl,
             max_xfer: max_xfer.min(MAX_XFER_PRP),
-            timeout: None,
-            untimed_opc: None,
+            timeout: CmdTimeout::default(),
             error: None,
             bogus: 0,
             live: None,
@@ -254,10 +253,7 @@ impl PcieQpair {
         let s = &mut self.slots[cid as usize];
         s.busy = true;
         s.token = token;
-        s.deadline = self
-            .timeout
-            .filter(|_| Some(sqe.opc()) != self.untimed_opc)
-            .map(|t| Instant::now() + t);
+        s.deadline = self.timeout.deadline(sqe.opc());
         let at = self.sq_tail as usize * SQE_SIZE;
         // SAFETY: `at` is inside the submission ring (tail < depth); the device reads this entry only after the
         // tail doorbell covers it, which `poll` rings after a release fence.
@@ -419,18 +415,16 @@ impl PcieQpair {
     /// Sets how long a command may be outstanding before [`PcieQpair::expired`] reports it (commands submitted
     /// from now on); commands of opcode `untimed_opc` are never reported.
     pub fn set_timeout(&mut self, t: Option<Duration>, untimed_opc: Option<u8>) {
-        self.timeout = t.filter(|t| !t.is_zero());
-        self.untimed_opc = untimed_opc;
+        self.timeout.set(t, untimed_opc);
     }
 
     /// Reports, once each, the commands outstanding past their deadline at `now`: (command id, token).
     pub fn expired(&mut self, now: Instant, f: &mut dyn FnMut(u16, u64)) {
-        for (cid, s) in self.slots.iter_mut().enumerate() {
-            if s.busy && s.deadline.is_some_and(|d| d <= now) {
-                s.deadline = None;
-                f(cid as u16, s.token);
-            }
-        }
+        let slots = self
+            .slots
+            .iter_mut()
+            .map(|s| (s.busy, &mut s.deadline, s.token));
+        report_expired(slots, now, f);
     }
 
     /// Fails the queue pair: commands still in it complete through `done` with "aborted, SQ deleted", and no

@@ -35,3 +35,43 @@ pub enum SubmitError {
     /// pieces whose alignment the transport cannot express (PCIe PRPs need page-aligned joins).
     BadBuffer,
 }
+
+/// A queue pair's command timeout (every transport's): how long a command may stay outstanding, counted from
+/// its submission; none by default. Commands of one opcode may be exempt: the admin queue's Asynchronous Event
+/// Requests wait for events, as long as that takes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CmdTimeout {
+    limit: Option<std::time::Duration>,
+    untimed_opc: Option<u8>,
+}
+
+impl CmdTimeout {
+    /// Sets the limit (`None` or zero: none) for commands submitted from now on, and the exempt opcode.
+    pub fn set(&mut self, limit: Option<std::time::Duration>, untimed_opc: Option<u8>) {
+        self.limit = limit.filter(|t| !t.is_zero());
+        self.untimed_opc = untimed_opc;
+    }
+
+    /// The deadline of a command of opcode `opc` submitted now.
+    #[inline]
+    pub fn deadline(&self, opc: u8) -> Option<std::time::Instant> {
+        self.limit
+            .filter(|_| Some(opc) != self.untimed_opc)
+            .map(|t| std::time::Instant::now() + t)
+    }
+}
+
+/// Reports, once each, the commands past their deadline at `now` to `f` as (command id, token): `slots` gives,
+/// per command id in order, whether it is outstanding, its deadline (cleared once reported) and its token.
+pub fn report_expired<'a>(
+    slots: impl Iterator<Item = (bool, &'a mut Option<std::time::Instant>, u64)>,
+    now: std::time::Instant,
+    f: &mut dyn FnMut(u16, u64),
+) {
+    for (cid, (busy, deadline, token)) in slots.enumerate() {
+        if busy && deadline.is_some_and(|d| d <= now) {
+            *deadline = None;
+            f(cid as u16, token);
+        }
+    }
+}
