@@ -1309,6 +1309,14 @@ impl IoQueue {
             )
             .map_err(|e| Error::os(e, "I/O queue memory"))?;
             q.set_liveness(p.live.clone());
+            // SGLs for what PRPs cannot describe, when the controller takes them (SGLS bits 1:0: 01b any
+            // alignment, 10b dword-aligned data blocks), as SPDK's driver does.
+            use nvme_proto::identify::sgls;
+            match info.cdata.sgls & sgls::SUPPORT_MASK {
+                sgls::SUPPORTED => q.enable_sgl(false),
+                sgls::SUPPORTED_DWORD_ALIGNED => q.enable_sgl(true),
+                _ => {}
+            }
             // Create I/O Completion Queue: physically contiguous, interrupts off (polled).
             let mut sqe = Sqe::new(admin::CREATE_IO_CQ, 0);
             sqe.set_prp(q.cq_iova(), 0);

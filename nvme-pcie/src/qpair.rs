@@ -4,7 +4,8 @@
 //! them by IOVA). A submission writes the command into the submission ring and only marks the tail doorbell
 //! dirty: [`PcieQpair::poll`] rings it once for everything submitted since, then reaps completions by phase tag
 //! and rings the completion head doorbell once for all it took. Command identifiers are slots; each slot owns one
-//! 4 KiB page for its PRP list, so building a command allocates nothing.
+//! 4 KiB page for its PRP list (or SGL descriptors, when PRPs cannot describe the buffers and the controller
+//! takes SGLs), so building a command allocates nothing.
 //!
 //! What the device writes is checked before use: a completion naming a command identifier that is not
 //! outstanding is logged and dropped (its slot is not touched), so a confused device can fail commands but not
@@ -14,7 +15,7 @@ use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvme_proto::cmd::{psdt, Cqe, Sqe};
+use nvme_proto::cmd::{psdt, sgl, Cqe, SglDesc, Sqe};
 use nvme_proto::host::{report_expired, CmdTimeout, Dir, Iov, SubmitError};
 use nvme_proto::status::{generic, Status};
 use reactor::dma::DmaBuf;
@@ -88,6 +89,8 @@ pub struct PcieQpair {
     error: Option<String>,
     /// Completions dropped because they named no outstanding command.
     bogus: u64,
+    /// SGLs may describe what PRPs cannot (the controller supports them): `Some(dword_aligned)`.
+    sgl: Option<bool>,
     /// Cleared when the controller instance this queue was created on is gone (reset, detached): its queue id
     /// and doorbells may belong to a new queue by then, so this one must not touch them.
     live: Option<Arc<AtomicBool>>,
@@ -159,8 +162,16 @@ impl PcieQpair {
             timeout: CmdTimeout::default(),
             error: None,
             bogus: 0,
+            sgl: None,
             live: None,
         })
+    }
+
+    /// Lets commands whose buffers PRPs cannot describe (pieces that do not join on page boundaries) go with
+    /// an SGL instead, for a controller that supports them on I/O queues (Identify SGLS); `dword_aligned` when
+    /// it asks for dword-aligned data blocks (SGLS 10b). SPDK's driver does the same.
+    pub fn enable_sgl(&mut self, dword_aligned: bool) {
+        self.sgl = Some(dword_aligned);
     }
 
     /// Ties the queue to its controller instance: once `live` is false, polling fails the queue (its commands
@@ -234,20 +245,31 @@ impl PcieQpair {
         let Some(cid) = self.free.pop() else {
             return Err(SubmitError::Full);
         };
-        let (prp1, prp2) = match self.build_prps(cid, iovs) {
-            Some(p) => p,
-            None => {
-                self.free.push(cid);
-                return Err(SubmitError::BadBuffer);
-            }
+        let dptr = match self.build_prps(cid, iovs) {
+            Some(p) => Some(Ok(p)),
+            None => self.build_sgl(cid, iovs).map(Err),
+        };
+        let Some(dptr) = dptr else {
+            self.free.push(cid);
+            return Err(SubmitError::BadBuffer);
         };
         sqe.set_cid(cid);
         // No fused pairs: a command passed through from elsewhere must not carry a FUSE bit whose partner never
         // comes.
-        sqe.set_flags(0, psdt::PRP);
+        let (prp1, prp2) = match dptr {
+            Ok(p) => {
+                sqe.set_flags(0, psdt::PRP);
+                p
+            }
+            Err(desc) => {
+                sqe.set_flags(0, psdt::SGL_MPTR_CONTIG);
+                sqe.set_sgl1(&desc);
+                (0, 0)
+            }
+        };
         // A command without data keeps the pointer its caller put there (Create I/O CQ/SQ carry the ring's IOVA
         // in PRP1).
-        if dir != Dir::None {
+        if dir != Dir::None && sqe.psdt() == psdt::PRP {
             sqe.set_prp(prp1, prp2);
         }
         let s = &mut self.slots[cid as usize];
@@ -328,6 +350,58 @@ impl PcieQpair {
             _ => list,
         };
         Some((prp1, prp2))
+    }
+
+    /// The SGL for `iovs` when the controller takes SGLs: one data block descriptor for one piece, else a last
+    /// segment descriptor naming a list of them in slot `cid`'s page (256 at most); `None` when SGLs are off,
+    /// a piece is not in the memory map, or the pieces are too many or not aligned as the controller asks.
+    fn build_sgl(&mut self, cid: u16, iovs: &[Iov]) -> Option<SglDesc> {
+        let dword = self.sgl?;
+        const PER_PAGE: usize = PAGE / 16;
+        let list = self.prp_iova + cid as u64 * PAGE as u64;
+        let mut n = 0usize;
+        let mut first = SglDesc::default();
+        for v in iovs {
+            let (mut addr, mut left) = (v.base as usize, v.len);
+            while left > 0 {
+                let (iova, len) = self.xl.translate(addr, left)?;
+                if len == 0 || n == PER_PAGE || (dword && (iova % 4 != 0 || !len.is_multiple_of(4)))
+                {
+                    return None;
+                }
+                let d = SglDesc {
+                    addr: iova,
+                    len: len as u32,
+                    key: 0,
+                    ty: sgl::TYPE_DATA_BLOCK,
+                    subtype: sgl::SUBTYPE_ADDRESS,
+                };
+                if n == 0 {
+                    first = d;
+                }
+                let mut b = [0u8; 16];
+                d.encode(&mut b);
+                let at = cid as usize * PAGE + n * 16;
+                self.prp_page_mut()[at..at + 16].copy_from_slice(&b);
+                n += 1;
+                addr += len;
+                left -= len;
+            }
+        }
+        if n <= 1 {
+            return Some(first);
+        }
+        Some(SglDesc {
+            addr: list,
+            len: (n * 16) as u32,
+            key: 0,
+            ty: sgl::TYPE_LAST_SEGMENT,
+            subtype: sgl::SUBTYPE_ADDRESS,
+        })
+    }
+
+    fn prp_page_mut(&mut self) -> &mut [u8] {
+        self.mem.prp.as_mut_slice()
     }
 
     /// Rings the tail doorbell for what was submitted, reaps completions (each to `done` with its token) and rings

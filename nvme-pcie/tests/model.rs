@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nvme_pcie::qpair::{doorbells, MAX_XFER_PRP, PAGE};
 use nvme_pcie::{Bar, PcieCtrlr, PcieQpair};
-use nvme_proto::cmd::{admin, io, Cqe, Sqe};
+use nvme_proto::cmd::{admin, io, psdt, sgl, Cqe, SglDesc, Sqe};
 use nvme_proto::fabrics::{cc, csts, reg, Cap};
 use nvme_proto::host::{Dir, Iov, SubmitError};
 use nvme_proto::identify::{padded_str, set_space_padded, CtrlrData, LbaFormat, NsData};
@@ -148,6 +148,8 @@ struct Model {
     /// Every command executed: (queue id, command).
     executed: Vec<(u16, Sqe)>,
     prp_log: Vec<PrpUse>,
+    /// Descriptors of each SGL walked.
+    sgl_log: Vec<usize>,
     /// What the host did wrong, as the model saw it.
     errors: Vec<String>,
 }
@@ -186,6 +188,7 @@ impl Model {
             held: Vec::new(),
             executed: Vec::new(),
             prp_log: Vec::new(),
+            sgl_log: Vec::new(),
             errors: Vec::new(),
         };
         if b.left_enabled {
@@ -505,6 +508,9 @@ impl Model {
 
     /// The memory `len` bytes of data at PRP1/PRP2 cover, in order; logged in `prp_log`.
     fn prps(&mut self, sqe: &Sqe, len: usize) -> Result<Vec<(u64, usize)>, Status> {
+        if sqe.psdt() != psdt::PRP {
+            return self.sgl(sqe, len);
+        }
         let bad = Status::generic(generic::INVALID_PRP_OFFSET);
         let (prp1, prp2) = (sqe.prp1(), sqe.prp2());
         if !prp1.is_multiple_of(4) {
@@ -553,6 +559,43 @@ impl Model {
             segs: segs.len(),
             list,
         });
+        Ok(segs)
+    }
+
+    /// The memory an SGL (SGL1: one data block, or a last segment naming a list of data blocks) covers, which
+    /// must add up to `len`; logged in `sgl_log` (descriptors used).
+    fn sgl(&mut self, sqe: &Sqe, len: usize) -> Result<Vec<(u64, usize)>, Status> {
+        let bad = Status::generic(generic::SGL_DESCRIPTOR_TYPE_INVALID);
+        let d = sqe.sgl1();
+        let descs = match d.ty {
+            sgl::TYPE_DATA_BLOCK => vec![d],
+            sgl::TYPE_LAST_SEGMENT if d.len.is_multiple_of(16) && d.len > 0 => {
+                let mut raw = vec![0u8; d.len as usize];
+                self.dma_read(d.addr, &mut raw)?;
+                raw.chunks_exact(16)
+                    .map(|c| SglDesc::decode(c.try_into().expect("16 bytes")))
+                    .collect()
+            }
+            t => {
+                self.error(format!("SGL1 descriptor type {t:#x}"));
+                return Err(bad);
+            }
+        };
+        let mut segs = Vec::new();
+        for x in &descs {
+            if x.ty != sgl::TYPE_DATA_BLOCK {
+                self.error(format!("SGL list descriptor type {:#x}", x.ty));
+                return Err(bad);
+            }
+            segs.push((x.addr, x.len as usize));
+        }
+        if segs.iter().map(|s| s.1).sum::<usize>() != len {
+            self.error(format!(
+                "SGL covers {segs:?}, the command moves {len} bytes"
+            ));
+            return Err(Status::generic(generic::DATA_SGL_LENGTH_INVALID));
+        }
+        self.sgl_log.push(descs.len());
         Ok(segs)
     }
 
@@ -1804,5 +1847,49 @@ fn a_queue_of_a_gone_controller_instance_lets_go() {
     r.model.release();
     q.poll(&mut |t, c| panic!("completion {t} {c:?} after the instance went"));
     assert_eq!((r.model.sq_doorbell(1), r.model.cq_doorbell(1)), (sq, cq));
+    r.check();
+}
+
+#[test]
+fn sgls_carry_what_prps_cannot() {
+    let mut r = Rig::up();
+    let mut q = r.io_queue(1, 16, MAX_XFER_PRP);
+    let (a, b, c) = (dma(8192, 1), dma(8192, 2), dma(8192, 3));
+    // Pieces that do not join on page boundaries: refused with PRPs only.
+    let odd = iovs(&[(&a, 0, 2048), (&b, 512, 1536), (&c, 100, 512)]);
+    let w = |len: usize| rw(io::WRITE, 40, len);
+    assert_eq!(
+        submit(&mut q, w(4096), &odd, Dir::ToCtrl, 1),
+        Err(SubmitError::BadBuffer)
+    );
+    q.enable_sgl(false);
+    submit(&mut q, w(4096), &odd, Dir::ToCtrl, 1).expect("an SGL describes them");
+    assert_eq!(drive(&mut q, &mut r.model, 1).len(), 1);
+    assert_eq!(r.model.sgl_log.last(), Some(&3));
+    // The disk holds the three pieces in order.
+    let mut want = a.as_slice()[..2048].to_vec();
+    want.extend_from_slice(&b.as_slice()[512..2048]);
+    want.extend_from_slice(&c.as_slice()[100..612]);
+    assert_eq!(&r.model.disk[40 * 512..40 * 512 + 4096], &want[..]);
+    // Read back through another odd layout.
+    let (x, y) = (dma(8192, 0), dma(8192, 0));
+    let back = iovs(&[(&x, 300, 1000), (&y, 8, 3096)]);
+    submit(&mut q, rw(io::READ, 40, 4096), &back, Dir::FromCtrl, 2).expect("SGL read");
+    assert_eq!(drive(&mut q, &mut r.model, 1).len(), 1);
+    let mut got = x.as_slice()[300..1300].to_vec();
+    got.extend_from_slice(&y.as_slice()[8..3104]);
+    assert_eq!(got, want);
+    // Page-joined buffers still go with PRPs.
+    let sgls = r.model.sgl_log.len();
+    submit(&mut q, w(4096), &iovs(&[(&a, 0, 4096)]), Dir::ToCtrl, 3).unwrap();
+    assert_eq!(drive(&mut q, &mut r.model, 1).len(), 1);
+    assert_eq!(r.model.sgl_log.len(), sgls);
+    // A controller that wants dword-aligned blocks: a piece at an odd address is refused.
+    q.enable_sgl(true);
+    let unaligned = iovs(&[(&a, 0, 2048), (&b, 3, 2048)]);
+    assert_eq!(
+        submit(&mut q, w(4096), &unaligned, Dir::ToCtrl, 4),
+        Err(SubmitError::BadBuffer)
+    );
     r.check();
 }
