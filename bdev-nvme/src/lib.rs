@@ -23,6 +23,7 @@ pub mod discovery;
 mod hotplug;
 
 pub use hotplug::set_hotplug;
+pub use nvme_host::pci_address;
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
@@ -361,21 +362,6 @@ pub fn set_pci_policy(none: bool, allowed: &[String], blocked: &[String]) -> Res
         blocked: norm(blocked)?,
     };
     Ok(())
-}
-
-/// A PCI address in SPDK's full form `dddd:bb:dd.f` (lower-case hex), from that form or `bb:dd.f` (domain 0).
-pub fn pci_address(s: &str) -> Option<String> {
-    let (dbd, func) = s.rsplit_once('.')?;
-    let parts: Vec<&str> = dbd.split(':').collect();
-    let (dom, bus, dev) = match parts[..] {
-        [d, b, v] => (u32::from_str_radix(d, 16).ok()?, b, v),
-        [b, v] => (0, b, v),
-        _ => return None,
-    };
-    let bus = u8::from_str_radix(bus, 16).ok()?;
-    let dev = u8::from_str_radix(dev, 16).ok().filter(|d| *d < 32)?;
-    let func = u8::from_str_radix(func, 16).ok().filter(|f| *f < 8)?;
-    Some(format!("{dom:04x}:{bus:02x}:{dev:02x}.{func:x}"))
 }
 
 /// Whether this process may take PCI function `bdf` (full form).

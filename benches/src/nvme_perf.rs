@@ -2,7 +2,8 @@
 //! so operators' scripts keep working: `-q` queue depth, `-o` I/O size, `-w` workload (read, write, randread,
 //! randwrite, rw, randrw), `-M` read percentage for the mixed ones, `-t` seconds, `-c` core mask (each core
 //! runs a job), `-H`/`-I` TCP header/data digests, `-r 'trtype:tcp adrfam:ipv4 traddr:... trsvcid:...
-//! subnqn:...'`.
+//! subnqn:...'` (`trtype:rdma` alike), or `-r 'trtype:pcie traddr:0000:00:04.0'` for a local controller bound to
+//! vfio-pci.
 //!
 //! Per I/O it does what SPDK's perf does: pick the offset (sequential, or random from a per-run generator), take
 //! the submit tick, submit; on completion add the latency to the total, min and max, and submit the next. One
@@ -38,7 +39,8 @@ fn usage(e: &str) -> ExitCode {
     eprintln!("nvme_perf: {e}");
     eprintln!(
         "usage: nvme_perf -q DEPTH -o BYTES -w read|write|randread|randwrite|rw|randrw [-M READ_PCT] -t SECS \
-         [-c MASK] [-H] [-I] -r 'trtype:tcp adrfam:ipv4 traddr:A trsvcid:P subnqn:NQN'"
+         [-c MASK] [-H] [-I] -r 'trtype:tcp|rdma adrfam:ipv4 traddr:A trsvcid:P subnqn:NQN' | \
+         -r 'trtype:pcie traddr:BDF'"
     );
     ExitCode::from(1)
 }
@@ -88,8 +90,8 @@ fn parse() -> Result<Args, String> {
         return Err(format!("unknown workload {}", a.workload));
     }
     match a.trid.get("trtype").map(|s| s.to_ascii_lowercase()) {
-        Some(t) if t == "tcp" => Ok(a),
-        t => Err(format!("trtype {t:?}: only tcp is supported")),
+        Some(t) if ["tcp", "rdma", "pcie"].contains(&t.as_str()) => Ok(a),
+        t => Err(format!("trtype {t:?}: tcp, rdma and pcie are supported")),
     }
 }
 
@@ -211,17 +213,30 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => return usage(&e),
     };
-    let ip: IpAddr = match a.trid.get("traddr").map(|s| s.parse()) {
-        Some(Ok(ip)) => ip,
-        _ => return usage("-r needs traddr:<ip address>"),
-    };
-    let port: u16 = a
+    let trtype = a
         .trid
-        .get("trsvcid")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(4420);
-    let Some(subnqn) = a.trid.get("subnqn").cloned() else {
-        return usage("-r needs subnqn:<nqn>");
+        .get("trtype")
+        .map_or(String::new(), |t| t.to_ascii_lowercase());
+    // A PCIe controller is named by its PCI address (bound to vfio-pci); a fabrics one by address, port and NQN.
+    let (ip, port, subnqn, pci) = if trtype == "pcie" {
+        let Some(bdf) = a.trid.get("traddr").and_then(|t| nvme_host::pci_address(t)) else {
+            return usage("-r needs traddr:<PCI address> for trtype:pcie");
+        };
+        (IpAddr::from([0, 0, 0, 0]), 0, String::new(), Some(bdf))
+    } else {
+        let ip: IpAddr = match a.trid.get("traddr").map(|s| s.parse()) {
+            Some(Ok(ip)) => ip,
+            _ => return usage("-r needs traddr:<ip address>"),
+        };
+        let port: u16 = a
+            .trid
+            .get("trsvcid")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(4420);
+        let Some(subnqn) = a.trid.get("subnqn").cloned() else {
+            return usage("-r needs subnqn:<nqn>");
+        };
+        (ip, port, subnqn, None)
     };
     let Ok(cpumask) = reactor::CpuMask::parse(&a.mask) else {
         return usage("-c: not a core mask");
@@ -237,13 +252,13 @@ fn main() -> ExitCode {
     };
     let host = uuid_like();
     let ctrlr_opts = CtrlrOpts {
-        pci: None,
-        rdma: false,
+        rdma: trtype == "rdma",
+        kato_ms: if pci.is_some() { 0 } else { 10_000 },
+        pci,
         addr: SocketAddr::new(ip, port),
         subnqn: subnqn.clone(),
         hostnqn: format!("nqn.2014-08.org.nvmexpress:uuid:{host}"),
         hostid: [0x5a; 16],
-        kato_ms: 10_000,
         num_io_queues: 1,
         // As SPDK perf: as many queue entries as the depth (the target caps the queue size; ask for no more).
         io_queue_size: (a.qd.min(u16::MAX as usize) as u16).max(2),
@@ -251,8 +266,6 @@ fn main() -> ExitCode {
         digests: a.digests,
     };
     let ctrlr_opts = CtrlrOpts {
-        pci: None,
-        rdma: false,
         num_io_queues: cores.len().max(1) as u16,
         ..ctrlr_opts
     };

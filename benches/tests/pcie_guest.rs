@@ -4,7 +4,10 @@
 //! kernel's nvme driver. The emulated CPU and device bound every number here, so the ratios say whether a driver
 //! costs more than another on the same emulated hardware, not what a real SSD gives.
 //!
-//! Env: `BENCH_BDEVPERF` (ours, release build), `SPDK_BDEVPERF` (optional), `BENCH_SECONDS`, `BENCH_ROUNDS`.
+//! The host libraries alone are compared too: our `nvme_perf` next to SPDK's `spdk_nvme_perf`, same flags.
+//!
+//! Env: `BENCH_BDEVPERF`, `BENCH_NVME_PERF` (ours, release builds), `SPDK_BDEVPERF`, `SPDK_NVME_PERF`
+//! (optional), `BENCH_SECONDS`, `BENCH_ROUNDS`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,11 +25,19 @@ perf() {
     || { tail -20 /tmp/perf.out; fail "$1 bdevperf $4"; }
   echo "RESULT $1 $4 $(tr -d '\r' < /tmp/perf.out | awk '$1 == "Total" && $2 == ":" {print $3}')"
 }
+# nperf NAME BINARY WORKLOAD: one spdk_nvme_perf-style run on the controller itself (the host libraries alone).
+nperf() {
+  $2 -q 32 -o 4096 -w $3 -t $SECONDS -c 0x1 -r "trtype:PCIe traddr:$BDF" > /tmp/nperf.out 2>&1 \
+    || { tail -20 /tmp/nperf.out; fail "$1 $3"; }
+  echo "RESULT $1 $3 $(tr -d '\r' < /tmp/nperf.out | awk '$1 == "Total" && $2 == ":" {print $3}')"
+}
 r=0
 while [ $r -lt $ROUNDS ]; do
   for w in randread randwrite; do
     perf ours "$BDEVPERF" "" $w
     [ -n "$SPDK_BDEVPERF" ] && perf spdk "$SPDK_BDEVPERF" "" $w
+    nperf ours-perf "$NVME_PERF" $w
+    [ -n "$SPDK_NVME_PERF" ] && nperf spdk-perf "$SPDK_NVME_PERF" $w
   done
   r=$((r + 1))
 done
@@ -53,6 +64,10 @@ fn pcie_guest_bench() {
         return;
     };
     let ours = PathBuf::from(std::env::var("BENCH_BDEVPERF").expect("BENCH_BDEVPERF"));
+    let ours_perf = PathBuf::from(std::env::var("BENCH_NVME_PERF").expect("BENCH_NVME_PERF"));
+    let spdk_perf = std::env::var("SPDK_NVME_PERF")
+        .ok()
+        .filter(|p| Path::new(p).exists());
     let spdk = std::env::var("SPDK_BDEVPERF")
         .ok()
         .filter(|p| Path::new(p).exists());
@@ -81,6 +96,10 @@ fn pcie_guest_bench() {
         .with_packages(&["fio"])
         .with_extra_modules(&["nvme"]);
     cfg.image.binaries.push(ours.clone());
+    cfg.image.binaries.push(ours_perf.clone());
+    if let Some(s) = &spdk_perf {
+        cfg.image.binaries.push(PathBuf::from(s));
+    }
     if let Some(s) = &spdk {
         cfg.image.binaries.push(PathBuf::from(s));
         // SPDK initializes OpenSSL, which wants its configuration file.
@@ -98,6 +117,11 @@ fn pcie_guest_bench() {
         (
             "SPDK_BDEVPERF".to_string(),
             spdk.clone().unwrap_or_default(),
+        ),
+        ("NVME_PERF".to_string(), ours_perf.display().to_string()),
+        (
+            "SPDK_NVME_PERF".to_string(),
+            spdk_perf.clone().unwrap_or_default(),
         ),
         ("SECONDS".to_string(), secs),
         ("ROUNDS".to_string(), rounds),
@@ -126,20 +150,25 @@ fn pcie_guest_bench() {
             .find(|b| b.0 == t && b.1 == w)
             .map_or(0.0, |b| b.2)
     };
-    println!("\nworkload    ours (VFIO)  SPDK (VFIO)  kernel fio   ours/SPDK  ours/kernel");
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}x", a / b)
+        } else {
+            "-".into()
+        }
+    };
+    println!("\nbdevperf    ours (VFIO)  SPDK (VFIO)  kernel fio   ours/SPDK  ours/kernel");
     for w in ["randread", "randwrite"] {
         let (o, s, k) = (get("ours", w), get("spdk", w), get("kernel-fio", w));
-        let ratio = |a: f64, b: f64| {
-            if b > 0.0 {
-                format!("{:.2}x", a / b)
-            } else {
-                "-".into()
-            }
-        };
         println!(
             "{w:<10} {o:>12.0} {s:>12.0} {k:>11.0} {:>11} {:>12}",
             ratio(o, s),
             ratio(o, k)
         );
+    }
+    println!("\nnvme_perf   ours (VFIO)  SPDK (VFIO)   ours/SPDK");
+    for w in ["randread", "randwrite"] {
+        let (o, s) = (get("ours-perf", w), get("spdk-perf", w));
+        println!("{w:<10} {o:>12.0} {s:>12.0} {:>11}", ratio(o, s));
     }
 }

@@ -13,4 +13,5 @@ pub use ctrlr::{
     ana_state_name, connect, AnaStates, Controller, CtrlrInfo, CtrlrOpts, IoQueue, NsInfo,
     PcieShared,
 };
+pub use nvme_pcie::pci_address;
 pub use tcp::{Dir, Iov, SubmitError, TcpQpair};
