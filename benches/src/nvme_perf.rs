@@ -298,7 +298,14 @@ fn main() -> ExitCode {
                     w.size, ctrlr.info.max_xfer
                 ));
             }
-            let desc = format!("TCP (addr:{ip} subnqn:{subnqn}) NSID {}", ns.nsid);
+            // SPDK perf's device names: `PCIE (<address>)`, or the fabric with its address and NQN.
+            let desc = match &ctrlr.info.opts.pci {
+                Some(bdf) => format!("PCIE ({bdf}) NSID {}", ns.nsid),
+                None if ctrlr.info.opts.rdma => {
+                    format!("RDMA (addr:{ip} subnqn:{subnqn}) NSID {}", ns.nsid)
+                }
+                None => format!("TCP (addr:{ip} subnqn:{subnqn}) NSID {}", ns.nsid),
+            };
             // One job per core of the mask, each on its own I/O queue (as SPDK perf's workers); the main core
             // collects their counters and ends the run once all are in.
             let results: Arc<Mutex<Vec<CoreResult>>> = Arc::default();

@@ -1302,7 +1302,9 @@ impl IoQueue {
             let mut q = PcieQpair::new(
                 p.bar.clone(),
                 qid,
-                depth.min(p.max_entries),
+                // One entry more than the commands it carries (a full ring would look empty), so that
+                // `io_queue_size` commands fit as on fabrics.
+                depth.saturating_add(1).min(p.max_entries),
                 p.dstrd,
                 info.max_xfer,
                 p.ctrlr_dev.translations().cache(),
