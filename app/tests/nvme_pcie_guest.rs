@@ -482,6 +482,12 @@ fn pcie_controller_over_vfio_in_guest() {
         "{}",
         ctx()
     );
+    // The lvstore unloaded cleanly at the detach: its writes reached the device before the controller went.
+    assert!(
+        !out.console.contains("unloading: write"),
+        "the lvstore's unload writes failed at the detach\n{}",
+        ctx()
+    );
     for bs in [4096, 131072] {
         let v = |k: &str| out.value(&format!("PERF_{k}_{bs}")).unwrap_or_default();
         assert_eq!(v("RC"), "0", "bdevperf -o {bs}\n{}", ctx());

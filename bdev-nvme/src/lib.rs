@@ -1252,11 +1252,12 @@ fn remove_controller(id: u64, done: DetachDone) {
     }) else {
         return done(Ok(()));
     };
-    // Channels stop using it and send what it had on another path (or fail it when none is left).
-    a.shared.state.store(ST_DELETED, Ordering::Release);
+    // The bdevs go first, with the controller still serving them: their users' last I/O (an lvstore writing
+    // its clean state as it unloads) still reaches the device, as in SPDK, where the controller is destroyed
+    // once its bdevs are unregistered.
     let d = std::rc::Rc::new(Detaching {
         left: std::cell::Cell::new(a.bdevs.len() + 1),
-        fin: RefCell::new(Some((a.ctrlr, done))),
+        fin: RefCell::new(Some((a.ctrlr, a.shared.clone(), done))),
     });
     for n in &a.bdevs {
         let d = d.clone();
@@ -1268,7 +1269,7 @@ fn remove_controller(id: u64, done: DetachDone) {
 /// A detach waiting for its bdevs to be unregistered.
 struct Detaching {
     left: std::cell::Cell<usize>,
-    fin: RefCell<Option<(Controller, DetachDone)>>,
+    fin: RefCell<Option<(Controller, Arc<Shared>, DetachDone)>>,
 }
 
 /// Where a detach reports.
@@ -1279,7 +1280,10 @@ impl Detaching {
     fn one(&self) {
         self.left.set(self.left.get() - 1);
         if self.left.get() == 0 {
-            if let Some((ctrlr, done)) = self.fin.borrow_mut().take() {
+            if let Some((ctrlr, shared, done)) = self.fin.borrow_mut().take() {
+                // Channels still holding the path stop using it (what they had moves to another path, or fails
+                // when none is left), then the controller goes.
+                shared.state.store(ST_DELETED, Ordering::Release);
                 ctrlr.close();
                 done(Ok(()));
             }
