@@ -1,4 +1,5 @@
-//! `bdev_nvme` (SPDK's `module/bdev/nvme`), first part: NVMe-oF/TCP controllers attached by RPC, each active
+//! `bdev_nvme` (SPDK's `module/bdev/nvme`): NVMe-oF (TCP, RDMA) and local PCIe controllers attached by RPC (or
+//! hot-plugged, [`set_hotplug`]), each active
 //! namespace a bdev `<name>n<nsid>`, with SPDK's RPC names, parameters and answers for attach, detach and
 //! listing, and `save_config` entries that attach them again at the next start.
 //!
@@ -77,7 +78,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AttachParams {
     /// Controller name, prefix of its bdevs' names.
     pub name: String,
-    /// Transport: `TCP` (`RDMA`, `PCIe` not yet).
+    /// Transport: `TCP`, `RDMA` or `PCIe`.
     pub trtype: String,
     /// Target address.
     pub traddr: String,
@@ -831,11 +832,17 @@ fn remove_ns_path(name: &str, shared: &Arc<Shared>, done: impl FnOnce(()) + 'sta
     let last = NSBDEVS.with(|b| {
         let mut b = b.borrow_mut();
         let i = b.iter().position(|b| b.name == name)?;
-        let empty = b[i].paths.change(|list, _| {
-            list.retain(|s| !Arc::ptr_eq(s, shared));
-            list.is_empty()
+        // The bdev's last path stays in place while the bdev is unregistered: its users' last I/O (an lvstore
+        // writing its clean state as it unloads) still goes through it, as in SPDK. Another path is taken out
+        // at once; the remaining ones carry the I/O.
+        let last = b[i].paths.change(|list, _| {
+            let only = list.iter().all(|s| Arc::ptr_eq(s, shared));
+            if !only {
+                list.retain(|s| !Arc::ptr_eq(s, shared));
+            }
+            only
         });
-        empty.then(|| b.remove(i))
+        last.then(|| b.remove(i))
     });
     match last.and_then(|_| bdev::get(name)) {
         Some(bd) => {
@@ -1252,9 +1259,13 @@ fn remove_controller(id: u64, done: DetachDone) {
     }) else {
         return done(Ok(()));
     };
-    // The bdevs go first, with the controller still serving them: their users' last I/O (an lvstore writing
-    // its clean state as it unloads) still reaches the device, as in SPDK, where the controller is destroyed
-    // once its bdevs are unregistered.
+    // The bdevs go first, with a healthy controller still serving them: their users' last I/O (an lvstore
+    // writing its clean state as it unloads) still reaches the device, as in SPDK, where the controller is
+    // destroyed once its bdevs are unregistered. A controller that is lost stops taking I/O at once (what it
+    // had moves to another path, or fails), so an unregistration never waits for it.
+    if a.shared.state.load(Ordering::Acquire) != ST_ENABLED || !a.ctrlr.alive() {
+        a.shared.state.store(ST_DELETED, Ordering::Release);
+    }
     let d = std::rc::Rc::new(Detaching {
         left: std::cell::Cell::new(a.bdevs.len() + 1),
         fin: RefCell::new(Some((a.ctrlr, a.shared.clone(), done))),

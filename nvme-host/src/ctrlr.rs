@@ -1,12 +1,15 @@
-//! An NVMe-oF controller seen from the host (SPDK's `nvme_ctrlr.c` for fabrics): bring-up on the admin queue,
-//! keep alive, and the connection of I/O queues.
+//! A controller seen from the host (SPDK's `nvme_ctrlr.c`): bring-up on the admin queue, keep alive, and the
+//! connection of I/O queues, over NVMe/TCP, NVMe/RDMA or PCIe.
 //!
 //! Bring-up is SPDK's sequence, every step a command on the admin queue polled by the thread that asked for the
 //! controller (never a blocking wait): TCP connect and ICReq, Fabrics Connect (dynamic controller id, KATO),
 //! Property Get CAP, Property Set CC.EN, Property Get CSTS until RDY (bounded by CAP.TO), Identify Controller,
 //! Set Features Number of Queues, Identify Active Namespace List, Identify Namespace for each. Keep Alive is
 //! sent every half KATO from then on. An I/O queue is its own TCP connection with its own Fabrics Connect, made
-//! by the thread that will use it ([`IoQueue`]).
+//! by the thread that will use it ([`IoQueue`]). NVMe/RDMA is the same over RDMA CM connections. A PCIe
+//! controller replaces the fabrics steps by its registers (disable, admin queue registers, enable, RDY within
+//! CAP.TO; `nvme-pcie`), has no keep alive, and gets its I/O queues from Create I/O CQ/SQ on its admin queue,
+//! which the thread opening a queue posts to the controller's thread.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -535,12 +538,6 @@ impl Controller {
     /// too). A PCIe controller is shut down (CC.SHN) and disabled first, which may take up to 5 s.
     pub fn close(&self) {
         self.admin.qp.borrow_mut().close(&mut |_, _| {});
-        // The callbacks still waiting (the outstanding Asynchronous Event Request's, commands never sent) hold
-        // the admin queue themselves: dropping them breaks that cycle, so the queue, and for PCIe the device it
-        // keeps open, go when the controller does.
-        let waiting = std::mem::take(&mut *self.admin.waiting.borrow_mut());
-        let queued = std::mem::take(&mut *self.admin.queued.borrow_mut());
-        drop((waiting, queued));
         if let Some(c) = &self.pcie {
             if let Some(s) = &self.info.pcie {
                 s.stop();
@@ -552,6 +549,13 @@ impl Controller {
                 s.close();
             }
         }
+        // The callbacks still waiting (the outstanding Asynchronous Event Request's, commands never sent) hold
+        // the admin queue themselves: dropping them breaks that cycle, so the queue, and for PCIe the device it
+        // keeps open, go when the controller does. Only now: their data buffers may be the target of a PCIe
+        // controller's DMA until it is disabled.
+        let waiting = std::mem::take(&mut *self.admin.waiting.borrow_mut());
+        let queued = std::mem::take(&mut *self.admin.queued.borrow_mut());
+        drop((waiting, queued));
     }
 }
 
@@ -1262,8 +1266,8 @@ fn identify_sqe(cns_: u8, nsid: u32) -> Sqe {
 /// Token of an I/O queue's own Fabrics Connect (callers' tokens are below it).
 const CONNECT_TOKEN: u64 = u64::MAX;
 
-/// An I/O queue pair of a controller, on the thread that uses it: its own connection and Fabrics Connect,
-/// then commands.
+/// An I/O queue pair of a controller, on the thread that uses it: its own connection and Fabrics Connect (or,
+/// on PCIe, its rings created through the admin queue), then commands.
 pub struct IoQueue {
     qp: Qpair,
     info: Arc<CtrlrInfo>,
