@@ -416,18 +416,23 @@ pub fn stripped(binary: &Path, dir: &Path) -> PathBuf {
         .map_or(0, |d| d.as_nanos());
     let out = dir.join(format!("{name}-{:x}-{mtime:x}", m.len()));
     if !out.exists() {
-        let tmp = out.with_extension("tmp");
+        // Tests running side by side may strip the same binary at once: each writes its own file and renames
+        // it into place (atomic), so nobody ever sees a half-written copy.
+        let tmp = out.with_extension(format!(
+            "tmp-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let st = Command::new("strip")
             .arg("--strip-debug")
             .arg("-o")
             .arg(&tmp)
             .arg(binary)
             .status();
-        if st.is_ok_and(|s| s.success()) {
-            std::fs::rename(&tmp, &out).expect("rename the stripped copy");
-        } else {
-            std::fs::copy(binary, &out).expect("copy the binary");
+        if !st.is_ok_and(|s| s.success()) {
+            std::fs::copy(binary, &tmp).expect("copy the binary");
         }
+        std::fs::rename(&tmp, &out).expect("rename the stripped copy into place");
     }
     out
 }
