@@ -190,8 +190,8 @@ fn check(o: &DdOpts) -> Result<(), &'static str> {
 
 /// A file request for the helper thread: (unit slot, write?, offset, length, buffer).
 type FileReq = (usize, bool, u64, usize, DmaBuf);
-/// Its answer: (unit slot, bytes moved or a negative errno, buffer).
-type FileDone = (usize, i64, DmaBuf);
+/// Its answer: (unit slot, write?, bytes moved or a negative errno, buffer).
+type FileDone = (usize, bool, i64, DmaBuf);
 
 /// One side of the copy.
 enum Side {
@@ -456,7 +456,7 @@ fn setup(o: &DdOpts, finish: Box<dyn FnOnce(i32)>) -> Result<(), i32> {
                         read_full(&f, &mut buf.as_mut_slice()[..len], off)
                     };
                     let n = r.map_or_else(|e| -(errno_of(&e) as i64), |n| n as i64);
-                    if done_tx.send((slot, n, buf)).is_err() {
+                    if done_tx.send((slot, write, n, buf)).is_err() {
                         return;
                     }
                 }
@@ -468,9 +468,11 @@ fn setup(o: &DdOpts, finish: Box<dyn FnOnce(i32)>) -> Result<(), i32> {
         let mut any = false;
         loop {
             let next = JOB.with(|j| j.borrow().as_ref().and_then(|j| j.done_rx.try_recv().ok()));
-            let Some((slot, n, buf)) = next else { break };
+            let Some((slot, write, n, buf)) = next else {
+                break;
+            };
             any = true;
-            file_done(slot, n, buf);
+            file_done(slot, write, n, buf);
         }
         any
     });
@@ -542,7 +544,7 @@ fn start(slot: usize) {
         Some(submit(&j.input, slot, false, j.input.pos + at, len, buf))
     });
     if let Some(Err(e)) = go {
-        fail(slot, e);
+        fail(e);
     }
 }
 
@@ -595,7 +597,7 @@ fn bdev_read_done(mut io: IoHandle) {
                     j.units[slot].buf = Some(b);
                 }
             });
-            fail(slot, -libc::EIO)
+            fail(-libc::EIO)
         }
     }
 }
@@ -613,41 +615,25 @@ fn bdev_write_done(mut io: IoHandle) {
     if ok {
         write_done(slot)
     } else {
-        fail(slot, -libc::EIO)
+        fail(-libc::EIO)
     }
 }
 
 /// A file request came back: a read (maybe short at the end of the file) or a write.
-fn file_done(slot: usize, n: i64, buf: DmaBuf) {
-    let writing = WRITING.with(|w| w.borrow().get(slot).copied().unwrap_or(false));
-    if n < 0 || writing {
+fn file_done(slot: usize, write: bool, n: i64, buf: DmaBuf) {
+    if n < 0 || write {
         JOB.with(|j| {
             if let Some(j) = j.borrow_mut().as_mut() {
                 j.units[slot].buf = Some(buf);
             }
         });
         return if n < 0 {
-            fail(slot, n as i32)
+            fail(n as i32)
         } else {
             write_done(slot)
         };
     }
     read_done(slot, Some(n as usize), buf)
-}
-
-thread_local! {
-    /// Per unit slot: whether its write is the request in flight (file requests come back without saying).
-    static WRITING: RefCell<Vec<bool>> = const { RefCell::new(Vec::new()) };
-}
-
-fn set_writing(slot: usize, v: bool) {
-    WRITING.with(|w| {
-        let mut w = w.borrow_mut();
-        if w.len() <= slot {
-            w.resize(slot + 1, false);
-        }
-        w[slot] = v;
-    });
 }
 
 /// A unit's data is in: written out (skipped when sparse and all zeroes).
@@ -669,7 +655,6 @@ fn read_done(slot: usize, got: Option<usize>, buf: DmaBuf) {
             j.units[slot].buf = Some(buf);
             return Some(None);
         }
-        set_writing(slot, true);
         Some(Some(submit(
             &j.output,
             slot,
@@ -681,14 +666,13 @@ fn read_done(slot: usize, got: Option<usize>, buf: DmaBuf) {
     });
     match go {
         Some(None) => write_done(slot),
-        Some(Some(Err(e))) => fail(slot, e),
+        Some(Some(Err(e))) => fail(e),
         _ => {}
     }
 }
 
 /// A unit is copied: the next one goes in its slot.
 fn write_done(slot: usize) {
-    set_writing(slot, false);
     JOB.with(|j| {
         if let Some(j) = j.borrow_mut().as_mut() {
             j.outstanding -= 1;
@@ -700,8 +684,8 @@ fn write_done(slot: usize) {
     maybe_finish();
 }
 
-fn fail(slot: usize, errno: i32) {
-    set_writing(slot, false);
+/// A unit failed with `errno` (negative): the copy stops once nothing is in flight.
+fn fail(errno: i32) {
     JOB.with(|j| {
         if let Some(j) = j.borrow_mut().as_mut() {
             log::error!("{}", strerror(-errno));

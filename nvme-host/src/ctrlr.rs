@@ -945,12 +945,10 @@ impl Bringup {
                 f.set(true);
             }
             if let Some(bar) = &regs {
-                // A PCIe controller's loss shows in its status register: all ones when the device is gone
-                // (surprise removal), CFS when it failed.
-                let st = bar.read32(nvme_proto::fabrics::reg::CSTS as usize);
-                if st == u32::MAX || st & csts::CFS != 0 {
+                // A PCIe controller's loss shows in its status register.
+                if let Err(e) = nvme_pcie::ctrlr::status(bar) {
                     if !f.get() {
-                        log::error!("nvme_pcie: controller lost (CSTS {st:#x})");
+                        log::error!("nvme_pcie: controller lost: {e}");
                     }
                     f.set(true);
                 }
@@ -1556,8 +1554,7 @@ impl IoQueue {
             if !p.live.load(Ordering::Acquire) {
                 return false;
             }
-            let st = p.bar.read32(nvme_proto::fabrics::reg::CSTS as usize);
-            st != u32::MAX && st & csts::CFS == 0 && st & csts::RDY != 0
+            nvme_pcie::ctrlr::status(&p.bar).is_ok_and(|st| st & csts::RDY != 0)
         });
         let until = Instant::now() + Duration::from_millis(100);
         while alive && self.qp.outstanding() > 0 && Instant::now() < until {

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nvme_proto::cmd::{psdt, sgl, Cqe, SglDesc, Sqe};
-use nvme_proto::host::{report_expired, CmdTimeout, Dir, Iov, SubmitError};
+use nvme_proto::host::{command_data, report_expired, CmdTimeout, Dir, Iov, SubmitError};
 use nvme_proto::rdma::{CmAccept, CmRequest, PRIVATE_DATA_LEN};
 use nvme_proto::status::{generic, Status};
 use rdma::{event, CmEvent, CmId, Cq, Device, EventChannel, Op, QpCaps, SendWr, Sge, Wc};
@@ -160,11 +160,7 @@ impl RdmaQpair {
         if self.phase != Phase::Ready {
             return Err(SubmitError::NotReady);
         }
-        let iovs = if dir == Dir::None { &[][..] } else { iovs };
-        let len: usize = iovs.iter().map(|v| v.len).sum();
-        if len > self.max_xfer as usize {
-            return Err(SubmitError::TooLarge);
-        }
+        let (iovs, len) = command_data(iovs, dir, self.max_xfer)?;
         // One keyed descriptor: the pieces must follow each other in memory, all in one registered region.
         let start = iovs.first().map_or(0, |v| v.base as usize);
         let mut at = start;

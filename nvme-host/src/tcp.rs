@@ -24,7 +24,7 @@ use nvme_proto::tcp::{
 
 use crate::sock;
 
-use nvme_proto::host::{report_expired, CmdTimeout};
+use nvme_proto::host::{command_data, report_expired, CmdTimeout};
 pub use nvme_proto::host::{Dir, Iov, SubmitError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,14 +157,7 @@ impl TcpQpair {
         if self.phase != Phase::Ready {
             return Err(SubmitError::NotReady);
         }
-        let len: usize = if dir == Dir::None {
-            0
-        } else {
-            iovs.iter().map(|v| v.len).sum()
-        };
-        if len > self.max_xfer as usize {
-            return Err(SubmitError::TooLarge);
-        }
+        let (iovs, len) = command_data(iovs, dir, self.max_xfer)?;
         let Some(cid) = self.free.pop() else {
             return Err(SubmitError::Full);
         };

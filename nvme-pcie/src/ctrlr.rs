@@ -43,6 +43,25 @@ impl std::fmt::Debug for PcieCtrlr {
 /// CSTS as read from a device that is no longer there (every bit set).
 const GONE: u32 = u32::MAX;
 
+/// CSTS of the controller behind `bar`, with a vanished device (registers all ones: surprise removal) and a
+/// fatal status (CFS) as errors; for whoever holds the registers (the admin poller, a queue being closed).
+pub fn status(bar: &Bar) -> Result<u32> {
+    let s = bar.read32(reg::CSTS as usize);
+    if s == GONE {
+        return Err(Error::new(
+            ErrorKind::Io(libc::ENODEV),
+            "the controller is gone (registers read all ones)",
+        ));
+    }
+    if s & csts::CFS != 0 {
+        return Err(Error::new(
+            ErrorKind::Io(libc::EIO),
+            "controller fatal status (CSTS.CFS)",
+        ));
+    }
+    Ok(s)
+}
+
 impl PcieCtrlr {
     /// Opens the controller at PCI address `bdf` (bound to vfio-pci) and starts taking it to disabled.
     pub fn open(bdf: &str) -> Result<PcieCtrlr> {
@@ -110,20 +129,7 @@ impl PcieCtrlr {
 
     /// CSTS, with a vanished device and a fatal status as errors.
     pub fn status(&self) -> Result<u32> {
-        let s = self.bar.read32(reg::CSTS as usize);
-        if s == GONE {
-            return Err(Error::new(
-                ErrorKind::Io(libc::ENODEV),
-                "the controller is gone (registers read all ones)",
-            ));
-        }
-        if s & csts::CFS != 0 {
-            return Err(Error::new(
-                ErrorKind::Io(libc::EIO),
-                "controller fatal status (CSTS.CFS)",
-            ));
-        }
-        Ok(s)
+        status(&self.bar)
     }
 
     /// Moves bring-up on: once disabled, points the controller at `admin` (AQA/ASQ/ACQ) and enables it; `Ok(true)`

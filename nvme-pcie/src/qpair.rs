@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvme_proto::cmd::{psdt, sgl, Cqe, SglDesc, Sqe};
-use nvme_proto::host::{report_expired, CmdTimeout, Dir, Iov, SubmitError};
+use nvme_proto::host::{command_data, report_expired, CmdTimeout, Dir, Iov, SubmitError};
 use nvme_proto::status::{generic, Status};
 use reactor::dma::DmaBuf;
 use reactor::memmap::TranslationCache;
@@ -237,11 +237,7 @@ impl PcieQpair {
         if self.error.is_some() {
             return Err(SubmitError::NotReady);
         }
-        let iovs = if dir == Dir::None { &[][..] } else { iovs };
-        let len: usize = iovs.iter().map(|v| v.len).sum();
-        if len > self.max_xfer as usize {
-            return Err(SubmitError::TooLarge);
-        }
+        let (iovs, _) = command_data(iovs, dir, self.max_xfer)?;
         let Some(cid) = self.free.pop() else {
             return Err(SubmitError::Full);
         };

@@ -1,5 +1,5 @@
-//! VFIO plumbing: the container, IOMMU groups and device file descriptors, PCI config space, BAR mapping, reset,
-//! and DMA mapping of every region in the core's memory map.
+//! VFIO plumbing: the container, IOMMU groups and device file descriptors, PCI config space, BAR mapping, the
+//! release request notifier, and DMA mapping of every region in the core's memory map.
 //!
 //! One container serves the whole process (one IOMMU domain, as SPDK's), so a region is mapped once for every
 //! device. A group stays open while a device of it is open here; the last device's close closes it too (a group
@@ -40,7 +40,6 @@ const GROUP_GET_DEVICE_FD: libc::c_ulong = req(6);
 const DEVICE_GET_INFO: libc::c_ulong = req(7);
 const DEVICE_GET_REGION_INFO: libc::c_ulong = req(8);
 const DEVICE_SET_IRQS: libc::c_ulong = req(10);
-const DEVICE_RESET: libc::c_ulong = req(11);
 const IOMMU_MAP_DMA: libc::c_ulong = req(13);
 const IOMMU_UNMAP_DMA: libc::c_ulong = req(14);
 
@@ -287,7 +286,6 @@ pub struct Device {
     config_offset: u64,
     bar0: NonNull<u8>,
     bar0_len: usize,
-    resettable: bool,
     /// Signalled by vfio-pci when the kernel wants the device back (unbind, hot removal): `None` when the
     /// kernel offers no request notification.
     release_request: Option<OwnedFd>,
@@ -351,6 +349,14 @@ impl Device {
         // SAFETY: GET_INFO writes the structure we pass, sized by argsz.
         unsafe { ioctl(fd, DEVICE_GET_INFO, &mut info as *mut _ as usize) }
             .map_err(|e| os_err(e, format!("VFIO device {bdf} info")))?;
+        if info.flags & v::VFIO_DEVICE_FLAGS_PCI == 0
+            || info.num_regions <= v::VFIO_PCI_CONFIG_REGION_INDEX
+        {
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                format!("VFIO device {bdf} is not a PCI device with BARs and config space"),
+            ));
+        }
         let config = region_info(fd, v::VFIO_PCI_CONFIG_REGION_INDEX)
             .map_err(|e| os_err(e, format!("{bdf}: config space region")))?;
         let bar = region_info(fd, v::VFIO_PCI_BAR0_REGION_INDEX)
@@ -385,7 +391,6 @@ impl Device {
             config_offset: config.offset,
             bar0: NonNull::new(p.cast()).expect("mmap succeeded"),
             bar0_len: bar.size as usize,
-            resettable: info.flags & v::VFIO_DEVICE_FLAGS_RESET != 0,
             release_request: request_notifier(fd),
             map,
             _group: group,
@@ -437,20 +442,6 @@ impl Device {
         // SAFETY: reads 8 bytes into our buffer from a non-blocking eventfd we own.
         let r = unsafe { libc::read(fd.as_raw_fd(), n.as_mut_ptr().cast(), 8) };
         r == 8
-    }
-
-    /// Resets the function (VFIO_DEVICE_RESET), when the device supports a reset VFIO can do.
-    pub fn reset(&self) -> Result<()> {
-        if !self.resettable {
-            return Err(Error::new(
-                ErrorKind::NotSupported,
-                format!("{}: no function reset", self.bdf),
-            ));
-        }
-        // SAFETY: DEVICE_RESET takes no argument.
-        unsafe { ioctl(self.file.as_raw_fd(), DEVICE_RESET, 0) }
-            .map(|_| ())
-            .map_err(|e| os_err(e, format!("{}: reset", self.bdf)))
     }
 }
 

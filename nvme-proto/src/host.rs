@@ -75,3 +75,15 @@ pub fn report_expired<'a>(
         }
     }
 }
+
+/// The data a command moves, as every queue pair checks it: none for [`Dir::None`] (whatever `iovs` holds),
+/// otherwise `iovs` and their total length, refused as [`SubmitError::TooLarge`] past `max_xfer` bytes.
+#[inline]
+pub fn command_data(iovs: &[Iov], dir: Dir, max_xfer: u32) -> Result<(&[Iov], usize), SubmitError> {
+    let iovs = if dir == Dir::None { &[][..] } else { iovs };
+    let len: usize = iovs.iter().map(|v| v.len).sum();
+    if len > max_xfer as usize {
+        return Err(SubmitError::TooLarge);
+    }
+    Ok((iovs, len))
+}
