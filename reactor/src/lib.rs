@@ -23,7 +23,7 @@ pub use bound::OnThread;
 pub use cpumask::CpuMask;
 pub use reactor::{
     add_wake_fd, all_threads, app_thread, cores, main_core, options, reactors_info, remove_wake_fd,
-    run, spawn_thread, stop, stopping, Error, Options, ReactorInfo,
+    run, spawn_thread, stop, stopping, Error, ForeignThread, Options, ReactorInfo,
 };
 pub use sync::lock;
 pub use sys::pin_current_thread;

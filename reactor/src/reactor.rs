@@ -113,6 +113,8 @@ struct Runtime {
     app_thread: ThreadHandle,
     stop: AtomicBool,
     opts: Options,
+    /// Threads run by OS threads outside the reactors ([`ForeignThread`]).
+    foreign: Mutex<Vec<ThreadHandle>>,
 }
 
 static RUNTIME: Mutex<Option<Arc<Runtime>>> = Mutex::new(None);
@@ -137,8 +139,77 @@ pub fn all_threads() -> Vec<ThreadHandle> {
             }
         }
     }
+    v.extend(
+        rt.foreign
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|t| !t.is_exited())
+            .cloned(),
+    );
     v.sort_by_key(|t| t.id());
     v
+}
+
+/// A lightweight thread that an OS thread outside the reactors runs itself, as SPDK lets its creator poll an
+/// `spdk_thread` (`spdk_thread_poll`): a fio job thread, say, that submits bdev I/O and reaps the completions
+/// on its own stack, with no hop to a reactor. It takes part in [`crate::for_each_thread`] walks like any
+/// thread (channel walks for range locks, resets, unregistration), so its owner must keep calling
+/// [`ForeignThread::poll`] while it holds channels. Not `Send`: it belongs to the OS thread that made it.
+pub struct ForeignThread {
+    local: Rc<ThreadLocal>,
+    handle: ThreadHandle,
+}
+
+impl ForeignThread {
+    /// Makes a thread named `name` for the calling OS thread; fails when reactors are not running.
+    pub fn new(name: &str) -> std::io::Result<ForeignThread> {
+        let rt = runtime().ok_or_else(|| std::io::Error::other("reactors are not running"))?;
+        // Its own wake-up state: nothing ever sleeps on it (the owner polls), so a wake is a flag load.
+        let shared = ReactorShared::new(sys::current_cpu())?;
+        let handle = ThreadHandle::new(name, rt.opts.cpumask.clone(), shared);
+        rt.foreign
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle.clone());
+        Ok(ForeignThread {
+            local: ThreadLocal::new(handle.0.clone()),
+            handle,
+        })
+    }
+
+    /// Runs `f` as this thread: channels got and I/O submitted inside belong to it.
+    pub fn enter<R>(&self, f: impl FnOnce() -> R) -> R {
+        ThreadLocal::enter(&self.local, f)
+    }
+
+    /// One iteration: the messages sent to the thread, then its due pollers (I/O completions among them).
+    /// Returns whether anything did work.
+    pub fn poll(&self) -> bool {
+        let now = ticks::now();
+        ThreadLocal::enter(&self.local, || self.local.run_once(now))
+    }
+
+    /// A `Send` handle to the thread.
+    pub fn handle(&self) -> &ThreadHandle {
+        &self.handle
+    }
+}
+
+impl Drop for ForeignThread {
+    fn drop(&mut self) {
+        // Messages already sent (a channel walk's step, say) still run, so no walk waits for a thread that is gone.
+        while self.handle.pending_msgs() {
+            self.poll();
+        }
+        ThreadLocal::enter(&self.local, || self.local.mark_exited());
+        if let Some(rt) = runtime() {
+            rt.foreign
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|t| t.id() != self.handle.id());
+        }
+    }
 }
 
 /// The cores reactors run on.
@@ -297,6 +368,7 @@ pub fn run(opts: Options, init: impl FnOnce() + Send + 'static) -> Result<(), Er
         app_thread: app_thread.clone(),
         stop: AtomicBool::new(false),
         opts: opts.clone(),
+        foreign: Mutex::new(Vec::new()),
     });
     {
         let mut g = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());

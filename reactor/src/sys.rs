@@ -117,3 +117,10 @@ pub(crate) fn gettid() -> u64 {
     // SAFETY: gettid takes no arguments and cannot fail.
     unsafe { libc::gettid() as u64 }
 }
+
+/// The CPU the calling thread runs on now (0 if the kernel cannot say).
+pub(crate) fn current_cpu() -> u32 {
+    // SAFETY: sched_getcpu takes no arguments and only returns a number.
+    let c = unsafe { libc::sched_getcpu() };
+    c.max(0) as u32
+}

@@ -251,3 +251,71 @@ fn bad_masks_are_rejected() {
         Err(reactor::Error::InvalidCore(1000, _))
     ));
 }
+
+/// A thread run by an OS thread of its own (a fio job thread, say): its pollers and messages run only when
+/// that thread polls, channel walks reach it, and once dropped it is no longer walked.
+#[test]
+fn foreign_threads_are_polled_by_their_owner_and_walked() {
+    run("0x1", || {
+        let dev = Arc::new(IoDevice::new(|| Cell::new(0u32)));
+        let d2 = dev.clone();
+        let walked = Arc::new(AtomicUsize::new(0));
+        let w2 = walked.clone();
+        let owner = std::thread::spawn(move || {
+            assert!(
+                reactor::current().is_none(),
+                "a plain OS thread has no thread"
+            );
+            let ft = reactor::ForeignThread::new("fio_job").unwrap();
+            let ran = Rc::new(Cell::new(0u32));
+            let r2 = ran.clone();
+            // A channel and a poller made inside `enter` belong to the foreign thread.
+            let (ch, _poller) = ft.enter(|| {
+                assert!(ft.handle().is_current());
+                let p = Poller::register("count", 0, move || {
+                    r2.set(r2.get() + 1);
+                    true
+                });
+                (d2.get_channel(), p)
+            });
+            ch.set(7);
+            assert!(ft.poll());
+            assert_eq!(ran.get(), 1, "pollers run only when the owner polls");
+            // A walk over the device's channels waits for this thread's poll, then sees its channel.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let w = w2.clone();
+            d2.for_each_channel(
+                move |c: &Cell<u32>| c.get(),
+                move |v| {
+                    w.store(v.len(), Ordering::SeqCst);
+                    tx.send(v).unwrap();
+                },
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let seen = loop {
+                ft.poll();
+                if let Ok(v) = rx.try_recv() {
+                    break v;
+                }
+                assert!(Instant::now() < deadline, "walk never finished");
+            };
+            assert_eq!(seen, vec![7]);
+            assert!(reactor::all_threads()
+                .iter()
+                .any(|t| t.id() == ft.handle().id()));
+            let id = ft.handle().id();
+            drop(ch);
+            drop(ft);
+            assert!(!reactor::all_threads().iter().any(|t| t.id() == id));
+        });
+        std::thread::spawn(move || {
+            owner.join().unwrap();
+            assert_eq!(walked.load(Ordering::SeqCst), 1);
+            // Walks after the foreign thread left do not wait for it.
+            let (tx, rx) = std::sync::mpsc::channel();
+            reactor::for_each_thread(|| (), move |v| tx.send(v.len()).unwrap());
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 1);
+            reactor::stop();
+        });
+    });
+}
