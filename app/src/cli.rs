@@ -46,6 +46,9 @@ pub struct Opts {
     pub pidfile: Option<PathBuf>,
     /// `--interrupt-mode`: reactors sleep when idle.
     pub interrupt_mode: bool,
+    /// Runs inside another program's process (the fio engine): the program keeps its signal handlers and its
+    /// threads' CPUs, so none are installed and reactors are not pinned. No command-line flag.
+    pub embedded: bool,
 }
 
 impl Default for Opts {
@@ -70,6 +73,7 @@ impl Default for Opts {
             vhost_sock_dir: None,
             pidfile: None,
             interrupt_mode: false,
+            embedded: false,
         }
     }
 }

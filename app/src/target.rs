@@ -361,7 +361,9 @@ pub fn run_with(
         }
         None => vec![],
     };
-    crate::signals::install();
+    if !opts.embedded {
+        crate::signals::install();
+    }
     if let Some(p) = &opts.pidfile {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| format!("cannot write pidfile {}: {e}", p.display()))?;
@@ -372,7 +374,7 @@ pub fn run_with(
         cpumask: opts.cpumask.clone(),
         main_core: opts.main_core,
         idle_backoff: opts.interrupt_mode,
-        pin: true,
+        pin: !opts.embedded,
     };
     log::info!("Total cores available: {}", opts.cpumask.count());
     let pidfile = opts.pidfile.clone();
