@@ -357,7 +357,7 @@ unsafe extern "C" fn queue(td: *mut c_void, u: *mut c_void) -> c_int {
 unsafe extern "C" fn getevents(
     td: *mut c_void,
     min: c_uint,
-    max: c_uint,
+    _max: c_uint,
     t: *const libc::timespec,
 ) -> c_int {
     // SAFETY: fio passes its live job.
@@ -373,9 +373,7 @@ unsafe extern "C" fn getevents(
             )
     });
     guarded(-1, || match job_of(td) {
-        Some(j) => j
-            .borrow_mut()
-            .getevents(min as usize, max as usize, deadline) as c_int,
+        Some(j) => j.borrow_mut().getevents(min as usize, deadline) as c_int,
         None => -1,
     })
 }
@@ -487,8 +485,8 @@ mod tests {
         let names: Vec<String> = opts
             .iter()
             .take_while(|o| !o.name.is_null())
-            // SAFETY: every entry's name is a NUL-terminated static.
             .map(|o| {
+                // SAFETY: every entry's name is a NUL-terminated static.
                 unsafe { std::ffi::CStr::from_ptr(o.name) }
                     .to_string_lossy()
                     .into_owned()

@@ -153,18 +153,26 @@ pub fn all_threads() -> Vec<ThreadHandle> {
 
 /// A lightweight thread that an OS thread outside the reactors runs itself, as SPDK lets its creator poll an
 /// `spdk_thread` (`spdk_thread_poll`): a fio job thread, say, that submits bdev I/O and reaps the completions
-/// on its own stack, with no hop to a reactor. It takes part in [`crate::for_each_thread`] walks like any
-/// thread (channel walks for range locks, resets, unregistration), so its owner must keep calling
-/// [`ForeignThread::poll`] while it holds channels. Not `Send`: it belongs to the OS thread that made it.
+/// on its own stack, with no hop to a reactor. While it lives it is the calling OS thread's current thread
+/// (channels got and I/O submitted there belong to it), so the I/O path pays no switch per call. It takes part
+/// in [`crate::for_each_thread`] walks like any thread (channel walks for range locks, resets,
+/// unregistration), so its owner must keep calling [`ForeignThread::poll`] while it holds channels. Not
+/// `Send`: it belongs to the OS thread that made it, which runs no other lightweight thread meanwhile.
 pub struct ForeignThread {
     local: Rc<ThreadLocal>,
     handle: ThreadHandle,
 }
 
 impl ForeignThread {
-    /// Makes a thread named `name` for the calling OS thread; fails when reactors are not running.
+    /// Makes a thread named `name` and makes it the calling OS thread's current one; fails when reactors
+    /// are not running or the OS thread already runs a lightweight thread.
     pub fn new(name: &str) -> std::io::Result<ForeignThread> {
         let rt = runtime().ok_or_else(|| std::io::Error::other("reactors are not running"))?;
+        if crate::thread::current().is_some() {
+            return Err(std::io::Error::other(
+                "this OS thread already runs a lightweight thread",
+            ));
+        }
         // Its own wake-up state: nothing ever sleeps on it (the owner polls), so a wake is a flag load.
         let shared = ReactorShared::new(sys::current_cpu())?;
         let handle = ThreadHandle::new(name, rt.opts.cpumask.clone(), shared);
@@ -172,22 +180,16 @@ impl ForeignThread {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(handle.clone());
-        Ok(ForeignThread {
-            local: ThreadLocal::new(handle.0.clone()),
-            handle,
-        })
-    }
-
-    /// Runs `f` as this thread: channels got and I/O submitted inside belong to it.
-    pub fn enter<R>(&self, f: impl FnOnce() -> R) -> R {
-        ThreadLocal::enter(&self.local, f)
+        let local = ThreadLocal::new(handle.0.clone());
+        ThreadLocal::make_current(Some(local.clone()));
+        Ok(ForeignThread { local, handle })
     }
 
     /// One iteration: the messages sent to the thread, then its due pollers (I/O completions among them).
     /// Returns whether anything did work.
     pub fn poll(&self) -> bool {
-        let now = ticks::now();
-        ThreadLocal::enter(&self.local, || self.local.run_once(now))
+        // Most foreign threads have no timed poller: no clock read then.
+        self.local.run_once_at(ticks::now)
     }
 
     /// A `Send` handle to the thread.
@@ -202,7 +204,8 @@ impl Drop for ForeignThread {
         while self.handle.pending_msgs() {
             self.poll();
         }
-        ThreadLocal::enter(&self.local, || self.local.mark_exited());
+        self.local.mark_exited();
+        ThreadLocal::make_current(None);
         if let Some(rt) = runtime() {
             rt.foreign
                 .lock()

@@ -320,8 +320,26 @@ impl ThreadLocal {
         r
     }
 
+    /// Makes `this` the OS thread's current thread until the next call (a [`crate::ForeignThread`]'s life).
+    pub(crate) fn make_current(this: Option<Rc<ThreadLocal>>) {
+        CURRENT.with(|c| *c.borrow_mut() = this);
+    }
+
     /// One iteration: messages, then due pollers. Returns whether anything did work.
     pub(crate) fn run_once(&self, now: u64) -> bool {
+        self.run_once_at(|| now)
+    }
+
+    /// [`Self::run_once`] reading the clock only if a timed poller needs it (`now` is called at most once).
+    pub(crate) fn run_once_at(&self, now: impl FnOnce() -> u64) -> bool {
+        let mut now = Some(now);
+        let mut at = 0u64;
+        let mut clock = move || {
+            if let Some(f) = now.take() {
+                at = f();
+            }
+            at
+        };
         let mut busy = false;
         // `is_empty` is two plain loads; `pop` on an empty queue also runs a full fence, which would be paid
         // every iteration by every thread for nothing.
@@ -356,6 +374,7 @@ impl ThreadLocal {
             }
             let period = p.period_ticks.get();
             if period > 0 {
+                let now = clock();
                 if now < p.next_run.get() {
                     continue;
                 }

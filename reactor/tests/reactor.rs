@@ -269,15 +269,17 @@ fn foreign_threads_are_polled_by_their_owner_and_walked() {
             let ft = reactor::ForeignThread::new("fio_job").unwrap();
             let ran = Rc::new(Cell::new(0u32));
             let r2 = ran.clone();
-            // A channel and a poller made inside `enter` belong to the foreign thread.
-            let (ch, _poller) = ft.enter(|| {
-                assert!(ft.handle().is_current());
-                let p = Poller::register("count", 0, move || {
-                    r2.set(r2.get() + 1);
-                    true
-                });
-                (d2.get_channel(), p)
+            // While it lives it is the OS thread's current thread: channels and pollers made now are its.
+            assert!(ft.handle().is_current());
+            assert!(
+                reactor::ForeignThread::new("second").is_err(),
+                "one lightweight thread per OS thread"
+            );
+            let _poller = Poller::register("count", 0, move || {
+                r2.set(r2.get() + 1);
+                true
             });
+            let ch = d2.get_channel();
             ch.set(7);
             assert!(ft.poll());
             assert_eq!(ran.get(), 1, "pollers run only when the owner polls");
@@ -307,6 +309,7 @@ fn foreign_threads_are_polled_by_their_owner_and_walked() {
             drop(ch);
             drop(ft);
             assert!(!reactor::all_threads().iter().any(|t| t.id() == id));
+            assert!(reactor::current().is_none(), "the OS thread is plain again");
         });
         std::thread::spawn(move || {
             owner.join().unwrap();
