@@ -4,8 +4,10 @@
 //! it runs. The bdevs come from the `--json` config; the common SPDK app options (`-m`, `--no-huge`, `-s`, `-L`,
 //! ...) apply.
 //!
-//! File I/O runs on a helper thread (positioned reads and writes), so the reactor keeps bdev I/O flowing while
-//! a file read or write waits; each I/O unit's buffer travels with its request and comes back with the result.
+//! File I/O goes through io_uring on the app thread (`--aio`: a helper thread of positioned reads and writes;
+//! see `dd_files.rs`), so bdev and file I/O flow side by side; each I/O unit's buffer travels with its request
+//! and comes back with the result. `--sparse` skips the holes of an input file (SEEK_DATA) without reading them,
+//! and writes no all-zero unit.
 //!
 //! Exit codes as SPDK's: a bad command line 2 (`Invalid arguments`) or 22 (EINVAL, the option checks); a copy
 //! that fails stops the app with the negative errno, so the process exits with it modulo 256 (e.g. 228 for
@@ -13,16 +15,19 @@
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bdev::{Completion, Desc, IoChannel, IoHandle, IoStatus};
 use reactor::dma::DmaBuf;
 use reactor::Poller;
+
+mod dd_files;
+use dd_files::FileIo;
 
 const USAGE: &str = "\
 spdk_dd [options]
@@ -70,6 +75,8 @@ struct DdOpts {
     skip: u64,
     seek: u64,
     sparse: bool,
+    /// `--aio`: file I/O on a helper thread instead of io_uring.
+    aio: bool,
 }
 
 /// The flags `--iflag`/`--oflag` take, as open(2) flags.
@@ -107,6 +114,7 @@ fn parse(args: Vec<String>) -> Result<(DdOpts, Vec<String>), String> {
         skip: 0,
         seek: 0,
         sparse: false,
+        aio: false,
     };
     let mut rest = Vec::new();
     let mut it = args.into_iter();
@@ -120,7 +128,10 @@ fn parse(args: Vec<String>) -> Result<(DdOpts, Vec<String>), String> {
             None => (long.to_string(), None),
         };
         match name.as_str() {
-            "aio" => continue,
+            "aio" => {
+                o.aio = true;
+                continue;
+            }
             "sparse" => {
                 o.sparse = true;
                 continue;
@@ -188,21 +199,10 @@ fn check(o: &DdOpts) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// A file request for the helper thread: (unit slot, write?, offset, length, buffer).
-type FileReq = (usize, bool, u64, usize, DmaBuf);
-/// Its answer: (unit slot, write?, bytes moved or a negative errno, buffer).
-type FileDone = (usize, bool, i64, DmaBuf);
-
 /// One side of the copy.
 enum Side {
-    File {
-        file: Arc<File>,
-        tx: mpsc::Sender<(Arc<File>, FileReq)>,
-    },
-    Bdev {
-        _desc: Desc,
-        ch: IoChannel,
-    },
+    File { file: Arc<File> },
+    Bdev { _desc: Desc, ch: IoChannel },
 }
 
 struct End {
@@ -239,7 +239,8 @@ struct Job {
     eof: bool,
     sparse: bool,
     started: Instant,
-    done_rx: mpsc::Receiver<FileDone>,
+    /// File I/O, when a side is a file.
+    files: Option<FileIo>,
     finish: Option<Box<dyn FnOnce(i32)>>,
     _pollers: Vec<Poller>,
 }
@@ -277,13 +278,7 @@ fn strerror(e: i32) -> String {
 
 /// Opens a file side as SPDK does: read-write, an output created (unless a directory is asked for) and truncated
 /// (unless appending); its size 0 (a pipe, /dev/zero) means `bs * count`.
-fn open_file(
-    path: &str,
-    flags: i32,
-    input: bool,
-    o: &DdOpts,
-    tx: &mpsc::Sender<(Arc<File>, FileReq)>,
-) -> Result<End, i32> {
+fn open_file(path: &str, flags: i32, input: bool, o: &DdOpts) -> Result<End, i32> {
     let mut oo = OpenOptions::new();
     oo.read(true).write(true).mode(0o600);
     let mut custom = flags;
@@ -308,10 +303,7 @@ fn open_file(
         total = o.bs as u64 * o.count as u64;
     }
     Ok(End {
-        side: Side::File {
-            file: Arc::new(f),
-            tx: tx.clone(),
-        },
+        side: Side::File { file: Arc::new(f) },
         block_size: 1,
         total,
         pos: 0,
@@ -336,15 +328,13 @@ fn open_bdev(name: &str) -> Result<End, i32> {
 
 /// Sets the job up as SPDK's `dd_run` does (same checks, same messages); a negative errno when it cannot run.
 fn setup(o: &DdOpts, finish: Box<dyn FnOnce(i32)>) -> Result<(), i32> {
-    let (tx, rx) = mpsc::channel::<(Arc<File>, FileReq)>();
-    let (done_tx, done_rx) = mpsc::channel::<FileDone>();
     let mut input = match (&o.input_file, &o.input_bdev) {
         (Some(p), _) => {
             let flags = open_flags(o.iflag.as_deref()).map_err(|m| {
                 log::error!("{m}");
                 -libc::EINVAL
             })?;
-            open_file(p, flags, true, o, &tx).inspect_err(|e| {
+            open_file(p, flags, true, o).inspect_err(|e| {
                 log::error!("{p}: {}", strerror(-e));
             })?
         }
@@ -381,7 +371,7 @@ fn setup(o: &DdOpts, finish: Box<dyn FnOnce(i32)>) -> Result<(), i32> {
                 log::error!("{m}");
                 -libc::EINVAL
             })?;
-            open_file(p, flags, false, o, &tx).inspect_err(|e| {
+            open_file(p, flags, false, o).inspect_err(|e| {
                 log::error!("{p}: {}", strerror(-e));
             })?
         }
@@ -443,35 +433,20 @@ fn setup(o: &DdOpts, finish: Box<dyn FnOnce(i32)>) -> Result<(), i32> {
             at: 0,
         });
     }
-    // The file thread: positioned reads and writes, answered in order of completion.
-    let files = o.input_file.is_some() || o.output_file.is_some();
-    if files {
-        std::thread::Builder::new()
-            .name("spdk_dd_files".into())
-            .spawn(move || {
-                while let Ok((f, (slot, write, off, len, mut buf))) = rx.recv() {
-                    let r = if write {
-                        f.write_all_at(&buf.as_slice()[..len], off).map(|()| len)
-                    } else {
-                        read_full(&f, &mut buf.as_mut_slice()[..len], off)
-                    };
-                    let n = r.map_or_else(|e| -(errno_of(&e) as i64), |n| n as i64);
-                    if done_tx.send((slot, write, n, buf)).is_err() {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| -errno_of(&e))?;
-    }
-    drop(tx);
+    let files = if o.input_file.is_some() || o.output_file.is_some() {
+        Some(FileIo::new(qd, o.aio).map_err(|e| -errno_of(&e))?)
+    } else {
+        None
+    };
     let files_poller = Poller::register("spdk_dd_files", 0, || {
-        let mut any = false;
-        loop {
-            let next = JOB.with(|j| j.borrow().as_ref().and_then(|j| j.done_rx.try_recv().ok()));
-            let Some((slot, write, n, buf)) = next else {
-                break;
-            };
-            any = true;
+        let mut done = Vec::new();
+        JOB.with(|j| {
+            if let Some(f) = j.borrow_mut().as_mut().and_then(|j| j.files.as_mut()) {
+                f.reap(&mut done);
+            }
+        });
+        let any = !done.is_empty();
+        for (slot, write, n, buf) in done {
             file_done(slot, write, n, buf);
         }
         any
@@ -499,7 +474,7 @@ fn setup(o: &DdOpts, finish: Box<dyn FnOnce(i32)>) -> Result<(), i32> {
         eof: false,
         sparse: o.sparse,
         started: Instant::now(),
-        done_rx,
+        files,
         finish: Some(finish),
         _pollers: vec![files_poller, progress],
     };
@@ -511,25 +486,14 @@ fn setup(o: &DdOpts, finish: Box<dyn FnOnce(i32)>) -> Result<(), i32> {
     Ok(())
 }
 
-/// Reads up to `buf.len()` bytes at `off`, short only at the end of the file.
-fn read_full(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match f.read_at(&mut buf[got..], off + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
-
 /// Starts the next unit in `slot`: its read.
 fn start(slot: usize) {
     let go = JOB.with(|j| {
         let mut j = j.borrow_mut();
         let j = j.as_mut()?;
+        if j.sparse {
+            skip_hole(j);
+        }
         if j.error != 0 || j.eof || j.next >= j.copy_size {
             return None;
         }
@@ -541,10 +505,46 @@ fn start(slot: usize) {
         u.at = at;
         let buf = u.buf.take()?;
         j.outstanding += 1;
-        Some(submit(&j.input, slot, false, j.input.pos + at, len, buf))
+        Some(submit(
+            &j.input,
+            j.files.as_mut(),
+            slot,
+            false,
+            j.input.pos + at,
+            len,
+            buf,
+        ))
     });
     if let Some(Err(e)) = go {
         fail(e);
+    }
+}
+
+/// `--sparse` from a file: moves the next unit past the input's hole, if it starts in one (whole units only: a
+/// unit holding any data is read, and written unless it is all zeroes). The output gets the holes: a skipped
+/// unit is never written, and the output file is given its full length at the end.
+fn skip_hole(j: &mut Job) {
+    let Side::File { file } = &j.input.side else {
+        return;
+    };
+    let at = j.input.pos + j.next;
+    // SAFETY: lseek on a descriptor we own moves no memory; SEEK_DATA only reports where data starts.
+    let data = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
+    let data = if data >= 0 {
+        data as u64
+    } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+        // No data past `at`: the rest of the input is a hole.
+        u64::MAX
+    } else {
+        // The file system cannot say (or seeking failed): read everything, as without holes.
+        return;
+    };
+    let rel = data.saturating_sub(j.input.pos).min(j.copy_size);
+    let unit_start = rel - rel % j.bs;
+    if unit_start > j.next {
+        let skipped = unit_start - j.next;
+        j.next = unit_start;
+        j.incremental += skipped;
     }
 }
 
@@ -552,6 +552,7 @@ fn start(slot: usize) {
 /// blocks (the tail of the buffer zeroed).
 fn submit(
     end: &End,
+    files: Option<&mut FileIo>,
     slot: usize,
     write: bool,
     off: u64,
@@ -559,9 +560,10 @@ fn submit(
     mut buf: DmaBuf,
 ) -> Result<(), i32> {
     match &end.side {
-        Side::File { file, tx } => tx
-            .send((file.clone(), (slot, write, off, len, buf)))
-            .map_err(|_| -libc::EIO),
+        Side::File { file } => match files {
+            Some(f) => f.submit(file, slot, write, off, len, buf),
+            None => Err(-libc::EIO),
+        },
         Side::Bdev { ch, .. } => {
             let bs = end.block_size as u64;
             let blocks = (len as u64).div_ceil(bs);
@@ -657,6 +659,7 @@ fn read_done(slot: usize, got: Option<usize>, buf: DmaBuf) {
         }
         Some(Some(submit(
             &j.output,
+            j.files.as_mut(),
             slot,
             true,
             j.output.pos + at,

@@ -1,5 +1,6 @@
 //! `spdk_dd` as an operator runs it: files and bdevs (an aio bdev on a file, a raid1 over two) from a `--json`
-//! config, byte-for-byte round trips, `--skip`/`--seek`/`--count` in I/O units, a short last unit, `--sparse`,
+//! config, byte-for-byte round trips, `--skip`/`--seek`/`--count` in I/O units, a short last unit, `--sparse`
+//! (holes of the input skipped), io_uring and `--aio` file paths,
 //! and SPDK's messages and exit codes for bad flags, a missing bdev and counts that do not fit.
 
 use std::path::{Path, PathBuf};
@@ -219,6 +220,84 @@ fn files_skip_seek_count_and_short_units() {
     let o = dd(&["--if", s(&z), "--of", s(&zo), "--bs", "4096", "--sparse"]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(std::fs::read(&zo).unwrap(), zd);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A sparse input file (holes between data runs, a hole at the end) copied with `--sparse`, through io_uring
+/// and through `--aio` (the helper thread), into a file and into a bdev: the copies equal the input, and the
+/// output file keeps the holes (its allocated blocks are about the input's data, not its size).
+#[test]
+fn sparse_input_holes_are_skipped_on_both_file_paths() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let d = scratch("holes");
+    let a = d.join("a");
+    let size = 16 * MIB as u64;
+    sized(&a, size);
+    let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+    let runs = [
+        (0u64, 4096usize),
+        (3 * MIB as u64 + 8192, 70_000),
+        (9 * MIB as u64, MIB),
+    ];
+    for (i, (at, len)) in runs.iter().enumerate() {
+        f.write_all_at(&pattern(*len, 10 + i as u64), *at).unwrap();
+    }
+    drop(f);
+    let input = std::fs::read(&a).unwrap();
+    let bdev = d.join("bdev");
+    sized(&bdev, size);
+    let cfg = config(&d, &[("Aio0", &bdev)], None);
+    for aio in [false, true] {
+        let out = d.join(format!("out-{aio}"));
+        let mut args = vec![
+            "--if",
+            s(&a),
+            "--of",
+            s(&out),
+            "--bs",
+            "65536",
+            "--qd",
+            "4",
+            "--sparse",
+        ];
+        if aio {
+            args.push("--aio");
+        }
+        let o = dd(&args);
+        assert!(o.status.success(), "aio={aio}: {}", text(&o));
+        assert_eq!(std::fs::read(&out).unwrap(), input, "aio={aio}");
+        let meta = std::fs::metadata(&out).unwrap();
+        assert_eq!(meta.len(), size);
+        // 512-byte sectors: the data runs (rounded out to 64 KiB units) and little else.
+        let allocated = meta.blocks() * 512;
+        assert!(
+            allocated <= 2 * MIB as u64,
+            "aio={aio}: holes filled ({allocated} bytes allocated)"
+        );
+        // Into a bdev (zeroed first by the file's creation): the same bytes.
+        std::fs::write(&bdev, vec![0u8; size as usize]).unwrap();
+        let mut args = vec![
+            "--if",
+            s(&a),
+            "--ob",
+            "Aio0",
+            "--json",
+            s(&cfg),
+            "--bs",
+            "65536",
+            "--sparse",
+        ];
+        if aio {
+            args.push("--aio");
+        }
+        let o = dd(&args);
+        assert!(o.status.success(), "aio={aio}: {}", text(&o));
+        assert_eq!(
+            std::fs::read(&bdev).unwrap(),
+            input,
+            "aio={aio} into a bdev"
+        );
+    }
     let _ = std::fs::remove_dir_all(&d);
 }
 
