@@ -35,7 +35,8 @@ pub struct Req {
 pub enum FileIo {
     /// io_uring on the calling thread; requests indexed by slot (one per slot at a time).
     Ring {
-        ring: IoUring,
+        /// Boxed: the ring's state is large next to the thread variant's two channel ends.
+        ring: Box<IoUring>,
         reqs: Vec<Option<Req>>,
         /// Requests that did not fit the submission queue yet.
         waiting: VecDeque<usize>,
@@ -54,7 +55,7 @@ impl FileIo {
             match IoUring::new(slots.next_power_of_two().max(2) as u32) {
                 Ok(ring) => {
                     return Ok(FileIo::Ring {
-                        ring,
+                        ring: Box::new(ring),
                         reqs: (0..slots).map(|_| None).collect(),
                         waiting: VecDeque::new(),
                     })
