@@ -78,7 +78,7 @@ fn malloc(name: &str, mib: u64) -> Value {
 }
 
 /// Stock fio with `verify=crc32c` on malloc, null, an io_uring file and a raid1 over two mallocs: several
-/// jobs, depths, trim (each block trimmed, then written and verified), and two jobs on one bdev in separate halves. Every job does I/O and
+/// jobs, depths, trim (each block trimmed, then written and verified), fsync (flushes), and two jobs on one bdev in separate halves. Every job does I/O and
 /// reports no error and no verify failure; the environment shuts down in order when fio exits.
 #[test]
 fn stock_fio_verifies_on_every_bdev_kind() {
@@ -111,7 +111,7 @@ fn stock_fio_verifies_on_every_bdev_kind() {
              [malloc_b]\nfilename=Malloc0\nrw=randwrite\niodepth=4\nsize=32M\noffset=32M\nbs=16k\n\n\
              [trim]\nfilename=Malloc1\nrw=trimwrite\niodepth=8\nsize=16M\n\n\
              [null]\nfilename=Null0\nrw=randread\niodepth=32\nsize=64M\nverify=0\n\n\
-             [uring]\nfilename=Uring0\nrw=randwrite\niodepth=8\nsize=16M\n\n\
+             [uring]\nfilename=Uring0\nrw=randwrite\niodepth=8\nsize=16M\nfsync=16\nzonemode=none\n\n\
              [raid1]\nfilename=Raid1\nrw=randrw\nrwmixread=30\niodepth=16\nsize=16M\n",
             engine().display(),
             conf.display()
@@ -136,6 +136,11 @@ fn stock_fio_verifies_on_every_bdev_kind() {
                 j["trim"]["total_ios"].as_u64().unwrap() > 0,
                 "no trims: {all}"
             );
+        }
+        if name == "uring" {
+            // fsync=16: a flush of the bdev after every 16 writes of 4 KiB.
+            let syncs = j["sync"]["total_ios"].as_u64().unwrap();
+            assert!(syncs >= (16 << 20) / 4096 / 16, "{syncs} syncs: {all}");
         }
         if name != "null" {
             // Verifying jobs read back what they wrote.
