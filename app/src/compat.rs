@@ -576,10 +576,12 @@ impl KeptOptions {
             "keyring_file_add_key" => {
                 let k: KeyringFileAddKey = decode(params)?;
                 k.check(&self.keyring_keys)?;
+                subsystems::keyring::add(&k);
                 self.keyring_keys.push(k);
             }
             "keyring_file_remove_key" => {
                 let p: KeyringFileRemoveKey = decode(params)?;
+                subsystems::keyring::remove(&p.name);
                 self.keyring_keys.retain(|k| k.name != p.name);
             }
             "keyring_linux_set_options" => {

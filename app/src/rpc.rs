@@ -134,6 +134,9 @@ pub fn register(reg: &mut Registry) {
             }
         },
     );
+    plain(reg, "keyring_get_keys", STATE_RUNTIME, |r| {
+        r.ok(Value::Array(subsystems::keyring::list()))
+    });
     plain(reg, "framework_get_reactors", STATE_RUNTIME, |r| {
         // Thread counters live on their threads: collect them there, then lay them out per reactor.
         reactor::for_each_thread(reactor::current_info, move |infos| {

@@ -412,7 +412,66 @@ fn pcie_opts(p: &AttachParams) -> Result<CtrlrOpts> {
         io_queue_size: IO_QUEUE_SIZE,
         connect_timeout: CONNECT_TIMEOUT,
         digests: (false, false),
+        auth: None,
     })
+}
+
+/// DH-HMAC-CHAP for an attach: its keys (names in the keyring, read at every authentication as SPDK reads
+/// them) and the digests and DH groups `bdev_nvme_set_options` allows, offered in SPDK's order.
+fn auth_opts(p: &AttachParams) -> Result<Option<nvme_host::auth::AuthOpts>> {
+    use subsystems::params::Name;
+    let Some(host_name) = &p.dhchap_key else {
+        if p.dhchap_ctrlr_key.is_some() {
+            return Err(invalid("dhchap_ctrlr_key needs dhchap_key"));
+        }
+        return Ok(None);
+    };
+    let load = |name: &str, what: &str| {
+        subsystems::keyring::get(name).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Os(libc::ENOKEY),
+                format!("Could not load DH-HMAC-CHAP {what}: {name}"),
+            )
+        })
+    };
+    let host = load(host_name, "key")?;
+    let ctrlr = p
+        .dhchap_ctrlr_key
+        .as_deref()
+        .map(|n| load(n, "controller key"))
+        .transpose()?;
+    let read = |k: &subsystems::keyring::FileKey| {
+        k.read().map_err(|errno| {
+            Error::new(
+                ErrorKind::Os(errno),
+                format!("Could not read DH-HMAC-CHAP key {}", k.name),
+            )
+        })
+    };
+    let (digests, dhgroups) = {
+        let o = options();
+        fn pos<T: Name + PartialEq>(v: T) -> u8 {
+            T::ALL.iter().position(|x| *x == v).unwrap_or(0) as u8
+        }
+        (
+            // Hash ids start at 1 (sha256), DH group ids at 0 (null), in the names' order.
+            o.dhchap_digests
+                .iter()
+                .map(|d| pos(*d) + 1)
+                .collect::<Vec<u8>>(),
+            o.dhchap_dhgroups
+                .iter()
+                .map(|g| pos(*g))
+                .collect::<Vec<u8>>(),
+        )
+    };
+    let bidirectional = ctrlr.is_some();
+    Ok(Some(nvme_host::auth::AuthOpts {
+        keys: Arc::new(move || Ok((read(&host)?, ctrlr.as_deref().map(read).transpose()?))),
+        digests,
+        dhgroups,
+        bidirectional,
+    }))
 }
 
 /// The controller options an attach asks for, after SPDK's checks.
@@ -430,12 +489,13 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
             ),
         ));
     }
-    if p.psk.is_some() || p.dhchap_key.is_some() {
+    if p.psk.is_some() {
         return Err(Error::new(
             ErrorKind::NotSupported,
-            "TLS and DH-HMAC-CHAP are not supported yet",
+            "TLS (psk) is not supported yet",
         ));
     }
+    let auth = auth_opts(p)?;
     let ip: IpAddr = p
         .traddr
         .parse()
@@ -489,6 +549,7 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
             })
             .unwrap_or(CONNECT_TIMEOUT),
         digests: (p.hdgst.unwrap_or(false), p.ddgst.unwrap_or(false)),
+        auth,
     })
 }
 
@@ -1760,6 +1821,12 @@ pub fn config_entries() -> Vec<Value> {
                 params.insert("hostnqn".into(), json!(o.hostnqn));
                 params.insert("hdgst".into(), json!(o.digests.0));
                 params.insert("ddgst".into(), json!(o.digests.1));
+                if let Some(k) = &p.dhchap_key {
+                    params.insert("dhchap_key".into(), json!(k));
+                }
+                if let Some(k) = &p.dhchap_ctrlr_key {
+                    params.insert("dhchap_ctrlr_key".into(), json!(k));
+                }
                 if let Some(a) = &p.hostaddr {
                     params.insert("hostaddr".into(), json!(a));
                 }

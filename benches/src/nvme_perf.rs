@@ -264,6 +264,7 @@ fn main() -> ExitCode {
         io_queue_size: (a.qd.min(u16::MAX as usize) as u16).max(2),
         connect_timeout: Duration::from_secs(10),
         digests: a.digests,
+        auth: None,
     };
     let ctrlr_opts = CtrlrOpts {
         num_io_queues: cores.len().max(1) as u16,

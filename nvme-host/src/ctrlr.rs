@@ -28,6 +28,7 @@ use nvme_proto::log::{ana_state, decode_ana_log, lid, DiscoveryEntry, DiscoveryL
 use reactor::dma::DmaBuf;
 use reactor::Poller;
 
+use crate::auth::{AuthOpts, Transaction};
 use crate::qpair::Qpair;
 use crate::rdma::RdmaQpair;
 use crate::tcp::{Dir, Iov, TcpQpair};
@@ -67,6 +68,8 @@ pub struct CtrlrOpts {
     pub connect_timeout: Duration,
     /// TCP header and data digests asked for (`hdgst`, `ddgst`): each is used when the controller grants it.
     pub digests: (bool, bool),
+    /// DH-HMAC-CHAP keys and what to offer, for controllers that require in-band authentication (fabrics).
+    pub auth: Option<AuthOpts>,
 }
 
 impl CtrlrOpts {
@@ -729,7 +732,42 @@ impl Bringup {
                 return me.step_failed("Connect", c);
             }
             me.cntlid.set(c.dw0 as u16);
-            me.get_cap();
+            // The admin queue's transaction is number 0; each I/O queue's is its queue id.
+            match auth_after_connect(&me.opts, c.dw0, 0) {
+                Ok(None) => me.get_cap(),
+                Ok(Some(t)) => me.authenticate(Rc::new(RefCell::new(t))),
+                Err(e) => me.fail(e.kind, e.to_string()),
+            }
+        });
+    }
+
+    /// The admin queue's DH-HMAC-CHAP transaction, a command at a time; then the bring-up goes on (the
+    /// controller answers nothing else, Property Get included, before it).
+    fn authenticate(self: &Rc<Self>, t: Rc<RefCell<Transaction>>) {
+        let next = t.borrow().command().map(|c| {
+            let data = match c.dir {
+                Dir::ToCtrl => c.data.to_vec(),
+                _ => vec![0; c.len],
+            };
+            (c.sqe, c.dir, data)
+        });
+        let Some((sqe, dir, data)) = next else {
+            return self.get_cap();
+        };
+        let me = self.clone();
+        self.admin.cmd(sqe, dir, data, move |c, data| {
+            let r = t.borrow_mut().completed(c, data);
+            match r {
+                Ok(true) => {
+                    log::info!(
+                        "controller {}: authenticated (DH-HMAC-CHAP)",
+                        me.opts.subnqn
+                    );
+                    me.get_cap()
+                }
+                Ok(false) => me.authenticate(t),
+                Err(e) => me.fail(e.kind, format!("DH-HMAC-CHAP: {e}")),
+            }
         });
     }
 
@@ -1263,6 +1301,36 @@ fn identify_sqe(cns_: u8, nsid: u32) -> Sqe {
 
 /// Token of an I/O queue's own Fabrics Connect (callers' tokens are below it).
 const CONNECT_TOKEN: u64 = u64::MAX;
+/// Token of an I/O queue's own authentication commands.
+const AUTH_TOKEN: u64 = u64::MAX - 1;
+
+/// Whether a token is one of the queue's own commands rather than a caller's.
+fn own_token(token: u64) -> bool {
+    token >= AUTH_TOKEN
+}
+
+/// What a queue pair does after its Connect answered `dw0`: nothing more, or DH-HMAC-CHAP transaction `tid`
+/// (the controller requires it, or we want it to prove it holds the controller key), as SPDK's host decides.
+fn auth_after_connect(opts: &CtrlrOpts, dw0: u32, tid: u16) -> Result<Option<Transaction>> {
+    use nvme_proto::auth::{CONNECT_ASCR, CONNECT_ATR};
+    if dw0 & CONNECT_ASCR != 0 {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            "the controller requires a secure channel (TLS concatenation), which is not supported",
+        ));
+    }
+    let bidirectional = opts.auth.as_ref().is_some_and(|a| a.bidirectional);
+    if dw0 & CONNECT_ATR == 0 && !bidirectional {
+        return Ok(None);
+    }
+    let Some(a) = &opts.auth else {
+        return Err(Error::new(
+            ErrorKind::Io(libc::ENOKEY),
+            "the controller requires authentication: no DH-HMAC-CHAP key (dhchap_key) was given",
+        ));
+    };
+    Transaction::new(a, tid, &opts.hostnqn, &opts.subnqn).map(Some)
+}
 
 /// An I/O queue pair of a controller, on the thread that uses it: its own connection and Fabrics Connect (or,
 /// on PCIe, its rings created through the admin queue), then commands.
@@ -1279,12 +1347,16 @@ pub struct IoQueue {
     started: Instant,
     /// The Connect command's data, in DMA memory (an RDMA controller reads it from there).
     connect_data: DmaBuf,
+    /// The DH-HMAC-CHAP transaction in progress, and the DMA buffer its messages go through.
+    auth: Option<Box<Transaction>>,
+    auth_buf: Option<DmaBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum IoState {
     Connecting,
     ConnectSent,
+    Authenticating,
     Ready,
     Failed,
 }
@@ -1369,6 +1441,8 @@ impl IoQueue {
             state: IoState::Connecting,
             started: Instant::now(),
             connect_data,
+            auth: None,
+            auth_buf: None,
         })
     }
 
@@ -1419,20 +1493,33 @@ impl IoQueue {
     /// Moves the queue on (connecting, then completions to `done`); whether anything happened.
     pub fn poll(&mut self, done: &mut dyn FnMut(u64, Cqe)) -> bool {
         let mut connect_result = None;
-        let did = self.qp.poll(&mut |token, cqe| {
-            if token == CONNECT_TOKEN {
-                connect_result = Some(cqe);
-            } else {
-                done(token, cqe);
-            }
+        let mut auth_result = None;
+        let did = self.qp.poll(&mut |token, cqe| match token {
+            CONNECT_TOKEN => connect_result = Some(cqe),
+            AUTH_TOKEN => auth_result = Some(cqe),
+            _ => done(token, cqe),
         });
         if let Some(c) = connect_result {
             if c.status.is_success() {
-                self.state = IoState::Ready;
+                match auth_after_connect(&self.info.opts, c.dw0, self.qid) {
+                    Ok(None) => self.state = IoState::Ready,
+                    Ok(Some(t)) => {
+                        self.auth = Some(Box::new(t));
+                        self.state = IoState::Authenticating;
+                        self.auth_next();
+                    }
+                    Err(e) => {
+                        log::error!("I/O queue {}: {e}", self.qid);
+                        self.state = IoState::Failed;
+                    }
+                }
             } else {
                 log::error!("I/O queue {} Connect: {}", self.qid, c.status);
                 self.state = IoState::Failed;
             }
+        }
+        if let Some(c) = auth_result {
+            self.auth_completed(&c);
         }
         if self.qp.error().is_some() {
             self.state = IoState::Failed;
@@ -1461,13 +1548,69 @@ impl IoQueue {
                 }
             }
         }
-        if matches!(self.state, IoState::Connecting | IoState::ConnectSent)
-            && self.started.elapsed() > self.info.opts.connect_timeout
+        if matches!(
+            self.state,
+            IoState::Connecting | IoState::ConnectSent | IoState::Authenticating
+        ) && self.started.elapsed() > self.info.opts.connect_timeout
         {
             log::error!("I/O queue {}: connect timed out", self.qid);
             self.close(done);
         }
         did
+    }
+
+    /// Sends the authentication transaction's next command, or ends it (the queue is ready).
+    fn auth_next(&mut self) {
+        let Some(cmd) = self.auth.as_ref().and_then(|t| t.command()) else {
+            self.auth = None;
+            self.state = IoState::Ready;
+            return;
+        };
+        if self.auth_buf.is_none() {
+            match DmaBuf::alloc(nvme_proto::auth::RECV_LEN) {
+                Ok(b) => self.auth_buf = Some(b),
+                Err(e) => {
+                    log::error!("I/O queue {}: authentication buffer: {e}", self.qid);
+                    self.state = IoState::Failed;
+                    return;
+                }
+            }
+        }
+        let Some(buf) = self.auth_buf.as_mut() else {
+            return;
+        };
+        let len = cmd.len.min(buf.len());
+        if cmd.dir == Dir::ToCtrl {
+            buf.as_mut_slice()[..len].copy_from_slice(&cmd.data[..len]);
+        }
+        let iov = [Iov {
+            base: buf.as_ptr(),
+            len,
+        }];
+        // SAFETY: `auth_buf` lives in this IoQueue, alongside the queue pair, until both are dropped, and is not
+        // touched again until this command completes.
+        if let Err(e) = unsafe { self.qp.submit(cmd.sqe, &iov, cmd.dir, AUTH_TOKEN) } {
+            log::error!("I/O queue {} authentication: {e:?}", self.qid);
+            self.state = IoState::Failed;
+        }
+    }
+
+    /// An authentication command completed: the transaction's next step.
+    fn auth_completed(&mut self, c: &Cqe) {
+        let received = self.auth_buf.as_ref().map_or(&[][..], |b| b.as_slice());
+        match self.auth.as_mut().map(|t| t.completed(c, received)) {
+            Some(Ok(true)) => {
+                self.auth = None;
+                self.state = IoState::Ready;
+            }
+            Some(Ok(false)) => self.auth_next(),
+            Some(Err(e)) => {
+                log::error!("I/O queue {} DH-HMAC-CHAP: {e}", self.qid);
+                self.auth = None;
+                self.state = IoState::Failed;
+            }
+            None => {}
+        }
     }
 
     /// PCIe: the queue exists once the controller's thread had Create I/O CQ, then Create I/O SQ, done.
@@ -1523,7 +1666,7 @@ impl IoQueue {
     /// Reports, once each, the commands outstanding past the timeout at `now`: (command id, token).
     pub fn expired(&mut self, now: Instant, f: &mut dyn FnMut(u16, u64)) {
         self.qp.expired(now, &mut |cid, token| {
-            if token != CONNECT_TOKEN {
+            if !own_token(token) {
                 f(cid, token)
             }
         });
@@ -1534,9 +1677,9 @@ impl IoQueue {
         if matches!(self.qp, Qpair::Pcie(_)) {
             return self.close_pcie(done);
         }
-        // The queue's own Connect is not the caller's to hear about.
+        // The queue's own Connect and authentication are not the caller's to hear about.
         self.qp.close(&mut |token, cqe| {
-            if token != CONNECT_TOKEN {
+            if !own_token(token) {
                 done(token, cqe)
             }
         });

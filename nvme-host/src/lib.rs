@@ -1,8 +1,9 @@
 //! The NVMe host library (SPDK's `lib/nvme`): queue pairs over NVMe/TCP ([`tcp`]), NVMe/RDMA ([`rdma`]) and PCIe
 //! (the `nvme-pcie` driver), one type over all ([`qpair`]), controllers
 //! brought up through their admin queue with keep alive, and I/O queues one per thread that uses the controller
-//! ([`ctrlr`]). Everything is polled by the reactor thread that owns it; nothing blocks.
+//! ([`ctrlr`]), with DH-HMAC-CHAP in-band authentication on every queue pair ([`auth`]). Everything is polled by the reactor thread that owns it; nothing blocks.
 
+pub mod auth;
 pub mod ctrlr;
 pub mod qpair;
 pub mod rdma;

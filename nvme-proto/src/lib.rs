@@ -6,6 +6,7 @@
 //! take byte slices of any length and say what is wrong with them; encoders write into caller buffers, so the I/O
 //! path allocates nothing.
 //!
+//! - [`auth`]: in-band authentication (DH-HMAC-CHAP): Authentication Send / Receive and their messages.
 //! - [`cmd`]: submission queue entries, completion queue entries, opcodes, SGL descriptors.
 //! - [`status`]: status code types and codes.
 //! - [`fabrics`]: Fabrics commands (Connect, Property Get/Set), Connect data, controller registers.
@@ -16,6 +17,7 @@
 //! - [`rdma`]: NVMe/RDMA connection private data and discovery TSAS.
 //! - [`crc32c`]: the CRC the TCP digests (and the blobstore) use.
 
+pub mod auth;
 pub mod cmd;
 pub mod crc32c;
 pub mod fabrics;

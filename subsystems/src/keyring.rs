@@ -79,3 +79,101 @@ pub fn check_key_file(path: &str) -> Result<(), RpcError> {
     }
     Ok(())
 }
+
+/// A key of the file keyring: what `keyring_file_add_key` registered, shared by its users (an attached
+/// controller holds its DH-HMAC-CHAP keys). Its file is read, and checked again, at every use, as SPDK does.
+#[derive(Debug)]
+pub struct FileKey {
+    /// Key name.
+    pub name: String,
+    /// Absolute path of the key file.
+    pub path: String,
+    removed: std::sync::atomic::AtomicBool,
+}
+
+/// Longest key text SPDK reads from a key file.
+const MAX_KEY_LEN: usize = 256;
+
+impl FileKey {
+    /// The key's text (the file's contents), or the errno of why not: ENOKEY once the key was removed.
+    pub fn read(&self) -> Result<String, i32> {
+        if self.removed.load(std::sync::atomic::Ordering::Acquire) {
+            log::error!("Key '{}' was removed", self.name);
+            return Err(libc::ENOKEY);
+        }
+        check_key_file(&self.path).map_err(|e| -e.code)?;
+        let text = std::fs::read_to_string(&self.path).map_err(|e| {
+            log::error!("Could not read key file '{}': {e}", self.path);
+            e.raw_os_error().unwrap_or(libc::EIO)
+        })?;
+        if text.len() > MAX_KEY_LEN {
+            log::error!("Key '{}' is longer than {MAX_KEY_LEN} bytes", self.name);
+            return Err(libc::ENOBUFS);
+        }
+        Ok(text)
+    }
+
+    /// Whether the key was removed from the keyring (users still holding it can no longer read it).
+    pub fn removed(&self) -> bool {
+        self.removed.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// The keys, added ones and removed ones that users still hold.
+fn registry() -> std::sync::MutexGuard<'static, Vec<std::sync::Arc<FileKey>>> {
+    static KEYS: std::sync::Mutex<Vec<std::sync::Arc<FileKey>>> = std::sync::Mutex::new(Vec::new());
+    KEYS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Registers a key `keyring_file_add_key` accepted ([`KeyringFileAddKey::check`] first).
+pub fn add(k: &KeyringFileAddKey) {
+    let mut r = registry();
+    r.retain(|e| !e.removed() || std::sync::Arc::strong_count(e) > 1);
+    r.push(std::sync::Arc::new(FileKey {
+        name: k.name.trim_start_matches(':').to_string(),
+        path: k.path.clone(),
+        removed: false.into(),
+    }));
+}
+
+/// Removes key `name` (`keyring_file_remove_key`): users that hold it can no longer read it.
+pub fn remove(name: &str) {
+    let name = name.trim_start_matches(':');
+    let mut r = registry();
+    for e in r.iter().filter(|e| e.name == name && !e.removed()) {
+        e.removed.store(true, std::sync::atomic::Ordering::Release);
+    }
+    r.retain(|e| !e.removed() || std::sync::Arc::strong_count(e) > 1);
+}
+
+/// The key called `name` (`key0` and `:key0` are the same key), for a user to hold.
+pub fn get(name: &str) -> Option<std::sync::Arc<FileKey>> {
+    let name = name.trim_start_matches(':');
+    registry()
+        .iter()
+        .find(|e| e.name == name && !e.removed())
+        .cloned()
+}
+
+/// `keyring_get_keys`: every key with SPDK's fields (a removed key is listed while users hold it).
+pub fn list() -> Vec<serde_json::Value> {
+    let mut r = registry();
+    r.retain(|e| !e.removed() || std::sync::Arc::strong_count(e) > 1);
+    r.iter()
+        .map(|e| {
+            let users = std::sync::Arc::strong_count(e) - 1;
+            let mut v = serde_json::json!({
+                "name": e.name,
+                "module": "keyring_file",
+                "removed": e.removed(),
+                "probed": false,
+                // The keyring's own reference while the key is in it, plus one per user.
+                "refcnt": users + usize::from(!e.removed()),
+            });
+            if !e.removed() {
+                v["path"] = serde_json::json!(e.path);
+            }
+            v
+        })
+        .collect()
+}
