@@ -657,3 +657,200 @@ fn attach_detach_races_leave_consistent_state() {
     let (st, _) = s.stop();
     assert!(st.success());
 }
+
+/// A `DHHC-1` secret of `len` bytes (pseudo-random from `seed`) whose responses use transformation `xx`, as
+/// `nvme gen-dhchap-key` writes it.
+fn dhchap_secret(len: usize, xx: u8, seed: u64) -> String {
+    let mut x = seed | 1;
+    let key: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    // CRC-32 (IEEE), little-endian, after the secret.
+    let mut crc = !0u32;
+    for b in &key {
+        crc ^= *b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                crc >> 1 ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    let mut raw = key;
+    raw.extend((!crc).to_le_bytes());
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for c in raw.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            b64.push(if i <= c.len() {
+                A[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    format!("DHHC-1:{xx:02x}:{b64}:")
+}
+
+/// A key file readable by its owner only (SPDK's keyring refuses others).
+fn key_file(dir: &std::path::Path, name: &str, text: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let p = write_file(dir, name, text);
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+/// DH-HMAC-CHAP against SPDK v24.05's target, which requires it of our host NQN: no key, a wrong key, an
+/// unknown key name and a wrong controller key are refused with a clear error; the right keys (bidirectional)
+/// connect the admin queue and the I/O queues (an lvstore is written and read over them), SPDK reports every
+/// queue pair authenticated, and `bdev_nvme_set_options` narrows what is offered (SHA-256 / ffdhe2048 instead
+/// of SPDK's pick of SHA-512 / ffdhe8192).
+#[test]
+fn dhchap_with_spdk_storage_node() {
+    if lab::target::spdk_peer().is_none() {
+        eprintln!("skipped: no SPDK peer build");
+        return;
+    }
+    const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:6a0c3f0e-1d2b-4c5a-9e8f-0123456789ab";
+    let dir = std::env::temp_dir().join(format!("bdev-nvme-dhchap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key0 = key_file(&dir, "key0", &dhchap_secret(32, 1, 1));
+    let ckey0 = key_file(&dir, "ckey0", &dhchap_secret(48, 2, 2));
+    let wrong = key_file(&dir, "wrong", &dhchap_secret(32, 1, 3));
+    let port = free_port();
+    let mut nvmf: Vec<Value> = export_calls(&port, None)
+        .into_iter()
+        .filter(|(m, _)| m.starts_with("nvmf_"))
+        .map(|(m, mut p)| {
+            if m == "nvmf_create_subsystem" {
+                p["allow_any_host"] = json!(false);
+            }
+            json!({"method": m, "params": p})
+        })
+        .collect();
+    nvmf.push(
+        json!({"method": "nvmf_subsystem_add_host", "params": {"nqn": NQN, "host": HOST,
+        "dhchap_key": "key0", "dhchap_ctrlr_key": "ckey0"}}),
+    );
+    let cfg = json!({"subsystems": [
+        {"subsystem": "keyring", "config": [
+            {"method": "keyring_file_add_key", "params": {"name": "key0", "path": key0}},
+            {"method": "keyring_file_add_key", "params": {"name": "ckey0", "path": ckey0}}]},
+        {"subsystem": "bdev", "config": [{"method": "bdev_malloc_create",
+            "params": {"name": "Malloc0", "num_blocks": 65536, "block_size": 512}}]},
+        {"subsystem": "nvmf", "config": nvmf},
+    ]});
+    write_file(&dir, "config.json", &cfg.to_string());
+    let s = lab::target::SpdkTgt::start(&dir, "spdk");
+    let c = Tgt::start("nvme-dhchap-compute", &[]);
+    for (name, path) in [("key0", &key0), ("ckey0", &ckey0), ("wrong", &wrong)] {
+        c.ok(&["keyring_file_add_key", name, path]);
+    }
+    let attach = |extra: &[&str]| -> Vec<String> {
+        let mut a = attach_args(&port);
+        a.extend(["-q", HOST].map(String::from));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let refused = |extra: &[&str], want: &str| {
+        let a = attach(extra);
+        let e = c.err(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let msg = e["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(want), "{extra:?}: wanted '{want}', got {e}");
+        e
+    };
+    // The target requires authentication of this host: no key is refused.
+    refused(&[], "Required key not available");
+    // A key name the keyring does not have: SPDK's -ENOKEY.
+    let e = refused(&["--dhchap-key", "nokey"], "Required key not available");
+    assert_eq!(e["code"], -126, "{e}");
+    // A wrong secret: the target sends AUTH_Failure1.
+    refused(&["--dhchap-key", "wrong"], "Permission denied");
+    // The right host key with a wrong controller key: the target's R2 does not verify.
+    refused(
+        &["--dhchap-key", "key0", "--dhchap-ctrlr-key", "wrong"],
+        "Permission denied",
+    );
+    assert!(c.ok(&["bdev_get_bdevs"]).as_array().unwrap().is_empty());
+    // The right keys, both ways.
+    c.ok(
+        &attach(&["--dhchap-key", "key0", "--dhchap-ctrlr-key", "ckey0"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    // Metadata written and read over the I/O queue (which authenticated on its own).
+    c.ok(&["bdev_lvol_create_lvstore", "Nvme0n1", "lvs0"]);
+    let lvs = c.ok(&["bdev_lvol_get_lvstores"]);
+    assert_eq!(lvs[0]["name"], "lvs0", "{lvs}");
+    let qpairs = s.call("nvmf_subsystem_get_qpairs", json!({"nqn": NQN}));
+    let qpairs = qpairs.as_array().unwrap();
+    assert!(qpairs.len() >= 2, "admin and I/O queue pairs: {qpairs:?}");
+    for q in qpairs {
+        assert_eq!(q["auth"]["state"], "completed", "{q}");
+        assert_eq!(
+            (q["auth"]["digest"].as_str(), q["auth"]["dhgroup"].as_str()),
+            (Some("sha512"), Some("ffdhe8192")),
+            "{q}"
+        );
+    }
+    let keys = c.ok(&["keyring_get_keys"]);
+    let key = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "key0")
+        .unwrap();
+    assert_eq!(
+        key["refcnt"], 2,
+        "the keyring and the controller hold it: {keys}"
+    );
+    let saved = c.ok(&["save_config"]);
+    let (bdev_cfg, _) = common::subsystem_config(&saved, "bdev");
+    let entry = bdev_cfg
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["method"] == "bdev_nvme_attach_controller")
+        .unwrap();
+    assert_eq!(
+        (
+            &entry["params"]["dhchap_key"],
+            &entry["params"]["dhchap_ctrlr_key"]
+        ),
+        (&json!("key0"), &json!("ckey0"))
+    );
+    // Narrower offers: SPDK picks among them.
+    c.ok(&["bdev_nvme_detach_controller", "Nvme0"]);
+    c.ok(&[
+        "bdev_nvme_set_options",
+        "--dhchap-digests",
+        "sha256",
+        "--dhchap-dhgroups",
+        "ffdhe2048",
+    ]);
+    c.ok(&attach(&["--dhchap-key", "key0"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    c.ok(&["bdev_lvol_get_lvstores"]);
+    let qpairs = s.call("nvmf_subsystem_get_qpairs", json!({"nqn": NQN}));
+    let q = &qpairs[0];
+    assert_eq!(
+        (q["auth"]["digest"].as_str(), q["auth"]["dhgroup"].as_str()),
+        (Some("sha256"), Some("ffdhe2048")),
+        "{q}"
+    );
+    c.stop();
+    s.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -37,7 +37,7 @@ use reactor::Poller;
 
 use bdev::{Bdev, BdevOps, BdevParams, IoType, ModuleChannel};
 use errors::{Error, ErrorKind, Result};
-use jsonrpc::{Registry, Responder, RpcError, STATE_RUNTIME, STATE_STARTUP};
+use jsonrpc::{Registry, Responder, RpcError, STATE_RUNTIME};
 use nvme_host::{Controller, CtrlrInfo, CtrlrOpts, NsInfo};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -2132,7 +2132,7 @@ pub fn register_rpcs(reg: &mut Registry) {
     bdev::rpc::method(
         reg,
         "bdev_nvme_attach_controller",
-        STATE_STARTUP | STATE_RUNTIME,
+        STATE_RUNTIME,
         |p: AttachParams, r: Responder| {
             if let Some(e) = spdk_refusal(&p) {
                 return r.err(e);

@@ -45,6 +45,9 @@ struct Slot {
     recv: u32,
     /// Some of its C2H data failed the data digest: it completes with a transient transport error.
     digest_error: bool,
+    /// A Fabrics command (Authentication Receive): the controller may send less than the buffer holds, its
+    /// last data PDU completing it (SPDK's target sends just the message). Reads must be whole.
+    short_ok: bool,
     /// When it times out (commands timeouts on), until reported once.
     deadline: Option<Instant>,
 }
@@ -100,6 +103,7 @@ impl TcpQpair {
                 dir: Dir::None,
                 recv: 0,
                 digest_error: false,
+                short_ok: false,
                 deadline: None,
             })
             .collect();
@@ -192,6 +196,7 @@ impl TcpQpair {
         s.dir = dir;
         s.recv = 0;
         s.digest_error = false;
+        s.short_ok = sqe.opc() == nvme_proto::cmd::FABRICS;
         s.deadline = self.timeout.deadline(sqe.opc());
         // The capsule: header (and its digest), then (aligned as the controller asked) in-capsule data (and its
         // digest).
@@ -487,7 +492,7 @@ impl TcpQpair {
                     s.digest_error = true;
                 }
                 if ch.flags & flags::SUCCESS != 0 {
-                    if ch.flags & flags::LAST_PDU == 0 || s.recv != s.len {
+                    if ch.flags & flags::LAST_PDU == 0 || (s.recv != s.len && !s.short_ok) {
                         return Err("C2HData SUCCESS before the last data".into());
                     }
                     let token = s.token;
