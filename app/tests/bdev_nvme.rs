@@ -854,3 +854,52 @@ fn dhchap_with_spdk_storage_node() {
     s.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Two storage nodes export namespaces that agree on NGUID and EUI-64 but not on their UUID (the
+/// Namespace Identification Descriptor list): a second path from the other node is refused as SPDK refuses it,
+/// and the bdev keeps its one good path.
+#[test]
+fn a_path_to_a_namespace_with_another_uuid_is_refused() {
+    let ports = [free_port(), free_port()];
+    let nodes: Vec<Tgt> = ["nvme-uuid-a", "nvme-uuid-b"]
+        .iter()
+        .zip(&ports)
+        .zip([
+            "6f3c4b8e-0d51-4a5b-8d7e-1a2b3c4d5e6f",
+            "0b7e0a21-6f64-4f0e-9b9e-7c0de5a1b2c3",
+        ])
+        .map(|((tag, port), uuid)| {
+            let n = Tgt::start(tag, &[]);
+            for (m, mut p) in export_calls(port, None) {
+                if m == "nvmf_subsystem_add_ns" {
+                    p["namespace"]["nguid"] = json!("000102030405060708090A0B0C0D0E0F");
+                    p["namespace"]["eui64"] = json!("0011223344556677");
+                    p["namespace"]["uuid"] = json!(uuid);
+                }
+                let r = n.call(m, p);
+                assert!(r.get("error").is_none(), "{m}: {r}");
+            }
+            n
+        })
+        .collect();
+    let c = Tgt::start("nvme-uuid-compute", &[]);
+    let argv = |a: &[String]| a.iter().map(String::clone).collect::<Vec<_>>();
+    let first = argv(&attach_args(&ports[0]));
+    c.ok(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut second = argv(&attach_args(&ports[1]));
+    second.extend(["-x", "multipath"].map(String::from));
+    let e = c.err(&second.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(e["code"], -22, "{e}");
+    let b = c.ok(&["bdev_get_bdevs", "-b", "Nvme0n1"]);
+    assert_eq!(
+        b[0]["driver_specific"]["nvme"].as_array().unwrap().len(),
+        1,
+        "{b}"
+    );
+    // The bdev's UUID is the namespace's NGUID, as SPDK names it.
+    assert_eq!(b[0]["uuid"], "00010203-0405-0607-0809-0a0b0c0d0e0f", "{b}");
+    c.stop();
+    for n in nodes {
+        n.stop();
+    }
+}

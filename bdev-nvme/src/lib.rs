@@ -263,9 +263,8 @@ struct NsBdev {
     /// The controller name.
     group: String,
     name: String,
-    /// The namespace's NGUID and EUI-64: a path to another namespace is refused.
-    nguid: [u8; 16],
-    eui64: [u8; 8],
+    /// The namespace as its first path showed it: a path to another namespace is refused.
+    ns: NsInfo,
     paths: Arc<NsPaths>,
 }
 
@@ -821,7 +820,7 @@ fn add_alternate(name: &str, probe: Controller, opts: CtrlrOpts) -> Result<()> {
                 .info
                 .namespaces
                 .iter()
-                .any(|n| n.nsid == ns.nsid && n.nguid == ns.nguid && n.eui64 == ns.eui64)
+                .any(|n| n.nsid == ns.nsid && n.same_identity(ns))
         });
         if differs {
             return Err(invalid(format!(
@@ -849,9 +848,9 @@ fn add_ns_path(group: &str, shared: &Arc<Shared>, ns: &NsInfo, policy: Policy) -
         b.borrow()
             .iter()
             .find(|b| b.group == group && b.paths.nsid == ns.nsid)
-            .map(|b| (b.nguid, b.eui64, b.paths.clone()))
+            .map(|b| (b.ns.clone(), b.paths.clone()))
     });
-    if let Some((nguid, eui64, paths)) = known {
+    if let Some((first, paths)) = known {
         let addr = shared.info.load().opts.location();
         // SPDK's checks before adding a path (`nvme_bdev_add_ns`).
         if !ns.shared {
@@ -860,9 +859,9 @@ fn add_ns_path(group: &str, shared: &Arc<Shared>, ns: &NsInfo, policy: Policy) -
                 ns.nsid
             )));
         }
-        if (nguid, eui64) != (ns.nguid, ns.eui64) {
+        if !first.same_identity(ns) {
             return Err(invalid(format!(
-                "{name}: namespace {} behind {addr} is not the same namespace (NGUID or EUI-64 differs)",
+                "{name}: namespace {} behind {addr} is not the same namespace (NGUID, EUI-64 or UUID differs)",
                 ns.nsid
             )));
         }
@@ -879,8 +878,7 @@ fn add_ns_path(group: &str, shared: &Arc<Shared>, ns: &NsInfo, policy: Policy) -
         b.borrow_mut().push(NsBdev {
             group: group.to_string(),
             name: name.clone(),
-            nguid: ns.nguid,
-            eui64: ns.eui64,
+            ns: ns.clone(),
             paths,
         })
     });
@@ -1368,8 +1366,14 @@ fn register_ns(name: &str, shared: &Arc<Shared>, ns: &NsInfo, paths: Arc<NsPaths
     let info = shared.info.load_full();
     let mut p = BdevParams::new(name, ns.block_size, ns.blocks);
     p.product_name = "NVMe disk".into();
-    if ns.nguid != [0; 16] {
-        let u = Uuid::from_bytes(ns.nguid);
+    // As SPDK: the NGUID, else the namespace UUID.
+    let ident = if ns.nguid != [0; 16] {
+        Some(ns.nguid)
+    } else {
+        ns.uuid
+    };
+    if let Some(id) = ident {
+        let u = Uuid::from_bytes(id);
         // The namespace's own bdev is in this process (a target exporting to itself): keep its UUID to it.
         if bdev::get(&u.to_string()).is_some() {
             log::warn!("{name}: UUID {u} is taken here, a new one is used");

@@ -23,7 +23,7 @@ use errors::{Error, ErrorKind, Result};
 use nvme_pcie::{Bar, PcieCtrlr, PcieQpair, QueueMemory};
 use nvme_proto::cmd::{admin, feat, Cqe, Sqe};
 use nvme_proto::fabrics::{cc, csts, reg, Cap, Connect, ConnectData, Property, DISCOVERY_NQN};
-use nvme_proto::identify::{cns, decode_ns_list, CtrlrData, NsData};
+use nvme_proto::identify::{cns, decode_ns_list, CtrlrData, NsData, NsIdDesc};
 use nvme_proto::log::{ana_state, decode_ana_log, lid, DiscoveryEntry, DiscoveryLogHeader};
 use reactor::dma::DmaBuf;
 use reactor::Poller;
@@ -101,11 +101,21 @@ pub struct NsInfo {
     pub nguid: [u8; 16],
     /// EUI-64 (zero when none).
     pub eui64: [u8; 8],
+    /// The namespace UUID of its Namespace Identification Descriptor list (CNS 03h), when it has one.
+    pub uuid: Option<[u8; 16]>,
     /// The namespace may be reached through several controllers (NMIC bit 0): it may be a path of a multipath
     /// bdev.
     pub shared: bool,
     /// ANA group (0: none).
     pub anagrpid: u32,
+}
+
+impl NsInfo {
+    /// Whether `other` names the same namespace, as SPDK compares two paths' namespaces: NGUID, EUI-64 and
+    /// UUID (present in both and equal, or in neither).
+    pub fn same_identity(&self, other: &NsInfo) -> bool {
+        (self.nguid, self.eui64, self.uuid) == (other.nguid, other.eui64, other.uuid)
+    }
 }
 
 /// ANA groups tracked at most (a controller announcing more is followed for the first ones only).
@@ -1095,8 +1105,44 @@ fn scan_namespaces(
 
 type ScanDone = Box<dyn FnOnce(std::result::Result<Vec<NsInfo>, String>)>;
 
+/// The Namespace Identification Descriptor list of `ns` (its UUID, and its NGUID when Identify Namespace
+/// gave none), then the next namespace. A controller older than NVMe 1.3 may refuse CNS 03h: the namespace
+/// then has no UUID, as SPDK leaves it.
+fn identify_descs(
+    admin: Rc<Admin>,
+    mut ns: NsInfo,
+    left: Vec<u32>,
+    mut got: Vec<NsInfo>,
+    done: ScanDone,
+) {
+    let a = admin.clone();
+    admin.cmd(
+        identify_sqe(cns::NS_ID_DESC_LIST, ns.nsid),
+        Dir::FromCtrl,
+        vec![0; 4096],
+        move |c, d| {
+            if ok(c) {
+                match nvme_proto::identify::decode_ns_id_descs(d) {
+                    Ok(descs) => {
+                        for desc in descs {
+                            match desc {
+                                NsIdDesc::Uuid(u) => ns.uuid = Some(u),
+                                NsIdDesc::Nguid(g) if ns.nguid == [0; 16] => ns.nguid = g,
+                                _ => {}
+                            }
+                        }
+                    }
+                    Err(e) => log::warn!("namespace {}: identification descriptors: {e}", ns.nsid),
+                }
+            }
+            got.push(ns);
+            identify_each(a, left, got, done);
+        },
+    );
+}
+
 /// Identify Namespace for each of `left`, collecting the usable ones into `got`.
-fn identify_each(admin: Rc<Admin>, mut left: Vec<u32>, mut got: Vec<NsInfo>, done: ScanDone) {
+fn identify_each(admin: Rc<Admin>, mut left: Vec<u32>, got: Vec<NsInfo>, done: ScanDone) {
     if left.is_empty() {
         return done(Ok(got));
     }
@@ -1114,15 +1160,19 @@ fn identify_each(admin: Rc<Admin>, mut left: Vec<u32>, mut got: Vec<NsInfo>, don
                 Ok(n) => {
                     let bs = n.lbaf[n.format_index()].data_size();
                     match bs.filter(|b| (512..=65536).contains(b)) {
-                        Some(bs) if n.nsze > 0 => got.push(NsInfo {
-                            nsid,
-                            blocks: n.nsze,
-                            block_size: bs as u32,
-                            nguid: n.nguid,
-                            eui64: n.eui64,
-                            shared: n.nmic & 1 != 0,
-                            anagrpid: n.anagrpid,
-                        }),
+                        Some(bs) if n.nsze > 0 => {
+                            let ns = NsInfo {
+                                nsid,
+                                blocks: n.nsze,
+                                block_size: bs as u32,
+                                nguid: n.nguid,
+                                eui64: n.eui64,
+                                uuid: None,
+                                shared: n.nmic & 1 != 0,
+                                anagrpid: n.anagrpid,
+                            };
+                            return identify_descs(a, ns, left, got, done);
+                        }
                         // Inactive or unusable: no bdev for it (as SPDK skips it).
                         _ => log::warn!(
                             "namespace {nsid}: size {} block size {bs:?}: skipped",
