@@ -6,9 +6,10 @@
 //! vfio-pci.
 //!
 //! Per I/O it does what SPDK's perf does: pick the offset (sequential, or random from a per-run generator), take
-//! the submit tick, submit; on completion add the latency to the total, min and max, and submit the next. One
-//! namespace (the first); a job with its own I/O queue on each core of the mask (`-c`), a row per core and their
-//! total, as SPDK perf prints them.
+//! the submit tick, submit; on completion add the latency to the total, min and max, and submit the next. Every
+//! active namespace (or the one `ns:N` in `-r` names) with every core of the mask (`-c`), paired as SPDK perf
+//! pairs them (namespace i with core i, round robin over the longer list): a job with its own I/O queue and
+//! `-q` commands per pair, a row per pair and their total.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -203,10 +204,10 @@ impl Job {
 
 /// What a run hands back to `main`: each core's counters (or why its job failed) and the device line, or why
 /// the run could not start.
-type RunResult = Result<(Vec<CoreResult>, String), String>;
+type RunResult = Result<Vec<CoreResult>, String>;
 
-/// One core's job: its core and its counters, or why it failed.
-type CoreResult = (u32, Result<Stats, String>);
+/// One job's core, its device line (namespace included), and its counters or why it failed.
+type CoreResult = (u32, String, Result<Stats, String>);
 
 fn main() -> ExitCode {
     let a = match parse() {
@@ -266,9 +267,16 @@ fn main() -> ExitCode {
         digests: a.digests,
         auth: None,
     };
+    // One queue per (namespace, core) job: the namespaces are known only once connected, so ask for plenty
+    // (the controller grants what it has; a job without a queue reports it).
     let ctrlr_opts = CtrlrOpts {
-        num_io_queues: cores.len().max(1) as u16,
+        num_io_queues: 64,
         ..ctrlr_opts
+    };
+    let only_ns: Option<u32> = match a.trid.get("ns").map(|n| n.parse()) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => return usage("-r: ns:<namespace id> is not a number"),
     };
     let w = Work {
         qd: a.qd,
@@ -289,32 +297,53 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(e.to_string()),
             };
-            let Some(ns) = ctrlr.info.namespaces.first().cloned() else {
-                return fail("no active namespace".into());
-            };
-            let bs = ns.block_size as usize;
-            if !w.size.is_multiple_of(bs) || w.size > ctrlr.info.max_xfer as usize {
-                return fail(format!(
-                    "-o {}: not a multiple of the block size {bs} or over the transfer limit {}",
-                    w.size, ctrlr.info.max_xfer
-                ));
+            let namespaces: Vec<_> = ctrlr
+                .info
+                .namespaces
+                .iter()
+                .filter(|n| only_ns.is_none_or(|id| n.nsid == id))
+                .cloned()
+                .collect();
+            if namespaces.is_empty() {
+                return fail(match only_ns {
+                    Some(id) => format!("namespace {id} is not active"),
+                    None => "no active namespace".into(),
+                });
+            }
+            for ns in &namespaces {
+                let bs = ns.block_size as usize;
+                if !w.size.is_multiple_of(bs) || w.size > ctrlr.info.max_xfer as usize {
+                    return fail(format!(
+                        "-o {}: not a multiple of namespace {}'s block size {bs} or over the transfer limit {}",
+                        w.size, ns.nsid, ctrlr.info.max_xfer
+                    ));
+                }
             }
             // SPDK perf's device names: `PCIE (<address>)`, or the fabric with its address and NQN.
-            let desc = match &ctrlr.info.opts.pci {
-                Some(bdf) => format!("PCIE ({bdf}) NSID {}", ns.nsid),
+            let device = |nsid: u32| match &ctrlr.info.opts.pci {
+                Some(bdf) => format!("PCIE ({bdf}) NSID {nsid}"),
                 None if ctrlr.info.opts.rdma => {
-                    format!("RDMA (addr:{ip} subnqn:{subnqn}) NSID {}", ns.nsid)
+                    format!("RDMA (addr:{ip} subnqn:{subnqn}) NSID {nsid}")
                 }
-                None => format!("TCP (addr:{ip} subnqn:{subnqn}) NSID {}", ns.nsid),
+                None => format!("TCP (addr:{ip} subnqn:{subnqn}) NSID {nsid}"),
             };
-            // One job per core of the mask, each on its own I/O queue (as SPDK perf's workers); the main core
-            // collects their counters and ends the run once all are in.
+            // SPDK perf's pairing: namespace i % n with core i % c, for the longer of the two lists. Each pair
+            // is a job with its own I/O queue on a thread of that core; the main core collects their counters
+            // and ends the run once all are in.
+            let pairs: Vec<_> = (0..namespaces.len().max(cores.len()))
+                .map(|i| {
+                    (
+                        namespaces[i % namespaces.len()].clone(),
+                        cores[i % cores.len()],
+                    )
+                })
+                .collect();
             let results: Arc<Mutex<Vec<CoreResult>>> = Arc::default();
-            let n = cores.len();
+            let n = pairs.len();
             let main = reactor::thread::current().expect("the main thread");
-            for &core in &cores {
+            for (ns, core) in pairs {
                 let Some(t) = reactor::spawn_thread(
-                    &format!("nvme_perf_{core}"),
+                    &format!("nvme_perf_{core}_ns{}", ns.nsid),
                     Some(&reactor::CpuMask::single(core)),
                 ) else {
                     return fail(format!("no reactor on core {core}"));
@@ -325,15 +354,16 @@ fn main() -> ExitCode {
                     main.clone(),
                     r2.clone(),
                 );
-                let (desc, nsid, ns_blocks) = (desc.clone(), ns.nsid, ns.blocks);
+                let (desc, nsid, ns_blocks, bs) =
+                    (device(ns.nsid), ns.nsid, ns.blocks, ns.block_size as usize);
                 t.send(move || {
                     let report = move |r: Result<Stats, String>| {
                         let mut all = results.lock().unwrap();
-                        all.push((core, r));
+                        all.push((core, desc, r));
                         if all.len() == n {
                             let mut v = std::mem::take(&mut *all);
-                            v.sort_by_key(|x| x.0);
-                            *ctrlr_done.lock().unwrap() = Some(Ok((v, desc)));
+                            v.sort_by(|x, y| (x.0, &x.1).cmp(&(y.0, &y.1)));
+                            *ctrlr_done.lock().unwrap() = Some(Ok(v));
                             // The controller lives on the main thread: it closes and the run ends there.
                             main.send(|| {
                                 if let Some(c) = CTRLR.with(|c| c.borrow_mut().take()) {
@@ -361,7 +391,7 @@ fn main() -> ExitCode {
                         write_only: w.write_only,
                         read_only: w.read_only,
                         next_seq: 0,
-                        seed: 0x9e37_79b9_7f4a_7c15 ^ core as u64,
+                        seed: 0x9e37_79b9_7f4a_7c15 ^ core as u64 ^ (nsid as u64) << 32,
                         stats: Stats::default(),
                         stopping: false,
                     }));
@@ -396,15 +426,15 @@ fn main() -> ExitCode {
     }
     let out = result.lock().unwrap().take();
     match out {
-        Some(Ok((per_core, desc))) => {
+        Some(Ok(per_job)) => {
             let hz = ticks::rate() as f64;
             let us = |t: u64| t as f64 * 1e6 / hz;
             let mut total = Stats::default();
             let mut rows = Vec::new();
-            for (core, r) in per_core {
+            for (core, desc, r) in per_job {
                 let s = match r {
                     Ok(s) => s,
-                    Err(e) => return usage(&format!("core {core}: {e}")),
+                    Err(e) => return usage(&format!("{desc} from core {core}: {e}")),
                 };
                 total.ios += s.ios;
                 total.errors += s.errors;

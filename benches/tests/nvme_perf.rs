@@ -17,13 +17,15 @@ const NQN: &str = "nqn.2016-06.io.spdk:nvme-perf";
 
 fn target() -> u16 {
     on_app(|reply| {
-        malloc::create(MallocOpts {
-            name: Some("PerfM0".into()),
-            num_blocks: 16384,
-            block_size: 512,
-            ..Default::default()
-        })
-        .unwrap();
+        for name in ["PerfM0", "PerfM1"] {
+            malloc::create(MallocOpts {
+                name: Some(name.into()),
+                num_blocks: 16384,
+                block_size: 512,
+                ..Default::default()
+            })
+            .unwrap();
+        }
         mgmt::create_transport(
             TransportOpts::defaults(TransportKind::Tcp),
             None,
@@ -48,7 +50,10 @@ fn target() -> u16 {
                 mgmt::add_listener(NQN, trid, AnaState::Optimized, config).unwrap();
                 mgmt::add_ns(NQN, NamespaceParams::new("PerfM0"), move |r| {
                     r.unwrap();
-                    reply(port);
+                    mgmt::add_ns(NQN, NamespaceParams::new("PerfM1"), move |r| {
+                        r.unwrap();
+                        reply(port);
+                    });
                 });
             },
         );
@@ -96,14 +101,54 @@ fn body() {
     let iops: f64 = total.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(iops > 0.0, "{out}");
     assert!(out.contains("Device Information"), "{out}");
-    assert!(out.contains(&format!("subnqn:{NQN}) NSID 1")), "{out}");
-    // Two cores: a job and a row per core, each on its own I/O queue, and their sum; with TCP digests.
+    // Both namespaces on the one core: a job and a row each, as SPDK perf runs them.
+    for nsid in [1, 2] {
+        assert!(
+            out.contains(&format!("subnqn:{NQN}) NSID {nsid} from core  0")),
+            "{out}"
+        );
+    }
+    // `ns:2` in the transport id: that namespace only.
+    let (ok, out, err) = perf(&[
+        "-q",
+        "4",
+        "-o",
+        "4096",
+        "-w",
+        "randread",
+        "-t",
+        "1",
+        "-r",
+        &format!("{r} ns:2"),
+    ]);
+    assert!(ok, "{out}{err}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains(" from core ")).collect();
+    assert!(rows.len() == 1 && rows[0].contains("NSID 2"), "{out}");
+    let (ok, _, err) = perf(&[
+        "-q",
+        "4",
+        "-o",
+        "4096",
+        "-w",
+        "randread",
+        "-t",
+        "1",
+        "-r",
+        &format!("{r} ns:9"),
+    ]);
+    assert!(!ok && err.contains("namespace 9 is not active"), "{err}");
+    // Two cores and two namespaces: namespace i on core i, each on its own I/O queue, and their sum; with TCP
+    // digests.
     let (ok, out, err) = perf(&[
         "-q", "4", "-o", "4096", "-w", "randread", "-t", "1", "-c", "0x3", "-H", "-I", "-r", &r,
     ]);
     assert!(ok, "{out}{err}");
     let rows: Vec<&str> = out.lines().filter(|l| l.contains(" from core ")).collect();
     assert_eq!(rows.len(), 2, "{out}");
+    assert!(
+        rows[0].contains("NSID 1 from core  0") && rows[1].contains("NSID 2 from core  1"),
+        "{out}"
+    );
     let iops = |l: &str| -> f64 {
         l.rsplit(':')
             .next()
