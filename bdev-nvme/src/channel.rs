@@ -48,6 +48,8 @@ struct PathQ {
     outstanding: u32,
     /// The namespace's ANA group on this controller (0: none).
     anagrpid: u32,
+    /// `q` was connected at the last look (a queue that connects again is a path back).
+    was_ready: bool,
 }
 
 impl PathQ {
@@ -62,6 +64,7 @@ impl PathQ {
             entry,
             outstanding: 0,
             anagrpid: 0,
+            was_ready: false,
         };
         p.find_group(nsid);
         p
@@ -138,6 +141,9 @@ pub(crate) struct NvmeChannel {
     retry_limit: i32,
     /// The paths' ANA log page counts last seen: when one moves, the path is picked again (failback).
     ana_seen: u64,
+    /// A reconnected path makes the policy pick again (SPDK's automatic failback; off with
+    /// `bdev_nvme_set_options --disable-auto-failback`, which keeps I/O on the path it moved to).
+    auto_failback: bool,
     /// Command timeout and what to do then (`bdev_nvme_set_options`' `timeout_us` and `action_on_timeout`).
     timeout: Option<(Duration, ActionOnTimeout)>,
     /// This channel's transport counters, counted here and published once per poll.
@@ -162,6 +168,7 @@ impl NvmeChannel {
         bdev: &str,
         retry_limit: i32,
         timeout: Option<(Duration, ActionOnTimeout)>,
+        auto_failback: bool,
     ) -> NvmeChannel {
         let mut ch = NvmeChannel {
             ns,
@@ -180,6 +187,7 @@ impl NvmeChannel {
             done: Vec::new(),
             retry_limit,
             ana_seen: 0,
+            auto_failback,
             timeout,
             counts: Counts::default(),
             stats: crate::add_stats(),
@@ -262,6 +270,7 @@ impl NvmeChannel {
     /// Follows each path's controller: a queue that died asks for a reset; a new generation gets a new queue.
     fn follow(&mut self) {
         self.follow_paths();
+        let (mut reconnected, mut back) = (false, false);
         for p in &mut self.paths {
             let gen = p.shared.gen.load(Ordering::Acquire);
             let enabled = p.shared.state.load(Ordering::Acquire) == ST_ENABLED;
@@ -301,18 +310,30 @@ impl NvmeChannel {
                 p.gen = gen;
                 p.outstanding = 0;
                 p.find_group(self.ns.nsid);
-                // Back on a path: the policy picks again (SPDK's failback to the preferred path).
-                self.current = None;
+                reconnected = true;
             }
+            let ready = matches!(&p.q, Ok(q) if q.ready());
+            back |= ready && !p.was_ready;
+            p.was_ready = ready;
+        }
+        // A path whose queue connected (again): the policy picks again, as SPDK clears its path cache once the
+        // new queue pair is connected (its failback to the preferred path), unless the operator turned that off
+        // and the current path still serves.
+        if back && (self.auto_failback || !self.current.is_some_and(|c| self.paths[c].available()))
+        {
+            self.current = None;
         }
         let ana: u64 = self
             .paths
             .iter()
             .filter_map(|p| p.q.as_ref().ok().map(|q| q.info().ana.changes()))
             .sum();
+        // A new connection's first ANA log page is no ANA change: the reconnect was handled above.
         if ana != self.ana_seen {
             self.ana_seen = ana;
-            self.current = None;
+            if !reconnected {
+                self.current = None;
+            }
         }
         self.release_held();
         if (!self.waiting.is_empty() || !self.held.is_empty())

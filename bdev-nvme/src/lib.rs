@@ -1361,16 +1361,31 @@ impl Detaching {
     }
 }
 
+/// SPDK's `nvme_generate_uuid`: a name-based (SHA-1) UUID in SPDK's namespace over the serial number as the
+/// controller reports it (space-padded) followed by the namespace id in decimal.
+fn generated_uuid(sn: &[u8], nsid: u32) -> Uuid {
+    const SPDK_NAMESPACE: Uuid = Uuid::from_u128(0xedaed2de_24bc_4b07_b559_f47ecbe730fd);
+    let sn = sn.split(|b| *b == 0).next().unwrap_or_default();
+    let mut name = sn.to_vec();
+    name.extend_from_slice(nsid.to_string().as_bytes());
+    Uuid::new_v5(&SPDK_NAMESPACE, &name)
+}
+
 /// Registers bdev `name` of namespace `ns`, with `paths` (its first one, `shared`).
 fn register_ns(name: &str, shared: &Arc<Shared>, ns: &NsInfo, paths: Arc<NsPaths>) -> Result<Bdev> {
     let info = shared.info.load_full();
     let mut p = BdevParams::new(name, ns.block_size, ns.blocks);
     p.product_name = "NVMe disk".into();
-    // As SPDK: the NGUID, else the namespace UUID.
+    // As SPDK: the NGUID, else the namespace UUID, else (`generate_uuids`) one derived from the controller's
+    // serial number and the namespace id, the same across restarts and hosts.
     let ident = if ns.nguid != [0; 16] {
         Some(ns.nguid)
-    } else {
+    } else if ns.uuid.is_some() {
         ns.uuid
+    } else if options().generate_uuids {
+        Some(*generated_uuid(&info.cdata.sn, ns.nsid).as_bytes())
+    } else {
+        None
     };
     if let Some(id) = ident {
         let u = Uuid::from_bytes(id);
@@ -1422,17 +1437,18 @@ impl BdevOps for NsOps {
     }
 
     fn create_channel(&self, bdev: &Bdev) -> Box<dyn ModuleChannel> {
-        let (retries, timeout) = {
+        let (retries, timeout, failback) = {
             let o = options();
             let t = (o.timeout_us > 0)
                 .then(|| (Duration::from_micros(o.timeout_us), o.action_on_timeout));
-            (o.bdev_retry_count, t)
+            (o.bdev_retry_count, t, !o.disable_auto_failback)
         };
         Box::new(channel::NvmeChannel::new(
             self.paths.clone(),
             bdev.name(),
             retries,
             timeout,
+            failback,
         ))
     }
 
@@ -2278,4 +2294,21 @@ pub fn register_rpcs(reg: &mut Registry) {
             Err(e) => r.err(e),
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    /// `generate_uuids`: the UUID SPDK derives for a namespace with neither NGUID nor UUID, from the
+    /// controller's space-padded serial number and the namespace id (RFC 4122 name-based, SHA-1; the
+    /// expected value computed independently with Python's `uuid.uuid5`).
+    #[test]
+    fn generated_uuids_are_spdks() {
+        let mut sn = [b' '; 20];
+        sn[..18].copy_from_slice(b"SPDK00000000000001");
+        assert_eq!(
+            super::generated_uuid(&sn, 7).to_string(),
+            "e083a5ba-9f77-5a0a-b886-9125b2bf5fd5"
+        );
+        assert_ne!(super::generated_uuid(&sn, 8), super::generated_uuid(&sn, 7));
+    }
 }

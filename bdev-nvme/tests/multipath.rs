@@ -284,4 +284,52 @@ fn body() {
     check_acked("OwnM0", &res.acked);
     detach("Nvme1");
     wait_bdev("Nvme1n1", false);
+
+    // A path that comes back (its controller reconnects, the same controller): SPDK fails back to the first
+    // path; with `disable_auto_failback` I/O stays on the path it moved to.
+    listener(b, true);
+    for failback in [true, false] {
+        app(move || {
+            bdev_nvme::set_options(&subsystems::bdev_nvme::NvmeOptions {
+                keep_alive_timeout_ms: 1000,
+                disable_auto_failback: !failback,
+                ..Default::default()
+            })
+        });
+        for (port, mode) in [(a, None), (b, Some("multipath"))] {
+            let mut p = with_mode("Nvme2", port, mode);
+            p.ctrlr_loss_timeout_sec = Some(-1);
+            p.reconnect_delay_sec = Some(1);
+            attach(p).expect("attach a path of Nvme2");
+        }
+        start_load("Nvme2n1", 256, 8);
+        load_runs(200);
+        wait_paths(
+            "Nvme2n1",
+            &[(pa.clone(), true, true), (pb.clone(), false, true)],
+        );
+        listener(a, false);
+        load_runs(300);
+        wait_paths(
+            "Nvme2n1",
+            &[(pa.clone(), false, false), (pb.clone(), true, true)],
+        );
+        listener(a, true);
+        let back = if failback {
+            [(pa.clone(), true, true), (pb.clone(), false, true)]
+        } else {
+            [(pa.clone(), false, true), (pb.clone(), true, true)]
+        };
+        wait_paths("Nvme2n1", &back);
+        load_runs(300);
+        wait_paths("Nvme2n1", &back);
+        let res = stop_load();
+        assert_eq!(
+            res.failed, 0,
+            "writes failed (failback {failback}): {res:?}"
+        );
+        check_acked("OwnM0", &res.acked);
+        detach("Nvme2");
+        wait_bdev("Nvme2n1", false);
+    }
 }
