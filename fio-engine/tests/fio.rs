@@ -48,7 +48,11 @@ fn config(dir: &Path, entries: Value) -> PathBuf {
 
 fn fio(args: &[&str], preload: bool) -> Output {
     let mut c = Command::new("timeout");
-    c.arg("120").arg("fio");
+    // fio saves verify state files in its working directory: not in the source tree.
+    c.arg("120")
+        .arg("fio")
+        .arg("--verify_state_save=0")
+        .current_dir(std::env::temp_dir());
     if preload {
         c.env("LD_PRELOAD", engine());
     }
