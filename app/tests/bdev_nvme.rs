@@ -670,35 +670,7 @@ fn dhchap_secret(len: usize, xx: u8, seed: u64) -> String {
             x as u8
         })
         .collect();
-    // CRC-32 (IEEE), little-endian, after the secret.
-    let mut crc = !0u32;
-    for b in &key {
-        crc ^= *b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                crc >> 1 ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    let mut raw = key;
-    raw.extend((!crc).to_le_bytes());
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::new();
-    for c in raw.chunks(3) {
-        let n = (c[0] as u32) << 16
-            | (*c.get(1).unwrap_or(&0) as u32) << 8
-            | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            b64.push(if i <= c.len() {
-                A[(n >> (18 - 6 * i) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    format!("DHHC-1:{xx:02x}:{b64}:")
+    nvme_host::auth::Secret { key, transform: xx }.to_text()
 }
 
 /// A key file readable by its owner only (SPDK's keyring refuses others).

@@ -104,6 +104,14 @@ impl Secret {
         })
     }
 
+    /// The key file text of this secret (`DHHC-1:XX:<base64 of the secret and its CRC-32>:`), as
+    /// `nvme gen-dhchap-key` writes it.
+    pub fn to_text(&self) -> String {
+        let mut raw = self.key.clone();
+        raw.extend(crc32_ieee(&self.key).to_le_bytes());
+        format!("DHHC-1:{:02x}:{}:", self.transform, base64_encode(&raw))
+    }
+
     /// The key the responses are keyed with: HMAC(transform hash, secret, NQN || "NVMe-over-Fabrics"), or the
     /// secret itself when it asks for no transformation. `nqn` is the host NQN for the host's secret and the
     /// subsystem NQN for the controller's.
@@ -119,18 +127,29 @@ impl Secret {
     }
 }
 
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding.
+fn base64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            out.push(if i <= c.len() {
+                BASE64[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
 /// Standard base64 with padding (the key files' alphabet).
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
+    let val = |c: u8| BASE64.iter().position(|x| *x == c).map(|v| v as u32);
     let b = s.as_bytes();
     if !b.len().is_multiple_of(4) {
         return None;
@@ -615,6 +634,15 @@ mod tests {
         let k = Secret::parse(&format!("{KEY01}\n")).unwrap();
         assert_eq!((k.key.clone(), k.transform), (counting(32), 1));
         assert_eq!(crc32_ieee(b"123456789"), 0xcbf4_3926);
+        // And back to the same text (every length SPDK takes).
+        assert_eq!(k.to_text(), KEY01);
+        for (len, xx) in [(32, 1), (48, 2), (64, 3), (32, 0)] {
+            let s = Secret {
+                key: counting(len),
+                transform: xx,
+            };
+            assert_eq!(Secret::parse(&s.to_text()).unwrap(), s);
+        }
         assert_eq!(
             k.transformed(HOST),
             hex("6c7b81cb2a746f74454b1d7140f3153b51ca99459fcef7a86a17f27695b87cd8")
