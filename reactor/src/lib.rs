@@ -2,7 +2,8 @@
 //!
 //! [`run`] starts one pinned reactor per core of a [`CpuMask`]; each runs lightweight threads
 //! ([`ThreadHandle`]) that own pollers ([`Poller`]), timers ([`timer`]) and per-thread I/O channels
-//! ([`IoDevice`]). Other threads reach a thread only by message ([`ThreadHandle::send`]).
+//! ([`IoDevice`]). Other threads reach a thread only by message ([`ThreadHandle::send`]). A
+//! [`ForeignThread`] is a lightweight thread that an OS thread outside the reactors runs itself (a fio job).
 //! [`dma`] hands out hugepage-backed buffer memory; [`memmap`] tracks every region that can carry I/O data and
 //! tells subscribers (device drivers) about it; [`lock`] and [`pin_current_thread`] are the mutex and CPU
 //! affinity helpers every crate of the target shares.
