@@ -7,11 +7,12 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-/// The engine library cargo built next to this test.
+/// The engine library cargo built next to this test: in `deps/`, from the same compile as the test (a copy in
+/// the target directory above may be older: only `cargo build` refreshes it).
 fn engine() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let deps = exe.parent().unwrap();
-    for dir in [deps.parent().unwrap(), deps] {
+    for dir in [deps, deps.parent().unwrap()] {
         let p = dir.join("libfio_spdk_bdev.so");
         if p.exists() {
             return p;
