@@ -254,9 +254,13 @@ extern "C" fn register_if_preloaded() {
 #[link_section = ".init_array"]
 static REGISTER: extern "C" fn() = register_if_preloaded;
 
-/// Runs an entry point's body, turning a panic into a failure (a panic must not unwind into fio).
-fn guarded<R>(fail: R, f: impl FnOnce() -> R) -> R {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+/// Runs an entry point's body on the job fio passed (`None`: fio passed none), turning a missing job or a
+/// panic into `fail` (a panic must not unwind into fio).
+fn entry<R>(td: Option<Td>, fail: R, body: impl FnOnce(Td) -> R) -> R {
+    let Some(td) = td else {
+        return fail;
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(td))).unwrap_or_else(|_| {
         eprintln!("spdk_bdev engine: internal error (panic); failing the call");
         fail
     })
@@ -276,10 +280,7 @@ fn ensure_env(td: Td) -> Result<(), String> {
 
 unsafe extern "C" fn setup(td: *mut c_void) -> c_int {
     // SAFETY: fio passes its live job.
-    let Some(td) = (unsafe { Td::from_fio(td) }) else {
-        return 1;
-    };
-    guarded(1, || {
+    entry(unsafe { Td::from_fio(td) }, 1, |td| {
         if !td.use_thread() {
             report(td, "must set thread=1 when using the spdk_bdev engine");
             return 1;
@@ -311,10 +312,7 @@ unsafe extern "C" fn setup(td: *mut c_void) -> c_int {
 
 unsafe extern "C" fn init(td: *mut c_void) -> c_int {
     // SAFETY: fio passes its live job.
-    let Some(td) = (unsafe { Td::from_fio(td) }) else {
-        return 1;
-    };
-    guarded(1, || {
+    entry(unsafe { Td::from_fio(td) }, 1, |td| {
         if let Err(e) = ensure_env(td) {
             report(td, &e);
             return 1;
@@ -341,15 +339,18 @@ fn job_of(td: Td) -> Option<&'static RefCell<job::Job>> {
 }
 
 unsafe extern "C" fn queue(td: *mut c_void, u: *mut c_void) -> c_int {
-    // SAFETY: fio passes its live job and a unit it hands to us until we return it through `event`.
-    let (Some(td), Some(u)) = (unsafe { Td::from_fio(td) }, unsafe { IoU::from_fio(u) }) else {
-        return abi::FIO_Q_COMPLETED;
-    };
-    guarded(abi::FIO_Q_COMPLETED, || match job_of(td) {
-        Some(j) => j.borrow().queue(u),
-        None => {
-            u.set_result(libc::EINVAL as u32, u.buf().1);
-            abi::FIO_Q_COMPLETED
+    // SAFETY: fio passes its live job.
+    entry(unsafe { Td::from_fio(td) }, abi::FIO_Q_COMPLETED, |td| {
+        // SAFETY: fio hands us a live unit until we return it through `event`.
+        let Some(u) = (unsafe { IoU::from_fio(u) }) else {
+            return abi::FIO_Q_COMPLETED;
+        };
+        match job_of(td) {
+            Some(j) => j.borrow().queue(u),
+            None => {
+                u.set_result(libc::EINVAL as u32, u.buf().1);
+                abi::FIO_Q_COMPLETED
+            }
         }
     })
 }
@@ -360,10 +361,6 @@ unsafe extern "C" fn getevents(
     _max: c_uint,
     t: *const libc::timespec,
 ) -> c_int {
-    // SAFETY: fio passes its live job.
-    let Some(td) = (unsafe { Td::from_fio(td) }) else {
-        return 0;
-    };
     // SAFETY: `t` is NULL or fio's live timespec for this call.
     let deadline = unsafe { t.as_ref() }.map(|t| {
         Instant::now()
@@ -372,7 +369,8 @@ unsafe extern "C" fn getevents(
                 t.tv_nsec.clamp(0, 999_999_999) as u32,
             )
     });
-    guarded(-1, || match job_of(td) {
+    // SAFETY: fio passes its live job.
+    entry(unsafe { Td::from_fio(td) }, -1, |td| match job_of(td) {
         Some(j) => j.borrow_mut().getevents(min as usize, deadline) as c_int,
         None => -1,
     })
@@ -380,10 +378,7 @@ unsafe extern "C" fn getevents(
 
 unsafe extern "C" fn event(td: *mut c_void, i: c_int) -> *mut c_void {
     // SAFETY: fio passes its live job.
-    let Some(td) = (unsafe { Td::from_fio(td) }) else {
-        return std::ptr::null_mut();
-    };
-    guarded(std::ptr::null_mut(), || {
+    entry(unsafe { Td::from_fio(td) }, std::ptr::null_mut(), |td| {
         job_of(td)
             .and_then(|j| j.borrow().event(i.max(0) as usize))
             .map_or(std::ptr::null_mut(), IoU::as_ptr)
@@ -392,10 +387,7 @@ unsafe extern "C" fn event(td: *mut c_void, i: c_int) -> *mut c_void {
 
 unsafe extern "C" fn cleanup(td: *mut c_void) {
     // SAFETY: fio passes its live job.
-    let Some(td) = (unsafe { Td::from_fio(td) }) else {
-        return;
-    };
-    guarded((), || {
+    entry(unsafe { Td::from_fio(td) }, (), |td| {
         let p = td.engine_data() as *mut RefCell<job::Job>;
         if p.is_null() {
             return;
@@ -429,10 +421,7 @@ thread_local! {
 /// Gives fio DMA memory for the job's buffers, so every bdev (NVMe PCIe included) takes them without a copy.
 unsafe extern "C" fn iomem_alloc(td: *mut c_void, size: usize) -> c_int {
     // SAFETY: fio passes its live job.
-    let Some(td) = (unsafe { Td::from_fio(td) }) else {
-        return 1;
-    };
-    guarded(1, || {
+    entry(unsafe { Td::from_fio(td) }, 1, |td| {
         // With create_serialize=0 fio allocates before `setup`: the memory options must be in force first.
         if let Err(e) = ensure_env(td) {
             report(td, &e);
