@@ -438,15 +438,16 @@ fn setup(o: &DdOpts, finish: Box<dyn FnOnce(i32)>) -> Result<(), i32> {
     } else {
         None
     };
-    let files_poller = Poller::register("spdk_dd_files", 0, || {
-        let mut done = Vec::new();
+    // Kept across polls: reaping allocates nothing once it has held `qd` answers.
+    let mut done = Vec::with_capacity(qd);
+    let files_poller = Poller::register("spdk_dd_files", 0, move || {
         JOB.with(|j| {
             if let Some(f) = j.borrow_mut().as_mut().and_then(|j| j.files.as_mut()) {
                 f.reap(&mut done);
             }
         });
         let any = !done.is_empty();
-        for (slot, write, n, buf) in done {
+        for (slot, write, n, buf) in done.drain(..) {
             file_done(slot, write, n, buf);
         }
         any

@@ -166,12 +166,8 @@ impl FileIo {
                 if ring.completion().is_empty() {
                     return;
                 }
-                let cqes: Vec<(u64, i32)> = ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result()))
-                    .collect();
-                for (slot, res) in cqes {
-                    let slot = slot as usize;
+                for c in ring.completion() {
+                    let (slot, res) = (c.user_data() as usize, c.result());
                     let Some(r) = reqs.get_mut(slot).and_then(Option::as_mut) else {
                         continue;
                     };

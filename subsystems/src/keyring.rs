@@ -119,17 +119,17 @@ impl FileKey {
     }
 }
 
-/// The keys, added ones and removed ones that users still hold.
+/// The keys, added ones and removed ones that users still hold (removed ones nobody holds are dropped here).
 fn registry() -> std::sync::MutexGuard<'static, Vec<std::sync::Arc<FileKey>>> {
     static KEYS: std::sync::Mutex<Vec<std::sync::Arc<FileKey>>> = std::sync::Mutex::new(Vec::new());
-    KEYS.lock().unwrap_or_else(|e| e.into_inner())
+    let mut r = KEYS.lock().unwrap_or_else(|e| e.into_inner());
+    r.retain(|e| !e.removed() || std::sync::Arc::strong_count(e) > 1);
+    r
 }
 
 /// Registers a key `keyring_file_add_key` accepted ([`KeyringFileAddKey::check`] first).
 pub fn add(k: &KeyringFileAddKey) {
-    let mut r = registry();
-    r.retain(|e| !e.removed() || std::sync::Arc::strong_count(e) > 1);
-    r.push(std::sync::Arc::new(FileKey {
+    registry().push(std::sync::Arc::new(FileKey {
         name: k.name.trim_start_matches(':').to_string(),
         path: k.path.clone(),
         removed: false.into(),
@@ -139,11 +139,9 @@ pub fn add(k: &KeyringFileAddKey) {
 /// Removes key `name` (`keyring_file_remove_key`): users that hold it can no longer read it.
 pub fn remove(name: &str) {
     let name = name.trim_start_matches(':');
-    let mut r = registry();
-    for e in r.iter().filter(|e| e.name == name && !e.removed()) {
+    for e in registry().iter().filter(|e| e.name == name && !e.removed()) {
         e.removed.store(true, std::sync::atomic::Ordering::Release);
     }
-    r.retain(|e| !e.removed() || std::sync::Arc::strong_count(e) > 1);
 }
 
 /// The key called `name` (`key0` and `:key0` are the same key), for a user to hold.
@@ -157,9 +155,8 @@ pub fn get(name: &str) -> Option<std::sync::Arc<FileKey>> {
 
 /// `keyring_get_keys`: every key with SPDK's fields (a removed key is listed while users hold it).
 pub fn list() -> Vec<serde_json::Value> {
-    let mut r = registry();
-    r.retain(|e| !e.removed() || std::sync::Arc::strong_count(e) > 1);
-    r.iter()
+    registry()
+        .iter()
         .map(|e| {
             let users = std::sync::Arc::strong_count(e) - 1;
             let mut v = serde_json::json!({
