@@ -12,6 +12,7 @@ use num_bigint::BigUint;
 use nvme_proto::auth::{self as msg, dhgroup_id, hash_id, rce, Challenge, Received, Success1};
 use nvme_proto::cmd::{Cqe, Sqe};
 use nvme_proto::host::Dir;
+use nvme_proto::keytext::{base64_decode, base64_encode, crc32_ieee};
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
 use errors::{Error, ErrorKind, Result};
@@ -125,66 +126,6 @@ impl Secret {
             &[nqn.as_bytes(), b"NVMe-over-Fabrics"],
         )
     }
-}
-
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding.
-fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (c[0] as u32) << 16
-            | (*c.get(1).unwrap_or(&0) as u32) << 8
-            | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            out.push(if i <= c.len() {
-                BASE64[(n >> (18 - 6 * i) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
-}
-
-/// Standard base64 with padding (the key files' alphabet).
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| BASE64.iter().position(|x| *x == c).map(|v| v as u32);
-    let b = s.as_bytes();
-    if !b.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(b.len() / 4 * 3);
-    for (i, q) in b.chunks(4).enumerate() {
-        let last = i == b.len() / 4 - 1;
-        let pad = q.iter().rev().take_while(|c| **c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return None;
-        }
-        let mut n = 0u32;
-        for c in &q[..4 - pad] {
-            n = n << 6 | val(*c)?;
-        }
-        n <<= 6 * pad as u32;
-        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
-    }
-    Some(out)
-}
-
-/// CRC-32 (IEEE 802.3, as zlib's): the check value of a `DHHC-1` secret.
-fn crc32_ieee(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for b in data {
-        crc ^= *b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                crc >> 1 ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 fn hmac_of<M: Mac + hmac::digest::KeyInit>(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {

@@ -16,6 +16,7 @@
 //! - [`tcp`]: NVMe/TCP PDUs.
 //! - [`rdma`]: NVMe/RDMA connection private data and discovery TSAS.
 //! - [`crc32c`]: the CRC the TCP digests (and the blobstore) use.
+//! - [`keytext`]: the text form of DH-HMAC-CHAP secrets and TLS PSKs.
 
 pub mod auth;
 pub mod cmd;
@@ -23,6 +24,7 @@ pub mod crc32c;
 pub mod fabrics;
 pub mod host;
 pub mod identify;
+pub mod keytext;
 pub mod log;
 pub mod rdma;
 pub mod status;
