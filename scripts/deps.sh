@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs what building and testing need on a fresh Debian 12 machine (idempotent, quick when already there):
 # a C toolchain, fio, QEMU + a Debian kernel + busybox for the VM lab, the RDMA libraries (the nvmf-rdma crate's
-# bindings are generated at build time with libclang; the lab guest runs Soft-RoCE with the rxe provider), and
-# SPDK's official RPC client from PyPI. The client goes into its own virtual environment (Debian's Python
-# refuses a system-wide `pip install`, PEP 668) and `spdk-rpc` is linked into /usr/local/bin, which is on
-# Debian's default PATH.
+# bindings are generated at build time with libclang; the lab guest runs Soft-RoCE with the rxe provider),
+# OpenSSL's command line tool (the TLS tests' peer), and SPDK's official RPC client from PyPI. The client goes
+# into its own virtual environment (Debian's Python refuses a system-wide `pip install`, PEP 668) and `spdk-rpc`
+# is linked into /usr/local/bin, which is on Debian's default PATH.
 set -euo pipefail
 # Rust: Debian 12's own cargo (1.63) is too old for this workspace.
 need_rust=1.87
@@ -19,7 +19,8 @@ if [ "$(printf '%s\n%s\n' "$need_rust" "$have" | sort -V | head -1)" != "$need_r
   exit 1
 fi
 pkgs=(build-essential fio qemu-system-x86 qemu-utils linux-image-amd64 busybox-static kmod xz-utils
-      libibverbs-dev librdmacm-dev libclang-dev rdma-core ibverbs-providers python3 python3-venv)
+      libibverbs-dev librdmacm-dev libclang-dev rdma-core ibverbs-providers python3 python3-venv
+      openssl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
