@@ -412,6 +412,7 @@ fn pcie_opts(p: &AttachParams) -> Result<CtrlrOpts> {
         connect_timeout: CONNECT_TIMEOUT,
         digests: (false, false),
         auth: None,
+        tls: None,
     })
 }
 
@@ -488,12 +489,6 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
             ),
         ));
     }
-    if p.psk.is_some() {
-        return Err(Error::new(
-            ErrorKind::NotSupported,
-            "TLS (psk) is not supported yet",
-        ));
-    }
     let auth = auth_opts(p)?;
     let ip: IpAddr = p
         .traddr
@@ -520,6 +515,8 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
         return Err(invalid("subnqn is longer than 223 bytes"));
     }
     let (hostid, default_nqn) = host_id();
+    let hostnqn = p.hostnqn.clone().unwrap_or_else(|| default_nqn.clone());
+    let tls = tls_psk(p, rdma, &hostnqn, &subnqn)?;
     // Read once: a second lock within one expression would wait for the first.
     let (kato_ms, tcp_connect_ms) = {
         let o = options();
@@ -530,7 +527,7 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
         rdma,
         pci: None,
         subnqn,
-        hostnqn: p.hostnqn.clone().unwrap_or_else(|| default_nqn.clone()),
+        hostnqn,
         hostid: *hostid.as_bytes(),
         kato_ms,
         num_io_queues: p
@@ -549,7 +546,56 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
             .unwrap_or(CONNECT_TIMEOUT),
         digests: (p.hdgst.unwrap_or(false), p.ddgst.unwrap_or(false)),
         auth,
+        tls,
     })
+}
+
+/// SPDK's `bdev_nvme_load_psk`: `psk` read as the path of a key file when no keyring key has that name. Its
+/// answers: EACCES when the file cannot be looked at, EPERM when group or others may use it (or its owner run
+/// it), EINVAL when it is too long or cannot be read.
+fn load_psk_file(path: &str) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    /// SPDK's `SPDK_TLS_PSK_MAX_LEN`: the file must be shorter.
+    const MAX_LEN: u64 = 200;
+    let load = |errno: i32, why: String| {
+        log::error!("Could not load PSK from {path}: {why}");
+        Error::new(ErrorKind::Os(errno), format!("Could not load PSK from {path}: {why}"))
+    };
+    log::warn!("psk {path} is not a key in the keyring: read as a file path (deprecated in SPDK)");
+    let md = std::fs::metadata(path).map_err(|e| load(libc::EACCES, e.to_string()))?;
+    if md.mode() & 0o177 != 0 {
+        return Err(load(libc::EPERM, "Incorrect permissions for PSK file".into()));
+    }
+    if md.len() >= MAX_LEN {
+        return Err(load(libc::EINVAL, "Invalid PSK: too long".into()));
+    }
+    std::fs::read_to_string(path).map_err(|e| load(libc::EINVAL, e.to_string()))
+}
+
+/// TLS for an attach (`psk`): the name of a key in the keyring, or else (deprecated in SPDK, still taken) the
+/// path of a key file readable by its owner only. The key is read and the TLS PSK derived now, for this host and
+/// subsystem, as SPDK derives it when it makes the controller; reconnects use it.
+fn tls_psk(
+    p: &AttachParams,
+    rdma: bool,
+    hostnqn: &str,
+    subnqn: &str,
+) -> Result<Option<nvme_tls::TlsPsk>> {
+    let Some(name) = &p.psk else {
+        return Ok(None);
+    };
+    if rdma {
+        return Err(invalid("psk: TLS is for trtype TCP only"));
+    }
+    let text = match subsystems::keyring::get(name) {
+        Some(k) => k.read().map_err(|errno| {
+            Error::new(ErrorKind::Os(errno), format!("Could not load PSK: {name}"))
+        })?,
+        None => load_psk_file(name)?,
+    };
+    let key = nvme_tls::ConfiguredPsk::parse(&text)
+        .map_err(|e| invalid(format!("Failed to parse PSK interchange ({name}): {e}")))?;
+    key.tls_psk(hostnqn, subnqn).map(Some)
 }
 
 /// Fills what the attach leaves out from the module options, as SPDK's attach starts from its global options.
@@ -1838,6 +1884,9 @@ pub fn config_entries() -> Vec<Value> {
                     "fast_io_fail_timeout_sec".into(),
                     json!(p.fast_io_fail_timeout_sec.unwrap_or(0)),
                 );
+                if let Some(k) = &p.psk {
+                    params.insert("psk".into(), json!(k));
+                }
                 params.insert("hostnqn".into(), json!(o.hostnqn));
                 params.insert("hdgst".into(), json!(o.digests.0));
                 params.insert("ddgst".into(), json!(o.digests.1));

@@ -34,13 +34,18 @@ struct Args {
     trid: HashMap<String, String>,
     /// TCP header and data digests (`-H`, `-I`).
     digests: (bool, bool),
+    /// `--psk-path`: a file holding the TLS PSK in interchange format (NVMe/TCP over TLS).
+    psk_path: Option<String>,
+    /// `-S`: the sock implementation (`posix`, or `ssl` for TLS).
+    sock_impl: String,
 }
 
 fn usage(e: &str) -> ExitCode {
     eprintln!("nvme_perf: {e}");
     eprintln!(
         "usage: nvme_perf -q DEPTH -o BYTES -w read|write|randread|randwrite|rw|randrw [-M READ_PCT] -t SECS \
-         [-c MASK] [-H] [-I] -r 'trtype:tcp|rdma adrfam:ipv4 traddr:A trsvcid:P subnqn:NQN' | \
+         [-c MASK] [-H] [-I] [-S ssl --psk-path FILE] \
+         -r 'trtype:tcp|rdma adrfam:ipv4 traddr:A trsvcid:P subnqn:NQN [hostnqn:NQN]' | \
          -r 'trtype:pcie traddr:BDF'"
     );
     ExitCode::from(1)
@@ -56,6 +61,8 @@ fn parse() -> Result<Args, String> {
         mask: "0x1".into(),
         trid: HashMap::new(),
         digests: (false, false),
+        psk_path: None,
+        sock_impl: "posix".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,6 +80,12 @@ fn parse() -> Result<Args, String> {
             "-M" => a.read_pct = num(val()?)?.min(100) as u32,
             "-t" => a.secs = num(val()?)?,
             "-c" => a.mask = val()?,
+            "-S" | "--default-sock-impl" => a.sock_impl = val()?,
+            "--psk-path" => a.psk_path = Some(val()?),
+            // The identity NVMe/TCP offers is made from the NQNs, as in SPDK, whatever the sock option says.
+            "--psk-identity" => {
+                val()?;
+            }
             "-r" => {
                 for kv in val()?.split_whitespace() {
                     let (k, v) = kv
@@ -83,6 +96,12 @@ fn parse() -> Result<Args, String> {
             }
             f => return Err(format!("unknown flag {f}")),
         }
+    }
+    if a.psk_path.is_some() && a.sock_impl != "ssl" {
+        return Err("--psk-path needs -S ssl".into());
+    }
+    if !["posix", "ssl"].contains(&a.sock_impl.as_str()) {
+        return Err(format!("-S: unknown sock implementation {}", a.sock_impl));
     }
     if a.qd == 0 || a.size == 0 || a.secs == 0 || a.workload.is_empty() {
         return Err("-q, -o, -w and -t are required".into());
@@ -252,13 +271,31 @@ fn main() -> ExitCode {
         pin: true,
     };
     let host = uuid_like();
+    let hostnqn = a
+        .trid
+        .get("hostnqn")
+        .cloned()
+        .unwrap_or_else(|| format!("nqn.2014-08.org.nvmexpress:uuid:{host}"));
+    let tls = match &a.psk_path {
+        None => None,
+        Some(path) => {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => return usage(&format!("Could not open PSK file {path}: {e}")),
+            };
+            match nvme_tls::ConfiguredPsk::parse(&text).and_then(|k| k.tls_psk(&hostnqn, &subnqn)) {
+                Ok(p) => Some(p),
+                Err(e) => return usage(&format!("--psk-path {path}: {e}")),
+            }
+        }
+    };
     let ctrlr_opts = CtrlrOpts {
         rdma: trtype == "rdma",
         kato_ms: if pci.is_some() { 0 } else { 10_000 },
         pci,
         addr: SocketAddr::new(ip, port),
         subnqn: subnqn.clone(),
-        hostnqn: format!("nqn.2014-08.org.nvmexpress:uuid:{host}"),
+        hostnqn,
         hostid: [0x5a; 16],
         num_io_queues: 1,
         // As SPDK perf: as many queue entries as the depth (the target caps the queue size; ask for no more).
@@ -266,6 +303,7 @@ fn main() -> ExitCode {
         connect_timeout: Duration::from_secs(10),
         digests: a.digests,
         auth: None,
+        tls,
     };
     // One queue per (namespace, core) job: the namespaces are known only once connected, so ask for plenty
     // (the controller grants what it has; a job without a queue reports it).

@@ -70,6 +70,8 @@ pub struct CtrlrOpts {
     pub digests: (bool, bool),
     /// DH-HMAC-CHAP keys and what to offer, for controllers that require in-band authentication (fabrics).
     pub auth: Option<AuthOpts>,
+    /// The TLS PSK (identity, key, suite) when the controller is reached over TLS (NVMe/TCP).
+    pub tls: Option<nvme_tls::TlsPsk>,
 }
 
 impl CtrlrOpts {
@@ -608,7 +610,14 @@ pub fn connect(opts: CtrlrOpts, done: impl FnOnce(Result<Controller>) + 'static)
             Err(e) => return done(Err(Error::os(e, format!("connect to {}", opts.addr)))),
         }
     } else {
-        match TcpQpair::connect(opts.addr, ADMIN_DEPTH, ADMIN_ICD, ADMIN_XFER, opts.digests) {
+        match TcpQpair::connect(
+            opts.addr,
+            ADMIN_DEPTH,
+            ADMIN_ICD,
+            ADMIN_XFER,
+            opts.digests,
+            opts.tls.as_ref(),
+        ) {
             Ok(q) => Qpair::Tcp(q),
             Err(e) => return done(Err(Error::os(e, format!("connect to {}", opts.addr)))),
         }
@@ -1474,6 +1483,7 @@ impl IoQueue {
                     info.icd_max,
                     info.max_xfer,
                     info.opts.digests,
+                    info.opts.tls.as_ref(),
                 )
                 .map_err(|e| Error::os(e, "I/O queue connect"))?,
             )

@@ -10,8 +10,8 @@
 //! The receive buffer holds one whole PDU of the largest transfer the host asks for, the send buffer grows to the
 //! largest burst once; after that, nothing on this path allocates.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use nvme_proto::cmd::{psdt, sgl, Cqe, SglDesc, Sqe};
@@ -23,6 +23,7 @@ use nvme_proto::tcp::{
 };
 
 use crate::sock;
+use nvme_tls::{Conn, TlsPsk, TlsStream};
 
 use nvme_proto::host::{command_data, report_expired, CmdTimeout};
 pub use nvme_proto::host::{Dir, Iov, SubmitError};
@@ -30,6 +31,8 @@ pub use nvme_proto::host::{Dir, Iov, SubmitError};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Connecting,
+    /// TLS handshake (a PSK was given).
+    Tls,
     AwaitIcResp,
     Ready,
     Failed,
@@ -54,7 +57,7 @@ struct Slot {
 
 /// An NVMe/TCP queue pair.
 pub struct TcpQpair {
-    sock: TcpStream,
+    conn: Conn,
     phase: Phase,
     rx: Box<[u8]>,
     rx_start: usize,
@@ -85,15 +88,21 @@ pub struct TcpQpair {
 impl TcpQpair {
     /// Starts connecting to `addr`: `depth` command slots, writes up to `icd_max` bytes in the capsule, at most
     /// `max_xfer` bytes per command, header and data digests as `digests` asks (when the controller grants
-    /// them). The connection (and ICReq/ICResp) completes in [`TcpQpair::poll`].
+    /// them), over TLS with `tls` when given. The connection (TLS handshake, ICReq/ICResp) completes in
+    /// [`TcpQpair::poll`].
     pub fn connect(
         addr: SocketAddr,
         depth: u16,
         icd_max: u32,
         max_xfer: u32,
         digests: (bool, bool),
+        tls: Option<&TlsPsk>,
     ) -> std::io::Result<TcpQpair> {
         let sock = sock::start_connect(addr)?;
+        let conn = match tls {
+            Some(p) => Conn::Tls(Box::new(TlsStream::client(sock, p.clone()))),
+            None => Conn::Plain(sock),
+        };
         let slots = (0..depth)
             .map(|_| Slot {
                 busy: false,
@@ -108,7 +117,7 @@ impl TcpQpair {
             })
             .collect();
         Ok(TcpQpair {
-            sock,
+            conn,
             phase: Phase::Connecting,
             // A whole C2H data PDU of the largest transfer, plus headers and padding.
             rx: vec![0u8; max_xfer as usize + 4096].into_boxed_slice(),
@@ -236,21 +245,14 @@ impl TcpQpair {
     pub fn poll(&mut self, done: &mut dyn FnMut(u64, Cqe)) -> bool {
         match self.phase {
             Phase::Failed => false,
-            Phase::Connecting => match sock::connected(&self.sock) {
+            Phase::Connecting => match sock::connected(self.conn.sock()) {
                 Ok(false) => false,
                 Ok(true) => {
-                    let mut b = [0u8; IC_HLEN];
-                    IcReq {
-                        pfv: 0,
-                        hpda: 0,
-                        hdgst: self.want_digests.0,
-                        ddgst: self.want_digests.1,
-                        maxr2t: 0,
+                    if let Conn::Tls(_) = self.conn {
+                        self.phase = Phase::Tls;
+                        return self.poll(done);
                     }
-                    .encode(&mut b);
-                    self.tx.extend_from_slice(&b);
-                    self.phase = Phase::AwaitIcResp;
-                    self.flush();
+                    self.send_icreq();
                     true
                 }
                 Err(e) => {
@@ -258,6 +260,22 @@ impl TcpQpair {
                     true
                 }
             },
+            Phase::Tls => {
+                let Conn::Tls(t) = &mut self.conn else {
+                    return false;
+                };
+                match t.handshake() {
+                    Ok(false) => false,
+                    Ok(true) => {
+                        self.send_icreq();
+                        true
+                    }
+                    Err(e) => {
+                        self.fail(format!("TLS handshake: {e}"), done);
+                        true
+                    }
+                }
+            }
             Phase::AwaitIcResp | Phase::Ready => {
                 let mut did = self.flush();
                 match self.read_pdus(done) {
@@ -270,6 +288,22 @@ impl TcpQpair {
                 did | self.flush()
             }
         }
+    }
+
+    /// Queues ICReq and starts sending it.
+    fn send_icreq(&mut self) {
+        let mut b = [0u8; IC_HLEN];
+        IcReq {
+            pfv: 0,
+            hpda: 0,
+            hdgst: self.want_digests.0,
+            ddgst: self.want_digests.1,
+            maxr2t: 0,
+        }
+        .encode(&mut b);
+        self.tx.extend_from_slice(&b);
+        self.phase = Phase::AwaitIcResp;
+        self.flush();
     }
 
     /// Sets how long a command may be outstanding before [`TcpQpair::expired`] reports it (commands sent from
@@ -290,7 +324,7 @@ impl TcpQpair {
 
     /// Closes the connection; commands still in it complete with "aborted, SQ deleted".
     pub fn close(&mut self, done: &mut dyn FnMut(u64, Cqe)) {
-        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.conn.shutdown();
         self.fail("closed by the host".into(), done);
     }
 
@@ -301,7 +335,7 @@ impl TcpQpair {
         log::debug!("nvme_tcp qpair: {why}");
         self.phase = Phase::Failed;
         self.error = Some(why);
-        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        let _ = self.conn.sock().shutdown(std::net::Shutdown::Both);
         for cid in 0..self.slots.len() {
             if self.slots[cid].busy {
                 let token = self.slots[cid].token;
@@ -322,7 +356,7 @@ impl TcpQpair {
     fn flush(&mut self) -> bool {
         let mut did = false;
         while self.tx_off < self.tx.len() {
-            match (&self.sock).write(&self.tx[self.tx_off..]) {
+            match self.conn.write(&self.tx[self.tx_off..]) {
                 Ok(0) => break,
                 Ok(n) => {
                     self.tx_off += n;
@@ -339,6 +373,10 @@ impl TcpQpair {
         if self.tx_off == self.tx.len() {
             self.tx.clear();
             self.tx_off = 0;
+        }
+        // TLS keeps what the socket did not take; it goes out from here on later polls.
+        if let Err(e) = self.conn.flush() {
+            self.error.get_or_insert_with(|| format!("send: {e}"));
         }
         did
     }
@@ -358,7 +396,7 @@ impl TcpQpair {
                 self.rx_start = 0;
             }
             let room = self.rx.len() - self.rx_end;
-            match (&self.sock).read(&mut self.rx[self.rx_end..]) {
+            match self.conn.read(&mut self.rx[self.rx_end..]) {
                 Ok(0) => return Err("the controller closed the connection".into()),
                 Ok(n) => {
                     self.rx_end += n;

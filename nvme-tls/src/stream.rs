@@ -214,6 +214,11 @@ impl TlsStream {
     /// Seals up to [`TX_HIGH`] bytes of `buf` into records and starts sending them; `WouldBlock` while that
     /// much is still waiting for the socket. Call [`TlsStream::flush`] until [`TlsStream::pending`] is false.
     pub fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+
+    /// Like [`TlsStream::write`] for several buffers: they are sealed together into full records.
+    pub fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> io::Result<usize> {
         if !self.established() {
             return Err(err(ErrorKind::NotConnected, "TLS handshake not done"));
         }
@@ -221,17 +226,46 @@ impl TlsStream {
         if self.tx.len() - self.tx_off >= TX_HIGH {
             return Err(ErrorKind::WouldBlock.into());
         }
-        let n = buf.len().min(TX_HIGH);
-        for chunk in buf[..n].chunks(MAX_PLAIN) {
-            self.seal(ct::APPLICATION_DATA, chunk);
+        // Gather into the send buffer record by record, then seal each in place.
+        let mut taken = 0;
+        let mut pieces = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
+        let mut cur: &[u8] = &[];
+        while taken < TX_HIGH {
+            let start = self.tx.len();
+            self.tx.extend_from_slice(&[0; 5]);
+            let mut n = 0;
+            while n < MAX_PLAIN && taken + n < TX_HIGH {
+                if cur.is_empty() {
+                    match pieces.next() {
+                        Some(p) => cur = p,
+                        None => break,
+                    }
+                }
+                let k = cur.len().min(MAX_PLAIN - n).min(TX_HIGH - taken - n);
+                self.tx.extend_from_slice(&cur[..k]);
+                cur = &cur[k..];
+                n += k;
+            }
+            if n == 0 {
+                self.tx.truncate(start);
+                break;
+            }
+            self.seal_typed(start, n, ct::APPLICATION_DATA);
+            taken += n;
         }
         self.flush()?;
-        Ok(n)
+        Ok(taken)
     }
 
     /// Whether sealed bytes still wait for the socket.
     pub fn pending(&self) -> bool {
         self.tx_off < self.tx.len()
+    }
+
+    /// Whether received data is buffered here (decrypted, or records already read from the socket), which a
+    /// poller waiting on socket readiness would not see.
+    pub fn buffered(&self) -> bool {
+        self.pt.0 < self.pt.1 || self.rx_end > self.rx_start
     }
 
     /// Sends what is sealed, as far as the socket takes it.
@@ -276,18 +310,28 @@ impl TlsStream {
                     .extend_from_slice(&(data.len() as u16).to_be_bytes());
                 self.tx.extend_from_slice(data);
             }
-            Some(k) => {
-                let len = (data.len() + 1 + TAG_LEN) as u16;
-                let hdr = [ct::APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
-                self.tx.extend_from_slice(&hdr);
+            Some(_) => {
+                self.tx.extend_from_slice(&[0; 5]);
                 self.tx.extend_from_slice(data);
-                self.tx.push(ty);
-                let tag = k.seal(&hdr, &mut self.tx[start + 5..]);
-                self.tx.extend_from_slice(&tag);
-                if k.seq() >= REKEY_AFTER && ty == ct::APPLICATION_DATA {
-                    self.update_write_keys();
-                }
+                self.seal_typed(start, data.len(), ty);
             }
+        }
+    }
+
+    /// Seals the record at `tx[start..]` (a header's room, then `n` bytes of content of type `ty`) with the
+    /// write keys: appends the inner type and the tag, and fills the header in.
+    fn seal_typed(&mut self, start: usize, n: usize, ty: u8) {
+        let Some(k) = self.wr.as_mut() else {
+            return;
+        };
+        let len = (n + 1 + TAG_LEN) as u16;
+        let hdr = [ct::APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+        self.tx[start..start + 5].copy_from_slice(&hdr);
+        self.tx.push(ty);
+        let tag = k.seal(&hdr, &mut self.tx[start + 5..]);
+        self.tx.extend_from_slice(&tag);
+        if k.seq() >= REKEY_AFTER && ty == ct::APPLICATION_DATA {
+            self.update_write_keys();
         }
     }
 
