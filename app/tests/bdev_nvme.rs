@@ -918,7 +918,10 @@ fn tls_with_spdk_storage_node() {
     let e = refused(&["--psk", "nokey"], "Permission denied");
     assert_eq!(e["code"], -13, "{e}");
     let open = write_file(&dir, "open", &tls_psk_text(32, 0, 1));
-    let e = refused(&["--psk", &open.to_string_lossy()], "Operation not permitted");
+    let e = refused(
+        &["--psk", &open.to_string_lossy()],
+        "Operation not permitted",
+    );
     assert_eq!(e["code"], -1, "{e}");
     // A key that is not in interchange format.
     let junk = key_file(&dir, "junk", "NVMeTLSkey-1:01:notbase64:\n");

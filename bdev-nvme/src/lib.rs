@@ -550,28 +550,6 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
     })
 }
 
-/// SPDK's `bdev_nvme_load_psk`: `psk` read as the path of a key file when no keyring key has that name. Its
-/// answers: EACCES when the file cannot be looked at, EPERM when group or others may use it (or its owner run
-/// it), EINVAL when it is too long or cannot be read.
-fn load_psk_file(path: &str) -> Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    /// SPDK's `SPDK_TLS_PSK_MAX_LEN`: the file must be shorter.
-    const MAX_LEN: u64 = 200;
-    let load = |errno: i32, why: String| {
-        log::error!("Could not load PSK from {path}: {why}");
-        Error::new(ErrorKind::Os(errno), format!("Could not load PSK from {path}: {why}"))
-    };
-    log::warn!("psk {path} is not a key in the keyring: read as a file path (deprecated in SPDK)");
-    let md = std::fs::metadata(path).map_err(|e| load(libc::EACCES, e.to_string()))?;
-    if md.mode() & 0o177 != 0 {
-        return Err(load(libc::EPERM, "Incorrect permissions for PSK file".into()));
-    }
-    if md.len() >= MAX_LEN {
-        return Err(load(libc::EINVAL, "Invalid PSK: too long".into()));
-    }
-    std::fs::read_to_string(path).map_err(|e| load(libc::EINVAL, e.to_string()))
-}
-
 /// TLS for an attach (`psk`): the name of a key in the keyring, or else (deprecated in SPDK, still taken) the
 /// path of a key file readable by its owner only. The key is read and the TLS PSK derived now, for this host and
 /// subsystem, as SPDK derives it when it makes the controller; reconnects use it.
@@ -587,12 +565,12 @@ fn tls_psk(
     if rdma {
         return Err(invalid("psk: TLS is for trtype TCP only"));
     }
-    let text = match subsystems::keyring::get(name) {
-        Some(k) => k.read().map_err(|errno| {
-            Error::new(ErrorKind::Os(errno), format!("Could not load PSK: {name}"))
-        })?,
-        None => load_psk_file(name)?,
-    };
+    let text = subsystems::keyring::read_psk(name).map_err(|(errno, why)| {
+        Error::new(
+            ErrorKind::Os(errno),
+            format!("Could not load PSK {name}: {why}"),
+        )
+    })?;
     let key = nvme_tls::ConfiguredPsk::parse(&text)
         .map_err(|e| invalid(format!("Failed to parse PSK interchange ({name}): {e}")))?;
     key.tls_psk(hostnqn, subnqn).map(Some)
@@ -1008,7 +986,7 @@ fn watch_namespaces(id: u64, ctrlr: &Controller) {
 /// What the supervisor decided, done outside the controller table's borrow.
 enum Step {
     Nothing,
-    Reconnect(CtrlrOpts),
+    Reconnect(Box<CtrlrOpts>),
     /// A PCIe function the kernel wants back: detach that path (name, PCI address).
     Remove(String, String),
 }
@@ -1070,10 +1048,10 @@ fn supervise(id: u64) {
             );
             a.alternates.push(failed);
         }
-        Step::Reconnect(a.target.clone())
+        Step::Reconnect(Box::new(a.target.clone()))
     });
     match step {
-        Step::Reconnect(opts) => nvme_host::connect(opts, move |res| reconnected(id, res)),
+        Step::Reconnect(opts) => nvme_host::connect(*opts, move |res| reconnected(id, res)),
         Step::Remove(name, bdf) => {
             log::warn!("nvme: controller {name}: PCI function {bdf} removed: detaching");
             let filter = PathFilter {

@@ -55,12 +55,33 @@ impl Conn {
         }
     }
 
+    /// Whether TLS holds sealed bytes the socket did not take yet.
+    pub fn pending(&self) -> bool {
+        matches!(self, Conn::Tls(t) if t.pending())
+    }
+
     /// Whether bytes wait to be sent ([`Conn::flush`]) or to be read without the socket saying so (decrypted
     /// or buffered records): a poller that waits for socket readiness must not wait while this holds.
     pub fn busy(&self) -> bool {
         match self {
             Conn::Plain(_) => false,
             Conn::Tls(t) => t.pending() || t.buffered(),
+        }
+    }
+
+    /// Moves a TLS handshake on (see [`TlsStream::handshake`]); in the clear there is none: `Ok(true)`.
+    pub fn handshake(&mut self) -> io::Result<bool> {
+        match self {
+            Conn::Plain(_) => Ok(true),
+            Conn::Tls(t) => t.handshake(),
+        }
+    }
+
+    /// The PSK identity TLS used, if any.
+    pub fn tls_identity(&self) -> Option<&[u8]> {
+        match self {
+            Conn::Plain(_) => None,
+            Conn::Tls(t) => Some(t.identity()),
         }
     }
 

@@ -262,10 +262,16 @@ impl TlsStream {
         self.tx_off < self.tx.len()
     }
 
-    /// Whether received data is buffered here (decrypted, or records already read from the socket), which a
-    /// poller waiting on socket readiness would not see.
+    /// Whether received data is buffered here (decrypted, or a whole record already read from the socket),
+    /// which a poller waiting on socket readiness would not see. A partial record is not: the socket says when
+    /// the rest comes.
     pub fn buffered(&self) -> bool {
-        self.pt.0 < self.pt.1 || self.rx_end > self.rx_start
+        let avail = self.rx_end - self.rx_start;
+        let whole = avail >= 5 && {
+            let h = &self.rx[self.rx_start..];
+            avail >= 5 + u16::from_be_bytes([h[3], h[4]]) as usize
+        };
+        self.pt.0 < self.pt.1 || whole
     }
 
     /// Sends what is sealed, as far as the socket takes it.

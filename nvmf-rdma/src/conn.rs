@@ -688,6 +688,7 @@ impl Conn {
     /// Runs a command whose data (if any) is here.
     fn exec(&self, s: &mut State, g: &RdmaGroup, slot: u16) {
         let id = Ident {
+            tls_identity: None,
             key: self.key.get(),
             listen: &self.listen,
             peer: self.peer,

@@ -309,7 +309,7 @@ impl Transport for RdmaTransport {
         &self.params
     }
 
-    fn listen(&self, trid: &Trid) -> Result<()> {
+    fn listen(&self, trid: &Trid, _secure: bool) -> Result<()> {
         let mut ls = reactor::lock(&self.listeners);
         if ls.iter().any(|(t, _)| t.same(trid)) {
             return Ok(());

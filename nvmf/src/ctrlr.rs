@@ -61,6 +61,8 @@ pub struct ConnectInfo {
     pub key: QpKey,
     /// The transport's options.
     pub opts: TransportOpts,
+    /// Over TLS: the host and subsystem NQNs its PSK identity names (`Some(None)`: an identity that names none).
+    pub tls: Option<Option<(String, String)>>,
 }
 
 /// A queue pair that Connect accepted.
@@ -197,6 +199,18 @@ pub fn connect(sqe: &Sqe, data: &[u8], info: ConnectInfo) -> Result<Connected, (
         );
         return Err(invalid_param(true, ConnectData::SUBNQN_OFFSET as u32));
     };
+    // Over TLS the PSK proved who the host is: it may connect as that host to that subsystem only.
+    if let Some(tls) = &info.tls {
+        if tls.as_ref() != Some(&(d.hostnqn.clone(), d.subnqn.clone())) {
+            log::error!(
+                "nvmf: Connect from {} as host '{}' to '{}' does not match its TLS PSK identity",
+                info.peer,
+                d.hostnqn,
+                d.subnqn
+            );
+            return Err((Status::specific(specific::FABRIC_INVALID_HOST).dnr(), 0));
+        }
+    }
     if !subsys.host_allowed(&d.hostnqn) {
         log::error!(
             "nvmf: Subsystem '{}' does not allow host '{}'",

@@ -181,7 +181,7 @@ pub fn add_listener(
             format!("Listener {}:{} already exists", trid.traddr, trid.trsvcid),
         ));
     }
-    tr.listen(&trid)?;
+    tr.listen(&trid, config.tls())?;
     let mut t = tgt::tgt();
     // Port ids: the same address keeps its id across subsystems, as SPDK's listeners share a port.
     let existing = t
@@ -561,11 +561,14 @@ pub fn ns_visibility(
 }
 
 /// `nvmf_subsystem_add_host` (the RPC made SPDK's checks; a host already allowed was answered there).
-pub fn add_host(h: NvmfSubsystemAddHost) -> Result<()> {
+pub fn add_host(h: NvmfSubsystemAddHost, psk: Option<nvme_tls::ConfiguredPsk>) -> Result<()> {
     let s = subsystem(&h.nqn)?;
     {
         let mut st = s.state();
         if !st.hosts.iter().any(|x| x.host == h.host) {
+            if let Some(k) = psk {
+                st.tls_psks.push((h.host.clone(), k));
+            }
             st.hosts.insert(0, h);
         }
     }
@@ -580,6 +583,7 @@ pub fn remove_host(nqn: &str, host: &str) -> Result<()> {
         let mut st = s.state();
         let before = st.hosts.len();
         st.hosts.retain(|h| h.host != host);
+        st.tls_psks.retain(|(h, _)| h != host);
         if before == st.hosts.len() {
             return Err(not_found(format!("Host {host} not found")));
         }

@@ -55,6 +55,8 @@ pub struct Ident<'a> {
     pub peer: SocketAddr,
     /// The transport's options.
     pub opts: &'a TransportOpts,
+    /// The PSK identity of a connection made over TLS (`NVMe0R0X <hostnqn> <subnqn>`).
+    pub tls_identity: Option<&'a [u8]>,
 }
 
 /// A command's outcome.
@@ -294,6 +296,9 @@ impl Session {
             thread: reactor::thread::current().expect("poll group thread"),
             key: id.key,
             opts: id.opts.clone(),
+            tls: id.tls_identity.map(|i| {
+                nvme_tls::psk::parse_identity(i).map(|(_, h, s)| (h.to_string(), s.to_string()))
+            }),
         };
         match ctrlr::connect(sqe, data, info) {
             Ok(c) => {

@@ -393,11 +393,23 @@ fn add_host(method: &str, params: Option<Value>) -> Result<Value, RpcError> {
     let allowed = s.state().hosts.iter().any(|h| h.host == p.host);
     // No keyring yet: a named key is never found (SPDK answers the same for an unknown key).
     if p.check(|_| false, allowed)? {
-        if p.psk.is_some() {
-            log::error!("TLS PSKs are not supported by this target");
-            return Err(errors::internal_error());
-        }
-        mgmt::add_host(p)
+        // SPDK's TCP transport takes the PSK (a keyring key, or a key file): one it cannot read or parse
+        // fails the whole call ("Unable to add host to TCP transport").
+        let psk = match &p.psk {
+            None => None,
+            Some(name) => {
+                let text = subsystems::keyring::read_psk(name).map_err(|(_, why)| {
+                    log::error!("Could not retrieve PSK {name}: {why}");
+                    errors::internal_error()
+                })?;
+                let k = nvme_tls::ConfiguredPsk::parse(&text).map_err(|e| {
+                    log::error!("Failed to parse PSK interchange {name}: {e}");
+                    errors::internal_error()
+                })?;
+                Some(k)
+            }
+        };
+        mgmt::add_host(p, psk)
             .map_err(log_err)
             .map_err(|_| errors::internal_error())?;
     }

@@ -137,6 +137,8 @@ pub struct SubsysState {
     pub next_cntlid: u16,
     /// Allowed hosts, newest first (SPDK's order).
     pub hosts: Vec<crate::params::NvmfSubsystemAddHost>,
+    /// The TLS PSKs of hosts added with one (`psk`), by host NQN.
+    pub tls_psks: Vec<(String, nvme_tls::ConfiguredPsk)>,
     /// Listeners, newest first (SPDK's order).
     pub listeners: Vec<Listener>,
     /// Namespaces by nsid - 1.
@@ -277,6 +279,7 @@ impl Tgt {
                     max_cntlid: 0xffef,
                     next_cntlid: 1,
                     hosts: Vec::new(),
+                    tls_psks: Vec::new(),
                     listeners: Vec::new(),
                     ns: Vec::new(),
                     ctrlrs: Vec::new(),
@@ -305,6 +308,7 @@ impl Tgt {
                 next_cntlid: o.min_cntlid,
                 create: o,
                 hosts: Vec::new(),
+                tls_psks: Vec::new(),
                 listeners: Vec::new(),
                 ns: Vec::new(),
                 ctrlrs: Vec::new(),
@@ -380,11 +384,12 @@ impl Tgt {
                 } else {
                     0
                 };
-                // Secure channel not required.
+                // TREQ: secure channel required at a TLS listener, not required elsewhere.
+                let treq = if l.config.tls() { 0x1 } else { 0x2 };
                 entries.push(entry(
                     &l.trid,
                     s.subtype.code(),
-                    0x2,
+                    treq,
                     l.portid,
                     eflags,
                     &s.nqn,

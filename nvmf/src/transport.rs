@@ -87,8 +87,9 @@ pub trait Transport: Send + Sync {
     /// The options as given and completed with SPDK's defaults: the `nvmf_get_transports` entry and the
     /// `nvmf_create_transport` params `save_config` writes.
     fn params(&self) -> &crate::params::TransportOpts;
-    /// Starts listening at `trid` (already listening: success, as SPDK counts listeners).
-    fn listen(&self, trid: &Trid) -> Result<()>;
+    /// Starts listening at `trid` (already listening: success, as SPDK counts listeners); `secure`: connections
+    /// there must use TLS (TCP's `secure_channel`; the first listen at an address decides, as SPDK's port).
+    fn listen(&self, trid: &Trid, secure: bool) -> Result<()>;
     /// Stops listening at `trid`.
     fn stop_listen(&self, trid: &Trid);
     /// Sets the transport up on the current poll group's thread: adds its part with

@@ -158,7 +158,7 @@ fn setup(tx: mpsc::Sender<Result<u16, String>>) {
         let host: NvmfSubsystemAddHost =
             serde_json::from_value(serde_json::json!({ "nqn": NQN_LOCKED, "host": ALLOWED_HOST }))
                 .expect("add_host parameters");
-        if let Err(e) = mgmt::add_host(host) {
+        if let Err(e) = mgmt::add_host(host, None) {
             let _ = tx.send(Err(format!("allowed host: {e}")));
             return;
         }
@@ -2729,7 +2729,7 @@ fn copy_abort_and_unknown_opcodes() {
         let host: NvmfSubsystemAddHost =
             serde_json::from_value(serde_json::json!({ "nqn": NQN_ABORT, "host": ALLOWED_HOST }))
                 .expect("add_host parameters");
-        if let Err(e) = mgmt::add_host(host) {
+        if let Err(e) = mgmt::add_host(host, None) {
             let _ = tx.send(Err(e.to_string()));
             return;
         }

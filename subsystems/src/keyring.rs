@@ -127,6 +127,30 @@ fn registry() -> std::sync::MutexGuard<'static, Vec<std::sync::Arc<FileKey>>> {
     r
 }
 
+/// A TLS PSK's text as SPDK's NVMe/TCP code finds it (`bdev_nvme_load_psk`, `tcp_load_psk`): the keyring's key
+/// `name`, or else, SPDK's deprecated form, the file at path `name`, which only its owner may use. An error
+/// carries SPDK's errno and why: the keyring's errno for a key it has; for a file EACCES when it cannot be looked
+/// at, EPERM when group or others may use it (or its owner run it), EINVAL when it is too long or unreadable.
+pub fn read_psk(name: &str) -> Result<String, (i32, String)> {
+    use std::os::unix::fs::MetadataExt;
+    /// SPDK's `SPDK_TLS_PSK_MAX_LEN`: a key file must be shorter.
+    const MAX_PSK_FILE: u64 = 200;
+    if let Some(k) = get(name) {
+        return k
+            .read()
+            .map_err(|errno| (errno, format!("key '{name}' could not be read")));
+    }
+    log::warn!("PSK {name} is not a key in the keyring: read as a file path (deprecated in SPDK)");
+    let md = std::fs::metadata(name).map_err(|e| (libc::EACCES, e.to_string()))?;
+    if md.mode() & 0o177 != 0 {
+        return Err((libc::EPERM, "Incorrect permissions for PSK file".into()));
+    }
+    if md.len() >= MAX_PSK_FILE {
+        return Err((libc::EINVAL, "Invalid PSK: too long".into()));
+    }
+    std::fs::read_to_string(name).map_err(|e| (libc::EINVAL, e.to_string()))
+}
+
 /// Registers a key `keyring_file_add_key` accepted ([`KeyringFileAddKey::check`] first).
 pub fn add(k: &KeyringFileAddKey) {
     registry().push(std::sync::Arc::new(FileKey {

@@ -96,6 +96,13 @@ pub struct ListenerConfig {
     pub sock_impl: Option<String>,
 }
 
+impl ListenerConfig {
+    /// Whether connections there use TLS: `secure_channel`, or the `ssl` sock implementation (SPDK 24.09+).
+    pub fn tls(&self) -> bool {
+        self.secure_channel || self.sock_impl.as_deref() == Some("ssl")
+    }
+}
+
 /// `nvmf_subsystem_remove_listener` parameters: the decoder of `nvmf_subsystem_add_listener` (so
 /// `secure_channel` and `ana_state` are taken and ignored), strict. An unknown NQN, a bad address, a
 /// transport type not created and an unknown listener are `-32602 "Invalid parameters"`.

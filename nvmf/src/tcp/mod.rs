@@ -17,7 +17,7 @@ mod sys;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::io::{ErrorKind as IoErrorKind, IoSlice, Read, Write};
+use std::io::{ErrorKind as IoErrorKind, IoSlice};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::rc::{Rc, Weak};
@@ -55,7 +55,8 @@ const RX_BUDGET: usize = 64;
 pub struct TcpTransport {
     opts: TransportOpts,
     params: crate::params::TransportOpts,
-    listeners: Mutex<Vec<(Trid, Arc<TcpListener>)>>,
+    /// Listening sockets; `true`: connections there use TLS (`secure_channel`).
+    listeners: Mutex<Vec<(Trid, Arc<TcpListener>, bool)>>,
 }
 
 thread_local! {
@@ -84,12 +85,12 @@ impl TcpTransport {
     fn accept(self: &Arc<Self>) -> bool {
         let ls: Vec<_> = reactor::lock(&self.listeners).clone();
         let mut any = false;
-        for (trid, l) in ls {
+        for (trid, l, secure) in ls {
             loop {
                 match l.accept() {
                     Ok((s, peer)) => {
                         any = true;
-                        self.hand_off(s, peer, trid.clone());
+                        self.hand_off(s, peer, trid.clone(), secure);
                     }
                     Err(e) if e.kind() == IoErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -102,7 +103,7 @@ impl TcpTransport {
         any
     }
 
-    fn hand_off(self: &Arc<Self>, s: TcpStream, peer: SocketAddr, listen: Trid) {
+    fn hand_off(self: &Arc<Self>, s: TcpStream, peer: SocketAddr, listen: Trid, secure: bool) {
         let _ = s.set_nodelay(true);
         if let Err(e) = s.set_nonblocking(true) {
             log::warn!("nvmf_tcp: {peer}: {e}");
@@ -121,7 +122,7 @@ impl TcpTransport {
         pg.thread.send(move || {
             let Some(pg) = pg::current() else { return };
             match pg.group::<TcpGroup>() {
-                Some(g) => g.add_conn(&pg, s, peer, listen),
+                Some(g) => g.add_conn(&pg, s, peer, listen, secure),
                 None => log::error!("nvmf_tcp: poll group {} has no TCP part", pg.id),
             }
         });
@@ -141,9 +142,9 @@ impl Transport for TcpTransport {
         &self.params
     }
 
-    fn listen(&self, trid: &Trid) -> Result<()> {
+    fn listen(&self, trid: &Trid, secure: bool) -> Result<()> {
         let mut ls = reactor::lock(&self.listeners);
-        if ls.iter().any(|(t, _)| t.same(trid)) {
+        if ls.iter().any(|(t, _, _)| t.same(trid)) {
             return Ok(());
         }
         let port: u16 = trid.trsvcid.parse().map_err(|_| {
@@ -161,16 +162,19 @@ impl Transport for TcpTransport {
             .map_err(|e| Error::os(e, format!("nvmf_tcp: listen on {addr}")))?;
         l.set_nonblocking(true)
             .map_err(|e| Error::os(e, format!("nvmf_tcp: listen on {addr}")))?;
+        if secure {
+            log::info!("TLS support is considered experimental");
+        }
         log::info!(
             "*** NVMe/TCP Target Listening on {} port {port} ***",
             trid.traddr
         );
-        ls.push((trid.clone(), Arc::new(l)));
+        ls.push((trid.clone(), Arc::new(l), secure));
         Ok(())
     }
 
     fn stop_listen(&self, trid: &Trid) {
-        reactor::lock(&self.listeners).retain(|(t, _)| !t.same(trid));
+        reactor::lock(&self.listeners).retain(|(t, _, _)| !t.same(trid));
     }
 
     fn poll_group_start(&self, pg: &Rc<Pg>) {
@@ -183,6 +187,46 @@ impl Transport for TcpTransport {
     fn shutdown(&self) {
         reactor::lock(&self.listeners).clear();
         ACCEPTOR.with(|a| a.borrow_mut().take());
+    }
+}
+
+/// The TLS PSK for the identity a host offers on a `secure_channel` listener (`NVMe0R0X <hostnqn> <subnqn>`):
+/// the subsystem must exist and hold a PSK for the host (`nvmf_subsystem_add_host --psk`) whose suite the
+/// identity names.
+fn find_psk(identity: &[u8]) -> Option<nvme_tls::TlsPsk> {
+    let Some((suite, host, sub)) = nvme_tls::psk::parse_identity(identity) else {
+        log::error!(
+            "nvmf_tcp: unknown PSK identity format: {}",
+            String::from_utf8_lossy(identity)
+        );
+        return None;
+    };
+    let subsys = tgt::tgt().find(sub);
+    let key = subsys.and_then(|s| {
+        let st = s.state();
+        st.tls_psks
+            .iter()
+            .find(|(h, _)| h == host)
+            .map(|(_, k)| k.clone())
+    });
+    let Some(key) = key else {
+        log::error!("nvmf_tcp: unable to find PSK for identity: {host} {sub}");
+        return None;
+    };
+    match key.tls_psk(host, sub) {
+        Ok(p) if p.suite == suite => Some(p),
+        Ok(p) => {
+            log::error!(
+                "nvmf_tcp: the PSK of {host} is for {}, the host asks for {}",
+                p.suite.name(),
+                suite.name()
+            );
+            None
+        }
+        Err(e) => {
+            log::error!("nvmf_tcp: PSK of {host}: {e}");
+            None
+        }
     }
 }
 
@@ -237,18 +281,33 @@ impl TcpGroup {
         self.bufs.borrow_mut().push(b);
     }
 
-    fn add_conn(self: &Rc<Self>, pg: &Rc<Pg>, s: TcpStream, peer: SocketAddr, listen: Trid) {
+    fn add_conn(
+        self: &Rc<Self>,
+        pg: &Rc<Pg>,
+        s: TcpStream,
+        peer: SocketAddr,
+        listen: Trid,
+        secure: bool,
+    ) {
         let qd = self.opts.max_queue_depth.max(self.opts.max_aq_depth) as usize;
+        let mut st = ConnState::new(qd);
+        let fd = s.as_raw_fd();
+        let io = if secure {
+            st.phase = Phase::Tls;
+            nvme_tls::Conn::Tls(Box::new(nvme_tls::TlsStream::server(s, Box::new(find_psk))))
+        } else {
+            nvme_tls::Conn::Plain(s)
+        };
         let conn = Rc::new(Conn {
             key: Cell::new(0),
             group: Rc::downgrade(self),
             pg: Rc::downgrade(pg),
-            fd: s.as_raw_fd(),
-            sock: s,
+            fd,
+            io: RefCell::new(io),
             peer,
             listen,
             queued: Cell::new(false),
-            s: RefCell::new(ConnState::new(qd)),
+            s: RefCell::new(st),
         });
         let key = pg.add_qpair(conn.clone());
         conn.key.set(key);
@@ -322,6 +381,8 @@ impl pg::TransportGroup for TcpGroup {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
+    /// TLS handshake (a `secure_channel` listener).
+    Tls,
     /// Waiting for ICReq.
     AwaitIcReq,
     /// Running.
@@ -470,6 +531,8 @@ struct ConnState {
     /// Bdev I/Os outstanding on this connection.
     outstanding: u32,
     why_closed: Option<String>,
+    /// The PSK identity the host used over TLS (checked against Connect's NQNs).
+    tls_identity: Option<Box<[u8]>>,
 }
 
 impl ConnState {
@@ -492,6 +555,7 @@ impl ConnState {
             sq_head: 0,
             outstanding: 0,
             why_closed: None,
+            tls_identity: None,
         }
     }
 
@@ -505,7 +569,8 @@ pub struct Conn {
     key: Cell<QpKey>,
     group: Weak<TcpGroup>,
     pg: Weak<Pg>,
-    sock: TcpStream,
+    /// The socket, or TLS over it.
+    io: RefCell<nvme_tls::Conn>,
     fd: i32,
     peer: SocketAddr,
     listen: Trid,
@@ -540,6 +605,21 @@ impl Conn {
     fn run(&self, g: &TcpGroup) {
         let mut s = self.s.borrow_mut();
         let mut again = false;
+        if s.phase == Phase::Tls {
+            let r = self.io.borrow_mut().handshake();
+            match r {
+                Ok(false) => {}
+                Ok(true) => {
+                    log::debug!("nvmf_tcp: {}: TLS established", self.peer);
+                    s.tls_identity = self.io.borrow().tls_identity().map(Box::from);
+                    s.phase = Phase::AwaitIcReq;
+                }
+                Err(e) => {
+                    s.why_closed.get_or_insert(format!("TLS handshake: {e}"));
+                    s.phase = Phase::Closing;
+                }
+            }
+        }
         if s.phase == Phase::AwaitIcReq || s.phase == Phase::Ready {
             self.retry_wait_buf(&mut s, g);
             s.rx_stalled = false;
@@ -558,6 +638,8 @@ impl Conn {
             }
         }
         again |= (!s.wait_buf.is_empty() || s.rx_stalled) && s.phase == Phase::Ready;
+        // TLS may hold decrypted input the socket no longer signals, or sealed output the socket did not take.
+        again |= s.phase != Phase::Closing && self.io.borrow().busy();
         let closing = s.phase == Phase::Closing;
         drop(s);
         if closing {
@@ -628,7 +710,8 @@ impl Conn {
             return Err(true);
         }
         loop {
-            match (&self.sock).read(dst) {
+            let r = self.io.borrow_mut().read(dst);
+            match r {
                 Ok(0) => return Err(false),
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == IoErrorKind::Interrupted => continue,
@@ -1212,13 +1295,19 @@ impl Conn {
 
     /// Runs a command whose data (if any) is here.
     fn exec(&self, s: &mut ConnState, g: &TcpGroup, slot: u16) {
+        let ConnState {
+            sess,
+            reqs,
+            tls_identity,
+            ..
+        } = &mut *s;
         let id = Ident {
+            tls_identity: tls_identity.as_deref(),
             key: self.key.get(),
             listen: &self.listen,
             peer: self.peer,
             opts: &g.opts,
         };
-        let ConnState { sess, reqs, .. } = &mut *s;
         let r = &mut reqs[slot as usize];
         r.state = ReqState::Executing;
         let sqe = r.sqe;
@@ -1363,11 +1452,13 @@ impl Conn {
         s.free.push(slot);
     }
 
-    /// Writes queued PDUs. `Ok(true)`: output is left (the socket is full).
+    /// Writes queued PDUs. `Ok(true)`: output is left (the socket, or TLS's sealed bytes, waits).
     fn flush(&self, s: &mut ConnState, g: &TcpGroup) -> std::io::Result<bool> {
         loop {
             if s.tx.is_empty() {
-                return Ok(false);
+                let mut io = self.io.borrow_mut();
+                io.flush()?;
+                return Ok(io.pending());
             }
             let written = {
                 let ConnState { tx, reqs, .. } = &*s;
@@ -1400,7 +1491,8 @@ impl Conn {
                         }
                     }
                 }
-                match (&self.sock).write_vectored(&slices[..n]) {
+                let r = self.io.borrow_mut().write_vectored(&slices[..n]);
+                match r {
                     Ok(w) => w,
                     Err(e) if e.kind() == IoErrorKind::WouldBlock => return Ok(true),
                     Err(e) if e.kind() == IoErrorKind::Interrupted => continue,
@@ -1464,7 +1556,7 @@ impl Conn {
             }
             s.why_closed.take().unwrap_or_default()
         };
-        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.io.borrow_mut().shutdown();
         log::info!("nvmf_tcp: connection from {} closed: {why}", self.peer);
         g.forget(self);
         if let Some(pg) = self.pg.upgrade() {
