@@ -57,6 +57,12 @@ const NQN_LOCKED: &str = "nqn.2016-06.io.spdk:forged-locked";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:f0f0f0f0-0000-4000-8000-000000000001";
 /// The one host [`NQN_LOCKED`] allows.
 const ALLOWED_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:f0f0f0f0-0000-4000-8000-000000000002";
+/// A subsystem behind a TLS (`secure_channel`) listener of its own, for [`TLS_HOST`] and [`TLS_HOST2`].
+const NQN_TLS: &str = "nqn.2016-06.io.spdk:forged-tls";
+/// Allowed in [`NQN_TLS`] with PSK [`tls_key`] 1 (32 bytes, SHA-256 suite).
+const TLS_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:f0f0f0f0-0000-4000-8000-000000000003";
+/// Allowed in [`NQN_TLS`] with PSK [`tls_key`] 2 (48 bytes, SHA-384 suite).
+const TLS_HOST2: &str = "nqn.2014-08.org.nvmexpress:uuid:f0f0f0f0-0000-4000-8000-000000000004";
 const SERIAL: &str = "SPDKFORGED0000000001";
 const MODEL: &str = "spdk-rs forged NVMe/TCP host";
 /// Namespace 1 of [`NQN`]: 16 MiB in 512-byte blocks.
@@ -76,9 +82,16 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 // The target
 // ---------------------------------------------------------------------------------------------------------------
 
-/// The in-process target: where it listens.
+/// The in-process target: where it listens (in the clear, and with TLS required).
 struct Target {
     port: u16,
+    tls_port: u16,
+}
+
+/// The configured PSKs of the TLS hosts: 1 for [`TLS_HOST`], 2 for [`TLS_HOST2`].
+fn tls_key(which: u8) -> nvme_tls::ConfiguredPsk {
+    let (len, hash) = if which == 1 { (32, 1) } else { (48, 2) };
+    nvme_tls::ConfiguredPsk::new(vec![which.wrapping_mul(37); len], hash).expect("PSK")
 }
 
 /// The target, started on first use.
@@ -101,21 +114,22 @@ fn target() -> &'static Target {
                 reactor::run(opts, move || setup(tx)).expect("reactors run");
             })
             .expect("target thread");
-        let port = rx
+        let (port, tls_port) = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("target set up in time")
             .unwrap_or_else(|e| panic!("target setup: {e}"));
-        Target { port }
+        Target { port, tls_port }
     })
 }
 
 /// On the app thread: bdevs, the TCP transport, three subsystems on one free port, their namespaces.
-fn setup(tx: mpsc::Sender<Result<u16, String>>) {
+fn setup(tx: mpsc::Sender<Result<(u16, u16), String>>) {
     for (name, blocks) in [
         ("Forged0", NS_BLOCKS),
         ("ForgedAen1", AEN_NS_BLOCKS),
         ("ForgedAen2", AEN_NS_BLOCKS),
         ("ForgedLocked", AEN_NS_BLOCKS),
+        ("ForgedTls", AEN_NS_BLOCKS),
     ] {
         if let Err(e) = malloc::create(MallocOpts {
             name: Some(name.into()),
@@ -140,9 +154,14 @@ fn setup(tx: mpsc::Sender<Result<u16, String>>) {
             let _ = tx.send(Err(format!("transport: {e}")));
             return;
         }
-        for (i, (nqn, allow_any_host)) in [(NQN, true), (NQN_AEN, true), (NQN_LOCKED, false)]
-            .into_iter()
-            .enumerate()
+        for (i, (nqn, allow_any_host)) in [
+            (NQN, true),
+            (NQN_AEN, true),
+            (NQN_LOCKED, false),
+            (NQN_TLS, false),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let mut o = NvmfCreateSubsystem::new(nqn);
             o.allow_any_host = allow_any_host;
@@ -162,22 +181,39 @@ fn setup(tx: mpsc::Sender<Result<u16, String>>) {
             let _ = tx.send(Err(format!("allowed host: {e}")));
             return;
         }
-        let listen = |nqn: &str, port: u16| {
+        for (h, k) in [(TLS_HOST, 1), (TLS_HOST2, 2)] {
+            let host: NvmfSubsystemAddHost =
+                serde_json::from_value(serde_json::json!({ "nqn": NQN_TLS, "host": h }))
+                    .expect("add_host parameters");
+            if let Err(e) = mgmt::add_host(host, Some(tls_key(k))) {
+                let _ = tx.send(Err(format!("TLS host: {e}")));
+                return;
+            }
+        }
+        let listen_as = |nqn: &str, port: u16, secure: bool| {
             let trid = Trid::tcp("127.0.0.1", &port.to_string());
             let config = ListenerConfig {
                 nqn: nqn.into(),
                 listen_address: trid.clone(),
-                secure_channel: false,
+                secure_channel: secure,
                 sock_impl: None,
             };
             mgmt::add_listener(nqn, trid, AnaState::Optimized, config)
         };
+        let listen = |nqn: &str, port: u16| listen_as(nqn, port, false);
         // A port that was free a moment ago; another process may take it in between, so try a few.
         let Some(port) = (0..10)
             .map(|_| free_port())
             .find(|&p| listen(NQN, p).is_ok())
         else {
             let _ = tx.send(Err("no free port to listen on".into()));
+            return;
+        };
+        let Some(tls_port) = (0..10)
+            .map(|_| free_port())
+            .find(|&p| listen_as(NQN_TLS, p, true).is_ok())
+        else {
+            let _ = tx.send(Err("no free port for the TLS listener".into()));
             return;
         };
         for nqn in [NQN_AEN, NQN_LOCKED] {
@@ -191,9 +227,10 @@ fn setup(tx: mpsc::Sender<Result<u16, String>>) {
                 (NQN, "Forged0"),
                 (NQN_AEN, "ForgedAen1"),
                 (NQN_LOCKED, "ForgedLocked"),
+                (NQN_TLS, "ForgedTls"),
             ],
             move |r| {
-                let _ = tx.send(r.map(|_| port));
+                let _ = tx.send(r.map(|_| (port, tls_port)));
             },
         );
     });
@@ -312,9 +349,15 @@ enum Pdu {
     },
 }
 
+/// What a host reads and writes PDUs through: the socket, or TLS over it.
+trait Wire: Read + Write + Send {}
+impl<T: Read + Write + Send> Wire for T {}
+
 /// One NVMe/TCP connection of the host.
 struct Host {
-    s: TcpStream,
+    s: Box<dyn Wire>,
+    /// The socket itself (a second handle), for timeouts and shutdown.
+    sock: TcpStream,
     hdgst: bool,
     ddgst: bool,
     /// Data alignment (0-based dwords) in both directions: the HPDA asked for, the CPDA granted.
@@ -363,12 +406,34 @@ impl Host {
         s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
         s.set_nodelay(true).unwrap();
         Host {
-            s,
+            sock: s.try_clone().unwrap(),
+            s: Box::new(s),
             hdgst: false,
             ddgst: false,
             pda: 0,
             next_cid: 1,
         }
+    }
+
+    /// A new connection to the TLS listener, through the handshake, offering `host`'s identity towards
+    /// [`NQN_TLS`] with PSK `key`: `Err` says why the handshake failed.
+    fn tls(host: &str, key: &nvme_tls::ConfiguredPsk) -> Result<Host, String> {
+        let s =
+            TcpStream::connect(("127.0.0.1", target().tls_port)).expect("connect to the target");
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.set_nodelay(true).unwrap();
+        let psk = key.tls_psk(host, NQN_TLS).expect("TLS PSK");
+        let mut t = nvme_tls::TlsStream::client(s.try_clone().unwrap(), psk);
+        // A blocking socket: each step waits for the target's answer (or the read timeout).
+        while !t.handshake().map_err(|e| e.to_string())? {}
+        Ok(Host {
+            sock: s,
+            s: Box::new(t),
+            hdgst: false,
+            ddgst: false,
+            pda: 0,
+            next_cid: 1,
+        })
     }
 
     /// A connection past ICReq/ICResp with these digests.
@@ -1390,6 +1455,68 @@ fn h2c(cccid: u16, ttag: u16, offset: u32, len: u32) -> DataHdr {
 // Bad commands: an NVMe status, and the connection goes on
 // ---------------------------------------------------------------------------------------------------------------
 
+/// The TLS listener: each host's PSK (SHA-256 and SHA-384 suites) carries an admin queue and an I/O queue (a
+/// write through R2T/H2C read back in C2H data); a host may connect only as the host its PSK identity names;
+/// NVMe/TCP in the clear, an unknown identity and a wrong key get the connection closed; the target serves on.
+#[test]
+fn tls_listener() {
+    let _g = shared();
+    for (host, k, slba) in [(TLS_HOST, 1, 0u64), (TLS_HOST2, 2, 64)] {
+        let key = tls_key(k);
+        let mut admin = Host::tls(host, &key).expect("handshake");
+        admin.ic(true, true);
+        let c = connect_admin(&mut admin, NQN_TLS, host, 0);
+        assert_ok(&c, "admin Connect over TLS");
+        let cntlid = c.dw0 as u16;
+        enable(&mut admin);
+        let mut q = Host::tls(host, &key).expect("handshake");
+        q.ic(false, true);
+        let c = q.cmd_icd(
+            connect_sqe(1, QD - 1, 0),
+            &connect_data(cntlid, NQN_TLS, host),
+        );
+        assert_ok(&c, "I/O queue Connect over TLS");
+        // 64 KiB: more than one TLS record each way.
+        let data = pattern(k, 128 * BS);
+        let c = q.cmd_r2t(rw(opc::WRITE, 1, slba, 128), &data, 3, false);
+        assert_ok(&c, "Write over TLS");
+        assert!(read(&mut q, slba, 128) == data, "data read back over TLS");
+    }
+    // TLS_HOST's PSK, Connect as TLS_HOST2 (allowed, with a PSK of its own): refused.
+    let mut h = Host::tls(TLS_HOST, &tls_key(1)).expect("handshake");
+    h.ic(false, false);
+    let c = connect_admin(&mut h, NQN_TLS, TLS_HOST2, 0);
+    assert_status(
+        &c,
+        sct::COMMAND_SPECIFIC,
+        specific::FABRIC_INVALID_HOST,
+        "Connect as another host",
+    );
+    // Plain NVMe/TCP at the TLS listener: the ICReq is no ClientHello.
+    let mut plain = TcpStream::connect(("127.0.0.1", target().tls_port)).unwrap();
+    plain.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    plain.write_all(&ic_req(0, 0)).unwrap();
+    let mut b = [0u8; 64];
+    let n = plain.read(&mut b).unwrap_or(0);
+    // At most a TLS alert record, then the end.
+    assert!(
+        n == 0 || b[0] == 21,
+        "answer to a plain ICReq: {:?}",
+        &b[..n]
+    );
+    // An identity the subsystem does not know, and a wrong key for a known one.
+    let e = Host::tls(HOSTNQN, &tls_key(1))
+        .err()
+        .expect("unknown identity refused");
+    assert!(e.contains("alert"), "{e}");
+    let wrong = nvme_tls::ConfiguredPsk::new(vec![1; 32], 1).unwrap();
+    let e = Host::tls(TLS_HOST, &wrong)
+        .err()
+        .expect("wrong key refused");
+    assert!(e.contains("alert"), "{e}");
+    assert_serving();
+}
+
 /// Connects the target must refuse, with the status and the parameter's place (IATTR/IPO) in dword 0; the
 /// connection stays usable for a good Connect after them.
 #[test]
@@ -1818,7 +1945,9 @@ fn keep_alive_expiry() {
     let (mut a, cntlid) = controller(NQN, false, 1);
     let mut q = io_queue(NQN, cntlid, 1, false);
     for h in [&mut a, &mut q] {
-        h.s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        h.sock
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         h.expect_closed("keep alive expiry");
     }
     let waited = t0.elapsed();
@@ -2280,15 +2409,15 @@ fn command_waiting_for_a_buffer_runs_when_one_frees() {
     let b = victim.capsule_bytes(&s, &[], false);
     victim.send(&b);
     victim
-        .s
+        .sock
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let mut one = [0u8; 1];
-    match victim.s.peek(&mut one) {
+    match victim.sock.peek(&mut one) {
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
         r => panic!("a command without a buffer answered: {r:?}"),
     }
-    victim.s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    victim.sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
 
     // The hogs go; their buffers come back and the waiting command gets its R2T.
     drop(hogs);
@@ -2466,7 +2595,7 @@ proptest! {
         };
         // The target may already have given up on us: a failed write is fine.
         let _ = h.s.write_all(&junk);
-        let _ = h.s.shutdown(Shutdown::Write);
+        let _ = h.sock.shutdown(Shutdown::Write);
         let end = Instant::now() + IO_TIMEOUT;
         loop {
             prop_assert!(Instant::now() < end, "the target kept the connection open");
