@@ -975,6 +975,58 @@ fn tls_with_spdk_storage_node() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Our compute node and our storage node over TLS: the storage node's `secure_channel` listener and host PSKs
+/// (hash 01: both ends derive the retained PSK from the host NQN), the compute node attaching with the same key
+/// from its keyring; an lvstore written through the TLS queues survives a controller reset (every queue pair
+/// reconnects through a new handshake) and a detach and re-attach.
+#[test]
+fn tls_between_our_nodes() {
+    const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:6a0c3f0e-1d2b-4c5a-9e8f-0123456789b1";
+    let s = Tgt::start("nvme-tls-storage", &[]);
+    let key = key_file(&s.dir, "key0", &tls_psk_text(32, 1, 5));
+    let port = free_port();
+    s.ok(&["keyring_file_add_key", "key0", &key]);
+    for (m, mut p) in export_calls(&port, None) {
+        if m == "nvmf_create_subsystem" {
+            p["allow_any_host"] = json!(false);
+        }
+        if m == "nvmf_subsystem_add_listener" {
+            p["secure_channel"] = json!(true);
+        }
+        let r = s.call(m, p);
+        assert!(r.get("error").is_none(), "{m}: {r}");
+    }
+    s.ok(&["nvmf_subsystem_add_host", NQN, HOST, "--psk", "key0"]);
+    let c = Tgt::start("nvme-tls-compute2", &[]);
+    let ckey = key_file(&c.dir, "key0", &tls_psk_text(32, 1, 5));
+    c.ok(&["keyring_file_add_key", "key0", &ckey]);
+    let mut a = attach_args(&port);
+    a.extend(["-q", HOST, "--psk", "key0"].map(String::from));
+    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
+    c.ok(&argv);
+    c.ok(&["bdev_lvol_create_lvstore", "Nvme0n1", "lvs0"]);
+    c.ok(&["bdev_lvol_create", "-l", "lvs0", "v0", "4"]);
+    c.ok(&["bdev_nvme_reset_controller", "Nvme0"]);
+    c.ok(&["bdev_lvol_create", "-l", "lvs0", "v1", "4"]);
+    let ctrlrs = c.ok(&["bdev_nvme_get_controllers", "-n", "Nvme0"]);
+    assert_eq!(ctrlrs[0]["ctrlrs"][0]["state"], "enabled", "{ctrlrs}");
+    c.ok(&["bdev_nvme_detach_controller", "Nvme0"]);
+    c.ok(&argv);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let lvols = c.ok(&["bdev_lvol_get_lvols"]);
+        if lvols.as_array().unwrap().len() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{lvols}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (st, _) = c.stop();
+    assert!(st.success());
+    let (st, _) = s.stop();
+    assert!(st.success());
+}
+
 /// Two storage nodes export namespaces that agree on NGUID and EUI-64 but not on their UUID (the
 /// Namespace Identification Descriptor list): a second path from the other node is refused as SPDK refuses it,
 /// and the bdev keeps its one good path.
