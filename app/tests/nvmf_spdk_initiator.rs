@@ -91,7 +91,15 @@ fn spdk_initiators_against_our_tcp_target() {
         ("flush", "16", "4096"),
     ] {
         let out = Command::new(peer.join("build/examples/bdevperf"))
-            .args(["--no-huge", "-s", "1024", "-m", "0x2", "--json"])
+            .args([
+                "--no-huge",
+                "-s",
+                "1024",
+                "-m",
+                "0x2",
+                "--disable-cpumask-locks",
+                "--json",
+            ])
             .arg(&cfg)
             .args(["-q", q, "-o", o, "-w", w, "-t", "2"])
             .output()
@@ -276,7 +284,15 @@ fn spdk_initiators_over_tls_against_our_target() {
     );
     for (q, o) in [("32", "4096"), ("8", "131072")] {
         let out = Command::new(peer.join("build/examples/bdevperf"))
-            .args(["--no-huge", "-s", "1024", "-m", "0x2", "--json"])
+            .args([
+                "--no-huge",
+                "-s",
+                "1024",
+                "-m",
+                "0x2",
+                "--disable-cpumask-locks",
+                "--json",
+            ])
             .arg(&cfg)
             .args(["-q", q, "-o", o, "-w", "verify", "-t", "2"])
             .output()
