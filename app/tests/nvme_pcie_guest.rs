@@ -324,6 +324,25 @@ fn pcie_controller_over_vfio_in_guest() {
         json!({"trtype": "PCIe", "traddr": bdf}),
         "{ctrlrs:#}"
     );
+    // The I/O so far went through PCIe queues: SPDK's PCIe counters, doorbells batched per poll.
+    let st = rpc(&running, rpc_port, &["bdev_nvme_get_transport_statistics"]);
+    let pcie: Vec<&Value> = st["poll_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["transports"].as_array().unwrap())
+        .filter(|t| t["trname"] == "PCIe")
+        .collect();
+    let sum = |k: &str| pcie.iter().map(|t| t[k].as_u64().unwrap()).sum::<u64>();
+    assert!(
+        sum("completions") > 0 && sum("submitted_requests") > 0,
+        "{st:#}"
+    );
+    assert!(
+        (1..=sum("submitted_requests")).contains(&sum("sq_mmio_doorbell_updates"))
+            && (1..=sum("completions")).contains(&sum("cq_mmio_doorbell_updates")),
+        "{st:#}"
+    );
     let health = rpc(
         &running,
         rpc_port,

@@ -22,7 +22,9 @@ use nvme_proto::log::ana_state;
 use nvme_proto::status::{generic, sct};
 use reactor::dma::DmaBuf;
 
-use crate::{NsPaths, PathEntry, Policy, Shared, TcpStats, ST_ENABLED, ST_FAIL_FAST};
+use crate::{
+    stat, Counts, NsPaths, PathEntry, Policy, Shared, TransportStats, ST_ENABLED, ST_FAIL_FAST,
+};
 
 /// Bytes of Dataset Management ranges a slot keeps (one range per unmap; the bdev layer cuts larger ones).
 const DSM_BYTES: usize = DsmRange::SIZE;
@@ -50,6 +52,8 @@ struct PathQ {
     anagrpid: u32,
     /// `q` was connected at the last look (a queue that connects again is a path back).
     was_ready: bool,
+    /// `q`'s transport counters at the last poll (the channel adds what moved since).
+    last: nvme_host::qpair::QpCounters,
 }
 
 impl PathQ {
@@ -65,6 +69,7 @@ impl PathQ {
             outstanding: 0,
             anagrpid: 0,
             was_ready: false,
+            last: Default::default(),
         };
         p.find_group(nsid);
         p
@@ -148,18 +153,9 @@ pub(crate) struct NvmeChannel {
     timeout: Option<(Duration, ActionOnTimeout)>,
     /// This channel's transport counters, counted here and published once per poll.
     counts: Counts,
-    stats: Arc<TcpStats>,
-}
-
-/// SPDK's TCP poll group counters (`bdev_nvme_get_transport_statistics`).
-#[derive(Default, Clone, Copy)]
-struct Counts {
-    polls: u64,
-    idle_polls: u64,
-    socket_completions: u64,
-    nvme_completions: u64,
-    submitted_requests: u64,
-    queued_requests: u64,
+    stats: Arc<TransportStats>,
+    /// The RDMA device was recorded in `stats`.
+    rdma_dev_known: bool,
 }
 
 impl NvmeChannel {
@@ -189,8 +185,9 @@ impl NvmeChannel {
             ana_seen: 0,
             auto_failback,
             timeout,
-            counts: Counts::default(),
+            counts: [[0; stat::N]; 3],
             stats: crate::add_stats(),
+            rdma_dev_known: false,
         };
         ch.follow_paths();
         ch
@@ -307,6 +304,7 @@ impl NvmeChannel {
                     );
                 }
                 p.q = open_queue(&p.shared, self.timeout.map(|t| t.0));
+                p.last = Default::default();
                 p.gen = gen;
                 p.outstanding = 0;
                 p.find_group(self.ns.nsid);
@@ -494,7 +492,9 @@ impl NvmeChannel {
         match unsafe { q.submit(sqe, &self.iovs, dir, slot as u64) } {
             Ok(()) => {
                 p.outstanding += 1;
-                self.counts.submitted_requests += 1;
+                if let Some(t) = q.qpair().transport() {
+                    self.counts[crate::transport_index(t)][stat::SUBMITTED] += 1;
+                }
                 self.slots[slot as usize] = Some((io, path));
                 None
             }
@@ -509,6 +509,16 @@ impl NvmeChannel {
                 }
             }
         }
+    }
+
+    /// Counts an I/O that waits, under the transport of the first path with a queue (TCP when none has).
+    fn count_queued(&mut self) {
+        let k = self
+            .paths
+            .iter()
+            .find_map(|p| p.q.as_ref().ok()?.qpair().transport())
+            .map_or(0, crate::transport_index);
+        self.counts[k][stat::QUEUED] += 1;
     }
 
     /// Starts what waits, while a path takes it.
@@ -560,12 +570,12 @@ impl ModuleChannel for NvmeChannel {
             self.follow_paths();
         }
         if !self.waiting.is_empty() {
-            self.counts.queued_requests += 1;
+            self.count_queued();
             self.waiting.push_back(io);
             return;
         }
         if let Some(io) = self.start(io) {
-            self.counts.queued_requests += 1;
+            self.count_queued();
             self.waiting.push_back(io);
         }
     }
@@ -576,21 +586,48 @@ impl ModuleChannel for NvmeChannel {
             self.check_timeouts();
         }
         let mut did = false;
+        // Per transport: polled this time, and completions.
+        let mut polled = [(false, 0u64); 3];
         for (i, p) in self.paths.iter_mut().enumerate() {
             if let Ok(q) = &mut p.q {
                 let done = &mut self.done;
-                if q.poll(&mut |token, cqe| done.push((i, token, cqe))) {
-                    did = true;
-                    self.counts.socket_completions += 1;
+                let before = done.len();
+                let any = q.poll(&mut |token, cqe| done.push((i, token, cqe)));
+                did |= any;
+                let Some(t) = q.qpair().transport() else {
+                    continue;
+                };
+                let k = crate::transport_index(t);
+                let c = &mut self.counts[k];
+                polled[k].0 = true;
+                polled[k].1 += (done.len() - before) as u64;
+                if any && t == nvme_host::qpair::Transport::Tcp {
+                    c[stat::SOCKET_COMPLETIONS] += 1;
+                }
+                let now = q.qpair().counters();
+                c[stat::SEND_WRS] += now.send_wrs - p.last.send_wrs;
+                c[stat::RECV_WRS] += now.recv_wrs - p.last.recv_wrs;
+                c[stat::SQ_DOORBELLS] += now.sq_doorbells - p.last.sq_doorbells;
+                c[stat::CQ_DOORBELLS] += now.cq_doorbells - p.last.cq_doorbells;
+                p.last = now;
+                if !self.rdma_dev_known {
+                    if let Some(d) = q.qpair().rdma_device() {
+                        self.stats.set_rdma_device(d);
+                        self.rdma_dev_known = true;
+                    }
+                }
+            }
+        }
+        for (c, (was, n)) in self.counts.iter_mut().zip(polled) {
+            if was {
+                c[stat::POLLS] += 1;
+                c[stat::COMPLETIONS] += n;
+                if n == 0 {
+                    c[stat::IDLE_POLLS] += 1;
                 }
             }
         }
         let n = self.done.len();
-        self.counts.polls += 1;
-        self.counts.nvme_completions += n as u64;
-        if n == 0 {
-            self.counts.idle_polls += 1;
-        }
         for k in 0..n {
             let (path, token, cqe) = self.done[k];
             let Some((mut io, _)) = self.slots.get_mut(token as usize).and_then(Option::take)
@@ -672,14 +709,7 @@ impl ModuleChannel for NvmeChannel {
         self.done.clear();
         self.start_waiting();
         self.publish();
-        self.stats.store(&[
-            self.counts.polls,
-            self.counts.idle_polls,
-            self.counts.socket_completions,
-            self.counts.nvme_completions,
-            self.counts.submitted_requests,
-            self.counts.queued_requests,
-        ]);
+        self.stats.store(&self.counts);
         did || n > 0
     }
 

@@ -1584,90 +1584,169 @@ pub(crate) struct PathEntry {
     pub(crate) accessible: AtomicBool,
 }
 
-/// A channel's TCP transport counters (SPDK's poll group statistics), written by its thread once per poll and
-/// summed per thread by `bdev_nvme_get_transport_statistics`; counts of channels gone stay with their thread.
-pub(crate) struct TcpStats {
-    thread: String,
-    counts: [AtomicU64; 6],
-}
+/// A channel's counters per transport (SPDK's poll group statistics, the union of the fields its transports
+/// report): [`TRANSPORTS`] by the indices of [`stat`].
+pub(crate) type Counts = [[u64; stat::N]; 3];
 
-/// The counters' names, in [`TcpStats`] order (SPDK's).
-const TCP_STAT_NAMES: [&str; 6] = [
-    "polls",
-    "idle_polls",
-    "socket_completions",
-    "nvme_completions",
-    "submitted_requests",
-    "queued_requests",
-];
+/// The transports statistics tell apart, by their index in [`Counts`], in SPDK's names.
+const TRANSPORTS: [&str; 3] = ["TCP", "RDMA", "PCIe"];
 
-impl TcpStats {
-    /// Publishes the channel's counts.
-    pub(crate) fn store(&self, v: &[u64; 6]) {
-        for (c, v) in self.counts.iter().zip(v) {
-            c.store(*v, Ordering::Relaxed);
-        }
+/// The index of a queue pair's transport in [`Counts`].
+pub(crate) fn transport_index(t: nvme_host::qpair::Transport) -> usize {
+    match t {
+        nvme_host::qpair::Transport::Tcp => 0,
+        nvme_host::qpair::Transport::Rdma => 1,
+        nvme_host::qpair::Transport::Pcie => 2,
     }
 }
 
+/// The counters of one transport in [`Counts`].
+pub(crate) mod stat {
+    /// Channel polls (that had a queue of this transport).
+    pub const POLLS: usize = 0;
+    /// Polls that completed nothing.
+    pub const IDLE_POLLS: usize = 1;
+    /// TCP: polls in which a socket had something.
+    pub const SOCKET_COMPLETIONS: usize = 2;
+    /// Commands completed.
+    pub const COMPLETIONS: usize = 3;
+    /// I/Os that waited for a queue slot or a path.
+    pub const QUEUED: usize = 4;
+    /// Commands submitted.
+    pub const SUBMITTED: usize = 5;
+    /// RDMA send work requests (each posted on its own, so also the send doorbells).
+    pub const SEND_WRS: usize = 6;
+    /// RDMA receive work requests (likewise the receive doorbells).
+    pub const RECV_WRS: usize = 7;
+    /// PCIe submission tail doorbell writes.
+    pub const SQ_DOORBELLS: usize = 8;
+    /// PCIe completion head doorbell writes.
+    pub const CQ_DOORBELLS: usize = 9;
+    /// How many.
+    pub const N: usize = 10;
+}
+
+/// A channel's counters as its thread publishes them once per poll, for `bdev_nvme_get_transport_statistics`;
+/// counts of channels gone stay with their thread.
+pub(crate) struct TransportStats {
+    thread: String,
+    counts: [[AtomicU64; stat::N]; 3],
+    /// The RDMA device of the channel's RDMA queue, once it has one.
+    rdma_dev: std::sync::Mutex<String>,
+}
+
+impl TransportStats {
+    /// Publishes the channel's counts (the transports it has used).
+    pub(crate) fn store(&self, c: &Counts) {
+        for (dst, src) in self.counts.iter().zip(c) {
+            if src[stat::POLLS] != 0 {
+                for (d, v) in dst.iter().zip(src) {
+                    d.store(*v, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Records the RDMA device the channel uses.
+    pub(crate) fn set_rdma_device(&self, name: &str) {
+        *reactor::lock(&self.rdma_dev) = name.to_string();
+    }
+
+    fn load(&self) -> Counts {
+        let mut c = [[0; stat::N]; 3];
+        for (dst, src) in c.iter_mut().zip(&self.counts) {
+            for (d, v) in dst.iter_mut().zip(src) {
+                *d = v.load(Ordering::Relaxed);
+            }
+        }
+        c
+    }
+}
+
+/// Per thread: its counts and its RDMA device name.
+type ThreadCounts = (String, Counts, String);
+
 /// Live channels' counters, and per thread the counts of channels gone.
-#[allow(clippy::type_complexity)]
-fn stats() -> std::sync::MutexGuard<'static, (Vec<Arc<TcpStats>>, Vec<(String, [u64; 6])>)> {
-    static S: OnceLock<std::sync::Mutex<(Vec<Arc<TcpStats>>, Vec<(String, [u64; 6])>)>> =
+fn stats() -> std::sync::MutexGuard<'static, (Vec<Arc<TransportStats>>, Vec<ThreadCounts>)> {
+    static S: OnceLock<std::sync::Mutex<(Vec<Arc<TransportStats>>, Vec<ThreadCounts>)>> =
         OnceLock::new();
     reactor::lock(S.get_or_init(Default::default))
 }
 
 /// A new channel's counters.
-pub(crate) fn add_stats() -> Arc<TcpStats> {
+pub(crate) fn add_stats() -> Arc<TransportStats> {
     let thread = reactor::thread::current().map_or_else(String::new, |t| t.name().to_string());
-    let s = Arc::new(TcpStats {
+    let s = Arc::new(TransportStats {
         thread,
         counts: Default::default(),
+        rdma_dev: Default::default(),
     });
     stats().0.push(s.clone());
     s
 }
 
-/// A channel goes: its counts stay with its thread.
-pub(crate) fn remove_stats(s: &Arc<TcpStats>) {
-    let mut g = stats();
-    g.0.retain(|x| !Arc::ptr_eq(x, s));
-    let v: Vec<u64> = s.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    match g.1.iter_mut().find(|(t, _)| *t == s.thread) {
-        Some((_, acc)) => acc.iter_mut().zip(&v).for_each(|(a, v)| *a += v),
+/// Adds `c` (and an RDMA device name) to `thread`'s entry of `acc`.
+fn add_to(acc: &mut Vec<ThreadCounts>, thread: &str, c: &Counts, dev: &str) {
+    let i = match acc.iter().position(|(t, _, _)| t == thread) {
+        Some(i) => i,
         None => {
-            let mut acc = [0; 6];
-            acc.iter_mut().zip(&v).for_each(|(a, v)| *a = *v);
-            g.1.push((s.thread.clone(), acc));
+            acc.push((thread.to_string(), [[0; stat::N]; 3], String::new()));
+            acc.len() - 1
         }
+    };
+    let (_, sum, name) = &mut acc[i];
+    for (s, v) in sum.iter_mut().flatten().zip(c.iter().flatten()) {
+        *s += v;
+    }
+    if name.is_empty() {
+        *name = dev.to_string();
     }
 }
 
-/// `bdev_nvme_get_transport_statistics`: per thread that has had NVMe channels, its TCP counters.
+/// A channel goes: its counts stay with its thread.
+pub(crate) fn remove_stats(s: &Arc<TransportStats>) {
+    let mut g = stats();
+    g.0.retain(|x| !Arc::ptr_eq(x, s));
+    let dev = reactor::lock(&s.rdma_dev).clone();
+    add_to(&mut g.1, &s.thread, &s.load(), &dev);
+}
+
+/// One transport's entry of a thread, with SPDK's fields for it.
+fn transport_stats_entry(k: usize, c: &[u64; stat::N], dev: &str) -> Value {
+    use stat::*;
+    match k {
+        0 => json!({"trname": TRANSPORTS[0], "polls": c[POLLS], "idle_polls": c[IDLE_POLLS],
+            "socket_completions": c[SOCKET_COMPLETIONS], "nvme_completions": c[COMPLETIONS],
+            "queued_requests": c[QUEUED], "submitted_requests": c[SUBMITTED]}),
+        1 => json!({"trname": TRANSPORTS[1], "devices": [{"dev_name": dev, "polls": c[POLLS],
+            "idle_polls": c[IDLE_POLLS], "completions": c[COMPLETIONS], "queued_requests": c[QUEUED],
+            "total_send_wrs": c[SEND_WRS], "send_doorbell_updates": c[SEND_WRS],
+            "total_recv_wrs": c[RECV_WRS], "recv_doorbell_updates": c[RECV_WRS]}]}),
+        _ => json!({"trname": TRANSPORTS[2], "polls": c[POLLS], "idle_polls": c[IDLE_POLLS],
+            "completions": c[COMPLETIONS], "cq_mmio_doorbell_updates": c[CQ_DOORBELLS],
+            "cq_shadow_doorbell_updates": 0, "queued_requests": c[QUEUED],
+            "submitted_requests": c[SUBMITTED], "sq_mmio_doorbell_updates": c[SQ_DOORBELLS],
+            "sq_shadow_doorbell_updates": 0}),
+    }
+}
+
+/// `bdev_nvme_get_transport_statistics`: per thread that has had NVMe channels, each transport it has polled,
+/// with SPDK's fields for that transport.
 pub fn transport_stats_json() -> Value {
     let g = stats();
-    let mut threads: Vec<(String, [u64; 6])> = g.1.clone();
+    let mut threads = g.1.clone();
     for s in &g.0 {
-        let v: Vec<u64> = s.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-        match threads.iter_mut().find(|(t, _)| *t == s.thread) {
-            Some((_, acc)) => acc.iter_mut().zip(&v).for_each(|(a, v)| *a += v),
-            None => {
-                let mut acc = [0; 6];
-                acc.iter_mut().zip(&v).for_each(|(a, v)| *a = *v);
-                threads.push((s.thread.clone(), acc));
-            }
-        }
+        let dev = reactor::lock(&s.rdma_dev).clone();
+        add_to(&mut threads, &s.thread, &s.load(), &dev);
     }
     let groups: Vec<Value> = threads
         .iter()
-        .map(|(t, v)| {
-            let mut tr = serde_json::Map::new();
-            tr.insert("trname".into(), json!("TCP"));
-            for (k, v) in TCP_STAT_NAMES.iter().zip(v) {
-                tr.insert((*k).into(), json!(v));
-            }
-            json!({"thread": t, "transports": [tr]})
+        .map(|(t, c, dev)| {
+            let trs: Vec<Value> = (0..3)
+                .filter(|&k| c[k][stat::POLLS] != 0)
+                .map(|k| transport_stats_entry(k, &c[k], dev))
+                .collect();
+            json!({"thread": t, "transports": trs})
         })
         .collect();
     json!({ "poll_groups": groups })

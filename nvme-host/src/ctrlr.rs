@@ -1532,6 +1532,11 @@ impl IoQueue {
         &self.info
     }
 
+    /// The queue pair underneath (its transport and counters).
+    pub fn qpair(&self) -> &Qpair {
+        &self.qp
+    }
+
     /// Sends an I/O command (see [`Qpair::submit`]).
     ///
     /// # Safety

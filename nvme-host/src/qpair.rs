@@ -11,6 +11,31 @@ use nvme_proto::host::{Dir, Iov, SubmitError};
 use crate::rdma::RdmaQpair;
 use crate::tcp::TcpQpair;
 
+/// The transport of a queue pair, as statistics name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// NVMe/TCP.
+    Tcp,
+    /// NVMe/RDMA.
+    Rdma,
+    /// PCIe.
+    Pcie,
+}
+
+/// A queue pair's transport counters since it was made, the events SPDK's poll group statistics count: RDMA work
+/// requests posted (each post here carries one, so each is also a doorbell), PCIe doorbell writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QpCounters {
+    /// RDMA send work requests.
+    pub send_wrs: u64,
+    /// RDMA receive work requests.
+    pub recv_wrs: u64,
+    /// PCIe submission tail doorbell writes.
+    pub sq_doorbells: u64,
+    /// PCIe completion head doorbell writes.
+    pub cq_doorbells: u64,
+}
+
 /// A host queue pair: NVMe/TCP, NVMe/RDMA or PCIe.
 pub enum Qpair {
     /// Over a TCP connection.
@@ -41,6 +66,47 @@ impl Qpair {
             Qpair::Rdma(q) => q.error(),
             Qpair::Pcie(q) => q.error(),
             Qpair::Closed => Some("closed"),
+        }
+    }
+
+    /// Its transport (`None` once closed).
+    pub fn transport(&self) -> Option<Transport> {
+        match self {
+            Qpair::Tcp(_) => Some(Transport::Tcp),
+            Qpair::Rdma(_) => Some(Transport::Rdma),
+            Qpair::Pcie(_) => Some(Transport::Pcie),
+            Qpair::Closed => None,
+        }
+    }
+
+    /// Its transport counters so far.
+    pub fn counters(&self) -> QpCounters {
+        match self {
+            Qpair::Rdma(q) => {
+                let (send_wrs, recv_wrs) = q.posted();
+                QpCounters {
+                    send_wrs,
+                    recv_wrs,
+                    ..QpCounters::default()
+                }
+            }
+            Qpair::Pcie(q) => {
+                let (sq_doorbells, cq_doorbells) = q.doorbell_writes();
+                QpCounters {
+                    sq_doorbells,
+                    cq_doorbells,
+                    ..QpCounters::default()
+                }
+            }
+            Qpair::Tcp(_) | Qpair::Closed => QpCounters::default(),
+        }
+    }
+
+    /// The RDMA device of an RDMA queue pair.
+    pub fn rdma_device(&self) -> Option<&str> {
+        match self {
+            Qpair::Rdma(q) => q.device_name(),
+            _ => None,
         }
     }
 

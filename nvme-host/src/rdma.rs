@@ -89,6 +89,8 @@ pub struct RdmaQpair {
     timeout: CmdTimeout,
     error: Option<String>,
     wcs: Vec<Wc>,
+    /// Work requests posted so far, (send, receive): one per post, so each was its own doorbell.
+    posted: (u64, u64),
 }
 
 impl RdmaQpair {
@@ -126,7 +128,18 @@ impl RdmaQpair {
             timeout: CmdTimeout::default(),
             error: None,
             wcs: vec![Wc::default(); 32],
+            posted: (0, 0),
         })
+    }
+
+    /// Work requests posted so far: (send, receive).
+    pub fn posted(&self) -> (u64, u64) {
+        self.posted
+    }
+
+    /// The RDMA device the queue pair runs on, once connected.
+    pub fn device_name(&self) -> Option<&str> {
+        self.dev.as_ref().map(|d| d.attr.name.as_str())
     }
 
     /// Connected: commands may go.
@@ -212,6 +225,7 @@ impl RdmaQpair {
             self.error.get_or_insert(why);
             return Err(SubmitError::NotReady);
         }
+        self.posted.0 += 1;
         let s = &mut self.slots[cid as usize];
         s.busy = true;
         s.token = token;
@@ -347,6 +361,7 @@ impl RdmaQpair {
             id.post_recv(WR_RECV | i as u64, sge)
                 .map_err(|e| e.to_string())?;
         }
+        self.posted.1 += n as u64;
         let mut pd = [0u8; PRIVATE_DATA_LEN];
         CmRequest {
             recfmt: 0,
@@ -397,6 +412,7 @@ impl RdmaQpair {
                     self.fail(e.to_string(), done);
                     return true;
                 }
+                self.posted.1 += 1;
                 match self.slots.get_mut(cqe.cid as usize) {
                     Some(s) if s.busy && s.rsp.is_none() => s.rsp = Some(cqe),
                     _ => {

@@ -80,6 +80,8 @@ pub struct PcieQpair {
     phase: bool,
     /// Commands written since the tail doorbell was last rung.
     unrung: bool,
+    /// Tail and head doorbell writes so far (SPDK's `sq_mmio_doorbell_updates`, `cq_mmio_doorbell_updates`).
+    doorbells: (u64, u64),
     slots: Vec<Slot>,
     free: Vec<u16>,
     xl: TranslationCache,
@@ -149,6 +151,7 @@ impl PcieQpair {
             cq_head: 0,
             phase: true,
             unrung: false,
+            doorbells: (0, 0),
             slots: (0..n - 1)
                 .map(|_| Slot {
                     busy: false,
@@ -213,6 +216,11 @@ impl PcieQpair {
     /// Commands submitted and not completed.
     pub fn outstanding(&self) -> usize {
         self.slots.len() - self.free.len()
+    }
+
+    /// Doorbell writes so far: (submission tail, completion head).
+    pub fn doorbell_writes(&self) -> (u64, u64) {
+        self.doorbells
     }
 
     /// Completions dropped because they named no outstanding command.
@@ -419,6 +427,7 @@ impl PcieQpair {
             fence(Ordering::Release);
             self.bar.write32(self.sq_db, self.sq_tail as u32);
             self.unrung = false;
+            self.doorbells.0 += 1;
         }
         let mut reaped = false;
         loop {
@@ -478,6 +487,7 @@ impl PcieQpair {
         }
         if reaped {
             self.bar.write32(self.cq_db, self.cq_head as u32);
+            self.doorbells.1 += 1;
         }
         reaped
     }
