@@ -1667,9 +1667,11 @@ impl TransportStats {
 type ThreadCounts = (String, Counts, String);
 
 /// Live channels' counters, and per thread the counts of channels gone.
-fn stats() -> std::sync::MutexGuard<'static, (Vec<Arc<TransportStats>>, Vec<ThreadCounts>)> {
-    static S: OnceLock<std::sync::Mutex<(Vec<Arc<TransportStats>>, Vec<ThreadCounts>)>> =
-        OnceLock::new();
+type StatsRegistry = (Vec<Arc<TransportStats>>, Vec<ThreadCounts>);
+
+/// The [`StatsRegistry`], locked.
+fn stats() -> std::sync::MutexGuard<'static, StatsRegistry> {
+    static S: OnceLock<std::sync::Mutex<StatsRegistry>> = OnceLock::new();
     reactor::lock(S.get_or_init(Default::default))
 }
 
