@@ -681,6 +681,47 @@ fn key_file(dir: &std::path::Path, name: &str, text: &str) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// Writes `dir/config.json` for SPDK's target as a storage node that lets in only `hosts` (the params of
+/// `nvmf_subsystem_add_host` calls), its keyring holding `keys` (name, path), its listener on `port` requiring
+/// a secure channel (TLS) when `secure`.
+fn spdk_locked_node_config(
+    dir: &std::path::Path,
+    port: &str,
+    secure: bool,
+    keys: &[(&str, &str)],
+    hosts: Vec<Value>,
+) {
+    let nvmf: Vec<Value> = export_calls(port, None)
+        .into_iter()
+        .filter(|(m, _)| m.starts_with("nvmf_"))
+        .map(|(m, mut p)| {
+            if m == "nvmf_create_subsystem" {
+                p["allow_any_host"] = json!(false);
+            }
+            if m == "nvmf_subsystem_add_listener" {
+                p["secure_channel"] = json!(secure);
+            }
+            json!({"method": m, "params": p})
+        })
+        .chain(
+            hosts
+                .into_iter()
+                .map(|h| json!({"method": "nvmf_subsystem_add_host", "params": h})),
+        )
+        .collect();
+    let keyring: Vec<Value> = keys
+        .iter()
+        .map(|(n, p)| json!({"method": "keyring_file_add_key", "params": {"name": n, "path": p}}))
+        .collect();
+    let cfg = json!({"subsystems": [
+        {"subsystem": "keyring", "config": keyring},
+        {"subsystem": "bdev", "config": [{"method": "bdev_malloc_create",
+            "params": {"name": "Malloc0", "num_blocks": 65536, "block_size": 512}}]},
+        {"subsystem": "nvmf", "config": nvmf},
+    ]});
+    write_file(dir, "config.json", &cfg.to_string());
+}
+
 /// DH-HMAC-CHAP against SPDK v24.05's target, which requires it of our host NQN: no key, a wrong key, an
 /// unknown key name and a wrong controller key are refused with a clear error; the right keys (bidirectional)
 /// connect the admin queue and the I/O queues (an lvstore is written and read over them), SPDK reports every
@@ -699,29 +740,13 @@ fn dhchap_with_spdk_storage_node() {
     let ckey0 = key_file(&dir, "ckey0", &dhchap_secret(48, 2, 2));
     let wrong = key_file(&dir, "wrong", &dhchap_secret(32, 1, 3));
     let port = free_port();
-    let mut nvmf: Vec<Value> = export_calls(&port, None)
-        .into_iter()
-        .filter(|(m, _)| m.starts_with("nvmf_"))
-        .map(|(m, mut p)| {
-            if m == "nvmf_create_subsystem" {
-                p["allow_any_host"] = json!(false);
-            }
-            json!({"method": m, "params": p})
-        })
-        .collect();
-    nvmf.push(
-        json!({"method": "nvmf_subsystem_add_host", "params": {"nqn": NQN, "host": HOST,
-        "dhchap_key": "key0", "dhchap_ctrlr_key": "ckey0"}}),
+    spdk_locked_node_config(
+        &dir,
+        &port,
+        false,
+        &[("key0", &key0), ("ckey0", &ckey0)],
+        vec![json!({"nqn": NQN, "host": HOST, "dhchap_key": "key0", "dhchap_ctrlr_key": "ckey0"})],
     );
-    let cfg = json!({"subsystems": [
-        {"subsystem": "keyring", "config": [
-            {"method": "keyring_file_add_key", "params": {"name": "key0", "path": key0}},
-            {"method": "keyring_file_add_key", "params": {"name": "ckey0", "path": ckey0}}]},
-        {"subsystem": "bdev", "config": [{"method": "bdev_malloc_create",
-            "params": {"name": "Malloc0", "num_blocks": 65536, "block_size": 512}}]},
-        {"subsystem": "nvmf", "config": nvmf},
-    ]});
-    write_file(&dir, "config.json", &cfg.to_string());
     let s = lab::target::SpdkTgt::start(&dir, "spdk");
     let c = Tgt::start("nvme-dhchap-compute", &[]);
     for (name, path) in [("key0", &key0), ("ckey0", &ckey0), ("wrong", &wrong)] {
@@ -853,32 +878,16 @@ fn tls_with_spdk_storage_node() {
     let key1 = key_file(&dir, "key1", &tls_psk_text(48, 0, 2));
     let wrong = key_file(&dir, "wrong", &tls_psk_text(32, 0, 3));
     let port = free_port();
-    let nvmf: Vec<Value> = export_calls(&port, None)
-        .into_iter()
-        .filter(|(m, _)| m.starts_with("nvmf_"))
-        .map(|(m, mut p)| {
-            if m == "nvmf_create_subsystem" {
-                p["allow_any_host"] = json!(false);
-            }
-            if m == "nvmf_subsystem_add_listener" {
-                p["secure_channel"] = json!(true);
-            }
-            json!({"method": m, "params": p})
-        })
-        .chain([
-            json!({"method": "nvmf_subsystem_add_host", "params": {"nqn": NQN, "host": HOST1, "psk": "key0"}}),
-            json!({"method": "nvmf_subsystem_add_host", "params": {"nqn": NQN, "host": HOST2, "psk": "key1"}}),
-        ])
-        .collect();
-    let cfg = json!({"subsystems": [
-        {"subsystem": "keyring", "config": [
-            {"method": "keyring_file_add_key", "params": {"name": "key0", "path": key0}},
-            {"method": "keyring_file_add_key", "params": {"name": "key1", "path": key1}}]},
-        {"subsystem": "bdev", "config": [{"method": "bdev_malloc_create",
-            "params": {"name": "Malloc0", "num_blocks": 65536, "block_size": 512}}]},
-        {"subsystem": "nvmf", "config": nvmf},
-    ]});
-    write_file(&dir, "config.json", &cfg.to_string());
+    spdk_locked_node_config(
+        &dir,
+        &port,
+        true,
+        &[("key0", &key0), ("key1", &key1)],
+        vec![
+            json!({"nqn": NQN, "host": HOST1, "psk": "key0"}),
+            json!({"nqn": NQN, "host": HOST2, "psk": "key1"}),
+        ],
+    );
     let s = lab::target::SpdkTgt::start(&dir, "spdk-tls");
     let c = Tgt::start("nvme-tls-compute", &[]);
     for (name, path) in [("key0", &key0), ("key1", &key1), ("wrong", &wrong)] {

@@ -90,44 +90,7 @@ fn spdk_initiators_against_our_tcp_target() {
         ("write_zeroes", "16", "4096"),
         ("flush", "16", "4096"),
     ] {
-        let out = Command::new(peer.join("build/examples/bdevperf"))
-            .args([
-                "--no-huge",
-                "-s",
-                "1024",
-                "-m",
-                "0x2",
-                "--disable-cpumask-locks",
-                "--json",
-            ])
-            .arg(&cfg)
-            .args(["-q", q, "-o", o, "-w", w, "-t", "2"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "bdevperf {w}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let total = text
-            .lines()
-            .find(|l| l.trim_start().starts_with("Total"))
-            .unwrap_or_else(|| panic!("no Total line for {w}:\n{text}"));
-        // Total: IOPS MiB/s Fail/s TO/s ...: I/O happened and none failed or timed out.
-        let cols: Vec<f64> = total
-            .split(':')
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .map(|c| c.parse().unwrap())
-            .collect();
-        assert!(cols[0] > 0.0, "{w}: no I/O: {total}");
-        assert_eq!(
-            (cols[2], cols[3]),
-            (0.0, 0.0),
-            "{w}: failures or timeouts: {total}"
-        );
+        spdk_bdevperf(&peer, &cfg, q, o, w);
     }
     let (st, _) = t.stop();
     assert!(st.success());
@@ -143,19 +106,46 @@ fn psk_file(dir: &std::path::Path, name: &str, len: usize, xx: u8, seed: u8) -> 
     p.to_string_lossy().into_owned()
 }
 
-/// The numbers of bdevperf's Total line: IOPS, MiB/s, Fail/s, TO/s...
-fn bdevperf_total(text: &str) -> Vec<f64> {
+/// Runs SPDK's bdevperf on core 1 with `cfg` (`-q`, `-o`, `-w`, 2 s) and checks that I/O happened and that
+/// none failed or timed out (its Total line: IOPS MiB/s Fail/s TO/s ...).
+fn spdk_bdevperf(peer: &std::path::Path, cfg: &std::path::Path, q: &str, o: &str, w: &str) {
+    let out = Command::new(peer.join("build/examples/bdevperf"))
+        .args([
+            "--no-huge",
+            "-s",
+            "1024",
+            "-m",
+            "0x2",
+            "--disable-cpumask-locks",
+            "--json",
+        ])
+        .arg(cfg)
+        .args(["-q", q, "-o", o, "-w", w, "-t", "2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bdevperf {w}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let total = text
         .lines()
         .find(|l| l.trim_start().starts_with("Total"))
-        .unwrap_or_else(|| panic!("no Total line:\n{text}"));
-    total
+        .unwrap_or_else(|| panic!("no Total line for {w}:\n{text}"));
+    let cols: Vec<f64> = total
         .split(':')
         .nth(1)
         .unwrap()
         .split_whitespace()
         .map(|c| c.parse().unwrap())
-        .collect()
+        .collect();
+    assert!(cols[0] > 0.0, "{w}: no I/O: {total}");
+    assert_eq!(
+        (cols[2], cols[3]),
+        (0.0, 0.0),
+        "{w}: failures or timeouts: {total}"
+    );
 }
 
 /// SPDK's initiators over TLS against our target's `secure_channel` listener: SPDK's `bdev_nvme` (bdevperf
@@ -283,29 +273,7 @@ fn spdk_initiators_over_tls_against_our_target() {
         ),
     );
     for (q, o) in [("32", "4096"), ("8", "131072")] {
-        let out = Command::new(peer.join("build/examples/bdevperf"))
-            .args([
-                "--no-huge",
-                "-s",
-                "1024",
-                "-m",
-                "0x2",
-                "--disable-cpumask-locks",
-                "--json",
-            ])
-            .arg(&cfg)
-            .args(["-q", q, "-o", o, "-w", "verify", "-t", "2"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "bdevperf verify over TLS: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let cols = bdevperf_total(&text);
-        assert!(cols[0] > 0.0, "no I/O: {text}");
-        assert_eq!((cols[2], cols[3]), (0.0, 0.0), "failures: {text}");
+        spdk_bdevperf(&peer, &cfg, q, o, "verify");
     }
     let saved = t.ok(&["save_config"]);
     let (nvmf, _) = common::subsystem_config(&saved, "nvmf");
