@@ -605,10 +605,10 @@ impl ModuleChannel for NvmeChannel {
                     c[stat::SOCKET_COMPLETIONS] += 1;
                 }
                 let now = q.qpair().counters();
-                c[stat::SEND_WRS] += now.send_wrs - p.last.send_wrs;
-                c[stat::RECV_WRS] += now.recv_wrs - p.last.recv_wrs;
-                c[stat::SQ_DOORBELLS] += now.sq_doorbells - p.last.sq_doorbells;
-                c[stat::CQ_DOORBELLS] += now.cq_doorbells - p.last.cq_doorbells;
+                c[stat::SEND_WRS] += now.send_wrs.saturating_sub(p.last.send_wrs);
+                c[stat::RECV_WRS] += now.recv_wrs.saturating_sub(p.last.recv_wrs);
+                c[stat::SQ_DOORBELLS] += now.sq_doorbells.saturating_sub(p.last.sq_doorbells);
+                c[stat::CQ_DOORBELLS] += now.cq_doorbells.saturating_sub(p.last.cq_doorbells);
                 p.last = now;
                 if !self.rdma_dev_known {
                     if let Some(d) = q.qpair().rdma_device() {
