@@ -413,6 +413,7 @@ fn pcie_opts(p: &AttachParams) -> Result<CtrlrOpts> {
         digests: (false, false),
         auth: None,
         tls: None,
+        tcp_user_timeout_ms: 0,
     })
 }
 
@@ -518,9 +519,13 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
     let hostnqn = p.hostnqn.clone().unwrap_or_else(|| default_nqn.clone());
     let tls = tls_psk(p, rdma, &hostnqn, &subnqn)?;
     // Read once: a second lock within one expression would wait for the first.
-    let (kato_ms, tcp_connect_ms) = {
+    let (kato_ms, tcp_connect_ms, ack_timeout) = {
         let o = options();
-        (o.keep_alive_timeout_ms, o.tcp_connect_timeout_ms)
+        (
+            o.keep_alive_timeout_ms,
+            o.tcp_connect_timeout_ms,
+            o.transport_ack_timeout,
+        )
     };
     Ok(CtrlrOpts {
         addr: SocketAddr::new(ip, port),
@@ -547,7 +552,17 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
         digests: (p.hdgst.unwrap_or(false), p.ddgst.unwrap_or(false)),
         auth,
         tls,
+        tcp_user_timeout_ms: tcp_user_timeout(ack_timeout),
     })
+}
+
+/// `transport_ack_timeout` for NVMe/TCP, as SPDK applies it: `TCP_USER_TIMEOUT` of 2^value ms (the exponent
+/// capped at 31), or none for 0. (For RDMA it is the queue pair's ACK timeout, not applied here.)
+fn tcp_user_timeout(ack_timeout: u8) -> u32 {
+    match ack_timeout {
+        0 => 0,
+        t => 1u32 << t.min(31),
+    }
 }
 
 /// TLS for an attach (`psk`): the name of a key in the keyring, or else (deprecated in SPDK, still taken) the
@@ -2406,6 +2421,15 @@ pub fn register_rpcs(reg: &mut Registry) {
 
 #[cfg(test)]
 mod tests {
+    /// `transport_ack_timeout` becomes a TCP user timeout of 2^value ms, as in SPDK (0: none; capped at 2^31).
+    #[test]
+    fn ack_timeout_is_a_power_of_two_of_ms() {
+        assert_eq!(
+            [0, 1, 12, 31, 200].map(super::tcp_user_timeout),
+            [0, 2, 4096, 1 << 31, 1 << 31]
+        );
+    }
+
     /// `generate_uuids`: the UUID SPDK derives for a namespace with neither NGUID nor UUID, from the
     /// controller's space-padded serial number and the namespace id (RFC 4122 name-based, SHA-1; the
     /// expected value computed independently with Python's `uuid.uuid5`).

@@ -304,6 +304,7 @@ fn main() -> ExitCode {
         digests: a.digests,
         auth: None,
         tls,
+        tcp_user_timeout_ms: 0,
     };
     // One queue per (namespace, core) job: the namespaces are known only once connected, so ask for plenty
     // (the controller grants what it has; a job without a queue reports it).

@@ -72,6 +72,9 @@ pub struct CtrlrOpts {
     pub auth: Option<AuthOpts>,
     /// The TLS PSK (identity, key, suite) when the controller is reached over TLS (NVMe/TCP).
     pub tls: Option<nvme_tls::TlsPsk>,
+    /// NVMe/TCP: how long sent data may stay unacknowledged before the connection closes, ms (0: the kernel's
+    /// default; `bdev_nvme_set_options` `transport_ack_timeout`).
+    pub tcp_user_timeout_ms: u32,
 }
 
 impl CtrlrOpts {
@@ -617,6 +620,7 @@ pub fn connect(opts: CtrlrOpts, done: impl FnOnce(Result<Controller>) + 'static)
             ADMIN_XFER,
             opts.digests,
             opts.tls.as_ref(),
+            opts.tcp_user_timeout_ms,
         ) {
             Ok(q) => Qpair::Tcp(q),
             Err(e) => return done(Err(Error::os(e, format!("connect to {}", opts.addr)))),
@@ -1484,6 +1488,7 @@ impl IoQueue {
                     info.max_xfer,
                     info.opts.digests,
                     info.opts.tls.as_ref(),
+                    info.opts.tcp_user_timeout_ms,
                 )
                 .map_err(|e| Error::os(e, "I/O queue connect"))?,
             )

@@ -88,8 +88,8 @@ pub struct TcpQpair {
 impl TcpQpair {
     /// Starts connecting to `addr`: `depth` command slots, writes up to `icd_max` bytes in the capsule, at most
     /// `max_xfer` bytes per command, header and data digests as `digests` asks (when the controller grants
-    /// them), over TLS with `tls` when given. The connection (TLS handshake, ICReq/ICResp) completes in
-    /// [`TcpQpair::poll`].
+    /// them), over TLS with `tls` when given, the socket's `TCP_USER_TIMEOUT` set to `user_timeout_ms` (0: not
+    /// set). The connection (TLS handshake, ICReq/ICResp) completes in [`TcpQpair::poll`].
     pub fn connect(
         addr: SocketAddr,
         depth: u16,
@@ -97,8 +97,9 @@ impl TcpQpair {
         max_xfer: u32,
         digests: (bool, bool),
         tls: Option<&TlsPsk>,
+        user_timeout_ms: u32,
     ) -> std::io::Result<TcpQpair> {
-        let sock = sock::start_connect(addr)?;
+        let sock = sock::start_connect(addr, user_timeout_ms)?;
         let conn = match tls {
             Some(p) => Conn::Tls(Box::new(TlsStream::client(sock, p.clone()))),
             None => Conn::Plain(sock),
