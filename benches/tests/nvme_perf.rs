@@ -1,6 +1,7 @@
 //! `nvme_perf` against this project's NVMe-oF/TCP target (in this test process): a mixed run completes with
-//! `spdk_nvme_perf`'s summary table and no errors, a two-core run with digests gives a row per core and their sum; bad flags and an unknown subsystem exit non-zero with a
-//! message.
+//! `spdk_nvme_perf`'s summary table and no errors, a two-core run with digests gives a row per core and their
+//! sum; bad flags and an unknown subsystem exit non-zero with a message; over TLS (`-S ssl --psk-path`) 128 KiB
+//! mixed I/O completes, and hosts without TLS or without a PSK do not get in.
 
 use std::process::Command;
 use std::time::Duration;
@@ -178,4 +179,78 @@ fn body() {
     let bad = r.replace(NQN, "nqn.2016-06.io.spdk:nobody");
     let (ok, _, err) = perf(&["-q", "8", "-o", "4096", "-w", "read", "-t", "1", "-r", &bad]);
     assert!(!ok && err.contains("Connect"), "{err}");
+    tls_runs();
+}
+
+/// Over TLS (`-S ssl --psk-path`, SPDK perf's flags): a subsystem behind a `secure_channel` listener that knows
+/// the host by a 48-byte PSK (SHA-384 suite); 128 KiB mixed I/O (several TLS records per PDU, R2T/H2C data)
+/// completes; without TLS, with another host NQN, and with `--psk-path` but no `-S ssl` it does not.
+fn tls_runs() {
+    const NQN_TLS: &str = "nqn.2016-06.io.spdk:nvme-perf-tls";
+    const HOST: &str = "nqn.2016-06.io.spdk:perf-host";
+    let key = nvme_tls::ConfiguredPsk::new((0..48u8).collect(), 2).unwrap();
+    let dir = std::env::temp_dir().join(format!("nvme-perf-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let psk = dir.join("psk");
+    std::fs::write(&psk, key.to_text()).unwrap();
+    let port = on_app(move |reply| {
+        malloc::create(MallocOpts {
+            name: Some("PerfTls".into()),
+            num_blocks: 16384,
+            block_size: 512,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut o = NvmfCreateSubsystem::new(NQN_TLS);
+        o.normalize(false, 2, 1024).unwrap();
+        mgmt::create_subsystem(o);
+        let host =
+            serde_json::from_value(serde_json::json!({"nqn": NQN_TLS, "host": HOST})).unwrap();
+        mgmt::add_host(host, Some(key)).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let trid = Trid::tcp("127.0.0.1", &port.to_string());
+        let config = ListenerConfig {
+            nqn: NQN_TLS.into(),
+            listen_address: trid.clone(),
+            secure_channel: true,
+            sock_impl: None,
+        };
+        mgmt::add_listener(NQN_TLS, trid, AnaState::Optimized, config).unwrap();
+        mgmt::add_ns(NQN_TLS, NamespaceParams::new("PerfTls"), move |r| {
+            r.unwrap();
+            reply(port);
+        });
+    });
+    let r = format!(
+        "trtype:tcp adrfam:ipv4 traddr:127.0.0.1 trsvcid:{port} subnqn:{NQN_TLS} hostnqn:{HOST}"
+    );
+    let psk = psk.to_string_lossy().into_owned();
+    let run = |extra: &[&str], r: &str| {
+        let mut a = vec![
+            "-q", "8", "-o", "131072", "-w", "randrw", "-M", "50", "-t", "1",
+        ];
+        a.extend_from_slice(extra);
+        a.extend(["-r", r]);
+        perf(&a)
+    };
+    let (ok, out, err) = run(&["-S", "ssl", "--psk-path", &psk], &r);
+    assert!(ok, "{out}{err}");
+    let total = out
+        .lines()
+        .find(|l| l.starts_with("Total"))
+        .expect("a Total line");
+    let iops: f64 = total.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(iops > 0.0 && !err.contains("error"), "{out}{err}");
+    let (ok, _, _) = run(&[], &r);
+    assert!(!ok, "NVMe/TCP in the clear at a TLS listener");
+    let other = r.replace(HOST, "nqn.2016-06.io.spdk:someone-else");
+    let (ok, _, _) = run(&["-S", "ssl", "--psk-path", &psk], &other);
+    assert!(!ok, "a host the subsystem has no PSK for");
+    let (ok, _, err) = run(&["--psk-path", &psk], &r);
+    assert!(!ok && err.contains("-S ssl"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
 }
