@@ -2421,6 +2421,36 @@ pub fn register_rpcs(reg: &mut Registry) {
 
 #[cfg(test)]
 mod tests {
+    /// Each transport's statistics entry has SPDK's fields for it, fed from the right counters.
+    #[test]
+    fn transport_stats_entries_use_spdk_fields() {
+        use super::stat::*;
+        let mut c = [0u64; N];
+        for (i, v) in c.iter_mut().enumerate() {
+            *v = 10 + i as u64;
+        }
+        let tcp = super::transport_stats_entry(0, &c, "");
+        assert_eq!(
+            tcp,
+            serde_json::json!({"trname": "TCP", "polls": 10, "idle_polls": 11, "socket_completions": 12,
+                "nvme_completions": 13, "queued_requests": 14, "submitted_requests": 15})
+        );
+        let rdma = super::transport_stats_entry(1, &c, "rxe0");
+        assert_eq!(
+            rdma,
+            serde_json::json!({"trname": "RDMA", "devices": [{"dev_name": "rxe0", "polls": 10, "idle_polls": 11,
+                "completions": 13, "queued_requests": 14, "total_send_wrs": 16, "send_doorbell_updates": 16,
+                "total_recv_wrs": 17, "recv_doorbell_updates": 17}]})
+        );
+        let pcie = super::transport_stats_entry(2, &c, "");
+        assert_eq!(
+            pcie,
+            serde_json::json!({"trname": "PCIe", "polls": 10, "idle_polls": 11, "completions": 13,
+                "cq_mmio_doorbell_updates": 19, "cq_shadow_doorbell_updates": 0, "queued_requests": 14,
+                "submitted_requests": 15, "sq_mmio_doorbell_updates": 18, "sq_shadow_doorbell_updates": 0})
+        );
+    }
+
     /// `transport_ack_timeout` becomes a TCP user timeout of 2^value ms, as in SPDK (0: none; capped at 2^31).
     #[test]
     fn ack_timeout_is_a_power_of_two_of_ms() {
