@@ -189,7 +189,7 @@ mod tests {
     const SUB: &str = "nqn.2016-06.io.spdk:cnode1";
 
     #[test]
-    fn interchange_text_parses_as_spdk_and_nvme_cli_write_it() {
+    fn interchange_text_round_trips_and_bad_text_is_refused() {
         // SPDK's tests make keys from the ASCII of a hex string (test/nvmf/common.sh, format_interchange_psk).
         let k = ConfiguredPsk::new(b"00112233445566778899aabbccddeeff".to_vec(), 1).unwrap();
         let text = k.to_text();
