@@ -88,9 +88,12 @@ fn target_config() -> Value {
     ]})
 }
 
-/// bdevperf's config: one RDMA controller at `port`.
+/// bdevperf's config: one RDMA controller at `port`, with the RDMA knobs of `bdev_nvme_set_options` set
+/// (retry count, ACK timeout, TOS: Soft-RoCE takes all three).
 fn perf_config(port: u16) -> Value {
     json!({"subsystems": [{"subsystem": "bdev", "config": [
+        {"method": "bdev_nvme_set_options", "params": {"transport_retry_count": 6,
+            "transport_ack_timeout": 14, "transport_tos": 32}},
         {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "RDMA",
             "adrfam": "IPv4", "traddr": GUEST_IP, "trsvcid": port.to_string(), "subnqn": NQN}}
     ]}]})

@@ -414,6 +414,7 @@ fn pcie_opts(p: &AttachParams) -> Result<CtrlrOpts> {
         auth: None,
         tls: None,
         tcp_user_timeout_ms: 0,
+        rdma_knobs: Default::default(),
     })
 }
 
@@ -519,12 +520,17 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
     let hostnqn = p.hostnqn.clone().unwrap_or_else(|| default_nqn.clone());
     let tls = tls_psk(p, rdma, &hostnqn, &subnqn)?;
     // Read once: a second lock within one expression would wait for the first.
-    let (kato_ms, tcp_connect_ms, ack_timeout) = {
+    let (kato_ms, tcp_connect_ms, ack_timeout, rdma_knobs) = {
         let o = options();
         (
             o.keep_alive_timeout_ms,
             o.tcp_connect_timeout_ms,
             o.transport_ack_timeout,
+            nvme_host::rdma::RdmaKnobs {
+                retry_count: o.transport_retry_count.min(7) as u8,
+                ack_timeout: o.transport_ack_timeout,
+                tos: o.transport_tos,
+            },
         )
     };
     Ok(CtrlrOpts {
@@ -552,12 +558,17 @@ fn ctrlr_opts(p: &AttachParams) -> Result<CtrlrOpts> {
         digests: (p.hdgst.unwrap_or(false), p.ddgst.unwrap_or(false)),
         auth,
         tls,
-        tcp_user_timeout_ms: tcp_user_timeout(ack_timeout),
+        tcp_user_timeout_ms: if rdma {
+            0
+        } else {
+            tcp_user_timeout(ack_timeout)
+        },
+        rdma_knobs,
     })
 }
 
 /// `transport_ack_timeout` for NVMe/TCP, as SPDK applies it: `TCP_USER_TIMEOUT` of 2^value ms (the exponent
-/// capped at 31), or none for 0. (For RDMA it is the queue pair's ACK timeout, not applied here.)
+/// capped at 31), or none for 0. (For RDMA it is the queue pair's ACK timeout: [`nvme_host::rdma::RdmaKnobs`].)
 fn tcp_user_timeout(ack_timeout: u8) -> u32 {
     match ack_timeout {
         0 => 0,

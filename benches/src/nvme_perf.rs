@@ -305,6 +305,7 @@ fn main() -> ExitCode {
         auth: None,
         tls,
         tcp_user_timeout_ms: 0,
+        rdma_knobs: Default::default(),
     };
     // One queue per (namespace, core) job: the namespaces are known only once connected, so ask for plenty
     // (the controller grants what it has; a job without a queue reports it).

@@ -75,6 +75,8 @@ pub struct CtrlrOpts {
     /// NVMe/TCP: how long sent data may stay unacknowledged before the connection closes, ms (0: the kernel's
     /// default; `bdev_nvme_set_options` `transport_ack_timeout`).
     pub tcp_user_timeout_ms: u32,
+    /// NVMe/RDMA: retry count, ACK timeout and TOS of the connections.
+    pub rdma_knobs: crate::rdma::RdmaKnobs,
 }
 
 impl CtrlrOpts {
@@ -608,7 +610,14 @@ pub fn connect(opts: CtrlrOpts, done: impl FnOnce(Result<Controller>) + 'static)
             Err(e) => return done(Err(e)),
         }
     } else if opts.rdma {
-        match RdmaQpair::connect(opts.addr, 0, ADMIN_DEPTH, ADMIN_XFER, opts.connect_timeout) {
+        match RdmaQpair::connect(
+            opts.addr,
+            0,
+            ADMIN_DEPTH,
+            ADMIN_XFER,
+            opts.connect_timeout,
+            opts.rdma_knobs,
+        ) {
             Ok(q) => Qpair::Rdma(q),
             Err(e) => return done(Err(Error::os(e, format!("connect to {}", opts.addr)))),
         }
@@ -1476,6 +1485,7 @@ impl IoQueue {
                     depth,
                     info.max_xfer,
                     info.opts.connect_timeout,
+                    info.opts.rdma_knobs,
                 )
                 .map_err(|e| Error::os(e, "I/O queue connect"))?,
             )

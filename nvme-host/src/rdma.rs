@@ -91,18 +91,42 @@ pub struct RdmaQpair {
     wcs: Vec<Wc>,
     /// Work requests posted so far, (send, receive): one per post, so each was its own doorbell.
     posted: (u64, u64),
+    knobs: RdmaKnobs,
+}
+
+/// The RDMA connection knobs of `bdev_nvme_set_options`, as SPDK's host applies them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RdmaKnobs {
+    /// `transport_retry_count`: transmission retries of the queue pair (at most 7).
+    pub retry_count: u8,
+    /// `transport_ack_timeout`: local ACK timeout, 4.096 µs x 2^value (0: the device's default).
+    pub ack_timeout: u8,
+    /// `transport_tos`: IP type of service (0: none set).
+    pub tos: u8,
+}
+
+impl Default for RdmaKnobs {
+    /// SPDK's defaults: 4 retries, the device's ACK timeout, no TOS.
+    fn default() -> RdmaKnobs {
+        RdmaKnobs {
+            retry_count: 4,
+            ack_timeout: 0,
+            tos: 0,
+        }
+    }
 }
 
 impl RdmaQpair {
     /// Starts connecting queue `qid` to the controller at `addr`: `depth` command slots, at most `max_xfer`
-    /// bytes per command; each connecting step must finish within `connect_timeout`. The connection completes
-    /// in [`RdmaQpair::poll`].
+    /// bytes per command, `knobs` applied; each connecting step must finish within `connect_timeout`. The
+    /// connection completes in [`RdmaQpair::poll`].
     pub fn connect(
         addr: SocketAddr,
         qid: u16,
         depth: u16,
         max_xfer: u32,
         connect_timeout: Duration,
+        knobs: RdmaKnobs,
     ) -> std::io::Result<RdmaQpair> {
         let depth = depth.max(2);
         let n = depth as usize;
@@ -129,6 +153,7 @@ impl RdmaQpair {
             error: None,
             wcs: vec![Wc::default(); 32],
             posted: (0, 0),
+            knobs,
         })
     }
 
@@ -275,6 +300,18 @@ impl RdmaQpair {
             (Phase::ResolvingAddr, event::ADDR_RESOLVED) => {
                 drop(ev);
                 let id = self.id.as_ref().ok_or("no id")?;
+                // As SPDK: a knob the device cannot take is noted, and the connection goes on without it.
+                let k = self.knobs;
+                if k.ack_timeout != 0 {
+                    if let Err(e) = id.set_ack_timeout(k.ack_timeout.min(31)) {
+                        log::info!("nvme_rdma: can't apply ACK timeout {}: {e}", k.ack_timeout);
+                    }
+                }
+                if k.tos != 0 {
+                    if let Err(e) = id.set_tos(k.tos) {
+                        log::info!("nvme_rdma: can't apply TOS {}: {e}", k.tos);
+                    }
+                }
                 id.resolve_route(RESOLVE_MS).map_err(|e| e.to_string())?;
                 self.phase = Phase::ResolvingRoute;
                 Ok(())
@@ -373,7 +410,8 @@ impl RdmaQpair {
         .encode(&mut pd);
         // The controller RDMA READs write data from us: let it have some outstanding.
         let rd = dev.attr.max_qp_init_rd_atom.clamp(1, 16) as u8;
-        id.connect(&pd, rd, 0).map_err(|e| e.to_string())?;
+        id.connect(&pd, rd, 0, self.knobs.retry_count)
+            .map_err(|e| e.to_string())?;
         self.dev = Some(dev);
         self.cq = Some(cq);
         self.xl = Some(xl);

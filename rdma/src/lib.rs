@@ -476,14 +476,45 @@ impl CmId {
         check(rc, "rdma_resolve_route")
     }
 
+    /// Sets an `RDMA_OPTION_ID` option of one byte (`RDMA_OPTION_ID_TOS` 0, `RDMA_OPTION_ID_ACK_TIMEOUT` 3 in
+    /// `rdma_cma.h`): once the address resolved, before the route is.
+    fn set_id_option(&self, name: c_int, value: u8) -> io::Result<()> {
+        /// `RDMA_OPTION_ID`: the level of the id's own options.
+        const RDMA_OPTION_ID: c_int = 0;
+        let mut v = value;
+        // SAFETY: the id is live; `v` is a valid one-byte buffer for the call, its length passed.
+        let rc = unsafe {
+            sys::rdma_set_option(
+                self.raw(),
+                RDMA_OPTION_ID,
+                name,
+                (&mut v as *mut u8).cast(),
+                1,
+            )
+        };
+        check(rc, "rdma_set_option")
+    }
+
+    /// Sets the IP type of service of the connection (RFC 2474), before the route is resolved.
+    pub fn set_tos(&self, tos: u8) -> io::Result<()> {
+        self.set_id_option(0, tos)
+    }
+
+    /// Sets the queue pair's local ACK timeout (4.096 µs x 2^`timeout`), before the route is resolved.
+    pub fn set_ack_timeout(&self, timeout: u8) -> io::Result<()> {
+        self.set_id_option(3, timeout)
+    }
+
     /// Connects (the queue pair created) with `private_data`, letting the peer issue up to
-    /// `responder_resources` RDMA READs against us and us `initiator_depth` against it; [`event::ESTABLISHED`]
-    /// or a refusal follows. RNR retries are infinite, as SPDK's host asks.
+    /// `responder_resources` RDMA READs against us and us `initiator_depth` against it, retrying a transmission
+    /// `retry_count` times (at most 7); [`event::ESTABLISHED`] or a refusal follows. RNR retries are infinite,
+    /// as SPDK's host asks.
     pub fn connect(
         &self,
         private_data: &[u8],
         responder_resources: u8,
         initiator_depth: u8,
+        retry_count: u8,
     ) -> io::Result<()> {
         let mut p = sys::rdma_conn_param {
             private_data: private_data.as_ptr() as *const c_void,
@@ -491,7 +522,7 @@ impl CmId {
             responder_resources,
             initiator_depth,
             flow_control: 1,
-            retry_count: 7,
+            retry_count: retry_count.min(7),
             rnr_retry_count: 7,
             srq: 0,
             qp_num: 0,
