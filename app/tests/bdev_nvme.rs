@@ -872,8 +872,8 @@ fn tls_with_spdk_storage_node() {
     const HOST2: &str = "nqn.2014-08.org.nvmexpress:uuid:6a0c3f0e-1d2b-4c5a-9e8f-0123456789a2";
     let dir = std::env::temp_dir().join(format!("bdev-nvme-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    // Hash 00 (the configured PSK is the retained PSK): SPDK v24.05 on Debian 12's OpenSSL 3.0 cannot derive a
-    // retained PSK ("Unable to set salt for HKDF!"), so keys with hash 01/02 fail on its side.
+    // Hash 00 (the configured PSK is the retained PSK); keys with hash 01/02, which SPDK derives with the host
+    // NQN, are what its initiators use against our target (nvmf_spdk_initiator).
     let key0 = key_file(&dir, "key0", &tls_psk_text(32, 0, 1));
     let key1 = key_file(&dir, "key1", &tls_psk_text(48, 0, 2));
     let wrong = key_file(&dir, "wrong", &tls_psk_text(32, 0, 3));

@@ -16,16 +16,39 @@ use reactor::testing::on_app;
 
 const NQN: &str = "nqn.2016-06.io.spdk:nvme-perf";
 
+/// A malloc bdev of 8 MiB for a namespace.
+fn malloc_ns(name: &str) {
+    malloc::create(MallocOpts {
+        name: Some(name.into()),
+        num_blocks: 16384,
+        block_size: 512,
+        ..Default::default()
+    })
+    .unwrap();
+}
+
+/// Makes `nqn` listen on a free loopback port (requiring TLS when `secure`) and returns the port.
+fn listen(nqn: &str, secure: bool) -> u16 {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let trid = Trid::tcp("127.0.0.1", &port.to_string());
+    let config = ListenerConfig {
+        nqn: nqn.into(),
+        listen_address: trid.clone(),
+        secure_channel: secure,
+        sock_impl: None,
+    };
+    mgmt::add_listener(nqn, trid, AnaState::Optimized, config).unwrap();
+    port
+}
+
 fn target() -> u16 {
     on_app(|reply| {
         for name in ["PerfM0", "PerfM1"] {
-            malloc::create(MallocOpts {
-                name: Some(name.into()),
-                num_blocks: 16384,
-                block_size: 512,
-                ..Default::default()
-            })
-            .unwrap();
+            malloc_ns(name);
         }
         mgmt::create_transport(
             TransportOpts::defaults(TransportKind::Tcp),
@@ -36,19 +59,7 @@ fn target() -> u16 {
                 o.allow_any_host = true;
                 o.normalize(false, 1, 1024).unwrap();
                 mgmt::create_subsystem(o);
-                let port = std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port();
-                let trid = Trid::tcp("127.0.0.1", &port.to_string());
-                let config = ListenerConfig {
-                    nqn: NQN.into(),
-                    listen_address: trid.clone(),
-                    secure_channel: false,
-                    sock_impl: None,
-                };
-                mgmt::add_listener(NQN, trid, AnaState::Optimized, config).unwrap();
+                let port = listen(NQN, false);
                 mgmt::add_ns(NQN, NamespaceParams::new("PerfM0"), move |r| {
                     r.unwrap();
                     mgmt::add_ns(NQN, NamespaceParams::new("PerfM1"), move |r| {
@@ -194,32 +205,14 @@ fn tls_runs() {
     let psk = dir.join("psk");
     std::fs::write(&psk, key.to_text()).unwrap();
     let port = on_app(move |reply| {
-        malloc::create(MallocOpts {
-            name: Some("PerfTls".into()),
-            num_blocks: 16384,
-            block_size: 512,
-            ..Default::default()
-        })
-        .unwrap();
+        malloc_ns("PerfTls");
         let mut o = NvmfCreateSubsystem::new(NQN_TLS);
         o.normalize(false, 2, 1024).unwrap();
         mgmt::create_subsystem(o);
         let host =
             serde_json::from_value(serde_json::json!({"nqn": NQN_TLS, "host": HOST})).unwrap();
         mgmt::add_host(host, Some(key)).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let trid = Trid::tcp("127.0.0.1", &port.to_string());
-        let config = ListenerConfig {
-            nqn: NQN_TLS.into(),
-            listen_address: trid.clone(),
-            secure_channel: true,
-            sock_impl: None,
-        };
-        mgmt::add_listener(NQN_TLS, trid, AnaState::Optimized, config).unwrap();
+        let port = listen(NQN_TLS, true);
         mgmt::add_ns(NQN_TLS, NamespaceParams::new("PerfTls"), move |r| {
             r.unwrap();
             reply(port);
