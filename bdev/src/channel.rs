@@ -1455,6 +1455,7 @@ impl IoChannel {
     ///
     /// # Safety
     /// Every iovec must stay valid for writes, and not be accessed otherwise, until the callback runs.
+    #[inline]
     pub unsafe fn readv(
         &self,
         iovs: &[IoVec],
@@ -1467,6 +1468,7 @@ impl IoChannel {
     }
 
     /// Submits an I/O of type `t` over caller memory (the callers' safety contracts cover `iovs`).
+    #[inline(always)]
     fn with_iovs(
         &self,
         t: IoType,
@@ -1486,6 +1488,7 @@ impl IoChannel {
     ///
     /// # Safety
     /// Every iovec must stay valid for reads, and not be written otherwise, until the callback runs.
+    #[inline]
     pub unsafe fn writev(
         &self,
         iovs: &[IoVec],
@@ -1807,6 +1810,7 @@ impl IoChannel {
     /// exactly one base I/O, no second descriptor, and the buffers travel with it. It comes back through
     /// `cb`/`ctx` (on this thread, after this call returns); call [`IoHandle::restore`] on it then, before
     /// completing it to its submitter or forwarding it again. The submitter's route is kept in the descriptor.
+    #[inline]
     pub fn forward(&self, mut io: IoHandle, offset_blocks: u64, cb: Completion, ctx: u64) {
         let data_checked = self.data_checked(&io);
         io.save_route(offset_blocks, cb, ctx);

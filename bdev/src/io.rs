@@ -616,6 +616,7 @@ impl IoHandle {
     /// tick and range, as [`crate::IoChannel::forward`] saved them. Call it when the forwarded I/O comes back,
     /// before completing it or forwarding it again. Returns false (and changes nothing) when the I/O is not
     /// forwarded.
+    #[inline]
     pub fn restore(&mut self) -> bool {
         let Some(r) = self.route.0.take() else {
             return false;
@@ -638,6 +639,7 @@ impl IoHandle {
 
     /// Saves the submitter's route and readies the I/O for `cb`/`ctx` at `offset_blocks` (see
     /// [`crate::IoChannel::forward`]).
+    #[inline(always)]
     pub(crate) fn save_route(&mut self, offset_blocks: u64, cb: Completion, ctx: u64) {
         let r = Route {
             cb: std::mem::replace(&mut self.cb, cb),
@@ -801,7 +803,7 @@ impl Drop for IoHandle {
 }
 
 /// Builds an I/O ready to submit.
-#[inline]
+#[inline(always)]
 pub(crate) fn build(
     io_type: IoType,
     offset_blocks: u64,
