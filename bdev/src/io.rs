@@ -463,24 +463,32 @@ impl BdevIo {
         }
     }
 
-    /// Copies between the I/O's buffers and raw memory at `mem` (`len_bytes` long): into the buffers when
-    /// `to_iovs`, else out of them.
+    /// Copies between the I/O's buffers and raw memory at `mem` (`len_bytes` long), as `how` says.
     ///
     /// # Safety
-    /// `mem` must be valid for `len_bytes()` bytes of reads (or writes, when `!to_iovs`).
-    pub unsafe fn copy_raw(&self, mem: *mut u8, to_iovs: bool) {
+    /// `mem` must be valid for `len_bytes()` bytes of reads (or writes, when copying out of the buffers).
+    pub unsafe fn copy_raw(&self, mem: *mut u8, how: RawCopy) {
         let mut off = 0usize;
         for v in &self.iovs {
             // SAFETY: iovecs are valid per the submit contract; `mem` per this function's contract; the total
             // iovec length equals len_bytes (checked at submit).
             unsafe {
-                if to_iovs {
-                    std::ptr::copy_nonoverlapping(mem.add(off), v.base, v.len);
-                } else {
-                    std::ptr::copy_nonoverlapping(v.base, mem.add(off), v.len);
+                match how {
+                    RawCopy::ToBuffers => {
+                        std::ptr::copy_nonoverlapping(mem.add(off), v.base, v.len)
+                    }
+                    RawCopy::FromBuffers => {
+                        std::ptr::copy_nonoverlapping(v.base, mem.add(off), v.len)
+                    }
+                    RawCopy::FromBuffersStreaming => {
+                        reactor::stream::copy_streaming(mem.add(off), v.base, v.len)
+                    }
                 }
             }
             off += v.len;
+        }
+        if matches!(how, RawCopy::FromBuffersStreaming) {
+            reactor::stream::store_fence();
         }
     }
 
@@ -661,6 +669,18 @@ impl IoHandle {
     pub(crate) fn take_cb(&mut self) -> Completion {
         std::mem::replace(&mut self.cb, Completion::None)
     }
+}
+
+/// How [`BdevIo::copy_raw`] moves data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawCopy {
+    /// From the memory into the I/O's buffers (a read).
+    ToBuffers,
+    /// From the I/O's buffers into the memory (a write).
+    FromBuffers,
+    /// As `FromBuffers`, with streaming stores that bypass the cache (see [`reactor::stream`]), fenced before
+    /// the call returns.
+    FromBuffersStreaming,
 }
 
 /// A bounced I/O's aligned buffer and the caller's iovecs.

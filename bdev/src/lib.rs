@@ -21,7 +21,7 @@ pub use channel::IoChannel;
 pub use error::{BdevError, ErrorKind, Result};
 pub use io::{
     alloc_io, pool_limit, prefill_pool, queue_io_wait, set_pool_limit, sub_iovs, BdevIo,
-    Completion, IoHandle, IoId, IoSink, IoStatus, IoType, IoVec, NvmeCmd, NvmeStatus,
+    Completion, IoHandle, IoId, IoSink, IoStatus, IoType, IoVec, NvmeCmd, NvmeStatus, RawCopy,
 };
 pub use module::{register_module, BdevModule};
 pub use stat::{IoStat, OpStat, ResetMode};

@@ -328,3 +328,55 @@ fn unmap_and_write_zeroes_are_split_on_the_modules_limits() {
         assert_eq!(st.unmap.ops, 1);
     });
 }
+
+/// A malloc disk much larger than the cache takes writes with streaming stores (`reactor::stream`): whatever the
+/// buffers' alignment and cuts, exactly the written bytes land, the neighbours stay as they were, and reads give
+/// them back.
+#[test]
+fn large_malloc_writes_stream_exactly() {
+    // The smallest size that streams here (LLC-dependent), within reason.
+    let Some(bytes) = (26..=30)
+        .map(|s| 1u64 << s)
+        .find(|&b| reactor::stream::worth_streaming(b))
+    else {
+        eprintln!("SKIPPED: this machine's cache is too large for a test-sized streaming malloc");
+        return;
+    };
+    with_reactors("0x1", move || {
+        create_malloc("mstream", bytes / BS);
+        let len = 16 * BS as usize;
+        let data = pattern(41, len);
+        let cases: [(u64, usize, &[usize]); 4] = [
+            (16, 0, &[len]),
+            (64, 7, &[1000, 2000, len - 3000]),
+            (bytes / BS - 16, 3, &[1, 255, 256, len - 512]),
+            (100, 16, &[64, 100, len - 164]),
+        ];
+        for (offset, skew, cuts) in cases {
+            let mut w = Mem::new(len, skew);
+            w.slice(len).copy_from_slice(&data);
+            assert_eq!(
+                rw("mstream", IoType::Write, offset, &mut w, cuts),
+                IoStatus::Success
+            );
+            let mut r = Mem::new(len, 0);
+            assert_eq!(
+                rw("mstream", IoType::Read, offset, &mut r, &[len]),
+                IoStatus::Success
+            );
+            assert_eq!(r.slice(len), &data[..], "write at {offset} cut {cuts:?}");
+        }
+        // The blocks around the first write were never written: still zero.
+        for offset in [0u64, 32] {
+            let mut r = Mem::new(len, 0);
+            assert_eq!(
+                rw("mstream", IoType::Read, offset, &mut r, &[len]),
+                IoStatus::Success
+            );
+            assert!(
+                r.slice(len).iter().all(|&b| b == 0),
+                "neighbour at {offset}"
+            );
+        }
+    });
+}

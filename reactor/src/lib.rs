@@ -14,6 +14,7 @@ pub mod dma;
 pub mod memmap;
 pub mod net;
 mod reactor;
+pub mod stream;
 mod sync;
 mod sys;
 pub mod testing;

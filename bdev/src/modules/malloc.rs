@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::{
     register, Bdev, BdevError, BdevOps, BdevParams, ErrorKind, IoHandle, IoStatus, IoType,
-    ModuleChannel, Result,
+    ModuleChannel, RawCopy, Result,
 };
 
 mod rpc;
@@ -41,6 +41,9 @@ pub struct MallocOpts {
 struct Memory {
     ptr: NonNull<u8>,
     len: usize,
+    /// Writes go in with streaming stores: the disk is much larger than the cache, so a written line would be
+    /// read for ownership and evicted unread (see `reactor::stream`).
+    stream_writes: bool,
     /// The memory map registration, dropped at destruct (or with the memory, whichever comes first).
     reg: Mutex<Option<reactor::memmap::Registration>>,
 }
@@ -121,6 +124,7 @@ pub fn create(mut opts: MallocOpts) -> Result<Bdev> {
     let mut mem = Memory {
         ptr,
         len,
+        stream_writes: reactor::stream::worth_streaming(len as u64),
         reg: Mutex::new(None),
     };
     let mapped = reactor::dma::mapped_len(len);
@@ -237,12 +241,17 @@ impl ModuleChannel for MallocChannel {
                 // mapped; the iovecs hold exactly `len` bytes (checked at submit) and are writable until the
                 // I/O completes (submit contract); they cannot overlap the mapping, which is private to this
                 // module. Concurrent I/O on the same blocks: see above.
-                unsafe { io.copy_raw(at, true) };
+                unsafe { io.copy_raw(at, RawCopy::ToBuffers) };
                 IoStatus::Success
             }
             IoType::Write => {
+                let how = if self.mem.stream_writes {
+                    RawCopy::FromBuffersStreaming
+                } else {
+                    RawCopy::FromBuffers
+                };
                 // SAFETY: as for reads, copying the other way; the mapping is writable and the iovecs readable.
-                unsafe { io.copy_raw(at, false) };
+                unsafe { io.copy_raw(at, how) };
                 IoStatus::Success
             }
             IoType::Unmap | IoType::WriteZeroes => {
