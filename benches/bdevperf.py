@@ -6,9 +6,18 @@ Prints the results JSON; exits non-zero if the run failed.
 """
 import argparse
 import json
+import os
 import sys
 
-from spdk.rpc.client import JSONRPCClient, JSONRPCException
+# scripts/deps.sh installs SPDK's client into its own virtual environment (Debian's Python refuses a system-wide
+# pip install); when started with another Python, run again with that one.
+VENV = "/opt/spdk-rs/venv"
+try:
+    from spdk.rpc.client import JSONRPCClient, JSONRPCException
+except ModuleNotFoundError:
+    if os.path.exists(VENV + "/bin/python3") and sys.prefix != VENV:
+        os.execv(VENV + "/bin/python3", [VENV + "/bin/python3"] + sys.argv)
+    raise
 
 
 def main():
