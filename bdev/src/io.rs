@@ -487,9 +487,6 @@ impl BdevIo {
             }
             off += v.len;
         }
-        if matches!(how, RawCopy::FromBuffersStreaming) {
-            reactor::stream::store_fence();
-        }
     }
 
     /// Fills the I/O's buffers with zeroes.
@@ -678,8 +675,8 @@ pub enum RawCopy {
     ToBuffers,
     /// From the I/O's buffers into the memory (a write).
     FromBuffers,
-    /// As `FromBuffers`, with streaming stores that bypass the cache (see [`reactor::stream`]), fenced before
-    /// the call returns.
+    /// As `FromBuffers`, with streaming stores that bypass the cache (see [`reactor::stream`]). They are weakly
+    /// ordered: the caller runs [`reactor::stream::store_fence`] before anyone learns that the write is done.
     FromBuffersStreaming,
 }
 

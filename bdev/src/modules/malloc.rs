@@ -177,6 +177,7 @@ impl BdevOps for Malloc {
         Box::new(MallocChannel {
             mem: self.mem.clone(),
             scratch: Vec::new(),
+            unfenced: false,
         })
     }
 
@@ -217,6 +218,19 @@ struct MallocChannel {
     mem: Arc<Memory>,
     /// Compare's copies: the caller's data, then the disk's (both owned here, so they can be compared as slices).
     scratch: Vec<u8>,
+    /// Streaming stores were made since the last fence. Completions made inside `submit` are delivered by the
+    /// bdev layer right after this channel's next `poll`, which fences once for all of them.
+    unfenced: bool,
+}
+
+impl Drop for MallocChannel {
+    fn drop(&mut self) {
+        // The bdev layer polls a channel until its completions are delivered, so this finds nothing to fence;
+        // it keeps the guarantee should that ever change.
+        if self.unfenced {
+            reactor::stream::store_fence();
+        }
+    }
 }
 
 // Every access to the backing memory below is a raw-pointer copy (`ptr::copy_nonoverlapping` between an iovec
@@ -250,6 +264,7 @@ impl ModuleChannel for MallocChannel {
                 } else {
                     RawCopy::FromBuffers
                 };
+                self.unfenced |= how == RawCopy::FromBuffersStreaming;
                 // SAFETY: as for reads, copying the other way; the mapping is writable and the iovecs readable.
                 unsafe { io.copy_raw(at, how) };
                 IoStatus::Success
@@ -286,5 +301,14 @@ impl ModuleChannel for MallocChannel {
             IoType::NvmeAdmin | IoType::NvmeIo => IoStatus::Failed(libc::ENOTSUP),
         };
         io.complete(status);
+    }
+
+    fn poll(&mut self) -> bool {
+        // Before the completions of this channel's streamed writes are delivered: whoever they tell (a guest, a
+        // peer thread) must see the data.
+        if std::mem::take(&mut self.unfenced) {
+            reactor::stream::store_fence();
+        }
+        false
     }
 }
