@@ -2,7 +2,8 @@
 # vhost-user-blk without a VM: our spdk_tgt, qemu-storage-daemon and SPDK v24.05's vhost (from the peer build,
 # ../shared/tools/spdk-peer/build.sh, when it is there) side by side, each pinned to one core, on null and RAM
 # backing, 4 KiB randread/randwrite at qd 32 and 128, driven by target/release/vhost_bench (a vhost-user front
-# end + guest driver on another core). Prints IOPS, back-end CPU, IOPS per back-end core and the ratios.
+# end + guest driver on another core), best of 3 alternating runs per back end (--rounds). Prints IOPS, back-end
+# CPU, IOPS per back-end core and the ratios.
 # Usage: bash benches/vhost.sh [vhost_bench args, e.g. -t 10 --qd 32]
 # Numbers are only meaningful on an otherwise idle machine (two cores: back end and driver).
 set -euo pipefail
