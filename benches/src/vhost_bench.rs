@@ -475,17 +475,21 @@ fn main() {
                 let sub = dir.join(format!("{backing}-{rw}-{qd}"));
                 std::fs::create_dir_all(&sub).unwrap();
                 let (mut ours, mut spdk, mut qsd) = (None, None, None);
-                for _ in 0..a.rounds {
-                    let b = start_ours(&a, &sub, backing, false);
+                for round in 0..a.rounds {
+                    // Fresh directories each run: SPDK refuses an RPC socket path a killed instance left.
+                    let dir = |name: &str| {
+                        let d = sub.join(format!("{name}{round}"));
+                        std::fs::create_dir_all(&d).unwrap();
+                        d
+                    };
+                    let b = start_ours(&a, &dir("ours"), backing, false);
                     keep_best(&mut ours, drive(&b, rw, qd, a.secs, a.driver_core));
                     drop(b);
                     if a.spdk.is_some() {
-                        let sub = sub.join("spdk");
-                        std::fs::create_dir_all(&sub).unwrap();
-                        let b = start_ours(&a, &sub, backing, true);
+                        let b = start_ours(&a, &dir("spdk"), backing, true);
                         keep_best(&mut spdk, drive(&b, rw, qd, a.secs, a.driver_core));
                     }
-                    let b = start_qsd(&a, &sub, backing);
+                    let b = start_qsd(&a, &dir("qsd"), backing);
                     keep_best(&mut qsd, drive(&b, rw, qd, a.secs, a.driver_core));
                 }
                 let (ours, qsd) = (ours.expect("one round"), qsd.expect("one round"));
