@@ -905,12 +905,20 @@ mod tests {
                 })
             })
             .collect();
-        for round in 0..300 {
+        // At least 300 rounds, and on until a reader has looked up something while registrations change (on a
+        // busy machine the readers may not be scheduled before the first 300 rounds are over).
+        let before = hits.load(Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut round = 0;
+        while round < 300
+            || (hits.load(Ordering::Relaxed) == before && std::time::Instant::now() < deadline)
+        {
             let regs: Vec<Registration> = (0..16)
                 .filter(|i| (i + round) % 3 != 0)
                 .map(|i| REG.register((101 + 2 * i) * M, M).unwrap())
                 .collect();
             drop(regs);
+            round += 1;
         }
         stop.store(true, Ordering::Relaxed);
         for r in readers {
