@@ -141,6 +141,18 @@ fn verify_passes_through_error_bdev_with_nothing_injected() {
     let _ = std::fs::remove_dir_all(d);
 }
 
+/// A child process killed if the test fails before it is waited for (a `bdevperf -z` would otherwise poll on).
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 #[test]
 fn injected_write_failures_fail_the_run_loudly() {
     let d = tmpdir("inject");
@@ -149,29 +161,31 @@ fn injected_write_failures_fail_the_run_loudly() {
         &d,
         r#"{"method":"bdev_malloc_create","params":{"name":"Malloc0","num_blocks":16384,"block_size":512}},{"method":"bdev_error_create","params":{"base_name":"Malloc0"}}"#,
     );
-    let child = Command::new(env!("CARGO_BIN_EXE_bdevperf"))
-        .args([
-            "-q",
-            "8",
-            "-o",
-            "4096",
-            "-w",
-            "verify",
-            "-t",
-            "3",
-            "-z",
-            "-T",
-            "EE_Malloc0",
-            "--interrupt-mode",
-            "-c",
-        ])
-        .arg(&c)
-        .arg("-r")
-        .arg(&sock)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(Some(
+        Command::new(env!("CARGO_BIN_EXE_bdevperf"))
+            .args([
+                "-q",
+                "8",
+                "-o",
+                "4096",
+                "-w",
+                "verify",
+                "-t",
+                "3",
+                "-z",
+                "-T",
+                "EE_Malloc0",
+                "--interrupt-mode",
+                "-c",
+            ])
+            .arg(&c)
+            .arg("-r")
+            .arg(&sock)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
     let deadline = Instant::now() + Duration::from_secs(20);
     while UnixStream::connect(&sock).is_err() {
         assert!(
@@ -217,7 +231,7 @@ fn injected_write_failures_fail_the_run_loudly() {
         String::from_utf8_lossy(&o.stderr)
     );
     let _ = rpc(&["spdk_kill_instance", "SIGTERM"]);
-    let out = child.wait_with_output().unwrap();
+    let out = child.0.take().unwrap().wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("ended in about"), "{stdout}");
     assert!(!out.status.success(), "exit status reports the failure");
