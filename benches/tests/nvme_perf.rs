@@ -72,6 +72,23 @@ fn target() -> u16 {
     })
 }
 
+/// The summary's `Total` row.
+fn total_line(out: &str) -> &str {
+    out.lines()
+        .find(|l| l.starts_with("Total"))
+        .expect("a Total line")
+}
+
+/// The IOPS of the summary's `Total` row.
+fn total_iops(out: &str) -> f64 {
+    total_line(out)
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 fn perf(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_nvme_perf"))
         .args(args)
@@ -106,11 +123,7 @@ fn body() {
         "-q", "8", "-o", "4096", "-w", "randrw", "-M", "50", "-t", "1", "-r", &r,
     ]);
     assert!(ok, "{out}{err}");
-    let total = out
-        .lines()
-        .find(|l| l.starts_with("Total"))
-        .expect("a Total line");
-    let iops: f64 = total.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let iops = total_iops(&out);
     assert!(iops > 0.0, "{out}");
     assert!(out.contains("Device Information"), "{out}");
     // Both namespaces on the one core: a job and a row each, as SPDK perf runs them.
@@ -171,10 +184,7 @@ fn body() {
             .parse()
             .unwrap()
     };
-    let total = out
-        .lines()
-        .find(|l| l.starts_with("Total"))
-        .expect("a Total line");
+    let total = total_line(&out);
     let sum: f64 = rows.iter().map(|l| iops(l)).sum();
     assert!(rows.iter().all(|l| iops(l) > 0.0), "{out}");
     assert!((iops(total) - sum).abs() < 1.0, "{out}");
@@ -232,11 +242,7 @@ fn tls_runs() {
     };
     let (ok, out, err) = run(&["-S", "ssl", "--psk-path", &psk], &r);
     assert!(ok, "{out}{err}");
-    let total = out
-        .lines()
-        .find(|l| l.starts_with("Total"))
-        .expect("a Total line");
-    let iops: f64 = total.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let iops = total_iops(&out);
     assert!(iops > 0.0 && !err.contains("error"), "{out}{err}");
     let (ok, _, _) = run(&[], &r);
     assert!(!ok, "NVMe/TCP in the clear at a TLS listener");
