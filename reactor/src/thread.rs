@@ -327,7 +327,10 @@ impl ThreadLocal {
 
     /// One iteration: messages, then due pollers. Returns whether anything did work.
     pub(crate) fn run_once(&self, now: u64) -> bool {
-        self.run_once_at(|| now)
+        crate::ticks::set_iteration(now);
+        let busy = self.run_once_at(|| now);
+        crate::ticks::set_iteration(0);
+        busy
     }
 
     /// [`Self::run_once`] reading the clock only if a timed poller needs it (`now` is called at most once).

@@ -17,6 +17,27 @@ pub fn now() -> u64 {
     }
 }
 
+thread_local! {
+    static ITERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The tick the running reactor iteration of this OS thread began at (a clock read when no reactor iteration is
+/// running here). Pollers that only need a time for rate limits or coalescing take this instead of a clock read
+/// each: reading the TSC costs 10-40 ns in a VM, and the reactor reads it once per iteration anyway.
+#[inline]
+pub fn iteration() -> u64 {
+    match ITERATION.with(|c| c.get()) {
+        0 => now(),
+        t => t,
+    }
+}
+
+/// Records the start of a reactor iteration (0: none running).
+#[inline]
+pub(crate) fn set_iteration(t: u64) {
+    ITERATION.with(|c| c.set(t));
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 fn start() -> Instant {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -62,4 +83,22 @@ pub fn to_us(ticks: u64) -> f64 {
 /// Converts a duration in microseconds to ticks.
 pub fn from_us(us: u64) -> u64 {
     (us as u128 * rate() as u128 / 1_000_000) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iteration_is_the_recorded_start_or_else_the_clock() {
+        set_iteration(0);
+        let a = iteration();
+        let b = iteration();
+        assert!(a > 0 && b >= a, "the clock while no iteration runs");
+        set_iteration(42);
+        assert_eq!(iteration(), 42);
+        assert_eq!(iteration(), 42);
+        set_iteration(0);
+        assert!(iteration() >= b);
+    }
 }

@@ -362,7 +362,7 @@ impl Dev {
             let mut spare = self.spare.borrow_mut();
             let mut guard = self.inner.borrow_mut();
             let i = &mut *guard;
-            let now = ticks::now();
+            let now = ticks::iteration();
             if !spare.is_empty() {
                 busy = true;
                 if let Some(mem) = i.mem.as_ref() {

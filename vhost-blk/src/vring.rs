@@ -80,6 +80,7 @@ impl SplitChain<'_> {
 
 impl Iterator for SplitChain<'_> {
     type Item = Result<RawDesc, ChainError>;
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed {
             return None;
@@ -90,7 +91,7 @@ impl Iterator for SplitChain<'_> {
         if self.next >= self.len || self.ttl == 0 {
             return self.fail(ChainError::Malformed);
         }
-        let Some(b) = self.mem.read::<16>(self.table + self.next as u64 * 16) else {
+        let Some((addr, rest)) = self.mem.read_u64_pair(self.table + self.next as u64 * 16) else {
             let e = if self.count == 0 {
                 ChainError::Empty
             } else {
@@ -98,10 +99,10 @@ impl Iterator for SplitChain<'_> {
             };
             return self.fail(e);
         };
-        let addr = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-        let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-        let flags = u16::from_le_bytes([b[12], b[13]]);
-        let next = u16::from_le_bytes([b[14], b[15]]);
+        // Bytes 8..12 are the length, 12..14 the flags, 14..16 the next index.
+        let len = rest as u32;
+        let flags = (rest >> 32) as u16;
+        let next = (rest >> 48) as u16;
         if flags & F_INDIRECT != 0 {
             if self.indirect || self.count > 0 || flags & F_NEXT != 0 {
                 return self.fail(ChainError::Malformed);
@@ -361,10 +362,8 @@ impl Ring {
         match self {
             Ring::Split(s) => {
                 let at = s.used + 4 + (s.next_used % s.size) as u64 * 8;
-                let mut b = [0u8; 8];
-                b[0..4].copy_from_slice(&(id as u32).to_le_bytes());
-                b[4..8].copy_from_slice(&len.to_le_bytes());
-                if !fast.write(at, &b) {
+                // The element is `id: u32` then `len: u32`, little-endian.
+                if !fast.write_u64(at, id as u64 | (len as u64) << 32) {
                     return Err("used ring write failed");
                 }
                 s.next_used = s.next_used.wrapping_add(1);
