@@ -47,6 +47,7 @@ pub enum Chain<'m> {
 
 impl Iterator for Chain<'_> {
     type Item = Result<RawDesc, ChainError>;
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         match self {
             Chain::Split(c) => c.next(),
@@ -361,7 +362,7 @@ impl Ring {
     ) -> Result<(), RingError> {
         match self {
             Ring::Split(s) => {
-                let at = s.used + 4 + (s.next_used % s.size) as u64 * 8;
+                let at = s.used + 4 + (s.next_used & (s.size - 1)) as u64 * 8;
                 // The element is `id: u32` then `len: u32`, little-endian.
                 if !fast.write_u64(at, id as u64 | (len as u64) << 32) {
                     return Err("used ring write failed");
@@ -432,7 +433,7 @@ impl Ring {
     pub fn used_id(&self, fast: &FastMem, i: u16) -> Option<u16> {
         match self {
             Ring::Split(s) => {
-                let at = s.used + 4 + (i % s.size) as u64 * 8;
+                let at = s.used + 4 + (i & (s.size - 1)) as u64 * 8;
                 fast.read::<4>(at).map(|b| u32::from_le_bytes(b) as u16)
             }
             Ring::Packed(_) => None,
@@ -491,7 +492,8 @@ impl SplitRing {
                 return Ok(None);
             }
         }
-        let slot = self.avail + 4 + (self.next_avail % self.size) as u64 * 2;
+        // Split ring sizes are powers of two (`Ring::new` refuses others): a mask, not a division.
+        let slot = self.avail + 4 + (self.next_avail & (self.size - 1)) as u64 * 2;
         let head = fast.read::<2>(slot).ok_or("available ring unreadable")?;
         let head = u16::from_le_bytes(head);
         self.next_avail = self.next_avail.wrapping_add(1);
