@@ -156,7 +156,7 @@ impl Tracker {
     #[inline]
     pub fn mark(&self, head: u16, counter: u64) {
         let d = self.desc(head);
-        self.fast.write(d + 8, &counter.to_le_bytes());
+        self.fast.write_u64(d + 8, counter);
         // The counter before the flag: a flag found set always has its counter.
         std::sync::atomic::compiler_fence(Ordering::Release);
         self.fast.write_u8(d, 1);

@@ -105,10 +105,11 @@ impl FastMem {
 
     #[inline]
     fn region(&self, gpa: u64) -> Option<&Region> {
-        // Guests have one to a few regions: a linear scan beats a binary search.
+        // Guests have one to a few regions: a linear scan beats a binary search. `gpa - r.gpa` wraps to a value
+        // past any region's length when `gpa` is below the region, so one compare checks both ends.
         self.regions
             .iter()
-            .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
+            .find(|r| gpa.wrapping_sub(r.gpa) < r.len)
     }
 
     /// Host pointer to `[gpa, gpa+len)` when that range lies inside one region.
