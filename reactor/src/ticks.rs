@@ -23,7 +23,7 @@ thread_local! {
 
 /// The tick the running reactor iteration of this OS thread began at (a clock read when no reactor iteration is
 /// running here). Pollers that only need a time for rate limits or coalescing take this instead of a clock read
-/// each: reading the TSC costs 10-40 ns in a VM, and the reactor reads it once per iteration anyway.
+/// each: a TSC read costs tens of cycles (more in some VMs), and the reactor reads it once per iteration anyway.
 #[inline]
 pub fn iteration() -> u64 {
     match ITERATION.with(|c| c.get()) {
