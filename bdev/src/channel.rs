@@ -1810,7 +1810,9 @@ impl IoChannel {
     /// exactly one base I/O, no second descriptor, and the buffers travel with it. It comes back through
     /// `cb`/`ctx` (on this thread, after this call returns); call [`IoHandle::restore`] on it then, before
     /// completing it to its submitter or forwarding it again. The submitter's route is kept in the descriptor.
-    #[inline]
+    // Always inlined: called out of line, the callback the caller just built on its stack is read back with a
+    // wider load than it was stored with, which stalls on store forwarding (seen in lvol's submit).
+    #[inline(always)]
     pub fn forward(&self, mut io: IoHandle, offset_blocks: u64, cb: Completion, ctx: u64) {
         let data_checked = self.data_checked(&io);
         io.save_route(offset_blocks, cb, ctx);
