@@ -279,6 +279,12 @@ fn start(
             t.shutdown();
             return true;
         }
+        // As SPDK (v24.05 on), clients are not served while the subsystems initialize and the config loads
+        // (they wait in the socket's backlog), so none sees a half-configured target; with `--wait-for-rpc`
+        // they drive the start-up themselves.
+        if !(t.init_done.get() || t.opts.wait_for_rpc) {
+            return false;
+        }
         let (n, busy) = t
             .server
             .borrow_mut()

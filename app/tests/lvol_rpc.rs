@@ -418,3 +418,42 @@ fn newer_client_params() {
     let (st, _) = t.stop();
     assert!(st.success());
 }
+
+/// A client that connects while `spdk_tgt` is still loading its config waits until the load is over (as SPDK
+/// v24.05 pauses its RPC server): its first answer already lists every lvol the config's examine finds.
+#[test]
+fn clients_are_answered_once_the_config_is_loaded() {
+    let dir = std::env::temp_dir().join(format!("lvol-rpc-load-{}", std::process::id()));
+    let (_image, aio) = aio_image(&dir);
+    let t = Tgt::start("lvol-load", &[]);
+    result(t.call("bdev_aio_create", aio));
+    result(t.call(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "aio0", "lvs_name": "lvs0", "cluster_sz": 1 << 20, "num_md_pages_per_cluster_ratio": 1000}),
+    ));
+    // Enough that loading them takes a while.
+    const LVOLS: usize = 200;
+    for i in 0..LVOLS {
+        result(t.call(
+            "bdev_lvol_create",
+            json!({"lvs_name": "lvs0", "lvol_name": format!("lv{i}"), "size_in_mib": 1, "thin_provision": true}),
+        ));
+    }
+    let cfg = t.ok(&["save_config"]);
+    let (st, _) = t.stop();
+    assert!(st.success());
+    let file = write_file(&dir, "config.json", &cfg.to_string());
+    for round in 0..3 {
+        let t = Tgt::start("lvol-load-again", &["-c", file.to_str().unwrap()]);
+        // No framework_wait_init or bdev_wait_for_examine first: the very first call.
+        let lvols = result(t.call("bdev_lvol_get_lvols", Value::Null));
+        assert_eq!(
+            lvols.as_array().unwrap().len(),
+            LVOLS,
+            "round {round}: {lvols}"
+        );
+        let (st, _) = t.stop();
+        assert!(st.success());
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -67,7 +67,8 @@ impl Tgt {
                     return Err(c.wait_with_output().unwrap());
                 }
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // Short, so tests reach the socket as soon as it listens, while the config may still be loading.
+            std::thread::sleep(Duration::from_millis(1));
         }
         panic!("spdk_tgt did not create {}", t.sock.display());
     }
