@@ -563,7 +563,14 @@ impl Queue {
                     self.mark_broken("buffer id reused while in flight");
                     break;
                 }
-                let parsed = request::parse(chain, fast, geo, &mut task.iovs, MAX_IOVS);
+                // The usual read or write straight from its three descriptors; anything else is walked.
+                let parsed = match chain
+                    .three()
+                    .and_then(|d| request::parse_three(&d, fast, geo, &mut task.iovs, MAX_IOVS))
+                {
+                    Some(p) => Ok(p),
+                    None => request::parse(chain, fast, geo, &mut task.iovs, MAX_IOVS),
+                };
                 match parsed {
                     Err(request::Broken(why)) => {
                         self.mark_broken(why);

@@ -199,6 +199,50 @@ fn range(geo: &Geometry, sector: u64, bytes: u64) -> Result<(u64, u64), &'static
     Ok((off / bs, bytes / bs))
 }
 
+/// Parses the usual request, a read or write of one buffer (`d`: header, data, status, as
+/// [`crate::vring::Chain::three`] gives them), straight from its three descriptors. `None` when it is anything
+/// else or anything about it is wrong: [`parse`] then walks the chain and says what (the two agree on every
+/// request this accepts; `tests/parser_prop.rs` checks it).
+#[inline]
+pub fn parse_three(
+    d: &[RawDesc; 3],
+    mem: &FastMem,
+    geo: &Geometry,
+    iovs: &mut Vec<IoVec>,
+    max_iovs: usize,
+) -> Option<Parsed> {
+    let [h, data, st] = d;
+    if h.write
+        || h.len != HDR_LEN
+        || !st.write
+        || st.len != 1
+        || data.len == 0
+        || data.len == u32::MAX
+    {
+        return None;
+    }
+    let (ty, sector) = mem.read_u64_pair(h.addr)?;
+    let op = match ty as u32 & !T_BARRIER {
+        T_IN if data.write => Op::Read,
+        T_OUT if !data.write && !geo.readonly => Op::Write,
+        _ => return None,
+    };
+    let len = data.len as u64;
+    if !geo.online || !len.is_multiple_of(SECTOR) || !mem.contains(st.addr, 1) {
+        return None;
+    }
+    let (offset_blocks, num_blocks) = range(geo, sector, len).ok()?;
+    iovs.clear();
+    mem.translate(data.addr, data.len, iovs, max_iovs).ok()?;
+    Some(Parsed::Submit {
+        status: GuestAddress(st.addr),
+        op,
+        offset_blocks,
+        num_blocks,
+        used_len: if op == Op::Read { data.len + 1 } else { 1 },
+    })
+}
+
 /// Parses one request. `descs` yields the chain in order; `iovs` is cleared and receives the data buffers of
 /// reads and writes (at most `max_iovs`). `Err` means the chain has no usable status byte: the caller marks
 /// the queue broken.

@@ -45,6 +45,20 @@ pub enum Chain<'m> {
     Packed(PackedChain<'m>),
 }
 
+impl Chain<'_> {
+    /// The three descriptors of the usual read or write, when the chain is exactly that: direct descriptors
+    /// in the ring's table, a device-readable header chained to one data buffer chained to a device-writable
+    /// last descriptor. `None` for any other shape (the iterator walks those). Reads the table only; the
+    /// caller still validates lengths, addresses and the request.
+    #[inline]
+    pub fn three(&self) -> Option<[RawDesc; 3]> {
+        match self {
+            Chain::Split(c) => c.three(),
+            Chain::Packed(_) => None,
+        }
+    }
+}
+
 impl Iterator for Chain<'_> {
     type Item = Result<RawDesc, ChainError>;
     #[inline]
@@ -72,6 +86,51 @@ pub struct SplitChain<'m> {
 }
 
 impl SplitChain<'_> {
+    /// See [`Chain::three`]. The flags are compared whole, so the three indexes are necessarily distinct (the
+    /// header has only NEXT, the last only WRITE, the data NEXT): no loop can pass.
+    #[inline]
+    fn three(&self) -> Option<[RawDesc; 3]> {
+        if self.indirect || self.count != 0 || self.done {
+            return None;
+        }
+        let at = |i: u16| {
+            if i >= self.len {
+                return None;
+            }
+            let (addr, rest) = self.mem.read_u64_pair(self.table + i as u64 * 16)?;
+            Some((addr, rest as u32, (rest >> 32) as u16, (rest >> 48) as u16))
+        };
+        let (a0, l0, f0, n0) = at(self.next)?;
+        if f0 != F_NEXT {
+            return None;
+        }
+        let (a1, l1, f1, n1) = at(n0)?;
+        if f1 & !F_WRITE != F_NEXT {
+            return None;
+        }
+        let (a2, l2, f2, _) = at(n1)?;
+        if f2 != F_WRITE {
+            return None;
+        }
+        Some([
+            RawDesc {
+                addr: a0,
+                len: l0,
+                write: false,
+            },
+            RawDesc {
+                addr: a1,
+                len: l1,
+                write: f1 & F_WRITE != 0,
+            },
+            RawDesc {
+                addr: a2,
+                len: l2,
+                write: true,
+            },
+        ])
+    }
+
     fn fail(&mut self, e: ChainError) -> Option<Result<RawDesc, ChainError>> {
         self.done = true;
         self.failed = true;
