@@ -47,7 +47,7 @@ pub enum Chain<'m> {
 
 impl Chain<'_> {
     /// The three descriptors of the usual read or write, when the chain is exactly that: direct descriptors
-    /// in the ring's table, a device-readable header chained to one data buffer chained to a device-writable
+    /// (in the ring's table or in one indirect table at the head), a device-readable header chained to one data buffer chained to a device-writable
     /// last descriptor. `None` for any other shape (the iterator walks those). Reads the table only; the
     /// caller still validates lengths, addresses and the request.
     #[inline]
@@ -86,21 +86,36 @@ pub struct SplitChain<'m> {
 }
 
 impl SplitChain<'_> {
-    /// See [`Chain::three`]. The flags are compared whole, so the three indexes are necessarily distinct (the
-    /// header has only NEXT, the last only WRITE, the data NEXT): no loop can pass.
+    /// See [`Chain::three`] (also through an indirect table at the head). The flags are compared whole, so the
+    /// three indexes are necessarily distinct (the header has only NEXT, the last only WRITE, the data NEXT):
+    /// no loop can pass.
     #[inline]
     fn three(&self) -> Option<[RawDesc; 3]> {
         if self.indirect || self.count != 0 || self.done {
             return None;
         }
-        let at = |i: u16| {
-            if i >= self.len {
+        let read = |table: u64, len: u16, i: u16| {
+            if i >= len {
                 return None;
             }
-            let (addr, rest) = self.mem.read_u64_pair(self.table + i as u64 * 16)?;
+            let (addr, rest) = self.mem.read_u64_pair(table + i as u64 * 16)?;
             Some((addr, rest as u32, (rest >> 32) as u16, (rest >> 48) as u16))
         };
-        let (a0, l0, f0, n0) = at(self.next)?;
+        let (mut a0, mut l0, mut f0, mut n0) = read(self.table, self.len, self.next)?;
+        let (mut table, mut len) = (self.table, self.len);
+        if f0 == F_INDIRECT {
+            // A Linux guest puts every request in an indirect table when the feature is negotiated. The table
+            // must be whole guest memory, as the walker requires.
+            if !l0.is_multiple_of(16)
+                || l0 / 16 > u16::MAX as u32
+                || !self.mem.contains(a0, l0 as u64)
+            {
+                return None;
+            }
+            (table, len) = (a0, (l0 / 16) as u16);
+            (a0, l0, f0, n0) = read(table, len, 0)?;
+        }
+        let at = |i: u16| read(table, len, i);
         if f0 != F_NEXT {
             return None;
         }

@@ -312,8 +312,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases(3000)))]
 
     /// The three-descriptor fast path against the chain walker, on chains shaped like a read or write (three
-    /// descriptors at random, possibly equal, slots, with flags, lengths, addresses, header and geometry
-    /// varied): whenever the fast path accepts a request, the walker parses it identically, iovecs included.
+    /// descriptors at random, possibly equal, slots of the ring's table or of an indirect table, with flags,
+    /// lengths, addresses, header and geometry varied): whenever the fast path accepts a request, the walker parses it identically, iovecs included.
     #[test]
     fn three_descriptor_fast_path_agrees_with_the_walker(
         slots in any::<[u8; 3]>(),
@@ -327,11 +327,32 @@ proptest! {
         ty in prop_oneof![3 => Just(0u32), 3 => Just(1), 1 => Just(0x8000_0001), 1 => any::<u32>()],
         sector in prop_oneof![3 => (0u64..64).prop_map(|s| s * 8), 1 => 0u64..80_000, 1 => any::<u64>()],
         geo in geo_strategy(),
+        indirect in prop_oneof![Just(None), (any::<u16>(), 0u32..200).prop_map(Some)],
     ) {
         let m = mem();
-        let (desc, avail) = (0x1000u64, 0x2000u64);
+        let (ring_desc, avail) = (0x1000u64, 0x2000u64);
         let size = 16u16;
-        let idx = slots.map(|x| (x % 17) as u16);
+        let mut idx = slots.map(|x| (x % 17) as u16);
+        // Through an indirect table: the ring's descriptor 0 points at it (flags mostly exactly INDIRECT,
+        // length mostly whole descriptors, sometimes running past guest memory), the three go inside.
+        let (desc, head) = match indirect {
+            Some((hflags, tlen)) => {
+                let table = 0x2_fe00u64;
+                let hflags = if hflags < 0xe000 { 4 } else { hflags & 7 };
+                let tlen = match tlen {
+                    0..100 => 256,
+                    100..150 => (tlen % 40) * 16,
+                    _ => tlen,
+                };
+                put_desc(&m, ring_desc, table, tlen, hflags, 0);
+                // An indirect chain starts at the table's first entry.
+                if slots[0] < 200 {
+                    idx[0] = 0;
+                }
+                (table, 0u16)
+            }
+            None => (ring_desc, idx[0]),
+        };
         // Mostly the usual flags (NEXT; NEXT plus WRITE or not; WRITE), sometimes anything.
         let usual = [1u16, 1 | (flags[1] as u16 & 2), 2];
         let f: Vec<u16> = (0..3)
@@ -351,7 +372,7 @@ proptest! {
             let _ = m.write_slice(&h, GuestAddress(hdr_addr));
         }
         m.write_slice(&[0, 0, 1, 0], GuestAddress(avail)).unwrap();
-        m.write_slice(&idx[0].to_le_bytes(), GuestAddress(avail + 4)).unwrap();
+        m.write_slice(&head.to_le_bytes(), GuestAddress(avail + 4)).unwrap();
         let cfg = RingConfig { size, desc, driver: avail, device: 0x3000, base: 0, event_idx: false, packed: false };
         let fm = FastMem::new(std::sync::Arc::new(m.clone()));
         let mut ring = Ring::new(&cfg, &fm).unwrap();
