@@ -47,9 +47,9 @@ pub enum Chain<'m> {
 
 impl Chain<'_> {
     /// The three descriptors of the usual read or write, when the chain is exactly that: direct descriptors
-    /// (in the ring's table or in one indirect table at the head), a device-readable header chained to one data buffer chained to a device-writable
-    /// last descriptor. `None` for any other shape (the iterator walks those). Reads the table only; the
-    /// caller still validates lengths, addresses and the request.
+    /// (in the ring's table or in one indirect table at the head), a device-readable header chained to one
+    /// data buffer chained to a device-writable last descriptor. `None` for any other shape (the iterator
+    /// walks those). Reads the tables only; the caller still validates lengths, addresses and the request.
     #[inline]
     pub fn three(&self) -> Option<[RawDesc; 3]> {
         match self {

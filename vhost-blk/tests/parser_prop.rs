@@ -313,7 +313,8 @@ proptest! {
 
     /// The three-descriptor fast path against the chain walker, on chains shaped like a read or write (three
     /// descriptors at random, possibly equal, slots of the ring's table or of an indirect table, with flags,
-    /// lengths, addresses, header and geometry varied): whenever the fast path accepts a request, the walker parses it identically, iovecs included.
+    /// lengths, addresses, header and geometry varied): whenever the fast path accepts a request, the walker
+    /// parses it identically, iovecs included.
     #[test]
     fn three_descriptor_fast_path_agrees_with_the_walker(
         slots in any::<[u8; 3]>(),
