@@ -521,3 +521,53 @@ fn rpcs_allowed_pidfile_and_deleting_a_claimed_base() {
     assert!(st.success());
     assert!(!pid.exists(), "pidfile removed on exit");
 }
+
+/// A client that connects while `spdk_tgt` is still loading its config is answered once the load is over (SPDK
+/// v24.05 pauses its RPC server likewise), so it never sees a half-configured target. Here the config's attach
+/// to a controller that accepts the connection and never answers takes its 300 ms timeout (ignored with
+/// `--json-ignore-init-errors`), and the first answer already lists the bdev the config creates after it.
+#[test]
+fn clients_are_answered_once_the_config_is_loaded() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming() {
+            held.push(c);
+        }
+    });
+    let null_bdev = |name: &str| {
+        json!({"method": "bdev_null_create",
+            "params": {"name": name, "num_blocks": 8, "block_size": 512}})
+    };
+    let cfg = json!({"subsystems": [{"subsystem": "bdev", "config": [
+        null_bdev("before"),
+        {"method": "bdev_nvme_attach_controller", "params": {"name": "silent", "trtype": "tcp",
+            "adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": port.to_string(),
+            "subnqn": "nqn.2016-06.io.spdk:silent", "fabrics_connect_timeout_us": 300000}},
+        null_bdev("after"),
+    ]}]});
+    let dir = std::env::temp_dir();
+    let file = write_file(
+        &dir,
+        &format!("spdk-rs-slow-config-{}.json", std::process::id()),
+        &cfg.to_string(),
+    );
+    let t = Tgt::start_listening(
+        "slow-config",
+        &["-c", file.to_str().unwrap(), "--json-ignore-init-errors"],
+    );
+    // The very first call, sent as soon as the socket listens.
+    let r = t.call("bdev_get_bdevs", Value::Null);
+    let mut names: Vec<&str> = r["result"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{r}"))
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["after", "before"], "{r}");
+    let (st, _) = t.stop();
+    assert!(st.success());
+    let _ = std::fs::remove_file(file);
+}

@@ -33,13 +33,25 @@ pub fn bin() -> &'static str {
 }
 
 impl Tgt {
-    /// Starts `spdk_tgt` with `args` plus a private socket; waits for the socket.
+    /// Starts `spdk_tgt` with `args` plus a private socket; waits until it answers a call.
     pub fn start(tag: &str, args: &[&str]) -> Tgt {
         Self::try_start(tag, args).expect("spdk_tgt started")
     }
 
-    /// Like `start`, but returns the child's output if it exits before its socket appears.
+    /// Like `start`, but returns the child's output if it exits before it answers (a start-up or config
+    /// error: the socket listens before the config loads, but nothing is answered until the load is over).
     pub fn try_start(tag: &str, args: &[&str]) -> Result<Tgt, Output> {
+        Self::spawn(tag, args).ready(answers)
+    }
+
+    /// Starts `spdk_tgt` and returns once its socket accepts a connection, before it may answer anything.
+    pub fn start_listening(tag: &str, args: &[&str]) -> Tgt {
+        Self::spawn(tag, args)
+            .ready(|_, _| true)
+            .expect("spdk_tgt listening")
+    }
+
+    fn spawn(tag: &str, args: &[&str]) -> Tgt {
         let dir = unique_dir(tag);
         let sock = dir.join("spdk.sock");
         let child = Command::new(bin())
@@ -51,15 +63,22 @@ impl Tgt {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn spdk_tgt");
-        let mut t = Tgt {
+        Tgt {
             child: Some(child),
             sock,
             dir,
-        };
+        }
+    }
+
+    /// Waits until a connection to the socket passes `check` (or the child exits: its output).
+    fn ready(mut self, check: impl Fn(&mut UnixStream, Instant) -> bool) -> Result<Tgt, Output> {
+        let t = &mut self;
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if UnixStream::connect(&t.sock).is_ok() {
-                return Ok(t);
+            if let Ok(mut s) = UnixStream::connect(&t.sock) {
+                if check(&mut s, deadline) {
+                    return Ok(self);
+                }
             }
             if let Some(c) = t.child.as_mut() {
                 if c.try_wait().unwrap().is_some() {
@@ -67,10 +86,9 @@ impl Tgt {
                     return Err(c.wait_with_output().unwrap());
                 }
             }
-            // Short, so tests reach the socket as soon as it listens, while the config may still be loading.
             std::thread::sleep(Duration::from_millis(1));
         }
-        panic!("spdk_tgt did not create {}", t.sock.display());
+        panic!("spdk_tgt did not become ready on {}", t.sock.display());
     }
 
     /// Runs `spdk-rpc -s SOCK args...`.
@@ -162,6 +180,30 @@ pub fn read_value(s: &mut UnixStream) -> Value {
         );
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Whether the target behind `s` answers `spdk_get_version` before `deadline` (false when the connection
+/// closes first: the target exited).
+fn answers(s: &mut UnixStream, deadline: Instant) -> bool {
+    if s.set_read_timeout(Some(Duration::from_millis(20))).is_err()
+        || s.write_all(br#"{"jsonrpc":"2.0","id":0,"method":"spdk_get_version"}"#)
+            .is_err()
+    {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    while Instant::now() < deadline {
+        match s.read(&mut b) {
+            Ok(n) => return n > 0,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
