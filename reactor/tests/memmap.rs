@@ -7,6 +7,15 @@ use reactor::memmap::{MemEvent, MemMap};
 
 type Events = Arc<Mutex<Vec<(MemEvent, usize, usize)>>>;
 
+/// Taken by every test here: their allocations share the process-wide pool and map, so run concurrently one
+/// test's small buffers could land in chunks another's allocations had just registered (seen: "3 registrations
+/// for 64 small buffers" in a full-suite run).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A subscriber translating linearly (IOVA = VA, as a VFIO driver with an identity IOMMU mapping would).
 fn subscriber() -> (MemMap, Events) {
     let ev: Events = Arc::new(Mutex::new(Vec::new()));
@@ -32,6 +41,7 @@ fn covering(ev: &Events, what: MemEvent, addr: usize) -> Option<(usize, usize)> 
 
 #[test]
 fn dma_buffers_are_registered() {
+    let _serial = serial();
     let (map, ev) = subscriber();
     // A buffer of a whole chunk's class takes a fresh chunk (nothing in this process freed one): the chunk is
     // registered, once, and stays registered (chunks are pooled, never unmapped).
@@ -83,6 +93,7 @@ fn dma_buffers_are_registered() {
 
 #[test]
 fn a_new_map_sees_existing_buffers() {
+    let _serial = serial();
     let keep = DmaBuf::alloc(3 << 20).unwrap();
     let at = keep.as_ptr() as usize;
     let (map, ev) = subscriber();
@@ -100,6 +111,7 @@ fn a_new_map_sees_existing_buffers() {
 
 #[test]
 fn a_refusing_subscriber_fails_the_allocation() {
+    let _serial = serial();
     // Only large buffers of one odd size are refused, so concurrent tests in this binary are not disturbed.
     let odd = 14 << 20;
     let _map = MemMap::new(move |_, what, _, len| {
