@@ -72,23 +72,22 @@ impl Tgt {
 
     /// Waits until a connection to the socket passes `check` (or the child exits: its output).
     fn ready(mut self, check: impl Fn(&mut UnixStream, Instant) -> bool) -> Result<Tgt, Output> {
-        let t = &mut self;
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(mut s) = UnixStream::connect(&t.sock) {
+            if let Ok(mut s) = UnixStream::connect(&self.sock) {
                 if check(&mut s, deadline) {
                     return Ok(self);
                 }
             }
-            if let Some(c) = t.child.as_mut() {
+            if let Some(c) = self.child.as_mut() {
                 if c.try_wait().unwrap().is_some() {
-                    let c = t.child.take().unwrap();
+                    let c = self.child.take().unwrap();
                     return Err(c.wait_with_output().unwrap());
                 }
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        panic!("spdk_tgt did not become ready on {}", t.sock.display());
+        panic!("spdk_tgt did not become ready on {}", self.sock.display());
     }
 
     /// Runs `spdk-rpc -s SOCK args...`.
@@ -185,25 +184,13 @@ pub fn read_value(s: &mut UnixStream) -> Value {
 /// Whether the target behind `s` answers `spdk_get_version` before `deadline` (false when the connection
 /// closes first: the target exited).
 fn answers(s: &mut UnixStream, deadline: Instant) -> bool {
-    if s.set_read_timeout(Some(Duration::from_millis(20))).is_err()
-        || s.write_all(br#"{"jsonrpc":"2.0","id":0,"method":"spdk_get_version"}"#)
-            .is_err()
-    {
-        return false;
-    }
+    let wait = deadline.saturating_duration_since(Instant::now());
     let mut b = [0u8; 1];
-    while Instant::now() < deadline {
-        match s.read(&mut b) {
-            Ok(n) => return n > 0,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return false,
-        }
-    }
-    false
+    !wait.is_zero()
+        && s.set_read_timeout(Some(wait)).is_ok()
+        && s.write_all(br#"{"jsonrpc":"2.0","id":0,"method":"spdk_get_version"}"#)
+            .is_ok()
+        && matches!(s.read(&mut b), Ok(n) if n > 0)
 }
 
 pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
