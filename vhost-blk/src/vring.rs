@@ -85,6 +85,14 @@ pub struct SplitChain<'m> {
     failed: bool,
 }
 
+/// Split descriptor `i` of the table at `table`: (address, length, flags, next); `None` outside guest memory.
+#[inline]
+fn split_desc(mem: &FastMem, table: u64, i: u16) -> Option<(u64, u32, u16, u16)> {
+    let (addr, rest) = mem.read_u64_pair(table + i as u64 * 16)?;
+    // Bytes 8..12 are the length, 12..14 the flags, 14..16 the next index.
+    Some((addr, rest as u32, (rest >> 32) as u16, (rest >> 48) as u16))
+}
+
 impl SplitChain<'_> {
     /// See [`Chain::three`] (also through an indirect table at the head). The flags are compared whole, so the
     /// three indexes are necessarily distinct (the header has only NEXT, the last only WRITE, the data NEXT):
@@ -94,13 +102,8 @@ impl SplitChain<'_> {
         if self.indirect || self.count != 0 || self.done {
             return None;
         }
-        let read = |table: u64, len: u16, i: u16| {
-            if i >= len {
-                return None;
-            }
-            let (addr, rest) = self.mem.read_u64_pair(table + i as u64 * 16)?;
-            Some((addr, rest as u32, (rest >> 32) as u16, (rest >> 48) as u16))
-        };
+        let read =
+            |table: u64, len: u16, i: u16| (i < len).then(|| split_desc(self.mem, table, i))?;
         let (mut a0, mut l0, mut f0, mut n0) = read(self.table, self.len, self.next)?;
         let (mut table, mut len) = (self.table, self.len);
         if f0 == F_INDIRECT {
@@ -166,7 +169,7 @@ impl Iterator for SplitChain<'_> {
         if self.next >= self.len || self.ttl == 0 {
             return self.fail(ChainError::Malformed);
         }
-        let Some((addr, rest)) = self.mem.read_u64_pair(self.table + self.next as u64 * 16) else {
+        let Some((addr, len, flags, next)) = split_desc(self.mem, self.table, self.next) else {
             let e = if self.count == 0 {
                 ChainError::Empty
             } else {
@@ -174,10 +177,6 @@ impl Iterator for SplitChain<'_> {
             };
             return self.fail(e);
         };
-        // Bytes 8..12 are the length, 12..14 the flags, 14..16 the next index.
-        let len = rest as u32;
-        let flags = (rest >> 32) as u16;
-        let next = (rest >> 48) as u16;
         if flags & F_INDIRECT != 0 {
             if self.indirect || self.count > 0 || flags & F_NEXT != 0 {
                 return self.fail(ChainError::Malformed);
